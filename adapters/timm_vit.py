@@ -1,0 +1,124 @@
+"""timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, LayerScale, qk-norm, registers,
+``class_token=False`` with average pooling, ``dynamic_img_size``)."""
+import functools
+import math
+
+import torch
+import torch.nn as nn
+
+from vitcompress.blocks import BlockParts, reducing_forward
+from vitcompress.schedule import ViTCost
+
+from .common import per_token_flops
+
+_WEIGHTED_POOLS = ("avg", "avgmax", "max")
+
+
+def _timm():
+    try:
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block, VisionTransformer
+    except ImportError:
+        return None
+    return VisionTransformer, Block, Attention
+
+
+def _block_parts(block) -> BlockParts:
+    attn = block.attn
+    gate = getattr(attn, "gate", None)
+    out_norm = getattr(attn, "norm", None) or nn.Identity()
+
+    def qkv(h):
+        B, N, _ = h.shape
+        q, k, v = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    def attn_out(o, h):
+        o = out_norm(o)
+        if gate is not None:
+            o = o * gate(h).sigmoid()
+        return attn.proj_drop(attn.proj(o))
+
+    return BlockParts(
+        norm1=block.norm1, qkv=qkv, attn_out=attn_out,
+        residual1=lambda y: block.drop_path1(block.ls1(y)),
+        norm2=block.norm2, mlp=block.mlp,
+        residual2=lambda y: block.drop_path2(block.ls2(y)),
+        scale=attn.scale, attn_dropout=lambda: attn.attn_drop.p, training=lambda: block.training,
+    )
+
+
+class TimmViTAdapter:
+    family = "timm.VisionTransformer"
+    description = "timm VisionTransformer models (vit_*, deit_*, incl. distilled, registers, avg pooling)"
+
+    @staticmethod
+    def matches(model) -> bool:
+        classes = _timm()
+        return classes is not None and isinstance(model, classes[0])
+
+    def __init__(self, model):
+        _, Block, Attention = _timm()
+        self.model = model
+        for i, block in enumerate(model.blocks):
+            if type(block) is not Block or type(block.attn) is not Attention:
+                raise TypeError(f"block {i} of this VisionTransformer is a {type(block).__name__} with "
+                                f"{type(block.attn).__name__}; vitcompress supports timm's pre-norm Block "
+                                f"with the standard Attention (post-norm, parallel and RoPE blocks are not supported)")
+        if getattr(model, "attn_pool", None) is not None:
+            raise ValueError("global_pool='map' (attention pooling) is not supported: merged tokens would "
+                             "be pooled without their sizes; use a model with token or avg pooling")
+        self.num_prefix = model.num_prefix_tokens
+        self.num_patches = model.patch_embed.num_patches
+        self.depth = len(model.blocks)
+
+    def patch(self, runtime, patcher) -> None:
+        for layer, block in enumerate(self.model.blocks):
+            forward = functools.partial(reducing_forward, _block_parts(block), runtime, layer)
+            patcher.set(block, "forward", _drop_mask_args(forward, layer))
+        if self.model.global_pool in _WEIGHTED_POOLS and hasattr(self.model, "pool"):
+            patcher.set(self.model, "pool", functools.partial(_size_weighted_pool, self.model, runtime))
+
+    def cost(self) -> ViTCost:
+        m = self.model
+        attn = m.blocks[0].attn
+        block = m.blocks[0]
+        proj = m.patch_embed.proj
+        heads = attn.num_heads
+        per_patch = proj.out_channels * proj.in_channels * math.prod(proj.kernel_size) // proj.groups
+        per_patch += per_token_flops(getattr(m.patch_embed, "norm", None)) + per_token_flops(m.norm_pre)
+        fixed = self.num_prefix * per_token_flops(m.norm_pre) + per_token_flops(m.fc_norm)
+        fixed += per_token_flops(m.head) + per_token_flops(getattr(m, "head_dist", None))
+        attn_in = per_token_flops(block.norm1) + per_token_flops(attn.qkv) + per_token_flops(getattr(attn, "gate", None))
+        attn_in += heads * (per_token_flops(attn.q_norm) + per_token_flops(attn.k_norm))
+        return ViTCost(
+            depth=self.depth, dim=m.embed_dim, num_heads=heads, head_dim=attn.head_dim, per_patch=per_patch,
+            per_token_attn_in=attn_in,
+            per_token_attn_out=per_token_flops(getattr(attn, "norm", None)) + per_token_flops(attn.proj),
+            per_token_mlp=per_token_flops(block.norm2) + per_token_flops(block.mlp),
+            per_token_final=per_token_flops(m.norm), fixed=fixed,
+        )
+
+
+def _drop_mask_args(forward, layer):
+    def block_forward(x, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise ValueError(f"block {layer}: a compressed model cannot take attn_mask/is_causal "
+                             "(token reduction changes the token set the mask refers to)")
+        return forward(x)
+    return block_forward
+
+
+def _size_weighted_pool(model, runtime, x: torch.Tensor, pool_type=None) -> torch.Tensor:
+    """timm's average pooling, weighting each token by how many patches it stands for."""
+    pool_type = model.global_pool if pool_type is None else pool_type
+    start = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    tokens, size = x[:, start:], runtime.state.size[:, start:].to(x.dtype)
+    mean = (tokens * size).sum(dim=1) / size.sum(dim=1)
+    if pool_type == "avg":
+        return mean
+    if pool_type == "max":
+        return tokens.amax(dim=1)
+    if pool_type == "avgmax":
+        return 0.5 * (tokens.amax(dim=1) + mean)
+    raise ValueError(f"unknown pool type {pool_type!r}")

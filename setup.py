@@ -1,0 +1,22 @@
+from setuptools import setup
+
+PACKAGES = ["vitcompress", "vitcompress.methods", "vitcompress.profile", "vitcompress.kernels", "vitcompress.adapters"]
+
+setup(
+    name="vitcompress",
+    version="0.1.0",
+    description="Training-free token reduction (Zero-TPrune, PiToMe, ToMe, ...) for timm, open_clip, DETR and LLaVA",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=PACKAGES,
+    # kernels/ and adapters/ live at the repository root but install inside the vitcompress
+    # namespace: PyPI already has unrelated top-level packages called kernels and adapters.
+    package_dir={"vitcompress": "vitcompress", "vitcompress.kernels": "kernels", "vitcompress.adapters": "adapters"},
+    package_data={"vitcompress": ["data/*"]},
+    install_requires=["torch>=2.1,<2.15", "timm>=1.0,<2", "numpy", "tqdm"],
+    extras_require={
+        "dev": ["pytest>=7", "hypothesis>=6", "fvcore>=0.1.5", "matplotlib>=3.5", "torchvision>=0.16,<0.30"],
+    },
+    entry_points={"console_scripts": ["vitcompress=vitcompress.cli:main"]},
+)
