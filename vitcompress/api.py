@@ -66,7 +66,7 @@ class Compression:
     def begin(self, x) -> None:
         """Called by the first block of every forward: fresh token state, schedule for this size."""
         p = self.adapter.num_prefix
-        self.schedule = self.schedule_for(x.shape[1] - p)
+        self.schedule = self.schedule_for(int(x.shape[1]) - p)  # int: shapes are tensors while tracing
         self.state = TokenState.start(x, p, trace_source=self.trace_source)
         self.tokens_seen = []
 

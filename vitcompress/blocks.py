@@ -53,7 +53,7 @@ def reducing_forward(parts: BlockParts, runtime, layer: int, x: Tensor) -> Tenso
     if layer == 0:
         runtime.begin(x)
     state, schedule = runtime.state, runtime.schedule
-    runtime.tokens_seen.append(x.shape[1])
+    runtime.tokens_seen.append(int(x.shape[1]))
     remove = schedule.remove[layer]
     p = state.num_prefix
 

@@ -36,7 +36,9 @@ HANDLES = {
 
 def count_flops(model: torch.nn.Module, inputs: Any) -> int:
     """Total multiply-adds of ``model(inputs)`` per fvcore, including fused attention and merging."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # fvcore's use of torch.jit
+        from fvcore.nn import FlopCountAnalysis
 
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
