@@ -30,6 +30,8 @@ def pitome_merge(metric: torch.Tensor, r: int, margin: float, alpha: float = 1.0
     token merges into its most similar B token. Low-energy tokens are kept as they are.
     With ``bipartite_order`` ToMe's matching runs over all tokens in energy order instead.
     """
+    if r == 0:
+        return bipartite_soft_matching(metric, 0)
     energy = energy_scores(metric, margin, alpha)
     order = dispatch.topk_indices(energy, energy.shape[1])
     if bipartite_order:

@@ -16,6 +16,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, order: Optional[torch.
     B token; the ``r`` A tokens with the highest match scores merge, the rest of A and all of B stay.
     """
     Bsz, T, d = metric.shape
+    if r == 0:
+        return Plan(keep=torch.arange(T, device=metric.device).expand(Bsz, T))
     if order is None:
         order = torch.arange(T, device=metric.device).expand(Bsz, T)
     a_idx, b_idx = order[:, 0::2], order[:, 1::2]

@@ -1,0 +1,144 @@
+"""compress / restore / stats on timm ViTs: exactness, schedules, bad input."""
+import pytest
+import timm
+import torch
+
+import vitcompress
+from conftest import tiny_vit
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+@pytest.mark.parametrize("budget", [{"keep": 1.0}, {"r": 0}])
+def test_no_reduction_matches_original(deit_small, method, budget):
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = deit_small(x)
+        vitcompress.compress(deit_small, method, **budget)
+        out = deit_small(x)
+        vitcompress.restore(deit_small)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method,budget", [("tome", {"r": 8}), ("pitome", {"keep": 0.9}), ("pitome", {"flops": 0.6})])
+def test_restore_is_bit_exact(deit_small, method, budget):
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        before = deit_small(x)
+        vitcompress.compress(deit_small, method, **budget)
+        compressed = deit_small(x)
+        vitcompress.restore(deit_small)
+        after = deit_small(x)
+    assert not torch.allclose(compressed, before, atol=1e-3)
+    assert torch.equal(after, before)
+    assert not hasattr(deit_small, "_vitcompress")
+    assert all("forward" not in blk.__dict__ for blk in deit_small.blocks)
+
+
+def test_compressing_twice_replaces_the_first(deit_small):
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        vitcompress.compress(deit_small, "pitome", keep=0.8)
+        only_second = deit_small(x)
+        vitcompress.compress(deit_small, "tome", r=4)
+        vitcompress.compress(deit_small, "pitome", keep=0.8)  # stacking would remove tokens twice
+        twice = deit_small(x)
+        st = vitcompress.stats(deit_small)
+        vitcompress.restore(deit_small)
+        plain = deit_small(x)
+    assert torch.equal(twice, only_second)
+    assert st["method"] == "pitome" and st["tokens_per_layer"] == st["planned_tokens_per_layer"]
+    assert not torch.allclose(plain, twice, atol=1e-3)
+
+
+def expected_tokens_keep(num_patches, depth, keep, prefix=1):
+    tokens, t = [], num_patches
+    for _ in range(depth):
+        tokens.append(t + prefix)
+        t = int(t * keep + 1e-9)  # floor(t * keep) tokens survive every block
+    return tokens
+
+
+def test_tokens_per_layer_follow_the_schedule(deit_small):
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        vitcompress.compress(deit_small, "tome", r=8)
+        deit_small(x)
+        st = vitcompress.stats(deit_small)
+        assert st["tokens_per_layer"] == [197 - 8 * i for i in range(12)]
+        vitcompress.compress(deit_small, "pitome", keep=0.9)
+        deit_small(x)
+        st = vitcompress.stats(deit_small)
+        vitcompress.restore(deit_small)
+    assert st["tokens_per_layer"] == expected_tokens_keep(196, 12, 0.9)
+    assert st["tokens_per_layer"] == st["planned_tokens_per_layer"]
+
+
+def test_tome_inflection_schedule(deit_small):
+    vitcompress.compress(deit_small, "tome", r=(8, 0.5))
+    sched = vitcompress.stats(deit_small)["schedule"]
+    vitcompress.restore(deit_small)
+    assert sched[0] == 4 and sched[-1] == 12 and sorted(sched) == sched
+    assert abs(sum(sched) - 8 * 12) <= 12
+
+
+def test_dynamic_img_size_plans_per_input_size():
+    model = timm.create_model("deit_small_patch16_224", dynamic_img_size=True).eval()
+    vitcompress.compress(model, "pitome", keep=0.85)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 160, 192))  # 10 x 12 = 120 patches
+        st = vitcompress.stats(model)
+        assert out.shape == (2, 1000)
+        assert st["tokens_per_layer"] == expected_tokens_keep(120, 12, 0.85)
+        model(torch.randn(1, 3, 224, 224))
+        assert vitcompress.stats(model)["tokens_per_layer"] == expected_tokens_keep(196, 12, 0.85)
+
+
+def test_flops_budget_resolves_before_the_first_forward(deit_small):
+    vitcompress.compress(deit_small, "pitome", flops=0.6)
+    rt = deit_small._vitcompress
+    base = rt.adapter.cost().flops(vitcompress.schedule.build_schedule(rt.method, rt.options, "r", 0, 196, 1, 12))
+    ratio = rt.adapter.cost().flops(rt.schedule, rt.method, rt.options) / base
+    vitcompress.restore(deit_small)
+    assert abs(ratio - 0.6) < 0.01
+
+
+@pytest.mark.parametrize("kwargs,error,text", [
+    ({"keep": 0.0}, ValueError, "outside (0, 1]"),
+    ({"keep": 1.5}, ValueError, "outside (0, 1]"),
+    ({"flops": 0.0}, ValueError, "outside (0, 1]"),
+    ({"flops": 1.2}, ValueError, "outside (0, 1]"),
+    ({"r": -1}, ValueError, "negative"),
+    ({"r": [2, -3]}, ValueError, "negative"),
+    ({"r": 2.5}, TypeError, "must be an int"),
+    ({"r": 40}, ValueError, "can remove at most"),
+    ({"keep": 0.3}, ValueError, "use a larger keep"),
+    ({"flops": 0.05}, ValueError, "unreachable"),
+    ({"keep": 0.9, "r": 4}, ValueError, "at most one of"),
+    ({"margin": 2.0}, ValueError, "margin"),
+    ({"colour": 3}, TypeError, "has no option colour"),
+])
+def test_bad_input_is_named(kwargs, error, text):
+    model = tiny_vit()
+    with pytest.raises(error, match=__import__("re").escape(text)):
+        vitcompress.compress(model, "pitome", **kwargs)
+    assert not hasattr(model, "_vitcompress")
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known methods: .*pitome.*tome"):
+        vitcompress.compress(tiny_vit(), "tome_v2")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "swin_tiny_patch4_window7_224"])
+def test_unsupported_model_names_the_supported_families(name):
+    with pytest.raises(TypeError, match="supported families are timm VisionTransformer"):
+        vitcompress.compress(timm.create_model(name), "tome", r=2)
+
+
+def test_restore_on_an_uncompressed_model_says_so():
+    with pytest.raises(ValueError, match="not compressed"):
+        vitcompress.restore(tiny_vit())
+
+
+def test_methods_lists_registered_names():
+    assert {"tome", "pitome"} <= set(vitcompress.methods())
