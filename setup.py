@@ -14,9 +14,10 @@ setup(
     # namespace: PyPI already has unrelated top-level packages called kernels and adapters.
     package_dir={"vitcompress": "vitcompress", "vitcompress.kernels": "kernels", "vitcompress.adapters": "adapters"},
     package_data={"vitcompress": ["data/*"]},
-    install_requires=["torch>=2.1,<2.15", "timm>=1.0,<2", "numpy", "tqdm"],
+    install_requires=["torch>=2.1,<2.15", "torchvision>=0.16,<0.30", "timm>=1.0,<2", "fvcore>=0.1.5",
+                      "numpy", "tqdm", "matplotlib>=3.5"],
     extras_require={
-        "dev": ["pytest>=7", "hypothesis>=6", "fvcore>=0.1.5", "matplotlib>=3.5", "torchvision>=0.16,<0.30"],
+        "dev": ["pytest>=7", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["vitcompress=vitcompress.cli:main"]},
 )

@@ -4,9 +4,6 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running test, excluded from the default run")
-
 
 @pytest.fixture(scope="module")
 def deit_small():

@@ -1,0 +1,73 @@
+"""ImageNet-style evaluation of a (compressed) timm model: top-1, top-5, GFLOPs, images/s.
+
+    python experiments/eval_imagenet.py --model deit_small_patch16_224 --pretrained \
+        --data-dir /data/imagenet/val --method zero_tprune --flops 0.653 --amp
+
+``--data-dir`` is an ImageFolder (one sub-folder per class, sorted like the model's classes).
+Without ``--method`` the uncompressed model is evaluated; with it, both are, side by side.
+"""
+import argparse
+import copy
+import sys
+
+import timm
+import torch
+
+import vitcompress
+from vitcompress.evaluate import accuracy, autocast, imagefolder_loader, predict
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="timm model name")
+    ap.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs a network)")
+    ap.add_argument("--checkpoint", help="a local state_dict (or {'state_dict': ...}) to load instead")
+    ap.add_argument("--num-classes", type=int, default=None, help="override the classifier size")
+    ap.add_argument("--data-dir", required=True, help="ImageFolder of validation images")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-images", type=int, default=None)
+    ap.add_argument("--method", choices=vitcompress.methods(), help="token-reduction method")
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=float)
+    budget.add_argument("--r", type=int)
+    budget.add_argument("--flops", type=float)
+    ap.add_argument("--runs", type=int, default=5, help="timed runs for images/s")
+    return ap.parse_args(argv)
+
+
+def load_model(args):
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = timm.create_model(args.model, pretrained=args.pretrained and not args.checkpoint, **kwargs)
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    return model.eval()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    model = load_model(args).to(device)
+    models = {"uncompressed": model}
+    if args.method:
+        budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
+        models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget)
+    loader = imagefolder_loader(args.data_dir, model, args.batch_size, args.workers, args.max_images)
+    sample = next(iter(loader))[0].to(device)
+    with autocast(device, args.amp):
+        speed = vitcompress.compare_speed(models, sample, runs=args.runs, latency=False, memory=False)
+    print(f"{'model':<16}{'top-1':>8}{'top-5':>8}{'GFLOPs':>9}{'img/s':>9}")
+    for name, m in models.items():
+        acc = accuracy(*predict(m, loader, device, amp=args.amp, progress=name))
+        gflops = vitcompress.count_flops(m, sample[:1]) / 1e9
+        print(f"{name:<16}{100 * acc['top1']:>7.2f}%{100 * acc['top5']:>7.2f}%{gflops:>9.3f}{speed[name]['throughput']:>9.1f}")
+        if name != "uncompressed":
+            print(f"  tokens per layer: {vitcompress.stats(m)['tokens_per_layer']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
