@@ -19,7 +19,7 @@ from vitcompress.evaluate import accuracy, autocast, imagefolder_loader, predict
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="timm model name")
+    ap.add_argument("--model", required=True, help="timm model name, or 'reference' for the embedded Fashion-MNIST ViT")
     ap.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs a network)")
     ap.add_argument("--checkpoint", help="a local state_dict (or {'state_dict': ...}) to load instead")
     ap.add_argument("--num-classes", type=int, default=None, help="override the classifier size")
@@ -39,6 +39,9 @@ def parse_args(argv=None):
 
 
 def load_model(args):
+    if args.model == "reference":
+        from vitcompress import reference
+        return reference.load(num_images=0)[0]
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = timm.create_model(args.model, pretrained=args.pretrained and not args.checkpoint, **kwargs)
     if args.checkpoint:
@@ -55,7 +58,8 @@ def main(argv=None):
     if args.method:
         budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
         models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget)
-    loader = imagefolder_loader(args.data_dir, model, args.batch_size, args.workers, args.max_images)
+    loader = imagefolder_loader(args.data_dir, model, args.batch_size, args.workers, args.max_images,
+                                reference_model=args.model == "reference")
     sample = next(iter(loader))[0].to(device)
     with autocast(device, args.amp):
         speed = vitcompress.compare_speed(models, sample, runs=args.runs, latency=False, memory=False)

@@ -23,20 +23,23 @@ DEFAULT_FLOPS = (0.85, 0.7, 0.55)
 
 def _load(args):
     """(model, loader factory, one input batch for speed) for the reference model or a timm model."""
-    if args.model == "reference":
-        if args.data or args.pretrained:
-            sys.exit("bench: --data/--pretrained need --model NAME (a timm model); the reference model ships its own data")
+    reference_model = args.model == "reference"
+    if reference_model:
+        if args.pretrained:
+            sys.exit("bench: --pretrained applies to timm models; the reference model ships its own weights")
         from . import reference
         model, images, labels = reference.load(num_images=args.num_images)
-        return model, (lambda: batches(images, labels, args.batch_size)), images[: args.batch_size]
-    import timm
-    try:
-        model = timm.create_model(args.model, pretrained=args.pretrained).eval()
-    except Exception as err:  # hub unreachable, unknown name, ...
-        sys.exit(f"bench: cannot create timm model {args.model!r}: {err}")
-    if not args.data:
-        sys.exit("bench: --model NAME needs --data IMAGEFOLDER (labelled validation images) for accuracy")
-    loader = imagefolder_loader(args.data, model, args.batch_size, args.workers, args.num_images)
+        if not args.data:
+            return model, (lambda: batches(images, labels, args.batch_size)), images[: args.batch_size]
+    else:
+        import timm
+        try:
+            model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+        except Exception as err:  # hub unreachable, unknown name, ...
+            sys.exit(f"bench: cannot create timm model {args.model!r}: {err}")
+        if not args.data:
+            sys.exit("bench: --model NAME needs --data IMAGEFOLDER (labelled validation images) for accuracy")
+    loader = imagefolder_loader(args.data, model, args.batch_size, args.workers, args.num_images, reference_model)
     first = next(iter(loader))[0]
     return model, (lambda: loader), first
 

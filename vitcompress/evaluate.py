@@ -37,14 +37,29 @@ def accuracy(top: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
     return {"top1": hit[:, 0].float().mean().item(), "top5": hit.any(dim=1).float().mean().item()}
 
 
+class ReferenceTransform:
+    """PIL image -> input of the embedded reference model (grayscale 28x28, then its preprocess)."""
+
+    def __call__(self, image) -> torch.Tensor:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        from . import reference
+        raw = pil_to_tensor(image.convert("L").resize((28, 28)))
+        return reference.preprocess(raw)[0]
+
+
 def imagefolder_loader(data_dir: str, model: torch.nn.Module, batch_size: int, workers: int = 2,
-                       max_images: Optional[int] = None):
-    """A DataLoader over an ImageFolder with the model's own timm eval transform."""
+                       max_images: Optional[int] = None, reference_model: bool = False):
+    """A DataLoader over an ImageFolder with the model's own eval transform (timm's data config,
+    or the reference model's preprocessing)."""
     import timm.data
     from torchvision.datasets import ImageFolder
 
-    config = timm.data.resolve_data_config({}, model=model)
-    dataset = ImageFolder(data_dir, transform=timm.data.create_transform(**config))
+    if reference_model:
+        transform = ReferenceTransform()
+    else:
+        transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    dataset = ImageFolder(data_dir, transform=transform)
     if max_images is not None and max_images < len(dataset):
         step = len(dataset) / max_images  # spread over all classes, deterministic
         dataset = torch.utils.data.Subset(dataset, [int(i * step) for i in range(max_images)])
