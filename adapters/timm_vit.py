@@ -1,7 +1,7 @@
 """timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, LayerScale, qk-norm, registers,
 ``class_token=False`` with average pooling, ``dynamic_img_size``)."""
-import functools
 import math
+import types
 
 import torch
 import torch.nn as nn
@@ -73,11 +73,14 @@ class TimmViTAdapter:
         self.depth = len(model.blocks)
 
     def patch(self, runtime, patcher) -> None:
+        # Bound methods and plain attributes only, so copy.deepcopy / pickle of a compressed
+        # model carry the patch over to the copy's own modules.
         for layer, block in enumerate(self.model.blocks):
-            forward = functools.partial(reducing_forward, _block_parts(block), runtime, layer)
-            patcher.set(block, "forward", _drop_mask_args(forward, layer))
+            patcher.set(block, "_vitcompress_runtime", runtime)
+            patcher.set(block, "_vitcompress_layer", layer)
+            patcher.set(block, "forward", types.MethodType(_reducing_block_forward, block))
         if self.model.global_pool in _WEIGHTED_POOLS and hasattr(self.model, "pool"):
-            patcher.set(self.model, "pool", functools.partial(_size_weighted_pool, self.model, runtime))
+            patcher.set(self.model, "pool", types.MethodType(_size_weighted_pool, self.model))
 
     def cost(self) -> ViTCost:
         m = self.model
@@ -100,20 +103,18 @@ class TimmViTAdapter:
         )
 
 
-def _drop_mask_args(forward, layer):
-    def block_forward(x, attn_mask=None, is_causal=False):
-        if attn_mask is not None or is_causal:
-            raise ValueError(f"block {layer}: a compressed model cannot take attn_mask/is_causal "
-                             "(token reduction changes the token set the mask refers to)")
-        return forward(x)
-    return block_forward
+def _reducing_block_forward(block, x, attn_mask=None, is_causal=False):
+    if attn_mask is not None or is_causal:
+        raise ValueError("a compressed model cannot take attn_mask/is_causal (token reduction changes "
+                         "the token set the mask refers to)")
+    return reducing_forward(_block_parts(block), block._vitcompress_runtime, block._vitcompress_layer, x)
 
 
-def _size_weighted_pool(model, runtime, x: torch.Tensor, pool_type=None) -> torch.Tensor:
+def _size_weighted_pool(model, x: torch.Tensor, pool_type=None) -> torch.Tensor:
     """timm's average pooling, weighting each token by how many patches it stands for."""
     pool_type = model.global_pool if pool_type is None else pool_type
     start = 0 if model.pool_include_prefix else model.num_prefix_tokens
-    tokens, size = x[:, start:], runtime.state.size[:, start:].to(x.dtype)
+    tokens, size = x[:, start:], model._vitcompress.state.size[:, start:].to(x.dtype)
     mean = (tokens * size).sum(dim=1) / size.sum(dim=1)
     if pool_type == "avg":
         return mean

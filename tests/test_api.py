@@ -142,3 +142,21 @@ def test_restore_on_an_uncompressed_model_says_so():
 
 def test_methods_lists_registered_names():
     assert {"tome", "pitome"} <= set(vitcompress.methods())
+
+
+def test_deepcopy_of_a_compressed_model_is_independent():
+    import copy
+
+    model = tiny_vit(global_pool="avg")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        vitcompress.compress(model, "pitome", keep=0.8)
+        out = model(x)
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(x), out)
+        vitcompress.restore(twin)
+        assert torch.equal(twin(x), ref)
+        assert torch.equal(model(x), out)  # the original stays compressed
+        twin.blocks[0].attn.qkv.weight.mul_(2)
+        assert torch.equal(model(x), out)  # and runs its own weights

@@ -15,22 +15,20 @@ COMMON_OPTIONS = ("prop_attn", "trace_source")
 class Patcher:
     """Sets attributes on modules and remembers how to put every one of them back exactly."""
 
-    _MISSING = object()
-
     def __init__(self):
         self._undo = []
 
     def set(self, obj, name: str, value) -> None:
-        old = obj.__dict__.get(name, self._MISSING)
-        self._undo.append((obj, name, old))
+        had = name in obj.__dict__
+        self._undo.append((obj, name, had, obj.__dict__.get(name)))
         object.__setattr__(obj, name, value)
 
     def undo(self) -> None:
-        for obj, name, old in reversed(self._undo):
-            if old is self._MISSING:
-                del obj.__dict__[name]
-            else:
+        for obj, name, had, old in reversed(self._undo):
+            if had:
                 object.__setattr__(obj, name, old)
+            else:
+                del obj.__dict__[name]
         self._undo.clear()
 
 
