@@ -4,8 +4,9 @@ from typing import Dict, List
 from .base import Method, Signals
 from .pitome import PiToMe
 from .tome import ToMe
+from .zero_tprune import ZeroTPrune
 
-REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe())}
+REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune())}
 
 
 def get(name: str) -> Method:

@@ -1,0 +1,435 @@
+"""Zero-TPrune: weighted PageRank against an eigen-solver, the head filter and RMS aggregation
+against direct computations, the stages, schedules, FLOPs and accuracy against random pruning."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitcompress
+import vitcompress.blocks as blocks
+from vitcompress.methods import REGISTRY
+from vitcompress.methods.base import Method
+from vitcompress.methods.zero_tprune import (aggregate_heads, edge_layers, head_mask, initial_scores, iters_at,
+                                             similarity_prune, split_removals, sub_attention, token_importance,
+                                             weighted_pagerank, zero_tprune)
+from vitcompress.tokens import Plan
+from conftest import tiny_vit
+
+
+def random_attention(B, H, N, seed=0, sharpness=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (sharpness * torch.randn(B, H, N, N, generator=g, dtype=torch.float64)).softmax(-1)
+
+
+def stationary(A: torch.Tensor) -> torch.Tensor:
+    """Stationary distribution of the row-stochastic ``A`` by an eigen-solver: the eigenvector of
+    ``A^T`` with eigenvalue 1, scaled to sum to 1."""
+    vals, vecs = torch.linalg.eig(A.T)
+    k = int((vals - 1).abs().argmin())
+    v = vecs[:, k].real
+    return v / v.sum()
+
+
+# --------------------------------------------------------------------------- weighted PageRank
+
+
+@pytest.mark.parametrize("N", [5, 17, 65])
+def test_pagerank_converges_to_the_stationary_distribution(N):
+    attn = random_attention(2, 3, N, seed=N)
+    scores = weighted_pagerank(attn, iters=200)
+    assert scores.shape == (2, 3, N) and scores.dtype == torch.float32
+    for b in range(2):
+        for h in range(3):
+            want = stationary(attn[b, h])
+            assert torch.allclose(scores[b, h].double(), want, atol=1e-4, rtol=0)
+
+
+def test_pagerank_steps_are_a_transposed_matrix_product():
+    attn = random_attention(1, 2, 9, seed=1)
+    s = torch.full((9,), 1 / 9, dtype=torch.float64)
+    for t in range(1, 4):
+        s = attn[0, 1].T @ s
+        assert torch.allclose(weighted_pagerank(attn, t)[0, 1].double(), s, atol=1e-6)
+    # iteration 1 from uniform is the mean attention each token receives
+    assert torch.allclose(weighted_pagerank(attn, 1)[0].double(), attn[0].mean(dim=1), atol=1e-6)
+    # scores stay a distribution; a custom start is honoured
+    init = initial_scores(9, 1, "sqrt")
+    assert init[0] == pytest.approx(3 * init[1]) and float(init.sum()) == pytest.approx(1.0)
+    out = weighted_pagerank(attn, 5, init)
+    assert torch.allclose(out.sum(-1), torch.ones(1, 2), atol=1e-5)
+    assert torch.allclose(weighted_pagerank(attn, 0, init)[0, 0], init)
+
+
+def test_pagerank_rejects_non_square_attention():
+    with pytest.raises(ValueError, match=r"\[B, H, N, N\]"):
+        weighted_pagerank(torch.rand(1, 2, 3, 4), 3)
+
+
+# --------------------------------------------------------------------------- head filter and aggregation
+
+
+def test_head_filter_and_rms_equal_a_direct_computation():
+    torch.manual_seed(0)
+    B, H, N = 3, 6, 12
+    scores = torch.rand(B, H, N) ** torch.linspace(0.1, 6, H).view(1, H, 1)  # flat to peaked heads
+    scores = scores / scores.sum(-1, keepdim=True)
+    var_min, var_max = 0.05, 1.5
+    mask = head_mask(scores, var_min, var_max)
+    agg = aggregate_heads(scores, mask, "rms")
+    mean = aggregate_heads(scores, mask, "mean")
+    assert mask.any(dim=1).all() and not mask.all()
+    for b in range(B):
+        kept = []
+        for h in range(H):
+            x = [float(N * s) for s in scores[b, h]]
+            mu = sum(x) / N
+            var = sum((v - mu) ** 2 for v in x) / N
+            assert bool(mask[b, h]) == (var_min <= var <= var_max)
+            if var_min <= var <= var_max:
+                kept.append(h)
+        for i in range(N):
+            rms = math.sqrt(sum(float(scores[b, h, i]) ** 2 for h in kept) / len(kept))
+            assert float(agg[b, i]) == pytest.approx(rms, rel=1e-5)
+            assert float(mean[b, i]) == pytest.approx(sum(float(scores[b, h, i]) for h in kept) / len(kept), rel=1e-5)
+
+
+def test_a_head_with_uniform_attention_is_filtered_out():
+    N, H = 20, 4
+    torch.manual_seed(0)
+    logits = torch.zeros(1, H, N, N)
+    logits[:, 1:, :, :4] = torch.tensor([1.0, 0.8, 0.6, 0.4])  # heads 1.. mildly favour a few keys
+    logits[:, 1:] += torch.randn(1, H - 1, N, N) * 0.3
+    attn = logits.softmax(-1)
+    assert torch.allclose(attn[0, 0], torch.full((N, N), 1 / N))
+    s = weighted_pagerank(attn, 30)
+    mask = head_mask(s, 0.01, 0.7)
+    assert not mask[0, 0] and mask[0, 1:].all()
+    # the filtered head does not enter the aggregate: the importance equals the RMS of heads 1..
+    got = token_importance(attn, 0, 30, cls_init="uniform")
+    want = s[:, 1:].square().mean(dim=1).sqrt()
+    assert torch.allclose(got, want, atol=1e-7)
+
+
+def test_when_every_head_fails_the_filter_all_heads_are_used():
+    s = torch.full((2, 3, 10), 0.1)  # uniform: variance 0 everywhere
+    assert head_mask(s, 0.01, 0.7).all()
+    assert torch.allclose(aggregate_heads(s, head_mask(s)), torch.full((2, 10), 0.1))
+
+
+def test_token_importance_composes_the_pieces_and_drops_special_tokens():
+    attn = random_attention(2, 3, 11, seed=3).float()
+    init = initial_scores(11, 2, "sqrt")
+    s = weighted_pagerank(attn, 4, init)
+    want = aggregate_heads(s, head_mask(s, 0.01, 0.7), "rms")[:, 2:]
+    assert torch.allclose(token_importance(attn, 2, 4), want)
+    s_uni = weighted_pagerank(attn, 4)
+    assert torch.allclose(token_importance(attn, 2, 4, cls_init="uniform", head_filter=False),
+                          aggregate_heads(s_uni, None, "rms")[:, 2:])
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def loop_similarity_prune(metric, scores, r):
+    T = metric.shape[0]
+    order = sorted(range(T), key=lambda i: (-float(scores[i]), i))
+    n_a = T // 2
+    b_set, a_set = order[: T - n_a], order[T - n_a:]
+    cos = lambda i, j: float(F.cosine_similarity(metric[i], metric[j], dim=0))
+    best = {i: max(cos(i, j) for j in b_set) for i in a_set}
+    dropped = sorted(a_set, key=lambda i: (-best[i], a_set.index(i)))[:r]
+    return sorted(set(range(T)) - set(dropped))
+
+
+@pytest.mark.parametrize("T,r", [(2, 1), (9, 4), (16, 3), (31, 0)])
+def test_s_stage_matches_a_loop(T, r):
+    torch.manual_seed(T)
+    metric, scores = torch.randn(2, T, 8), torch.rand(2, T)
+    kept = similarity_prune(metric, scores, r)
+    for b in range(2):
+        assert sorted(kept[b].tolist()) == loop_similarity_prune(metric[b], scores[b], r)
+
+
+def test_s_stage_partitions_by_the_one_iteration_i_prime_ranking_and_i_stage_runs_on_the_survivors():
+    torch.manual_seed(0)
+    p, T, H = 1, 24, 3
+    attn = random_attention(2, H, p + T, seed=5).float()
+    metric = torch.randn(2, T, 8)
+    opts = dict(var_min=0.01, var_max=0.7, head_filter=True, aggregate="rms", cls_init="sqrt")
+    # S only: the partition comes from I' (one WPR iteration), which removes nothing itself
+    plan = zero_tprune(attn, metric, p, 5, 0, iters=30, **opts)
+    prerank = token_importance(attn, p, 1, **opts)
+    want = similarity_prune(metric, prerank, 5).sort(dim=1).values
+    assert torch.equal(plan.keep, want)
+    # S then I: the I-stage ranks the survivors on their renormalised attention graph
+    plan = zero_tprune(attn, metric, p, 5, 4, iters=7, **opts)
+    sub = sub_attention(attn, p, want)
+    assert torch.allclose(sub.sum(-1), torch.ones_like(sub.sum(-1)))
+    top = token_importance(sub, p, 7, **opts).topk(T - 9, dim=1).indices
+    assert torch.equal(plan.keep, want.gather(1, top).sort(dim=1).values)
+    # I only: the full graph, top-k
+    plan = zero_tprune(attn, metric, p, 0, 6, iters=7, **opts)
+    top = token_importance(attn, p, 7, **opts).topk(T - 6, dim=1).indices
+    assert torch.equal(plan.keep, top.sort(dim=1).values)
+    # nothing to remove: every token stays, in order
+    assert torch.equal(zero_tprune(attn, metric, p, 0, 0, iters=7, **opts).keep, torch.arange(T).expand(2, T))
+
+
+def test_pagerank_on_alive_tokens_equals_pagerank_on_the_renormalised_sub_graph():
+    p, T = 2, 15
+    attn = random_attention(3, 4, p + T, seed=7).float()
+    alive = torch.stack([torch.randperm(T, generator=torch.Generator().manual_seed(b))[:9] for b in range(3)])
+    mask = torch.zeros(3, p + T, dtype=torch.bool)
+    mask[:, :p] = True
+    mask.scatter_(1, alive + p, True)
+    idx = torch.cat([torch.arange(p).expand(3, p), alive + p], dim=1)
+    sub = sub_attention(attn, p, alive)
+    for iters in (1, 6, 40):
+        got = weighted_pagerank(attn, iters, initial_scores(p + T, p, "sqrt", alive=mask), alive=mask)
+        want = weighted_pagerank(sub, iters, initial_scores(p + 9, p, "sqrt"))
+        assert torch.allclose(got.gather(2, idx[:, None, :].expand(3, 4, p + 9)), want, atol=1e-6)
+        assert (got.masked_select(~mask[:, None, :].expand(3, 4, p + T)) == 0).all()
+        full = token_importance(attn, p, iters, alive=mask).gather(1, alive)
+        assert torch.allclose(full, token_importance(sub, p, iters)[:, :], atol=1e-6)
+
+
+def test_sub_attention_picks_the_right_entries():
+    attn = random_attention(1, 2, 6, seed=2).float()
+    alive = torch.tensor([[4, 1]])  # reducible tokens 4 and 1 -> rows/cols 0 (prefix), 5, 2
+    sub = sub_attention(attn, 1, alive)
+    idx = [0, 5, 2]
+    raw = attn[0][:, idx][:, :, idx]
+    assert torch.allclose(sub[0], raw / raw.sum(-1, keepdim=True))
+
+
+def test_iteration_schedule_and_split():
+    assert [iters_at(l, 12, (30, 5, 1)) for l in range(12)] == [30] * 3 + [5] * 6 + [1] * 3
+    assert [iters_at(l, 6, (30, 5, 1)) for l in range(6)] == [30, 5, 5, 5, 5, 1]
+    assert [iters_at(l, 3, (30, 5, 1)) for l in range(3)] == [5, 5, 5]
+    assert edge_layers(24) == 3 and iters_at(4, 12, 9) == 9 and iters_at(2, 4, [1, 2, 3, 4]) == 3
+    assert split_removals(13, 0.5) == (6, 7) and split_removals(13, 0.0) == (0, 13) and split_removals(13, 1.0) == (13, 0)
+
+
+# --------------------------------------------------------------------------- in a model
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(reg_tokens=2), dict(class_token=False, global_pool="avg")])
+def test_tokens_per_layer_follow_the_schedule_and_special_tokens_survive(kwargs):
+    model = tiny_vit(**kwargs)
+    p = model.num_prefix_tokens
+    vitcompress.compress(model, "zero_tprune", keep=0.8, trace_source=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    st = vitcompress.stats(model)
+    assert st["tokens_per_layer"] == st["planned_tokens_per_layer"]
+    drops = [a - b for a, b in zip(st["tokens_per_layer"], st["tokens_per_layer"][1:] + [st["tokens_per_layer"][-1] - st["schedule"][-1]])]
+    assert drops == st["schedule"]  # each block removes exactly its scheduled count: I' adds nothing
+    source = st["source"]
+    N0 = 64 + p
+    assert source.shape == (3, st["tokens_per_layer"][-1] - st["schedule"][-1], N0)
+    for i in range(p):  # CLS (and every special token) is still exactly itself
+        assert torch.equal(source[:, i], F.one_hot(torch.tensor(i), N0).float().expand(3, N0))
+    # pruning: every surviving token is one original patch, each at most once
+    assert torch.equal(source.sum(-1), torch.ones(source.shape[:2]))
+    assert (source.sum(1) <= 1).all()
+
+
+def test_distilled_deit_keeps_cls_and_dist_tokens():
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=64).eval()
+    vitcompress.compress(model, "zero_tprune", r=1, trace_source=True)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1000)
+    src = vitcompress.stats(model)["source"]
+    assert torch.equal(src[:, :2], torch.eye(18)[:2].expand(2, 2, 18))
+
+
+def test_attention_is_materialised_only_in_pruning_blocks(monkeypatch):
+    seen = []
+    real = blocks.attention
+
+    def spy(q, k, v, bias, scale, dropout, need_probs):
+        seen.append(need_probs)
+        return real(q, k, v, bias, scale, dropout, need_probs)
+
+    monkeypatch.setattr(blocks, "attention", spy)
+    model = tiny_vit()
+    vitcompress.compress(model, "zero_tprune", r=[0, 6, 0, 3])
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert seen == [False, True, False, True]
+    seen.clear()
+    vitcompress.compress(model, "zero_tprune", keep=0.9, layers=[2])
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert seen == [False, False, True, False]
+    assert vitcompress.stats(model)["schedule"] == [0, 0, 7, 0]
+
+
+def test_flops_budget_is_met_as_counted_on_deit_small(deit_small):
+    from vitcompress.profile.flops import count_flops
+    x = torch.randn(1, 3, 224, 224)
+    base = count_flops(deit_small, x)
+    vitcompress.compress(deit_small, "zero_tprune", flops=0.653)
+    try:
+        counted = count_flops(deit_small, x)
+        runtime = deit_small._vitcompress
+        planned = runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
+        st = vitcompress.stats(deit_small)
+    finally:
+        vitcompress.restore(deit_small)
+    assert abs(counted / base - 0.653) <= 0.02 * 0.653
+    assert counted == planned  # the PageRank and similarity products are planned exactly as counted
+    assert st["budget"] == "flops=0.653" and all(r > 0 for r in st["schedule"])
+
+
+def test_default_budget_is_the_papers_deit_s_setting():
+    model = tiny_vit()
+    vitcompress.compress(model, "zero_tprune")
+    assert vitcompress.stats(model)["budget"] == "flops=0.653"
+
+
+@pytest.mark.parametrize("budget,schedule", [({"keep": 0.9}, [7, 6, 6, 5]), ({"r": 5}, [5, 5, 5, 5]),
+                                             ({"r": [8, 0, 4, 2]}, [8, 0, 4, 2])])
+def test_keep_and_r_budgets(budget, schedule):
+    model = tiny_vit()
+    vitcompress.compress(model, "zero_tprune", **budget)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    st = vitcompress.stats(model)
+    assert out.shape == (2, 10) and st["schedule"] == schedule and st["tokens_per_layer"] == st["planned_tokens_per_layer"]
+
+
+def test_can_prune_all_but_one_token_with_an_even_split():
+    model = tiny_vit(depth=1)
+    vitcompress.compress(model, "zero_tprune", r=63)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="at most 63"):
+        vitcompress.compress(model, "zero_tprune", r=64)
+    with pytest.raises(ValueError, match="at most 32"):  # the S-stage alone can drop only the less important half
+        vitcompress.compress(model, "zero_tprune", r=33, s_ratio=1.0)
+
+
+@pytest.mark.parametrize("options", [dict(order="IS"), dict(s_ratio=0.0), dict(s_ratio=1.0), dict(aggregate="mean"),
+                                     dict(cls_init="uniform", head_filter=False), dict(iters=3), dict(iters=[1, 2, 3, 4])])
+def test_every_variant_runs(options):
+    model = tiny_vit()
+    vitcompress.compress(model, "zero_tprune", keep=0.85, **options)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    st = vitcompress.stats(model)
+    assert st["tokens_per_layer"] == st["planned_tokens_per_layer"]
+
+
+@pytest.mark.parametrize("options", [dict(iters=0), dict(iters=(30, 5)), dict(iters=2.5), dict(iters=[3, 0]), dict(iters=[3, 3]),
+                                     dict(prerank_iters=0), dict(var_min=0.8, var_max=0.7), dict(var_min=-1.0),
+                                     dict(head_filter="yes"), dict(aggregate="max"), dict(cls_init="cls"),
+                                     dict(s_ratio=1.5), dict(s_ratio=-0.1), dict(order="SI"), dict(layers=[-1]),
+                                     dict(layers="all")])
+def test_bad_options_raise_value_error(options):
+    with pytest.raises(ValueError, match="zero_tprune"):
+        vitcompress.compress(tiny_vit(), "zero_tprune", keep=0.9, **options)
+
+
+def test_unknown_option_is_a_type_error():
+    with pytest.raises(TypeError, match="no option iterations"):
+        vitcompress.compress(tiny_vit(), "zero_tprune", iterations=3)
+
+
+# --------------------------------------------------------------------------- accuracy against random pruning
+
+
+class RandomPrune(Method):
+    """Pruning uniformly random reducible tokens (seeded), the floor any scorer must beat."""
+    name = "random_prune_test"
+    kind = "prune"
+    defaults = {}
+
+    def max_remove(self, tokens, layer, num_layers, options):
+        return tokens - 1
+
+    def plan(self, signals, remove, options):
+        B, T = signals.metric.shape[:2]
+        g = torch.Generator().manual_seed(1000 + signals.layer)
+        keep = torch.rand(B, T, generator=g).argsort(dim=1)[:, : T - remove]
+        return Plan(keep=keep.sort(dim=1).values)
+
+
+def accuracy(model, images, labels, batch=250):
+    with torch.no_grad():
+        hits = sum(int((model(images[i:i + batch]).argmax(-1) == labels[i:i + batch]).sum())
+                   for i in range(0, len(images), batch))
+    return hits / len(images)
+
+
+def compare_with_random(model, images, labels, flops, monkeypatch):
+    monkeypatch.setitem(REGISTRY, RandomPrune.name, RandomPrune())
+    vitcompress.compress(model, "zero_tprune", flops=flops)
+    ours = accuracy(model, images, labels)
+    vitcompress.compress(model, RandomPrune.name, flops=flops)
+    rand = accuracy(model, images, labels)
+    vitcompress.restore(model)
+    return ours, rand, accuracy(model, images, labels)
+
+
+def _reference():
+    from vitcompress import reference
+    try:
+        return reference.load(1000)
+    except FileNotFoundError:
+        return None
+
+
+def test_beats_random_pruning_on_the_reference_model(monkeypatch):
+    loaded = _reference()
+    if loaded is None:
+        pytest.skip("the shipped reference model is not built yet (experiments/train_reference.py)")
+    model, images, labels = loaded
+    ours, rand, base = compare_with_random(model, images, labels, 0.653, monkeypatch)
+    assert ours > rand, (ours, rand, base)
+
+
+def toy_patterns(n, seed, size=24):
+    """One of four 8x8 line patterns at a random place on a noisy image; the label is the pattern."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.5 * torch.randn(n, 1, size, size, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    pats = torch.zeros(4, 8, 8)
+    pats[0, 3:5, :] = 1
+    pats[1, :, 3:5] = 1
+    pats[2, 1:7, 1:7] = 1
+    pats[2, 2:6, 2:6] = 0
+    pats[3] = torch.eye(8) + torch.eye(8).flip(0)
+    r, c = torch.randint(0, size - 7, (2, n), generator=g)
+    for i in range(n):
+        x[i, 0, r[i]:r[i] + 8, c[i]:c[i] + 8] += 2.0 * pats[y[i]]
+    return x, y
+
+
+@pytest.mark.slow
+def test_beats_random_pruning_on_a_toy_trained_here(monkeypatch):
+    """Without the shipped reference model: a small ViT trained here on a toy where a few tokens
+    carry the label (minutes on a CPU)."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=24, patch_size=4, in_chans=1, num_classes=4, embed_dim=48, depth=4,
+                              num_heads=3, mlp_ratio=2.0)
+    x, y = toy_patterns(2000, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+    for _ in range(6):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 100):
+            idx = perm[i:i + 100]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    images, labels = toy_patterns(1000, 1)
+    ours, rand, base = compare_with_random(model, images, labels, 0.653, monkeypatch)
+    assert base > 0.8 and ours > rand, (ours, rand, base)
