@@ -1,4 +1,8 @@
-"""Similarity and top-k primitives: torch references plus optional fused kernels, via ``dispatch``."""
-from .dispatch import backend, bipartite_match, energy_score, topk_indices
+"""Similarity and top-k primitives: torch references plus fused Triton kernels, chosen by ``dispatch``.
 
-__all__ = ["backend", "bipartite_match", "energy_score", "topk_indices"]
+``reference`` holds the plain-torch specification; ``bipartite_triton``, ``energy_triton`` and
+``topk_triton`` the fused kernels (imported lazily by ``dispatch``, only where Triton is wanted).
+"""
+from .dispatch import backend, bipartite_match, energy_score, topk_indices, triton_available
+
+__all__ = ["backend", "bipartite_match", "energy_score", "topk_indices", "triton_available"]

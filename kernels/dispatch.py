@@ -1,13 +1,27 @@
 """The methods reach the similarity / top-k primitives only through here.
 
-``VITCOMPRESS_KERNELS=torch`` forces the references. Fused Triton versions plug in beside the
-references under the same names; until one is registered for a primitive, the reference runs.
+By default (``VITCOMPRESS_KERNELS`` unset or ``auto``) a CUDA tensor goes to the fused Triton
+kernel and anything else to the torch reference. ``VITCOMPRESS_KERNELS=torch`` forces the
+references; ``VITCOMPRESS_KERNELS=triton`` forces the kernels (on CPU tensors that needs Triton's
+interpreter, ``TRITON_INTERPRET=1``, set before the kernels are first used) and raises if they
+cannot be loaded. The Triton modules are imported lazily, on the first call that wants them, so
+a machine without Triton (or whose Triton fails to import) runs the references unchanged.
+
+While a graph is being captured (``torch.compile`` / ``torch.export``, ``torch.jit.trace``,
+ONNX export) the references run whatever the setting: a Triton kernel launched from Python
+cannot be recorded in the graph, and the references express the same computation in torch ops.
 """
 import os
+import warnings
+
+import torch
 
 from . import reference
 
+#: name -> fused implementation; filled on first use by :func:`_load_triton`.
 _TRITON = {}
+_load_error = None
+_loaded = False
 
 
 def backend() -> str:
@@ -17,15 +31,57 @@ def backend() -> str:
     return choice
 
 
+def _load_triton() -> dict:
+    """Import the Triton kernels once; remember why if that fails."""
+    global _loaded, _load_error
+    if not _loaded:
+        _loaded = True
+        try:
+            from .bipartite_triton import bipartite_match
+            from .energy_triton import energy_score
+            from .topk_triton import topk_indices
+        except Exception as exc:  # no triton, or a triton that cannot initialise here
+            _load_error = exc
+        else:
+            for name, fn in (("bipartite_match", bipartite_match), ("energy_score", energy_score),
+                             ("topk_indices", topk_indices)):
+                _TRITON.setdefault(name, fn)
+    return _TRITON
+
+
+def triton_available() -> bool:
+    """Whether the fused kernels could be loaded on this machine."""
+    return bool(_load_triton())
+
+
+def _capturing() -> bool:
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+
+
 def _pick(name: str, tensor):
     choice = backend()
-    fused = _TRITON.get(name)
+    if choice == "torch" or _capturing():
+        return getattr(reference, name)
     if choice == "triton":
+        fused = _load_triton().get(name)
         if fused is None:
-            raise RuntimeError(f"VITCOMPRESS_KERNELS=triton but no Triton kernel for {name!r} is available")
+            raise RuntimeError(f"VITCOMPRESS_KERNELS=triton but no Triton kernel for {name!r} is available"
+                               + (f": importing it failed with {_load_error!r}" if _load_error else ""))
         return fused
-    if choice == "auto" and fused is not None and tensor.is_cuda:
-        return fused
+    if tensor.is_cuda:
+        fused = _load_triton().get(name)
+        if fused is not None:
+            return fused
+        if _load_error is not None and not getattr(_pick, "_warned", False):
+            _pick._warned = True
+            warnings.warn(f"vitcompress.kernels: Triton kernels unavailable ({_load_error!r}); "
+                          "using the torch references", RuntimeWarning)
     return getattr(reference, name)
 
 

@@ -1,0 +1,405 @@
+"""Fused Triton kernels against their torch references, and the dispatch between them.
+
+Without a GPU the kernels run under Triton's interpreter on CPU tensors; with one, on CUDA tensors.
+``TRITON_INTERPRET=1`` must be in the environment before Triton is first imported (timm imports
+it). When it was not, this file re-runs itself in a subprocess that has it, as the single test
+``test_kernels_in_an_interpreted_process``; so for ``-k`` selections run
+``TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py -k ...``.
+
+Shapes are chosen to be awkward: B in {1, 3}, N in {1, 2, 49, 50, 197, 577}, C in {3, 64, 96, 384},
+none a multiple of a tile.
+"""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # still in time
+
+pytest.importorskip("triton")
+
+import vitcompress  # noqa: E402
+from vitcompress.kernels import dispatch, reference  # noqa: E402
+from vitcompress.kernels import _triton_utils, bipartite_triton, energy_triton, topk_triton  # noqa: E402
+
+from conftest import tiny_vit  # noqa: E402
+
+# Triton was imported (by timm) without TRITON_INTERPRET, so its own library is not interpreted:
+# run this file again in a fresh process that has the variable from the start.
+IN_SUBPROCESS = not CUDA and not _triton_utils.interpreter_ready()
+
+if not CUDA and not IN_SUBPROCESS and not _triton_utils.is_interpreted(topk_triton._topk_kernel):
+    # our kernels were imported earlier in this process without the interpreter: rebuild them
+    for _mod in (bipartite_triton, energy_triton, topk_triton):
+        importlib.reload(_mod)
+    dispatch._TRITON.clear()
+    dispatch._loaded = False
+
+
+def _one_blas_thread():
+    """The interpreter's tl.dot is numpy.matmul; OpenBLAS's thread pool, fighting torch's for two
+    cores, makes a 128^3 product take 20 ms instead of 0.2 ms. Best effort, tests only."""
+    import ctypes
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            if hasattr(lib, sym):
+                getattr(lib, sym)(1)
+                break
+
+
+if not CUDA and not IN_SUBPROCESS:
+    _one_blas_thread()
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter(request):
+    if IN_SUBPROCESS and request.node.originalname != "test_kernels_in_an_interpreted_process":
+        pytest.skip("runs in test_kernels_in_an_interpreted_process (TRITON_INTERPRET=1 from the start)")
+
+
+@pytest.mark.skipif(not IN_SUBPROCESS, reason="the kernels run in this process")
+def test_kernels_in_an_interpreted_process(request):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    if request.config.getoption("markexpr"):
+        args += ["-m", request.config.getoption("markexpr")]
+    done = subprocess.run(args, env=env, cwd=str(request.config.rootpath), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    print(done.stdout.strip().splitlines()[-1])
+
+
+DEVICE = "cuda" if CUDA else "cpu"
+BS = [1, 3]
+NS = [1, 2, 49, 50, 197, 577]
+CS = [3, 64, 96, 384]
+HALF = [torch.float16, torch.bfloat16]
+NEAR = 1e-6  # reference top-2 gaps below this may resolve either way (float32 rounding)
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(DEVICE)
+
+
+def _cos(a, b):
+    a = torch.nn.functional.normalize(a.double(), dim=-1)
+    b = torch.nn.functional.normalize(b.double(), dim=-1)
+    return a @ b.transpose(-1, -2)
+
+
+def check_match(a, b, atol=1e-5, exact=False):
+    score, index = bipartite_triton.bipartite_match(a, b)
+    ref_score, ref_index = reference.bipartite_match(a, b)
+    assert score.shape == ref_score.shape and score.dtype == torch.float32 and score.device == a.device
+    assert index.shape == ref_index.shape and index.dtype == torch.int64
+    torch.testing.assert_close(score, ref_score, atol=atol, rtol=0)
+    if exact:
+        assert torch.equal(index, ref_index)
+        return
+    # indices: identical wherever the best match is clear; otherwise a near-best one
+    sim = _cos(a, b)
+    best = sim.max(dim=-1).values
+    assert (best - sim.gather(-1, index.unsqueeze(-1)).squeeze(-1)).abs().max() <= NEAR
+    if sim.shape[-1] >= 2:
+        top2 = sim.topk(2, dim=-1).values
+        clear = (top2[..., 0] - top2[..., 1]) > NEAR
+        assert torch.equal(index[clear], ref_index[clear])
+        assert clear.float().mean() > 0.9  # the comparison above is not vacuous
+    else:
+        assert torch.equal(index, ref_index)
+
+
+def _nb(n):
+    return max(1, n // 2 + 1)
+
+
+# ---------------------------------------------------------------------------- bipartite_match
+
+@pytest.mark.parametrize("C", CS)
+@pytest.mark.parametrize("N", NS)
+@pytest.mark.parametrize("B", BS)
+def test_bipartite_match_matches_reference(B, N, C):
+    check_match(_rand(B, N, C, seed=N * C + B), _rand(B, _nb(N), C, seed=N * C + B + 1))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("N,C", [(2, 3), (50, 96), (197, 384), (577, 64)])
+def test_bipartite_match_half_inputs(N, C, dtype):
+    check_match(_rand(3, N, C, dtype=dtype, seed=N), _rand(3, _nb(N), C, dtype=dtype, seed=N + 1), atol=2e-5)
+
+
+def test_bipartite_match_strided_inputs():
+    x = _rand(3, 197, 96 * 2)[..., ::2]  # non-contiguous channels
+    check_match(x[:, 0::2], x[:, 1::2])
+    check_match(x.transpose(0, 1).contiguous().transpose(0, 1)[:, :50], x[:, 100:149])  # batch stride < token stride
+
+
+@pytest.mark.parametrize("small_tiles", [False, True])
+def test_bipartite_match_ties_go_to_the_lowest_index(small_tiles, monkeypatch):
+    if small_tiles:  # many tiles along every axis, so ties straddle tiles
+        monkeypatch.setattr(bipartite_triton, "MAX_BLOCKS_INTERPRETED", (32, 64, 32))
+        monkeypatch.setattr(bipartite_triton, "MAX_BLOCKS", (32, 64, 32))
+    B, Na, Nb, C = 3, 70, 140, 40
+    b = _rand(B, Nb, C, seed=1)
+    b[:, 90] = b[:, 3]  # exact duplicate in another tile
+    b[:, 4] = b[:, 3]  # ... and in the same tile
+    b[:, 130] = 2.0 * b[:, 17]  # a power-of-two multiple: the same direction, bit for bit
+    b[1, 70:] = b[1, :70].clone()  # image 1: two identical halves, so every match is tied
+    a = _rand(B, Na, C, seed=2)
+    a[:, 0] = b[:, 3]
+    a[:, 1] = -0.5 * b[:, 90]
+    a[:, 2] = 3.0 * b[:, 130]
+    a[:, 69] = 0.0  # a zero row: every cosine is 0, so index 0
+    a[2, 10:20] = 0.0
+    score, index = bipartite_triton.bipartite_match(a, b)
+    assert index[:, 0].tolist() == [3, 3, 3]
+    assert index[:, 2].tolist() == [17, 60, 17]  # image 1: b[130] is now a copy of b[60]
+    assert index[:, 69].tolist() == [0, 0, 0] and index[2, 10:20].eq(0).all()
+    assert index[1].lt(70).all()
+    check_match(a, b, exact=True)
+
+
+def test_bipartite_match_quantised_duplicates():
+    """Few distinct tokens, many copies of each: every row is an exact tie."""
+    g = torch.Generator().manual_seed(3)
+    protos = torch.randn(2, 7, 64, generator=g)
+    pick_a = torch.randint(0, 7, (2, 197), generator=g)
+    pick_b = torch.randint(0, 7, (2, 98), generator=g)
+    a = protos.gather(1, pick_a[..., None].expand(-1, -1, 64)).to(DEVICE)
+    b = protos.gather(1, pick_b[..., None].expand(-1, -1, 64)).to(DEVICE)
+    check_match(a, b, exact=True)
+
+
+def test_bipartite_match_edge_shapes():
+    score, index = bipartite_triton.bipartite_match(_rand(2, 0, 8), _rand(2, 5, 8))
+    assert score.shape == (2, 0) and index.shape == (2, 0)
+    check_match(_rand(2, 5, 0), _rand(2, 3, 0), exact=True)  # no channels: all cosines 0
+    check_match(_rand(2, 5, 8).double(), _rand(2, 3, 8).double())  # float64 is read as float32, like the reference
+    with pytest.raises(ValueError):
+        bipartite_triton.bipartite_match(_rand(2, 5, 8), _rand(2, 0, 8))
+    with pytest.raises(ValueError):
+        bipartite_triton.bipartite_match(_rand(2, 5, 8), _rand(2, 5, 7))
+
+
+# ---------------------------------------------------------------------------- energy_score
+
+def check_energy(x, margin, alpha, atol=1e-5):
+    e = energy_triton.energy_score(x, margin, alpha)
+    ref = reference.energy_score(x, margin, alpha)
+    assert e.shape == ref.shape and e.dtype == torch.float32 and e.device == x.device
+    torch.testing.assert_close(e, ref, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("C", CS)
+@pytest.mark.parametrize("N", NS)
+@pytest.mark.parametrize("B", BS)
+def test_energy_score_matches_reference(B, N, C):
+    margin, alpha = [(0.75, 1.0), (0.0, 0.5), (0.3, 2.0)][(N + C) % 3]
+    check_energy(_rand(B, N, C, seed=N + C), margin, alpha)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("N,C", [(2, 3), (50, 96), (197, 384), (577, 64)])
+def test_energy_score_half_inputs(N, C, dtype):
+    check_energy(_rand(3, N, C, dtype=dtype, seed=N), 0.6, 1.0, atol=2e-5)
+
+
+def test_energy_score_structure(monkeypatch):
+    """Clustered tokens (cosines near 1, the positive branch of ELU), duplicates, zero rows,
+    strided input, and many tiles."""
+    monkeypatch.setattr(energy_triton, "MAX_BLOCKS_INTERPRETED", (16, 32, 16))
+    monkeypatch.setattr(energy_triton, "MAX_BLOCKS", (16, 32, 16))
+    x = _rand(2, 50, 2 * 40, seed=5)[..., ::2]
+    x[:, 10:30] = x[:, 5:6] + 0.01 * x[:, 10:30]
+    x[:, 40] = 0.0
+    check_energy(x, 0.1, 1.0)
+    e = energy_triton.energy_score(x, 0.1, 1.0)
+    x[:, 45] = x[:, 7]
+    e = energy_triton.energy_score(x, 0.1, 1.0)
+    assert torch.equal(e[:, 45], e[:, 7])
+
+
+# ---------------------------------------------------------------------------- topk_indices
+
+def check_topk(scores, k):
+    idx = topk_triton.topk_indices(scores, k)
+    ref = reference.topk_indices(scores, k)
+    assert idx.dtype == torch.int64 and idx.device == scores.device
+    assert idx.shape == ref.shape, (idx.shape, ref.shape)
+    assert torch.equal(idx, ref)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("N", NS + [4096])
+@pytest.mark.parametrize("B", BS)
+def test_topk_matches_reference(B, N, ties):
+    scores = _rand(B, N, seed=N + B)
+    if ties:  # a handful of distinct values, so nearly everything is tied
+        scores = (scores * 2).round() / 2
+    for k in sorted({1, max(1, N // 3), N}):
+        check_topk(scores, k)
+
+
+@pytest.mark.parametrize("dtype", HALF + [torch.float64])
+def test_topk_other_dtypes(dtype):
+    scores = _rand(3, 197, seed=7).mul(3).round().to(dtype)  # integers: exact in every dtype, many ties
+    check_topk(scores, 197)
+    check_topk(scores, 20)
+    check_topk(_rand(3, 577, dtype=dtype, seed=8), 100)
+
+
+def test_topk_special_values():
+    scores = _rand(2, 50, seed=9)
+    scores[:, 3] = float("nan")
+    scores[:, 7] = float("inf")
+    scores[:, 8] = float("-inf")
+    scores[:, 9] = -0.0
+    scores[:, 10] = 0.0
+    scores[:, 11] = -0.0
+    scores[:, 20] = float("nan")
+    scores[0, 30] = -float("nan")
+    scores[:, 40] = torch.finfo(torch.float32).tiny / 4  # subnormal
+    scores[:, 41] = -torch.finfo(torch.float32).tiny / 4
+    check_topk(scores, 50)
+    check_topk(scores.contiguous().t().contiguous().t(), 13)  # column-major
+
+
+def test_topk_edge_cases():
+    check_topk(_rand(3, 49), 0)
+    check_topk(_rand(3, 49), 100)  # k > N: all of them, like slicing
+    assert topk_triton.topk_indices(_rand(0, 49), 5).shape == (0, 5)
+    check_topk(_rand(2, 4097), 10)  # longer rows fall back to the reference
+    with pytest.raises(ValueError):
+        topk_triton.topk_indices(_rand(2, 3, 4), 1)
+
+
+@pytest.mark.slow
+def test_topk_every_row_length():
+    for n in range(1, 300):
+        scores = (_rand(2, n, seed=n) * 2).round()
+        check_topk(scores, n)  # every k is a prefix of this
+        if n % 10 == 0:
+            check_topk(scores, n // 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("C", CS)
+@pytest.mark.parametrize("N", NS)
+def test_half_inputs_full_grid(N, C, dtype):
+    check_match(_rand(3, N, C, dtype=dtype, seed=N), _rand(3, _nb(N), C, dtype=dtype, seed=N + 1), atol=2e-5)
+    check_energy(_rand(3, N, C, dtype=dtype, seed=N), 0.6, 1.0, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------- dispatch
+
+def test_dispatch_chooses(monkeypatch):
+    x = _rand(2, 9, 8)
+    monkeypatch.setenv("VITCOMPRESS_KERNELS", "torch")
+    assert dispatch._pick("bipartite_match", x) is reference.bipartite_match
+    monkeypatch.setenv("VITCOMPRESS_KERNELS", "triton")
+    assert dispatch._pick("bipartite_match", x) is bipartite_triton.bipartite_match
+    assert dispatch._pick("energy_score", x) is energy_triton.energy_score
+    assert dispatch._pick("topk_indices", x) is topk_triton.topk_indices
+    assert dispatch.triton_available()
+    monkeypatch.delenv("VITCOMPRESS_KERNELS")
+    expected = topk_triton.topk_indices if x.is_cuda else reference.topk_indices
+    assert dispatch._pick("topk_indices", x) is expected
+    assert dispatch._pick("topk_indices", x.cpu()) is reference.topk_indices
+    monkeypatch.setenv("VITCOMPRESS_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="VITCOMPRESS_KERNELS"):
+        dispatch.topk_indices(x[..., 0], 2)
+
+
+def test_dispatch_runs_the_chosen_path(monkeypatch):
+    x = _rand(2, 33, 16)
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv("VITCOMPRESS_KERNELS", choice)
+        s, i = dispatch.bipartite_match(x[:, ::2], x[:, 1::2])
+        e = dispatch.energy_score(x, 0.5)
+        order = dispatch.topk_indices(e, 33)
+        torch.testing.assert_close(s, reference.bipartite_match(x[:, ::2], x[:, 1::2])[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(e, reference.energy_score(x, 0.5, 1.0), atol=1e-5, rtol=0)
+        assert order.shape == (2, 33)
+
+
+def test_dispatch_uses_references_while_capturing(monkeypatch):
+    monkeypatch.setenv("VITCOMPRESS_KERNELS", "triton")
+    monkeypatch.setattr(dispatch, "_capturing", lambda: True)
+    assert dispatch._pick("energy_score", _rand(1, 4, 4)) is reference.energy_score
+
+
+def test_forced_triton_without_triton_fails_clearly(monkeypatch):
+    monkeypatch.setattr(dispatch, "_TRITON", {})
+    monkeypatch.setattr(dispatch, "_loaded", True)
+    monkeypatch.setattr(dispatch, "_load_error", ImportError("no triton here"))
+    monkeypatch.setenv("VITCOMPRESS_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="no triton here"):
+        dispatch.topk_indices(_rand(1, 4), 2)
+    monkeypatch.delenv("VITCOMPRESS_KERNELS")
+    assert torch.equal(dispatch.topk_indices(_rand(1, 4), 2), reference.topk_indices(_rand(1, 4), 2))
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU-tensor guard only matters off the GPU")
+def test_cpu_tensor_without_interpreter_fails_clearly(monkeypatch):
+    monkeypatch.setattr(_triton_utils, "is_interpreted", lambda kernel: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        topk_triton.topk_indices(_rand(1, 4), 2)
+
+
+# ---------------------------------------------------------------------------- whole model
+
+@pytest.mark.parametrize("method,budget", [("tome", {"r": 6}), ("pitome", {"keep": 0.8}),
+                                           ("zero_tprune", {"keep": 0.8})])
+def test_compressed_model_same_with_kernels_forced_on(method, budget, monkeypatch):
+    if method not in vitcompress.methods():
+        pytest.skip(f"{method} is not registered")
+    model = tiny_vit().to(DEVICE)
+    vitcompress.compress(model, method, **budget)
+    x = _rand(3, 3, 32, 32, seed=11)
+    outs, tokens = {}, {}
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv("VITCOMPRESS_KERNELS", choice)
+        with torch.inference_mode():
+            outs[choice] = model(x)
+        tokens[choice] = vitcompress.stats(model)["tokens_per_layer"]
+    assert tokens["torch"] == tokens["triton"]
+    assert tokens["torch"][-1] < tokens["torch"][0]  # it did reduce
+    torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_tiling_interpreted(monkeypatch):
+    """The GPU's tile sizes and its float32 tl.dot path, run through the interpreter."""
+    for mod in (bipartite_triton, energy_triton):
+        monkeypatch.setattr(mod, "MAX_BLOCKS_INTERPRETED", mod.MAX_BLOCKS)
+    monkeypatch.setattr(_triton_utils, "INTERPRETER_FP32_DOT", True)
+    x = _rand(3, 197, 96, seed=12)
+    check_match(x[:, 1::2], x[:, 0::2])
+    check_energy(x, 0.75, 1.0)
+    check_match(_rand(1, 50, 384, seed=13), _rand(1, 130, 384, seed=14))
+    check_energy(_rand(1, 130, 3, seed=15), 0.2, 1.0)
+    monkeypatch.setattr(topk_triton, "MAX_ELEMENTS_INTERPRETED", 1)  # one row a program
+    check_topk((_rand(5, 197, seed=17) * 2).round(), 150)
+    check_topk((_rand(2, 4096, seed=19) * 2).round(), 4096)
+
+
+def test_topk_many_programs(monkeypatch):
+    monkeypatch.setattr(topk_triton, "MAX_ELEMENTS_INTERPRETED", 4096)
+    scores = (_rand(37, 300, seed=16) * 3).round()  # 8 rows a program, 5 programs, the last part-empty
+    check_topk(scores, 300)
+    check_topk(scores, 7)
