@@ -23,7 +23,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, order: Optional[torch.
     a_idx, b_idx = order[:, 0::2], order[:, 1::2]
     gather = lambda idx: metric.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
     score, match = dispatch.bipartite_match(gather(a_idx), gather(b_idx))
-    ranked = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    ranked = dispatch.topk_indices(score, score.shape[1])  # best matches first, ties to the lower index
     src, unmerged = ranked[:, :r], ranked[:, r:]
     keep = torch.cat([a_idx.gather(1, unmerged), b_idx], dim=1)
     merge_src = a_idx.gather(1, src)
