@@ -134,18 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FLOPs targets, as fractions of the uncompressed model (default: %(default)s)")
     b.add_argument("--settings", nargs="+", help="explicit method:budget settings instead, e.g. tome:r=8 pitome:keep=0.9")
     b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--runs", type=int, default=5, help="timed runs per model for throughput")
+    b.add_argument("--runs", type=int, default=3, help="timed runs per model for throughput")
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     b.add_argument("--json", help="write the rows to this JSON file")
     b.add_argument("--plot", help="write accuracy-vs-GFLOPs / accuracy-vs-throughput plots to this image file")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    from .export import add_cli_arguments as _export_arguments  # export: its own module
+    _export_arguments(sub.add_parser(
+        "export", help="export a compressed model to ONNX and check it in onnxruntime against PyTorch",
+        description="Export a compressed model to ONNX (dynamic batch), check it with onnx.checker and compare "
+                    "onnxruntime with PyTorch: the embedded reference model on its real images by default, "
+                    "or --model NAME (timm) on random inputs."))
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "export":
+        from .export import run_cli as _export
+        return _export(args)
     if args.command == "bench":
         start = time.perf_counter()
         try:
