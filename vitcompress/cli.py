@@ -106,7 +106,8 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
     base = rows[0]
     for ax, key, label in ((axes[0], "gflops", "GFLOPs per image"), (axes[1], "images_per_s", "images / s")):
         for method in dict.fromkeys(r["method"] for r in rows[1:]):
-            pts = sorted([(base[key], base["top1"])] + [(r[key], r["top1"]) for r in rows if r["method"] == method])
+            runs = sorted((r for r in rows if r["method"] == method), key=lambda r: -r["gflops"])  # budget order
+            pts = [(base[key], base["top1"])] + [(r[key], r["top1"]) for r in runs]
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=method)
         ax.scatter([base[key]], [100 * base["top1"]], marker="*", s=180, color="black", zorder=3, label="uncompressed")
         ax.set_xlabel(label)
