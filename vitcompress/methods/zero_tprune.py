@@ -109,10 +109,12 @@ def weighted_pagerank(attn: Tensor, iters: int, init: Optional[Tensor] = None,
     m = None if m is None else m.reshape(B * H, 1, N)
     # Each step is a matrix-vector product per head, bound by reading A. On a CPU, iterate a few
     # heads at a time so their matrices stay in cache across the steps (3x faster at N=197);
-    # a GPU gets one batched product per step.
-    chunk = B * H if a.is_cuda else max(1, _CACHE_BYTES // (N * N * 4))
+    # a GPU gets one batched product per step, and so does a graph being captured (torch.export,
+    # ONNX), where a Python loop over B * H would fix the batch size into the graph.
+    whole = a.is_cuda or torch.compiler.is_compiling() or torch.jit.is_tracing()
+    chunk = B * H if whole else max(1, _CACHE_BYTES // (N * N * 4))
     out = []
-    for i in range(0, B * H, chunk):
+    for i in ((0,) if whole else range(0, B * H, chunk)):
         a_i, s_i = a[i:i + chunk], s[i:i + chunk]
         if m is None:
             for _ in range(iters):
