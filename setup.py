@@ -18,6 +18,8 @@ setup(
                       "numpy", "tqdm", "matplotlib>=3.5"],
     extras_require={
         "dev": ["pytest>=7", "hypothesis>=6"],
+        # ONNX export + onnxruntime check (vitcompress export); tested with onnx 1.23, onnxruntime 1.32, onnxscript 0.7
+        "export": ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "onnxscript>=0.5,<1"],
     },
     entry_points={"console_scripts": ["vitcompress=vitcompress.cli:main"]},
 )

@@ -33,6 +33,7 @@ class Signals:
 class Method:
     name: str = ""
     kind: str = "merge"  # "merge" keeps mass (size-weighted); "prune" drops tokens
+    dynamic: bool = False  # True when token counts depend on the content (no static schedule; not exportable)
     defaults: Dict[str, Any] = {}
     default_budget: Dict[str, Any] = {"keep": 0.9}
 
