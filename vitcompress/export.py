@@ -476,7 +476,7 @@ def run_cli(args) -> int:
             stats = api.stats(model)
             print(f"{args.model}: {args.method} {stats['budget']}, tokens per block {stats['planned_tokens_per_layer']}")
         elif _budget(args):
-            raise ValueError("--keep/--r/--flops need a --method")
+            raise ValueError("--keep/--r/--flops need a compression --method (not none)")
         out = args.out or f"{args.model.replace('/', '_')}-{args.method}.onnx"
         report = export_onnx(model, out, (args.batch_size, channels, size, size), opset=args.opset,
                              dynamic_batch=not args.static_batch, inputs=inputs, atol=args.atol,
