@@ -2,6 +2,18 @@ from setuptools import setup
 
 PACKAGES = ["vitcompress", "vitcompress.methods", "vitcompress.profile", "vitcompress.kernels", "vitcompress.adapters"]
 
+EXTRAS = {
+    "dev": ["pytest>=7", "hypothesis>=6"],
+    # ONNX export + onnxruntime check (vitcompress export); tested with onnx 1.23, onnxruntime 1.32, onnxscript 0.7
+    "export": ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "onnxscript>=0.5,<1"],
+    # CLIP towers (open_clip; tested with open-clip-torch 3.3), HF CLIP / DETR / LLaVA (tested with
+    # transformers 5.24), COCO evaluation (pycocotools 2.0)
+    "clip": ["open-clip-torch>=2.24,<4"],
+    "hf": ["transformers>=4.40,<6"],
+    "coco": ["pycocotools>=2.0.7"],
+}
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "dev" for req in reqs})
+
 setup(
     name="vitcompress",
     version="0.1.0",
@@ -16,10 +28,6 @@ setup(
     package_data={"vitcompress": ["data/*"]},
     install_requires=["torch>=2.1,<2.15", "torchvision>=0.16,<0.30", "timm>=1.0,<2", "fvcore>=0.1.5",
                       "numpy", "tqdm", "matplotlib>=3.5"],
-    extras_require={
-        "dev": ["pytest>=7", "hypothesis>=6"],
-        # ONNX export + onnxruntime check (vitcompress export); tested with onnx 1.23, onnxruntime 1.32, onnxscript 0.7
-        "export": ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "onnxscript>=0.5,<1"],
-    },
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["vitcompress=vitcompress.cli:main"]},
 )

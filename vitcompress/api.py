@@ -84,18 +84,22 @@ class Compression:
         return out
 
 
-def methods() -> List[str]:
-    """Names of the registered token-reduction methods."""
-    return _methods.names()
+def methods(target: Optional[str] = None) -> List[str]:
+    """Names of the registered token-reduction methods; ``target="vit"`` lists those for ViT-like
+    encoders (timm, CLIP towers), ``"detr"`` detection encoders, ``"llava"`` visual tokens of a VLM."""
+    return _methods.names(target)
 
 
 def _resolve_options(method, options: Dict[str, Any]) -> Dict[str, Any]:
-    allowed = set(method.defaults) | set(COMMON_OPTIONS)
+    common = COMMON_OPTIONS if method.target == "vit" else ()
+    allowed = set(method.defaults) | set(common)
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise TypeError(f"{method.name} has no option {', '.join(unknown)}; its options are: "
-                        f"{', '.join(sorted(allowed))}")
-    resolved = dict(method.defaults, prop_attn=method.kind == "merge", trace_source=False)
+                        f"{', '.join(sorted(allowed)) or 'none'}")
+    resolved = dict(method.defaults)
+    if common:
+        resolved.update(prop_attn=method.kind == "merge", trace_source=False)
     resolved.update(options)
     method.validate(resolved)
     return resolved
@@ -113,9 +117,16 @@ def compress(model: nn.Module, method: str, *, keep: Optional[float] = None, r=N
     """
     spec = _methods.get(method)
     adapter = find_adapter(model)
+    accepted = getattr(adapter, "targets", ("vit",))
+    if spec.target not in accepted:
+        usable = ", ".join(n for t in accepted for n in _methods.names(t))
+        raise TypeError(f"method {spec.name!r} reduces {spec.target} models; a {adapter.family} takes: {usable}")
     opts = _resolve_options(spec, options)
     budget = parse_budget(spec, keep=keep, r=r, flops=flops)
-    runtime = Compression(adapter, spec, opts, budget)
+    # A family whose reduction is not the ViT block schedule (a DETR encoder, a VLM's visual
+    # tokens) builds its own runtime; it has the same patcher / stats() interface.
+    make_runtime = getattr(adapter, "make_runtime", None)
+    runtime = make_runtime(spec, opts, budget) if make_runtime else Compression(adapter, spec, opts, budget)
     if getattr(model, _ATTR, None) is not None:
         restore(model)
     adapter.patch(runtime, runtime.patcher)

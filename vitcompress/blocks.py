@@ -10,6 +10,7 @@ from typing import Callable, Tuple
 import torch
 import torch.nn.functional as F
 
+from .cache import chunk_count
 from .methods.base import Signals
 from .tokens import apply_plan
 
@@ -41,11 +42,29 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias, scale: float, dropout: floa
     """Multi-head attention; returns ``(output [B, H, N, d], probabilities or None)``."""
     if not need_probs:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale), None
-    logits = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias
-    probs = logits.softmax(dim=-1)
-    return F.dropout(probs, p=dropout) @ v, probs
+    if bias is not None and bias.dtype == torch.bool:  # SDPA's boolean mask: True = may attend
+        bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill(~bias, float("-inf"))
+    if dropout > 0:
+        logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(dim=-1)
+        return F.dropout(probs, p=dropout) @ v, probs
+    # Scores, softmax and the product with v for a cache-sized group of heads at a time.
+    B, H, N, d = q.shape
+    qs, kt, vs = (q * scale).reshape(B * H, N, d), k.reshape(B * H, N, d).transpose(1, 2), v.reshape(B * H, N, d)
+    bias = q.new_zeros(1, 1, 1, N) if bias is None else bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    bias = bias.expand(B, H, bias.shape[2], N).reshape(B * H, bias.shape[2], N)
+    chunk = chunk_count(q, B * H, N * N * q.element_size())
+    if chunk == B * H:
+        probs = torch.baddbmm(bias, qs, kt).softmax(dim=-1)
+        return torch.bmm(probs, vs).reshape(B, H, N, d), probs.reshape(B, H, N, N)
+    probs, out = q.new_empty(B * H, N, N), q.new_empty(B * H, N, d)
+    for i in range(0, B * H, chunk):
+        j = slice(i, i + chunk)
+        torch.softmax(torch.baddbmm(bias[j], qs[j], kt[j]), dim=-1, out=probs[j])
+        torch.bmm(probs[j], vs[j], out=out[j])
+    return out.reshape(B, H, N, d), probs.reshape(B, H, N, N)
 
 
 def reducing_forward(parts: BlockParts, runtime, layer: int, x: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ def _load(args):
 def _settings(args) -> List[str]:
     if args.settings:
         return args.settings
-    methods = args.methods or api.methods()
+    methods = args.methods or api.methods("vit")
     return [f"{m}:flops={f}" for m in methods for f in args.flops]
 
 
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights (needs a network)")
     b.add_argument("--data", help="ImageFolder of labelled validation images (with --model NAME)")
     b.add_argument("--num-images", type=int, default=None, help="evaluate on at most this many images")
-    b.add_argument("--methods", nargs="+", help="methods to compare (default: all registered)")
+    b.add_argument("--methods", nargs="+", help="methods to compare (default: every registered ViT method)")
     b.add_argument("--flops", nargs="+", type=float, default=list(DEFAULT_FLOPS),
                    help="FLOPs targets, as fractions of the uncompressed model (default: %(default)s)")
     b.add_argument("--settings", nargs="+", help="explicit method:budget settings instead, e.g. tome:r=8 pitome:keep=0.9")

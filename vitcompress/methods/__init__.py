@@ -1,5 +1,5 @@
 """Registered token-reduction methods, one module per paper."""
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .base import Method, Signals
 from .pitome import PiToMe
@@ -15,8 +15,9 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-def names() -> List[str]:
-    return sorted(REGISTRY)
+def names(target: Optional[str] = None) -> List[str]:
+    """Registered names, optionally only those reducing ``target`` ("vit", "detr", "llava")."""
+    return sorted(n for n, m in REGISTRY.items() if target is None or m.target == target)
 
 
 __all__ = ["Method", "Signals", "REGISTRY", "get", "names"]

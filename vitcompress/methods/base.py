@@ -34,6 +34,9 @@ class Method:
     name: str = ""
     kind: str = "merge"  # "merge" keeps mass (size-weighted); "prune" drops tokens
     dynamic: bool = False  # True when token counts depend on the content (no static schedule; not exportable)
+    # What the method reduces: "vit" (the token sequence of a ViT-like encoder: timm, CLIP towers),
+    # "detr" (a detection encoder), "llava" (the visual tokens handed to a language model).
+    target: str = "vit"
     defaults: Dict[str, Any] = {}
     default_budget: Dict[str, Any] = {"keep": 0.9}
 

@@ -60,6 +60,7 @@ from typing import Optional, Tuple
 import torch
 
 from vitcompress.kernels import dispatch
+from ..cache import chunk_count
 from ..tokens import Plan
 from .base import Method, Signals
 
@@ -107,14 +108,11 @@ def weighted_pagerank(attn: Tensor, iters: int, init: Optional[Tensor] = None,
         return s
     a, s = a.reshape(B * H, N, N), s.reshape(B * H, 1, N)
     m = None if m is None else m.reshape(B * H, 1, N)
-    # Each step is a matrix-vector product per head, bound by reading A. On a CPU, iterate a few
-    # heads at a time so their matrices stay in cache across the steps (3x faster at N=197);
-    # a GPU gets one batched product per step, and so does a graph being captured (torch.export,
-    # ONNX), where a Python loop over B * H would fix the batch size into the graph.
-    whole = a.is_cuda or torch.compiler.is_compiling() or torch.jit.is_tracing()
-    chunk = B * H if whole else max(1, _CACHE_BYTES // (N * N * 4))
+    # Each step is a matrix-vector product per head, bound by reading A: iterate a cache-sized
+    # group of heads at a time (vitcompress.cache).
+    chunk = chunk_count(a, B * H, N * N * 4)
     out = []
-    for i in ((0,) if whole else range(0, B * H, chunk)):
+    for i in range(0, B * H, chunk):
         a_i, s_i = a[i:i + chunk], s[i:i + chunk]
         if m is None:
             for _ in range(iters):
@@ -127,9 +125,6 @@ def weighted_pagerank(attn: Tensor, iters: int, init: Optional[Tensor] = None,
                 s_i = torch.bmm(s_i * scale, a_i) * m_i
         out.append(s_i)
     return (out[0] if len(out) == 1 else torch.cat(out)).reshape(B, H, N)
-
-
-_CACHE_BYTES = 1 << 19  # attention matrices iterated together on a CPU (about a core's L2)
 
 
 def _per_head(t: Tensor, B: int, H: int, N: int) -> Tensor:

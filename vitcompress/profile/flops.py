@@ -1,7 +1,7 @@
 """FLOPs as fvcore counts them (one per multiply-add), with the ops fvcore would skip silently.
 
 fvcore traces the model and only counts ops it has a handler for; fused attention
-(``aten::scaled_dot_product_attention``) and the scatter-add of token merging are not among them,
+(``aten::scaled_dot_product_attention``), ``baddbmm`` and the scatter-add of token merging are not among them,
 so a compressed model would look cheaper than it is. The handlers below fill those gaps.
 """
 import math
@@ -27,7 +27,13 @@ def _scatter_add_flops(inputs, outputs) -> int:
     return math.prod(_shape(inputs[3]))  # one addition per merged element
 
 
+def _baddbmm_flops(inputs, outputs) -> int:
+    b, n, m = _shape(inputs[1])
+    return b * n * m * _shape(inputs[2])[-1]  # the batched product; fvcore counts no additions
+
+
 HANDLES = {
+    "aten::baddbmm": _baddbmm_flops,
     "aten::scaled_dot_product_attention": _sdpa_flops,
     "aten::scatter_add": _scatter_add_flops,
     "aten::scatter_add_": _scatter_add_flops,
