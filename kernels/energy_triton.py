@@ -1,7 +1,8 @@
 """Fused PiToMe energy: ``e_i = mean_j ELU(cos(x_i, x_j) - margin, alpha)`` without the N x N matrix.
 
 One program owns ``BLOCK_M`` tokens and sweeps all ``N`` tokens of the same image in
-``BLOCK_N`` tiles: raw dot products by ``tl.dot`` (float32 at IEEE precision) over ``BLOCK_C``
+``BLOCK_N`` tiles: raw dot products by ``tl.dot`` (float32 at IEEE precision; float16 / bfloat16
+inputs on tensor cores, whose products are exact and sums float32) over ``BLOCK_C``
 channel slices, scaled into cosines by the inverse norms, shifted by the margin, passed through
 ELU and summed into a per-row accumulator; masked columns add zero. The mean runs over every
 ``j``, ``i`` included, as in the reference. Agreement with
@@ -27,7 +28,7 @@ def _energy_score_kernel(
     N, C, n_mblocks, margin, alpha,
     s_xb, s_xn, s_xc, s_eb, s_en,
     EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     batch = (pid // n_mblocks).to(tl.int64)
@@ -55,9 +56,13 @@ def _energy_score_kernel(
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + chan
             mask_c = offs_c[None, :] < C
-            xm = tl.load(m_rows + offs_c[None, :] * s_xc, mask=mask_m[:, None] & mask_c, other=0.0).to(tl.float32)
-            xn = tl.load(n_rows + offs_c[None, :] * s_xc, mask=mask_n[:, None] & mask_c, other=0.0).to(tl.float32)
-            dot = tl.dot(xm.to(DOT_DTYPE), tl.trans(xn.to(DOT_DTYPE)), dot, input_precision="ieee")
+            xm = tl.load(m_rows + offs_c[None, :] * s_xc, mask=mask_m[:, None] & mask_c, other=0.0)
+            xn = tl.load(n_rows + offs_c[None, :] * s_xc, mask=mask_n[:, None] & mask_c, other=0.0)
+            if NATIVE_DOT:  # half-precision inputs: exact products, float32 sums, on tensor cores
+                dot = tl.dot(xm, tl.trans(xn), dot)
+            else:
+                dot = tl.dot(xm.to(DOT_DTYPE), tl.trans(xn.to(DOT_DTYPE)), dot, input_precision="ieee")
+            xn = xn.to(tl.float32)
             sq_n += xn * xn
         inv_n = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq_n, axis=1)), EPS)
         z = dot.to(tl.float32) * inv_m[:, None] * inv_n[None, :] - margin
@@ -90,6 +95,6 @@ def energy_score(x: torch.Tensor, margin: float, alpha: float = 1.0) -> torch.Te
             x, e, N, C, n_mblocks, float(margin), float(alpha),
             x.stride(0), x.stride(1), x.stride(2), e.stride(0), e.stride(1),
             EPS=EPS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, DOT_DTYPE=dot_dtype(kernel),
-            num_warps=4,
+            NATIVE_DOT=x.dtype != torch.float32 and not is_interpreted(kernel), num_warps=4,
         )
     return e

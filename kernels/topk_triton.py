@@ -37,10 +37,9 @@ def _sort_keys_descending(key, pos, ROWS: tl.constexpr, LOG_N: tl.constexpr):
     for s in tl.static_range(1, LOG_N + 1):
         # runs of 2**s alternate in direction; the final run (s == LOG_N) is descending
         run_desc = ((p >> s) & 1) == 0
-        for u in tl.static_range(s):
-            t: tl.constexpr = s - 1 - u
-            partner = tl.sum(cube, axis=LOG_N - t, keep_dims=True) - cube
-            is_low = ((p >> t) & 1) == 0
+        for u in tl.static_range(s):  # partner distance 2**(s - 1 - u), largest first
+            partner = tl.sum(cube, axis=LOG_N - (s - 1 - u), keep_dims=True) - cube
+            is_low = ((p >> (s - 1 - u)) & 1) == 0
             cube = tl.where(is_low == run_desc, tl.maximum(cube, partner), tl.minimum(cube, partner))
     return tl.reshape(cube, [ROWS, 2**LOG_N])
 
