@@ -137,6 +137,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (no Python launch cost)")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: elapsed time (vitcompress.profile.compare_speed); cpu: the process's CPU time, "
                         "for a single-threaded CPU run on a machine shared with other jobs (implies --threads 1)")
@@ -170,7 +171,8 @@ def main(argv=None):
     if args.clock == "cpu":
         speed = interleaved_cpu_time(models, x, args.warmup, args.runs)
     else:
-        speed = compare_speed(models, x, warmup=args.warmup, runs=args.runs, latency=False, memory=False)
+        speed = compare_speed(models, x, warmup=args.warmup, runs=args.runs, latency=False, memory=False,
+                              cuda_graph=args.cuda_graph)
     forward, plan, wpr = scoring_share(models["zero_tprune"], x, args.share_runs)
 
     ratio = pruned_flops / base_flops
@@ -183,7 +185,8 @@ def main(argv=None):
     print(f"GFLOPs   base {base_flops / 1e9:.3f}  zero_tprune {pruned_flops / 1e9:.3f}  "
           f"ratio {ratio:.4f} (target {args.flops}, {100 * (1 - ratio):.1f}% fewer)")
     print(f"throughput  base {speed['base']['throughput']:.1f} img/s  zero_tprune "
-          f"{speed['zero_tprune']['throughput']:.1f} img/s  (median of {args.runs} interleaved runs, {args.clock} clock)")
+          f"{speed['zero_tprune']['throughput']:.1f} img/s  (median of {args.runs} interleaved runs, "
+          f"{'CUDA-graph replays' if args.cuda_graph else args.clock + ' clock'})")
     print(f"speedup {speedup:.3f}x (+{100 * (speedup - 1):.1f}%)  ideal {ideal:.3f}x  "
           f"achieved/ideal {speedup / ideal:.3f}  (gain achieved/ideal {(speedup - 1) / (ideal - 1):.3f})")
     for name in models:
