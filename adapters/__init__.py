@@ -4,9 +4,13 @@ from typing import List
 
 import torch.nn as nn
 
+from .detr import DetrAdapter
+from .hf_clip import HFCLIPVisionAdapter
+from .llava import LlavaAdapter
+from .open_clip_vit import OpenCLIPVisionAdapter
 from .timm_vit import TimmViTAdapter
 
-ADAPTERS: List[type] = [TimmViTAdapter]
+ADAPTERS: List[type] = [TimmViTAdapter, DetrAdapter, OpenCLIPVisionAdapter, HFCLIPVisionAdapter, LlavaAdapter]
 
 
 def find_adapter(model: nn.Module):

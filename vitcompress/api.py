@@ -90,7 +90,7 @@ def methods(target: Optional[str] = None) -> List[str]:
     return _methods.names(target)
 
 
-def _resolve_options(method, options: Dict[str, Any]) -> Dict[str, Any]:
+def _resolve_options(method, options: Dict[str, Any], variant: Optional[str] = None) -> Dict[str, Any]:
     common = COMMON_OPTIONS if method.target == "vit" else ()
     allowed = set(method.defaults) | set(common)
     unknown = sorted(set(options) - allowed)
@@ -98,6 +98,7 @@ def _resolve_options(method, options: Dict[str, Any]) -> Dict[str, Any]:
         raise TypeError(f"{method.name} has no option {', '.join(unknown)}; its options are: "
                         f"{', '.join(sorted(allowed)) or 'none'}")
     resolved = dict(method.defaults)
+    resolved.update(method.family_defaults.get(variant, {}))  # e.g. PiToMe's margin for CLIP
     if common:
         resolved.update(prop_attn=method.kind == "merge", trace_source=False)
     resolved.update(options)
@@ -121,7 +122,7 @@ def compress(model: nn.Module, method: str, *, keep: Optional[float] = None, r=N
     if spec.target not in accepted:
         usable = ", ".join(n for t in accepted for n in _methods.names(t))
         raise TypeError(f"method {spec.name!r} reduces {spec.target} models; a {adapter.family} takes: {usable}")
-    opts = _resolve_options(spec, options)
+    opts = _resolve_options(spec, options, getattr(adapter, "variant", None))
     budget = parse_budget(spec, keep=keep, r=r, flops=flops)
     # A family whose reduction is not the ViT block schedule (a DETR encoder, a VLM's visual
     # tokens) builds its own runtime; it has the same patcher / stats() interface.

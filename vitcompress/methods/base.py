@@ -38,6 +38,9 @@ class Method:
     # "detr" (a detection encoder), "llava" (the visual tokens handed to a language model).
     target: str = "vit"
     defaults: Dict[str, Any] = {}
+    # Defaults a paper sets per model family, keyed by the adapter's ``variant`` (e.g. "clip");
+    # applied over ``defaults``, under the user's options.
+    family_defaults: Dict[str, Dict[str, Any]] = {}
     default_budget: Dict[str, Any] = {"keep": 0.9}
 
     def max_remove(self, tokens: int, layer: int, num_layers: int, options: Dict[str, Any]) -> int:

@@ -49,6 +49,7 @@ class PiToMe(Method):
     name = "pitome"
     kind = "merge"
     defaults = {"margin": 0.75, "alpha": 1.0, "bipartite_first_half": True}
+    family_defaults = {"clip": {"margin": 0.9}}  # the paper's setting for CLIP towers
 
     def validate(self, options) -> None:
         if not 0.0 <= options["margin"] <= 1.0:

@@ -32,7 +32,15 @@ def _baddbmm_flops(inputs, outputs) -> int:
     return b * n * m * _shape(inputs[2])[-1]  # the batched product; fvcore counts no additions
 
 
+def _native_mha_flops(inputs, outputs) -> int:
+    """``nn.MultiheadAttention``'s inference fast path (open_clip towers): in-projections, attention,
+    out-projection, counted as the unfused ops would be."""
+    (batch, n_q, dim), n_k, n_v = _shape(inputs[0]), _shape(inputs[1])[1], _shape(inputs[2])[1]
+    return batch * ((n_q + n_k + n_v) * dim * dim + 2 * n_q * n_k * dim + n_q * dim * dim)
+
+
 HANDLES = {
+    "aten::_native_multi_head_attention": _native_mha_flops,
     "aten::baddbmm": _baddbmm_flops,
     "aten::scaled_dot_product_attention": _sdpa_flops,
     "aten::scatter_add": _scatter_add_flops,

@@ -1,0 +1,268 @@
+"""Zero-shot classification and image-text retrieval of an open_clip model, with and without token
+reduction in its image tower: the metrics, the image tower's GFLOPs and images/s in one table.
+
+    # any open_clip model name and pretrained tag (needs a network the first time)
+    python experiments/eval_clip.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \\
+        --data-dir /data/imagenet/val --captions /data/flickr30k/test.tsv --images /data/flickr30k/images \\
+        --method pitome --flops 0.6 --amp
+    # offline: a local open_clip model config (JSON) and/or a local checkpoint
+    python experiments/eval_clip.py --model-config my_clip.json --checkpoint my_clip.pt --data-dir ...
+
+Data (give either or both):
+
+* ``--data-dir``: an ImageFolder (one sub-folder per class) for zero-shot classification. Class
+  names are the folder names with ``_`` read as spaces, or one per line from ``--classnames`` (in
+  sorted folder order). A class's text embedding is the normalised mean over the prompt templates
+  (``--template``, repeatable; default: a few photo templates).
+* ``--captions``: a UTF-8 text file, one caption per line as ``<image file><TAB><caption>``; an image
+  with several captions appears on several lines, and a ``#n`` suffix on the file name is ignored
+  (so Flickr30k's ``results_20130124.token`` works as it is). Image paths are relative to
+  ``--images`` (default: the captions file's folder). Reported: recall@1/5/10 image->text (an image
+  is found when any of its captions ranks in the top k) and text->image, over all images and
+  captions in the file; ties count in the query's favour.
+
+The text tower is untouched by ``vitcompress.compress``, so text embeddings are computed once and
+shared by both rows. GFLOPs (fvcore, batch 1) and images/s (median of ``--runs`` timed batches)
+are those of the image tower, ``model.visual``.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import vitcompress
+from vitcompress.evaluate import accuracy, autocast
+from vitcompress.settings import describe, parse_setting
+
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
+                     "a photo of the large {}.", "a photo of the small {}.")
+RECALL_AT = (1, 5, 10)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="open_clip model name (e.g. ViT-B-32); default: the stem of --model-config")
+    ap.add_argument("--model-config", help="a local open_clip model config JSON (embed_dim, vision_cfg, text_cfg) "
+                                           "registered under its file stem")
+    weights = ap.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", help="open_clip pretrained tag, e.g. laion2b_s34b_b79k (needs a network)")
+    weights.add_argument("--checkpoint", help="a local open_clip checkpoint (state_dict, .pt/.safetensors)")
+    ap.add_argument("--data-dir", help="ImageFolder for zero-shot classification")
+    ap.add_argument("--classnames", help="class names, one per line, in sorted folder order")
+    ap.add_argument("--template", action="append", help="prompt template with {} for the class name (repeatable)")
+    ap.add_argument("--captions", help="retrieval captions: '<image file>\\t<caption>' per line")
+    ap.add_argument("--images", help="folder the caption file's image paths are relative to")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--method", choices=vitcompress.methods("vit"), help="token-reduction method for the image tower")
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=float, help="fraction of tokens kept per block")
+    budget.add_argument("--r", type=int, help="tokens removed per block")
+    budget.add_argument("--flops", type=float, help="target fraction of the image tower's FLOPs")
+    ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="method option, e.g. --opt margin=0.8 (repeatable)")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs for images/s")
+    ap.add_argument("--json", help="write the result rows to this JSON file")
+    args = ap.parse_args(argv)
+    if not (args.model or args.model_config):
+        ap.error("give --model NAME or --model-config FILE")
+    if not (args.data_dir or args.captions):
+        ap.error("nothing to evaluate: give --data-dir (zero-shot) and/or --captions (retrieval)")
+    if args.method is None and (args.opt or any(v is not None for v in (args.keep, args.r, args.flops))):
+        ap.error("--keep/--r/--flops/--opt need --method")
+    return args
+
+
+def load_model(args):
+    """(model, eval preprocessing, tokenizer) from open_clip: a registered name with a pretrained tag, or
+    a local config, optionally with a local checkpoint."""
+    import open_clip
+
+    name = args.model
+    if args.model_config:
+        open_clip.add_model_config(args.model_config)
+        name = name or Path(args.model_config).stem
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=args.pretrained)
+    except Exception as err:  # unknown name or tag, hub unreachable, ...
+        sys.exit(f"eval_clip: cannot create open_clip model {name!r} (pretrained={args.pretrained!r}): {err}")
+    if args.checkpoint:
+        open_clip.load_checkpoint(model, args.checkpoint)
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images from a list of paths, preprocessed; the label is the position in the list."""
+
+    def __init__(self, paths: Sequence[str], transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        with Image.open(self.paths[i]) as image:
+            return self.transform(image.convert("RGB")), i
+
+
+def read_captions(path: str, image_dir=None) -> Tuple[List[str], List[str], torch.Tensor]:
+    """(image paths, captions, image index of each caption) from a ``file<TAB>caption`` file."""
+    image_dir = Path(image_dir) if image_dir else Path(path).parent
+    images: Dict[str, int] = {}
+    captions, owner = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            name, tab, caption = line.rstrip("\n").partition("\t")
+            if not tab or not caption.strip():
+                raise ValueError(f"{path}:{number}: expected '<image file><TAB><caption>', got {line.strip()!r}")
+            name = name.split("#")[0].strip()
+            owner.append(images.setdefault(name, len(images)))
+            captions.append(caption.strip())
+    if not captions:
+        raise ValueError(f"{path} has no captions")
+    paths = [str(image_dir / name) for name in images]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images of {path} are missing, e.g. {missing[0]} (set --images)")
+    return paths, captions, torch.tensor(owner)
+
+
+def recall_at_k(sim: torch.Tensor, owner: torch.Tensor, ks: Sequence[int] = RECALL_AT) -> Dict[str, float]:
+    """Retrieval recall from ``sim[I, T]`` image-caption similarities and ``owner[T]``, the image of
+    each caption. A query's rank is the number of candidates scoring strictly higher than its best
+    correct one; recall@k is the fraction of queries with rank < k."""
+    images = torch.arange(sim.shape[0])
+    own = owner[None, :] == images[:, None]  # [I, T]: caption belongs to image
+    best_caption = sim.masked_fill(~own, float("-inf")).amax(dim=1)
+    image_rank = (sim > best_caption[:, None]).sum(dim=1)
+    own_image = sim[owner, torch.arange(sim.shape[1])]
+    caption_rank = (sim > own_image[None, :]).sum(dim=0)
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = (image_rank < k).float().mean().item()
+        out[f"t2i_r{k}"] = (caption_rank < k).float().mean().item()
+    return out
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str], device, batch_size: int, amp: bool) -> torch.Tensor:
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            with autocast(device, amp):
+                feats.append(model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device)).float())
+    return F.normalize(torch.cat(feats), dim=-1)
+
+
+def encode_images(model, loader, device, amp: bool, progress: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    feats, labels = [], []
+    with torch.inference_mode():
+        for x, y in tqdm(loader, desc=progress, leave=False):
+            with autocast(device, amp):
+                feats.append(model.encode_image(x.to(device, non_blocking=True)).float())
+            labels.append(y)
+    return F.normalize(torch.cat(feats), dim=-1), torch.cat(labels)
+
+
+def zero_shot_weights(model, tokenizer, names: Sequence[str], templates: Sequence[str], device, batch_size, amp):
+    """``[C, D]``: per class, the normalised mean of its prompts' normalised text embeddings."""
+    prompts = [t.format(name) for name in names for t in templates]
+    feats = encode_texts(model, tokenizer, prompts, device, batch_size, amp)
+    return F.normalize(feats.view(len(names), len(templates), -1).mean(dim=1), dim=-1)
+
+
+def class_names(dataset, path=None) -> List[str]:
+    if path is None:
+        return [c.replace("_", " ") for c in dataset.classes]
+    with open(path, encoding="utf-8") as f:
+        names = [line.strip() for line in f if line.strip()]
+    if len(names) != len(dataset.classes):
+        raise ValueError(f"{path} lists {len(names)} class names but {dataset.root} has {len(dataset.classes)} classes")
+    return names
+
+
+def evaluate(args) -> List[Dict]:
+    from torchvision.datasets import ImageFolder
+
+    device = torch.device(args.device)
+    model, preprocess, tokenizer = load_model(args)
+    model.to(device)
+    models = {"uncompressed": model}
+    rows = [{"model": "uncompressed", "setting": ""}]
+    if args.method:
+        budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
+        options = parse_setting(f"{args.method}:{','.join(args.opt)}")[1]
+        models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget, **options)
+        rows.append({"model": args.method, "setting": describe(dict(budget, **options))})
+
+    loader = lambda dataset: torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                                         num_workers=args.workers)
+    tasks = []
+    if args.data_dir:
+        dataset = ImageFolder(args.data_dir, transform=preprocess)
+        templates = args.template or DEFAULT_TEMPLATES
+        weights = zero_shot_weights(model, tokenizer, class_names(dataset, args.classnames), templates, device,
+                                    args.batch_size, args.amp)
+
+        def zero_shot(feats, labels):
+            top = (feats @ weights.T).topk(min(5, weights.shape[0]), dim=-1).indices.cpu()
+            return {f"zeroshot_{k}": v for k, v in accuracy(top, labels).items()}
+        tasks.append(("zero-shot", loader(dataset), zero_shot))
+    if args.captions:
+        paths, captions, owner = read_captions(args.captions, args.images)
+        text_feats = encode_texts(model, tokenizer, captions, device, args.batch_size, args.amp)
+        tasks.append(("retrieval", loader(ImageFiles(paths, preprocess)),
+                      lambda feats, _: recall_at_k((feats @ text_feats.T).cpu(), owner)))
+
+    sample = next(iter(tasks[0][1]))[0].to(device)
+    for row, (name, m) in zip(rows, models.items()):
+        for task, data, score in tasks:
+            row.update(score(*encode_images(m, data, device, args.amp, f"{name} {task}")))
+        row["gflops"] = vitcompress.count_flops(m.visual, sample[:1]) / 1e9
+        if name != "uncompressed":
+            row["tokens_per_layer"] = vitcompress.stats(m)["tokens_per_layer"]
+    with autocast(device, args.amp):
+        speed = vitcompress.compare_speed({n: m.visual for n, m in models.items()}, sample, runs=args.runs,
+                                          latency=False, memory=False)
+    for row, name in zip(rows, models):
+        row["images_per_s"] = speed[name]["throughput"]
+    return rows
+
+
+def format_table(rows: List[Dict]) -> str:
+    columns = [("zeroshot_top1", "top-1"), ("zeroshot_top5", "top-5")]
+    columns += [(f"{d}_r{k}", f"{d} R@{k}") for d in ("i2t", "t2i") for k in RECALL_AT]
+    columns = [(key, title) for key, title in columns if key in rows[0]]
+    head = f"{'model':<14}{'setting':<16}" + "".join(f"{t:>10}" for _, t in columns) + f"{'GFLOPs':>10}{'img/s':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<14}{r['setting']:<16}" + "".join(f"{100 * r[k]:>9.2f}%" for k, _ in columns)
+                     + f"{r['gflops']:>10.4f}{r['images_per_s']:>10.1f}")
+    for r in rows[1:]:
+        lines.append(f"{r['model']} tokens per layer: {r['tokens_per_layer']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rows = evaluate(args)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
