@@ -2,11 +2,12 @@
 from typing import Dict, List, Optional
 
 from .base import Method, Signals
+from .focus_detr import FocusDETR
 from .pitome import PiToMe
 from .tome import ToMe
 from .zero_tprune import ZeroTPrune
 
-REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune())}
+REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), FocusDETR())}
 
 
 def get(name: str) -> Method:

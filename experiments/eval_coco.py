@@ -1,0 +1,109 @@
+"""COCO bbox AP of a DETR with and without token reduction in its encoder, with the encoder's
+GFLOPs and images/s, in one table.
+
+    python experiments/eval_coco.py --model facebook/detr-resnet-50 --pretrained \
+        --data-dir coco/val2017 --annotations coco/annotations/instances_val2017.json \
+        --keep 0.5 --scorer learned --scorer-path focus_scorer_detr_r50.pt --amp
+
+Local models: ``--config CONFIG.json --checkpoint STATE_DICT.pt`` or ``--checkpoint DIR``
+(a ``save_pretrained`` directory). A model's class index is read as the COCO ``category_id``.
+
+AP, AP50, AP75: pycocotools ``COCOeval`` (bbox) over all queries of every image. Encoder GFLOPs:
+fvcore's count of the encoder alone (scoring and dual attention included), averaged over the
+first ``--flops-images`` images, each at its own size (batch 1, no padding). images/s: the whole
+detector on the first batch (padding included), the models timed interleaved
+(``vitcompress.compare_speed``, median of ``--runs``).
+"""
+import argparse
+import copy
+import functools
+import statistics
+
+import torch
+from tqdm.auto import tqdm
+
+import vitcompress
+from vitcompress.adapters.detr import count_encoder_flops
+from vitcompress.coco import CocoDetection, bbox_ap, check_labels, detections, load_detr, loader
+from vitcompress.evaluate import autocast
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="transformers model name, e.g. facebook/detr-resnet-50")
+    ap.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights (needs a network)")
+    ap.add_argument("--config", help="a DetrConfig (JSON file or directory) for a local model")
+    ap.add_argument("--checkpoint", help="local weights: a state_dict file, or a save_pretrained directory")
+    ap.add_argument("--data-dir", required=True, help="folder of the images named in the annotations")
+    ap.add_argument("--annotations", required=True, help="COCO-format annotation JSON")
+    ap.add_argument("--size", type=int, default=800, help="shortest image side after resizing (DETR: 800)")
+    ap.add_argument("--max-size", type=int, default=1333, help="longest image side after resizing (DETR: 1333)")
+    ap.add_argument("--max-images", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--method", default="focus_detr", choices=vitcompress.methods("detr"))
+    ap.add_argument("--keep", type=float, default=None, help="rho, the fraction of encoder tokens kept (default 0.5)")
+    ap.add_argument("--scorer", choices=("norm", "attention", "learned"), default=None,
+                    help="foreground scorer (default: norm, zero-shot)")
+    ap.add_argument("--scorer-path", default=None, help="trained head for --scorer learned (train_focus_scorer.py)")
+    ap.add_argument("--dual-k", type=int, default=None, help="tokens given dual attention per layer (default 300; 0: off)")
+    ap.add_argument("--no-baseline", action="store_true", help="evaluate the compressed model only")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs for images/s")
+    ap.add_argument("--flops-images", type=int, default=4, help="images the encoder GFLOPs are averaged over")
+    return ap.parse_args(argv)
+
+
+def predict(model, batches, device, amp, progress):
+    """COCO result dicts for every image of ``batches``."""
+    results = []
+    with torch.inference_mode():
+        for pixel_values, pixel_mask, targets in tqdm(batches, desc=progress, leave=False):
+            with autocast(device, amp):
+                out = model(pixel_values=pixel_values.to(device), pixel_mask=pixel_mask.to(device))
+            results += detections(out.logits.cpu(), out.pred_boxes.cpu(), targets)
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    model = load_detr(args.model, args.pretrained, args.config, args.checkpoint).to(device)
+    dataset = CocoDetection(args.data_dir, args.annotations, args.size, args.max_size, args.max_images)
+    check_labels(dataset.coco, model.config.num_labels)
+    batches = loader(dataset, args.batch_size, args.workers)
+
+    options = {k: v for k, v in (("scorer", args.scorer), ("scorer_path", args.scorer_path),
+                                 ("dual_k", args.dual_k)) if v is not None}
+    compressed = vitcompress.compress(copy.deepcopy(model), args.method, keep=args.keep, **options)
+    label = f"{args.method} {vitcompress.stats(compressed)['budget']}"
+    models = {label: compressed} if args.no_baseline else {"uncompressed": model, label: compressed}
+
+    pixel_values, pixel_mask, _ = next(iter(batches))
+    pixel_values, pixel_mask = pixel_values.to(device), pixel_mask.to(device)
+    timed = {name: functools.partial(m, pixel_mask=pixel_mask) for name, m in models.items()}
+    with autocast(device, args.amp):
+        speed = vitcompress.compare_speed(timed, pixel_values, runs=args.runs, latency=False, memory=False)
+    flops_images = [dataset[i][0][None].to(device) for i in range(min(args.flops_images, len(dataset)))]
+
+    rows = []
+    for name, m in models.items():
+        row = dict(bbox_ap(dataset.coco, predict(m, batches, device, args.amp, name), dataset.ids), model=name)
+        if m is compressed:
+            row["tokens_per_layer"] = vitcompress.stats(m)["tokens_per_layer"]
+        row["encoder_gflops"] = statistics.mean(count_encoder_flops(m, x) for x in flops_images) / 1e9
+        row["images_per_s"] = speed[name]["throughput"]
+        rows.append(row)
+
+    base = rows[0]["encoder_gflops"]
+    print(f"{'model':<24}{'AP':>7}{'AP50':>7}{'AP75':>7}{'enc GFLOPs':>12}{'% base':>8}{'img/s':>8}")
+    for row in rows:
+        print(f"{row['model']:<24}{100 * row['AP']:>7.1f}{100 * row['AP50']:>7.1f}{100 * row['AP75']:>7.1f}"
+              f"{row['encoder_gflops']:>12.3f}{100 * row['encoder_gflops'] / base:>7.1f}%{row['images_per_s']:>8.1f}")
+    print(f"tokens per encoder layer (last batch, {label}): {rows[-1]['tokens_per_layer']}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

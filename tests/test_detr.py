@@ -1,0 +1,465 @@
+"""DETR (transformers) with Focus-DETR foreground token scoring, the scorer's training script and
+the COCO evaluation script, on tiny random detectors (no downloads)."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("pycocotools")
+
+import vitcompress  # noqa: E402
+from vitcompress.adapters.detr import EncoderLayerParts, count_encoder_flops, encoder_inputs  # noqa: E402
+from vitcompress.coco import (CocoDetection, bbox_ap, collate, detections, fcos_assign,  # noqa: E402
+                              foreground_targets, load_coco)
+from vitcompress.methods.focus_detr import (PAPER_CASCADE, FocusScorer, cascade_for_depth,  # noqa: E402
+                                            dual_attention_tokens, foreground_logits, save_scorer)
+from conftest import tiny_vit  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D_MODEL, FFN, HEADS, LABELS = 32, 64, 4, 3
+
+
+def detr_config(**kwargs):
+    """A tiny DETR: a 2-stage HF ResNet backbone (stride 8, 16 channels), 32-dim transformer."""
+    cfg = dict(backbone_config=transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                         out_features=["stage2"]),
+               use_timm_backbone=False, use_pretrained_backbone=False, d_model=D_MODEL, encoder_layers=6,
+               decoder_layers=2, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, encoder_attention_heads=HEADS,
+               decoder_attention_heads=HEADS, num_queries=10, num_labels=LABELS)
+    cfg.update(kwargs)
+    return transformers.DetrConfig(**cfg)
+
+
+def tiny_detr(cls=None, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return (cls or transformers.DetrForObjectDetection)(detr_config(**kwargs)).eval()
+
+
+def random_head(seed=1):
+    torch.manual_seed(seed)
+    return FocusScorer(D_MODEL).eval()
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(model, x, mask=None):
+    with torch.no_grad():
+        return model(pixel_values=x, pixel_mask=mask)
+
+
+def counts(n, rho, cascade=PAPER_CASCADE):
+    kept = max(1, math.floor(n * rho + 1e-9))
+    return [max(1, math.floor(kept * c + 1e-9)) for c in cascade]
+
+
+# ----------------------------------------------------------------------------- the adapter
+
+@pytest.mark.parametrize("scorer", ["norm", "attention", "learned"])
+def test_output_shapes_unchanged_and_tokens_follow_the_cascade(scorer):
+    model = tiny_detr()
+    x = torch.randn(2, 3, 64, 80)  # 8 x 10 = 80 encoder tokens
+    ref = run(model, x)
+    extra = {"scorer_module": random_head()} if scorer == "learned" else {}
+    vitcompress.compress(model, "focus_detr", scorer=scorer, **extra)
+    out = run(model, x)
+    st = vitcompress.stats(model)
+    for name in ("logits", "pred_boxes", "last_hidden_state", "encoder_last_hidden_state"):
+        assert getattr(out, name).shape == getattr(ref, name).shape, name
+        assert torch.isfinite(getattr(out, name)).all()
+    assert st["rho"] == 0.5 and st["cascade"] == list(PAPER_CASCADE) and st["encoder_tokens"] == [80, 80]
+    assert st["tokens_per_layer"] == st["planned_tokens_per_layer"] == [40, 32, 24, 24, 16, 8]
+    assert st["kept_per_image"] == [[40, 32, 24, 24, 16, 8]] * 2
+    assert st["dual_tokens_per_layer"] == [40, 32, 24, 24, 16, 8]  # dual_k=300 caps at the kept count
+    assert not torch.allclose(out.logits, ref.logits, atol=1e-4)
+
+
+def test_keep_all_without_dual_attention_matches_the_original():
+    model = tiny_detr()
+    x = torch.randn(2, 3, 64, 80)
+    ref = run(model, x)
+    vitcompress.compress(model, "focus_detr", keep=1.0, cascade=[1.0] * 6, dual_k=0)
+    out = run(model, x)
+    torch.testing.assert_close(out.encoder_last_hidden_state, ref.encoder_last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.pred_boxes, ref.pred_boxes, atol=1e-5, rtol=0)
+
+
+def test_restore_is_bit_exact():
+    model = tiny_detr()
+    x = torch.randn(2, 3, 64, 80)
+    before = run(model, x)
+    vitcompress.compress(model, "focus_detr", keep=0.4, scorer="attention")
+    compressed = run(model, x)
+    vitcompress.restore(model)
+    after = run(model, x)
+    assert not torch.allclose(compressed.logits, before.logits, atol=1e-4)
+    for name in ("logits", "pred_boxes", "encoder_last_hidden_state"):
+        assert torch.equal(getattr(after, name), getattr(before, name)), name
+    assert "forward" not in model.model.encoder.__dict__ and not hasattr(model, "_vitcompress")
+
+
+def layer_flops(n, C=D_MODEL, F=FFN):
+    """One post-norm DETR encoder layer on n tokens, as fvcore counts it (norms: 5 per element)."""
+    return 4 * n * C * C + 2 * n * n * C + 2 * 5 * n * C + 2 * n * C * F
+
+
+def dual_flops(d, n, C=D_MODEL, classes=LABELS + 1):
+    """Class head on the layer's n tokens, then self-attention + norm on the d selected ones."""
+    return n * C * classes + 4 * d * C * C + 2 * d * d * C + 5 * d * C
+
+
+def head_flops(n, C=D_MODEL, h=D_MODEL):
+    return 5 * n * C + n * (C * h + h * h // 2 + h // 2 * h // 4 + h // 4)
+
+
+@pytest.mark.parametrize("scorer,dual_k", [("learned", 300), ("learned", 0), ("attention", 5), ("norm", 0)])
+def test_encoder_flops_fall_as_the_cascade_says(scorer, dual_k):
+    model = tiny_detr()
+    x = torch.randn(1, 3, 64, 80)
+    N = 80
+    base = count_encoder_flops(model, x)
+    assert base == 6 * layer_flops(N)
+    extra = {"scorer_module": random_head()} if scorer == "learned" else {}
+    vitcompress.compress(model, "focus_detr", keep=0.5, scorer=scorer, dual_k=dual_k, **extra)
+    counted = count_encoder_flops(model, x)
+    tokens = counts(N, 0.5)
+    want = sum(layer_flops(n) for n in tokens)
+    if dual_k:
+        want += sum(dual_flops(min(dual_k, n), n) for n in tokens)
+    want += {"learned": head_flops(N), "attention": 2 * N * D_MODEL ** 2 + N * N * D_MODEL, "norm": 0}[scorer]
+    assert counted == want
+    assert counted < base
+    if scorer == "norm":  # without scoring or dual overhead the saving is the cascade's alone
+        assert counted / base == pytest.approx(sum(layer_flops(n) for n in tokens) / (6 * layer_flops(N)))
+
+
+def test_other_encoder_depths_stretch_the_cascade():
+    assert cascade_for_depth(6) == PAPER_CASCADE
+    assert cascade_for_depth(3) == (1.0, 0.6, 0.2)
+    assert cascade_for_depth(1) == (1.0,)
+    long = cascade_for_depth(11)
+    assert long[0] == 1.0 and long[-1] == 0.2 and all(b <= a for a, b in zip(long, long[1:]))
+    assert long[2] == pytest.approx(0.8)  # relative depth 0.2 is the paper's second layer
+    model = tiny_detr(encoder_layers=3)
+    vitcompress.compress(model, "focus_detr", keep=0.5)
+    run(model, torch.randn(1, 3, 64, 80))
+    assert vitcompress.stats(model)["tokens_per_layer"] == [40, 24, 8]
+
+
+class PaddedFeatures:
+    """Backbone hook: the batch's feature maps are each image's own (computed alone), zero-padded
+    areas filled with large noise (which the encoder must ignore), the batch's masks kept."""
+
+    def __init__(self, maps):
+        self.maps = maps
+
+    def __call__(self, module, args, output):
+        (fmap, mask), = output
+        padded = torch.randn_like(fmap) * 10
+        for b, m in enumerate(self.maps):
+            padded[b, :, : m.shape[-2], : m.shape[-1]] = m[0]
+            assert mask[b, : m.shape[-2], : m.shape[-1]].all() and mask[b].sum() == m.shape[-2] * m.shape[-1]
+        return [(padded, mask)]
+
+
+@pytest.mark.parametrize("keep,scorer", [(1.0, "norm"), (1.0, "learned"), (0.5, "attention"), (0.5, "learned")])
+def test_padding_is_respected(keep, scorer):
+    model = tiny_detr()
+    extra = {"scorer_module": random_head()} if scorer == "learned" else {}
+    vitcompress.compress(model, "focus_detr", keep=keep, scorer=scorer, **extra)
+    big, small = torch.randn(1, 3, 64, 80), torch.randn(1, 3, 48, 64)  # 8 x 10 and 6 x 8 tokens
+    alone, maps = [], []
+    for img in (big, small):
+        handle = model.model.backbone.register_forward_hook(lambda m, a, out: maps.append(out[0][0]))
+        alone.append(run(model, img))
+        handle.remove()
+    x = torch.zeros(2, 3, 64, 80)
+    mask = torch.zeros(2, 64, 80, dtype=torch.long)
+    for b, img in enumerate((big, small)):
+        x[b, :, : img.shape[2], : img.shape[3]] = img[0]
+        mask[b, : img.shape[2], : img.shape[3]] = 1
+    handle = model.model.backbone.register_forward_hook(PaddedFeatures(maps))
+    batch = run(model, x, mask)
+    handle.remove()
+    st = vitcompress.stats(model)
+    assert st["encoder_tokens"] == [80, 48]
+    assert st["kept_per_image"] == [counts(80, keep), counts(48, keep)]
+    for b in range(2):
+        torch.testing.assert_close(batch.logits[b], alone[b].logits[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(batch.pred_boxes[b], alone[b].pred_boxes[0], atol=1e-4, rtol=0)
+    enc = batch.encoder_last_hidden_state[1].reshape(8, 10, D_MODEL)[:6, :8].reshape(48, D_MODEL)
+    torch.testing.assert_close(enc, alone[1].encoder_last_hidden_state[0], atol=1e-4, rtol=0)
+
+
+def test_dual_attention_takes_the_top_tokens_by_class_times_foreground():
+    fg = torch.tensor([[0.9, 0.8, 0.1, 0.7, 0.5]])
+    cls = torch.tensor([[0.1, 0.9, 0.9, 0.5, 0.9]])  # products .09 .72 .09 .35 .45
+    valid = torch.tensor([[True, True, True, True, False]])
+    idx, ok = dual_attention_tokens(fg, cls, valid, 3)
+    assert idx.tolist() == [[1, 3, 0]] or idx.tolist() == [[1, 3, 2]]  # .09 tie
+    assert ok.all()
+    idx, ok = dual_attention_tokens(fg, None, valid, 10)  # capped at the layer's tokens; no class head
+    assert idx[0, :4].tolist() == [0, 1, 3, 2] and ok.tolist() == [[True] * 4 + [False]]
+    model = tiny_detr()
+    x = torch.randn(1, 3, 64, 80)
+    vitcompress.compress(model, "focus_detr", dual_k=5)
+    with_dual = run(model, x).logits
+    assert vitcompress.stats(model)["dual_tokens_per_layer"] == [5] * 6
+    vitcompress.compress(model, "focus_detr", dual_k=0)
+    without = run(model, x).logits
+    assert vitcompress.stats(model)["dual_tokens_per_layer"] == []
+    assert not torch.allclose(with_dual, without, atol=1e-5)
+
+
+def test_detr_model_without_class_head_and_hidden_states():
+    model = tiny_detr(cls=transformers.DetrModel)
+    x = torch.randn(1, 3, 64, 80)
+    vitcompress.compress(model, "focus_detr", keep=0.5)
+    with torch.no_grad():
+        out = model(pixel_values=x, output_hidden_states=True)
+    assert out.last_hidden_state.shape == (1, 10, D_MODEL)
+    assert len(out.encoder_hidden_states) == 7
+    assert torch.equal(out.encoder_hidden_states[-1], out.encoder_last_hidden_state)
+    changed = (out.encoder_hidden_states[-1] != out.encoder_hidden_states[-2]).any(-1).sum().item()
+    assert changed == 8  # the last layer ran on 0.2 x 40 tokens; the others passed through
+
+
+def test_transformers_4x_layer_layout_and_argument_names():
+    """The 4.4x layout (self_attn.out_proj, fc1/fc2 on the layer) gives the same layer, and the
+    encoder accepts 4.x's ``object_queries`` for the position embeddings."""
+    model = tiny_detr()
+    layer = model.model.encoder.layers[0]
+    old = nn.Module()
+    old.self_attn = nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(old.self_attn, name, getattr(layer.self_attn, name))
+    old.self_attn.out_proj = layer.self_attn.o_proj
+    old.fc1, old.fc2, old.activation_fn = layer.mlp.fc1, layer.mlp.fc2, layer.mlp.activation_fn
+    old.activation_dropout, old.dropout = 0.0, 0.1
+    old.self_attn_layer_norm, old.final_layer_norm = layer.self_attn_layer_norm, layer.final_layer_norm
+    old.eval()
+    x, pos = torch.randn(2, 7, D_MODEL), torch.randn(2, 7, D_MODEL)
+    with torch.no_grad():
+        want = layer(x, None, spatial_position_embeddings=pos)
+        got = EncoderLayerParts.of(old, 0, HEADS, 0.0).forward(x, pos, None)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+    inputs = encoder_inputs(model, torch.randn(1, 3, 64, 80))
+    vitcompress.compress(model, "focus_detr")
+    with torch.no_grad():
+        new = model.model.encoder(inputs["inputs_embeds"], inputs["attention_mask"],
+                                  spatial_position_embeddings=inputs["spatial_position_embeddings"])
+        legacy = model.model.encoder(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
+                                     object_queries=inputs["spatial_position_embeddings"], return_dict=False)
+    assert torch.equal(new.last_hidden_state, legacy[0])
+
+
+def test_clear_errors(tmp_path):
+    detr = tiny_detr()
+    with pytest.raises(TypeError, match="'focus_detr' reduces detr models"):
+        vitcompress.compress(tiny_vit(), "focus_detr")
+    with pytest.raises(TypeError, match="'tome' reduces vit models.*takes: focus_detr"):
+        vitcompress.compress(detr, "tome", r=2)
+    with pytest.raises(ValueError, match="takes keep= .*flops= is not supported"):
+        vitcompress.compress(detr, "focus_detr", flops=0.5)
+    with pytest.raises(ValueError, match="r= is not supported"):
+        vitcompress.compress(detr, "focus_detr", r=4)
+    with pytest.raises(ValueError, match="outside"):
+        vitcompress.compress(detr, "focus_detr", keep=1.5)
+    with pytest.raises(ValueError, match="needs exactly one of scorer_path"):
+        vitcompress.compress(detr, "focus_detr", scorer="learned")
+    with pytest.raises(ValueError, match="pass scorer='learned'"):
+        vitcompress.compress(detr, "focus_detr", scorer_path="head.pt")
+    with pytest.raises(ValueError, match="choose one of"):
+        vitcompress.compress(detr, "focus_detr", scorer="magic")
+    with pytest.raises(ValueError, match="3 ratios but the encoder has 6 layers"):
+        vitcompress.compress(detr, "focus_detr", cascade=[1.0, 0.5, 0.2])
+    with pytest.raises(ValueError, match="non-increasing"):
+        vitcompress.compress(detr, "focus_detr", cascade=[1.0, 0.5, 0.6, 0.4, 0.2, 0.1])
+    with pytest.raises(ValueError, match="dual_k"):
+        vitcompress.compress(detr, "focus_detr", dual_k=-1)
+    wide = tmp_path / "wide.pt"
+    save_scorer(FocusScorer(64), str(wide))
+    with pytest.raises(ValueError, match="trained for 64-dim tokens but .* d_model=32"):
+        vitcompress.compress(detr, "focus_detr", scorer="learned", scorer_path=str(wide))
+    torch.save({"weights": 1}, tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="not a Focus-DETR scorer file"):
+        vitcompress.compress(detr, "focus_detr", scorer="learned", scorer_path=str(tmp_path / "junk.pt"))
+    assert not hasattr(detr, "_vitcompress")  # nothing was patched by the failed calls
+    vitcompress.compress(detr, "focus_detr")
+    with pytest.raises(ValueError, match="cannot return attentions"):
+        run_attn = detr(pixel_values=torch.randn(1, 3, 64, 80), output_attentions=True)  # noqa: F841
+    vitcompress.restore(detr)
+    detr.model.encoder.layers[2].mlp = nn.Identity()
+    with pytest.raises(TypeError, match="encoder layer 2 .* not supported"):
+        vitcompress.compress(detr, "focus_detr")
+
+
+# ----------------------------------------------------------------------------- the scorer head
+
+def test_top_down_modulation_across_levels():
+    torch.manual_seed(0)
+    head = FocusScorer(16, num_levels=3).eval()
+    with torch.no_grad():
+        head.alpha.copy_(torch.tensor([0.5, -0.25]))
+    levels = [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4), torch.randn(2, 16, 2, 2)]
+    masks = [torch.ones(2, *lv.shape[-2:], dtype=torch.bool) for lv in levels]
+    masks[0][1, :, 6:] = False  # image 1 is padded on the finest level
+    with torch.no_grad():
+        got = foreground_logits(head, levels, masks)
+
+        def alone(x, m):
+            B, C, H, W = x.shape
+            return head(x.flatten(2).transpose(1, 2), m.reshape(B, -1)).reshape(B, H, W)
+
+        def up(s, size):
+            return torch.nn.functional.interpolate(s[:, None], size=size, mode="bilinear", align_corners=True)
+
+        s2 = alone(levels[2], masks[2])
+        s1 = alone(levels[1] * (1 + up(s2, (4, 4)) * -0.25), masks[1])
+        s0 = alone(levels[0] * (1 + up(s1, (8, 8)) * 0.5), masks[0])
+    for g, w in zip(got, (s0, s1, s2)):
+        torch.testing.assert_close(g, w)
+    # the global half averages real tokens only: padded positions do not change real scores
+    noisy = [levels[0].clone(), levels[1], levels[2]]
+    noisy[0][1, :, :, 6:] = 100.0
+    with torch.no_grad():
+        again = foreground_logits(head, noisy, masks)
+    torch.testing.assert_close(again[0][1, :, :6], got[0][1, :, :6])
+    # without modulation (alpha = 0) each level is scored on its own
+    with torch.no_grad():
+        head.alpha.zero_()
+        flat = foreground_logits(head, levels, masks)
+        torch.testing.assert_close(flat[0], alone(levels[0], masks[0]))
+    with pytest.raises(ValueError, match="3 feature level"):
+        foreground_logits(head, levels[:2])
+
+
+def test_fcos_assignment_on_hand_made_boxes():
+    # a 4 x 4 grid of stride 8: locations at pixels 4, 12, 20, 28 on each axis
+    big = [0.0, 0.0, 32.0, 32.0]
+    small = [8.0, 8.0, 24.0, 24.0]  # inside big: the smaller box wins its 4 central locations
+    edge = [12.0, 0.0, 20.0, 8.0]  # x=12 on its left edge, x=20 on its right: no location strictly inside
+    got = fcos_assign(torch.tensor([big, small, edge]), [(4, 4)], [8])[0]
+    assert got.tolist() == [[0, 0, 0, 0],
+                            [0, 1, 1, 0],
+                            [0, 1, 1, 0],
+                            [0, 0, 0, 0]]
+    corner = [0.0, 0.0, 14.0, 14.0]  # covers (4, 4), (12, 4), (4, 12), (12, 12)
+    got = fcos_assign(torch.tensor([corner]), [(4, 4)], [8])[0]
+    assert (got == 0).nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert fcos_assign(torch.zeros(0, 4), [(2, 3)], [8])[0].tolist() == [[-1] * 3] * 2
+    # two levels with FCOS's size ranges: (0, 64] at stride 8 (20 x 20), (64, 128] at stride 16 (10 x 10)
+    large = [0.0, 0.0, 160.0, 160.0]  # the farthest side is at least 80 px from any location: never level 1
+    tiny = [70.0, 70.0, 90.0, 90.0]  # at most 20 px: never level 2
+    fine, coarse = fcos_assign(torch.tensor([large, tiny]), [(20, 20), (10, 10)], [8, 16])
+    assert (fine == 1).nonzero().tolist() == [[9, 9], [9, 10], [10, 9], [10, 10]]  # pixels 76 and 84
+    assert (fine == 0).sum() == 0
+    # on level 2 large needs every side within 128 px: locations 40..120, i.e. indices 2..7
+    want = torch.full((10, 10), -1)
+    want[2:8, 2:8] = 0
+    assert torch.equal(coarse, want)
+
+
+# ----------------------------------------------------------------------------- training and evaluation
+
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 80, 230)]
+
+
+@pytest.fixture(scope="module")
+def coco_set(tmp_path_factory):
+    """Six images (64 x 64 and 64 x 80) of coloured rectangles on grey noise, a COCO json, and a
+    tiny DETR saved as a config + state_dict."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("coco")
+    g = torch.Generator().manual_seed(0)
+    images, anns = [], []
+    for i in range(6):
+        h, w = 64, 64 if i % 2 else 80
+        pixels = (110 + 20 * torch.rand(h, w, 3, generator=g)).to(torch.uint8)
+        for k in range(1 + i % 2):
+            bw, bh = [int(v) for v in torch.randint(14, 30, (2,), generator=g)]
+            x0 = int(torch.randint(0, w - bw, (1,), generator=g))
+            y0 = int(torch.randint(0, h - bh, (1,), generator=g))
+            cat = (i + k) % 3 + 1
+            pixels[y0:y0 + bh, x0:x0 + bw] = torch.tensor(COLOURS[cat - 1], dtype=torch.uint8)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "bbox": [x0, y0, bw, bh],
+                         "area": bw * bh, "iscrowd": 0})
+        Image.fromarray(pixels.numpy()).save(root / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w})
+    cats = [{"id": c, "name": n} for c, n in ((1, "red"), (2, "green"), (3, "blue"))]
+    (root / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    model = tiny_detr(num_labels=4)  # class index = category id (0 unused)
+    with torch.no_grad():  # features about as large as a trained detector's, not drowned by the position embeddings
+        model.model.input_projection.weight.mul_(30.0)
+    model.config.to_json_file(str(root / "config.json"))
+    torch.save(model.state_dict(), root / "detr.pt")
+    return root
+
+
+def test_perfect_detections_score_ap_one(coco_set):
+    data = CocoDetection(str(coco_set), str(coco_set / "ann.json"), size=48, max_size=64)
+    batch = collate([data[i] for i in range(len(data))])
+    pixel_values, pixel_mask, targets = batch
+    assert pixel_values.shape == (6, 3, 48, 60) and pixel_mask[1].sum() == 48 * 48
+    coco = load_coco(str(coco_set / "ann.json"))
+    logits = torch.full((6, 3, 5), -10.0)
+    boxes = torch.full((6, 3, 4), 0.5)
+    for b, t in enumerate(targets):
+        h, w = t["size"]
+        for q, (box, label) in enumerate(zip(t["boxes"], t["labels"])):
+            x0, y0, x1, y1 = box.tolist()  # resized pixels -> normalised (cx, cy, w, h)
+            boxes[b, q] = torch.tensor([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h])
+            logits[b, q, label] = 10.0
+    results = detections(logits, boxes, targets)
+    assert len(results) == 6 * 3
+    assert bbox_ap(coco, results) == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0})
+    shifted = detections(logits, boxes + torch.tensor([0.2, 0.0, 0.0, 0.0]), targets)
+    assert bbox_ap(coco, shifted)["AP"] < 0.5
+
+
+def test_scorer_training_loss_falls_and_eval_coco_runs(coco_set, tmp_path):
+    common = ["--config", str(coco_set / "config.json"), "--checkpoint", str(coco_set / "detr.pt"),
+              "--data-dir", str(coco_set), "--annotations", str(coco_set / "ann.json"),
+              "--size", "64", "--max-size", "80", "--workers", "0"]
+    head_path = tmp_path / "head.pt"
+    losses = load_script("train_focus_scorer").main(
+        common + ["--epochs", "12", "--lr", "1e-2", "--batch-size", "3", "--device", "cpu", "--output", str(head_path)])
+    assert len(losses) == 12 and losses[-1] < 0.6 * losses[0]
+
+    # the trained head ranks foreground first: its kept half holds nearly all foreground locations
+    model = tiny_detr(num_labels=4)
+    model.load_state_dict(torch.load(coco_set / "detr.pt", weights_only=True))
+    vitcompress.compress(model, "focus_detr", scorer="learned", scorer_path=str(head_path))
+    data = CocoDetection(str(coco_set), str(coco_set / "ann.json"), size=64, max_size=80)
+    pixel_values, pixel_mask, targets = collate([data[i] for i in range(len(data))])
+    rt = model._vitcompress
+    inputs = encoder_inputs(model, pixel_values, pixel_mask)
+    valid = inputs["attention_mask"].bool()
+    rank, _ = rt.method.token_scores(rt.options, rt.head, inputs["inputs_embeds"],
+                                     inputs["spatial_position_embeddings"], valid, None)
+    idx, slot_valid, _ = rt.method.layer_sets(rank, valid, 0.5, rt.cascade)[0]
+    target = foreground_targets(targets, (8, 10), (64, 80), valid.reshape(6, 8, 10))
+    recall = (target.gather(1, idx) * slot_valid).sum() / target.sum()
+    assert recall > 0.9  # keeping a random half would give 0.5
+
+    rows = load_script("eval_coco").main(common + ["--keep", "0.5", "--scorer", "learned",
+                                                   "--scorer-path", str(head_path), "--batch-size", "3",
+                                                   "--runs", "1", "--flops-images", "2", "--device", "cpu"])
+    assert [r["model"] for r in rows] == ["uncompressed", "focus_detr keep=0.5"]
+    for r in rows:
+        assert 0.0 <= r["AP"] <= 1.0 and 0.0 <= r["AP50"] <= 1.0 and 0.0 <= r["AP75"] <= 1.0
+        assert r["images_per_s"] > 0
+    assert rows[1]["encoder_gflops"] < rows[0]["encoder_gflops"]
+    assert rows[1]["tokens_per_layer"] == counts(80, 0.5)
