@@ -64,6 +64,16 @@ def _capturing() -> bool:
     return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
 
 
+def _torch_is_faster(name: str, tensor) -> bool:
+    """Shapes where the torch reference measured faster on a GPU (H200, experiments/bench_kernels.py):
+    float32 energy beyond 256 tokens (0.66x at 576) and top-k of rows beyond 1024 (0.33x at 4096)."""
+    if name == "energy_score":
+        return tensor.dtype == torch.float32 and tensor.shape[-2] > 256
+    if name == "topk_indices":
+        return tensor.shape[-1] > 1024
+    return False
+
+
 def _pick(name: str, tensor):
     choice = backend()
     if choice == "torch" or _capturing():
@@ -74,7 +84,7 @@ def _pick(name: str, tensor):
             raise RuntimeError(f"VITCOMPRESS_KERNELS=triton but no Triton kernel for {name!r} is available"
                                + (f": importing it failed with {_load_error!r}" if _load_error else ""))
         return fused
-    if tensor.is_cuda:
+    if tensor.is_cuda and not _torch_is_faster(name, tensor):
         fused = _load_triton().get(name)
         if fused is not None:
             return fused

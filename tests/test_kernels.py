@@ -324,6 +324,12 @@ def test_dispatch_chooses(monkeypatch):
     expected = topk_triton.topk_indices if x.is_cuda else reference.topk_indices
     assert dispatch._pick("topk_indices", x) is expected
     assert dispatch._pick("topk_indices", x.cpu()) is reference.topk_indices
+    # where the GPU measurements found torch faster, "auto" keeps the reference on CUDA too
+    assert dispatch._torch_is_faster("topk_indices", torch.zeros(2, 4096))
+    assert not dispatch._torch_is_faster("topk_indices", torch.zeros(2, 577))
+    assert dispatch._torch_is_faster("energy_score", torch.zeros(2, 576, 64))
+    assert not dispatch._torch_is_faster("energy_score", torch.zeros(2, 576, 64, dtype=torch.float16))
+    assert not dispatch._torch_is_faster("energy_score", torch.zeros(2, 197, 64))
     monkeypatch.setenv("VITCOMPRESS_KERNELS", "cuda")
     with pytest.raises(ValueError, match="VITCOMPRESS_KERNELS"):
         dispatch.topk_indices(x[..., 0], 2)
