@@ -4,10 +4,12 @@ from typing import Dict, List, Optional
 from .base import Method, Signals
 from .focus_detr import FocusDETR
 from .pitome import PiToMe
+from .quota import QuoTA
+from .tokencorr import TokenCorr
 from .tome import ToMe
 from .zero_tprune import ZeroTPrune
 
-REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), FocusDETR())}
+REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), FocusDETR(), TokenCorr(), QuoTA())}
 
 
 def get(name: str) -> Method:

@@ -1,0 +1,427 @@
+"""LLaVA adapter, tokencorr and QuoTA on tiny random LLaVA / NeXT / NeXT-Video / OneVision models."""
+import copy
+
+import open_clip
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                          LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration, LlavaOnevisionConfig,
+                          LlavaOnevisionForConditionalGeneration)
+
+import vitcompress
+from vitcompress.adapters.llava import _rewrite_prompt
+from vitcompress.methods import quota, tokencorr
+
+IMG, VID = 99, 98
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
+              patch_size=4, projection_dim=16)  # 8 x 8 = 64 patches per crop
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=100, max_position_embeddings=2048, pad_token_id=0)
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+PATCHES = 64
+
+
+def ramp(frames, question):
+    """A scorer whose yes-probability grows with the frame index."""
+    return torch.linspace(0.1, 1.0, frames.shape[0])
+
+
+def build(kind):
+    torch.manual_seed(0)
+    common = dict(vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT), image_token_index=IMG)
+    if kind == "llava":
+        return LlavaForConditionalGeneration(LlavaConfig(**common)).eval()
+    if kind == "next":
+        return LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=PINPOINTS)).eval()
+    if kind == "next_video":
+        return LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(
+            **common, video_token_index=VID, image_grid_pinpoints=PINPOINTS)).eval()
+    return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+        **common, video_token_index=VID, image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="default")).eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {kind: build(kind) for kind in ("llava", "next", "next_video", "onevision")}
+
+
+def noise_and_flat(shape):
+    """Two images: random noise, and one constant colour."""
+    torch.manual_seed(1)
+    return torch.stack([torch.randn(shape), torch.full(shape, 0.4)])
+
+
+def inputs_for(model, kind):
+    """A batch of two prompts whose placeholder counts match what the uncompressed model produces."""
+    if kind == "llava":
+        px = noise_and_flat((3, 32, 32))
+        counts = [PATCHES, PATCHES]
+        kw = dict(pixel_values=px)
+    else:
+        px = noise_and_flat((5, 3, 32, 32))
+        sizes = torch.tensor([[40, 60], [64, 64]])
+        with torch.no_grad():
+            counts = [f.shape[0] for f in model.model.get_image_features(px, sizes).pooler_output]
+        kw = dict(pixel_values=px, image_sizes=sizes)
+    rows = [[1, 5] + [IMG] * counts[0] + [7, 8], [1, 6] + [IMG] * counts[1] + [9]]
+    if kind in ("next_video", "onevision"):
+        torch.manual_seed(2)
+        kw["pixel_values_videos"] = torch.randn(2, 4, 3, 32, 32)
+        with torch.no_grad():
+            per_video = model.model.get_video_features(kw["pixel_values_videos"]).pooler_output.shape[1]
+        rows = [r + [3] + [VID] * per_video + [4] for r in rows]
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    return dict(input_ids=ids, attention_mask=mask, **kw)
+
+
+class LMInput:
+    """Records the input_ids the inner LLaVA model (which scatters the visual tokens) receives."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __enter__(self):
+        def hook(module, args, kwargs):
+            self.calls.append((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).clone())
+        self.handle = self.model.model.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def reported_tokens(stats, modality):
+    """Visual tokens the method says it hands on, from its own report (budget, grids, specials)."""
+    total = 0
+    for unit in stats.get(modality, []):
+        if "crops" in unit:  # tokencorr: the per-crop budgets, plus the newlines of the rows kept
+            total += unit["budget"] + unit["newline_tokens"]
+        elif "frame_tokens" in unit:  # QuoTA: each frame's resized grid, plus the model's extra tokens
+            total += sum(unit["frame_tokens"][i] for i in unit["frames"]) + unit["extra_tokens"]
+        else:  # a modality the method passes through unchanged, or a ViT method (reported by the tower)
+            total += unit["tokens_after"]
+    return total
+
+
+CASES = [("llava", "tokencorr", {}), ("llava", "quota", dict(keep=0.5, scorer=ramp)),
+         ("next", "tokencorr", {}), ("next_video", "tokencorr", {}),
+         ("next_video", "quota", dict(keep=0.5, scorer=ramp)), ("onevision", "quota", dict(keep=0.4, scorer=ramp)),
+         ("llava", "tome", dict(r=4)), ("llava", "pitome", dict(keep=0.8)), ("llava", "zero_tprune", dict(keep=0.8))]
+
+
+@pytest.mark.parametrize("kind,method,opts", CASES, ids=[f"{k}-{m}" for k, m, _ in CASES])
+def test_forward_and_generate_with_reported_token_counts(models, kind, method, opts):
+    model = models[kind]
+    inputs = inputs_for(model, kind)
+    vitcompress.compress(model, method, **opts)
+    try:
+        with torch.no_grad(), LMInput(model) as seen:
+            logits = model(**inputs, question="what is shown?").logits
+        stats = vitcompress.stats(model)
+        with LMInput(model) as gen_seen:
+            out = model.generate(**inputs, question="what is shown?", max_new_tokens=4, do_sample=False)
+        no_cache = model.generate(**inputs, question="what is shown?", max_new_tokens=4, do_sample=False,
+                                  use_cache=False)
+    finally:
+        vitcompress.restore(model)
+    lm_image = int((seen.calls[0] == IMG).sum())
+    lm_video = int((seen.calls[0] == VID).sum())
+    before = int((inputs["input_ids"] == IMG).sum()) + int((inputs["input_ids"] == VID).sum())
+    assert lm_image == reported_tokens(stats, "image") and lm_video == reported_tokens(stats, "video")
+    assert lm_image + lm_video == stats["visual_tokens_after"] < before == stats["visual_tokens_before"]
+    if method in ("tome", "pitome", "zero_tprune"):  # the tower's planned output of the feature layer, minus CLS
+        depth = VISION["num_hidden_layers"]
+        assert lm_image == 2 * (stats["tower"]["planned_tokens_per_layer"][depth - 1] - 1)
+    assert logits.shape[1] == seen.calls[0].shape[1]
+    # generate: the caller's prompt, then new tokens; prefill saw the same rewritten prompt as forward,
+    # the first token is forward's argmax, and the KV cache changes nothing.
+    assert torch.equal(gen_seen.calls[0], seen.calls[0])
+    assert all(c.shape[1] == 1 for c in gen_seen.calls[1:]) and len(gen_seen.calls) == 4
+    assert torch.equal(out[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert torch.equal(out[:, inputs["input_ids"].shape[1]], logits[:, -1].argmax(-1))
+    assert torch.equal(out, no_cache)
+
+
+def test_padded_batch_rows_match_rows_alone(models):
+    """Rows reduced to different lengths are padded; masks and positions keep each row exact."""
+    model = models["llava"]
+    inputs = inputs_for(model, "llava")
+    vitcompress.compress(model, "tokencorr")
+    try:
+        with torch.no_grad():
+            batch = model(**inputs).logits[:, -1]
+            lengths = [u["tokens_after"] for u in vitcompress.stats(model)["image"]]
+            rows = [inputs["input_ids"][b][inputs["attention_mask"][b] == 1][None] for b in range(2)]  # unpadded
+            alone = [model(input_ids=rows[b], pixel_values=inputs["pixel_values"][b:b + 1]).logits[0, -1]
+                     for b in range(2)]
+        gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        gen_alone = [model.generate(input_ids=rows[b], pixel_values=inputs["pixel_values"][b:b + 1],
+                                    max_new_tokens=3, do_sample=False) for b in range(2)]
+    finally:
+        vitcompress.restore(model)
+    assert lengths[0] != lengths[1]  # the rows really were padded to different extents
+    torch.testing.assert_close(batch, torch.stack(alone), atol=1e-5, rtol=1e-5)
+    for b in range(2):
+        assert torch.equal(gen[b, -3:], gen_alone[b][0, -3:])
+
+
+@pytest.mark.parametrize("kind,method,opts", [("llava", "tokencorr", dict(merge=True)), ("next", "tokencorr", {}),
+                                              ("onevision", "quota", dict(scorer=ramp)), ("llava", "pitome", {})])
+def test_restore_is_bit_exact(models, kind, method, opts):
+    model = models[kind]
+    inputs = inputs_for(model, kind)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        gen_before = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        vitcompress.compress(model, method, **opts)
+        compressed = model(**inputs, question="q").logits
+        reduced = vitcompress.stats(model)["visual_tokens_after"]
+        vitcompress.restore(model)
+        after = model(**inputs).logits
+        gen_after = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert reduced < int((inputs["input_ids"] >= VID).sum()) and not torch.equal(compressed[:, -1], before[:, -1])
+    assert torch.equal(after, before) and torch.equal(gen_after, gen_before)
+    assert not model._forward_pre_hooks and "generate" not in model.__dict__ and not hasattr(model, "_vitcompress")
+    assert all("forward" not in layer.__dict__ for layer in model.model.vision_tower.encoder.layers)
+
+
+def test_compressing_twice_replaces_and_deepcopy_keeps_the_patch(models):
+    model = models["llava"]
+    inputs = inputs_for(model, "llava")
+    vitcompress.compress(model, "quota", keep=0.5, scorer=ramp)
+    vitcompress.compress(model, "tokencorr")
+    try:
+        with torch.no_grad():
+            out = model(**inputs).logits
+            twin = copy.deepcopy(model)
+            twin_out = twin(**inputs).logits
+        assert vitcompress.stats(model)["method"] == "tokencorr"
+        assert len(model._forward_pre_hooks) == 1
+    finally:
+        vitcompress.restore(model)
+    assert torch.equal(out, twin_out)
+
+
+# ---------------------------------------------------------------- tokencorr
+
+def test_noise_crop_gets_a_larger_budget_than_a_flat_crop(models):
+    for kind in ("llava", "next"):
+        model = models[kind]
+        vitcompress.compress(model, "tokencorr")
+        try:
+            with torch.no_grad():
+                model(**inputs_for(model, kind))
+            noise, flat = vitcompress.stats(model)["image"]
+        finally:
+            vitcompress.restore(model)
+        assert min(c["budget"] for c in noise["crops"]) > max(c["budget"] for c in flat["crops"])
+        assert noise["tokens_after"] > flat["tokens_after"]
+        if kind == "llava":  # no newlines, no CLS: what reaches the LM is exactly the budget
+            assert [noise["tokens_after"], flat["tokens_after"]] == [noise["budget"], flat["budget"]]
+
+
+def test_crop_budget_matches_the_definition():
+    torch.manual_seed(0)
+    base = torch.randn(6, 8)
+    keys = torch.cat([base[torch.randint(0, 6, (30,))] + 0.05 * torch.randn(30, 8), torch.randn(20, 8)])
+    tau, c = 0.9, 3
+    k = [v / v.norm() for v in keys]
+    redundant = sum(1 for i in range(50) if sum(1 for j in range(50) if j != i and float(k[i] @ k[j]) > tau) > c)
+    assert tokencorr.crop_budget(keys, tau, c) == 50 - redundant  # ceil(rho * N), computed in integers
+    assert tokencorr.information_density(keys, tau, c) == pytest.approx(1 - redundant / 50)
+    assert 0 < redundant < 50
+
+
+def test_sampling_keeps_outliers_and_is_seeded():
+    torch.manual_seed(0)
+    deep = torch.rand(40) * 0.01
+    deep[[3, 17, 29]] = 1.0  # far above Q3 + 1.5 IQR
+    shallow = torch.rand(40)
+    assert set(tokencorr.iqr_outliers(deep).nonzero().flatten().tolist()) == {3, 17, 29}
+    picks = [tokencorr.sample_tokens(deep, shallow, 10, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(picks[0], picks[1]) and not torch.equal(picks[0], picks[2])
+    for p in picks:
+        assert p.numel() == 10 and p.unique().numel() == 10 and {3, 17, 29} <= set(p.tolist())
+    top = tokencorr.sample_tokens(deep, shallow, 2)  # fewer slots than outliers: the strongest ones
+    assert top.numel() == 2 and set(top.tolist()) <= {3, 17, 29}
+    # A patch with no shallow attention is (practically) never drawn.
+    shallow[[0, 1, 2]] = 0.0
+    drawn = tokencorr.sample_tokens(deep, shallow, 30, torch.Generator().manual_seed(0))
+    assert not {0, 1, 2} & set(drawn.tolist())
+
+
+def test_merge_is_an_attention_weighted_average():
+    torch.manual_seed(0)
+    keys, deep, shallow = torch.randn(12, 4), torch.rand(12), torch.rand(12)
+    keys[8:] = keys[8] + 0.01 * torch.randn(4, 4)  # four near-duplicates: each has 3 > c similar patches
+    plan, budget = tokencorr.tokencorr_plan(keys, deep, shallow, tau=0.9, c=1, merge=True)
+    assert budget == plan.keep.shape[1] == 8 and plan.merge_src.shape[1] == 4
+    feats = torch.randn(12, 5)
+    merged = tokencorr.compress_tokens(feats, plan, deep)
+    kn = torch.nn.functional.normalize(keys, dim=-1)
+    keep = plan.keep[0].tolist()
+    for slot, i in enumerate(keep):
+        group = [i] + [j for j in range(12) if j not in keep and int((kn[j] @ kn[keep].T).argmax()) == slot]
+        w = deep[group]
+        torch.testing.assert_close(merged[slot], (feats[group] * w[:, None]).sum(0) / w.sum())
+
+
+# ---------------------------------------------------------------- QuoTA
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40), st.integers(0, 20000))
+def test_quota_allocation_is_the_formula_and_within_budget(probs, budget):
+    squares = [(100 * p) ** 2 for p in probs]
+    weights = [s / sum(squares) for s in squares] if sum(squares) > 0 else [1 / len(probs)] * len(probs)
+    expected = [int(budget * w) for w in weights]
+    alloc = quota.allocate(probs, budget)
+    assert alloc == expected and sum(alloc) <= budget
+    grids = [torch.zeros(7, 5, 1) for _ in probs]
+    tokens, alloc2, shapes = quota.assign_tokens(grids, probs, budget)
+    assert alloc2 == alloc
+    for t, (h, w), n in zip(tokens, shapes, alloc):
+        assert t.shape[0] == h * w <= max(n, 0)
+        assert (h * w == 0) == (n <= 0)
+    assert sum(t.shape[0] for t in tokens) <= budget
+
+
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(1, 5000))
+def test_grid_shape_keeps_aspect_within_the_share(h, w, n):
+    rows, cols = quota.grid_shape(h, w, n)
+    assert 1 <= rows and 1 <= cols and rows * cols <= n
+    if n >= 4 * max(h / w, w / h):  # room for the aspect ratio: the grid is close to n and to h:w
+        assert rows * cols > n / 2 and 0.4 < (rows / cols) / (h / w) < 2.5
+
+
+def test_resize_grid_is_bilinear():
+    grid = torch.arange(16.0).reshape(4, 4, 1)
+    out = quota.resize_grid(grid, (2, 2))
+    ref = torch.nn.functional.interpolate(grid.permute(2, 0, 1)[None], size=(2, 2), mode="bilinear")
+    torch.testing.assert_close(out, ref[0].permute(1, 2, 0).reshape(4, 1))
+    assert torch.equal(quota.resize_grid(grid, (4, 4)), grid.reshape(16, 1))
+
+
+def hf_clip():
+    torch.manual_seed(0)
+    return CLIPModel(CLIPConfig(vision_config=dict(VISION), text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+        max_position_embeddings=16), projection_dim=16)).eval()
+
+
+def tiny_open_clip():
+    torch.manual_seed(0)
+    return open_clip.CLIP(embed_dim=16, vision_cfg=dict(layers=2, width=32, patch_size=8, image_size=32, head_width=16),
+                          text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=2)).eval()
+
+
+def word_ids(texts):
+    """A stand-in tokenizer: one id per character, padded to 8."""
+    return torch.tensor([[2 + ord(ch) % 90 for ch in t[:7]] + [99] + [0] * (7 - len(t[:7])) for t in texts])
+
+
+@pytest.mark.parametrize("make_clip", [hf_clip, tiny_open_clip], ids=["transformers", "open_clip"])
+def test_frame_closest_to_the_query_gets_the_largest_share(models, make_clip):
+    clip = make_clip()
+    model = models["next_video"]
+    inputs = inputs_for(model, "next_video")
+    question = "a red car"
+    with torch.no_grad():
+        frames = inputs["pixel_values_videos"][0]
+        if isinstance(clip, CLIPModel):
+            img = clip.get_image_features(pixel_values=frames).pooler_output
+            txt = clip.get_text_features(input_ids=word_ids([question])).pooler_output
+        else:
+            img, txt = clip.encode_image(frames), clip.encode_text(word_ids([question]))
+        cos = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1)[0]
+    vitcompress.compress(model, "quota", keep=0.5, scorer=clip, tokenizer=word_ids)
+    try:
+        with torch.no_grad():
+            model(**inputs, question=question)
+        video = vitcompress.stats(model)["video"][0]
+    finally:
+        vitcompress.restore(model)
+    probs = torch.tensor(video["probabilities"], dtype=torch.float64)
+    torch.testing.assert_close(probs, (clip.logit_scale.exp() * cos).softmax(0).double(), atol=1e-5, rtol=1e-5)
+    alloc = video["allocation"]
+    assert alloc.index(max(alloc)) == int(cos.argmax()) and alloc == quota.allocate(video["probabilities"], video["budget"])
+    assert video["budget"] == int(0.5 * 4 * 16)  # keep * frames * pooled tokens per frame
+
+
+def test_quota_questions_per_sample_reach_the_scorer(models):
+    seen = []
+
+    def scorer(frames, question):
+        seen.append(question)
+        return torch.full((frames.shape[0],), 0.5)
+
+    model = models["onevision"]
+    vitcompress.compress(model, "quota", scorer=scorer)
+    try:
+        with torch.no_grad():
+            model(**inputs_for(model, "onevision"), question=["first?", "second?"])
+        with pytest.raises(ValueError, match="quota needs the question"):
+            model(**inputs_for(model, "onevision"))
+        with pytest.raises(ValueError, match="one per sample"):
+            model(**inputs_for(model, "onevision"), question=["only one"])
+    finally:
+        vitcompress.restore(model)
+    assert seen == ["first?", "second?"]
+
+
+def test_rewrite_prompt_keeps_mask_labels_and_padding_side():
+    ids = torch.tensor([[1, 9, 9, 9, 2, 3], [4, 9, 9, 9, 5, 0]])  # right-padded batch; 9 = placeholder
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, -100, -100, 2, 3], [-100, -100, -100, -100, 5, -100]])
+    out = _rewrite_prompt(ids, mask, labels, None, {9: ("image", [3, 3], [1, 2])}, pad_id=0)
+    assert out["input_ids"].tolist() == [[1, 9, 2, 3, 0], [4, 9, 9, 5, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
+    assert out["labels"].tolist() == [[-100, -100, 2, 3, -100], [-100, -100, -100, 5, -100]]
+    assert out["position_ids"].tolist() == [[0, 1, 2, 3, 3], [0, 1, 2, 3, 3]]
+    left = _rewrite_prompt(ids[:1], None, None, None, {9: ("image", [3], [0])}, pad_id=0)
+    assert list(left) == ["input_ids"] and left["input_ids"].tolist() == [[1, 2, 3]]
+    with pytest.raises(ValueError, match="do not match"):
+        _rewrite_prompt(ids, mask, None, None, {9: ("image", [4, 2], [1, 1])}, pad_id=0)
+
+
+# ---------------------------------------------------------------- clear errors
+
+@pytest.mark.parametrize("kind,method,kwargs,error,match", [
+    ("llava", "tokencorr", dict(keep=0.5), ValueError, "content"),
+    ("llava", "tokencorr", dict(tau=2.0), ValueError, "tau"),
+    ("llava", "tokencorr", dict(shallow_layer=9), ValueError, "outside the vision tower"),
+    ("llava", "quota", {}, ValueError, "scorer="),
+    ("llava", "quota", dict(scorer=ramp, flops=0.5), ValueError, "keep="),
+    ("llava", "quota", dict(scorer=hf_clip()), ValueError, "tokenizer="),
+    ("next", "quota", dict(scorer=ramp), TypeError, "frames of a video"),
+    ("onevision", "tokencorr", {}, TypeError, "image crops"),
+    ("next", "tome", dict(r=2), TypeError, "LlavaForConditionalGeneration only"),
+])
+def test_clear_errors(models, kind, method, kwargs, error, match):
+    model = models[kind]
+    with pytest.raises(error, match=match):
+        vitcompress.compress(model, method, **kwargs)
+    assert not hasattr(model, "_vitcompress")
+
+
+def test_call_errors_name_the_fix(models):
+    model = models["llava"]
+    inputs = inputs_for(model, "llava")
+    vitcompress.compress(model, "quota", scorer=lambda f, q: torch.ones(f.shape[0] + 1) / 2)
+    try:
+        with pytest.raises(ValueError, match="one yes-probability per frame"):
+            model(**inputs, question="q")
+        with pytest.raises(ValueError, match="input_ids"):
+            model(inputs_embeds=torch.zeros(2, 70, 32), pixel_values=inputs["pixel_values"], question="q")
+        bad = dict(inputs, input_ids=inputs["input_ids"].clone())
+        bad["input_ids"][0, 5] = 7  # one placeholder short
+        with pytest.raises(ValueError, match="do not match"):
+            model(**bad, question="q")
+    finally:
+        vitcompress.restore(model)
+    assert vitcompress.methods("llava") == ["quota", "tokencorr"]
