@@ -117,7 +117,7 @@ class HFCLIPVisionAdapter:
         self.depth = len(tower.encoder.layers)
 
     def patch(self, runtime, patcher) -> None:
-        # Bound methods and plain attributes only, so deepcopy / pickle carry the patch over.
+        # Bound methods and plain attributes only, so copy.deepcopy carries the patch over to the copy.
         for index, layer in enumerate(self.tower.encoder.layers):
             patcher.set(layer, "_vitcompress_runtime", runtime)
             patcher.set(layer, "_vitcompress_layer", index)

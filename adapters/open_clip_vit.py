@@ -67,24 +67,31 @@ def _mha_parts(block) -> BlockParts:
     )
 
 
+def _identity(y):
+    return y
+
+
 def _custom_parts(block) -> BlockParts:
     attn = block.attn
     heads, head_dim = attn.num_heads, attn.head_dim
+    # qk-norm, inner and post-attention norms exist since open_clip 3.0
+    ln_q, ln_k = getattr(attn, "ln_q", _identity), getattr(attn, "ln_k", _identity)
+    ln_inner, ln_attn = getattr(attn, "ln_inner", _identity), getattr(block, "ln_attn", _identity)
 
     def qkv(h):
         B, N, _ = h.shape
         qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
         q, k, v = qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        return attn.ln_q(q), attn.ln_k(k), v
+        return ln_q(q), ln_k(k), v
 
     def attn_out(o, h):
         if attn.head_scale is not None:
             B, N, _ = o.shape
             o = (o.reshape(B, N, heads, head_dim) * attn.head_scale.reshape(heads, 1)).reshape(B, N, -1)
-        return attn.out_drop(attn.out_proj(attn.ln_inner(o)))
+        return attn.out_drop(attn.out_proj(ln_inner(o)))
 
     return BlockParts(
-        norm1=block.ln_1, qkv=qkv, attn_out=attn_out, residual1=lambda y: block.ls_1(block.ln_attn(y)),
+        norm1=block.ln_1, qkv=qkv, attn_out=attn_out, residual1=lambda y: block.ls_1(ln_attn(y)),
         norm2=block.ln_2, mlp=block.mlp, residual2=block.ls_2,
         scale=attn.scale, attn_dropout=lambda: attn.attn_drop.p, training=lambda: block.training,
     )
@@ -153,7 +160,7 @@ class OpenCLIPVisionAdapter:
         self.depth = len(visual.transformer.resblocks)
 
     def patch(self, runtime, patcher) -> None:
-        # Bound methods and plain attributes only, so deepcopy / pickle carry the patch over.
+        # Bound methods and plain attributes only, so copy.deepcopy carries the patch over to the copy.
         visual = self.visual
         for layer, block in enumerate(visual.transformer.resblocks):
             patcher.set(block, "_vitcompress_runtime", runtime)
@@ -181,9 +188,10 @@ class OpenCLIPVisionAdapter:
         per_patch += per_token_flops(v.ln_pre)
         attn_in = per_token_flops(block.ln_1) + 3 * width * width  # in_proj is a bare weight
         attn_out = per_token_flops(attn.out_proj)
-        if hasattr(attn, "ln_q"):  # open_clip's own Attention
-            attn_in += heads * (per_token_flops(attn.ln_q) + per_token_flops(attn.ln_k))
-            attn_out += per_token_flops(attn.ln_inner) + per_token_flops(block.ln_attn)
+        if not isinstance(attn, nn.MultiheadAttention):  # open_clip's own Attention and its norms
+            norm = lambda owner, name: per_token_flops(getattr(owner, name, None))
+            attn_in += heads * (norm(attn, "ln_q") + norm(attn, "ln_k"))
+            attn_out += norm(attn, "ln_inner") + norm(block, "ln_attn")
         final, fixed = self._pooling_cost()
         return ViTCost(
             depth=self.depth, dim=width, num_heads=heads, head_dim=width // heads, per_patch=per_patch,

@@ -244,11 +244,12 @@ def format_table(rows: List[Dict]) -> str:
     columns = [("zeroshot_top1", "top-1"), ("zeroshot_top5", "top-5")]
     columns += [(f"{d}_r{k}", f"{d} R@{k}") for d in ("i2t", "t2i") for k in RECALL_AT]
     columns = [(key, title) for key, title in columns if key in rows[0]]
-    head = f"{'model':<14}{'setting':<16}" + "".join(f"{t:>10}" for _, t in columns) + f"{'GFLOPs':>10}{'img/s':>10}"
+    head = (f"{'model':<14}{'setting':<16}" + "".join(f"{t:>10}" for _, t in columns)
+            + f"{'GFLOPs':>10}{'% base':>8}{'img/s':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['model']:<14}{r['setting']:<16}" + "".join(f"{100 * r[k]:>9.2f}%" for k, _ in columns)
-                     + f"{r['gflops']:>10.4f}{r['images_per_s']:>10.1f}")
+                     + f"{r['gflops']:>10.4f}{100 * r['gflops'] / rows[0]['gflops']:>7.1f}%{r['images_per_s']:>10.1f}")
     for r in rows[1:]:
         lines.append(f"{r['model']} tokens per layer: {r['tokens_per_layer']}")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import vitcompress
 from conftest import tiny_vit
 
 open_clip = pytest.importorskip("open_clip")
-from open_clip.model import CLIP  # noqa: E402
+from open_clip.model import CLIP, CustomTextCLIP  # noqa: E402
 from open_clip.transformer import VisionTransformer  # noqa: E402
 
 METHODS = ["tome", "pitome", "zero_tprune"]
@@ -76,8 +76,10 @@ def test_open_clip_sequence_first_layout():
     assert vitcompress.stats(model)["tokens_per_layer"] == [65, 59, 53, 47]
 
 
-def test_open_clip_text_tower_untouched():
-    model = tiny_clip()
+@pytest.mark.parametrize("cls", [CLIP, CustomTextCLIP])
+def test_open_clip_text_tower_untouched(cls):
+    torch.manual_seed(0)
+    model = cls(16, VISION, TEXT).eval()
     text = torch.randint(0, TEXT["vocab_size"], (3, TEXT["context_length"]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -87,7 +89,8 @@ def test_open_clip_text_tower_untouched():
         out = model.encode_text(text)
     assert torch.equal(out, ref)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert not any("forward" in block.__dict__ for block in model.transformer.resblocks)
+    text_blocks = (model.text if cls is CustomTextCLIP else model).transformer.resblocks
+    assert not any("forward" in block.__dict__ for block in text_blocks)
 
 
 @pytest.mark.parametrize("variant,method", [("tok", "zero_tprune"), ("custom_block", "tome"), ("attn_pool", "pitome")])
@@ -292,7 +295,7 @@ def test_recall_at_k_by_hand(eval_clip):
     assert (r["t2i_r1"], r["t2i_r2"]) == (pytest.approx(1 / 3), 1.0)
 
 
-def test_eval_clip_end_to_end(eval_clip, tmp_path):
+def test_eval_clip_end_to_end(eval_clip, tmp_path, capsys):
     from PIL import Image
 
     colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
@@ -325,8 +328,11 @@ def test_eval_clip_end_to_end(eval_clip, tmp_path):
         "--images", str(tmp_path / "images"), "--batch-size", "4", "--workers", "0", "--runs", "1",
         "--device", "cpu", "--method", "pitome", "--keep", "0.8", "--opt", "alpha=0.5", "--json", str(out),
     ]) == 0
+    table = capsys.readouterr().out
+    assert "i2t R@10" in table and "% base" in table and "pitome tokens per layer" in table
     base, compressed = json.loads(out.read_text())
-    assert (base["model"], compressed["model"], compressed["setting"]) == ("uncompressed", "pitome", "keep=0.8,alpha=0.5")
+    assert (base["model"], compressed["model"]) == ("uncompressed", "pitome")
+    assert compressed["setting"] == "keep=0.8,alpha=0.5"
     for row in (base, compressed):
         assert 0 <= row["zeroshot_top1"] <= row["zeroshot_top5"] == 1.0  # 3 classes: top-5 holds them all
         for d in ("i2t", "t2i"):
