@@ -37,9 +37,9 @@ vision tower with a [CLS] token (CLIP).
 """
 import inspect
 import math
-from collections import OrderedDict
 import sys
 import types
+from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -210,9 +210,10 @@ class LlavaRuntime:
                for _, grids, head, tail in units]
         rows = _unit_rows(input_ids, token_id, old, modality)
         questions = _questions(question, input_ids.shape[0])
-        grouped = modality == "image"
-        groups = sorted(set(rows)) if grouped else range(len(units))
-        members = [[u for u, r in enumerate(rows) if r == g] for g in groups] if grouped else [[u] for u in groups]
+        if modality == "image":  # LLaVA-1.5: the images of a sample are the frames of one video
+            members = [[u for u, r in enumerate(rows) if r == b] for b in sorted(set(rows))]
+        else:
+            members = [[u] for u in range(len(units))]
         tokens_of, stats = [None] * len(units), [None] * len(units)
         for group in members:
             frames = torch.cat([units[u][0] for u in group])
@@ -366,8 +367,11 @@ def _prefill_hook(model, args, kwargs):
     question = kwargs.pop("question", None)
     signature = inspect.signature(type(model).forward)
     arguments = dict(signature.bind(model, *args, **kwargs).arguments)
-    arguments.pop(next(iter(signature.parameters)))  # self
-    arguments.update(arguments.pop("kwargs", {}))
+    params = list(signature.parameters.values())
+    arguments.pop(params[0].name)  # self
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(p.name, {}))
     return (), model._vitcompress.prepare(arguments, question)
 
 

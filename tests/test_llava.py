@@ -129,6 +129,10 @@ def test_forward_and_generate_with_reported_token_counts(models, kind, method, o
                                   use_cache=False)
     finally:
         vitcompress.restore(model)
+    if method not in ("tome", "pitome", "zero_tprune"):  # a modality the method does not reduce is untouched
+        for unit in stats.get("image", []) + stats.get("video", []):
+            if "crops" not in unit and "frame_tokens" not in unit:
+                assert unit["tokens_before"] == unit["tokens_after"]
     lm_image = int((seen.calls[0] == IMG).sum())
     lm_video = int((seen.calls[0] == VID).sum())
     before = int((inputs["input_ids"] == IMG).sum()) + int((inputs["input_ids"] == VID).sum())
@@ -220,8 +224,12 @@ def test_noise_crop_gets_a_larger_budget_than_a_flat_crop(models):
             noise, flat = vitcompress.stats(model)["image"]
         finally:
             vitcompress.restore(model)
-        assert min(c["budget"] for c in noise["crops"]) > max(c["budget"] for c in flat["crops"])
+        # Per crop (anyres crops keep only their unpadded patches, so compare densities too).
+        assert min(c["density"] for c in noise["crops"]) > max(c["density"] for c in flat["crops"])
+        assert sum(c["budget"] for c in noise["crops"]) > sum(c["budget"] for c in flat["crops"])
         assert noise["tokens_after"] > flat["tokens_after"]
+        for c in noise["crops"] + flat["crops"]:
+            assert c["density"] == c["budget"] / c["patches"]
         if kind == "llava":  # no newlines, no CLS: what reaches the LM is exactly the budget
             assert [noise["tokens_after"], flat["tokens_after"]] == [noise["budget"], flat["budget"]]
 
@@ -425,3 +433,17 @@ def test_call_errors_name_the_fix(models):
     finally:
         vitcompress.restore(model)
     assert vitcompress.methods("llava") == ["quota", "tokencorr"]
+
+
+def test_transformers_without_pre_encoded_features_is_refused():
+    """transformers 4.x LLaVA merged the features inside forward; there is no mm_encoder_outputs."""
+
+    class OldLlava(LlavaForConditionalGeneration):
+        def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+
+    torch.manual_seed(0)
+    model = OldLlava(LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT),
+                                 image_token_index=IMG))
+    with pytest.raises(TypeError, match="transformers >= 5"):
+        vitcompress.compress(model, "tokencorr")
