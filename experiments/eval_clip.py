@@ -206,8 +206,10 @@ def evaluate(args) -> List[Dict]:
         models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget, **options)
         rows.append({"model": args.method, "setting": describe(dict(budget, **options))})
 
-    loader = lambda dataset: torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                                         num_workers=args.workers)
+    def loader(dataset):
+        return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                           num_workers=args.workers)
+
     tasks = []
     if args.data_dir:
         dataset = ImageFolder(args.data_dir, transform=preprocess)
