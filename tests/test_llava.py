@@ -282,7 +282,7 @@ def test_merge_is_an_attention_weighted_average():
 
 # ---------------------------------------------------------------- QuoTA
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40), st.integers(0, 20000))
 def test_quota_allocation_is_the_formula_and_within_budget(probs, budget):
     squares = [(100 * p) ** 2 for p in probs]
