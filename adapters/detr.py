@@ -11,7 +11,9 @@ and flash implementations, whichever ``config._attn_implementation`` says), for 
 transformers 5.x (``self_attn.o_proj``, ``mlp.fc1``) and 4.40-4.5x (``self_attn.out_proj``, ``fc1``).
 The encoder's position-embedding argument is accepted under each version's name
 (``spatial_position_embeddings`` in 5.x, ``object_queries`` / ``position_embeddings`` in 4.x).
+Tested with transformers 4.46.3 and 5.24.0; another layer layout raises a ``TypeError``.
 """
+import inspect
 import sys
 import types
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 TESTED = "transformers 4.40-4.57 and 5.x"
+# The encoder's position-embedding argument: 5.x, 4.4x, and the deprecated 4.3x alias.
+POSITION_ARGS = ("spatial_position_embeddings", "object_queries", "position_embeddings")
 
 
 def _classes():
@@ -33,7 +37,7 @@ def _classes():
 
 def detr_parts(model):
     """``(DetrModel, class head or None)`` of any supported DETR wrapper."""
-    detection, base, segmentation = _classes()
+    detection, _, segmentation = _classes()
     if isinstance(model, segmentation):
         return model.detr.model, model.detr.class_labels_classifier
     if isinstance(model, detection):
@@ -163,12 +167,13 @@ class SparseEncoderRuntime:
             if dual is not None:
                 didx, dvalid = dual
                 d_mask = None if bool(dvalid.all()) else dvalid
-                xk = _scatter(xk, didx, layer.attend(_gather(xk, didx), _gather(pk, didx), d_mask))
+                attended = layer.attend(_gather(xk, didx), _gather(pk, didx), d_mask)
+                xk = _scatter(xk.to(attended.dtype), didx, attended)
                 self.dual_seen.append(int(didx.shape[1]))
             xk = layer.forward(xk, pk, key_mask)
             if key_mask is not None:
                 xk = torch.where(slot_valid.unsqueeze(-1), xk, _gather(x, idx))
-            x = _scatter(x, idx, xk)
+            x = _scatter(x.to(xk.dtype), idx, xk)  # autocast: the layer's LayerNorm returns float32
             self.tokens_seen.append(int(idx.shape[1]))
             if hidden_states is not None:
                 hidden_states.append(x)
@@ -260,16 +265,15 @@ class _EncoderInputsCaptured(Exception):
 
 def encoder_inputs(model: nn.Module, pixel_values: torch.Tensor,
                    pixel_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-    """The tensors a DETR hands its encoder for these images (``inputs_embeds``, ``attention_mask``
-    and the position embeddings under this transformers version's name); the encoder and decoder
-    do not run."""
+    """The tensors a DETR hands its encoder for these images, by the encoder's argument names
+    (``inputs_embeds``, ``attention_mask`` and the position embeddings, see
+    :func:`encoder_position_embeddings`); the encoder and decoder do not run."""
     encoder = detr_parts(model)[0].encoder
     captured: Dict[str, torch.Tensor] = {}
 
     def grab(module, args, kwargs):
-        names = ("inputs_embeds", "attention_mask", "spatial_position_embeddings", "object_queries", "position_embeddings")
-        captured.update({k: v for k, v in zip(names, args)})
-        captured.update({k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+        captured.update({k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)})
         raise _EncoderInputsCaptured
 
     handle = encoder.register_forward_pre_hook(grab, with_kwargs=True)
@@ -282,6 +286,11 @@ def encoder_inputs(model: nn.Module, pixel_values: torch.Tensor,
     if "inputs_embeds" not in captured:
         raise RuntimeError("the DETR model did not call its encoder (were encoder_outputs given?)")
     return captured
+
+
+def encoder_position_embeddings(inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """The position embeddings in :func:`encoder_inputs`, under whichever name this transformers uses."""
+    return next(inputs[k] for k in POSITION_ARGS if k in inputs)
 
 
 class EncoderCall(nn.Module):

@@ -22,7 +22,7 @@ import torch
 from torchvision.ops import sigmoid_focal_loss
 from tqdm.auto import tqdm
 
-from vitcompress.adapters.detr import detr_parts, encoder_inputs
+from vitcompress.adapters.detr import detr_parts, encoder_inputs, encoder_position_embeddings
 from vitcompress.coco import CocoDetection, foreground_targets, load_detr, loader
 from vitcompress.evaluate import autocast
 from vitcompress.methods.focus_detr import FocusScorer, foreground_logits, save_scorer
@@ -61,8 +61,7 @@ def encoder_features(model, pixel_values, pixel_mask):
         inputs = encoder_inputs(model, pixel_values, pixel_mask)
     finally:
         handle.remove()
-    pos = next(inputs[k] for k in ("spatial_position_embeddings", "object_queries", "position_embeddings") if k in inputs)
-    tokens = (inputs["inputs_embeds"] + pos).float()
+    tokens = (inputs["inputs_embeds"] + encoder_position_embeddings(inputs)).float()
     B, N, C = tokens.shape
     H, W = shape["hw"]
     return tokens.transpose(1, 2).reshape(B, C, H, W), inputs["attention_mask"].bool().reshape(B, H, W)

@@ -13,7 +13,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("pycocotools")
 
 import vitcompress  # noqa: E402
-from vitcompress.adapters.detr import EncoderLayerParts, count_encoder_flops, encoder_inputs  # noqa: E402
+from vitcompress.adapters.detr import (EncoderLayerParts, count_encoder_flops, encoder_inputs,  # noqa: E402
+                                      encoder_position_embeddings)
 from vitcompress.coco import (CocoDetection, bbox_ap, collate, detections, fcos_assign,  # noqa: E402
                               foreground_targets, load_coco)
 from vitcompress.methods.focus_detr import (PAPER_CASCADE, FocusScorer, cascade_for_depth,  # noqa: E402
@@ -156,6 +157,11 @@ def test_other_encoder_depths_stretch_the_cascade():
     assert vitcompress.stats(model)["tokens_per_layer"] == [40, 24, 8]
 
 
+def conv_backbone(model):
+    """The module returning [(feature map, mask)]: the backbone in transformers 5.x, its conv_encoder in 4.x."""
+    return getattr(model.model.backbone, "conv_encoder", model.model.backbone)
+
+
 class PaddedFeatures:
     """Backbone hook: the batch's feature maps are each image's own (computed alone), zero-padded
     areas filled with large noise (which the encoder must ignore), the batch's masks kept."""
@@ -180,7 +186,7 @@ def test_padding_is_respected(keep, scorer):
     big, small = torch.randn(1, 3, 64, 80), torch.randn(1, 3, 48, 64)  # 8 x 10 and 6 x 8 tokens
     alone, maps = [], []
     for img in (big, small):
-        handle = model.model.backbone.register_forward_hook(lambda m, a, out: maps.append(out[0][0]))
+        handle = conv_backbone(model).register_forward_hook(lambda m, a, out: maps.append(out[0][0]))
         alone.append(run(model, img))
         handle.remove()
     x = torch.zeros(2, 3, 64, 80)
@@ -188,7 +194,7 @@ def test_padding_is_respected(keep, scorer):
     for b, img in enumerate((big, small)):
         x[b, :, : img.shape[2], : img.shape[3]] = img[0]
         mask[b, : img.shape[2], : img.shape[3]] = 1
-    handle = model.model.backbone.register_forward_hook(PaddedFeatures(maps))
+    handle = conv_backbone(model).register_forward_hook(PaddedFeatures(maps))
     batch = run(model, x, mask)
     handle.remove()
     st = vitcompress.stats(model)
@@ -221,6 +227,31 @@ def test_dual_attention_takes_the_top_tokens_by_class_times_foreground():
     assert not torch.allclose(with_dual, without, atol=1e-5)
 
 
+def test_bfloat16_autocast():
+    model = tiny_detr()
+    x = torch.randn(2, 3, 64, 80)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = run(model, x)
+        vitcompress.compress(model, "focus_detr", keep=0.5, scorer="attention", dual_k=10)
+        out = run(model, x)
+    assert out.encoder_last_hidden_state.dtype == ref.encoder_last_hidden_state.dtype
+    assert out.logits.shape == ref.logits.shape and torch.isfinite(out.logits.float()).all()
+    assert vitcompress.stats(model)["tokens_per_layer"] == counts(80, 0.5)
+
+
+def test_train_mode_gradients_reach_the_encoder():
+    model = tiny_detr().train()
+    vitcompress.compress(model, "focus_detr", keep=0.5, dual_k=8)
+    out = model(pixel_values=torch.randn(2, 3, 64, 80))
+    (out.logits.logsumexp(-1).sum() + out.pred_boxes.sum()).backward()
+    last = EncoderLayerParts.of(model.model.encoder.layers[5], 5, HEADS, 0.0)
+    weights = {"first q_proj": model.model.encoder.layers[0].self_attn.q_proj.weight, "last fc2": last.fc2.weight,
+               "input_projection": model.model.input_projection.weight,
+               "class head": model.class_labels_classifier.weight}
+    for name, weight in weights.items():
+        assert weight.grad is not None and weight.grad.abs().sum() > 0, name
+
+
 def test_detr_model_without_class_head_and_hidden_states():
     model = tiny_detr(cls=transformers.DetrModel)
     x = torch.randn(1, 3, 64, 80)
@@ -234,37 +265,58 @@ def test_detr_model_without_class_head_and_hidden_states():
     assert changed == 8  # the last layer ran on 0.2 x 40 tokens; the others passed through
 
 
-def test_transformers_4x_layer_layout_and_argument_names():
-    """The 4.4x layout (self_attn.out_proj, fc1/fc2 on the layer) gives the same layer, and the
-    encoder accepts 4.x's ``object_queries`` for the position embeddings."""
+def other_layout(layer):
+    """The same encoder layer rebuilt in the other transformers layout: 5.x (``self_attn.o_proj``,
+    fc1/fc2 in ``mlp``) from 4.x (``self_attn.out_proj``, fc1/fc2 on the layer), or back."""
+    attn = layer.self_attn
+    new5 = hasattr(layer, "mlp")
+    ffn = layer.mlp if new5 else layer
+    other = nn.Module()
+    other.self_attn = nn.Module()
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(other.self_attn, name, getattr(attn, name))
+    setattr(other.self_attn, "out_proj" if new5 else "o_proj", attn.o_proj if new5 else attn.out_proj)
+    other_ffn = other if new5 else nn.Module()
+    if not new5:
+        other.mlp = other_ffn
+    other_ffn.fc1, other_ffn.fc2, other_ffn.activation_fn = ffn.fc1, ffn.fc2, ffn.activation_fn
+    other_ffn.activation_dropout = ffn.activation_dropout
+    other.dropout = layer.dropout
+    other.self_attn_layer_norm, other.final_layer_norm = layer.self_attn_layer_norm, layer.final_layer_norm
+    return other.eval()
+
+
+def hf_layer(layer, x, pos):
+    """The installed transformers' own forward of an encoder layer (5.x returns a tensor, 4.x a tuple)."""
+    if hasattr(layer, "mlp"):
+        return layer(x, None, spatial_position_embeddings=pos)
+    return layer(x, None, object_queries=pos)[0]
+
+
+def test_both_transformers_layer_layouts_and_argument_names():
+    """Both layer layouts give the installed transformers' layer, and the compressed encoder takes the
+    position embeddings under 5.x's name and 4.x's ``object_queries``, returning dicts or tuples."""
     model = tiny_detr()
     layer = model.model.encoder.layers[0]
-    old = nn.Module()
-    old.self_attn = nn.Module()
-    for name in ("q_proj", "k_proj", "v_proj"):
-        setattr(old.self_attn, name, getattr(layer.self_attn, name))
-    old.self_attn.out_proj = layer.self_attn.o_proj
-    old.fc1, old.fc2, old.activation_fn = layer.mlp.fc1, layer.mlp.fc2, layer.mlp.activation_fn
-    old.activation_dropout, old.dropout = 0.0, 0.1
-    old.self_attn_layer_norm, old.final_layer_norm = layer.self_attn_layer_norm, layer.final_layer_norm
-    old.eval()
     x, pos = torch.randn(2, 7, D_MODEL), torch.randn(2, 7, D_MODEL)
     with torch.no_grad():
-        want = layer(x, None, spatial_position_embeddings=pos)
-        got = EncoderLayerParts.of(old, 0, HEADS, 0.0).forward(x, pos, None)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        want = hf_layer(layer, x, pos)
+        for variant in (layer, other_layout(layer)):
+            got = EncoderLayerParts.of(variant, 0, HEADS, 0.0).forward(x, pos, None)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
     inputs = encoder_inputs(model, torch.randn(1, 3, 64, 80))
+    pos = encoder_position_embeddings(inputs)
     vitcompress.compress(model, "focus_detr")
     with torch.no_grad():
-        new = model.model.encoder(inputs["inputs_embeds"], inputs["attention_mask"],
-                                  spatial_position_embeddings=inputs["spatial_position_embeddings"])
+        new = model.model.encoder(inputs["inputs_embeds"], inputs["attention_mask"], spatial_position_embeddings=pos)
         legacy = model.model.encoder(inputs_embeds=inputs["inputs_embeds"], attention_mask=inputs["attention_mask"],
-                                     object_queries=inputs["spatial_position_embeddings"], return_dict=False)
+                                     object_queries=pos, return_dict=False)
     assert torch.equal(new.last_hidden_state, legacy[0])
 
 
 def test_clear_errors(tmp_path):
+    assert vitcompress.methods("detr") == ["focus_detr"] and "focus_detr" not in vitcompress.methods("vit")
     detr = tiny_detr()
     with pytest.raises(TypeError, match="'focus_detr' reduces detr models"):
         vitcompress.compress(tiny_vit(), "focus_detr")
@@ -286,6 +338,8 @@ def test_clear_errors(tmp_path):
         vitcompress.compress(detr, "focus_detr", cascade=[1.0, 0.5, 0.2])
     with pytest.raises(ValueError, match="non-increasing"):
         vitcompress.compress(detr, "focus_detr", cascade=[1.0, 0.5, 0.6, 0.4, 0.2, 0.1])
+    with pytest.raises(TypeError, match="one per encoder layer"):
+        vitcompress.compress(detr, "focus_detr", cascade=0.5)
     with pytest.raises(ValueError, match="dual_k"):
         vitcompress.compress(detr, "focus_detr", dual_k=-1)
     wide = tmp_path / "wide.pt"
@@ -448,7 +502,7 @@ def test_scorer_training_loss_falls_and_eval_coco_runs(coco_set, tmp_path):
     inputs = encoder_inputs(model, pixel_values, pixel_mask)
     valid = inputs["attention_mask"].bool()
     rank, _ = rt.method.token_scores(rt.options, rt.head, inputs["inputs_embeds"],
-                                     inputs["spatial_position_embeddings"], valid, None)
+                                     encoder_position_embeddings(inputs), valid, None)
     idx, slot_valid, _ = rt.method.layer_sets(rank, valid, 0.5, rt.cascade)[0]
     target = foreground_targets(targets, (8, 10), (64, 80), valid.reshape(6, 8, 10))
     recall = (target.gather(1, idx) * slot_valid).sum() / target.sum()

@@ -43,7 +43,8 @@ Where the paper or its reference code (detrex ``projects/focus_detr``) leaves ro
   over the real tokens only, so padding does not change any score.
 * Top-down modulation across feature levels (the reference, fine <- coarse):
   ``x_l <- x_l + x_l * up(s_{l+1}) * alpha_l`` with ``up`` bilinear (``align_corners=True``) and
-  ``alpha`` learned, then ``s_l = head(x_l)``; see :func:`foreground_logits`. HF DETR encodes one
+  ``alpha`` learned, then ``s_l = head(x_l)``; see :func:`foreground_logits`. The coarser score
+  map is upsampled as it is, padded positions included, as in the reference. HF DETR encodes one
   feature level, so there it reduces to ``s = head(x)``.
 """
 import math
@@ -225,8 +226,8 @@ class FocusDETR(Method):
             raise ValueError(f"focus_detr dual_k={k!r} must be an int >= 0 (tokens given dual attention; 0 turns it off)")
         cascade = options["cascade"]
         if cascade is not None:
-            if isinstance(cascade, (str, bytes)) or not all(isinstance(c, (int, float)) and not isinstance(c, bool)
-                                                             for c in cascade):
+            if not isinstance(cascade, (list, tuple)) or not all(
+                    isinstance(c, (int, float)) and not isinstance(c, bool) for c in cascade):
                 raise TypeError(f"focus_detr cascade={cascade!r} must be a sequence of numbers, one per encoder layer")
             if not all(0.0 < c <= 1.0 for c in cascade) or any(b > a for a, b in zip(cascade, cascade[1:])):
                 raise ValueError(f"focus_detr cascade={list(cascade)} must be non-increasing ratios in (0, 1] "
