@@ -1,4 +1,5 @@
-"""Helpers shared by adapters: FLOPs per token of a module, counted as fvcore counts them."""
+"""Helpers shared by adapters: FLOPs per token of a module (as fvcore counts them), binding patched methods."""
+import functools
 import math
 
 import torch.nn as nn
@@ -16,3 +17,14 @@ def per_token_flops(module) -> int:
         elif isinstance(m, nn.LayerNorm):
             total += (5 if m.elementwise_affine else 4) * math.prod(m.normalized_shape)
     return total
+
+
+def bind(fn, module):
+    """``fn`` bound to ``module``, to be set as an instance attribute (a patched ``forward``).
+
+    A ``functools.partial`` of a module-level function rather than ``types.MethodType``: both
+    survive ``copy.deepcopy`` (the copy is bound to the copied module), but only the partial
+    survives ``pickle`` / ``torch.save`` -- a bound method is unpickled by looking its name up on
+    the class, which does not have it.
+    """
+    return functools.partial(fn, module)

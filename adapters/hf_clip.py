@@ -28,12 +28,11 @@ state of the finished forward).
 import inspect
 import math
 import sys
-import types
 
 from vitcompress.blocks import BlockParts, reducing_forward
 from vitcompress.schedule import ViTCost
 
-from .common import per_token_flops
+from .common import bind, per_token_flops
 
 # Attention implementations that compute plain softmax attention (what the reducing block runs).
 _MAPPABLE_ATTENTION = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -117,12 +116,13 @@ class HFCLIPVisionAdapter:
         self.depth = len(tower.encoder.layers)
 
     def patch(self, runtime, patcher) -> None:
-        # Bound methods and plain attributes only, so copy.deepcopy carries the patch over to the copy.
+        # Module-level functions bound with common.bind and plain attributes only, so copy.deepcopy
+        # and pickle / torch.save carry the patch over to the copy.
         for index, layer in enumerate(self.tower.encoder.layers):
             patcher.set(layer, "_vitcompress_runtime", runtime)
             patcher.set(layer, "_vitcompress_layer", index)
             patcher.set(layer, "_vitcompress_tuple_outputs", self.tuple_outputs)
-            patcher.set(layer, "forward", types.MethodType(_reducing_layer_forward, layer))
+            patcher.set(layer, "forward", bind(_reducing_layer_forward, layer))
 
     def cost(self) -> ViTCost:
         t = self.tower

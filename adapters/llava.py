@@ -38,7 +38,6 @@ vision tower with a [CLS] token (CLIP).
 import inspect
 import math
 import sys
-import types
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -46,6 +45,8 @@ import torch
 
 from vitcompress.methods.quota import assign_tokens
 from vitcompress.methods.tokencorr import cls_attention, compress_tokens, tokencorr_plan
+
+from .common import bind
 
 Tensor = torch.Tensor
 
@@ -482,13 +483,13 @@ class LlavaAdapter:
                             tower_adapter=tower_adapter)
 
     def patch(self, runtime, patcher) -> None:
-        # Module-level functions only (a hook, a bound method), so deepcopy / pickle of a compressed
+        # Module-level functions only (a hook, common.bind), so deepcopy / pickle of a compressed
         # model stay self-contained; the hook dicts are replaced, not edited, so restore is exact.
         model = self.model
         patcher.set(model, "_forward_pre_hooks", OrderedDict(model._forward_pre_hooks, vitcompress=_prefill_hook))
         patcher.set(model, "_forward_pre_hooks_with_kwargs",
                     OrderedDict(model._forward_pre_hooks_with_kwargs, vitcompress=True))
-        patcher.set(model, "generate", types.MethodType(_compressed_generate, model))
+        patcher.set(model, "generate", bind(_compressed_generate, model))
         if runtime.tower is not None:
             runtime.tower_adapter.patch(runtime.tower, patcher)
 

@@ -30,7 +30,6 @@ is not supported (the recomputed blocks would see the token state of the finishe
 import inspect
 import math
 import sys
-import types
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from vitcompress.blocks import BlockParts, reducing_forward
 from vitcompress.schedule import ViTCost
 
-from .common import per_token_flops
+from .common import bind, per_token_flops
 
 
 def _open_clip():
@@ -160,7 +159,8 @@ class OpenCLIPVisionAdapter:
         self.depth = len(visual.transformer.resblocks)
 
     def patch(self, runtime, patcher) -> None:
-        # Bound methods and plain attributes only, so copy.deepcopy carries the patch over to the copy.
+        # Module-level functions bound with common.bind and plain attributes only, so copy.deepcopy
+        # and pickle / torch.save carry the patch over to the copy.
         visual = self.visual
         for layer, block in enumerate(visual.transformer.resblocks):
             patcher.set(block, "_vitcompress_runtime", runtime)
@@ -168,15 +168,15 @@ class OpenCLIPVisionAdapter:
             patcher.set(block, "_vitcompress_batch_first", self.batch_first)
             mha = isinstance(block.attn, nn.MultiheadAttention)
             forward = _reducing_block_forward if mha else _reducing_custom_block_forward
-            patcher.set(block, "forward", types.MethodType(forward, block))
+            patcher.set(block, "forward", bind(forward, block))
         if visual.attn_pool is not None:
             patcher.set(visual.attn_pool, "_vitcompress_runtime", runtime)
-            patcher.set(visual.attn_pool, "forward", types.MethodType(_size_aware_pooler_forward, visual.attn_pool))
+            patcher.set(visual.attn_pool, "forward", bind(_size_aware_pooler_forward, visual.attn_pool))
         elif visual.pool_type == "avg":
             patcher.set(visual, "_vitcompress_runtime", runtime)
-            patcher.set(visual, "_global_pool", types.MethodType(_size_weighted_global_pool, visual))
+            patcher.set(visual, "_global_pool", bind(_size_weighted_global_pool, visual))
         if hasattr(visual, "forward_intermediates"):
-            patcher.set(visual, "forward_intermediates", types.MethodType(_token_intermediates, visual))
+            patcher.set(visual, "forward_intermediates", bind(_token_intermediates, visual))
 
     def cost(self) -> ViTCost:
         v = self.visual

@@ -1,7 +1,6 @@
 """timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, LayerScale, qk-norm, registers,
 ``class_token=False`` with average pooling, ``dynamic_img_size``)."""
 import math
-import types
 
 import torch
 import torch.nn as nn
@@ -9,7 +8,7 @@ import torch.nn as nn
 from vitcompress.blocks import BlockParts, reducing_forward
 from vitcompress.schedule import ViTCost
 
-from .common import per_token_flops
+from .common import bind, per_token_flops
 
 _WEIGHTED_POOLS = ("avg", "avgmax", "max")
 
@@ -73,14 +72,14 @@ class TimmViTAdapter:
         self.depth = len(model.blocks)
 
     def patch(self, runtime, patcher) -> None:
-        # Bound methods and plain attributes only, so copy.deepcopy / pickle of a compressed
-        # model carry the patch over to the copy's own modules.
+        # Module-level functions bound with common.bind and plain attributes only, so copy.deepcopy
+        # and pickle / torch.save of a compressed model carry the patch over to the copy.
         for layer, block in enumerate(self.model.blocks):
             patcher.set(block, "_vitcompress_runtime", runtime)
             patcher.set(block, "_vitcompress_layer", layer)
-            patcher.set(block, "forward", types.MethodType(_reducing_block_forward, block))
+            patcher.set(block, "forward", bind(_reducing_block_forward, block))
         if self.model.global_pool in _WEIGHTED_POOLS and hasattr(self.model, "pool"):
-            patcher.set(self.model, "pool", types.MethodType(_size_weighted_pool, self.model))
+            patcher.set(self.model, "pool", bind(_size_weighted_pool, self.model))
 
     def cost(self) -> ViTCost:
         m = self.model

@@ -164,7 +164,16 @@ def test_a_method_for_another_family_is_refused_and_bench_skips_it(monkeypatch):
     assert not hasattr(model, "_vitcompress")
 
 
-def test_deepcopy_of_a_compressed_model_is_independent():
+def _pickle_round_trip(model):
+    import io
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("clone", ["deepcopy", "torch.save"])
+def test_a_copy_of_a_compressed_model_is_independent(clone):
     import copy
 
     model = tiny_vit(global_pool="avg")
@@ -173,7 +182,7 @@ def test_deepcopy_of_a_compressed_model_is_independent():
         ref = model(x)
         vitcompress.compress(model, "pitome", keep=0.8)
         out = model(x)
-        twin = copy.deepcopy(model)
+        twin = copy.deepcopy(model) if clone == "deepcopy" else _pickle_round_trip(model)
         assert torch.equal(twin(x), out)
         vitcompress.restore(twin)
         assert torch.equal(twin(x), ref)
