@@ -15,13 +15,14 @@ Tested with transformers 4.46.3 and 5.24.0; another layer layout raises a ``Type
 """
 import inspect
 import sys
-import types
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .common import bind
 
 TESTED = "transformers 4.40-4.57 and 5.x"
 # The encoder's position-embedding argument: 5.x, 4.4x, and the deprecated 4.3x alias.
@@ -256,7 +257,7 @@ class DetrAdapter:
 
     def patch(self, runtime: SparseEncoderRuntime, patcher) -> None:
         patcher.set(self.encoder, "_vitcompress_runtime", runtime)
-        patcher.set(self.encoder, "forward", types.MethodType(_sparse_encoder_forward, self.encoder))
+        patcher.set(self.encoder, "forward", bind(_sparse_encoder_forward, self.encoder))
 
 
 class _EncoderInputsCaptured(Exception):
