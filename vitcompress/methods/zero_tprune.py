@@ -112,7 +112,7 @@ def weighted_pagerank(attn: Tensor, iters: int, init: Optional[Tensor] = None,
     # group of heads at a time (vitcompress.cache).
     chunk = chunk_count(a, B * H, N * N * 4)
     out = []
-    for i in range(0, B * H, chunk):
+    for i in ((0,) if chunk == B * H else range(0, B * H, chunk)):  # no range over a symbolic batch
         a_i, s_i = a[i:i + chunk], s[i:i + chunk]
         if m is None:
             for _ in range(iters):
