@@ -377,7 +377,7 @@ def test_clear_errors(tmp_path):
     assert not hasattr(detr, "_vitcompress")  # nothing was patched by the failed calls
     vitcompress.compress(detr, "focus_detr")
     with pytest.raises(ValueError, match="cannot return attentions"):
-        run_attn = detr(pixel_values=torch.randn(1, 3, 64, 80), output_attentions=True)  # noqa: F841
+        detr(pixel_values=torch.randn(1, 3, 64, 80), output_attentions=True)
     vitcompress.restore(detr)
     detr.model.encoder.layers[2].mlp = nn.Identity()
     with pytest.raises(TypeError, match="encoder layer 2 .* not supported"):

@@ -69,7 +69,8 @@ class FocusScorer(nn.Module):
         super().__init__()
         hidden = dim if hidden is None else hidden
         if hidden % 4 or hidden <= 0:
-            raise ValueError(f"FocusScorer hidden={hidden} must be a positive multiple of 4 (it is split in half, then quartered)")
+            raise ValueError(f"FocusScorer hidden={hidden} must be a positive multiple of 4 "
+                             "(it is split in half, then quartered)")
         if num_levels < 1:
             raise ValueError(f"FocusScorer num_levels={num_levels} must be at least 1")
         self.config = {"dim": dim, "hidden": hidden, "num_levels": num_levels}
@@ -218,12 +219,15 @@ class FocusDETR(Method):
             raise ValueError("focus_detr scorer='learned' needs exactly one of scorer_path= (a file written by "
                              "save_scorer, e.g. by experiments/train_focus_scorer.py) or scorer_module= (a FocusScorer)")
         if scorer != "learned" and given:
-            raise ValueError(f"focus_detr got {given[0]}= with scorer={scorer!r}; pass scorer='learned' to use a trained head")
+            raise ValueError(f"focus_detr got {given[0]}= with scorer={scorer!r}; "
+                             "pass scorer='learned' to use a trained head")
         if options["scorer_module"] is not None and not isinstance(options["scorer_module"], FocusScorer):
-            raise TypeError(f"focus_detr scorer_module must be a FocusScorer, got {type(options['scorer_module']).__name__}")
+            raise TypeError("focus_detr scorer_module must be a FocusScorer, "
+                            f"got {type(options['scorer_module']).__name__}")
         k = options["dual_k"]
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"focus_detr dual_k={k!r} must be an int >= 0 (tokens given dual attention; 0 turns it off)")
+            raise ValueError(f"focus_detr dual_k={k!r} must be an int >= 0 "
+                             "(tokens given dual attention; 0 turns it off)")
         cascade = options["cascade"]
         if cascade is not None:
             if not isinstance(cascade, (list, tuple)) or not all(
@@ -241,8 +245,9 @@ class FocusDETR(Method):
         if head is None:
             head = load_scorer(options["scorer_path"])
         if head.config["dim"] != dim:
-            raise ValueError(f"the focus_detr scorer was trained for {head.config['dim']}-dim tokens but this detector's "
-                             f"encoder has d_model={dim}; train one for this model with experiments/train_focus_scorer.py")
+            raise ValueError(f"the focus_detr scorer was trained for {head.config['dim']}-dim tokens but this "
+                             f"detector's encoder has d_model={dim}; train one for this model with "
+                             "experiments/train_focus_scorer.py")
         if head.config["num_levels"] != 1:
             raise ValueError(f"the focus_detr scorer has {head.config['num_levels']} feature levels; "
                              "a DETR encoder has one")
