@@ -262,7 +262,7 @@ class FocusDETR(Method):
             score = token_norm(x)
             return score, score
         if scorer == "attention":
-            score = attention_received(*first_layer_qk(), valid)
+            score = attention_received(*first_layer_qk(), None if bool(valid.all()) else valid)
             return score, score
         B, N, C = x.shape
         head.to(device=x.device, dtype=x.dtype)
