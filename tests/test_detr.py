@@ -542,3 +542,14 @@ def test_scorer_training_loss_falls_and_eval_coco_runs(coco_set, tmp_path):
         assert r["images_per_s"] > 0
     assert rows[1]["encoder_gflops"] < rows[0]["encoder_gflops"]
     assert rows[1]["tokens_per_layer"] == counts(80, 0.5)
+
+
+def test_bench_detr_encoder_runs(coco_set):
+    out = load_script("bench_detr_encoder").main(
+        ["--config", str(coco_set / "config.json"), "--checkpoint", str(coco_set / "detr.pt"),
+         "--height", "64", "--width", "80", "--runs", "1", "--device", "cpu"])
+    tokens = counts(80, 0.5)
+    assert out["gflops"]["uncompressed"] == pytest.approx(6 * layer_flops(80) / 1e9)
+    assert out["gflops"]["norm, dual_k=0"] == pytest.approx(sum(layer_flops(n) for n in tokens) / 1e9)
+    assert all(out["gflops"][name] < out["gflops"]["uncompressed"] for name in out["tokens"])
+    assert out["tokens"]["learned"] == (tokens, tokens) and all(s["throughput"] > 0 for s in out["speed"].values())
