@@ -252,16 +252,22 @@ def test_dual_attention_takes_the_top_tokens_by_class_times_foreground():
     assert not torch.allclose(with_dual, without, atol=1e-5)
 
 
-def test_bfloat16_autocast():
+@pytest.mark.parametrize("scorer", ["attention", "learned"])
+def test_bfloat16_autocast(scorer):
     model = tiny_detr()
     x = torch.randn(2, 3, 64, 80)
+    head = random_head()
+    weights = {k: v.clone() for k, v in head.state_dict().items()}
+    extra = {"scorer_module": head} if scorer == "learned" else {}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = run(model, x)
-        vitcompress.compress(model, "focus_detr", keep=0.5, scorer="attention", dual_k=10)
+        vitcompress.compress(model, "focus_detr", keep=0.5, scorer=scorer, dual_k=10, **extra)
         out = run(model, x)
     assert out.encoder_last_hidden_state.dtype == ref.encoder_last_hidden_state.dtype
     assert out.logits.shape == ref.logits.shape and torch.isfinite(out.logits.float()).all()
     assert vitcompress.stats(model)["tokens_per_layer"] == counts(80, 0.5)
+    # the trained head is not cast (and its weights not rounded) to the autocast dtype
+    assert all(torch.equal(v, weights[k]) for k, v in head.state_dict().items())
 
 
 def test_train_mode_gradients_reach_the_encoder():

@@ -265,8 +265,11 @@ class FocusDETR(Method):
             score = attention_received(*first_layer_qk(), None if bool(valid.all()) else valid)
             return score, score
         B, N, C = x.shape
-        head.to(device=x.device, dtype=x.dtype)
-        logits = foreground_logits(head, [(x + pos).transpose(1, 2).reshape(B, C, 1, N)],
+        # The head keeps its own dtype: casting it to the tokens' (bfloat16 under autocast) would
+        # round a trained head's weights for good; the tokens are cast to it instead.
+        head.to(device=x.device)
+        tokens = (x + pos).to(next(head.parameters()).dtype)
+        logits = foreground_logits(head, [tokens.transpose(1, 2).reshape(B, C, 1, N)],
                                    [valid.reshape(B, 1, N)])[0].reshape(B, N).float()
         return logits, logits.sigmoid()
 
