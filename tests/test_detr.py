@@ -456,6 +456,13 @@ def test_fcos_assignment_on_hand_made_boxes():
     assert torch.equal(coarse, want)
 
 
+def test_foreground_targets_use_the_backbone_stride():
+    # 100 px at stride 8 give ceil(100 / 8) = 13 locations, centred at 4, 12, ..., 92, 100
+    box = {"boxes": torch.tensor([[90.0, 0.0, 100.0, 8.0]])}
+    target = foreground_targets([box], (1, 13), (8, 100), torch.ones(1, 1, 13))
+    assert target[0].nonzero().flatten().tolist() == [11]  # the location at 92 px, not at 100 / 13 * 12
+
+
 # ----------------------------------------------------------------------------- training and evaluation
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 80, 230)]

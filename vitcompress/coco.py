@@ -144,9 +144,11 @@ def fcos_assign(boxes: torch.Tensor, shapes: Sequence[Tuple[int, int]], strides:
 def foreground_targets(targets: List[Dict], feature_shape: Tuple[int, int], image_shape: Tuple[int, int],
                        feature_mask: torch.Tensor) -> torch.Tensor:
     """``[B, H*W]`` 0/1 FCOS foreground targets for a DETR's single feature level of a padded batch
-    (``image_shape`` the padded input size; stride = input size / feature size)."""
+    (``image_shape`` the padded input size). The stride is the backbone's, a power of two: input
+    size / feature size rounded to one, since a CNN's feature map has ``ceil(size / stride)``
+    locations (1066 px at stride 32 give 34, a ratio of 31.4)."""
     H, W = feature_shape
-    stride = image_shape[1] / W
+    stride = 2 ** round(math.log2(image_shape[1] / W))
     rows = [(fcos_assign(t["boxes"], [(H, W)], [stride])[0] >= 0).reshape(-1) for t in targets]
     return torch.stack(rows).float().to(feature_mask.device) * feature_mask.reshape(len(targets), -1).float()
 
