@@ -1,7 +1,6 @@
 """LLaVA adapter, tokencorr and QuoTA on tiny random LLaVA / NeXT / NeXT-Video / OneVision models."""
 import copy
 
-import open_clip
 import pytest
 import torch
 from hypothesis import given, settings
@@ -323,6 +322,7 @@ def hf_clip():
 
 
 def tiny_open_clip():
+    open_clip = pytest.importorskip("open_clip")  # only this scorer needs it (extra "clip")
     torch.manual_seed(0)
     return open_clip.CLIP(embed_dim=16, vision_cfg=dict(layers=2, width=32, patch_size=8, image_size=32, head_width=16),
                           text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=2)).eval()
