@@ -384,7 +384,14 @@ def _compressed_generate(model, inputs=None, *args, **kwargs):
             raise ValueError("give the prompt either as the first argument or as input_ids=, not both")
         kwargs["input_ids"] = inputs
     original = kwargs.get("input_ids")
-    prepared = model._vitcompress.prepare(kwargs, question)
+    config = kwargs.get("generation_config") or model.generation_config
+    adapter = model._vitcompress.adapter
+    adapter.expansion = max(kwargs.get("num_beams") or config.num_beams or 1, 1) * max(
+        kwargs.get("num_return_sequences") or config.num_return_sequences or 1, 1)
+    try:
+        prepared = model._vitcompress.prepare(kwargs, question)
+    finally:
+        adapter.expansion = 1
     out = type(model).generate(model, *args, **prepared)
     if prepared is kwargs or original is None:
         return out
@@ -510,10 +517,18 @@ class LlavaAdapter:
             return list(pooled) if pooled.dim() == 3 else [pooled]
         return [p.reshape(-1, p.shape[-1]) for p in pooled]
 
+    expansion = 1  # rows generate() makes of each sample (beams x returned sequences), set per call
+
     def join_units(self, modality: str, units: List[Tensor]):
         if modality == "video" and _FAMILIES[self.family_name]["video_tensor"]:
             if len({u.shape[0] for u in units}) == 1:
                 return torch.stack(units)
+            if self.expansion > 1:
+                # transformers would repeat the joined tensor as a whole (A B A B for rows A A B B):
+                # wrong features without an error
+                raise ValueError(f"{self.family_name}: the videos of this batch kept different numbers of tokens, "
+                                 "which generate() cannot expand for num_beams / num_return_sequences > 1; "
+                                 "generate one video per call, or with num_beams=1 and num_return_sequences=1")
             return torch.cat(units)[None]  # the model flattens (batch, tokens) anyway
         return units
 

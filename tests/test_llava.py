@@ -382,6 +382,29 @@ def test_quota_questions_per_sample_reach_the_scorer(models):
     assert seen == ["first?", "second?"]
 
 
+def test_onevision_refuses_beam_expansion_of_videos_with_different_token_counts(models):
+    """transformers repeats OneVision's joined video tensor as a whole when generate() expands rows
+    (beams, returned sequences): with unequal videos that would silently mix them up."""
+    def scorer(frames, question):  # flat for one video, peaked for the other: different totals
+        n = frames.shape[0]
+        peak = torch.nn.functional.one_hot(torch.tensor(0), n).float() * 0.98 + 0.01
+        return torch.full((n,), 0.5) if question == "flat" else peak
+
+    model = models["onevision"]
+    inputs = inputs_for(model, "onevision")
+    vitcompress.compress(model, "quota", keep=0.4, scorer=scorer)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, question=["flat", "peak"], max_new_tokens=2, do_sample=False)
+            totals = [v["tokens_after"] for v in vitcompress.stats(model)["video"]]
+            assert totals[0] != totals[1]
+            with pytest.raises(ValueError, match="num_beams / num_return_sequences"):
+                model.generate(**inputs, question=["flat", "peak"], max_new_tokens=2, num_beams=2, do_sample=False)
+            model.generate(**inputs, question=["flat", "flat"], max_new_tokens=2, num_beams=2, do_sample=False)
+    finally:
+        vitcompress.restore(model)
+
+
 def test_rewrite_prompt_keeps_mask_labels_and_padding_side():
     ids = torch.tensor([[1, 9, 9, 9, 2, 3], [4, 9, 9, 9, 5, 0]])  # right-padded batch; 9 = placeholder
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
