@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .common import bind
 
-TESTED = "transformers 4.40-4.57 and 5.x"
+TESTED = "transformers 4.4x and 5.x (tested with 4.46.3 and 5.24.0)"
 # The encoder's position-embedding argument: 5.x, 4.4x, and the deprecated 4.3x alias.
 POSITION_ARGS = ("spatial_position_embeddings", "object_queries", "position_embeddings")
 

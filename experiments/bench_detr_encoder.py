@@ -53,7 +53,7 @@ def main(argv=None):
         model = load_detr(args.model, args.pretrained, args.config, args.checkpoint)
     else:
         from transformers import DetrConfig, DetrForObjectDetection
-        model = DetrForObjectDetection(DetrConfig()).eval()
+        model = DetrForObjectDetection(DetrConfig(use_pretrained_backbone=False)).eval()  # no weight download
     model = model.to(device)
     x = torch.randn(1, 3, args.height, args.width, device=device)
     head = load_scorer(args.scorer_path) if args.scorer_path else FocusScorer(model.config.d_model)

@@ -210,7 +210,9 @@ def load_detr(model: Optional[str] = None, pretrained: bool = False, config: Opt
         if model is None:
             raise ValueError("--pretrained needs --model NAME (a transformers hub name)")
         return DetrForObjectDetection.from_pretrained(model).eval()
-    net = DetrForObjectDetection(DetrConfig.from_pretrained(config or model))
+    # Random or local weights: never fetch the backbone's ImageNet weights (transformers 4.x
+    # configs default to use_pretrained_backbone=True, which downloads them).
+    net = DetrForObjectDetection(DetrConfig.from_pretrained(config or model, use_pretrained_backbone=False))
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if isinstance(state, dict):
