@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 import vitcompress
 from vitcompress.evaluate import accuracy, autocast
-from vitcompress.settings import describe, parse_setting
+from vitcompress.settings import BUDGET_KEYS, describe, parse_setting
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
                      "a photo of the large {}.", "a photo of the small {}.")
@@ -202,7 +202,12 @@ def evaluate(args) -> List[Dict]:
     rows = [{"model": "uncompressed", "setting": ""}]
     if args.method:
         budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
-        options = parse_setting(f"{args.method}:{','.join(args.opt)}")[1]
+        options = {}
+        for opt in args.opt:  # one KEY=VALUE each, so list values keep their commas
+            options.update(parse_setting(f"{args.method}:{opt}")[1])
+        clash = sorted(set(options) & set(BUDGET_KEYS))
+        if clash:
+            raise SystemExit(f"--opt {', '.join(clash)}=...: give budgets as --keep / --r / --flops")
         models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget, **options)
         rows.append({"model": args.method, "setting": describe(dict(budget, **options))})
 

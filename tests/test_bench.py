@@ -34,6 +34,13 @@ def test_bench_json_rows_are_self_consistent(tmp_path):
         assert r["tokens_per_layer"][0] == 65 and r["tokens_per_layer"][-1] < 65
 
 
+def test_settings_keep_list_values_whole():
+    from vitcompress.settings import parse_setting
+    assert parse_setting("zero_tprune:flops=0.7,iters=[30,5,1],var_min=0.02") == (
+        "zero_tprune", {"flops": 0.7, "iters": [30, 5, 1], "var_min": 0.02})
+    assert parse_setting("zero_tprune:iters=(10, 5, 1)") == ("zero_tprune", {"iters": (10, 5, 1)})
+
+
 def test_bench_reports_bad_settings_clearly(capsys):
     assert cli.main(["bench", "--settings", "tome:keep=1.4", "--num-images", "8", "--quiet"]) == 2
     assert "outside (0, 1]" in capsys.readouterr().err
