@@ -19,6 +19,16 @@ def per_token_flops(module) -> int:
     return total
 
 
+def patch_flops(conv) -> int:
+    """Multiply-adds of a patch-embedding convolution per output position (per patch)."""
+    return conv.out_channels * conv.in_channels * math.prod(conv.kernel_size) // conv.groups
+
+
+def identity(y):
+    """A no-op branch (a block without layer scale or drop-path); module-level, so it pickles."""
+    return y
+
+
 def bind(fn, module):
     """``fn`` bound to ``module``, to be set as an instance attribute (a patched ``forward``).
 

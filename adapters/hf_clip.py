@@ -26,13 +26,12 @@ Training with gradient checkpointing is not supported (recomputed layers would s
 state of the finished forward).
 """
 import inspect
-import math
 import sys
 
 from vitcompress.blocks import BlockParts, reducing_forward
 from vitcompress.schedule import ViTCost
 
-from .common import bind, per_token_flops
+from .common import bind, identity, patch_flops, per_token_flops
 
 # Attention implementations that compute plain softmax attention (what the reducing block runs).
 _MAPPABLE_ATTENTION = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -49,9 +48,6 @@ def _modeling_clip():
     return modeling_clip
 
 
-def _identity(y):
-    return y
-
 
 def _layer_parts(layer) -> BlockParts:
     attn = layer.self_attn
@@ -62,8 +58,8 @@ def _layer_parts(layer) -> BlockParts:
         return tuple(proj(h).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
 
     return BlockParts(
-        norm1=layer.layer_norm1, qkv=qkv, attn_out=lambda o, h: attn.out_proj(o), residual1=_identity,
-        norm2=layer.layer_norm2, mlp=layer.mlp, residual2=_identity,
+        norm1=layer.layer_norm1, qkv=qkv, attn_out=lambda o, h: attn.out_proj(o), residual1=identity,
+        norm2=layer.layer_norm2, mlp=layer.mlp, residual2=identity,
         scale=attn.scale, attn_dropout=lambda: attn.dropout, training=lambda: layer.training,
     )
 
@@ -129,7 +125,7 @@ class HFCLIPVisionAdapter:
         layer = t.encoder.layers[0]
         attn = layer.self_attn
         conv = t.embeddings.patch_embedding
-        per_patch = conv.out_channels * conv.in_channels * math.prod(conv.kernel_size) // conv.groups
+        per_patch = patch_flops(conv)
         per_patch += per_token_flops(t.pre_layrnorm)
         fixed = self.num_prefix * per_token_flops(t.pre_layrnorm) + per_token_flops(t.post_layernorm)
         fixed += per_token_flops(getattr(self.model, "visual_projection", None))

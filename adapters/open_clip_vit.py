@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from vitcompress.blocks import BlockParts, reducing_forward
 from vitcompress.schedule import ViTCost
 
-from .common import bind, per_token_flops
+from .common import bind, identity, patch_flops, per_token_flops
 
 
 def _open_clip():
@@ -66,16 +66,13 @@ def _mha_parts(block) -> BlockParts:
     )
 
 
-def _identity(y):
-    return y
-
 
 def _custom_parts(block) -> BlockParts:
     attn = block.attn
     heads, head_dim = attn.num_heads, attn.head_dim
     # qk-norm, inner and post-attention norms exist since open_clip 3.0
-    ln_q, ln_k = getattr(attn, "ln_q", _identity), getattr(attn, "ln_k", _identity)
-    ln_inner, ln_attn = getattr(attn, "ln_inner", _identity), getattr(block, "ln_attn", _identity)
+    ln_q, ln_k = getattr(attn, "ln_q", identity), getattr(attn, "ln_k", identity)
+    ln_inner, ln_attn = getattr(attn, "ln_inner", identity), getattr(block, "ln_attn", identity)
 
     def qkv(h):
         B, N, _ = h.shape
@@ -184,7 +181,7 @@ class OpenCLIPVisionAdapter:
         attn = block.attn
         width, heads = v.conv1.out_channels, attn.num_heads
         conv = v.conv1
-        per_patch = conv.out_channels * conv.in_channels * math.prod(conv.kernel_size) // conv.groups
+        per_patch = patch_flops(conv)
         per_patch += per_token_flops(v.ln_pre)
         attn_in = per_token_flops(block.ln_1) + 3 * width * width  # in_proj is a bare weight
         attn_out = per_token_flops(attn.out_proj)

@@ -1,6 +1,5 @@
 """timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, LayerScale, qk-norm, registers,
 ``class_token=False`` with average pooling, ``dynamic_img_size``)."""
-import math
 
 import torch
 import torch.nn as nn
@@ -8,7 +7,7 @@ import torch.nn as nn
 from vitcompress.blocks import BlockParts, reducing_forward
 from vitcompress.schedule import ViTCost
 
-from .common import bind, per_token_flops
+from .common import bind, patch_flops, per_token_flops
 
 _WEIGHTED_POOLS = ("avg", "avgmax", "max")
 
@@ -87,7 +86,7 @@ class TimmViTAdapter:
         block = m.blocks[0]
         proj = m.patch_embed.proj
         heads = attn.num_heads
-        per_patch = proj.out_channels * proj.in_channels * math.prod(proj.kernel_size) // proj.groups
+        per_patch = patch_flops(proj)
         per_patch += per_token_flops(getattr(m.patch_embed, "norm", None)) + per_token_flops(m.norm_pre)
         fixed = self.num_prefix * per_token_flops(m.norm_pre) + per_token_flops(m.fc_norm)
         fixed += per_token_flops(m.head) + per_token_flops(getattr(m, "head_dist", None))

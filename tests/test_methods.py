@@ -1,7 +1,6 @@
 """ToMe and PiToMe as pure functions, checked against direct loop computations, and the apply path."""
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from vitcompress.methods.pitome import energy_scores, margin_at, pitome_merge

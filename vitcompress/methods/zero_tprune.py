@@ -234,7 +234,7 @@ def similarity_prune(metric: Tensor, scores: Tensor, r: int) -> Tensor:
     tokens with the highest match are dropped. Returns the surviving indices ``[B, T - r]``
     (B first, then the kept A tokens, in score order).
     """
-    T, d = metric.shape[1], metric.shape[2]
+    T = metric.shape[1]
     n_a = T // 2
     if not 0 <= r <= n_a:
         raise ValueError(f"the S-stage can drop at most {n_a} of {T} tokens (the less important half), asked {r}")
