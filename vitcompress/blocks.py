@@ -53,16 +53,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias, scale: float, dropout: floa
     # Scores, softmax and the product with v for a cache-sized group of heads at a time.
     B, H, N, d = q.shape
     qs, kt, vs = (q * scale).reshape(B * H, N, d), k.reshape(B * H, N, d).transpose(1, 2), v.reshape(B * H, N, d)
-    bias = q.new_zeros(1, 1, 1, N) if bias is None else bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-    bias = bias.expand(B, H, bias.shape[2], N).reshape(B * H, bias.shape[2], N)
+    if bias is not None:
+        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        bias = bias.expand(B, H, bias.shape[2], N).reshape(B * H, bias.shape[2], N)
+
+    def logits(j):  # no zero bias: baddbmm would spend a pass over the N x N scores copying it
+        return torch.bmm(qs[j], kt[j]) if bias is None else torch.baddbmm(bias[j], qs[j], kt[j])
+
     chunk = chunk_count(q, B * H, N * N * q.element_size())
     if chunk == B * H:
-        probs = torch.baddbmm(bias, qs, kt).softmax(dim=-1)
+        probs = logits(slice(None)).softmax(dim=-1)
         return torch.bmm(probs, vs).reshape(B, H, N, d), probs.reshape(B, H, N, N)
     probs, out = q.new_empty(B * H, N, N), q.new_empty(B * H, N, d)
     for i in range(0, B * H, chunk):
         j = slice(i, i + chunk)
-        torch.softmax(torch.baddbmm(bias[j], qs[j], kt[j]), dim=-1, out=probs[j])
+        torch.softmax(logits(j), dim=-1, out=probs[j])
         torch.bmm(probs[j], vs[j], out=out[j])
     return out.reshape(B, H, N, d), probs.reshape(B, H, N, N)
 
