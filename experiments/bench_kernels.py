@@ -2,7 +2,7 @@
 
     python experiments/bench_kernels.py [--batch-size 64] [--runs 10] [--models deit_small_patch16_224 ...]
 
-Part 1 times each primitive (bipartite_match, energy_score, topk_indices) at the shapes a ViT
+Part 1 times each primitive (bipartite_match, energy_score, topk_indices, pagerank_steps) at the shapes a ViT
 produces -- the ToMe / PiToMe metric is the key averaged over heads, so C = head_dim = 64; 196 or
 576 patch tokens (224 / 384 px), a 4096-long row for top-k -- in float32 and float16, with
 ``triton.testing.do_bench`` (median), after checking that both give the same answer.
@@ -62,6 +62,16 @@ def _cases(batch: int):
     for n in (196, 576, 4096):
         cases.append(("topk_indices", f"s [{batch},{n}] k={n}",
                       lambda g, dt, n=n: (randn(g, batch, n, dtype=dt), n)))
+    graphs = batch * 6  # DeiT-S heads
+
+    def attention(g, dt, n=197, alive=False):
+        attn = randn(g, graphs, n, n, dtype=torch.float32).softmax(-1).to(dt)
+        init = torch.full((graphs, n), 1.0 / n, device=DEVICE)
+        mask = (torch.rand(graphs, n, generator=g, device=DEVICE) > 0.05).float() if alive else None
+        return attn, init, 30, mask
+
+    cases.append(("pagerank_steps", f"A [{graphs},197,197] x30", attention))
+    cases.append(("pagerank_steps", f"A [{graphs},197,197] x30 alive", lambda g, dt: attention(g, dt, alive=True)))
     return cases
 
 
@@ -70,7 +80,7 @@ def _same(name, out, ref) -> str:
         ok = torch.allclose(out[0], ref[0], atol=1e-5, rtol=0)
         agree = (out[1] == ref[1]).float().mean().item()  # near-ties may resolve either way
         return f"{'ok' if ok else 'SCORES DIFFER'} ({100 * agree:.2f}% same index)"
-    if name == "energy_score":
+    if name in ("energy_score", "pagerank_steps"):
         err = (out - ref).abs().max().item()
         return f"{'ok' if err < 1e-5 else 'DIFFERS'} (max err {err:.1e})"
     return "ok" if torch.equal(out, ref) else "DIFFERS"
@@ -79,10 +89,10 @@ def _same(name, out, ref) -> str:
 def bench_primitives(batch: int) -> None:
     import triton.testing
 
-    from vitcompress.kernels import bipartite_triton, energy_triton, reference, topk_triton
+    from vitcompress.kernels import bipartite_triton, energy_triton, pagerank_triton, reference, topk_triton
 
     fused = {"bipartite_match": bipartite_triton.bipartite_match, "energy_score": energy_triton.energy_score,
-             "topk_indices": topk_triton.topk_indices}
+             "topk_indices": topk_triton.topk_indices, "pagerank_steps": pagerank_triton.pagerank_steps}
     print("\n1. primitives, median of triton.testing.do_bench (ms)")
     print(f"{'primitive':<17}{'shape':<26}{'dtype':<10}{'torch':>10}{'triton':>10}{'speedup':>9}  check")
     for name, desc, build in _cases(batch):

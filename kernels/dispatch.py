@@ -39,12 +39,13 @@ def _load_triton() -> dict:
         try:
             from .bipartite_triton import bipartite_match
             from .energy_triton import energy_score
+            from .pagerank_triton import pagerank_steps
             from .topk_triton import topk_indices
         except Exception as exc:  # no triton, or a triton that cannot initialise here
             _load_error = exc
         else:
             for name, fn in (("bipartite_match", bipartite_match), ("energy_score", energy_score),
-                             ("topk_indices", topk_indices)):
+                             ("topk_indices", topk_indices), ("pagerank_steps", pagerank_steps)):
                 _TRITON.setdefault(name, fn)
     return _TRITON
 
@@ -105,3 +106,7 @@ def energy_score(x, margin, alpha=1.0):
 
 def topk_indices(scores, k):
     return _pick("topk_indices", scores)(scores, k)
+
+
+def pagerank_steps(attn, init, iters, alive=None):
+    return _pick("pagerank_steps", attn)(attn, init, iters, alive)

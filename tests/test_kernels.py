@@ -25,7 +25,7 @@ pytest.importorskip("triton")
 
 import vitcompress  # noqa: E402
 from vitcompress.kernels import dispatch, reference  # noqa: E402
-from vitcompress.kernels import _triton_utils, bipartite_triton, energy_triton, topk_triton  # noqa: E402
+from vitcompress.kernels import _triton_utils, bipartite_triton, energy_triton, pagerank_triton, topk_triton  # noqa: E402
 
 from conftest import tiny_vit  # noqa: E402
 
@@ -35,7 +35,7 @@ IN_SUBPROCESS = not CUDA and not _triton_utils.interpreter_ready()
 
 if not CUDA and not IN_SUBPROCESS and not _triton_utils.is_interpreted(topk_triton._topk_kernel):
     # our kernels were imported earlier in this process without the interpreter: rebuild them
-    for _mod in (bipartite_triton, energy_triton, topk_triton):
+    for _mod in (bipartite_triton, energy_triton, pagerank_triton, topk_triton):
         importlib.reload(_mod)
     dispatch._TRITON.clear()
     dispatch._loaded = False
@@ -309,6 +309,41 @@ def test_half_inputs_full_grid(N, C, dtype):
     check_energy(_rand(3, N, C, dtype=dtype, seed=N), 0.6, 1.0, atol=2e-5)
 
 
+# ---------------------------------------------------------------------------- pagerank_steps
+
+
+def _graphs(R, N, dtype=torch.float32, seed=0):
+    """Row-stochastic attention ``[R, N, N]``, a start distribution and an alive mask (first token alive)."""
+    g = torch.Generator().manual_seed(seed)
+    attn = (2 * torch.randn(R, N, N, generator=g)).softmax(-1)
+    init = torch.rand(R, N, generator=g) + 0.1
+    alive = (torch.rand(R, N, generator=g) > 0.3).float()
+    alive[:, 0] = 1.0
+    return attn.to(dtype).to(DEVICE), (init / init.sum(-1, keepdim=True)).to(DEVICE), alive.to(DEVICE)
+
+
+@pytest.mark.parametrize("with_alive", [False, True])
+@pytest.mark.parametrize("iters", [1, 5, 30])
+@pytest.mark.parametrize("N", [1, 2, 49, 50, 197, 256, 300])
+def test_pagerank_steps_match_reference(N, iters, with_alive):
+    attn, init, alive = _graphs(3, N, seed=N + iters)
+    alive = alive if with_alive else None
+    got = pagerank_triton.pagerank_steps(attn, init, iters, alive)
+    ref = reference.pagerank_steps(attn, init, iters, alive)
+    assert got.shape == (3, N) and got.dtype == torch.float32 and got.device == attn.device
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    if with_alive:
+        assert torch.all(got[alive == 0] == 0)  # the pruned tokens neither vote nor receive
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_pagerank_steps_read_half_precision_attention(dtype):
+    attn, init, alive = _graphs(2, 197, dtype=dtype, seed=3)
+    for mask in (None, alive):
+        torch.testing.assert_close(pagerank_triton.pagerank_steps(attn, init, 30, mask),
+                                   reference.pagerank_steps(attn, init, 30, mask), atol=1e-6, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------- dispatch
 
 def test_dispatch_chooses(monkeypatch):
@@ -318,6 +353,7 @@ def test_dispatch_chooses(monkeypatch):
     monkeypatch.setenv("VITCOMPRESS_KERNELS", "triton")
     assert dispatch._pick("bipartite_match", x) is bipartite_triton.bipartite_match
     assert dispatch._pick("energy_score", x) is energy_triton.energy_score
+    assert dispatch._pick("pagerank_steps", x) is pagerank_triton.pagerank_steps
     assert dispatch._pick("topk_indices", x) is topk_triton.topk_indices
     assert dispatch.triton_available()
     monkeypatch.delenv("VITCOMPRESS_KERNELS")

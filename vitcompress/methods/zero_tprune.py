@@ -60,7 +60,6 @@ from typing import Optional, Tuple
 import torch
 
 from vitcompress.kernels import dispatch
-from ..cache import chunk_count
 from ..tokens import Plan
 from .base import Method, Signals
 
@@ -97,34 +96,18 @@ def weighted_pagerank(attn: Tensor, iters: int, init: Optional[Tensor] = None,
         raise ValueError(f"weighted_pagerank expects attention [B, H, N, N], got {tuple(attn.shape)}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters={iters!r} must be a non-negative int")
-    a = attn.float()
-    B, H, N, _ = a.shape
-    s = a.new_ones(B, H, N) if init is None else _per_head(init.to(device=a.device, dtype=torch.float32), B, H, N)
-    m = None if alive is None else alive.to(device=a.device, dtype=torch.float32)[:, None, :].expand(B, H, N)
+    B, H, N, _ = attn.shape
+    s = attn.new_ones(B, H, N, dtype=torch.float32) if init is None else _per_head(
+        init.to(device=attn.device, dtype=torch.float32), B, H, N)
+    m = None if alive is None else alive.to(device=attn.device, dtype=torch.float32)[:, None, :].expand(B, H, N)
     if m is not None:
         s = s * m
     s = s / s.sum(dim=-1, keepdim=True)
     if iters == 0:
         return s
-    a, s = a.reshape(B * H, N, N), s.reshape(B * H, 1, N)
-    m = None if m is None else m.reshape(B * H, 1, N)
-    # Each step is a matrix-vector product per head, bound by reading A: iterate a cache-sized
-    # group of heads at a time (vitcompress.cache).
-    chunk = chunk_count(a, B * H, N * N * 4)
-    out = []
-    for i in ((0,) if chunk == B * H else range(0, B * H, chunk)):  # no range over a symbolic batch
-        a_i, s_i = a[i:i + chunk], s[i:i + chunk]
-        if m is None:
-            for _ in range(iters):
-                s_i = torch.bmm(s_i, a_i)  # (A^T s)^T = s^T A
-        else:
-            m_i = m[i:i + chunk]
-            mass = torch.bmm(a_i, m_i.transpose(1, 2)).transpose(1, 2)  # each row's attention to alive tokens
-            scale = m_i / mass.clamp_min(1e-12)  # renormalises the rows; 0 for the other tokens
-            for _ in range(iters):
-                s_i = torch.bmm(s_i * scale, a_i) * m_i
-        out.append(s_i)
-    return (out[0] if len(out) == 1 else torch.cat(out)).reshape(B, H, N)
+    steps = dispatch.pagerank_steps(attn.reshape(B * H, N, N), s.reshape(B * H, N), iters,
+                                    None if m is None else m.reshape(B * H, N))
+    return steps.reshape(B, H, N)
 
 
 def _per_head(t: Tensor, B: int, H: int, N: int) -> Tensor:
