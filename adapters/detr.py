@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitcompress.tokens import gather_tokens
+
 from .common import bind
 
 TESTED = "transformers 4.4x and 5.x (tested with 4.46.3 and 5.24.0)"
@@ -111,10 +113,6 @@ class EncoderLayerParts:
         return x
 
 
-def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-
-
 def _scatter(t: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return t.scatter(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]), values)
 
@@ -163,17 +161,17 @@ class SparseEncoderRuntime:
         self.tokens_seen, self.dual_seen = [], []
         for layer, (idx, slot_valid, _) in zip(parts, sets):
             key_mask = None if bool(slot_valid.all()) else slot_valid
-            xk, pk = _gather(x, idx), _gather(pos, idx)
+            xk, pk = gather_tokens(x, idx), gather_tokens(pos, idx)
             dual = method.dual_set(options, foreground.gather(1, idx), lambda: self.class_prob(xk), slot_valid)
             if dual is not None:
                 didx, dvalid = dual
                 d_mask = None if bool(dvalid.all()) else dvalid
-                attended = layer.attend(_gather(xk, didx), _gather(pk, didx), d_mask)
+                attended = layer.attend(gather_tokens(xk, didx), gather_tokens(pk, didx), d_mask)
                 xk = _scatter(xk.to(attended.dtype), didx, attended)
                 self.dual_seen.append(int(didx.shape[1]))
             xk = layer.forward(xk, pk, key_mask)
             if key_mask is not None:
-                xk = torch.where(slot_valid.unsqueeze(-1), xk, _gather(x, idx))
+                xk = torch.where(slot_valid.unsqueeze(-1), xk, gather_tokens(x, idx))
             x = _scatter(x.to(xk.dtype), idx, xk)  # autocast: the layer's LayerNorm returns float32
             self.tokens_seen.append(int(idx.shape[1]))
             if hidden_states is not None:

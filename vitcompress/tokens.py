@@ -59,15 +59,16 @@ class TokenState:
         return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
 
 
-def _gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx[B, K]`` of ``t[B, N, C]`` -> ``[B, K, C]``."""
     return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
 def _merge_sum(t: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Gather the kept rows of ``t`` and add the merged rows into their destinations."""
-    kept = _gather_tokens(t, plan.keep)
+    kept = gather_tokens(t, plan.keep)
     if plan.merges:
-        moved = _gather_tokens(t, plan.merge_src)
+        moved = gather_tokens(t, plan.merge_src)
         dst = plan.merge_dst.unsqueeze(-1).expand(-1, -1, t.shape[-1])
         kept = kept.scatter_add(1, dst, moved)
     return kept
@@ -86,8 +87,8 @@ def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan) -> torch.Tensor:
         new_body = _merge_sum(body * weight, plan) / new_size.to(x.dtype)
         state.merged = True
     else:
-        new_body = _gather_tokens(body, plan.keep)
-        new_size = _gather_tokens(size_body, plan.keep)
+        new_body = gather_tokens(body, plan.keep)
+        new_size = gather_tokens(size_body, plan.keep)
     state.size = torch.cat([state.size[:, :p], new_size], dim=1)
     if state.source is not None:
         src = state.source

@@ -60,7 +60,7 @@ from typing import Optional, Tuple
 import torch
 
 from vitcompress.kernels import dispatch
-from ..tokens import Plan
+from ..tokens import Plan, gather_tokens
 from .base import Method, Signals
 
 Tensor = torch.Tensor
@@ -190,10 +190,6 @@ def token_importance(attn: Tensor, num_prefix: int, iters: int, *, alive: Option
 # --------------------------------------------------------------------------- stages
 
 
-def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
-    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
-
-
 def sub_attention(attn: Tensor, num_prefix: int, alive: Tensor) -> Tensor:
     """The attention among the special tokens and the reducible tokens ``alive[B, T']``
     (indices into the reducible tokens), each row renormalised to sum to 1: the graph the
@@ -223,7 +219,7 @@ def similarity_prune(metric: Tensor, scores: Tensor, r: int) -> Tensor:
         raise ValueError(f"the S-stage can drop at most {n_a} of {T} tokens (the less important half), asked {r}")
     order = dispatch.topk_indices(scores, T)  # most important first
     b_idx, a_idx = order[:, : T - n_a], order[:, T - n_a:]
-    match_score, _ = dispatch.bipartite_match(_gather_rows(metric, a_idx), _gather_rows(metric, b_idx))
+    match_score, _ = dispatch.bipartite_match(gather_tokens(metric, a_idx), gather_tokens(metric, b_idx))
     ranked = dispatch.topk_indices(match_score, n_a)  # most redundant first
     return torch.cat([b_idx, a_idx.gather(1, ranked[:, r:])], dim=1)
 
@@ -253,7 +249,7 @@ def zero_tprune(attn: Tensor, metric: Tensor, num_prefix: int, r_s: int, r_i: in
         return token_importance(attn, p, n_iters, alive=mask, **score_options).gather(1, alive)
 
     def s_stage(scores):
-        kept = similarity_prune(_gather_rows(metric, alive), scores, r_s)
+        kept = similarity_prune(gather_tokens(metric, alive), scores, r_s)
         return alive.gather(1, kept)
 
     def i_stage(scores):
