@@ -64,33 +64,41 @@ def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
-def _merge_sum(t: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """Gather the kept rows of ``t`` and add the merged rows into their destinations."""
-    kept = gather_tokens(t, plan.keep)
-    if plan.merges:
-        moved = gather_tokens(t, plan.merge_src)
-        dst = plan.merge_dst.unsqueeze(-1).expand(-1, -1, t.shape[-1])
-        kept = kept.scatter_add(1, dst, moved)
+def _with_prefix(idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Indices into the reducible tokens -> indices into the whole sequence, prefix first."""
+    if num_prefix == 0:
+        return idx
+    prefix = torch.arange(num_prefix, device=idx.device, dtype=idx.dtype).expand(idx.shape[0], num_prefix)
+    return torch.cat([prefix, idx + num_prefix], dim=1)
+
+
+def _merge_sum(t: torch.Tensor, keep: torch.Tensor, src: Optional[torch.Tensor],
+               dst: Optional[torch.Tensor]) -> torch.Tensor:
+    """Gather rows ``keep`` of ``t`` and add rows ``src`` into output positions ``dst``."""
+    kept = gather_tokens(t, keep)
+    if src is not None:
+        kept.scatter_add_(1, dst.unsqueeze(-1).expand(-1, -1, t.shape[-1]), gather_tokens(t, src))
     return kept
 
 
 def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan) -> torch.Tensor:
     """Execute ``plan`` on ``x[B, N, C]`` and update ``state`` in place; returns the new tokens.
 
-    Special (prefix) tokens pass through untouched at the front.
+    Special (prefix) tokens pass through unchanged at the front. Every tensor is gathered once over
+    the whole sequence (prefix included), so a block adds as few passes over the tokens as it can.
     """
     p = state.num_prefix
-    body, size_body = x[:, p:], state.size[:, p:]
+    keep = _with_prefix(plan.keep, p)
+    src = dst = None
     if plan.merges:
-        weight = size_body.to(x.dtype)
-        new_size = _merge_sum(size_body, plan)
-        new_body = _merge_sum(body * weight, plan) / new_size.to(x.dtype)
+        src, dst = plan.merge_src + p, plan.merge_dst + p
+        weighted = x * state.size.to(x.dtype)
+        state.size = _merge_sum(state.size, keep, src, dst)
+        new_x = _merge_sum(weighted, keep, src, dst).div_(state.size.to(x.dtype))
         state.merged = True
     else:
-        new_body = gather_tokens(body, plan.keep)
-        new_size = gather_tokens(size_body, plan.keep)
-    state.size = torch.cat([state.size[:, :p], new_size], dim=1)
+        new_x = gather_tokens(x, keep)
+        state.size = gather_tokens(state.size, keep)
     if state.source is not None:
-        src = state.source
-        state.source = torch.cat([src[:, :p], _merge_sum(src[:, p:], plan)], dim=1)
-    return torch.cat([x[:, :p], new_body], dim=1)
+        state.source = _merge_sum(state.source, keep, src, dst)
+    return new_x
