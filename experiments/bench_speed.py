@@ -29,6 +29,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (no Python launch cost)")
+    ap.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="time torch.compile'd models (backend: inductor)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,12 +49,14 @@ def main(argv=None):
         rows.append((name, vitcompress.count_flops(model, x[:1])))
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     models = {name: m.to(device, dtype) for name, m in models.items()}
+    if args.torchcompile:
+        models = {name: torch.compile(m, backend=args.torchcompile, fullgraph=True) for name, m in models.items()}
     speed = vitcompress.compare_speed(models, x.to(device, dtype), runs=args.runs, latency=False, memory=False,
                                         cuda_graph=args.cuda_graph)
     base_tp = speed["base"]["throughput"]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{args.model}, batch {args.batch_size}, {args.dtype}, {where}, {args.runs} interleaved runs"
-          f"{', CUDA graphs' if args.cuda_graph else ''}")
+          f"{', CUDA graphs' if args.cuda_graph else ''}{', torch.compile ' + args.torchcompile if args.torchcompile else ''}")
     print(f"{'setting':<24}{'GFLOPs':>8}{'% base':>8}{'img/s':>9}{'speedup':>9}{'ideal':>7}{'effic.':>8}")
     print(f"{'uncompressed':<24}{base_flops / 1e9:>8.2f}{100:>8.1f}{base_tp:>9.1f}{1:>9.2f}{1:>7.2f}{1:>8.2f}")
     for name, flops in rows:

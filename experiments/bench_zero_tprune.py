@@ -2,6 +2,7 @@
 
     python experiments/bench_zero_tprune.py                       # deit_small, flops=0.653, batch 32
     python experiments/bench_zero_tprune.py --batch-size 8 --runs 5 --device cpu --breakdown
+    python experiments/bench_zero_tprune.py --torchcompile       # both models torch.compile'd
 
 Prints the base and compressed GFLOPs (fvcore, ``vitcompress.profile.count_flops``), the
 throughput of both models measured in one interleaved run (median of ``--runs`` timed rounds
@@ -138,6 +139,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--cuda-graph", action="store_true", help="time CUDA-graph replays (no Python launch cost)")
+    p.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="time torch.compile'd models (backend: inductor); the scoring share is timed eagerly")
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="wall: elapsed time (vitcompress.profile.compare_speed); cpu: the process's CPU time, "
                         "for a single-threaded CPU run on a machine shared with other jobs (implies --threads 1)")
@@ -167,13 +170,16 @@ def main(argv=None):
             REGISTRY[name] = _SameSchedule(name, probs)
             models[name] = vitcompress.compress(copy.deepcopy(base), name, r=list(st["schedule"]))
     models = {k: m.to(device, dtype) for k, m in models.items()}
+    eager_pruned = models["zero_tprune"]
+    if args.torchcompile:
+        models = {k: torch.compile(m, backend=args.torchcompile, fullgraph=True) for k, m in models.items()}
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device, dtype=dtype)
     if args.clock == "cpu":
         speed = interleaved_cpu_time(models, x, args.warmup, args.runs)
     else:
         speed = compare_speed(models, x, warmup=args.warmup, runs=args.runs, latency=False, memory=False,
                               cuda_graph=args.cuda_graph)
-    forward, plan, wpr = scoring_share(models["zero_tprune"], x, args.share_runs)
+    forward, plan, wpr = scoring_share(eager_pruned, x, args.share_runs)
 
     ratio = pruned_flops / base_flops
     ideal = base_flops / pruned_flops
@@ -186,7 +192,8 @@ def main(argv=None):
           f"ratio {ratio:.4f} (target {args.flops}, {100 * (1 - ratio):.1f}% fewer)")
     print(f"throughput  base {speed['base']['throughput']:.1f} img/s  zero_tprune "
           f"{speed['zero_tprune']['throughput']:.1f} img/s  (median of {args.runs} interleaved runs, "
-          f"{'CUDA-graph replays' if args.cuda_graph else args.clock + ' clock'})")
+          f"{'CUDA-graph replays' if args.cuda_graph else args.clock + ' clock'}"
+          f"{', torch.compile ' + args.torchcompile if args.torchcompile else ''})")
     print(f"speedup {speedup:.3f}x (+{100 * (speedup - 1):.1f}%)  ideal {ideal:.3f}x  "
           f"achieved/ideal {speedup / ideal:.3f}  (gain achieved/ideal {(speedup - 1) / (ideal - 1):.3f})")
     for name in models:
@@ -194,7 +201,7 @@ def main(argv=None):
             what = "materialised attention" if name.endswith("probs") else "fused SDPA"
             print(f"same schedule, no scoring, {what}: {speed[name]['throughput']:.1f} img/s "
                   f"({speed[name]['throughput'] / speed['base']['throughput']:.3f}x)")
-    print(f"scoring share of the compressed forward: plan() {100 * plan / forward:.1f}%  "
+    print(f"scoring share of the {'eager ' if args.torchcompile else ''}compressed forward: plan() {100 * plan / forward:.1f}%  "
           f"of which weighted PageRank {100 * wpr / forward:.1f}%  "
           f"(forward {1000 * forward:.1f} ms, plan {1000 * plan:.1f} ms, PageRank {1000 * wpr:.1f} ms)")
     return 0
