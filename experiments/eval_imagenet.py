@@ -29,12 +29,14 @@ def parse_args(argv=None):
     ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-images", type=int, default=None)
-    ap.add_argument("--method", choices=vitcompress.methods(), help="token-reduction method")
+    ap.add_argument("--method", choices=vitcompress.methods("vit"), help="token-reduction method")
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=float)
     budget.add_argument("--r", type=int)
     budget.add_argument("--flops", type=float)
     ap.add_argument("--runs", type=int, default=5, help="timed runs for images/s")
+    ap.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="evaluate and time torch.compile'd models (backend: inductor)")
     return ap.parse_args(argv)
 
 
@@ -61,11 +63,13 @@ def main(argv=None):
     loader = imagefolder_loader(args.data_dir, model, args.batch_size, args.workers, args.max_images,
                                 reference_model=args.model == "reference")
     sample = next(iter(loader))[0].to(device)
+    runnable = {name: torch.compile(m, backend=args.torchcompile) if args.torchcompile else m
+                for name, m in models.items()}
     with autocast(device, args.amp):
-        speed = vitcompress.compare_speed(models, sample, runs=args.runs, latency=False, memory=False)
+        speed = vitcompress.compare_speed(runnable, sample, runs=args.runs, latency=False, memory=False)
     print(f"{'model':<16}{'top-1':>8}{'top-5':>8}{'GFLOPs':>9}{'img/s':>9}")
     for name, m in models.items():
-        acc = accuracy(*predict(m, loader, device, amp=args.amp, progress=name))
+        acc = accuracy(*predict(runnable[name], loader, device, amp=args.amp, progress=name))
         gflops = vitcompress.count_flops(m, sample[:1]) / 1e9
         print(f"{name:<16}{100 * acc['top1']:>7.2f}%{100 * acc['top5']:>7.2f}%{gflops:>9.3f}{speed[name]['throughput']:>9.1f}")
         if name != "uncompressed":
