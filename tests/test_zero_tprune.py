@@ -11,7 +11,7 @@ import vitcompress.blocks as blocks
 from vitcompress.methods import REGISTRY
 from vitcompress.methods.base import Method
 from vitcompress.methods.zero_tprune import (aggregate_heads, edge_layers, head_mask, initial_scores, iters_at,
-                                             similarity_prune, split_removals, sub_attention, token_importance,
+                                             similarity_prune, split_removals, token_importance,
                                              weighted_pagerank, zero_tprune)
 from vitcompress.tokens import Plan
 from conftest import tiny_vit
@@ -176,6 +176,15 @@ def test_s_stage_partitions_by_the_one_iteration_i_prime_ranking_and_i_stage_run
     assert torch.equal(zero_tprune(attn, metric, p, 0, 0, iters=7, **opts).keep, torch.arange(T).expand(2, T))
 
 
+def sub_attention(attn, num_prefix, alive):
+    """The attention among the special tokens and the reducible tokens ``alive[B, T']``, cut out
+    row by row and renormalised: the graph the I-stage ranks after the S-stage."""
+    B = attn.shape[0]
+    idx = torch.cat([torch.arange(num_prefix).expand(B, num_prefix), alive + num_prefix], dim=1)
+    sub = torch.stack([attn[b][:, idx[b]][:, :, idx[b]] for b in range(B)])
+    return sub / sub.sum(dim=-1, keepdim=True)
+
+
 def test_pagerank_on_alive_tokens_equals_pagerank_on_the_renormalised_sub_graph():
     p, T = 2, 15
     attn = random_attention(3, 4, p + T, seed=7).float()
@@ -192,15 +201,6 @@ def test_pagerank_on_alive_tokens_equals_pagerank_on_the_renormalised_sub_graph(
         assert (got.masked_select(~mask[:, None, :].expand(3, 4, p + T)) == 0).all()
         full = token_importance(attn, p, iters, alive=mask).gather(1, alive)
         assert torch.allclose(full, token_importance(sub, p, iters)[:, :], atol=1e-6)
-
-
-def test_sub_attention_picks_the_right_entries():
-    attn = random_attention(1, 2, 6, seed=2).float()
-    alive = torch.tensor([[4, 1]])  # reducible tokens 4 and 1 -> rows/cols 0 (prefix), 5, 2
-    sub = sub_attention(attn, 1, alive)
-    idx = [0, 5, 2]
-    raw = attn[0][:, idx][:, :, idx]
-    assert torch.allclose(sub[0], raw / raw.sum(-1, keepdim=True))
 
 
 def test_iteration_schedule_and_split():

@@ -84,7 +84,7 @@ def weighted_pagerank(attn: Tensor, iters: int, init: Optional[Tensor] = None,
 
     ``alive[B, N]`` (bool, optional) restricts the graph to those tokens, as if the attention
     were cut down to their rows and columns and each row renormalised to sum to 1 (the Markov
-    chain restricted to them; see :func:`sub_attention`): the other tokens neither vote nor
+    chain restricted to them): the other tokens neither vote nor
     receive, and score 0. This costs one extra matrix-vector product (the rows' alive mass).
 
     Usable on its own, e.g. to rank the tokens of any attention map::
@@ -188,21 +188,6 @@ def token_importance(attn: Tensor, num_prefix: int, iters: int, *, alive: Option
 
 
 # --------------------------------------------------------------------------- stages
-
-
-def sub_attention(attn: Tensor, num_prefix: int, alive: Tensor) -> Tensor:
-    """The attention among the special tokens and the reducible tokens ``alive[B, T']``
-    (indices into the reducible tokens), each row renormalised to sum to 1: the graph the
-    I-stage ranks after the S-stage. (The method itself passes ``alive=`` to
-    :func:`weighted_pagerank` instead, which computes the same without the gather.)"""
-    B, H, N, _ = attn.shape
-    p = num_prefix
-    prefix = torch.arange(p, device=alive.device).expand(B, p)
-    idx = torch.cat([prefix, alive + p], dim=1)  # [B, n]
-    n = idx.shape[1]
-    flat = (idx[:, :, None] * N + idx[:, None, :]).reshape(B, 1, n * n)  # one gather of the n x n entries
-    sub = attn.reshape(B, H, N * N).gather(2, flat.expand(B, H, n * n)).reshape(B, H, n, n).float()
-    return sub / sub.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def similarity_prune(metric: Tensor, scores: Tensor, r: int) -> Tensor:
