@@ -96,11 +96,12 @@ def main(argv=None):
         row["images_per_s"] = speed[name]["throughput"]
         rows.append(row)
 
-    base = rows[0]["encoder_gflops"]
+    base = None if args.no_baseline else rows[0]["encoder_gflops"]
     print(f"{'model':<24}{'AP':>7}{'AP50':>7}{'AP75':>7}{'enc GFLOPs':>12}{'% base':>8}{'img/s':>8}")
     for row in rows:
+        share = "-" if base is None else f"{100 * row['encoder_gflops'] / base:.1f}%"
         print(f"{row['model']:<24}{100 * row['AP']:>7.1f}{100 * row['AP50']:>7.1f}{100 * row['AP75']:>7.1f}"
-              f"{row['encoder_gflops']:>12.3f}{100 * row['encoder_gflops'] / base:>7.1f}%{row['images_per_s']:>8.1f}")
+              f"{row['encoder_gflops']:>12.3f}{share:>8}{row['images_per_s']:>8.1f}")
     print(f"tokens per encoder layer (last batch, {label}): {rows[-1]['tokens_per_layer']}")
     return rows
 

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import vitcompress  # noqa: E402
 from vitcompress.adapters.detr import (EncoderLayerParts, count_encoder_flops, encoder_inputs,  # noqa: E402
                                       encoder_position_embeddings)
 from vitcompress.coco import (CocoDetection, bbox_ap, collate, detections, fcos_assign,  # noqa: E402
-                              foreground_targets, load_coco)
+                              foreground_targets, load_coco, loader)
 from vitcompress.methods.focus_detr import (PAPER_CASCADE, FocusScorer, cascade_for_depth,  # noqa: E402
                                             dual_attention_tokens, foreground_logits, save_scorer)
 from conftest import tiny_vit  # noqa: E402
@@ -444,16 +445,25 @@ def test_fcos_assignment_on_hand_made_boxes():
     got = fcos_assign(torch.tensor([corner]), [(4, 4)], [8])[0]
     assert (got == 0).nonzero().tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
     assert fcos_assign(torch.zeros(0, 4), [(2, 3)], [8])[0].tolist() == [[-1] * 3] * 2
-    # two levels with FCOS's size ranges: (0, 64] at stride 8 (20 x 20), (64, 128] at stride 16 (10 x 10)
+    # three levels with FCOS's size ranges: (0, 64] at stride 8 (20 x 20), (64, 128] at stride 16
+    # (10 x 10) and, the coarsest, everything beyond 128 px at stride 32 (5 x 5)
     large = [0.0, 0.0, 160.0, 160.0]  # the farthest side is at least 80 px from any location: never level 1
     tiny = [70.0, 70.0, 90.0, 90.0]  # at most 20 px: never level 2
-    fine, coarse = fcos_assign(torch.tensor([large, tiny]), [(20, 20), (10, 10)], [8, 16])
+    fine, middle, coarse = fcos_assign(torch.tensor([large, tiny]), [(20, 20), (10, 10), (5, 5)], [8, 16, 32])
     assert (fine == 1).nonzero().tolist() == [[9, 9], [9, 10], [10, 9], [10, 10]]  # pixels 76 and 84
     assert (fine == 0).sum() == 0
     # on level 2 large needs every side within 128 px: locations 40..120, i.e. indices 2..7
     want = torch.full((10, 10), -1)
     want[2:8, 2:8] = 0
-    assert torch.equal(coarse, want)
+    assert torch.equal(middle, want)
+    # on level 3 (centres 16, 48, ..., 144) a side is beyond 128 px only from the outer ring
+    ring = torch.zeros(5, 5, dtype=torch.bool)
+    ring[[0, -1], :] = True
+    ring[:, [0, -1]] = True
+    assert torch.equal(coarse, torch.where(ring, 0, -1))
+    # the coarsest level's range is open-ended: a box larger than every range still finds a level
+    huge = fcos_assign(torch.tensor([[0.0, 0.0, 600.0, 600.0]]), [(80, 80), (40, 40), (20, 20)], [8, 16, 32])
+    assert [int((level == 0).sum()) for level in huge] == [0, 0, 19 * 19]  # centres 16..592 inside
 
 
 def test_foreground_targets_use_the_backbone_stride():
@@ -500,25 +510,52 @@ def coco_set(tmp_path_factory):
     return root
 
 
+def oracle_outputs(targets, num_queries=3, num_labels=4):
+    """DETR outputs that are exactly the ground truth: normalised (cx, cy, w, h) boxes of the
+    resized, unpadded image and confident logits for their labels (the rest: no object)."""
+    logits = torch.full((len(targets), num_queries, num_labels + 1), -10.0)
+    boxes = torch.full((len(targets), num_queries, 4), 0.5)
+    for b, t in enumerate(targets):
+        h, w = t["size"]
+        for q, (box, label) in enumerate(zip(t["boxes"], t["labels"])):
+            x0, y0, x1, y1 = box.tolist()
+            boxes[b, q] = torch.tensor([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h])
+            logits[b, q, label] = 10.0
+    return logits, boxes
+
+
 def test_perfect_detections_score_ap_one(coco_set):
     data = CocoDetection(str(coco_set), str(coco_set / "ann.json"), size=48, max_size=64)
     batch = collate([data[i] for i in range(len(data))])
     pixel_values, pixel_mask, targets = batch
     assert pixel_values.shape == (6, 3, 48, 60) and pixel_mask[1].sum() == 48 * 48
     coco = load_coco(str(coco_set / "ann.json"))
-    logits = torch.full((6, 3, 5), -10.0)
-    boxes = torch.full((6, 3, 4), 0.5)
-    for b, t in enumerate(targets):
-        h, w = t["size"]
-        for q, (box, label) in enumerate(zip(t["boxes"], t["labels"])):
-            x0, y0, x1, y1 = box.tolist()  # resized pixels -> normalised (cx, cy, w, h)
-            boxes[b, q] = torch.tensor([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h])
-            logits[b, q, label] = 10.0
+    logits, boxes = oracle_outputs(targets)
     results = detections(logits, boxes, targets)
     assert len(results) == 6 * 3
     assert bbox_ap(coco, results) == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0})
     shifted = detections(logits, boxes + torch.tensor([0.2, 0.0, 0.0, 0.0]), targets)
     assert bbox_ap(coco, shifted)["AP"] < 0.5
+
+
+def test_eval_coco_scores_an_oracle_detector_ap_one(coco_set):
+    """eval_coco's own path (padded batches of mixed sizes -> model -> detections -> AP) with a
+    detector that outputs the ground truth of each image it is given."""
+    data = CocoDetection(str(coco_set), str(coco_set / "ann.json"), size=48, max_size=64)
+    truth = [data[i][1] for i in range(len(data))]
+    seen = []
+
+    def oracle(pixel_values, pixel_mask):
+        targets = truth[len(seen):len(seen) + pixel_values.shape[0]]
+        for b, t in enumerate(targets):  # the real pixels of each image are where the mask says
+            assert int(pixel_mask[b].sum()) == t["size"][0] * t["size"][1]
+        seen.extend(targets)
+        logits, boxes = oracle_outputs(targets)
+        return SimpleNamespace(logits=logits, pred_boxes=boxes)
+
+    results = load_script("eval_coco").predict(oracle, loader(data, 4, workers=0), torch.device("cpu"), False, "oracle")
+    assert len(seen) == 6
+    assert bbox_ap(data.coco, results, data.ids) == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0})
 
 
 def test_scorer_training_loss_falls_and_eval_coco_runs(coco_set, tmp_path):
@@ -566,3 +603,14 @@ def test_bench_detr_encoder_runs(coco_set):
     assert out["gflops"]["norm, dual_k=0"] == pytest.approx(sum(layer_flops(n) for n in tokens) / 1e9)
     assert all(out["gflops"][name] < out["gflops"]["uncompressed"] for name in out["tokens"])
     assert out["tokens"]["learned"] == (tokens, tokens) and all(s["throughput"] > 0 for s in out["speed"].values())
+
+
+def test_checkpoint_directory_loads_without_fetching_a_backbone(tmp_path):
+    from vitcompress.coco import load_detr
+    model = tiny_detr(num_labels=4)
+    model.config.use_pretrained_backbone = True  # as a hub-derived config says on transformers 4.x
+    model.save_pretrained(str(tmp_path))
+    loaded = load_detr(checkpoint=str(tmp_path))
+    assert not getattr(loaded.config, "use_pretrained_backbone", False)  # transformers 5 dropped the flag
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -114,10 +114,12 @@ def fcos_assign(boxes: torch.Tensor, shapes: Sequence[Tuple[int, int]], strides:
     to the box's four sides is in the level's range ``(lo, hi]``; where several boxes qualify, the
     smallest (by area) wins. ``boxes[M, 4]`` are x0, y0, x1, y1 pixels. ``ranges`` defaults to
     ``(0, inf)`` for a single level (every box fits, as for DETR's one level) and FCOS's ranges for
-    several. Returns, per level, ``[H, W]`` indices of the assigned box, -1 for background.
+    several, the last level's open-ended (as FCOS's coarsest level takes every larger box). Returns,
+    per level, ``[H, W]`` indices of the assigned box, -1 for background.
     """
     if ranges is None:
-        ranges = [(0.0, math.inf)] if len(shapes) == 1 else FCOS_RANGES[: len(shapes)]
+        ranges = list(FCOS_RANGES[: len(shapes)])
+        ranges[-1] = (0.0 if len(shapes) == 1 else ranges[-1][0], math.inf)
     if not len(shapes) == len(strides) == len(ranges):
         raise ValueError(f"fcos_assign: {len(shapes)} shapes, {len(strides)} strides and {len(ranges)} ranges; "
                          "give one of each per level")
@@ -201,8 +203,11 @@ def load_detr(model: Optional[str] = None, pretrained: bool = False, config: Opt
     model built from ``config`` / ``model``)."""
     from transformers import DetrConfig, DetrForObjectDetection
 
+    # Random or local weights never fetch the backbone's ImageNet weights (transformers 4.x configs
+    # default to use_pretrained_backbone=True, which downloads them).
     if checkpoint is not None and os.path.isdir(checkpoint):
-        return DetrForObjectDetection.from_pretrained(checkpoint).eval()
+        config = DetrConfig.from_pretrained(checkpoint, use_pretrained_backbone=False)
+        return DetrForObjectDetection.from_pretrained(checkpoint, config=config).eval()
     if model is None and config is None:
         raise ValueError("give --model NAME (with --pretrained for its weights), --config CONFIG, "
                          "or --checkpoint DIR (a save_pretrained directory)")
@@ -210,8 +215,6 @@ def load_detr(model: Optional[str] = None, pretrained: bool = False, config: Opt
         if model is None:
             raise ValueError("--pretrained needs --model NAME (a transformers hub name)")
         return DetrForObjectDetection.from_pretrained(model).eval()
-    # Random or local weights: never fetch the backbone's ImageNet weights (transformers 4.x
-    # configs default to use_pretrained_backbone=True, which downloads them).
     net = DetrForObjectDetection(DetrConfig.from_pretrained(config or model, use_pretrained_backbone=False))
     if checkpoint is not None:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
