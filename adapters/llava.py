@@ -35,6 +35,7 @@ versions, which merged features inside ``forward`` (``_merge_input_ids_with_imag
 had no way to hand pre-encoded features in, are refused with the version found. tokencorr needs a
 vision tower with a [CLS] token (CLIP).
 """
+import functools
 import inspect
 import math
 import sys
@@ -189,7 +190,7 @@ class LlavaRuntime:
             deep = cls_attention(tap.q[deep_l], tap.k[deep_l], heads, adapter.tower_layers[deep_l].self_attn.scale)
             shallow = cls_attention(tap.q[shallow_l], tap.k[shallow_l], heads,
                                     adapter.tower_layers[shallow_l].self_attn.scale)
-        generator = self.method.generator(opts, keys.device)
+        generator = functools.partial(self.method.generator, opts, keys.device)
         packed = adapter.split_units(modality, _pooler(encoded))
         out, old, new, stats = [], [], [], []
         crop0 = 0
@@ -256,7 +257,8 @@ class LlavaRuntime:
 
 def _reduce_crops(features, layout, keys, deep, shallow, opts, generator):
     """One image: ``features[L, D]`` in the model's packed order, ``layout[L]`` naming each packed
-    token (``crop * N + patch``; -1 a row's newline; -2 CLS, kept) -> reduced features, stats."""
+    token (``crop * N + patch``; -1 a row's newline; -2 CLS, kept) -> reduced features, stats.
+    ``generator(crop)`` gives each crop's sampling generator."""
     N = keys.shape[1]
     keep = layout == -2
     out = features.clone()
@@ -268,7 +270,7 @@ def _reduce_crops(features, layout, keys, deep, shallow, opts, generator):
         patch = layout[pos] % N
         with torch.no_grad():
             plan, budget = tokencorr_plan(keys[crop, patch], deep[crop, patch], shallow[crop, patch],
-                                          tau=opts["tau"], c=opts["c"], merge=opts["merge"], generator=generator)
+                                          tau=opts["tau"], c=opts["c"], merge=opts["merge"], generator=generator(crop))
         kept = pos[plan.keep[0]]
         out[kept] = compress_tokens(features[pos], plan, deep[crop, patch]).to(out.dtype)
         keep[kept] = True
@@ -284,7 +286,7 @@ def _reduce_crops(features, layout, keys, deep, shallow, opts, generator):
         kept_in_row.index_add_(0, row[grid & keep], torch.ones_like(row[grid & keep]))
         keep |= newline & (kept_in_row[row] > 0)
     return out[keep], {"crops": crops, "budget": sum(c["budget"] for c in crops),
-                       "newline_tokens": int((newline & keep).sum())}
+                       "newline_tokens": int((newline & keep).sum()), "cls_tokens": int((layout == -2).sum())}
 
 
 def _questions(question, batch: int) -> List[str]:
@@ -361,24 +363,31 @@ def _rewrite_prompt(input_ids, attention_mask, labels, position_ids, counts, pad
     return out
 
 
-def _prefill_hook(model, args, kwargs):
-    """Forward pre-hook: the call's arguments with the visual tokens reduced at prefill (see the
-    module docstring). A hook rather than a new ``forward`` keeps the model's forward signature,
-    which ``generate`` validates its keyword arguments against."""
-    question = kwargs.pop("question", None)
-    signature = inspect.signature(type(model).forward)
+def _named_arguments(function, model, args, kwargs) -> Dict[str, Any]:
+    """The call ``function(model, *args, **kwargs)``'s arguments by name (``**kwargs`` flattened)."""
+    signature = inspect.signature(function)
     arguments = dict(signature.bind(model, *args, **kwargs).arguments)
     params = list(signature.parameters.values())
     arguments.pop(params[0].name)  # self
     for p in params:
         if p.kind is inspect.Parameter.VAR_KEYWORD:
             arguments.update(arguments.pop(p.name, {}))
-    return (), model._vitcompress.prepare(arguments, question)
+    return arguments
 
 
-def _compressed_generate(model, inputs=None, *args, **kwargs):
+def _prefill_hook(model, args, kwargs):
+    """Forward pre-hook: the call's arguments with the visual tokens reduced at prefill (see the
+    module docstring). A hook rather than a new ``forward`` keeps the model's forward signature,
+    which ``generate`` validates its keyword arguments against."""
+    question = kwargs.pop("question", None)
+    return (), model._vitcompress.prepare(_named_arguments(type(model).forward, model, args, kwargs), question)
+
+
+def _compressed_generate(model, *args, **kwargs):
     """``generate`` on the rewritten prompt; returns the caller's prompt + the generated tokens."""
     question = kwargs.pop("question", None)
+    kwargs = _named_arguments(type(model).generate, model, args, kwargs)  # positional ones too
+    inputs = kwargs.pop("inputs", None)
     if inputs is not None:
         if kwargs.get("input_ids") is not None:
             raise ValueError("give the prompt either as the first argument or as input_ids=, not both")
@@ -392,7 +401,7 @@ def _compressed_generate(model, inputs=None, *args, **kwargs):
         prepared = model._vitcompress.prepare(kwargs, question)
     finally:
         adapter.expansion = 1
-    out = type(model).generate(model, *args, **prepared)
+    out = type(model).generate(model, **prepared)
     if prepared is kwargs or original is None:
         return out
     sequences = out if isinstance(out, Tensor) else out.sequences

@@ -53,14 +53,22 @@ def noise_and_flat(shape):
     return torch.stack([torch.randn(shape), torch.full(shape, 0.4)])
 
 
-def inputs_for(model, kind):
+def half_flat(shape):
+    """Two different images, each half constant colour and half noise: partial tokencorr budgets."""
+    torch.manual_seed(3)
+    images = torch.full((2,) + shape, 0.4)
+    images[..., 16:, :] = torch.randn(images[..., 16:, :].shape)
+    return images
+
+
+def inputs_for(model, kind, images=noise_and_flat):
     """A batch of two prompts whose placeholder counts match what the uncompressed model produces."""
     if kind == "llava":
-        px = noise_and_flat((3, 32, 32))
+        px = images((3, 32, 32))
         counts = [PATCHES, PATCHES]
         kw = dict(pixel_values=px)
     else:
-        px = noise_and_flat((5, 3, 32, 32))
+        px = images((5, 3, 32, 32))
         sizes = torch.tensor([[40, 60], [64, 64]])
         with torch.no_grad():
             counts = [f.shape[0] for f in model.model.get_image_features(px, sizes).pooler_output]
@@ -98,8 +106,8 @@ def reported_tokens(stats, modality):
     """Visual tokens the method says it hands on, from its own report (budget, grids, specials)."""
     total = 0
     for unit in stats.get(modality, []):
-        if "crops" in unit:  # tokencorr: the per-crop budgets, plus the newlines of the rows kept
-            total += unit["budget"] + unit["newline_tokens"]
+        if "crops" in unit:  # tokencorr: the per-crop budgets, plus the newlines of the rows kept and CLS
+            total += unit["budget"] + unit["newline_tokens"] + unit["cls_tokens"]
         elif "frame_tokens" in unit:  # QuoTA: each frame's resized grid, plus the model's extra tokens
             total += sum(unit["frame_tokens"][i] for i in unit["frames"]) + unit["extra_tokens"]
         else:  # a modality the method passes through unchanged, or a ViT method (reported by the tower)
@@ -151,6 +159,30 @@ def test_forward_and_generate_with_reported_token_counts(models, kind, method, o
     assert torch.equal(out, no_cache)
 
 
+def row_alone(inputs, b):
+    """Row ``b`` of a left-padded batch as a batch of one, without its padding."""
+    keep = inputs["attention_mask"][b] == 1
+    one = {k: v[b:b + 1] for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    return dict(one, input_ids=inputs["input_ids"][b][keep][None])
+
+
+def test_full_feature_strategy_counts_the_kept_cls():
+    """With vision_feature_select_strategy="full" the tower's CLS reaches the LM too: it is kept
+    and reported."""
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT), image_token_index=IMG,
+        vision_feature_select_strategy="full")).eval()
+    px = half_flat((3, 32, 32))
+    inputs = dict(input_ids=torch.tensor([[1, 5] + [IMG] * (PATCHES + 1) + [7]] * 2), pixel_values=px)
+    vitcompress.compress(model, "tokencorr")
+    with torch.no_grad(), LMInput(model) as seen:
+        model(**inputs)
+    stats = vitcompress.stats(model)
+    assert [u["cls_tokens"] for u in stats["image"]] == [1, 1]
+    assert int((seen.calls[0] == IMG).sum()) == reported_tokens(stats, "image") == stats["visual_tokens_after"]
+
+
 def test_padded_batch_rows_match_rows_alone(models):
     """Rows reduced to different lengths are padded; masks and positions keep each row exact."""
     model = models["llava"]
@@ -160,18 +192,40 @@ def test_padded_batch_rows_match_rows_alone(models):
         with torch.no_grad():
             batch = model(**inputs).logits[:, -1]
             lengths = [u["tokens_after"] for u in vitcompress.stats(model)["image"]]
-            rows = [inputs["input_ids"][b][inputs["attention_mask"][b] == 1][None] for b in range(2)]  # unpadded
-            alone = [model(input_ids=rows[b], pixel_values=inputs["pixel_values"][b:b + 1]).logits[0, -1]
-                     for b in range(2)]
+            alone = [model(**row_alone(inputs, b)).logits[0, -1] for b in range(2)]
         gen = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-        gen_alone = [model.generate(input_ids=rows[b], pixel_values=inputs["pixel_values"][b:b + 1],
-                                    max_new_tokens=3, do_sample=False) for b in range(2)]
+        gen_alone = [model.generate(**row_alone(inputs, b), max_new_tokens=3, do_sample=False) for b in range(2)]
     finally:
         vitcompress.restore(model)
     assert lengths[0] != lengths[1]  # the rows really were padded to different extents
     torch.testing.assert_close(batch, torch.stack(alone), atol=1e-5, rtol=1e-5)
     for b in range(2):
         assert torch.equal(gen[b, -3:], gen_alone[b][0, -3:])
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("kind", ["llava", "next"])
+def test_partial_budgets_sample_and_merge_independently_of_the_batch(models, kind, merge):
+    """Crops that keep some but not all patches: outliers + sampling (+ merging) pick what the LM
+    sees, and an image keeps the same tokens alone, next to another image or next to itself."""
+    model = models[kind]
+    inputs = inputs_for(model, kind, images=half_flat)
+    twice = {k: v[[1, 1]] for k, v in inputs.items()}  # the second prompt and image, twice
+    vitcompress.compress(model, "tokencorr", merge=merge)
+    try:
+        with torch.no_grad(), LMInput(model) as seen:
+            batch = model(**inputs).logits[:, -1]
+            stats = vitcompress.stats(model)
+            alone = model(**row_alone(inputs, 1)).logits[0, -1]
+            pair = model(**twice).logits[:, -1]
+    finally:
+        vitcompress.restore(model)
+    budgets = [c["budget"] for unit in stats["image"] for c in unit["crops"]]
+    patches = [c["patches"] for unit in stats["image"] for c in unit["crops"]]
+    assert all(0 < b < n for b, n in zip(budgets, patches)), (budgets, patches)
+    assert int((seen.calls[0] == IMG).sum()) == reported_tokens(stats, "image")
+    for row in (batch[1], pair[0], pair[1]):
+        torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,method,opts", [("llava", "tokencorr", dict(merge=True)), ("next", "tokencorr", {}),
@@ -470,3 +524,24 @@ def test_transformers_without_pre_encoded_features_is_refused():
                                  image_token_index=IMG))
     with pytest.raises(TypeError, match="transformers >= 5"):
         vitcompress.compress(model, "tokencorr")
+
+
+def test_generate_takes_its_arguments_positionally_too(models):
+    """``generate(input_ids, generation_config)`` as transformers accepts it: the positional config
+    is the one used (its beam count included)."""
+    from transformers import GenerationConfig
+    model = models["llava"]
+    inputs = inputs_for(model, "llava", images=half_flat)
+    ids = inputs.pop("input_ids")
+    config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    beams = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, num_beams=2, num_return_sequences=2)
+    vitcompress.compress(model, "tokencorr")
+    try:
+        with torch.no_grad():
+            positional = model.generate(ids, config, **inputs)
+            keyword = model.generate(input_ids=ids, generation_config=config, **inputs)
+            beamed = model.generate(ids, beams, **inputs)
+    finally:
+        vitcompress.restore(model)
+    assert torch.equal(positional, keyword) and positional.shape == (2, ids.shape[1] + 3)
+    assert beamed.shape[0] == 4 and torch.equal(beamed[:, :ids.shape[1]], ids.repeat_interleave(2, dim=0))

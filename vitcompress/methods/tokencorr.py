@@ -30,8 +30,9 @@ Choices where the paper leaves room (no official code exists; each is an option 
   adapter reads the query and key projections of those tower layers during the same forward
   (forward hooks, no second pass) and computes ``softmax(q_cls kᵀ * scale)`` itself, averaged over
   heads; only the patch part of the row is used.
-* Sampling is seeded (``seed=0``): the same input keeps the same tokens in every call, so a
-  ``forward`` and a ``generate`` agree; ``seed=None`` draws from torch's global generator.
+* Sampling is seeded (``seed=0``), per crop from the seed and the crop's index within its image:
+  an image keeps the same tokens in every call whatever else is in the batch, so a ``forward``
+  and a ``generate`` agree; ``seed=None`` draws from torch's global generator.
 * The selection is applied to the projected visual tokens (the projector works token by token,
   so pruning before or after it is the same; merging averages projected tokens).
 """
@@ -162,7 +163,8 @@ class TokenCorr(Method):
             resolved.append(v % depth)
         return tuple(resolved)
 
-    def generator(self, options, device) -> Optional[torch.Generator]:
+    def generator(self, options, device, crop: int = 0) -> Optional[torch.Generator]:
+        """The sampling generator of crop ``crop`` of an image (None: torch's global one)."""
         if options["seed"] is None:
             return None
-        return torch.Generator(device=device).manual_seed(options["seed"])
+        return torch.Generator(device=device).manual_seed(options["seed"] + crop)
