@@ -482,6 +482,7 @@ def test_rewrite_prompt_keeps_mask_labels_and_padding_side():
     ("llava", "tokencorr", dict(shallow_layer=9), ValueError, "outside the vision tower"),
     ("llava", "quota", {}, ValueError, "scorer="),
     ("llava", "quota", dict(scorer=ramp, flops=0.5), ValueError, "keep="),
+    ("llava", "quota", dict(scorer=ramp, keep=1.5), ValueError, "each video's visual tokens"),
     ("llava", "quota", dict(scorer=hf_clip()), ValueError, "tokenizer="),
     ("next", "quota", dict(scorer=ramp), TypeError, "frames of a video"),
     ("onevision", "tokencorr", {}, TypeError, "image crops"),

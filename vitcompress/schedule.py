@@ -35,7 +35,7 @@ def parse_budget(method: Method, keep=None, r=None, flops=None) -> Budget:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{kind}= must be a number in (0, 1], got {type(value).__name__}")
         if not 0.0 < float(value) <= 1.0:
-            what = "fraction of tokens kept per reducing block" if kind == "keep" else "fraction of the uncompressed FLOPs"
+            what = method.keep_means if kind == "keep" else "fraction of the uncompressed FLOPs"
             raise ValueError(f"{kind}={value} is outside (0, 1]: it is the {what}, e.g. {kind}=0.9")
         return Budget(kind, float(value))
     _check_r(value)

@@ -42,6 +42,7 @@ class Method:
     # applied over ``defaults``, under the user's options.
     family_defaults: Dict[str, Dict[str, Any]] = {}
     default_budget: Dict[str, Any] = {"keep": 0.9}
+    keep_means: str = "fraction of tokens kept per reducing block"  # what keep= is, for error messages
 
     def max_remove(self, tokens: int, layer: int, num_layers: int, options: Dict[str, Any]) -> int:
         """Most reducible tokens this layer can remove when ``tokens`` enter it."""

@@ -209,6 +209,7 @@ class FocusDETR(Method):
     target = "detr"
     defaults = {"scorer": "norm", "scorer_path": None, "scorer_module": None, "cascade": None, "dual_k": 300}
     default_budget = {"keep": 0.5}
+    keep_means = "fraction of the encoder's tokens kept, rho"
 
     def validate(self, options: Dict[str, Any]) -> None:
         scorer = options["scorer"]

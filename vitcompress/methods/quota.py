@@ -161,6 +161,7 @@ class QuoTA(Method):
     unit = "video"  # reallocates a budget across the frames of one video
     defaults = {"scorer": None, "tokenizer": None}
     default_budget = {"keep": 0.5}
+    keep_means = "fraction of each video's visual tokens kept (the QuoTA budget)"
 
     def validate(self, options) -> None:
         scorer, tokenizer = options["scorer"], options["tokenizer"]
