@@ -24,8 +24,8 @@ Pooling of a compressed tower (the class token is never reduced):
 
 Refused with an error naming the fix: a timm trunk (compress ``model.visual.trunk`` with the timm
 adapter), a ResNet tower, scaled cosine attention, cross-attention blocks, ``pool_type="none"``
-without a pooler, and an ``attn_mask`` passed to the blocks. Training with gradient checkpointing
-is not supported (the recomputed blocks would see the token state of the finished forward).
+without a pooler, an ``attn_mask`` passed to the blocks, and gradient checkpointing while gradients
+are on (the recomputed blocks would see the token state of the finished forward).
 """
 import inspect
 import math
@@ -48,6 +48,16 @@ def _open_clip():
     except ImportError:
         return None
     return model, transformer
+
+
+def _whole_models(model_mod) -> tuple:
+    """open_clip's two-tower model classes, whose ``.visual`` is the image tower."""
+    classes = (model_mod.CLIP, model_mod.CustomTextCLIP)
+    try:
+        from open_clip.coca_model import CoCa
+    except ImportError:
+        return classes
+    return classes + (CoCa,)
 
 
 def _mha_parts(block) -> BlockParts:
@@ -114,7 +124,7 @@ def _check_block(i: int, block, transformer_mod) -> None:
 
 def _tower(model, model_mod, transformer_mod):
     """The ``VisionTransformer`` to reduce, or a clear error for towers without one."""
-    visual = model.visual if isinstance(model, (model_mod.CLIP, model_mod.CustomTextCLIP)) else model
+    visual = model.visual if isinstance(model, _whole_models(model_mod)) else model
     if isinstance(visual, transformer_mod.VisionTransformer):
         return visual
     name = type(visual).__name__
@@ -127,7 +137,7 @@ def _tower(model, model_mod, transformer_mod):
 
 class OpenCLIPVisionAdapter:
     family = "open_clip.VisionTransformer"
-    description = "open_clip CLIP / CustomTextCLIP (image tower) and open_clip VisionTransformer"
+    description = "open_clip CLIP / CustomTextCLIP / CoCa (image tower) and open_clip VisionTransformer"
     variant = "clip"
 
     @staticmethod
@@ -136,7 +146,7 @@ class OpenCLIPVisionAdapter:
         if mods is None:
             return False
         model_mod, transformer_mod = mods
-        return isinstance(model, (model_mod.CLIP, model_mod.CustomTextCLIP, transformer_mod.VisionTransformer))
+        return isinstance(model, _whole_models(model_mod) + (transformer_mod.VisionTransformer,))
 
     def __init__(self, model):
         model_mod, transformer_mod = _open_clip()
@@ -174,6 +184,9 @@ class OpenCLIPVisionAdapter:
             patcher.set(visual, "_global_pool", bind(_size_weighted_global_pool, visual))
         if hasattr(visual, "forward_intermediates"):
             patcher.set(visual, "forward_intermediates", bind(_token_intermediates, visual))
+
+    def grad_checkpointing(self) -> bool:
+        return bool(getattr(self.visual.transformer, "grad_checkpointing", False))
 
     def cost(self) -> ViTCost:
         v = self.visual
@@ -268,6 +281,7 @@ def _token_intermediates(visual, *args, **kwargs):
     call = inspect.signature(original).bind(visual, *args, **kwargs)
     call.apply_defaults()
     if call.arguments.get("output_fmt") != "NLC":
-        raise ValueError("forward_intermediates on a compressed open_clip tower needs output_fmt='NLC': the "
-                         "reduced tokens no longer form the patch grid NCHW would reshape them to")
+        raise ValueError("forward_intermediates on a compressed open_clip tower needs output_fmt='NLC' (on a whole "
+                         "CLIP: image_output_fmt='NLC'): the reduced tokens no longer form the patch grid NCHW "
+                         "would reshape them to")
     return original(*call.args, **call.kwargs)

@@ -1,6 +1,8 @@
 """timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, LayerScale, qk-norm, registers,
 ``class_token=False`` with average pooling, ``dynamic_img_size``)."""
 
+import inspect
+
 import torch
 import torch.nn as nn
 
@@ -79,6 +81,11 @@ class TimmViTAdapter:
             patcher.set(block, "forward", bind(_reducing_block_forward, block))
         if self.model.global_pool in _WEIGHTED_POOLS and hasattr(self.model, "pool"):
             patcher.set(self.model, "pool", bind(_size_weighted_pool, self.model))
+        if hasattr(self.model, "forward_intermediates"):
+            patcher.set(self.model, "forward_intermediates", bind(_token_intermediates, self.model))
+
+    def grad_checkpointing(self) -> bool:
+        return bool(getattr(self.model, "grad_checkpointing", False))
 
     def cost(self) -> ViTCost:
         m = self.model
@@ -109,15 +116,33 @@ def _reducing_block_forward(block, x, attn_mask=None, is_causal=False):
 
 
 def _size_weighted_pool(model, x: torch.Tensor, pool_type=None) -> torch.Tensor:
-    """timm's average pooling, weighting each token by how many patches it stands for."""
+    """timm's average pooling, weighting each token by how many patches it stands for (the sizes
+    of the latest forward, which produced ``x``); other pool types are timm's own."""
     pool_type = model.global_pool if pool_type is None else pool_type
+    if pool_type not in _WEIGHTED_POOLS:
+        return type(model).pool(model, x, pool_type)
+    size = model._vitcompress.state.size
+    if size.shape[:2] != x.shape[:2]:
+        raise ValueError(f"pooling {tuple(x.shape[:2])} tokens with the sizes of the latest forward "
+                         f"({tuple(size.shape[:2])}): on a compressed model call forward_head right after the "
+                         "forward_features that produced its input")
     start = 0 if model.pool_include_prefix else model.num_prefix_tokens
-    tokens, size = x[:, start:], model._vitcompress.state.size[:, start:].to(x.dtype)
+    tokens, size = x[:, start:], size[:, start:].to(x.dtype)
     mean = (tokens * size).sum(dim=1) / size.sum(dim=1)
     if pool_type == "avg":
         return mean
     if pool_type == "max":
         return tokens.amax(dim=1)
-    if pool_type == "avgmax":
-        return 0.5 * (tokens.amax(dim=1) + mean)
-    raise ValueError(f"unknown pool type {pool_type!r}")
+    return 0.5 * (tokens.amax(dim=1) + mean)
+
+
+def _token_intermediates(model, *args, **kwargs):
+    """``forward_intermediates`` of a compressed model: reduced tokens have no patch grid, so only
+    ``output_fmt="NLC"`` is possible (``get_intermediate_layers(reshape=False)``)."""
+    original = type(model).forward_intermediates
+    call = inspect.signature(original).bind(model, *args, **kwargs)
+    call.apply_defaults()
+    if call.arguments.get("output_fmt") != "NLC":
+        raise ValueError("forward_intermediates on a compressed model needs output_fmt='NLC' (get_intermediate_layers: "
+                         "reshape=False): the reduced tokens no longer form the patch grid NCHW would reshape them to")
+    return original(*call.args, **call.kwargs)

@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_json_rows_are_self_consistent(tmp_path):
     out = tmp_path / "rows.json"
-    code = cli.main(["bench", "--num-images", "256", "--methods", "tome", "pitome", "--flops", "0.8", "0.6",
-                     "--batch-size", "64", "--runs", "2", "--quiet", "--json", str(out)])
+    code = cli.main(["bench", "--num-images", "256", "--methods", "tome", "pitome", "--flops", "0.8", "0.6", "0.8",
+                     "--batch-size", "64", "--runs", "2", "--quiet", "--json", str(out)])  # a repeat runs once
     assert code == 0
     rows = json.loads(out.read_text())
     assert [(r["method"], r["setting"]) for r in rows] == [

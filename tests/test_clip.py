@@ -346,3 +346,42 @@ def test_eval_clip_rejects_bad_captions(eval_clip, tmp_path):
     (tmp_path / "captions.tsv").write_text("no tab here\n", encoding="utf-8")
     with pytest.raises(ValueError, match="expected '<image file><TAB><caption>'"):
         eval_clip.read_captions(str(tmp_path / "captions.tsv"))
+
+
+def test_compressing_the_tower_then_the_whole_clip_replaces_and_restores_exactly():
+    model = tiny_clip()
+    with torch.no_grad():
+        ref = model.encode_image(X)
+        vitcompress.compress(model.visual, "tome", r=8)
+        vitcompress.compress(model, "pitome", keep=0.8)  # replaces the tower's compression
+        assert vitcompress.stats(model)["method"] == "pitome" and not hasattr(model.visual, "_vitcompress")
+        vitcompress.restore(model)
+        assert torch.equal(model.encode_image(X), ref)
+        vitcompress.compress(model, "tome", r=8)
+        with pytest.raises(ValueError, match="restore on that model first"):
+            vitcompress.compress(model.visual, "pitome", keep=0.8)  # would stack on the whole model's patch
+        vitcompress.restore(model)
+        assert torch.equal(model.encode_image(X), ref)
+
+
+def test_whole_coca_compresses_its_image_tower():
+    from open_clip.coca_model import CoCa
+    torch.manual_seed(0)
+    vision = dict(VISION, layers=2, attentional_pool=True, attn_pooler_queries=8, attn_pooler_heads=2)
+    multimodal = dict(context_length=16, vocab_size=1000, width=32, heads=2, layers=1, attn_pooler_heads=2)
+    model = CoCa(16, multimodal, TEXT, vision).eval()
+    with torch.no_grad():
+        ref = model.encode_image(X)
+        vitcompress.compress(model, "tome", r=8)
+        out = model.encode_image(X)
+        assert out.shape == ref.shape and vitcompress.stats(model)["tokens_per_layer"] == [65, 57]
+        vitcompress.restore(model)
+        assert torch.equal(model.encode_image(X), ref)
+
+
+def test_open_clip_gradient_checkpointing_is_refused():
+    model = tiny_clip().train()
+    vitcompress.compress(model, "tome", r=4)
+    model.visual.set_grad_checkpointing(True)
+    with pytest.raises(RuntimeError, match="gradient checkpointing"):
+        model.encode_image(X)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from vitcompress.methods.pitome import energy_scores, margin_at, pitome_merge
+from vitcompress.methods.pitome import energy_scores, in_first_half, margin_at, pitome_merge
 from vitcompress.methods.tome import bipartite_soft_matching
 from vitcompress.tokens import Plan, TokenState, apply_plan
 
@@ -63,6 +63,13 @@ def test_pitome_margin_schedule():
     assert margin_at(0, 12, 0.75) == 0.75
     assert margin_at(6, 12, 0.75) == pytest.approx(0.375)
     assert margin_at(11, 12, 0.9) == pytest.approx(0.075)
+
+
+def test_pitome_first_half_is_ceil_of_half_the_depth():
+    """The reference code matches like ToMe in ceil(L / 2) blocks: the middle one of an odd depth too."""
+    assert [in_first_half(layer, 5) for layer in range(5)] == [True, True, True, False, False]
+    assert [in_first_half(layer, 4) for layer in range(4)] == [True, True, False, False]
+    assert sum(in_first_half(layer, 27) for layer in range(27)) == 14
 
 
 def test_pitome_protects_low_energy_and_merges_a_into_b():

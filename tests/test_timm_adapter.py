@@ -113,3 +113,43 @@ def test_bfloat16_autocast():
 def test_attention_pooling_is_refused():
     with pytest.raises(ValueError, match="global_pool='map'"):
         vitcompress.compress(tiny_vit(class_token=False, global_pool="map"), "tome", r=2)
+
+
+def test_gradient_checkpointing_is_refused_while_gradients_are_on():
+    model = tiny_vit().train()
+    vitcompress.compress(model, "tome", r=4)
+    model.set_grad_checkpointing(True)
+    with pytest.raises(RuntimeError, match="set_grad_checkpointing\\(False\\)"):
+        model(torch.randn(2, 3, 32, 32))
+    with torch.no_grad():  # nothing is recomputed without gradients
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    model.set_grad_checkpointing(False)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+
+
+def test_pool_types_and_forward_head_after_another_forward():
+    model = tiny_vit(**VARIANTS["avg_pool_with_cls"])
+    x = torch.randn(2, 3, 32, 32)
+    vitcompress.compress(model, "tome", r=6)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert torch.equal(model.pool(feats, pool_type="token"), feats[:, 0])  # timm's own for non-weighted pools
+        model.forward_features(x[:1])  # another forward: the sizes no longer describe feats
+        with pytest.raises(ValueError, match="right after the forward_features"):
+            model.forward_head(feats)
+
+
+def test_intermediates_are_token_lists_after_compress():
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    vitcompress.compress(model, "tome", r=6)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="output_fmt='NLC'"):
+            model.forward_intermediates(x)
+        with pytest.raises(ValueError, match="reshape=False"):
+            model.get_intermediate_layers(x, n=2, reshape=True)
+        final, inter = model.forward_intermediates(x, output_fmt="NLC")
+        layers = model.get_intermediate_layers(x, n=2)
+    # each block's output without CLS: 64 patches less 6 per block; the final tokens with CLS
+    assert [t.shape[1] for t in inter] == [58, 52, 46, 40] and final.shape[1] == 41
+    assert [t.shape[1] for t in layers] == [46, 40]

@@ -1,6 +1,7 @@
 """compress / restore / methods / stats: find the adapter, build the plan, patch."""
 from typing import Any, Dict, List, Optional
 
+import torch
 import torch.nn as nn
 
 from . import methods as _methods
@@ -63,6 +64,11 @@ class Compression:
 
     def begin(self, x) -> None:
         """Called by the first block of every forward: fresh token state, schedule for this size."""
+        checkpointing = getattr(self.adapter, "grad_checkpointing", None)
+        if checkpointing is not None and torch.is_grad_enabled() and checkpointing():
+            raise RuntimeError("gradient checkpointing re-runs blocks in backward without the token state of "
+                               "their forward, which token reduction needs; turn it off "
+                               "(model.set_grad_checkpointing(False)) while the model is compressed")
         p = self.adapter.num_prefix
         self.schedule = self.schedule_for(int(x.shape[1]) - p)  # int: shapes are tensors while tracing
         self.state = TokenState.start(x, p, trace_source=self.trace_source)
@@ -128,11 +134,22 @@ def compress(model: nn.Module, method: str, *, keep: Optional[float] = None, r=N
     # tokens) builds its own runtime; it has the same patcher / stats() interface.
     make_runtime = getattr(adapter, "make_runtime", None)
     runtime = make_runtime(spec, opts, budget) if make_runtime else Compression(adapter, spec, opts, budget)
-    if getattr(model, _ATTR, None) is not None:
-        restore(model)
+    _release(model)
     adapter.patch(runtime, runtime.patcher)
     runtime.patcher.set(model, _ATTR, runtime)
     return model
+
+
+def _release(model: nn.Module) -> None:
+    """Compressing replaces, never stacks: undo earlier compressions of ``model`` and of modules
+    inside it (a CLIP's image tower); refuse when a model containing it patched it."""
+    for module in model.modules():
+        if _ATTR in module.__dict__:
+            restore(module)
+    for name, module in model.named_modules():
+        if "_vitcompress_runtime" in module.__dict__:
+            raise ValueError(f"{name or 'this model'} is already compressed through a model that contains it "
+                             "(e.g. the whole CLIP or LLaVA); call vitcompress.restore on that model first")
 
 
 def restore(model: nn.Module) -> nn.Module:

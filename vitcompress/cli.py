@@ -45,10 +45,13 @@ def _load(args):
 
 
 def _settings(args) -> List[str]:
+    """The settings to run, each once, in the order given."""
     if args.settings:
-        return args.settings
-    methods = args.methods or api.methods("vit")
-    return [f"{m}:flops={f}" for m in methods for f in args.flops]
+        settings = args.settings
+    else:
+        methods = args.methods or api.methods("vit")
+        settings = [f"{m}:flops={f}" for m in methods for f in args.flops]
+    return list(dict.fromkeys(settings))
 
 
 def bench(args) -> List[Dict[str, Any]]:

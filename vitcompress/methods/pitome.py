@@ -4,6 +4,8 @@ Tokens in dense, mutually similar regions have high energy and are safe to merge
 tokens (isolated, informative) are protected. In the first half of the layers the reference code
 runs ToMe's bipartite matching over the energy-sorted order; that is the default here too.
 """
+import math
+
 import torch
 
 from vitcompress.kernels import dispatch
@@ -45,6 +47,12 @@ def pitome_merge(metric: torch.Tensor, r: int, margin: float, alpha: float = 1.0
     return Plan(keep=keep, merge_src=a_idx, merge_dst=protected.shape[1] + match)
 
 
+def in_first_half(layer: int, num_layers: int) -> bool:
+    """Whether block ``layer`` is in the first half, where PiToMe's reference code matches like
+    ToMe: ``ceil(L / 2)`` blocks, so the middle block of an odd depth counts as first half."""
+    return layer < math.ceil(num_layers / 2)
+
+
 class PiToMe(Method):
     name = "pitome"
     kind = "merge"
@@ -60,12 +68,12 @@ class PiToMe(Method):
     def overhead_flops(self, tokens, num_prefix, remove, num_heads, head_dim, layer, num_layers, options):
         t = tokens - num_prefix
         energy = t * t * head_dim  # the full T x T similarity behind the energies
-        if options["bipartite_first_half"] and layer < num_layers // 2:
+        if options["bipartite_first_half"] and in_first_half(layer, num_layers):
             return energy + ((t + 1) // 2) * (t // 2) * head_dim
         return energy + remove * remove * head_dim
 
     def plan(self, signals: Signals, remove: int, options) -> Plan:
         margin = margin_at(signals.layer, signals.num_layers, options["margin"])
-        first_half = signals.layer < signals.num_layers // 2
+        first_half = in_first_half(signals.layer, signals.num_layers)
         return pitome_merge(signals.metric, remove, margin, options["alpha"],
                             bipartite_order=options["bipartite_first_half"] and first_half)
