@@ -2,6 +2,7 @@
 import torch
 
 import vitcompress
+from conftest import tiny_vit
 
 
 def test_uncompressed_deit_small_is_the_well_known_4_6_gflops(deit_small):
@@ -50,3 +51,35 @@ def test_measure_speed_reports_throughput_latency_memory():
     out = vitcompress.measure_speed(model, torch.randn(4, 3, 8, 8), warmup=1, runs=3)
     assert out["throughput"] > 0 and out["latency_ms"] > 0 and out["batch_size"] == 4
     assert len(out["seconds"]) == 3 and isinstance(out["peak_memory"], int)
+    # Flatten is a view of the input, the Linear's output is the only tensor the forward makes
+    assert out["peak_memory"] == 4 * 10 * 4
+
+
+class Chain(torch.nn.Module):
+    def forward(self, x):
+        a = x * 2
+        b = (a + 1).view(-1)  # a view: no new storage
+        b.add_(1)  # in place: none either
+        del a
+        return (b * 3).view_as(x)
+
+
+def test_cpu_peak_memory_follows_the_forwards_tensors():
+    """Two tensors the size of the input are alive at once at the peak (a and b, then b and the
+    output); views, in-place ops, the input and the weights add nothing."""
+    from vitcompress.profile.speed import peak_memory
+    x = torch.randn(64, 1024)
+    assert peak_memory(Chain(), x) == 2 * x.nbytes
+
+
+
+def test_a_compressed_block_frees_its_attention_tensors_before_the_mlp():
+    """Without reduction a compressed model holds what the plain one does plus the token sizes;
+    Zero-TPrune adds one block's attention probabilities, not one per block."""
+    from vitcompress.profile.speed import peak_memory
+    x = torch.randn(8, 3, 32, 32)
+    plain = peak_memory(tiny_vit(), x)
+    assert peak_memory(vitcompress.compress(tiny_vit(), "tome", r=0), x) == plain + 8 * 65 * 4
+    probs = 8 * 3 * 65 * 65 * 4  # [B, H, N, N] float32 of the first block
+    extra = peak_memory(vitcompress.compress(tiny_vit(), "zero_tprune", keep=0.9), x) - plain
+    assert probs <= extra < 1.5 * probs

@@ -76,8 +76,15 @@ def reducing_forward(parts: BlockParts, runtime, layer: int, x: Tensor) -> Tenso
     """Forward of block ``layer`` under ``runtime`` (the model's :class:`~vitcompress.api.Compression`)."""
     if layer == 0:
         runtime.begin(x)
-    state, schedule = runtime.state, runtime.schedule
     runtime.tokens_seen.append(int(x.shape[1]))
+    x = _attend_and_reduce(parts, runtime, layer, x)
+    return x + parts.residual2(parts.mlp(parts.norm2(x)))
+
+
+def _attend_and_reduce(parts: BlockParts, runtime, layer: int, x: Tensor) -> Tensor:
+    """The attention residual, then the block's reduction. A function of its own so that q, k, v
+    and the attention probabilities are freed before the MLP runs, as in an unpatched block."""
+    state, schedule = runtime.state, runtime.schedule
     remove = schedule.remove[layer]
     p = state.num_prefix
 
@@ -89,12 +96,10 @@ def reducing_forward(parts: BlockParts, runtime, layer: int, x: Tensor) -> Tenso
     o, probs = attention(q, k, v, bias, parts.scale, dropout, need_probs)
     B, H, N, d = o.shape
     x = x + parts.residual1(parts.attn_out(o.transpose(1, 2).reshape(B, N, H * d), h))
-
-    if remove > 0:
-        with torch.no_grad():
-            signals = Signals(metric=k.mean(dim=1)[:, p:], x=x[:, p:], attn=probs, num_prefix=p,
-                              layer=layer, num_layers=schedule.depth)
-            plan = runtime.method.plan(signals, remove, runtime.options)
-        x = apply_plan(x, state, plan)
-
-    return x + parts.residual2(parts.mlp(parts.norm2(x)))
+    if remove == 0:
+        return x
+    with torch.no_grad():
+        signals = Signals(metric=k.mean(dim=1)[:, p:], x=x[:, p:], attn=probs, num_prefix=p,
+                          layer=layer, num_layers=schedule.depth)
+        plan = runtime.method.plan(signals, remove, runtime.options)
+    return apply_plan(x, state, plan)

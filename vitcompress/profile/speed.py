@@ -1,11 +1,12 @@
 """Throughput, latency and peak memory, measured the same way for every model compared."""
-import os
 import statistics
-import threading
 import time
+import weakref
 from typing import Any, Dict, List, Mapping
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def _sync(device: torch.device) -> None:
@@ -27,39 +28,54 @@ def _timed(model, inputs) -> float:
     return time.perf_counter() - start
 
 
-class _PeakRSS:
-    """Peak growth of the process's resident memory while the block runs (CPU), by sampling."""
+class _PeakTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage that the ops run under it allocate and hold at the same time.
 
-    def __enter__(self):
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
+    The CPU allocator keeps no statistics, and resident memory does not shrink when tensors are
+    freed, so on a CPU the forward's tensors are followed one by one: an op's output on a storage
+    not seen before adds its bytes, which come off when the last tensor on it is gone. Storages of
+    ``external`` tensors (weights, inputs) are never counted; buffers an op uses inside (e.g.
+    fused attention's workspace) are not seen.
+    """
 
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
+    def __init__(self, external=()):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs: Dict[int, List[int]] = {}  # storage address -> [tensors on it, bytes]
+        self._external = {t.untyped_storage().data_ptr() for t in external}
 
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.0005)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
 
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        address, size = storage.data_ptr(), storage.nbytes()
+        if address == 0 or size == 0 or address in self._external:
+            return
+        entry = self._refs.get(address)
+        if entry is None:
+            entry = self._refs[address] = [0, size]
+            self.live += size
+            self.peak = max(self.peak, self.live)
+        entry[0] += 1
+        weakref.finalize(t, self._release, address)
 
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
+    def _release(self, address: int) -> None:
+        entry = self._refs.get(address)
+        if entry is not None:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del self._refs[address]
+                self.live -= entry[1]
 
 
 def peak_memory(model, inputs) -> int:
     """Bytes of memory one forward needs beyond what is already allocated: CUDA's peak allocation
-    on GPU; on CPU the peak growth of resident memory (sampled, so approximate)."""
+    on GPU; on CPU the peak of the forward's tensors alive at once (:class:`_PeakTensorBytes`)."""
     device = inputs.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -68,11 +84,13 @@ def peak_memory(model, inputs) -> int:
         _run(model, inputs)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    if not os.path.exists("/proc/self/statm"):
-        return -1
-    with _PeakRSS() as rss:
+    external = [inputs]
+    if isinstance(model, torch.nn.Module):
+        external += list(model.parameters()) + list(model.buffers())
+    tracker = _PeakTensorBytes(external)
+    with tracker:
         _run(model, inputs)
-    return rss.growth
+    return tracker.peak
 
 
 class CUDAGraphed:
