@@ -385,3 +385,18 @@ def test_open_clip_gradient_checkpointing_is_refused():
     model.visual.set_grad_checkpointing(True)
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         model.encode_image(X)
+
+
+def test_r_budget_clamps_at_the_smaller_token_counts_of_patch_dropout():
+    """r is checked at the tower's size; patch dropout in training leaves fewer tokens, where each
+    block removes at most what ToMe can (half the reducible tokens), as ToMe does."""
+    model = tiny_clip(patch_dropout=0.5)
+    vitcompress.compress(model, "tome", r=12)
+    with torch.no_grad():
+        model.encode_image(X)
+    assert vitcompress.stats(model)["tokens_per_layer"] == [65, 53, 41, 29]
+    model.train()
+    model.encode_image(X).sum().backward()
+    assert vitcompress.stats(model)["tokens_per_layer"] == [33, 21, 11, 6]  # 32 patches: 12, 10, 5, 2 removed
+    with pytest.raises(ValueError, match="can remove at most"):
+        vitcompress.compress(tiny_clip(), "tome", r=40)  # at the tower's own size it is an error

@@ -56,10 +56,13 @@ class Compression:
         self.tokens_seen: List[int] = []
 
     def schedule_for(self, num_patches: int) -> Schedule:
+        """The schedule for inputs of ``num_patches`` patches. The budget is checked at the model's
+        own size (at compress time); other sizes (``dynamic_img_size``, patch dropout in training)
+        remove at most what each block can."""
         if num_patches not in self._schedules:
             self._schedules[num_patches] = build_schedule(
                 self.method, self.options, self.budget.kind, self.budget.value, num_patches,
-                self.adapter.num_prefix, self.adapter.depth)
+                self.adapter.num_prefix, self.adapter.depth, clamp=num_patches != self.adapter.num_patches)
         return self._schedules[num_patches]
 
     def begin(self, x) -> None:

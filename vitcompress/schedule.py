@@ -103,8 +103,12 @@ class Schedule:
 
 
 def build_schedule(method: Method, options: Dict[str, Any], kind: str, value, num_patches: int,
-                   num_prefix: int, depth: int) -> Schedule:
-    """Turn a ``keep`` or ``r`` budget into a checked schedule for ``num_patches`` input patches."""
+                   num_prefix: int, depth: int, clamp: bool = False) -> Schedule:
+    """Turn a ``keep`` or ``r`` budget into a checked schedule for ``num_patches`` input patches.
+
+    A block asked to remove more than the method can is an error, or with ``clamp`` removes what it
+    can (as ToMe does): for token counts other than the one the budget was checked at.
+    """
     requested = r_per_layer(value, depth) if kind == "r" else None
     remove, tokens = [], []
     t = num_patches
@@ -119,6 +123,8 @@ def build_schedule(method: Method, options: Dict[str, Any], kind: str, value, nu
                 raise ValueError(f"r asks block {layer} to remove {n} tokens, but {method.name} does not reduce "
                                  f"in that block; set its entry to 0")
         limit = method.max_remove(t, layer, depth, options)
+        if clamp:
+            n = min(n, limit)
         if n > limit:
             fix = "use a larger keep" if kind == "keep" else "use a smaller r or a per-block list"
             raise ValueError(f"{kind}={value} asks block {layer} to remove {n} of the {t} tokens left, but "
