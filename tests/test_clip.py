@@ -295,7 +295,7 @@ def test_recall_at_k_by_hand(eval_clip):
     assert (r["t2i_r1"], r["t2i_r2"]) == (pytest.approx(1 / 3), 1.0)
 
 
-def test_eval_clip_end_to_end(eval_clip, tmp_path, capsys):
+def test_eval_clip_end_to_end(eval_clip, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (20, 40, 230)}
@@ -321,6 +321,14 @@ def test_eval_clip_end_to_end(eval_clip, tmp_path, capsys):
     open_clip.add_model_config(tmp_path / "tiny_clip.json")
     torch.save(open_clip.create_model("tiny_clip").state_dict(), tmp_path / "tiny_clip.pt")
 
+    compressed_encodes = []  # whether each encode_images call got a compressed model
+    encode_images = eval_clip.encode_images
+
+    def spy(model, *args, **kwargs):
+        compressed_encodes.append(hasattr(model, "_vitcompress"))
+        return encode_images(model, *args, **kwargs)
+
+    monkeypatch.setattr(eval_clip, "encode_images", spy)
     out = tmp_path / "rows.json"
     assert eval_clip.main([
         "--model-config", str(tmp_path / "tiny_clip.json"), "--checkpoint", str(tmp_path / "tiny_clip.pt"),
@@ -340,6 +348,8 @@ def test_eval_clip_end_to_end(eval_clip, tmp_path, capsys):
         assert row["images_per_s"] > 0
     assert compressed["gflops"] < base["gflops"]
     assert compressed["tokens_per_layer"][0] == 65 and compressed["tokens_per_layer"][-1] < 65
+    # zero-shot and retrieval images of each row go through that row's model
+    assert compressed_encodes == [False, False, True, True]
 
 
 def test_eval_clip_rejects_bad_captions(eval_clip, tmp_path):
