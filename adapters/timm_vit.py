@@ -69,6 +69,7 @@ class TimmViTAdapter:
             raise ValueError("global_pool='map' (attention pooling) is not supported: merged tokens would "
                              "be pooled without their sizes; use a model with token or avg pooling")
         self.num_prefix = model.num_prefix_tokens
+        self.cls_first = getattr(model, "cls_token", None) is not None  # else the prefix is registers only
         self.num_patches = model.patch_embed.num_patches
         self.depth = len(model.blocks)
 

@@ -16,6 +16,8 @@ import warnings
 
 import torch
 
+from vitcompress.cache import capturing
+
 from . import reference
 
 #: name -> fused implementation; filled on first use by :func:`_load_triton`.
@@ -55,16 +57,6 @@ def triton_available() -> bool:
     return bool(_load_triton())
 
 
-def _capturing() -> bool:
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
-
-
 def _torch_is_faster(name: str, tensor) -> bool:
     """Shapes where the torch reference measured faster on a GPU (H200, experiments/bench_kernels.py):
     float32 energy beyond 256 tokens (0.66x at 576) and top-k of rows beyond 1024 (0.33x at 4096)."""
@@ -77,7 +69,7 @@ def _torch_is_faster(name: str, tensor) -> bool:
 
 def _pick(name: str, tensor):
     choice = backend()
-    if choice == "torch" or _capturing():
+    if choice == "torch" or capturing():
         return getattr(reference, name)
     if choice == "triton":
         fused = _load_triton().get(name)

@@ -330,10 +330,44 @@ def test_every_variant_runs(options):
                                      dict(prerank_iters=0), dict(var_min=0.8, var_max=0.7), dict(var_min=-1.0),
                                      dict(head_filter="yes"), dict(aggregate="max"), dict(cls_init="cls"),
                                      dict(s_ratio=1.5), dict(s_ratio=-0.1), dict(order="SI"), dict(layers=[-1]),
-                                     dict(layers="all")])
+                                     dict(layers="all"), dict(layers=[4, 7]), dict(iters=[3] * 40),
+                                     dict(layers=[0, 1], iters=[30, 30])])
 def test_bad_options_raise_value_error(options):
     with pytest.raises(ValueError, match="zero_tprune"):
         vitcompress.compress(tiny_vit(), "zero_tprune", keep=0.9, **options)
+
+
+def test_a_model_with_registers_but_no_cls_starts_pagerank_uniform(monkeypatch):
+    """Only a CLS gets the sqrt(N) head start; with registers only, token 0 is a register."""
+    import importlib
+    zt = importlib.import_module("vitcompress.methods.zero_tprune")  # vitcompress.methods is also a function
+    seen = []
+    original = zt.token_importance
+
+    def spy(attn, num_prefix, iters, **kwargs):
+        seen.append(kwargs["cls_init"])
+        return original(attn, num_prefix, iters, **kwargs)
+
+    monkeypatch.setattr(zt, "token_importance", spy)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        vitcompress.compress(tiny_vit(class_token=False, reg_tokens=4, global_pool="avg"), "zero_tprune", keep=0.9)(x)
+        registers_only = set(seen)
+        seen.clear()
+        vitcompress.compress(tiny_vit(reg_tokens=4), "zero_tprune", keep=0.9)(x)
+    assert registers_only == {"uniform"} and set(seen) == {"sqrt"}
+
+
+def test_references_score_in_float32_under_autocast():
+    """Autocast would run the references' products in bfloat16 (the kernels never do): the
+    scores, and so the pruning, are the same with and without it."""
+    attn = random_attention(2, 3, 50, seed=4).to(torch.bfloat16)
+    metric = torch.randn(2, 49, 16).to(torch.bfloat16)
+    plain = zero_tprune(attn, metric, 1, 6, 6, 30)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert weighted_pagerank(attn, 30).dtype == torch.float32
+        assert torch.equal(weighted_pagerank(attn, 30), weighted_pagerank(attn.float(), 30))
+        assert torch.equal(zero_tprune(attn, metric, 1, 6, 6, 30).keep, plain.keep)
 
 
 def test_unknown_option_is_a_type_error():

@@ -100,6 +100,7 @@ def _attend_and_reduce(parts: BlockParts, runtime, layer: int, x: Tensor) -> Ten
         return x
     with torch.no_grad():
         signals = Signals(metric=k.mean(dim=1)[:, p:], x=x[:, p:], attn=probs, num_prefix=p,
-                          layer=layer, num_layers=schedule.depth)
+                          layer=layer, num_layers=schedule.depth,
+                          cls_first=getattr(runtime.adapter, "cls_first", True))
         plan = runtime.method.plan(signals, remove, runtime.options)
     return apply_plan(x, state, plan)

@@ -19,7 +19,8 @@ class Signals:
     ``metric[B, T, d]``: keys averaged over heads (the ToMe metric), reducible tokens only.
     ``x[B, T, C]``: hidden states of the reducible tokens after the attention residual.
     ``attn[B, H, N, N]``: attention probabilities over all N tokens (prefix included), present only
-    in layers where the method asked for them.
+    in layers where the method asked for them. ``cls_first``: whether the first special token is a
+    class token (a timm ViT without one may still have register tokens).
     """
 
     metric: torch.Tensor
@@ -28,6 +29,7 @@ class Signals:
     num_prefix: int
     layer: int
     num_layers: int
+    cls_first: bool = True
 
 
 class Method:

@@ -43,8 +43,8 @@ Choices where the paper leaves room (each is an option; defaults in :attr:`ZeroT
   An int sets every block, a list gives one count per block.
 * **Initial scores** (``cls_init``): the paper's headline variant gives CLS ``sqrt(N)`` times
   the initial score of the other tokens (``"sqrt"``, default; only the first special token, the
-  CLS of a timm ViT, is boosted); ``"uniform"`` is its Zero-TPrune-uni. A model without special
-  tokens starts uniform either way.
+  CLS of a timm ViT, is boosted); ``"uniform"`` is its Zero-TPrune-uni. A model without a CLS
+  (no special tokens, or registers only) starts uniform either way.
 * **Head-filter statistic**: population variance of ``N * s`` over all ``N`` tokens of the
   graph (special tokens included); if no head of an image passes, all its heads are used.
 * Kept tokens stay in their original order.
@@ -268,8 +268,6 @@ def iters_at(layer: int, num_layers: int, iters) -> int:
     if isinstance(iters, int):
         return iters
     if isinstance(iters, list):
-        if layer >= len(iters):
-            raise ValueError(f"zero_tprune iters has {len(iters)} entries but block {layer} prunes; give one per block")
         return iters[layer]
     early, middle, late = iters
     edge = edge_layers(num_layers)
@@ -363,7 +361,12 @@ class ZeroTPrune(Method):
         return self.reduces(layer, num_layers, options)
 
     def max_remove(self, tokens, layer, num_layers, options) -> int:
-        iters_at(layer, num_layers, options["iters"])  # a per-block list too short fails at compress time
+        iters, layers = options["iters"], options["layers"]
+        if isinstance(iters, list) and len(iters) != num_layers:
+            raise ValueError(f"zero_tprune iters has {len(iters)} entries but the model has {num_layers} blocks; "
+                             "give one per block")
+        if layers is not None and any(v >= num_layers for v in layers):
+            raise ValueError(f"zero_tprune layers={list(layers)}: the model has blocks 0..{num_layers - 1}")
         s, order = options["s_ratio"], options["order"]
         r = max(tokens - 1, 0)
         while r > 0 and not _feasible(tokens, r, s, order):
@@ -395,4 +398,4 @@ class ZeroTPrune(Method):
             iters_at(signals.layer, signals.num_layers, options["iters"]),
             prerank_iters=options["prerank_iters"], order=options["order"],
             var_min=options["var_min"], var_max=options["var_max"], head_filter=options["head_filter"],
-            aggregate=options["aggregate"], cls_init=options["cls_init"])
+            aggregate=options["aggregate"], cls_init=options["cls_init"] if signals.cls_first else "uniform")
