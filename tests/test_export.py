@@ -180,6 +180,38 @@ def test_bad_arguments(tmp_path):
         export_onnx(model, str(tmp_path / "m.onnx"), (1, 3, 32, 32), opset=13, verbose=False)
     with pytest.raises(ValueError, match="input_shape"):
         export_onnx(model, str(tmp_path / "m.onnx"), (3, 32, 32), verbose=False)
+    # refused before the export, naming the fix
+    with pytest.raises(ValueError, match="is a directory"):
+        export_onnx(model, str(tmp_path), (1, 3, 32, 32), verbose=False)
+    with pytest.raises(ValueError, match="no images to check"):
+        export_onnx(model, str(tmp_path / "m.onnx"), (1, 3, 32, 32), inputs=torch.zeros(0, 3, 32, 32), verbose=False)
+    with pytest.raises(ValueError, match="whole batches of 8"):
+        export_onnx(model, str(tmp_path / "m.onnx"), (8, 3, 32, 32), dynamic_batch=False,
+                    inputs=torch.zeros(20, 3, 32, 32), verbose=False)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_detection_and_llava_methods_are_refused():
+    from test_detr import tiny_detr  # skips without transformers
+    detr = vitcompress.compress(tiny_detr(), "focus_detr")
+    with pytest.raises(ValueError, match="export covers ViT-like image models .* pitome, tome, zero_tprune;"):
+        export_program(detr, (1, 3, 64, 64))
+
+
+def test_a_static_program_exports_a_static_batch(tmp_path):
+    model = vitcompress.compress(tiny_vit(depth=1), "tome", r=8)
+    program = export_program(model, (2, 3, 32, 32), dynamic_batch=False)
+    report = export_onnx(model, str(tmp_path / "static.onnx"), (2, 3, 32, 32), program=program, verbose=False)
+    assert report.dynamic_batch is False and list(report.checks) == ["random, batch 2"] and report.ok
+
+
+def test_onnxruntime_threads_sleep_when_idle(tmp_path):
+    """Spinning idle threads would slow down a PyTorch model timed in the same loop."""
+    from vitcompress.export import ort_session
+    model = vitcompress.compress(tiny_vit(depth=1), "tome", r=8)
+    report = export_onnx(model, str(tmp_path / "m.onnx"), (1, 3, 32, 32), verbose=False)
+    options = ort_session(report.path).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 @pytest.mark.slow

@@ -65,6 +65,10 @@ def check_exportable(model: nn.Module) -> None:
     if runtime is None:
         return
     method = runtime.method
+    if method.target != "vit":
+        raise ValueError(f"cannot export a model compressed with {method.name!r}: export covers ViT-like image "
+                         f"models (timm, CLIP image towers) compressed with {', '.join(_static_methods())}; "
+                         "export a detector or a LLaVA uncompressed")
     if getattr(method, "dynamic", False):
         raise ValueError(
             f"cannot export a model compressed with {method.name!r}: that method sets the number of "
@@ -76,7 +80,30 @@ def check_exportable(model: nn.Module) -> None:
 
 def _static_methods() -> List[str]:
     from .methods import get, names  # (vitcompress.methods, the attribute, is the function)
-    return [n for n in names() if not getattr(get(n), "dynamic", False)]
+    return [n for n in names("vit") if not getattr(get(n), "dynamic", False)]
+
+
+def _has_dynamic_batch(program) -> bool:
+    """Whether the image input of an ``ExportedProgram`` has a symbolic batch dimension."""
+    name = program.graph_signature.user_inputs[0]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+    return isinstance(node.meta["val"].shape[0], torch.SymInt)
+
+
+def _check_output_path(path: str) -> None:
+    """Fail before the (slow) export when ``path`` cannot be written."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise ValueError(f"{path} is a directory: give the .onnx file to write, e.g. {os.path.join(path, 'model.onnx')}")
+    existed = os.path.exists(target)
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "ab"):
+            pass
+    except OSError as err:
+        raise ValueError(f"cannot write {path}: {err.strerror or err}") from None
+    if not existed:
+        os.remove(target)
 
 
 def _input_shape(input_shape: Sequence[int]) -> Tuple[int, ...]:
@@ -226,6 +253,9 @@ def ort_session(path: str, providers: Optional[Sequence[str]] = None):
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3
+    # Idle threads that spin would steal the cores from whatever runs next (a PyTorch model timed
+    # in the same loop): they sleep instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
 
 
@@ -339,7 +369,7 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
     few real images may differ).
 
     ``program``: an ``ExportedProgram`` of this model from :func:`export_program`, to skip the
-    capture. ``optimize``: run onnxscript's graph optimiser (constant folding, dead code) before
+    capture (its batch dimension, dynamic or not, is the file's). ``optimize``: run onnxscript's graph optimiser (constant folding, dead code) before
     saving. Works for any module taking one image tensor (timm today; open_clip image towers
     through the same path once their adapter exists). Raises ``ValueError`` for a model compressed
     with a content-dependent (dynamic) method.
@@ -350,8 +380,16 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
     _require("onnxscript")
     check_exportable(model)
     shape = _input_shape(input_shape)
+    if program is not None:
+        dynamic_batch = _has_dynamic_batch(program)
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset={opset!r}: vitcompress exports ONNX opset {MIN_OPSET} or newer")
+    _check_output_path(path)
+    if inputs is not None and len(inputs) == 0:
+        raise ValueError("inputs= holds no images to check (with the CLI: --num-images must be >= 1)")
+    if inputs is not None and not dynamic_batch and len(inputs) % shape[0]:
+        raise ValueError(f"{len(inputs)} images to check do not fill whole batches of {shape[0]}, the static batch "
+                         "size: give a multiple of it (CLI: --num-images), or a dynamic batch")
     if program is None:
         program = export_program(model, shape, dynamic_batch=dynamic_batch)
     with warnings.catch_warnings():
