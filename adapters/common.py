@@ -1,5 +1,6 @@
 """Helpers shared by adapters: FLOPs per token of a module (as fvcore counts them), binding patched methods."""
 import functools
+import inspect
 import math
 
 import torch.nn as nn
@@ -38,3 +39,16 @@ def bind(fn, module):
     the class, which does not have it.
     """
     return functools.partial(fn, module)
+
+
+def token_intermediates(model, *args, **kwargs):
+    """``forward_intermediates`` of a compressed timm ViT or open_clip tower: reduced tokens have no
+    patch grid, so only ``output_fmt="NLC"`` is possible."""
+    original = type(model).forward_intermediates
+    call = inspect.signature(original).bind(model, *args, **kwargs)
+    call.apply_defaults()
+    if call.arguments.get("output_fmt") != "NLC":
+        raise ValueError("forward_intermediates on a compressed model needs output_fmt='NLC' (timm's "
+                         "get_intermediate_layers: reshape=False; a whole open_clip CLIP: image_output_fmt='NLC'): "
+                         "the reduced tokens no longer form the patch grid NCHW would reshape them to")
+    return original(*call.args, **call.kwargs)

@@ -27,7 +27,6 @@ adapter), a ResNet tower, scaled cosine attention, cross-attention blocks, ``poo
 without a pooler, an ``attn_mask`` passed to the blocks, and gradient checkpointing while gradients
 are on (the recomputed blocks would see the token state of the finished forward).
 """
-import inspect
 import math
 import sys
 
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from vitcompress.blocks import BlockParts, reducing_forward
 from vitcompress.schedule import ViTCost
 
-from .common import bind, identity, patch_flops, per_token_flops
+from .common import bind, identity, patch_flops, per_token_flops, token_intermediates
 
 
 def _open_clip():
@@ -183,7 +182,7 @@ class OpenCLIPVisionAdapter:
             patcher.set(visual, "_vitcompress_runtime", runtime)
             patcher.set(visual, "_global_pool", bind(_size_weighted_global_pool, visual))
         if hasattr(visual, "forward_intermediates"):
-            patcher.set(visual, "forward_intermediates", bind(_token_intermediates, visual))
+            patcher.set(visual, "forward_intermediates", bind(token_intermediates, visual))
 
     def grad_checkpointing(self) -> bool:
         return bool(getattr(self.visual.transformer, "grad_checkpointing", False))
@@ -272,16 +271,3 @@ def _size_aware_pooler_forward(pooler, x):
     x = x.transpose(0, 1)
     out = pooler.attn(q.unsqueeze(1).expand(-1, B, -1), x, x, need_weights=False, attn_mask=mask)[0]
     return out.transpose(0, 1)
-
-
-def _token_intermediates(visual, *args, **kwargs):
-    """``forward_intermediates`` of a compressed tower: reduced tokens have no patch grid, so only
-    ``output_fmt="NLC"`` is possible."""
-    original = type(visual).forward_intermediates
-    call = inspect.signature(original).bind(visual, *args, **kwargs)
-    call.apply_defaults()
-    if call.arguments.get("output_fmt") != "NLC":
-        raise ValueError("forward_intermediates on a compressed open_clip tower needs output_fmt='NLC' (on a whole "
-                         "CLIP: image_output_fmt='NLC'): the reduced tokens no longer form the patch grid NCHW "
-                         "would reshape them to")
-    return original(*call.args, **call.kwargs)

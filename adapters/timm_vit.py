@@ -1,15 +1,13 @@
 """timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, LayerScale, qk-norm, registers,
 ``class_token=False`` with average pooling, ``dynamic_img_size``)."""
 
-import inspect
-
 import torch
 import torch.nn as nn
 
 from vitcompress.blocks import BlockParts, reducing_forward
 from vitcompress.schedule import ViTCost
 
-from .common import bind, patch_flops, per_token_flops
+from .common import bind, patch_flops, per_token_flops, token_intermediates
 
 _WEIGHTED_POOLS = ("avg", "avgmax", "max")
 
@@ -83,7 +81,7 @@ class TimmViTAdapter:
         if self.model.global_pool in _WEIGHTED_POOLS and hasattr(self.model, "pool"):
             patcher.set(self.model, "pool", bind(_size_weighted_pool, self.model))
         if hasattr(self.model, "forward_intermediates"):
-            patcher.set(self.model, "forward_intermediates", bind(_token_intermediates, self.model))
+            patcher.set(self.model, "forward_intermediates", bind(token_intermediates, self.model))
 
     def grad_checkpointing(self) -> bool:
         return bool(getattr(self.model, "grad_checkpointing", False))
@@ -135,15 +133,3 @@ def _size_weighted_pool(model, x: torch.Tensor, pool_type=None) -> torch.Tensor:
     if pool_type == "max":
         return tokens.amax(dim=1)
     return 0.5 * (tokens.amax(dim=1) + mean)
-
-
-def _token_intermediates(model, *args, **kwargs):
-    """``forward_intermediates`` of a compressed model: reduced tokens have no patch grid, so only
-    ``output_fmt="NLC"`` is possible (``get_intermediate_layers(reshape=False)``)."""
-    original = type(model).forward_intermediates
-    call = inspect.signature(original).bind(model, *args, **kwargs)
-    call.apply_defaults()
-    if call.arguments.get("output_fmt") != "NLC":
-        raise ValueError("forward_intermediates on a compressed model needs output_fmt='NLC' (get_intermediate_layers: "
-                         "reshape=False): the reduced tokens no longer form the patch grid NCHW would reshape them to")
-    return original(*call.args, **call.kwargs)

@@ -369,8 +369,8 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
     few real images may differ).
 
     ``program``: an ``ExportedProgram`` of this model from :func:`export_program`, to skip the
-    capture (its batch dimension, dynamic or not, is the file's). ``optimize``: run onnxscript's graph optimiser (constant folding, dead code) before
-    saving. Works for any module taking one image tensor (timm today; open_clip image towers
+    capture (its batch dimension, dynamic or not, is the file's). ``optimize``: run onnxscript's
+    graph optimiser (constant folding, dead code) before saving. Works for any module taking one image tensor (timm today; open_clip image towers
     through the same path once their adapter exists). Raises ``ValueError`` for a model compressed
     with a content-dependent (dynamic) method.
     """
