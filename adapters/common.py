@@ -1,9 +1,48 @@
-"""Helpers shared by adapters: FLOPs per token of a module (as fvcore counts them), binding patched methods."""
+"""Helpers shared by adapters: the ViT adapter base, patching blocks, FLOPs per token of a module
+(as fvcore counts them), binding patched methods."""
 import functools
 import inspect
 import math
+from typing import Any, Callable, Iterable, Optional
 
 import torch.nn as nn
+
+from vitcompress.interfaces import PART_ATTR, PatchedPart
+from vitcompress.runtime import ViTRuntime
+
+
+class ViTAdapter:
+    """Base of the adapters of ViT-like encoders (timm, open_clip and transformers towers): they
+    take ViT methods, run under a :class:`~vitcompress.runtime.ViTRuntime` and set
+    ``num_prefix``, ``num_patches``, ``depth`` and ``cost()``."""
+
+    family = ""
+    description = ""
+    targets = ("vit",)
+    variant: Optional[str] = None
+    cls_first = True  # the first special token is a class token
+
+    def make_runtime(self, method, options, budget) -> ViTRuntime:
+        return ViTRuntime(self, method, options, budget)
+
+    def grad_checkpointing(self) -> bool:
+        return False
+
+
+def patch_part(patcher, module: nn.Module, runtime, name: str, fn: Callable, layer: int = -1,
+               details: Any = None) -> None:
+    """Replace ``module.<name>`` by ``fn`` bound to it, and tell the module its part in ``runtime``
+    (read back with :func:`vitcompress.interfaces.part_of`)."""
+    patcher.set(module, PART_ATTR, PatchedPart(runtime, layer, details))
+    patcher.set(module, name, bind(fn, module))
+
+
+def patch_blocks(patcher, blocks: Iterable[nn.Module], runtime, forward: Callable, details: Any = None) -> None:
+    """Give every block its reducing ``forward``, bound to it with its index. Module-level functions
+    bound with :func:`bind` and plain attributes only, so ``copy.deepcopy`` and pickle /
+    ``torch.save`` of a compressed model carry the patch over to the copy."""
+    for layer, block in enumerate(blocks):
+        patch_part(patcher, block, runtime, "forward", forward, layer, details)
 
 
 def per_token_flops(module) -> int:

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vitcompress.runtime import Patcher
 from vitcompress.tokens import gather_tokens
 
 from .common import bind
@@ -123,8 +124,6 @@ class SparseEncoderRuntime:
     picks each layer's set; this runtime runs the layers on them."""
 
     def __init__(self, adapter: "DetrAdapter", method, options: Dict[str, Any], budget):
-        from vitcompress.api import Patcher
-
         if budget.kind != "keep":
             raise ValueError(f"{method.name} takes keep= (rho, the fraction of each image's encoder tokens the "
                              f"scorer keeps; default {method.default_budget['keep']}); {budget.kind}= is not supported "
@@ -135,7 +134,7 @@ class SparseEncoderRuntime:
         self.budget = budget
         self.rho = float(budget.value)
         self.cascade = method.layer_fractions(options, adapter.depth)
-        self.head = method.prepare_scorer(options, adapter.dim)
+        self.head = method.prepare(options, adapter.dim)
         self.parts = [EncoderLayerParts.of(layer, i, adapter.num_heads, adapter.attn_dropout)
                       for i, layer in enumerate(adapter.encoder.layers)]
         self.class_head = adapter.class_head
@@ -231,6 +230,7 @@ class DetrAdapter:
     family = "transformers.DETR"
     description = "transformers DETR (DetrForObjectDetection, DetrModel, DetrForSegmentation; detection methods only)"
     targets = ("detr",)
+    variant = None
 
     @staticmethod
     def matches(model) -> bool:

@@ -29,9 +29,10 @@ import inspect
 import sys
 
 from vitcompress.blocks import BlockParts, reducing_forward
+from vitcompress.interfaces import part_of
 from vitcompress.schedule import ViTCost
 
-from .common import bind, identity, patch_flops, per_token_flops
+from .common import ViTAdapter, identity, patch_blocks, patch_flops, per_token_flops
 
 # Attention implementations that compute plain softmax attention (what the reducing block runs).
 _MAPPABLE_ATTENTION = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -72,7 +73,7 @@ def _find_tower(model):
     return tower
 
 
-class HFCLIPVisionAdapter:
+class HFCLIPVisionAdapter(ViTAdapter):
     family = "transformers.CLIPVision"
     description = ("transformers CLIPVisionModel / CLIPVisionModelWithProjection / CLIPVisionTransformer "
                    "and CLIPModel (image tower)")
@@ -112,13 +113,7 @@ class HFCLIPVisionAdapter:
         self.depth = len(tower.encoder.layers)
 
     def patch(self, runtime, patcher) -> None:
-        # Module-level functions bound with common.bind and plain attributes only, so copy.deepcopy
-        # and pickle / torch.save carry the patch over to the copy.
-        for index, layer in enumerate(self.tower.encoder.layers):
-            patcher.set(layer, "_vitcompress_runtime", runtime)
-            patcher.set(layer, "_vitcompress_layer", index)
-            patcher.set(layer, "_vitcompress_tuple_outputs", self.tuple_outputs)
-            patcher.set(layer, "forward", bind(_reducing_layer_forward, layer))
+        patch_blocks(patcher, self.tower.encoder.layers, runtime, _reducing_layer_forward, details=self.tuple_outputs)
 
     def cost(self) -> ViTCost:
         t = self.tower
@@ -151,5 +146,6 @@ def _reducing_layer_forward(layer, hidden_states, attention_mask=None, causal_at
     if output_attentions:
         raise ValueError("output_attentions=True is not available on a compressed CLIP image tower: its layers "
                          "do not materialise attention maps; call vitcompress.restore(model) first")
-    out = reducing_forward(_layer_parts(layer), layer._vitcompress_runtime, layer._vitcompress_layer, hidden_states)
-    return (out,) if layer._vitcompress_tuple_outputs else out
+    part = part_of(layer)
+    out = reducing_forward(_layer_parts(layer), part.runtime, part.layer, hidden_states)
+    return (out,) if part.details else out

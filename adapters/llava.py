@@ -47,6 +47,8 @@ import torch
 from vitcompress.methods.quota import assign_tokens
 from vitcompress.methods.tokencorr import cls_attention, compress_tokens, tokencorr_plan
 
+from vitcompress.runtime import Patcher, ViTRuntime
+
 from .common import bind
 
 Tensor = torch.Tensor
@@ -121,8 +123,6 @@ class LlavaRuntime:
     (:meth:`prepare`) and what the last prefill did to each image / video."""
 
     def __init__(self, adapter, method, options: Dict[str, Any], budget, tower=None, tower_adapter=None):
-        from vitcompress.api import Patcher
-
         self.adapter = adapter
         self.method = method
         self.options = options
@@ -479,8 +479,6 @@ class LlavaAdapter:
                              f"(got {strategy!r})")
 
     def _vit_runtime(self, spec, options, budget):
-        from vitcompress.api import Compression
-
         if not _FAMILIES[self.family_name]["vit"]:
             raise TypeError(f"ViT method {spec.name!r} inside the tower is supported on LlavaForConditionalGeneration "
                             f"only: {self.family_name} needs the full patch grid after the tower (anyres "
@@ -495,7 +493,7 @@ class LlavaAdapter:
         if not HFCLIPVisionAdapter.matches(self.tower):
             raise TypeError(f"ViT methods inside LLaVA's tower need a CLIP vision tower, got {type(self.tower).__name__}")
         tower_adapter = HFCLIPVisionAdapter(self.tower)
-        return LlavaRuntime(self, spec, options, budget, tower=Compression(tower_adapter, spec, options, budget),
+        return LlavaRuntime(self, spec, options, budget, tower=ViTRuntime(tower_adapter, spec, options, budget),
                             tower_adapter=tower_adapter)
 
     def patch(self, runtime, patcher) -> None:

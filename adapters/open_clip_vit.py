@@ -19,7 +19,7 @@ Pooling of a compressed tower (the class token is never reduced):
   patches were identical). The ``"parallel"`` / ``"cascade"`` poolers (marked untested upstream)
   are refused.
 * ``output_tokens=True``: the returned tokens are the reduced ones (fewer than the patches, no
-  longer on the patch grid); their sizes are ``model._vitcompress.state.size[:, 1:]`` after the
+  longer on the patch grid); their sizes are ``vitcompress.stats(model)["size"][:, 1:]`` after the
   forward. ``forward_intermediates`` works with ``output_fmt="NLC"`` only, for the same reason.
 
 Refused with an error naming the fix: a timm trunk (compress ``model.visual.trunk`` with the timm
@@ -34,9 +34,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vitcompress.blocks import BlockParts, reducing_forward
+from vitcompress.interfaces import part_of
 from vitcompress.schedule import ViTCost
 
-from .common import bind, identity, patch_flops, per_token_flops, token_intermediates
+from .common import ViTAdapter, bind, identity, patch_blocks, patch_flops, patch_part, per_token_flops, token_intermediates
 
 
 def _open_clip():
@@ -134,7 +135,7 @@ def _tower(model, model_mod, transformer_mod):
                     "sequence to reduce")
 
 
-class OpenCLIPVisionAdapter:
+class OpenCLIPVisionAdapter(ViTAdapter):
     family = "open_clip.VisionTransformer"
     description = "open_clip CLIP / CustomTextCLIP / CoCa (image tower) and open_clip VisionTransformer"
     variant = "clip"
@@ -165,22 +166,16 @@ class OpenCLIPVisionAdapter:
         self.depth = len(visual.transformer.resblocks)
 
     def patch(self, runtime, patcher) -> None:
-        # Module-level functions bound with common.bind and plain attributes only, so copy.deepcopy
-        # and pickle / torch.save carry the patch over to the copy.
         visual = self.visual
-        for layer, block in enumerate(visual.transformer.resblocks):
-            patcher.set(block, "_vitcompress_runtime", runtime)
-            patcher.set(block, "_vitcompress_layer", layer)
-            patcher.set(block, "_vitcompress_batch_first", self.batch_first)
-            mha = isinstance(block.attn, nn.MultiheadAttention)
-            forward = _reducing_block_forward if mha else _reducing_custom_block_forward
-            patcher.set(block, "forward", bind(forward, block))
+        blocks = visual.transformer.resblocks
+        # open_clip builds every block of a tower from one class
+        mha = isinstance(blocks[0].attn, nn.MultiheadAttention)
+        forward = _reducing_block_forward if mha else _reducing_custom_block_forward
+        patch_blocks(patcher, blocks, runtime, forward, details=self.batch_first)
         if visual.attn_pool is not None:
-            patcher.set(visual.attn_pool, "_vitcompress_runtime", runtime)
-            patcher.set(visual.attn_pool, "forward", bind(_size_aware_pooler_forward, visual.attn_pool))
+            patch_part(patcher, visual.attn_pool, runtime, "forward", _size_aware_pooler_forward)
         elif visual.pool_type == "avg":
-            patcher.set(visual, "_vitcompress_runtime", runtime)
-            patcher.set(visual, "_global_pool", bind(_size_weighted_global_pool, visual))
+            patch_part(patcher, visual, runtime, "_global_pool", _size_weighted_global_pool)
         if hasattr(visual, "forward_intermediates"):
             patcher.set(visual, "forward_intermediates", bind(token_intermediates, visual))
 
@@ -230,10 +225,12 @@ def _reduce(block, parts: BlockParts, x, attn_mask):
     if attn_mask is not None:
         raise ValueError("a compressed open_clip tower cannot take attn_mask (token reduction changes the "
                          "token set the mask refers to)")
-    if not block._vitcompress_batch_first:
+    part = part_of(block)
+    batch_first = part.details
+    if not batch_first:
         x = x.transpose(0, 1)
-    x = reducing_forward(parts, block._vitcompress_runtime, block._vitcompress_layer, x)
-    return x if block._vitcompress_batch_first else x.transpose(0, 1)
+    x = reducing_forward(parts, part.runtime, part.layer, x)
+    return x if batch_first else x.transpose(0, 1)
 
 
 def _reducing_block_forward(block, q_x, k_x=None, v_x=None, attn_mask=None):
@@ -251,13 +248,13 @@ def _reducing_custom_block_forward(block, x, attn_mask=None):
 def _size_weighted_global_pool(visual, x):
     """open_clip's average pooling (``pool_type="avg"``), weighting each patch token by its size."""
     tokens = x[:, 1:]
-    size = visual._vitcompress_runtime.state.size[:, 1:].to(x.dtype)
+    size = part_of(visual).runtime.current().tokens.size[:, 1:].to(x.dtype)
     return (tokens * size).sum(dim=1) / size.sum(dim=1), tokens
 
 
 def _size_aware_pooler_forward(pooler, x):
     """``AttentionalPooler.forward`` over reduced tokens: ``log(size)`` biases each token's logits."""
-    state = pooler._vitcompress_runtime.state
+    state = part_of(pooler).runtime.current().tokens
     x = pooler.ln_k(x)
     B, S = x.shape[:2]
     q = pooler.ln_q(pooler.query)

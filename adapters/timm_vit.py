@@ -5,9 +5,10 @@ import torch
 import torch.nn as nn
 
 from vitcompress.blocks import BlockParts, reducing_forward
+from vitcompress.interfaces import part_of
 from vitcompress.schedule import ViTCost
 
-from .common import bind, patch_flops, per_token_flops, token_intermediates
+from .common import ViTAdapter, bind, patch_blocks, patch_flops, patch_part, per_token_flops, token_intermediates
 
 _WEIGHTED_POOLS = ("avg", "avgmax", "max")
 
@@ -46,7 +47,7 @@ def _block_parts(block) -> BlockParts:
     )
 
 
-class TimmViTAdapter:
+class TimmViTAdapter(ViTAdapter):
     family = "timm.VisionTransformer"
     description = "timm VisionTransformer models (vit_*, deit_*, incl. distilled, registers, avg pooling)"
 
@@ -72,14 +73,9 @@ class TimmViTAdapter:
         self.depth = len(model.blocks)
 
     def patch(self, runtime, patcher) -> None:
-        # Module-level functions bound with common.bind and plain attributes only, so copy.deepcopy
-        # and pickle / torch.save of a compressed model carry the patch over to the copy.
-        for layer, block in enumerate(self.model.blocks):
-            patcher.set(block, "_vitcompress_runtime", runtime)
-            patcher.set(block, "_vitcompress_layer", layer)
-            patcher.set(block, "forward", bind(_reducing_block_forward, block))
+        patch_blocks(patcher, self.model.blocks, runtime, _reducing_block_forward)
         if self.model.global_pool in _WEIGHTED_POOLS and hasattr(self.model, "pool"):
-            patcher.set(self.model, "pool", bind(_size_weighted_pool, self.model))
+            patch_part(patcher, self.model, runtime, "pool", _size_weighted_pool)
         if hasattr(self.model, "forward_intermediates"):
             patcher.set(self.model, "forward_intermediates", bind(token_intermediates, self.model))
 
@@ -111,16 +107,17 @@ def _reducing_block_forward(block, x, attn_mask=None, is_causal=False):
     if attn_mask is not None or is_causal:
         raise ValueError("a compressed model cannot take attn_mask/is_causal (token reduction changes "
                          "the token set the mask refers to)")
-    return reducing_forward(_block_parts(block), block._vitcompress_runtime, block._vitcompress_layer, x)
+    part = part_of(block)
+    return reducing_forward(_block_parts(block), part.runtime, part.layer, x)
 
 
 def _size_weighted_pool(model, x: torch.Tensor, pool_type=None) -> torch.Tensor:
     """timm's average pooling, weighting each token by how many patches it stands for (the sizes
-    of the latest forward, which produced ``x``); other pool types are timm's own."""
+    of this thread's latest forward, which produced ``x``); other pool types are timm's own."""
     pool_type = model.global_pool if pool_type is None else pool_type
     if pool_type not in _WEIGHTED_POOLS:
         return type(model).pool(model, x, pool_type)
-    size = model._vitcompress.state.size
+    size = part_of(model).runtime.current().tokens.size
     if size.shape[:2] != x.shape[:2]:
         raise ValueError(f"pooling {tuple(x.shape[:2])} tokens with the sizes of the latest forward "
                          f"({tuple(size.shape[:2])}): on a compressed model call forward_head right after the "

@@ -122,7 +122,7 @@ def bench_models(models, settings, batch: int, runs: int) -> None:
         x = torch.randn(batch, 3, *base.patch_embed.img_size, device=DEVICE)
         for text in settings:
             method, kwargs = parse_setting(text)
-            if method not in vitcompress.methods():
+            if method not in vitcompress.list_methods():
                 continue
             compressed = vitcompress.compress(copy.deepcopy(base), method, **kwargs)
             off, on = WithKernels(compressed, "torch"), WithKernels(compressed, "triton")

@@ -23,7 +23,7 @@ import torch
 
 import vitcompress
 from vitcompress.methods import REGISTRY
-from vitcompress.methods.base import Method
+from vitcompress.interfaces import ViTMethod as Method
 from vitcompress.profile import compare_speed, count_flops
 from vitcompress.tokens import Plan
 

@@ -63,7 +63,7 @@ def parse_args(argv=None):
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--method", choices=vitcompress.methods("vit"), help="token-reduction method for the image tower")
+    ap.add_argument("--method", choices=vitcompress.list_methods("vit"), help="token-reduction method for the image tower")
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=float, help="fraction of tokens kept per block")
     budget.add_argument("--r", type=int, help="tokens removed per block")

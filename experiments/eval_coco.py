@@ -43,7 +43,7 @@ def parse_args(argv=None):
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--method", default="focus_detr", choices=vitcompress.methods("detr"))
+    ap.add_argument("--method", default="focus_detr", choices=vitcompress.list_methods("detr"))
     ap.add_argument("--keep", type=float, default=None, help="rho, the fraction of encoder tokens kept (default 0.5)")
     ap.add_argument("--scorer", choices=("norm", "attention", "learned"), default=None,
                     help="foreground scorer (default: norm, zero-shot)")

@@ -29,7 +29,7 @@ def parse_args(argv=None):
     ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-images", type=int, default=None)
-    ap.add_argument("--method", choices=vitcompress.methods("vit"), help="token-reduction method")
+    ap.add_argument("--method", choices=vitcompress.list_methods("vit"), help="token-reduction method")
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument("--keep", type=float)
     budget.add_argument("--r", type=int)

@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from vitcompress.cache import capturing
+from vitcompress.capture import capturing
 
 from . import reference
 

@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from vitcompress.cache import chunk_count
+from vitcompress.chunking import chunk_count
 
 
 def _float32(t: torch.Tensor):
@@ -65,7 +65,7 @@ def pagerank_steps(attn: torch.Tensor, init: torch.Tensor, iters: int,
     s = init.float().reshape(R, 1, N)
     m = None if alive is None else alive.float().reshape(R, 1, N)
     # Each step is a matrix-vector product per graph, bound by reading A: iterate a cache-sized
-    # group of graphs at a time (vitcompress.cache).
+    # group of graphs at a time (vitcompress.chunking).
     chunk = chunk_count(a, R, N * N * 4)
     out = []
     with _float32(a):

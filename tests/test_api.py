@@ -141,21 +141,21 @@ def test_restore_on_an_uncompressed_model_says_so():
 
 
 def test_methods_lists_registered_names():
-    assert {"tome", "pitome", "zero_tprune"} <= set(vitcompress.methods())
-    assert {"tome", "pitome", "zero_tprune"} <= set(vitcompress.methods("vit"))
+    assert {"tome", "pitome", "zero_tprune"} <= set(vitcompress.list_methods())
+    assert {"tome", "pitome", "zero_tprune"} <= set(vitcompress.list_methods("vit"))
 
 
 def test_a_method_for_another_family_is_refused_and_bench_skips_it(monkeypatch):
     import argparse
     from vitcompress.cli import _settings
     from vitcompress.methods import REGISTRY
-    from vitcompress.methods.base import Method
+    from vitcompress.interfaces import Method
 
     class DetectorOnly(Method):
         name, target, defaults = "detector_only_test", "detr", {}
 
     monkeypatch.setitem(REGISTRY, DetectorOnly.name, DetectorOnly())
-    assert DetectorOnly.name in vitcompress.methods() and DetectorOnly.name not in vitcompress.methods("vit")
+    assert DetectorOnly.name in vitcompress.list_methods() and DetectorOnly.name not in vitcompress.list_methods("vit")
     default_rows = _settings(argparse.Namespace(settings=None, methods=None, flops=[0.7]))
     assert "tome:flops=0.7" in default_rows and not any(DetectorOnly.name in row for row in default_rows)
     model = tiny_vit()

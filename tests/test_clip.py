@@ -109,7 +109,7 @@ def test_open_clip_avg_pool_weights_by_size():
     vitcompress.compress(model, "tome", r=8)
     with torch.no_grad():
         pooled, tokens = model.visual(X[:1])
-        size = model._vitcompress.state.size[:, 1:]
+        size = vitcompress.stats(model)["size"][:, 1:]
     assert tokens.shape[1] == 65 - 4 * 8 - 1  # output_tokens are the reduced patch tokens
     assert size.sum() == 64 and size.max() > 1
     want = expand_by_size(tokens, size).mean(dim=1) @ model.visual.proj
@@ -125,7 +125,7 @@ def test_open_clip_attentional_pooler_is_proportional():
     hook = pooler.register_forward_hook(lambda m, args, out: captured.update(x=args[0], out=out))
     with torch.no_grad():
         model.encode_image(X[:1])
-        size = model._vitcompress.state.size
+        size = vitcompress.stats(model)["size"]
         assert size.max() > 1
         want = type(pooler).forward(pooler, expand_by_size(captured["x"], size))
     hook.remove()

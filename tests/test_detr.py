@@ -348,7 +348,7 @@ def test_both_transformers_layer_layouts_and_argument_names():
 
 
 def test_clear_errors(tmp_path):
-    assert vitcompress.methods("detr") == ["focus_detr"] and "focus_detr" not in vitcompress.methods("vit")
+    assert vitcompress.list_methods("detr") == ["focus_detr"] and "focus_detr" not in vitcompress.list_methods("vit")
     detr = tiny_detr()
     with pytest.raises(TypeError, match="'focus_detr' reduces detr models"):
         vitcompress.compress(tiny_vit(), "focus_detr")

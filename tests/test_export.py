@@ -20,13 +20,13 @@ import timm  # noqa: E402
 import vitcompress  # noqa: E402
 from vitcompress.export import export_onnx, export_program, scatter_reductions  # noqa: E402
 from vitcompress.methods import REGISTRY, get as get_method  # noqa: E402
-from vitcompress.methods.base import Method  # noqa: E402
+from vitcompress.interfaces import ViTMethod as Method  # noqa: E402
 from vitcompress.tokens import Plan  # noqa: E402
 
 from conftest import tiny_vit  # noqa: E402
 
 ATOL = 1e-4
-STATIC_METHODS = [m for m in vitcompress.methods("vit") if not get_method(m).dynamic]
+STATIC_METHODS = [m for m in vitcompress.list_methods("vit") if not get_method(m).dynamic]
 MODELS = {  # name -> (constructor, image shape)
     "tiny": (lambda: tiny_vit(depth=2), (3, 32, 32)),
     "deit_tiny_patch16_224": (lambda: timm.create_model("deit_tiny_patch16_224").eval(), (3, 224, 224)),

@@ -412,7 +412,7 @@ def test_cpu_tensor_without_interpreter_fails_clearly(monkeypatch):
 @pytest.mark.parametrize("method,budget", [("tome", {"r": 6}), ("pitome", {"keep": 0.8}),
                                            ("zero_tprune", {"keep": 0.8})])
 def test_compressed_model_same_with_kernels_forced_on(method, budget, monkeypatch):
-    if method not in vitcompress.methods():
+    if method not in vitcompress.list_methods():
         pytest.skip(f"{method} is not registered")
     model = tiny_vit().to(DEVICE)
     vitcompress.compress(model, method, **budget)

@@ -66,7 +66,7 @@ def test_avg_pool_weights_tokens_by_size():
     vitcompress.compress(model, "tome", r=6)
     with torch.no_grad():
         feats = model.forward_features(x)
-        size = model._vitcompress.state.size
+        size = vitcompress.stats(model)["size"]
         pooled = model.forward_head(feats, pre_logits=True)
     vitcompress.restore(model)
     want = model.fc_norm((feats * size).sum(1) / size.sum(1))

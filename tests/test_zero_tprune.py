@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import vitcompress
 import vitcompress.blocks as blocks
 from vitcompress.methods import REGISTRY
-from vitcompress.methods.base import Method
+from vitcompress.interfaces import ViTMethod as Method
 from vitcompress.methods.zero_tprune import (aggregate_heads, edge_layers, head_mask, initial_scores, iters_at,
                                              similarity_prune, split_removals, token_importance,
                                              weighted_pagerank, zero_tprune)

@@ -10,8 +10,9 @@ from typing import Callable, Tuple
 import torch
 import torch.nn.functional as F
 
-from .cache import chunk_count
-from .methods.base import Signals
+from .attention import softmax_attention
+from .interfaces import Signals
+from .runtime import ForwardState, ViTRuntime
 from .tokens import apply_plan
 
 Tensor = torch.Tensor
@@ -42,49 +43,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias, scale: float, dropout: floa
     """Multi-head attention; returns ``(output [B, H, N, d], probabilities or None)``."""
     if not need_probs:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale), None
-    if bias is not None and bias.dtype == torch.bool:  # SDPA's boolean mask: True = may attend
-        bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill(~bias, float("-inf"))
-    if dropout > 0:
-        logits = (q * scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias
-        probs = logits.softmax(dim=-1)
-        return F.dropout(probs, p=dropout) @ v, probs
-    # Scores, softmax and the product with v for a cache-sized group of heads at a time.
-    B, H, N, d = q.shape
-    qs, kt, vs = (q * scale).reshape(B * H, N, d), k.reshape(B * H, N, d).transpose(1, 2), v.reshape(B * H, N, d)
-    if bias is not None:
-        bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-        bias = bias.expand(B, H, bias.shape[2], N).reshape(B * H, bias.shape[2], N)
-
-    def logits(j):  # no zero bias: baddbmm would spend a pass over the N x N scores copying it
-        return torch.bmm(qs[j], kt[j]) if bias is None else torch.baddbmm(bias[j], qs[j], kt[j])
-
-    chunk = chunk_count(q, B * H, N * N * q.element_size())
-    if chunk == B * H:
-        probs = logits(slice(None)).softmax(dim=-1)
-        return torch.bmm(probs, vs).reshape(B, H, N, d), probs.reshape(B, H, N, N)
-    probs, out = q.new_empty(B * H, N, N), q.new_empty(B * H, N, d)
-    for i in range(0, B * H, chunk):
-        j = slice(i, i + chunk)
-        torch.softmax(logits(j), dim=-1, out=probs[j])
-        torch.bmm(probs[j], vs[j], out=out[j])
-    return out.reshape(B, H, N, d), probs.reshape(B, H, N, N)
+    return softmax_attention(q, k, v, scale=scale, bias=bias, dropout=dropout)
 
 
-def reducing_forward(parts: BlockParts, runtime, layer: int, x: Tensor) -> Tensor:
-    """Forward of block ``layer`` under ``runtime`` (the model's :class:`~vitcompress.api.Compression`)."""
-    if layer == 0:
-        runtime.begin(x)
-    runtime.tokens_seen.append(int(x.shape[1]))
-    x = _attend_and_reduce(parts, runtime, layer, x)
+def reducing_forward(parts: BlockParts, runtime: ViTRuntime, layer: int, x: Tensor) -> Tensor:
+    """Forward of block ``layer`` under ``runtime``: block 0 starts this forward's state (kept
+    per thread by the runtime), the others continue it."""
+    forward = runtime.begin(x) if layer == 0 else runtime.current()
+    forward.tokens_seen.append(int(x.shape[1]))
+    x = _attend_and_reduce(parts, runtime, forward, layer, x)
     return x + parts.residual2(parts.mlp(parts.norm2(x)))
 
 
-def _attend_and_reduce(parts: BlockParts, runtime, layer: int, x: Tensor) -> Tensor:
+def _attend_and_reduce(parts: BlockParts, runtime: ViTRuntime, forward: ForwardState, layer: int, x: Tensor) -> Tensor:
     """The attention residual, then the block's reduction. A function of its own so that q, k, v
     and the attention probabilities are freed before the MLP runs, as in an unpatched block."""
-    state, schedule = runtime.state, runtime.schedule
+    state, schedule = forward.tokens, forward.schedule
     remove = schedule.remove[layer]
     p = state.num_prefix
 
@@ -101,6 +75,6 @@ def _attend_and_reduce(parts: BlockParts, runtime, layer: int, x: Tensor) -> Ten
     with torch.no_grad():
         signals = Signals(metric=k.mean(dim=1)[:, p:], x=x[:, p:], attn=probs, num_prefix=p,
                           layer=layer, num_layers=schedule.depth,
-                          cls_first=getattr(runtime.adapter, "cls_first", True))
+                          cls_first=runtime.adapter.cls_first)
         plan = runtime.method.plan(signals, remove, runtime.options)
     return apply_plan(x, state, plan)

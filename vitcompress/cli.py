@@ -49,7 +49,7 @@ def _settings(args) -> List[str]:
     if args.settings:
         settings = args.settings
     else:
-        methods = args.methods or api.methods("vit")
+        methods = args.methods or api.list_methods("vit")
         settings = [f"{m}:flops={f}" for m in methods for f in args.flops]
     return list(dict.fromkeys(settings))
 

@@ -43,6 +43,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .interfaces import runtime_of
+from .runtime import ViTRuntime
+
 __all__ = ["export_program", "export_onnx", "check_exportable", "verify_onnx", "ort_session", "scatter_reductions",
            "ExportReport", "DEFAULT_OPSET"]
 
@@ -51,7 +54,6 @@ __all__ = ["export_program", "export_onnx", "check_exportable", "verify_onnx", "
 DEFAULT_OPSET = 18
 NATIVE_OPSET = 18
 MIN_OPSET = 17
-_COMPRESSION_ATTR = "_vitcompress"
 
 
 # --------------------------------------------------------------------------- checks
@@ -61,7 +63,7 @@ def check_exportable(model: nn.Module) -> None:
     """Raise ``ValueError`` if ``model`` is compressed with a method whose token counts depend on
     the content: its graph would bake in the token counts of the example input and silently give
     wrong results on other images."""
-    runtime = getattr(model, _COMPRESSION_ATTR, None)
+    runtime = runtime_of(model)
     if runtime is None:
         return
     method = runtime.method
@@ -123,15 +125,15 @@ class _Inference:
     def __enter__(self):
         self.training = self.model.training
         self.model.eval()
-        runtime = getattr(self.model, _COMPRESSION_ATTR, None)
-        self.saved = None if runtime is None else (runtime.state, runtime.schedule, list(runtime.tokens_seen))
+        runtime = runtime_of(self.model)
+        self.runtime = runtime if isinstance(runtime, ViTRuntime) else None
+        self.saved = None if self.runtime is None else self.runtime.last_forward()
         return self
 
     def __exit__(self, *exc):
         self.model.train(self.training)
-        runtime = getattr(self.model, _COMPRESSION_ATTR, None)
-        if runtime is not None and self.saved is not None:  # no fake tensors left behind by tracing
-            runtime.state, runtime.schedule, runtime.tokens_seen = self.saved
+        if self.runtime is not None:  # no fake tensors left behind by tracing
+            self.runtime.set_last_forward(self.saved)
         return False
 
 
@@ -421,7 +423,7 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
         raise RuntimeError(f"{path}: the graph has scatter nodes with a mean reduction {means}; "
                            "ONNX runtimes and TensorRT cannot run them")
     nodes = _nodes(proto)
-    runtime = getattr(model, _COMPRESSION_ATTR, None)
+    runtime = runtime_of(model)
     report = ExportReport(
         path=path, opset=opset, input_shape=shape, dynamic_batch=dynamic_batch,
         method=None if runtime is None else runtime.method.name, nodes=len(nodes),

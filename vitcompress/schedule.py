@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from .methods.base import Method
+from .interfaces import ViTMethod as Method
 
 
 @dataclass(frozen=True)

@@ -10,23 +10,7 @@ from typing import Optional
 
 import torch
 
-
-@dataclass
-class Plan:
-    """What one reducing layer does to the reducible (non-special) tokens.
-
-    ``keep[B, Nk]`` indexes the reducible tokens that survive, in output order.
-    ``merge_src[B, Nm]`` indexes reducible tokens folded into survivors and ``merge_dst[B, Nm]``
-    gives, for each, the position in ``keep`` it folds into. Tokens in neither are pruned.
-    """
-
-    keep: torch.Tensor
-    merge_src: Optional[torch.Tensor] = None
-    merge_dst: Optional[torch.Tensor] = None
-
-    @property
-    def merges(self) -> bool:
-        return self.merge_src is not None and self.merge_src.shape[1] > 0
+from .interfaces import Plan
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Registered token-reduction methods, one module per paper."""
 from typing import Dict, List, Optional
 
-from .base import Method, Signals
+from ..interfaces import TARGETS, Method
 from .focus_detr import FocusDETR
 from .pitome import PiToMe
 from .quota import QuoTA
@@ -20,7 +20,9 @@ def get(name: str) -> Method:
 
 def names(target: Optional[str] = None) -> List[str]:
     """Registered names, optionally only those reducing ``target`` ("vit", "detr", "llava")."""
+    if target is not None and target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; methods reduce one of: {', '.join(TARGETS)}")
     return sorted(n for n, m in REGISTRY.items() if target is None or m.target == target)
 
 
-__all__ = ["Method", "Signals", "REGISTRY", "get", "names"]
+__all__ = ["REGISTRY", "get", "names"]

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Method
+from ..interfaces import DetrMethod
 
 PAPER_CASCADE = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)
 SCORERS = ("norm", "attention", "learned")
@@ -203,7 +203,7 @@ def dual_attention_tokens(foreground: torch.Tensor, class_prob: Optional[torch.T
     return idx, slot_valid.gather(1, idx)
 
 
-class FocusDETR(Method):
+class FocusDETR(DetrMethod):
     name = "focus_detr"
     kind = "prune"
     target = "detr"
@@ -238,7 +238,7 @@ class FocusDETR(Method):
                 raise ValueError(f"focus_detr cascade={list(cascade)} must be non-increasing ratios in (0, 1] "
                                  "(each layer runs on a subset of the previous layer's tokens)")
 
-    def prepare_scorer(self, options: Dict[str, Any], dim: int) -> Optional[FocusScorer]:
+    def prepare(self, options: Dict[str, Any], dim: int) -> Optional[FocusScorer]:
         """The trained head for ``scorer='learned'`` (checked against the detector's width), else None."""
         if options["scorer"] != "learned":
             return None

@@ -9,8 +9,8 @@ import math
 import torch
 
 from vitcompress.kernels import dispatch
-from ..tokens import Plan
-from .base import Method, Signals
+
+from ..interfaces import Plan, Signals, ViTMethod
 from .tome import bipartite_soft_matching
 
 
@@ -53,7 +53,7 @@ def in_first_half(layer: int, num_layers: int) -> bool:
     return layer < math.ceil(num_layers / 2)
 
 
-class PiToMe(Method):
+class PiToMe(ViTMethod):
     name = "pitome"
     kind = "merge"
     defaults = {"margin": 0.75, "alpha": 1.0, "bipartite_first_half": True}

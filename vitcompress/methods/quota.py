@@ -38,7 +38,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .base import Method
+from ..interfaces import LlavaMethod
 
 Tensor = torch.Tensor
 
@@ -151,7 +151,7 @@ def frame_probabilities(scorer, tokenizer, frames: Tensor, question: str) -> Lis
     return probs.tolist()
 
 
-class QuoTA(Method):
+class QuoTA(LlavaMethod):
     """Descriptor: the adapter hands it each video's frames, token grids and question."""
 
     name = "quota"

@@ -42,8 +42,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..tokens import Plan, TokenState, apply_plan
-from .base import Method
+from ..interfaces import LlavaMethod, Plan
+from ..tokens import TokenState, apply_plan
 
 Tensor = torch.Tensor
 
@@ -121,7 +121,7 @@ def compress_tokens(tokens: Tensor, plan: Plan, weights: Tensor, num_prefix: int
     return apply_plan(tokens[None], state, plan)[0]
 
 
-class TokenCorr(Method):
+class TokenCorr(LlavaMethod):
     """Descriptor: the adapter captures the tower's q/k in :meth:`tower_layers` and calls
     :func:`tokencorr_plan` / :func:`compress_tokens` per crop."""
 

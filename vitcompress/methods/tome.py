@@ -4,8 +4,8 @@ from typing import Optional
 import torch
 
 from vitcompress.kernels import dispatch
-from ..tokens import Plan
-from .base import Method, Signals
+
+from ..interfaces import Plan, Signals, ViTMethod
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, order: Optional[torch.Tensor] = None) -> Plan:
@@ -31,7 +31,7 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, order: Optional[torch.
     return Plan(keep=keep, merge_src=merge_src, merge_dst=merge_dst)
 
 
-class ToMe(Method):
+class ToMe(ViTMethod):
     name = "tome"
     kind = "merge"
     defaults = {}

@@ -60,8 +60,8 @@ from typing import Optional, Tuple
 import torch
 
 from vitcompress.kernels import dispatch
-from ..tokens import Plan, gather_tokens
-from .base import Method, Signals
+from ..interfaces import Plan, Signals, ViTMethod
+from ..tokens import gather_tokens
 
 Tensor = torch.Tensor
 
@@ -302,7 +302,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-class ZeroTPrune(Method):
+class ZeroTPrune(ViTMethod):
     name = "zero_tprune"
     kind = "prune"
     defaults = {

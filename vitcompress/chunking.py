@@ -8,19 +8,9 @@ the batch would fix its size into the graph), gets the whole batch at once.
 """
 import torch
 
+from .capture import capturing
+
 CACHE_BYTES = 2 << 20  # about a core's share of L2 + L3 on the machines measured
-
-
-def capturing() -> bool:
-    """Whether a graph is being captured (``torch.compile`` / ``torch.export``, ``torch.jit``,
-    ONNX export): then only torch ops, and no Python loop over a symbolic size, may run."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
 
 
 def chunk_count(t: torch.Tensor, total: int, item_bytes: int) -> int:

@@ -1,0 +1,235 @@
+"""The types every part of vitcompress shares, in one leaf module (it imports only torch).
+
+* :class:`Plan` and :class:`Signals`: what a ViT method receives and returns.
+* The method protocol per target: :class:`Method` (what every method declares), and what each
+  target adds: :class:`ViTMethod` (a plan per reducing block), :class:`DetrMethod` (token sets for a
+  sparse detection encoder), :class:`LlavaMethod` (the visual tokens a VLM hands its language model).
+* :class:`Adapter` and :class:`Runtime`: what an adapter tells the core about a model, and what
+  ``compress`` attaches to it.
+* Where a compression lives on a model: :data:`RUNTIME_ATTR` and :func:`runtime_of`.
+
+Core modules, methods and adapters import from here; nothing here imports them.
+"""
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+import torch
+
+Tensor = torch.Tensor
+
+#: The attribute ``compress`` sets on the model it compressed: its :class:`Runtime`.
+RUNTIME_ATTR = "_vitcompress"
+#: The attribute an adapter sets on each submodule it patched: a :class:`PatchedPart` (so a
+#: compression of an outer model is seen from inside it).
+PART_ATTR = "_vitcompress_part"
+
+TARGETS = ("vit", "detr", "llava")
+
+
+def runtime_of(model) -> Optional["Runtime"]:
+    """The runtime ``compress`` attached to ``model`` itself, or None (not inherited from a class)."""
+    return getattr(model, "__dict__", {}).get(RUNTIME_ATTR)
+
+
+@dataclass
+class PatchedPart:
+    """What a patched submodule (a block, a pooler, an encoder) knows of its compression: the
+    runtime, its index among the blocks (-1 for a part that is not a block) and adapter details."""
+
+    runtime: Any
+    layer: int = -1
+    details: Any = None
+
+
+def part_of(module) -> PatchedPart:
+    return module.__dict__[PART_ATTR]
+
+
+# --------------------------------------------------------------------------- plans and signals
+
+
+@dataclass
+class Plan:
+    """What one reducing layer does to the reducible (non-special) tokens.
+
+    ``keep[B, Nk]`` indexes the reducible tokens that survive, in output order.
+    ``merge_src[B, Nm]`` indexes reducible tokens folded into survivors and ``merge_dst[B, Nm]``
+    gives, for each, the position in ``keep`` it folds into. Tokens in neither are pruned.
+    """
+
+    keep: Tensor
+    merge_src: Optional[Tensor] = None
+    merge_dst: Optional[Tensor] = None
+
+    @property
+    def merges(self) -> bool:
+        return self.merge_src is not None and self.merge_src.shape[1] > 0
+
+
+@dataclass
+class Signals:
+    """Everything a reducing layer can offer a ViT method, computed once in the shared block.
+
+    ``metric[B, T, d]``: keys averaged over heads (the ToMe metric), reducible tokens only.
+    ``x[B, T, C]``: hidden states of the reducible tokens after the attention residual.
+    ``attn[B, H, N, N]``: attention probabilities over all N tokens (prefix included), present only
+    in layers where the method asked for them. ``cls_first``: whether the first special token is a
+    class token (a timm ViT without one may still have register tokens).
+    """
+
+    metric: Tensor
+    x: Tensor
+    attn: Optional[Tensor]
+    num_prefix: int
+    layer: int
+    num_layers: int
+    cls_first: bool = True
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class Method:
+    """What every method declares: its name, options with defaults, default budget and target.
+
+    A method is a set of pure tensor functions (in its own module) plus a small descriptor class
+    of one of the target protocols below; the descriptor never touches an ``nn.Module``.
+    """
+
+    name: str = ""
+    kind: str = "merge"  # "merge" keeps mass (size-weighted); "prune" drops tokens
+    dynamic: bool = False  # True when token counts depend on the content (no static schedule; not exportable)
+    # What the method reduces: "vit" (the token sequence of a ViT-like encoder: timm, CLIP towers),
+    # "detr" (a detection encoder), "llava" (the visual tokens handed to a language model).
+    target: str = "vit"
+    defaults: Dict[str, Any] = {}
+    # What each option is, for describe(): name -> one line.
+    option_help: Dict[str, str] = {}
+    # Defaults a paper sets per model family, keyed by the adapter's ``variant`` (e.g. "clip");
+    # applied over ``defaults``, under the user's options.
+    family_defaults: Dict[str, Dict[str, Any]] = {}
+    default_budget: Dict[str, Any] = {"keep": 0.9}
+    keep_means: str = "fraction of tokens kept per reducing block"  # what keep= is, for error messages
+
+    def validate(self, options: Dict[str, Any]) -> None:
+        """Raise ValueError / TypeError for option values outside their domain."""
+
+
+class ViTMethod(Method):
+    """A method on the token sequence of a ViT-like encoder: a plan per reducing block, executed by
+    the one apply path (:func:`vitcompress.tokens.apply_plan`)."""
+
+    target = "vit"
+
+    def max_remove(self, tokens: int, layer: int, num_layers: int, options: Dict[str, Any]) -> int:
+        """Most reducible tokens this layer can remove when ``tokens`` enter it."""
+        return tokens // 2
+
+    def reduces(self, layer: int, num_layers: int, options: Dict[str, Any]) -> bool:
+        """Whether block ``layer`` reduces at all (static)."""
+        return True
+
+    def needs_attention(self, layer: int, num_layers: int, options: Dict[str, Any]) -> bool:
+        return False
+
+    def overhead_flops(self, tokens: int, num_prefix: int, remove: int, num_heads: int, head_dim: int,
+                       layer: int, num_layers: int, options: Dict[str, Any]) -> int:
+        """Multiply-adds the scoring itself costs in a reducing layer (for FLOPs planning), as
+        fvcore counts them: only its matrix products."""
+        return 0
+
+    def plan(self, signals: Signals, remove: int, options: Dict[str, Any]) -> Plan:
+        raise NotImplementedError
+
+
+class DetrMethod(Method):
+    """A method for a sparse detection encoder (:mod:`vitcompress.sparse_encoder` runs the layers):
+    it scores the encoder's tokens once and chooses the nested token set of every layer."""
+
+    target = "detr"
+    kind = "prune"
+
+    def prepare(self, options: Dict[str, Any], dim: int) -> Any:
+        """Anything the method builds once at compress time (a trained scorer head), or None."""
+        return None
+
+    def token_scores(self, options: Dict[str, Any], prepared: Any, x: Tensor, pos: Tensor, valid: Tensor,
+                     first_layer_qk: Callable[[], Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+        """``(rank [B, N], foreground [B, N] >= 0)`` of the encoder input ``x`` (position embeddings
+        ``pos``, real tokens ``valid``); ``first_layer_qk()`` gives the first layer's ``q, k``."""
+        raise NotImplementedError
+
+    def layer_fractions(self, options: Dict[str, Any], depth: int) -> Tuple[float, ...]:
+        """The fraction of the kept set each encoder layer runs on."""
+        raise NotImplementedError
+
+    def planned_tokens(self, num_tokens: int, keep: float, fractions: Sequence[float]) -> List[int]:
+        raise NotImplementedError
+
+    def layer_sets(self, scores: Tensor, valid: Tensor, keep: float,
+                   fractions: Sequence[float]) -> List[Tuple[Tensor, Tensor, List[int]]]:
+        """Per layer: ``(index [B, K], slot_valid [B, K], counts per image)``."""
+        raise NotImplementedError
+
+    def dual_set(self, options: Dict[str, Any], foreground: Tensor, class_prob: Callable[[], Optional[Tensor]],
+                 slot_valid: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """Tokens of a layer that get an extra self-attention first, or None."""
+        return None
+
+
+class LlavaMethod(Method):
+    """A method on the visual tokens a VLM hands its language model (:mod:`vitcompress.vlm` calls it).
+
+    ``unit = "crop"``: each image crop is reduced on its own from signals of the vision tower
+    (:meth:`tower_layers` names the tower layers whose q/k it reads; :meth:`reduce_image` reduces
+    one image). ``unit = "video"``: one budget per video is split across its frames
+    (:meth:`reduce_video`).
+    """
+
+    target = "llava"
+    unit: str = ""
+
+    def tower_layers(self, options: Dict[str, Any], depth: int) -> Tuple[int, ...]:
+        raise NotImplementedError
+
+    def reduce_image(self, features: Tensor, layout: Tensor, taps: Any, options: Dict[str, Any]):
+        raise NotImplementedError
+
+    def reduce_video(self, frames: Tensor, grids: List[Tensor], budget_value: Any, question: str,
+                     options: Dict[str, Any]):
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- adapters and runtimes
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """Model surgery for one family: where it keeps blocks, q/k/v, special tokens and pooling.
+
+    ``targets``: which method targets it takes; ``family``: a name for messages; ``variant``: the
+    key of a method's ``family_defaults`` (e.g. "clip") or None. ``make_runtime`` builds what
+    ``compress`` attaches; ``patch`` swaps the model's pieces through the given patcher.
+    """
+
+    family: str
+    targets: Tuple[str, ...]
+    variant: Optional[str]
+
+    def make_runtime(self, method: Method, options: Dict[str, Any], budget: Any) -> "Runtime": ...
+
+    def patch(self, runtime: "Runtime", patcher: Any) -> None: ...
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What ``compress`` attaches to a model: the configuration (method, options, budget) and the
+    patcher that undoes the surgery. The state of a forward is never kept here for other calls:
+    each forward makes its own, and :meth:`stats` reports the calling thread's last one."""
+
+    method: Method
+    adapter: Any
+    options: Dict[str, Any]
+    patcher: Any
+
+    def stats(self) -> Dict[str, Any]: ...

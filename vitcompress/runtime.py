@@ -1,0 +1,159 @@
+"""What ``compress`` attaches to a model: the patcher that undoes the surgery, and the runtime that
+holds the configuration.
+
+Configuration on the model, state per call: a runtime keeps the method, its options and the
+schedules, which never change during a forward. The token state of one forward (sizes, sources,
+token counts) is made by that forward and kept per thread, so several threads can run one
+compressed model at once, and ``stats()`` / size-aware pooling read the calling thread's own last
+forward.
+"""
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .interfaces import Method
+from .schedule import Budget, Schedule, build_schedule, resolve_flops
+from .tokens import TokenState
+
+
+class Patcher:
+    """Sets attributes on modules and registers hooks through their public handles, and remembers
+    how to put every one of them back exactly (hooks the user registered are left alone)."""
+
+    def __init__(self):
+        self._undo = []
+
+    def set(self, obj, name: str, value) -> None:
+        had = name in obj.__dict__
+        self._undo.append(("attr", obj, name, had, obj.__dict__.get(name)))
+        object.__setattr__(obj, name, value)
+
+    def hook(self, handle) -> None:
+        """Remember a hook's ``RemovableHandle`` (from ``register_forward_pre_hook`` etc.)."""
+        self._undo.append(("hook", handle))
+
+    def undo(self) -> None:
+        for entry in reversed(self._undo):
+            if entry[0] == "hook":
+                entry[1].remove()
+                continue
+            _, obj, name, had, old = entry
+            if had:
+                object.__setattr__(obj, name, old)
+            else:
+                del obj.__dict__[name]
+        self._undo.clear()
+
+
+class PerThread:
+    """A value per thread (``threading.local``) that survives ``copy.deepcopy`` and pickling of the
+    object holding it: a copy starts with no value in any thread."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self) -> Any:
+        return getattr(self._local, "value", None)
+
+    def set(self, value: Any) -> None:
+        self._local.value = value
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self._local = threading.local()
+
+
+@dataclass
+class ForwardState:
+    """The state of one forward of a compressed ViT-like model: the tokens' bookkeeping, the
+    schedule for this input's size and the tokens that entered each block."""
+
+    tokens: TokenState
+    schedule: Schedule
+    tokens_seen: List[int] = field(default_factory=list)
+
+
+class ViTRuntime:
+    """A ViT-like model's compression: adapter, method, options, budget and the schedules per input
+    size; each forward's :class:`ForwardState` is kept per thread."""
+
+    def __init__(self, adapter, method: Method, options: Dict[str, Any], budget: Budget):
+        self.adapter = adapter
+        self.method = method
+        self.options = options
+        self.prop_attn = options.pop("prop_attn")
+        self.trace_source = options.pop("trace_source")
+        self.requested = budget
+        self.patcher = Patcher()
+        self._schedules: Dict[int, Schedule] = {}
+        if budget.kind == "flops":
+            planned = resolve_flops(budget.value, adapter.cost(), method, options,
+                                    adapter.num_patches, adapter.num_prefix)
+            self._schedules[adapter.num_patches] = planned
+            budget = Budget("keep", planned.keep)  # carries the budget to other input sizes
+        self.budget = budget
+        self.schedule = self.schedule_for(adapter.num_patches)  # fail at compress time, not mid-forward
+        self._forward = PerThread()
+
+    def schedule_for(self, num_patches: int) -> Schedule:
+        """The schedule for inputs of ``num_patches`` patches. The budget is checked at the model's
+        own size (at compress time); other sizes (``dynamic_img_size``, patch dropout in training)
+        remove at most what each block can."""
+        if num_patches not in self._schedules:
+            self._schedules[num_patches] = build_schedule(
+                self.method, self.options, self.budget.kind, self.budget.value, num_patches,
+                self.adapter.num_prefix, self.adapter.depth, clamp=num_patches != self.adapter.num_patches)
+        return self._schedules[num_patches]
+
+    def begin(self, x: torch.Tensor) -> ForwardState:
+        """Called by the first block of every forward: a fresh state for this forward, this thread's
+        latest from now on."""
+        checkpointing = getattr(self.adapter, "grad_checkpointing", None)
+        if checkpointing is not None and torch.is_grad_enabled() and checkpointing():
+            raise RuntimeError("gradient checkpointing re-runs blocks in backward without the token state of "
+                               "their forward, which token reduction needs; turn it off "
+                               "(model.set_grad_checkpointing(False)) while the model is compressed")
+        p = self.adapter.num_prefix
+        schedule = self.schedule_for(int(x.shape[1]) - p)  # int: shapes are tensors while tracing
+        state = ForwardState(TokenState.start(x, p, trace_source=self.trace_source), schedule)
+        self._forward.set(state)
+        return state
+
+    def current(self) -> ForwardState:
+        """The state of this thread's forward in progress (or its last one)."""
+        state = self._forward.get()
+        if state is None:
+            raise RuntimeError("this compressed model has not run a forward in this thread yet: the blocks "
+                               "start each forward's token state (call the model, or forward_features first)")
+        return state
+
+    def last_forward(self) -> Optional[ForwardState]:
+        """This thread's last forward, or None before the first."""
+        return self._forward.get()
+
+    def set_last_forward(self, state: Optional[ForwardState]) -> None:
+        """Put back a state :meth:`last_forward` gave (after a capture that ran on fake tensors)."""
+        self._forward.set(state)
+
+    def stats(self) -> Dict[str, Any]:
+        last = self.last_forward()
+        schedule = self.schedule if last is None else last.schedule
+        out = {
+            "method": self.method.name,
+            "family": self.adapter.family,
+            "budget": self.requested.describe(),
+            "options": dict(self.options, prop_attn=self.prop_attn, trace_source=self.trace_source),
+            "schedule": list(schedule.remove),
+            "planned_tokens_per_layer": list(schedule.tokens),
+            "keep": schedule.keep,
+            "tokens_per_layer": [] if last is None else list(last.tokens_seen),
+        }
+        if last is not None:
+            out["size"] = last.tokens.size
+            if last.tokens.source is not None:
+                out["source"] = last.tokens.source
+        return out
