@@ -42,7 +42,7 @@ def parse_args(argv=None):
 
 def load_model(args):
     if args.model == "reference":
-        from vitcompress import reference
+        from vitcompress import reference_model as reference
         return reference.load(num_images=0)[0]
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = timm.create_model(args.model, pretrained=args.pretrained and not args.checkpoint, **kwargs)

@@ -9,7 +9,7 @@ Writes to ``--out``:
 * ``fashion_mnist_test.npz``: the first 3000 t10k images (uint8 [3000, 28, 28]) and labels.
 
 ``test_accuracy`` is measured on the full 10,000-image test set with the fp16 weights
-cast back to fp32, i.e. exactly the model that ``vitcompress.reference.load()`` returns.
+cast back to fp32, i.e. exactly the model that ``vitcompress.reference_model.load()`` returns.
 
 The shipped files came from (defaults spelled out; 88.23% full-test top-1, 56.8 min wall time
 on a 2-core CPU that other jobs were also using)::
@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 try:
-    from vitcompress.reference import MEAN, STD, build_model, preprocess, read_idx
+    from vitcompress.reference_model import MEAN, STD, build_model, preprocess, read_idx
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from vitcompress.reference import MEAN, STD, build_model, preprocess, read_idx
+    from vitcompress.reference_model import MEAN, STD, build_model, preprocess, read_idx
 
 NUM_SHIPPED = 3000
 

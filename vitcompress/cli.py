@@ -27,7 +27,7 @@ def _load(args):
     if reference_model:
         if args.pretrained:
             sys.exit("bench: --pretrained applies to timm models; the reference model ships its own weights")
-        from . import reference
+        from . import reference_model as reference
         model, images, labels = reference.load(num_images=args.num_images)
         if not args.data:
             return model, (lambda: batches(images, labels, args.batch_size)), images[: args.batch_size]

@@ -43,7 +43,7 @@ class ReferenceTransform:
     def __call__(self, image) -> torch.Tensor:
         from torchvision.transforms.functional import pil_to_tensor
 
-        from . import reference
+        from . import reference_model as reference
         raw = pil_to_tensor(image.convert("L").resize((28, 28)))
         return reference.preprocess(raw)[0]
 

@@ -496,7 +496,7 @@ def run_cli(args) -> int:
         if args.model == "reference":
             if args.pretrained:
                 raise ValueError("--pretrained applies to timm models; the reference model ships its own weights")
-            from . import reference
+            from . import reference_model as reference
             model, inputs, _ = reference.load(num_images=args.num_images)
             size = args.img_size or inputs.shape[-1]
             if size != inputs.shape[-1]:
