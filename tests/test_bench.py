@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import vitcompress
-from vitcompress import cli, reference
+from vitcompress import cli
+from vitcompress import reference_model as reference
 from vitcompress.evaluate import accuracy, batches, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
