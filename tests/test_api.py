@@ -189,3 +189,22 @@ def test_a_copy_of_a_compressed_model_is_independent(clone):
         assert torch.equal(model(x), out)  # the original stays compressed
         twin.blocks[0].attn.qkv.weight.mul_(2)
         assert torch.equal(model(x), out)  # and runs its own weights
+
+
+def test_user_hooks_registered_while_compressed_survive_restore():
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    vitcompress.compress(model, "tome", r=4)
+    fired = []
+    model.register_forward_pre_hook(lambda m, args: fired.append("model-pre"))
+    model.blocks[1].register_forward_hook(lambda m, args, out: fired.append("block-post"))
+    with torch.no_grad():
+        model(x)
+    assert fired == ["model-pre", "block-post"]
+    vitcompress.restore(model)
+    fired.clear()
+    with torch.no_grad():
+        after = model(x)
+    assert fired == ["model-pre", "block-post"] and torch.equal(before, after)
