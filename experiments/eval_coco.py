@@ -23,9 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 import vitcompress
-from vitcompress.adapters.detr import count_encoder_flops
 from vitcompress.coco import CocoDetection, bbox_ap, check_labels, detections, load_detr, loader
 from vitcompress.evaluate import autocast
+from vitcompress.profile.detr import count_encoder_flops
 
 
 def parse_args(argv=None):

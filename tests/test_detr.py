@@ -14,12 +14,13 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("pycocotools")
 
 import vitcompress  # noqa: E402
-from vitcompress.adapters.detr import (EncoderLayerParts, count_encoder_flops, encoder_inputs,  # noqa: E402
-                                      encoder_position_embeddings)
+from vitcompress.adapters.detr import encoder_inputs, encoder_layer_parts, encoder_position_embeddings  # noqa: E402
 from vitcompress.coco import (CocoDetection, bbox_ap, collate, detections, fcos_assign,  # noqa: E402
                               foreground_targets, load_coco, loader)
+from vitcompress.interfaces import runtime_of  # noqa: E402
 from vitcompress.methods.focus_detr import (PAPER_CASCADE, FocusScorer, cascade_for_depth,  # noqa: E402
                                             dual_attention_tokens, foreground_logits, save_scorer)
+from vitcompress.profile.detr import count_encoder_flops  # noqa: E402
 from conftest import tiny_vit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,7 +108,67 @@ def test_restore_is_bit_exact():
     assert not torch.allclose(compressed.logits, before.logits, atol=1e-4)
     for name in ("logits", "pred_boxes", "encoder_last_hidden_state"):
         assert torch.equal(getattr(after, name), getattr(before, name)), name
-    assert "forward" not in model.model.encoder.__dict__ and not hasattr(model, "_vitcompress")
+    assert "forward" not in model.model.encoder.__dict__ and runtime_of(model) is None
+
+
+def test_hooks_registered_while_compressed_survive_restore():
+    model = tiny_detr()
+    x = torch.randn(1, 3, 64, 80)
+    before = run(model, x)
+    vitcompress.compress(model, "focus_detr", keep=0.5)
+    compressed = run(model, x)
+    encoder, fired = model.model.encoder, []
+    handles = [model.register_forward_pre_hook(lambda m, args: fired.append("model pre")),
+               encoder.register_forward_pre_hook(lambda m, args, kwargs: fired.append("encoder pre"), with_kwargs=True),
+               encoder.register_forward_hook(lambda m, args, out: fired.append("encoder")),
+               model.register_forward_hook(lambda m, args, out: fired.append("model"))]
+    order = ["model pre", "encoder pre", "encoder", "model"]
+    assert torch.equal(run(model, x).logits, compressed.logits) and fired == order
+    vitcompress.restore(model)
+    fired.clear()
+    after = run(model, x)
+    assert fired == order
+    for name in ("logits", "pred_boxes", "encoder_last_hidden_state"):
+        assert torch.equal(getattr(after, name), getattr(before, name)), name
+    for handle in handles:
+        handle.remove()
+    fired.clear()
+    assert torch.equal(run(model, x).logits, before.logits) and fired == []
+
+
+@pytest.mark.parametrize("scorer", ["attention", "learned"])
+def test_threads_through_one_compressed_detr_get_their_own_outputs_and_counts(scorer):
+    """Each thread's forwards give exactly its sequential output, and ``stats`` in that thread
+    reports its own forward's token counts (images padded differently keep different counts)."""
+    from test_threads import THREADS, run_concurrently
+
+    model = tiny_detr()
+    extra = {"scorer_module": random_head()} if scorer == "learned" else {}
+    vitcompress.compress(model, "focus_detr", keep=0.5, scorer=scorer, dual_k=20, **extra)
+    g = torch.Generator().manual_seed(0)
+    inputs = []
+    for i in range(THREADS):
+        x, mask = torch.randn(1 + i % 2, 3, 64, 80, generator=g), None
+        if i % 4 in (1, 2):  # the last image padded on the right (8 x 8 tokens) or at the bottom (6 x 10)
+            mask = torch.ones(x.shape[0], 64, 80, dtype=torch.long)
+            if i % 4 == 1:
+                mask[-1, :, 64:] = 0
+            else:
+                mask[-1, 48:] = 0
+        inputs.append((x, mask))
+    counted = ("encoder_tokens", "kept_per_image", "tokens_per_layer", "dual_tokens_per_layer")
+
+    def forward(m, inp):
+        out = run(m, *inp)
+        st = vitcompress.stats(m)
+        return [out.logits, out.pred_boxes, out.encoder_last_hidden_state], {k: st[k] for k in counted}
+
+    expected = [forward(model, inp) for inp in inputs]
+    assert len({str(counts) for _, counts in expected}) == 4  # batch sizes and paddings give distinct counts
+    for i, runs in enumerate(run_concurrently(model, inputs, forward)):
+        for (outs, counts), _ in runs:
+            assert all(torch.equal(o, e) for o, e in zip(outs, expected[i][0])), f"thread {i} got another output"
+            assert counts == expected[i][1], f"thread {i} saw the token counts of another forward"
 
 
 @pytest.mark.parametrize("clone", ["deepcopy", "torch.save"])
@@ -276,7 +337,7 @@ def test_train_mode_gradients_reach_the_encoder():
     vitcompress.compress(model, "focus_detr", keep=0.5, dual_k=8)
     out = model(pixel_values=torch.randn(2, 3, 64, 80))
     (out.logits.logsumexp(-1).sum() + out.pred_boxes.sum()).backward()
-    last = EncoderLayerParts.of(model.model.encoder.layers[5], 5, HEADS, 0.0)
+    last = encoder_layer_parts(model.model.encoder.layers[5], 5, HEADS, 0.0)
     weights = {"first q_proj": model.model.encoder.layers[0].self_attn.q_proj.weight, "last fc2": last.fc2.weight,
                "input_projection": model.model.input_projection.weight,
                "class head": model.class_labels_classifier.weight}
@@ -334,7 +395,7 @@ def test_both_transformers_layer_layouts_and_argument_names():
     with torch.no_grad():
         want = hf_layer(layer, x, pos)
         for variant in (layer, other_layout(layer)):
-            got = EncoderLayerParts.of(variant, 0, HEADS, 0.0).forward(x, pos, None)
+            got = encoder_layer_parts(variant, 0, HEADS, 0.0).forward(x, pos, None)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
     inputs = encoder_inputs(model, torch.randn(1, 3, 64, 80))
@@ -381,7 +442,7 @@ def test_clear_errors(tmp_path):
     torch.save({"weights": 1}, tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="not a Focus-DETR scorer file"):
         vitcompress.compress(detr, "focus_detr", scorer="learned", scorer_path=str(tmp_path / "junk.pt"))
-    assert not hasattr(detr, "_vitcompress")  # nothing was patched by the failed calls
+    assert runtime_of(detr) is None  # nothing was patched by the failed calls
     vitcompress.compress(detr, "focus_detr")
     with pytest.raises(ValueError, match="cannot return attentions"):
         detr(pixel_values=torch.randn(1, 3, 64, 80), output_attentions=True)
@@ -573,10 +634,10 @@ def test_scorer_training_loss_falls_and_eval_coco_runs(coco_set, tmp_path):
     vitcompress.compress(model, "focus_detr", scorer="learned", scorer_path=str(head_path))
     data = CocoDetection(str(coco_set), str(coco_set / "ann.json"), size=64, max_size=80)
     pixel_values, pixel_mask, targets = collate([data[i] for i in range(len(data))])
-    rt = model._vitcompress
+    rt = runtime_of(model)
     inputs = encoder_inputs(model, pixel_values, pixel_mask)
     valid = inputs["attention_mask"].bool()
-    rank, _ = rt.method.token_scores(rt.options, rt.head, inputs["inputs_embeds"],
+    rank, _ = rt.method.token_scores(rt.options, rt.prepared, inputs["inputs_embeds"],
                                      encoder_position_embeddings(inputs), valid, None)
     idx, slot_valid, _ = rt.method.layer_sets(rank, valid, 0.5, rt.cascade)[0]
     target = foreground_targets(targets, (8, 10), (64, 80), valid.reshape(6, 8, 10))

@@ -54,6 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..attention import softmax_attention
 from ..interfaces import DetrMethod
 
 PAPER_CASCADE = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)
@@ -137,10 +138,9 @@ def token_norm(x: torch.Tensor) -> torch.Tensor:
 def attention_received(q: torch.Tensor, k: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Zero-shot foreground proxy: attention each token receives, ``sum_i softmax(q_i k^T / sqrt(d))``
     over the real queries, averaged over heads. ``q, k [B, H, N, d]``; ``valid[B, N]`` -> ``[B, N]``."""
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    if valid is not None:
-        logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = logits.float().softmax(dim=-1)
+    _, probs = softmax_attention(q, k, scale=q.shape[-1] ** -0.5,
+                                 bias=None if valid is None else valid[:, None, None, :])
+    probs = probs.float()
     if valid is not None:
         probs = probs * valid[:, None, :, None]
     return probs.sum(dim=2).mean(dim=1)
@@ -205,8 +205,6 @@ def dual_attention_tokens(foreground: torch.Tensor, class_prob: Optional[torch.T
 
 class FocusDETR(DetrMethod):
     name = "focus_detr"
-    kind = "prune"
-    target = "detr"
     defaults = {"scorer": "norm", "scorer_path": None, "scorer_module": None, "cascade": None, "dual_k": 300}
     default_budget = {"keep": 0.5}
     keep_means = "fraction of the encoder's tokens kept, rho"
@@ -266,10 +264,12 @@ class FocusDETR(DetrMethod):
             score = attention_received(*first_layer_qk(), None if bool(valid.all()) else valid)
             return score, score
         B, N, C = x.shape
+        weight = next(head.parameters())
+        if weight.device != x.device:  # the head is no submodule of the model, so model.to() did not move it
+            head.to(device=x.device)
         # The head keeps its own dtype: casting it to the tokens' (bfloat16 under autocast) would
         # round a trained head's weights for good; the tokens are cast to it instead.
-        head.to(device=x.device)
-        tokens = (x + pos).to(next(head.parameters()).dtype)
+        tokens = (x + pos).to(weight.dtype)
         logits = foreground_logits(head, [tokens.transpose(1, 2).reshape(B, C, 1, N)],
                                    [valid.reshape(B, 1, N)])[0].reshape(B, N).float()
         return logits, logits.sigmoid()
