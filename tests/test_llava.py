@@ -1,5 +1,7 @@
 """LLaVA adapter, tokencorr and QuoTA on tiny random LLaVA / NeXT / NeXT-Video / OneVision models."""
 import copy
+import io
+import threading
 
 import pytest
 import torch
@@ -11,8 +13,10 @@ from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, LlamaConfig, 
                           LlavaOnevisionForConditionalGeneration)
 
 import vitcompress
-from vitcompress.adapters.llava import _rewrite_prompt
+from test_threads import CALLS, THREADS
+from vitcompress.interfaces import runtime_of
 from vitcompress.methods import quota, tokencorr
+from vitcompress.prompt import rewrite_prompt
 
 IMG, VID = 99, 98
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
@@ -244,25 +248,136 @@ def test_restore_is_bit_exact(models, kind, method, opts):
         gen_after = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert reduced < int((inputs["input_ids"] >= VID).sum()) and not torch.equal(compressed[:, -1], before[:, -1])
     assert torch.equal(after, before) and torch.equal(gen_after, gen_before)
-    assert not model._forward_pre_hooks and "generate" not in model.__dict__ and not hasattr(model, "_vitcompress")
+    assert "generate" not in model.__dict__ and runtime_of(model) is None
     assert all("forward" not in layer.__dict__ for layer in model.model.vision_tower.encoder.layers)
 
 
-def test_compressing_twice_replaces_and_deepcopy_keeps_the_patch(models):
+def test_user_hooks_registered_while_compressed_survive_restore(models):
+    """Hooks go through public handles: restore removes exactly the compression's, and the user's
+    (on the model, and on a tower projection the compression taps too) keep firing."""
     model = models["llava"]
-    inputs = inputs_for(model, "llava")
-    vitcompress.compress(model, "quota", keep=0.5, scorer=ramp)
+    inputs = inputs_for(model, "llava", images=half_flat)
+    with torch.no_grad():
+        before = model(**inputs).logits
     vitcompress.compress(model, "tokencorr")
+    fired = []
+    handles = [
+        model.register_forward_pre_hook(lambda m, args, kwargs: fired.append(("pre", kwargs["input_ids"].shape[1])),
+                                        with_kwargs=True),
+        model.register_forward_hook(lambda m, args, out: fired.append(("post", out.logits.shape[1]))),
+        model.model.vision_tower.encoder.layers[-2].self_attn.k_proj.register_forward_hook(
+            lambda m, args, out: fired.append(("tower", out.shape[1]))),
+    ]
     try:
         with torch.no_grad():
-            out = model(**inputs).logits
-            twin = copy.deepcopy(model)
-            twin_out = twin(**inputs).logits
-        assert vitcompress.stats(model)["method"] == "tokencorr"
-        assert len(model._forward_pre_hooks) == 1
+            compressed = model(**inputs).logits
+        n = compressed.shape[1]  # the prefill hook runs first: the user's pre-hook sees the rewritten prompt
+        assert n < inputs["input_ids"].shape[1]
+        assert fired == [("tower", PATCHES + 1), ("pre", n), ("post", n)]
+        vitcompress.restore(model)
+        fired.clear()
+        with torch.no_grad():
+            after = model(**inputs).logits
+        full = inputs["input_ids"].shape[1]
+        assert fired == [("pre", full), ("tower", PATCHES + 1), ("post", full)]
+        assert torch.equal(after, before)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def torch_save_round_trip(model):
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("clone", ["deepcopy", "torch.save"])
+def test_compressing_twice_replaces_and_a_copy_keeps_the_patch(clone):
+    model = build("llava")  # fresh: transformers' own hooks, installed by a first forward, do not pickle
+    inputs = inputs_for(model, "llava", images=half_flat)
+    vitcompress.compress(model, "quota", keep=0.5, scorer=ramp)
+    vitcompress.compress(model, "tokencorr", merge=True)
+    twin = copy.deepcopy(model) if clone == "deepcopy" else torch_save_round_trip(model)
+    with torch.no_grad():
+        twice = model(**inputs).logits
+        twin_out = twin(**inputs).logits
+        assert vitcompress.stats(twin)["visual_tokens_after"] == vitcompress.stats(model)["visual_tokens_after"]
+        vitcompress.restore(twin)
+        twin_plain = twin(**inputs).logits
+        assert torch.equal(model(**inputs).logits, twice)  # the original stays compressed
+        vitcompress.restore(model)
+        plain = model(**inputs).logits
+        vitcompress.compress(model, "tokencorr", merge=True)
+        once = model(**inputs).logits
+    assert torch.equal(twice, once) and torch.equal(twin_out, once) and torch.equal(twin_plain, plain)
+    assert not torch.equal(once[:, -1], plain[:, -1])
+
+
+# ---------------------------------------------------------------- threads
+
+def thread_inputs(model, kind, i):
+    """Thread ``i``'s own call: its images (noise below a row that depends on ``i``, flat above:
+    partial budgets that differ per thread), one or two samples."""
+    def images(shape):
+        torch.manual_seed(10 + i)
+        out = torch.full((2,) + shape, 0.2 + 0.05 * i)
+        out[..., 8 + 2 * i:, :] = torch.randn(out[..., 8 + 2 * i:, :].shape)
+        return out
+
+    inputs = inputs_for(model, kind, images=images)
+    return row_alone(inputs, i % 2) if i % 4 == 3 else inputs
+
+
+def question_scorer(frames, question):
+    """Later frames are more relevant, the more so the longer the question: each question its own
+    allocation."""
+    return torch.linspace(0.1, 1.0, frames.shape[0]) ** len(question)
+
+
+@pytest.mark.parametrize("kind,method,opts", [("llava", "tokencorr", {}), ("next", "tokencorr", dict(merge=True)),
+                                              ("next_video", "quota", dict(keep=0.5, scorer=question_scorer))],
+                         ids=["llava-tokencorr", "next-tokencorr", "next_video-quota"])
+def test_threads_through_one_compressed_llava_get_their_own_outputs_and_stats(models, kind, method, opts):
+    """THREADS threads x CALLS forwards through one compressed model: each gets exactly the logits
+    of a sequential run on its input, and ``stats`` in each thread reports its own last prefill."""
+    model = models[kind]
+    calls = [(thread_inputs(model, kind, i), "q" * (1 + i)) for i in range(THREADS)]
+
+    def call(i):
+        inputs, question = calls[i]
+        with torch.no_grad():
+            logits = model(**inputs, question=question).logits
+        stats = vitcompress.stats(model)
+        return logits, {k: stats.get(k) for k in ("image", "video", "visual_tokens_after")}
+
+    vitcompress.compress(model, method, **opts)
+    try:
+        expected = [call(i) for i in range(THREADS)]
+        assert len({str(stats) for _, stats in expected}) == THREADS  # every thread's call is its own
+        results, errors = [None] * THREADS, []
+        start = threading.Barrier(THREADS)
+
+        def work(i):
+            try:
+                start.wait()
+                results[i] = [call(i) for _ in range(CALLS)]
+            except Exception as err:  # reported below, with the thread's index
+                errors.append((i, err))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     finally:
         vitcompress.restore(model)
-    assert torch.equal(out, twin_out)
+    assert not errors, errors
+    for i, runs in enumerate(results):
+        for logits, stats in runs:
+            assert torch.equal(logits, expected[i][0]), f"thread {i} got another call's logits"
+            assert stats == expected[i][1], f"thread {i}'s stats report another call"
 
 
 # ---------------------------------------------------------------- tokencorr
@@ -463,15 +578,15 @@ def test_rewrite_prompt_keeps_mask_labels_and_padding_side():
     ids = torch.tensor([[1, 9, 9, 9, 2, 3], [4, 9, 9, 9, 5, 0]])  # right-padded batch; 9 = placeholder
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
     labels = torch.tensor([[-100, -100, -100, -100, 2, 3], [-100, -100, -100, -100, 5, -100]])
-    out = _rewrite_prompt(ids, mask, labels, None, {9: ("image", [3, 3], [1, 2])}, pad_id=0)
+    out = rewrite_prompt(ids, mask, labels, None, {9: ("image", [3, 3], [1, 2])}, pad_id=0)
     assert out["input_ids"].tolist() == [[1, 9, 2, 3, 0], [4, 9, 9, 5, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]
     assert out["labels"].tolist() == [[-100, -100, 2, 3, -100], [-100, -100, -100, 5, -100]]
     assert out["position_ids"].tolist() == [[0, 1, 2, 3, 3], [0, 1, 2, 3, 3]]
-    left = _rewrite_prompt(ids[:1], None, None, None, {9: ("image", [3], [0])}, pad_id=0)
+    left = rewrite_prompt(ids[:1], None, None, None, {9: ("image", [3], [0])}, pad_id=0)
     assert list(left) == ["input_ids"] and left["input_ids"].tolist() == [[1, 2, 3]]
     with pytest.raises(ValueError, match="do not match"):
-        _rewrite_prompt(ids, mask, None, None, {9: ("image", [4, 2], [1, 1])}, pad_id=0)
+        rewrite_prompt(ids, mask, None, None, {9: ("image", [4, 2], [1, 1])}, pad_id=0)
 
 
 # ---------------------------------------------------------------- clear errors

@@ -10,6 +10,7 @@
 
 Core modules, methods and adapters import from here; nothing here imports them.
 """
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
@@ -129,6 +130,15 @@ class ViTMethod(Method):
         """Whether block ``layer`` reduces at all (static)."""
         return True
 
+    def remove_for_keep(self, tokens: int, num_prefix: int, keep: float) -> int:
+        """Tokens a block removes under a ``keep=`` budget when ``tokens`` reducible tokens (after
+        ``num_prefix`` special ones) enter it: all but ``floor(tokens * keep)``."""
+        return tokens - math.floor(tokens * keep + 1e-9)
+
+    def clamps(self, options: Dict[str, Any]) -> bool:
+        """Whether a budget too large for a block removes what it can instead of being refused."""
+        return False
+
     def needs_attention(self, layer: int, num_layers: int, options: Dict[str, Any]) -> bool:
         return False
 
@@ -143,60 +153,94 @@ class ViTMethod(Method):
 
 
 class DetrMethod(Method):
-    """A method for a sparse detection encoder (:mod:`vitcompress.sparse_encoder` runs the layers):
-    it scores the encoder's tokens once and chooses the nested token set of every layer."""
+    """A method for a sparse detection encoder: it scores the encoder's tokens once per forward and
+    chooses the nested token set of every layer; :class:`vitcompress.sparse_encoder.DetrRuntime`
+    runs the layers on those sets and calls exactly the hooks below.
+
+    At compress time: :meth:`layer_fractions`, :meth:`prepare`. Per forward: :meth:`token_scores`,
+    :meth:`layer_sets`, then per layer :meth:`dual_set`. For ``stats()``: :meth:`planned_tokens`.
+    ``keep`` is the budget's value (rho, the fraction of each image's real tokens kept).
+    """
 
     target = "detr"
     kind = "prune"
 
+    def layer_fractions(self, options: Dict[str, Any], depth: int) -> Tuple[float, ...]:
+        """The fraction of the kept set each of the ``depth`` encoder layers runs on."""
+        raise NotImplementedError
+
     def prepare(self, options: Dict[str, Any], dim: int) -> Any:
-        """Anything the method builds once at compress time (a trained scorer head), or None."""
+        """Anything the method builds once at compress time for ``dim``-wide tokens (a trained
+        scorer head; an ``nn.Module`` is traced with the encoder when FLOPs are counted), or None.
+        The runtime passes it back to :meth:`token_scores` as ``prepared``."""
         return None
 
     def token_scores(self, options: Dict[str, Any], prepared: Any, x: Tensor, pos: Tensor, valid: Tensor,
                      first_layer_qk: Callable[[], Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
-        """``(rank [B, N], foreground [B, N] >= 0)`` of the encoder input ``x`` (position embeddings
-        ``pos``, real tokens ``valid``); ``first_layer_qk()`` gives the first layer's ``q, k``."""
+        """``(rank [B, N], foreground [B, N] >= 0)`` of the encoder input ``x[B, N, C]`` (position
+        embeddings ``pos``, real tokens ``valid[B, N]``); ``first_layer_qk()`` computes the first
+        layer's ``q, k [B, H, N, d]`` on demand."""
         raise NotImplementedError
 
-    def layer_fractions(self, options: Dict[str, Any], depth: int) -> Tuple[float, ...]:
-        """The fraction of the kept set each encoder layer runs on."""
-        raise NotImplementedError
-
-    def planned_tokens(self, num_tokens: int, keep: float, fractions: Sequence[float]) -> List[int]:
-        raise NotImplementedError
-
-    def layer_sets(self, scores: Tensor, valid: Tensor, keep: float,
+    def layer_sets(self, rank: Tensor, valid: Tensor, keep: float,
                    fractions: Sequence[float]) -> List[Tuple[Tensor, Tensor, List[int]]]:
-        """Per layer: ``(index [B, K], slot_valid [B, K], counts per image)``."""
+        """Per layer, nested: ``(index [B, K], slot_valid [B, K], tokens kept per image)``; slots
+        past an image's count are invalid (neither attended to nor written back)."""
         raise NotImplementedError
 
     def dual_set(self, options: Dict[str, Any], foreground: Tensor, class_prob: Callable[[], Optional[Tensor]],
                  slot_valid: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
-        """Tokens of a layer that get an extra self-attention first, or None."""
+        """The layer's tokens that get an extra self-attention first, ``(index into the layer's
+        tokens [B, D], valid [B, D])``, or None. ``foreground[B, K]`` of the layer's tokens;
+        ``class_prob()`` their best real-class probabilities (None without a class head)."""
         return None
+
+    def planned_tokens(self, num_tokens: int, keep: float, fractions: Sequence[float]) -> List[int]:
+        """Tokens each layer runs on for an image with ``num_tokens`` real tokens."""
+        raise NotImplementedError
 
 
 class LlavaMethod(Method):
-    """A method on the visual tokens a VLM hands its language model (:mod:`vitcompress.vlm` calls it).
+    """A method on the visual tokens a VLM hands its language model (:class:`vitcompress.vlm.LlavaRuntime`
+    encodes the call's pixels, calls it, and rewrites the prompt to the counts it returns).
 
-    ``unit = "crop"``: each image crop is reduced on its own from signals of the vision tower
-    (:meth:`tower_layers` names the tower layers whose q/k it reads; :meth:`reduce_image` reduces
-    one image). ``unit = "video"``: one budget per video is split across its frames
-    (:meth:`reduce_video`).
+    ``unit = "crop"``: each image crop is reduced on its own from signals of the vision tower:
+    :meth:`tower_layers` names the layers whose q/k projections the runtime captures while the
+    model encodes, and :meth:`reduce_images` reduces every image of the call. ``unit = "video"``:
+    one budget per video is split across its frames (:meth:`reduce_video`).
     """
 
     target = "llava"
-    unit: str = ""
+    unit: str = ""  # "crop" | "video"
+
+    def check_budget(self, budget: Any) -> None:
+        """Refuse a budget (``schedule.Budget``) this method cannot take; by default only ``keep=``."""
+        if budget.kind != "keep":
+            raise ValueError(f"{self.name} takes keep= ({self.keep_means}), not {budget.kind}=")
 
     def tower_layers(self, options: Dict[str, Any], depth: int) -> Tuple[int, ...]:
+        """The encoder layers (resolved for a tower of ``depth`` layers) whose q/k :meth:`reduce_images`
+        reads, in the order it takes them."""
         raise NotImplementedError
 
-    def reduce_image(self, features: Tensor, layout: Tensor, taps: Any, options: Dict[str, Any]):
+    def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
+                      options: Dict[str, Any]) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        """Every image of one call -> its reduced tokens and a report per image.
+
+        ``images[i][L, D]``: an image's visual tokens in the model's packed order; ``layouts[i]``:
+        ``(layout [L], crops)``, ``layout`` naming each token (``crop * N + patch``, the crop counted
+        within the image; -1 a row's newline; -2 CLS) and ``crops`` the image's number of crops;
+        ``taps``: per layer of :meth:`tower_layers`, the tower's ``q``, ``k`` ``[crops, 1 + N, H * d]``
+        (CLS first) of every crop of the call, image after image, with the layer's ``num_heads``
+        and softmax ``scale``.
+        """
         raise NotImplementedError
 
-    def reduce_video(self, frames: Tensor, grids: List[Tensor], budget_value: Any, question: str,
-                     options: Dict[str, Any]):
+    def reduce_video(self, frames: Tensor, grids: Sequence[Tensor], keep: float, question: str,
+                     options: Dict[str, Any]) -> Tuple[List[Tensor], Dict[str, Any]]:
+        """One video: ``frames[F, 3, H, W]`` (the processor's pixels), ``grids`` its F frames' token
+        grids ``[h, w, D]``, ``keep`` the budget, ``question`` the call's -> the tokens ``[n, D]``
+        each frame keeps, and a report."""
         raise NotImplementedError
 
 

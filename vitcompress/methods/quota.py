@@ -30,10 +30,10 @@ Choices where the paper leaves room:
 * Tokens are resized after the projector (and after the model's own video pooling), as
   LLaVA-Video / OneVision pool their video tokens.
 * The question is given per call: ``model.generate(**inputs, question="...")`` (a string, or one
-  per sample of the batch); the adapter passes it on to the scorer.
+  per sample of the batch); the runtime passes each video its sample's question.
 """
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,7 @@ def frame_probabilities(scorer, tokenizer, frames: Tensor, question: str) -> Lis
 
 
 class QuoTA(LlavaMethod):
-    """Descriptor: the adapter hands it each video's frames, token grids and question."""
+    """Descriptor: the runtime hands it each video's frames, token grids and question."""
 
     name = "quota"
     kind = "merge"  # bilinear resizing mixes neighbouring tokens
@@ -177,9 +177,11 @@ class QuoTA(LlavaMethod):
         if kind is None and tokenizer is not None:
             raise ValueError("tokenizer= is only used with a CLIP scorer; a callable scorer gets the question as text")
 
-    def budget_for(self, keep: float, tokens: int) -> int:
-        """The video's budget: ``keep`` of its uncompressed visual tokens."""
-        return int(keep * tokens + 1e-9)
-
-    def frame_probabilities(self, options, frames: Tensor, question: str) -> List[float]:
-        return frame_probabilities(options["scorer"], options["tokenizer"], frames, question)
+    def reduce_video(self, frames: Tensor, grids: Sequence[Tensor], keep: float, question: str,
+                     options: Dict[str, Any]) -> Tuple[List[Tensor], Dict[str, Any]]:
+        """The video's budget is ``keep`` of its uncompressed visual tokens, split by relevance."""
+        budget = int(keep * sum(g.shape[0] * g.shape[1] for g in grids) + 1e-9)
+        probs = frame_probabilities(options["scorer"], options["tokenizer"], frames, question)
+        tokens, alloc, shapes = assign_tokens(grids, probs, budget)
+        return tokens, {"budget": budget, "probabilities": probs, "allocation": alloc, "grid": shapes,
+                        "frame_tokens": [h * w for h, w in shapes]}

@@ -27,21 +27,23 @@ Choices where the paper leaves room (no official code exists; each is an option 
   model by default, ``vision_feature_layer=-2``), ``shallow_layer=None`` meaning a quarter of the
   tower's depth (layer 6 of CLIP ViT-L/14's 24).
 * [CLS] attention: LLaVA's default feature strategy drops CLS from the visual tokens, so the
-  adapter reads the query and key projections of those tower layers during the same forward
-  (forward hooks, no second pass) and computes ``softmax(q_cls kᵀ * scale)`` itself, averaged over
-  heads; only the patch part of the row is used.
+  runtime captures the query and key projections of those tower layers during the same forward
+  (forward hooks, no second pass) and :func:`cls_attention` computes ``softmax(q_cls kᵀ * scale)``,
+  averaged over heads; only the patch part of the row is used.
 * Sampling is seeded (``seed=0``), per crop from the seed and the crop's index within its image:
   an image keeps the same tokens in every call whatever else is in the batch, so a ``forward``
   and a ``generate`` agree; ``seed=None`` draws from torch's global generator.
 * The selection is applied to the projected visual tokens (the projector works token by token,
   so pruning before or after it is the same; merging averages projected tokens).
 """
+import functools
 import math
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..attention import softmax_attention
 from ..interfaces import LlavaMethod, Plan
 from ..tokens import TokenState, apply_plan
 
@@ -66,13 +68,18 @@ def crop_budget(keys: Tensor, tau: float, c: int) -> int:
     return int(keys.shape[0] - redundant_patches(keys, tau, c).sum())
 
 
+def patch_keys(k: Tensor, num_heads: int) -> Tensor:
+    """``k [B, N, H*d]`` (CLS first) -> ``[B, N - 1, d]``: the patches' keys averaged over heads."""
+    return k.reshape(*k.shape[:2], num_heads, -1).mean(dim=2)[:, 1:]
+
+
 def cls_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
     """``q, k [B, N, H*d]`` (CLS first) -> ``[B, N - 1]``: the CLS row of the softmax attention over
     all tokens, averaged over heads, restricted to the patches."""
     B, N, C = q.shape
     qh = q[:, :1].float().reshape(B, 1, num_heads, C // num_heads).transpose(1, 2)
     kh = k.float().reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
-    probs = ((qh * scale) @ kh.transpose(-2, -1)).softmax(dim=-1)  # [B, H, 1, N]
+    _, probs = softmax_attention(qh, kh, scale=scale)  # [B, H, 1, N]
     return probs.mean(dim=1)[:, 0, 1:]
 
 
@@ -121,9 +128,45 @@ def compress_tokens(tokens: Tensor, plan: Plan, weights: Tensor, num_prefix: int
     return apply_plan(tokens[None], state, plan)[0]
 
 
+def reduce_crops(features: Tensor, layout: Tensor, keys: Tensor, deep: Tensor, shallow: Tensor, *, tau: float,
+                 c: int, merge: bool, generator_of: Callable[[int], Optional[torch.Generator]]):
+    """One image: ``features[L, D]`` in the model's packed order, ``layout[L]`` naming each packed
+    token (``crop * N + patch``; -1 a row's newline; -2 CLS, kept), and per crop of the image its
+    patch ``keys[crops, N, d]``, ``deep`` and ``shallow`` CLS attention ``[crops, N]`` -> reduced
+    features, report. ``generator_of(crop)`` gives each crop's sampling generator."""
+    N = keys.shape[1]
+    keep = layout == -2
+    out = features.clone()
+    crops = []
+    for crop in range(keys.shape[0]):
+        pos = ((layout >= 0) & (layout // N == crop)).nonzero().flatten()
+        if pos.numel() == 0:
+            continue
+        patch = layout[pos] % N
+        with torch.no_grad():
+            plan, budget = tokencorr_plan(keys[crop, patch], deep[crop, patch], shallow[crop, patch],
+                                          tau=tau, c=c, merge=merge, generator=generator_of(crop))
+        kept = pos[plan.keep[0]]
+        out[kept] = compress_tokens(features[pos], plan, deep[crop, patch]).to(out.dtype)
+        keep[kept] = True
+        crops.append({"patches": int(pos.numel()), "budget": budget, "density": budget / pos.numel()})
+    newline = layout == -1
+    if bool(newline.any()):
+        # A newline ends its row of the anyres grid; it stays when a grid token of its row does.
+        grid = layout >= 0
+        if keys.shape[0] > 1:
+            grid &= layout >= N  # the base crop precedes the grid and has no newlines
+        row = torch.cumsum(newline.long(), 0) - newline.long()
+        kept_in_row = torch.zeros(int(row.max()) + 1, dtype=torch.long, device=layout.device)
+        kept_in_row.index_add_(0, row[grid & keep], torch.ones_like(row[grid & keep]))
+        keep |= newline & (kept_in_row[row] > 0)
+    return out[keep], {"crops": crops, "budget": sum(c["budget"] for c in crops),
+                       "newline_tokens": int((newline & keep).sum()), "cls_tokens": int((layout == -2).sum())}
+
+
 class TokenCorr(LlavaMethod):
-    """Descriptor: the adapter captures the tower's q/k in :meth:`tower_layers` and calls
-    :func:`tokencorr_plan` / :func:`compress_tokens` per crop."""
+    """Descriptor: reads the tower's q/k in :meth:`tower_layers` and reduces each crop of each
+    image with :func:`reduce_crops`."""
 
     name = "tokencorr"
     kind = "prune"
@@ -133,6 +176,11 @@ class TokenCorr(LlavaMethod):
     defaults = {"tau": 0.9, "c": 4, "key_layer": -2, "deep_layer": -2, "shallow_layer": None,
                 "merge": False, "seed": 0}
     default_budget = {"keep": None}  # content-dependent: ceil(rho * N) per crop
+
+    def check_budget(self, budget) -> None:
+        if budget.value is not None:
+            raise ValueError(f"{self.name} sets each crop's budget from its content (ceil(rho * N)); it takes "
+                             f"no keep=/r=/flops= (got {budget.describe()}); tune it with tau= and c=")
 
     def validate(self, options) -> None:
         tau, c = options["tau"], options["c"]
@@ -162,6 +210,27 @@ class TokenCorr(LlavaMethod):
                                  f"(use -{depth} .. {depth - 1})")
             resolved.append(v % depth)
         return tuple(resolved)
+
+    def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
+                      options: Dict[str, Any]) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        """Every image of one call; ``taps``: the tower's q/k of the (key, deep, shallow) layers,
+        all crops of the call together, so the signals are computed once per call."""
+        key, deep, shallow = taps
+        with torch.no_grad():
+            keys = patch_keys(key.k, key.num_heads)  # [crops, N, d]
+            deep_attention = cls_attention(deep.q, deep.k, deep.num_heads, deep.scale)
+            shallow_attention = cls_attention(shallow.q, shallow.k, shallow.num_heads, shallow.scale)
+        generator_of = functools.partial(self.generator, options, keys.device)
+        reduced, reports, first = [], [], 0
+        for features, (layout, crops) in zip(images, layouts):
+            span = slice(first, first + crops)
+            first += crops
+            tokens, report = reduce_crops(features, layout, keys[span], deep_attention[span], shallow_attention[span],
+                                          tau=options["tau"], c=options["c"], merge=options["merge"],
+                                          generator_of=generator_of)
+            reduced.append(tokens)
+            reports.append(report)
+        return reduced, reports
 
     def generator(self, options, device, crop: int = 0) -> Optional[torch.Generator]:
         """The sampling generator of crop ``crop`` of an image (None: torch's global one)."""
