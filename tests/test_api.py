@@ -1,4 +1,6 @@
 """compress / restore / stats on timm ViTs: exactness, schedules, bad input."""
+import math
+
 import pytest
 import timm
 import torch
@@ -50,11 +52,11 @@ def test_compressing_twice_replaces_the_first(deit_small):
     assert not torch.allclose(plain, twice, atol=1e-3)
 
 
-def expected_tokens_keep(num_patches, depth, keep, prefix=1):
-    tokens, t = [], num_patches
+def expected_tokens_pitome(num_patches, depth, keep, prefix=1):
+    tokens, t = [], num_patches + prefix
     for _ in range(depth):
-        tokens.append(t + prefix)
-        t = int(t * keep + 1e-9)  # floor(t * keep) tokens survive every block
+        tokens.append(t)
+        t -= math.floor(t - t * keep)  # PiToMe's count: floor(T - T * ratio), class token included
     return tokens
 
 
@@ -69,7 +71,7 @@ def test_tokens_per_layer_follow_the_schedule(deit_small):
         deit_small(x)
         st = vitcompress.stats(deit_small)
         vitcompress.restore(deit_small)
-    assert st["tokens_per_layer"] == expected_tokens_keep(196, 12, 0.9)
+    assert st["tokens_per_layer"] == expected_tokens_pitome(196, 12, 0.9)
     assert st["tokens_per_layer"] == st["planned_tokens_per_layer"]
 
 
@@ -88,9 +90,9 @@ def test_dynamic_img_size_plans_per_input_size():
         out = model(torch.randn(2, 3, 160, 192))  # 10 x 12 = 120 patches
         st = vitcompress.stats(model)
         assert out.shape == (2, 1000)
-        assert st["tokens_per_layer"] == expected_tokens_keep(120, 12, 0.85)
+        assert st["tokens_per_layer"] == expected_tokens_pitome(120, 12, 0.85)
         model(torch.randn(1, 3, 224, 224))
-        assert vitcompress.stats(model)["tokens_per_layer"] == expected_tokens_keep(196, 12, 0.85)
+        assert vitcompress.stats(model)["tokens_per_layer"] == expected_tokens_pitome(196, 12, 0.85)
 
 
 def test_flops_budget_resolves_before_the_first_forward(deit_small):

@@ -106,7 +106,8 @@ class ViTRuntime:
         if num_patches not in self._schedules:
             self._schedules[num_patches] = build_schedule(
                 self.method, self.options, self.budget.kind, self.budget.value, num_patches,
-                self.adapter.num_prefix, self.adapter.depth, clamp=num_patches != self.adapter.num_patches)
+                self.adapter.num_prefix, self.adapter.depth,
+                clamp=num_patches != self.adapter.num_patches or self.method.clamps(self.options))
         return self._schedules[num_patches]
 
     def begin(self, x: torch.Tensor) -> ForwardState:

@@ -116,7 +116,7 @@ def build_schedule(method: Method, options: Dict[str, Any], kind: str, value, nu
         tokens.append(t + num_prefix)
         reduces = method.reduces(layer, depth, options)
         if kind == "keep":
-            n = t - math.floor(t * value + 1e-9) if reduces else 0
+            n = method.remove_for_keep(t, num_prefix, value) if reduces else 0
         else:
             n = requested[layer]
             if n and not reduces:

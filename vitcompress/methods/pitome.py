@@ -11,6 +11,7 @@ import torch
 from vitcompress.kernels import dispatch
 
 from ..interfaces import Plan, Signals, ViTMethod
+from ..tokens import gather_tokens
 from .tome import bipartite_soft_matching
 
 
@@ -38,11 +39,9 @@ def pitome_merge(metric: torch.Tensor, r: int, margin: float, alpha: float = 1.0
     order = dispatch.topk_indices(energy, energy.shape[1])
     if bipartite_order:
         return bipartite_soft_matching(metric, r, order=order)
-    d = metric.shape[-1]
     mergeable, protected = order[:, : 2 * r], order[:, 2 * r:]
     a_idx, b_idx = mergeable[:, 0::2], mergeable[:, 1::2]
-    gather = lambda idx: metric.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
-    _, match = dispatch.bipartite_match(gather(a_idx), gather(b_idx))
+    _, match = dispatch.bipartite_match(gather_tokens(metric, a_idx), gather_tokens(metric, b_idx))
     keep = torch.cat([protected, b_idx], dim=1)
     return Plan(keep=keep, merge_src=a_idx, merge_dst=protected.shape[1] + match)
 
@@ -58,6 +57,12 @@ class PiToMe(ViTMethod):
     kind = "merge"
     defaults = {"margin": 0.75, "alpha": 1.0, "bipartite_first_half": True}
     family_defaults = {"clip": {"margin": 0.9}}  # the paper's setting for CLIP towers
+
+    def remove_for_keep(self, tokens, num_prefix, keep) -> int:
+        """The official count: ``floor(T - T * keep)`` of the ``T`` tokens entering the block,
+        special tokens included (their ``ratio`` is our ``keep``)."""
+        total = tokens + num_prefix
+        return math.floor(total - total * keep)
 
     def validate(self, options) -> None:
         if not 0.0 <= options["margin"] <= 1.0:

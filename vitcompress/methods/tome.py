@@ -1,4 +1,17 @@
-"""ToMe bipartite soft matching (Bolya et al., ICLR 2023), the baseline every merger compares to."""
+"""ToMe bipartite soft matching (Bolya et al., ICLR 2023), the baseline every merger compares to.
+
+As the official code does it: the whole sequence, special tokens included, alternates into set A
+(even positions) and set B (odd positions); the class token is A[0] and never a source, a
+distillation token B[0] and never a destination. The ``r`` A tokens whose best B match is most
+similar merge into it; the rest of A stays **in index order** (which decides the next block's
+alternation) followed by all of B. Special tokens stay in front (the official code keeps the class
+and distillation tokens first too).
+
+Rules where the official code has none: register tokens take their places in the alternation like
+the class token and are never merged (a register in A is never a source, one in B never a
+destination); a model without a class token keeps its unmerged A tokens in score order, as the
+official code does when ``class_token=False``.
+"""
 from typing import Optional
 
 import torch
@@ -6,6 +19,7 @@ import torch
 from vitcompress.kernels import dispatch
 
 from ..interfaces import Plan, Signals, ViTMethod
+from ..tokens import gather_tokens
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, order: Optional[torch.Tensor] = None) -> Plan:
@@ -15,14 +29,13 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, order: Optional[torch.
     B = odd positions), the identity by default. Each A token's match is its most cosine-similar
     B token; the ``r`` A tokens with the highest match scores merge, the rest of A and all of B stay.
     """
-    Bsz, T, d = metric.shape
+    Bsz, T, _ = metric.shape
     if r == 0:
         return Plan(keep=torch.arange(T, device=metric.device).expand(Bsz, T))
     if order is None:
         order = torch.arange(T, device=metric.device).expand(Bsz, T)
     a_idx, b_idx = order[:, 0::2], order[:, 1::2]
-    gather = lambda idx: metric.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
-    score, match = dispatch.bipartite_match(gather(a_idx), gather(b_idx))
+    score, match = dispatch.bipartite_match(gather_tokens(metric, a_idx), gather_tokens(metric, b_idx))
     ranked = dispatch.topk_indices(score, score.shape[1])  # best matches first, ties to the lower index
     src, unmerged = ranked[:, :r], ranked[:, r:]
     keep = torch.cat([a_idx.gather(1, unmerged), b_idx], dim=1)
@@ -31,14 +44,44 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, order: Optional[torch.
     return Plan(keep=keep, merge_src=merge_src, merge_dst=merge_dst)
 
 
+def tome_matching(metric: torch.Tensor, r: int, num_prefix: int, class_token: bool) -> Plan:
+    """One ToMe block on the reducible tokens ``metric[B, T, d]`` that follow ``num_prefix``
+    special tokens: A/B alternate over the whole sequence (reducible token ``i`` sits at position
+    ``num_prefix + i``), the special tokens take part in neither set's matching, and with a
+    ``class_token`` the unmerged A tokens keep their index order."""
+    Bsz, T, _ = metric.shape
+    if r == 0:
+        return Plan(keep=torch.arange(T, device=metric.device).expand(Bsz, T))
+    first_a = num_prefix % 2  # the first reducible token is in A when the prefix is even
+    a_idx = torch.arange(first_a, T, 2, device=metric.device).expand(Bsz, -1)
+    b_idx = torch.arange(1 - first_a, T, 2, device=metric.device).expand(Bsz, -1)
+    score, match = dispatch.bipartite_match(gather_tokens(metric, a_idx), gather_tokens(metric, b_idx))
+    ranked = dispatch.topk_indices(score, score.shape[1])  # best matches first, ties to the lower index
+    src, unmerged = ranked[:, :r], ranked[:, r:]
+    if class_token:
+        unmerged = torch.sort(unmerged, dim=1, stable=True).values
+    keep = torch.cat([a_idx.gather(1, unmerged), b_idx], dim=1)
+    return Plan(keep=keep, merge_src=a_idx.gather(1, src), merge_dst=unmerged.shape[1] + match.gather(1, src))
+
+
 class ToMe(ViTMethod):
     name = "tome"
     kind = "merge"
-    defaults = {}
+    defaults = {"clamp": False}
+    option_help = {"clamp": "remove at most what each block can (ToMe's silent per-block clamp) instead of "
+                            "refusing an r too large for the model"}
+
+    def validate(self, options) -> None:
+        if not isinstance(options["clamp"], bool):
+            raise TypeError(f"tome clamp={options['clamp']!r} must be True or False (default False)")
+
+    def clamps(self, options) -> bool:
+        return options["clamp"]
 
     def overhead_flops(self, tokens, num_prefix, remove, num_heads, head_dim, layer, num_layers, options):
         t = tokens - num_prefix
         return ((t + 1) // 2) * (t // 2) * head_dim
 
     def plan(self, signals: Signals, remove: int, options) -> Plan:
-        return bipartite_soft_matching(signals.metric, remove)
+        return tome_matching(signals.metric, remove, signals.num_prefix,
+                             class_token=signals.cls_first and signals.num_prefix > 0)
