@@ -50,6 +50,10 @@ def reducing_forward(parts: BlockParts, runtime: ViTRuntime, layer: int, x: Tens
     """Forward of block ``layer`` under ``runtime``: block 0 starts this forward's state (kept
     per thread by the runtime), the others continue it."""
     forward = runtime.begin(x) if layer == 0 else runtime.current()
+    if len(forward.tokens_seen) != layer:
+        raise RuntimeError(f"block {len(forward.tokens_seen)} of this compressed model did not run under vitcompress "
+                           "(replaced or re-created after compress?): call vitcompress.compress(model, ...) again "
+                           "after changing the model's blocks")
     forward.tokens_seen.append(int(x.shape[1]))
     x = _attend_and_reduce(parts, runtime, forward, layer, x)
     return x + parts.residual2(parts.mlp(parts.norm2(x)))
