@@ -69,15 +69,23 @@ def identity(y):
     return y
 
 
-def bind(fn, module):
-    """``fn`` bound to ``module``, to be set as an instance attribute (a patched ``forward``).
+class PatchedMethod(functools.partial):
+    """A module-level function bound to a module, set as an instance attribute (a patched
+    ``forward``). A ``functools.partial`` rather than ``types.MethodType``: both survive
+    ``copy.deepcopy`` (the copy is bound to the copied module), but only the partial survives
+    ``pickle`` / ``torch.save`` -- a bound method is unpickled by looking its name up on the class,
+    which does not have it."""
 
-    A ``functools.partial`` of a module-level function rather than ``types.MethodType``: both
-    survive ``copy.deepcopy`` (the copy is bound to the copied module), but only the partial
-    survives ``pickle`` / ``torch.save`` -- a bound method is unpickled by looking its name up on
-    the class, which does not have it.
-    """
-    return functools.partial(fn, module)
+    @property
+    def __globals__(self):  # what torch.jit.script reads first
+        raise RuntimeError("torch.jit.script cannot compile a model compressed by vitcompress (its blocks run "
+                           "Python that TorchScript does not support); use torch.compile, torch.jit.trace, "
+                           "vitcompress.export_program (torch.export) or vitcompress.export_onnx instead")
+
+
+def bind(fn, module) -> PatchedMethod:
+    """``fn`` bound to ``module`` (see :class:`PatchedMethod`)."""
+    return PatchedMethod(fn, module)
 
 
 def token_intermediates(model, *args, **kwargs):

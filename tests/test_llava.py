@@ -402,6 +402,22 @@ def test_noise_crop_gets_a_larger_budget_than_a_flat_crop(models):
             assert [noise["tokens_after"], flat["tokens_after"]] == [noise["budget"], flat["budget"]]
 
 
+def test_every_crop_keeps_at_least_min_tokens(models):
+    model = models["llava"]
+    budgets = {}
+    for floor in (0, 1, 3):
+        vitcompress.compress(model, "tokencorr", min_tokens=floor)
+        try:
+            with torch.no_grad():
+                model(**inputs_for(model, "llava"))
+            budgets[floor] = vitcompress.stats(model)["image"][1]["budget"]  # the constant-colour image
+        finally:
+            vitcompress.restore(model)
+    assert budgets == {0: 0, 1: 1, 3: 3}  # the formula gives a flat image nothing; the floor keeps some
+    with pytest.raises(ValueError, match="min_tokens=-1"):
+        vitcompress.compress(model, "tokencorr", min_tokens=-1)
+
+
 def test_crop_budget_matches_the_definition():
     torch.manual_seed(0)
     base = torch.randn(6, 8)

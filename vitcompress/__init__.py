@@ -8,7 +8,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "compress": "api", "restore": "api", "stats": "api", "list_methods": "api",
+    "compress": "api", "restore": "api", "stats": "api", "list_methods": "api", "describe": "api",
     "count_flops": "profile", "measure_speed": "profile", "compare_speed": "profile",
     "export_onnx": "export", "export_program": "export",
 }

@@ -1,4 +1,5 @@
 """compress / restore / list_methods / stats: find the adapter, build the runtime, patch."""
+import numbers
 from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
@@ -8,7 +9,10 @@ from .adapters import find_adapter
 from .interfaces import PART_ATTR, RUNTIME_ATTR, runtime_of
 from .schedule import parse_budget
 
-COMMON_OPTIONS = ("prop_attn", "trace_source")
+COMMON_OPTION_HELP = {
+    "prop_attn": "proportional attention: log(size) added to the attention logits (default on for merging methods)",
+    "trace_source": "track which original patches each token covers (stats(model)['source'])",
+}
 
 
 def list_methods(target: Optional[str] = None) -> List[str]:
@@ -17,20 +21,70 @@ def list_methods(target: Optional[str] = None) -> List[str]:
     return _methods.names(target)
 
 
+def _defaults(method) -> Dict[str, Any]:
+    """Every option ``compress`` accepts for ``method``, with its default."""
+    defaults = dict(method.defaults)
+    if method.target == "vit":
+        defaults.update(prop_attn=method.kind == "merge", trace_source=False)
+    return defaults
+
+
+def _option_help(method) -> Dict[str, str]:
+    return dict(method.option_help, **(COMMON_OPTION_HELP if method.target == "vit" else {}))
+
+
+def _checked_type(method, name: str, value, default):
+    """``value`` with numpy scalars made Python numbers, refused when the default's type (bool,
+    int, float, str) says it cannot be right; None-defaulted options are the method's to check."""
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+        value = value.item()  # numpy / torch scalars
+    expected = None
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "True or False"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an int"
+    elif isinstance(default, float):
+        ok, expected = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, expected = isinstance(value, str), "a string"
+    else:
+        return value
+    if not ok:
+        raise TypeError(f"{method.name} {name}={value!r} must be {expected} (default {default!r}: "
+                        f"{_option_help(method).get(name, name)})")
+    return int(value) if isinstance(default, int) and not isinstance(default, bool) else value
+
+
 def _resolve_options(method, options: Dict[str, Any], variant: Optional[str] = None) -> Dict[str, Any]:
-    common = COMMON_OPTIONS if method.target == "vit" else ()
-    allowed = set(method.defaults) | set(common)
-    unknown = sorted(set(options) - allowed)
+    defaults = _defaults(method)
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"{method.name} has no option {', '.join(unknown)}; its options are: "
-                        f"{', '.join(sorted(allowed)) or 'none'}")
-    resolved = dict(method.defaults)
+                        f"{', '.join(sorted(defaults)) or 'none'} (vitcompress.describe({method.name!r}) explains them)")
+    resolved = dict(defaults)
     resolved.update(method.family_defaults.get(variant, {}))  # e.g. PiToMe's margin for CLIP
-    if common:
-        resolved.update(prop_attn=method.kind == "merge", trace_source=False)
-    resolved.update(options)
+    resolved.update({k: _checked_type(method, k, v, defaults[k]) for k, v in options.items()})
     method.validate(resolved)
     return resolved
+
+
+def describe(method: str) -> Dict[str, Any]:
+    """What ``method`` is and every option ``compress`` accepts for it: default, type and meaning,
+    and the budget used when none is given."""
+    spec = _methods.get(method)
+    help_text = _option_help(spec)
+    return {
+        "name": spec.name,
+        "target": spec.target,
+        "kind": spec.kind,
+        "dynamic": spec.dynamic,
+        "default_budget": dict(spec.default_budget),
+        "keep_means": spec.keep_means,
+        "family_defaults": {k: dict(v) for k, v in spec.family_defaults.items()},
+        "options": {name: {"default": default, "type": type(default).__name__ if default is not None else "see help",
+                           "help": help_text.get(name, "")}
+                    for name, default in _defaults(spec).items()},
+    }
 
 
 def compress(model: nn.Module, method: str, *, keep: Optional[float] = None, r=None,
@@ -74,6 +128,11 @@ def restore(model: nn.Module) -> nn.Module:
     """Undo ``compress``: the model computes exactly what it computed before."""
     runtime = runtime_of(model)
     if runtime is None:
+        inside = next((m for m in model.modules() if PART_ATTR in m.__dict__), None) if isinstance(model, nn.Module) else None
+        if inside is not None:
+            outer = type(inside.__dict__[PART_ATTR].runtime.adapter.model).__name__
+            raise ValueError(f"restore(model): this {type(model).__name__} is part of a compressed {outer}; "
+                             f"call vitcompress.restore on that {outer} (the model you passed to compress)")
         raise ValueError("restore(model): this model is not compressed by vitcompress")
     runtime.patcher.undo()
     return model

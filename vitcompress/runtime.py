@@ -8,6 +8,7 @@ compressed model at once, and ``stats()`` / size-aware pooling read the calling 
 forward.
 """
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -77,6 +78,12 @@ class ForwardState:
     tokens_seen: List[int] = field(default_factory=list)
 
 
+def _tokens_after_each_block(schedule: Schedule) -> List[int]:
+    """Reducible tokens left after each block."""
+    p = schedule.num_prefix
+    return [t - p for t in schedule.tokens[1:]] + [schedule.final_tokens - p]
+
+
 class ViTRuntime:
     """A ViT-like model's compression: adapter, method, options, budget and the schedules per input
     size; each forward's :class:`ForwardState` is kept per thread."""
@@ -104,11 +111,29 @@ class ViTRuntime:
         own size (at compress time); other sizes (``dynamic_img_size``, patch dropout in training)
         remove at most what each block can."""
         if num_patches not in self._schedules:
-            self._schedules[num_patches] = build_schedule(
+            schedule = build_schedule(
                 self.method, self.options, self.budget.kind, self.budget.value, num_patches,
                 self.adapter.num_prefix, self.adapter.depth,
                 clamp=num_patches != self.adapter.num_patches or self.method.clamps(self.options))
+            if num_patches != self.adapter.num_patches:
+                self._warn_if_collapsed(schedule, num_patches)
+            self._schedules[num_patches] = schedule
         return self._schedules[num_patches]
+
+    def _warn_if_collapsed(self, schedule: Schedule, num_patches: int) -> None:
+        """Warn (once per input size: schedules are cached) when this size leaves a block with
+        fewer than 8 tokens or under a quarter of what the checked schedule keeps there, scaled
+        to this size."""
+        checked = _tokens_after_each_block(self.schedule)
+        left = _tokens_after_each_block(schedule)
+        scale = num_patches / self.adapter.num_patches
+        short = [i for i, (n, c) in enumerate(zip(left, checked)) if n < 8 or n < scale * c / 4]
+        if short:
+            block = short[0]
+            warnings.warn(f"vitcompress: at {num_patches} patches the {self.requested.describe()} budget leaves "
+                          f"{left[block]} tokens after block {block} ({checked[block]} at the model's "
+                          f"{self.adapter.num_patches} patches); use a keep= or flops= budget, which scales with "
+                          "the input size, or a smaller r", RuntimeWarning, stacklevel=2)
 
     def begin(self, x: torch.Tensor) -> ForwardState:
         """Called by the first block of every forward: a fresh state for this forward, this thread's

@@ -6,6 +6,7 @@ ramp) or ``flops`` (target fraction of the uncompressed model's FLOPs). For a gi
 schedule is static: every block's token count is known before the forward.
 """
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -32,34 +33,33 @@ def parse_budget(method: Method, keep=None, r=None, flops=None) -> Budget:
         return Budget(kind, value)
     kind, value = next(iter(given.items()))
     if kind in ("keep", "flops"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{kind}= must be a number in (0, 1], got {type(value).__name__}")
         if not 0.0 < float(value) <= 1.0:
             what = method.keep_means if kind == "keep" else "fraction of the uncompressed FLOPs"
             raise ValueError(f"{kind}={value} is outside (0, 1]: it is the {what}, e.g. {kind}=0.9")
         return Budget(kind, float(value))
-    _check_r(value)
-    return Budget("r", value)
+    return Budget("r", _checked_r(value))
 
 
-def _check_r(r) -> None:
-    def check_int(v, where):
-        if isinstance(v, bool) or not isinstance(v, int):
+def _checked_r(r):
+    """``r`` checked, with numpy / torch integers made ints (lists and ``(r, inflection)`` too)."""
+    def checked_int(v, where):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"r{where} must be an int, got {v!r} ({type(v).__name__})")
         if v < 0:
             raise ValueError(f"r{where}={v} is negative: r counts tokens removed per block, use r >= 0")
+        return int(v)
 
     if isinstance(r, tuple):
         if len(r) != 2:
             raise ValueError(f"r={r!r}: a tuple must be ToMe's (r, inflection)")
-        check_int(r[0], "[0]")
-        if not isinstance(r[1], (int, float)) or not -1.0 <= r[1] <= 1.0:
+        if isinstance(r[1], bool) or not isinstance(r[1], numbers.Real) or not -1.0 <= r[1] <= 1.0:
             raise ValueError(f"r={r!r}: the inflection must be a number in [-1, 1]")
-    elif isinstance(r, list):
-        for i, v in enumerate(r):
-            check_int(v, f"[{i}]")
-    else:
-        check_int(r, "")
+        return checked_int(r[0], "[0]"), float(r[1])
+    if isinstance(r, list):
+        return [checked_int(v, f"[{i}]") for i, v in enumerate(r)]
+    return checked_int(r, "")
 
 
 def r_per_layer(r, depth: int) -> Tuple[int, ...]:

@@ -207,6 +207,13 @@ class FocusDETR(DetrMethod):
     name = "focus_detr"
     defaults = {"scorer": "norm", "scorer_path": None, "scorer_module": None, "cascade": None, "dual_k": 300}
     default_budget = {"keep": 0.5}
+    option_help = {
+        "scorer": "foreground scorer: 'norm' or 'attention' (zero-shot proxies) or 'learned' (a trained head)",
+        "scorer_path": "file of a trained head (save_scorer), with scorer='learned'",
+        "scorer_module": "a FocusScorer instance, with scorer='learned'",
+        "cascade": "fraction of the kept set each encoder layer runs on (None: the paper's, stretched)",
+        "dual_k": "tokens per layer given an extra self-attention (dual attention); 0 turns it off",
+    }
     keep_means = "fraction of the encoder's tokens kept, rho"
 
     def validate(self, options: Dict[str, Any]) -> None:

@@ -57,6 +57,12 @@ class PiToMe(ViTMethod):
     kind = "merge"
     defaults = {"margin": 0.75, "alpha": 1.0, "bipartite_first_half": True}
     family_defaults = {"clip": {"margin": 0.9}}  # the paper's setting for CLIP towers
+    option_help = {
+        "margin": "energy margin m0 of the first block (m_l = m0 (1 - l/L)); 0.75 for ViT/DeiT, 0.9 for CLIP",
+        "alpha": "ELU alpha of the energy score",
+        "bipartite_first_half": "ToMe matching over the energy order in the first half of the blocks, "
+                                "as the reference code does",
+    }
 
     def remove_for_keep(self, tokens, num_prefix, keep) -> int:
         """The official count: ``floor(T - T * keep)`` of the ``T`` tokens entering the block,

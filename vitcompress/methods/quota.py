@@ -161,6 +161,10 @@ class QuoTA(LlavaMethod):
     unit = "video"  # reallocates a budget across the frames of one video
     defaults = {"scorer": None, "tokenizer": None}
     default_budget = {"keep": 0.5}
+    option_help = {
+        "scorer": "callable(frames, question) -> yes-probability per frame, or a CLIP model",
+        "tokenizer": "the CLIP model's tokenizer, with a CLIP scorer",
+    }
     keep_means = "fraction of each video's visual tokens kept (the QuoTA budget)"
 
     def validate(self, options) -> None:

@@ -8,7 +8,9 @@ Per image crop, parameter-free in the paper's sense (the budget comes from the c
 * **Budget**, :func:`crop_budget`: information density ``rho = 1 - redundant / N`` and the crop
   keeps ``ceil(rho * N)`` tokens, which is exactly ``N - redundant`` (computed in integers). A
   crop of constant colour is nearly all redundant; a crop of dense text or noise keeps nearly all.
-  A crop whose every patch is redundant keeps none (the formula's ``rho = 0``).
+  A crop whose every patch is redundant would keep none (the formula's ``rho = 0``): the language
+  model would then see nothing of that image, so each crop keeps at least ``min_tokens=1``
+  (a deviation from the formula; ``min_tokens=0`` is the formula).
 * **Sampling**, :func:`sample_tokens`: the [CLS]-attention outliers of a deep layer (scores above
   ``Q3 + 1.5 IQR`` of the crop's patches) are kept first (the highest ones when there are more
   outliers than budget); the rest of the budget is drawn without replacement from the remaining
@@ -63,9 +65,11 @@ def information_density(keys: Tensor, tau: float, c: int) -> float:
     return 1.0 - int(redundant_patches(keys, tau, c).sum()) / keys.shape[0]
 
 
-def crop_budget(keys: Tensor, tau: float, c: int) -> int:
-    """``ceil(rho * N)`` tokens, i.e. the number of non-redundant patches."""
-    return int(keys.shape[0] - redundant_patches(keys, tau, c).sum())
+def crop_budget(keys: Tensor, tau: float, c: int, min_tokens: int = 0) -> int:
+    """``ceil(rho * N)`` tokens, i.e. the number of non-redundant patches, and at least
+    ``min_tokens`` (at most N)."""
+    budget = int(keys.shape[0] - redundant_patches(keys, tau, c).sum())
+    return min(max(budget, min_tokens), keys.shape[0])
 
 
 def patch_keys(k: Tensor, num_heads: int) -> Tensor:
@@ -104,11 +108,11 @@ def sample_tokens(deep: Tensor, shallow: Tensor, budget: int, generator: Optiona
 
 
 def tokencorr_plan(keys: Tensor, deep: Tensor, shallow: Tensor, *, tau: float, c: int, merge: bool,
-                   generator: Optional[torch.Generator] = None) -> Tuple[Plan, int]:
+                   generator: Optional[torch.Generator] = None, min_tokens: int = 0) -> Tuple[Plan, int]:
     """One crop: ``keys[N, d]``, ``deep[N]`` and ``shallow[N]`` CLS attention -> (plan over the N
-    patches, budget). The plan keeps ``budget`` patches and, with ``merge``, folds every other one
-    into its most similar kept patch."""
-    budget = crop_budget(keys, tau, c)
+    patches, budget). The plan keeps ``budget`` patches (at least ``min_tokens``) and, with
+    ``merge``, folds every other one into its most similar kept patch."""
+    budget = crop_budget(keys, tau, c, min_tokens)
     keep = sample_tokens(deep, shallow, budget, generator)
     if not merge or budget in (0, keys.shape[0]):
         return Plan(keep=keep[None]), budget
@@ -129,7 +133,7 @@ def compress_tokens(tokens: Tensor, plan: Plan, weights: Tensor, num_prefix: int
 
 
 def reduce_crops(features: Tensor, layout: Tensor, keys: Tensor, deep: Tensor, shallow: Tensor, *, tau: float,
-                 c: int, merge: bool, generator_of: Callable[[int], Optional[torch.Generator]]):
+                 c: int, merge: bool, generator_of: Callable[[int], Optional[torch.Generator]], min_tokens: int = 0):
     """One image: ``features[L, D]`` in the model's packed order, ``layout[L]`` naming each packed
     token (``crop * N + patch``; -1 a row's newline; -2 CLS, kept), and per crop of the image its
     patch ``keys[crops, N, d]``, ``deep`` and ``shallow`` CLS attention ``[crops, N]`` -> reduced
@@ -145,7 +149,8 @@ def reduce_crops(features: Tensor, layout: Tensor, keys: Tensor, deep: Tensor, s
         patch = layout[pos] % N
         with torch.no_grad():
             plan, budget = tokencorr_plan(keys[crop, patch], deep[crop, patch], shallow[crop, patch],
-                                          tau=tau, c=c, merge=merge, generator=generator_of(crop))
+                                          tau=tau, c=c, merge=merge, generator=generator_of(crop),
+                                          min_tokens=min_tokens)
         kept = pos[plan.keep[0]]
         out[kept] = compress_tokens(features[pos], plan, deep[crop, patch]).to(out.dtype)
         keep[kept] = True
@@ -174,7 +179,17 @@ class TokenCorr(LlavaMethod):
     target = "llava"
     unit = "crop"  # reduces each image crop on its own, from signals of the vision tower
     defaults = {"tau": 0.9, "c": 4, "key_layer": -2, "deep_layer": -2, "shallow_layer": None,
-                "merge": False, "seed": 0}
+                "merge": False, "seed": 0, "min_tokens": 1}
+    option_help = {
+        "tau": "cosine similarity above which two patches count as near-duplicates",
+        "c": "a patch is redundant when more than c other patches are its near-duplicates",
+        "key_layer": "vision-tower layer whose keys measure redundancy (negative: from the end)",
+        "deep_layer": "layer whose [CLS] attention picks the outliers that are always kept",
+        "shallow_layer": "layer whose [CLS] attention the rest is sampled from (None: a quarter of the depth)",
+        "merge": "fold each dropped patch into its most similar kept one, weighted by [CLS] attention",
+        "seed": "sampling seed (None: torch's global generator)",
+        "min_tokens": "each crop keeps at least this many tokens (the formula gives 0 to a constant crop)",
+    }
     default_budget = {"keep": None}  # content-dependent: ceil(rho * N) per crop
 
     def check_budget(self, budget) -> None:
@@ -198,6 +213,10 @@ class TokenCorr(LlavaMethod):
         seed = options["seed"]
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed={seed!r}: an int (deterministic sampling) or None (torch's global generator)")
+        floor = options["min_tokens"]
+        if isinstance(floor, bool) or not isinstance(floor, int) or floor < 0:
+            raise ValueError(f"min_tokens={floor!r}: the fewest tokens a crop keeps, an int >= 0 (default 1; "
+                             "0 is the paper's formula, which leaves a constant-colour crop no token)")
 
     def tower_layers(self, options, depth: int) -> Tuple[int, int, int]:
         """(key, deep, shallow) encoder-layer indices, resolved against a tower of ``depth`` layers."""
@@ -227,7 +246,7 @@ class TokenCorr(LlavaMethod):
             first += crops
             tokens, report = reduce_crops(features, layout, keys[span], deep_attention[span], shallow_attention[span],
                                           tau=options["tau"], c=options["c"], merge=options["merge"],
-                                          generator_of=generator_of)
+                                          generator_of=generator_of, min_tokens=options["min_tokens"])
             reduced.append(tokens)
             reports.append(report)
         return reduced, reports

@@ -318,6 +318,18 @@ class ZeroTPrune(ViTMethod):
         "layers": None,
     }
     default_budget = {"flops": 0.653}  # the paper's DeiT-S setting: -34.7% FLOPs
+    option_help = {
+        "iters": "PageRank iterations: an int, one per block, or (first three, middle, last three) blocks",
+        "prerank_iters": "iterations of the I' ranking that partitions the S-stage",
+        "var_min": "heads whose score variance (of N*s) is below this are left out",
+        "var_max": "heads whose score variance (of N*s) is above this are left out",
+        "head_filter": "the variance-based head filter on or off",
+        "aggregate": "how kept heads combine: 'rms' (emphasizing informative region) or 'mean'",
+        "cls_init": "PageRank start: 'sqrt' (CLS weighted sqrt(N) times) or 'uniform'",
+        "s_ratio": "share of a block's removals done by the similarity (S) stage; the rest by importance",
+        "order": "'ISI' (I' -> S -> I, the paper's) or 'IS'",
+        "layers": "block indices that prune (None: every block)",
+    }
 
     def validate(self, options) -> None:
         iters = options["iters"]
