@@ -1,4 +1,8 @@
+import re
+
 from setuptools import setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', open("vitcompress/__init__.py", encoding="utf-8").read()).group(1)
 
 PACKAGES = ["vitcompress", "vitcompress.methods", "vitcompress.profile", "vitcompress.kernels", "vitcompress.adapters"]
 
@@ -16,7 +20,8 @@ EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "dev" fo
 
 setup(
     name="vitcompress",
-    version="0.1.0",
+    version=VERSION,
+    license="MIT",
     description="Training-free token reduction (Zero-TPrune, PiToMe, ToMe, ...) for timm, open_clip, DETR and LLaVA",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -25,7 +30,7 @@ setup(
     # kernels/ and adapters/ live at the repository root but install inside the vitcompress
     # namespace: PyPI already has unrelated top-level packages called kernels and adapters.
     package_dir={"vitcompress": "vitcompress", "vitcompress.kernels": "kernels", "vitcompress.adapters": "adapters"},
-    package_data={"vitcompress": ["data/*"]},
+    package_data={"vitcompress": ["data/*", "py.typed"]},
     install_requires=["torch>=2.1,<2.15", "torchvision>=0.16,<0.30", "timm>=1.0,<2", "fvcore>=0.1.5",
                       "numpy", "tqdm", "matplotlib>=3.5"],
     extras_require=EXTRAS,
