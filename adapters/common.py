@@ -3,6 +3,7 @@
 import functools
 import inspect
 import math
+import sys
 from typing import Any, Callable, Iterable, Optional
 
 import torch.nn as nn
@@ -77,10 +78,14 @@ class PatchedMethod(functools.partial):
     which does not have it."""
 
     @property
-    def __globals__(self):  # what torch.jit.script reads first
-        raise RuntimeError("torch.jit.script cannot compile a model compressed by vitcompress (its blocks run "
-                           "Python that TorchScript does not support); use torch.compile, torch.jit.trace, "
-                           "vitcompress.export_program (torch.export) or vitcompress.export_onnx instead")
+    def __globals__(self):
+        """A partial has none (AttributeError, which torch.export and others expect); TorchScript
+        reads it first when scripting, so there the error says what to use instead."""
+        if sys._getframe(1).f_globals.get("__name__", "").startswith(("torch.jit", "torch._jit_internal")):
+            raise RuntimeError("torch.jit.script cannot compile a model compressed by vitcompress (its blocks run "
+                               "Python that TorchScript does not support); use torch.compile, torch.jit.trace, "
+                               "vitcompress.export_program (torch.export) or vitcompress.export_onnx instead")
+        raise AttributeError("__globals__")
 
 
 def bind(fn, module) -> PatchedMethod:

@@ -10,10 +10,10 @@ import argparse
 import copy
 import sys
 
-import timm
 import torch
 
 import vitcompress
+import vitcompress.models
 from vitcompress.evaluate import accuracy, autocast, imagefolder_loader, predict
 
 
@@ -41,21 +41,18 @@ def parse_args(argv=None):
 
 
 def load_model(args):
-    if args.model == "reference":
-        from vitcompress import reference_model as reference
-        return reference.load(num_images=0)[0]
-    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    model = timm.create_model(args.model, pretrained=args.pretrained and not args.checkpoint, **kwargs)
-    if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
-    return model.eval()
+    """The model through vitcompress's one loader (reference, timm name, --pretrained, --checkpoint)."""
+    return vitcompress.models.load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                                         num_classes=args.num_classes, num_images=0).model
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
-    model = load_model(args).to(device)
+    try:
+        model = load_model(args).to(device)
+    except (ValueError, OSError) as err:  # unknown name, hub unreachable, bad checkpoint: the message says the fix
+        sys.exit(f"eval_imagenet: {err}")
     models = {"uncompressed": model}
     if args.method:
         budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}

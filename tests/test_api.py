@@ -149,7 +149,7 @@ def test_methods_lists_registered_names():
 
 def test_a_method_for_another_family_is_refused_and_bench_skips_it(monkeypatch):
     import argparse
-    from vitcompress.cli import _settings
+    from vitcompress.cli import _bench_settings
     from vitcompress.methods import REGISTRY
     from vitcompress.interfaces import Method
 
@@ -158,7 +158,7 @@ def test_a_method_for_another_family_is_refused_and_bench_skips_it(monkeypatch):
 
     monkeypatch.setitem(REGISTRY, DetectorOnly.name, DetectorOnly())
     assert DetectorOnly.name in vitcompress.list_methods() and DetectorOnly.name not in vitcompress.list_methods("vit")
-    default_rows = _settings(argparse.Namespace(settings=None, methods=None, flops=[0.7]))
+    default_rows = [text for text, _, _ in _bench_settings(argparse.Namespace(settings=None, methods=None, flops=[0.7]))]
     assert "tome:flops=0.7" in default_rows and not any(DetectorOnly.name in row for row in default_rows)
     model = tiny_vit()
     with pytest.raises(TypeError, match="reduces detr models.*takes: .*tome"):

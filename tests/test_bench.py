@@ -15,17 +15,27 @@ from vitcompress.evaluate import accuracy, batches, predict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_json_rows_are_self_consistent(tmp_path):
-    out = tmp_path / "rows.json"
-    code = cli.main(["bench", "--num-images", "256", "--methods", "tome", "pitome", "--flops", "0.8", "0.6", "0.8",
-                     "--batch-size", "64", "--runs", "2", "--quiet", "--json", str(out)])  # a repeat runs once
+def test_bench_json_rows_are_self_consistent(tmp_path, capsys):
+    out, picture = tmp_path / "rows.json", tmp_path / "bench.png"
+    code = cli.main(["bench", "--num-images", "128", "--methods", "tome", "pitome", "--flops", "0.8", "0.6", "0.8",
+                     "--batch-size", "64", "--speed-model", "reference", "--speed-batch-size", "32", "--runs", "3",
+                     "--quiet", "--json", str(out), "--plot", str(picture)])  # a repeat runs once
     assert code == 0
     rows = json.loads(out.read_text())
     assert [(r["method"], r["setting"]) for r in rows] == [
         ("none", "uncompressed"), ("tome", "flops=0.8"), ("tome", "flops=0.6"),
         ("pitome", "flops=0.8"), ("pitome", "flops=0.6")]
     base = rows[0]
-    assert base["speedup"] == 1.0 and base["agreement"] == 1.0
+    assert base["speedup"] == 1.0 and base["agreement"] == 1.0 and base["images"] == 128
+    for r in rows:
+        # speed: the timed model, its batch, the median of the interleaved runs and their spread
+        assert r["speed_model"] == "reference" and r["speed_batch_size"] == 32 and r["speed_runs"] == 3
+        assert len(r["images_per_s_runs"]) == 3
+        assert r["images_per_s_min"] <= r["images_per_s_q1"] <= r["images_per_s"] <= r["images_per_s_q3"] \
+            <= r["images_per_s_max"]
+        assert r["images_per_s"] == pytest.approx(sorted(r["images_per_s_runs"])[1])
+        assert r["speed_gflops"] == pytest.approx(r["gflops"])  # the evaluated model is the timed one here
+        assert r["ideal_speedup"] == pytest.approx(1 / r["speed_flops_ratio"])
     for r in rows[1:]:
         assert r["speedup"] == pytest.approx(r["images_per_s"] / base["images_per_s"])
         assert r["flops_ratio"] == pytest.approx(r["gflops"] / base["gflops"])
@@ -33,6 +43,25 @@ def test_bench_json_rows_are_self_consistent(tmp_path):
         assert abs(r["flops_ratio"] - target) < 0.03
         assert 0 <= r["agreement"] <= 1 and 0 <= r["top1"] <= 1
         assert r["tokens_per_layer"][0] == 65 and r["tokens_per_layer"][-1] < 65
+        assert r["speed_tokens_per_layer"] == r["tokens_per_layer"]
+    assert picture.read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert "median [min-max] of 3 interleaved runs" in table and "speedup" in table
+
+
+@pytest.mark.slow
+def test_bench_times_the_deit_s_architecture_by_default(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    code = cli.main(["bench", "--num-images", "64", "--settings", "tome:flops=0.55", "--speed-batch-size", "2",
+                     "--runs", "2", "--quiet", "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [r["speed_model"] for r in rows] == ["deit_small_patch16_224"] * 2
+    assert rows[0]["speed_weights"] == "random weights" and rows[0]["speed_gflops"] == pytest.approx(4.6, abs=0.1)
+    assert rows[1]["speed_tokens_per_layer"][0] == 197 and abs(rows[1]["speed_flops_ratio"] - 0.55) < 0.03
+    assert rows[1]["tokens_per_layer"][0] == 65  # accuracy still on the reference model
+    table = capsys.readouterr().out
+    assert "speed: DeiT-S/224 architecture, random weights" in table
 
 
 def test_settings_keep_list_values_whole():
@@ -43,16 +72,45 @@ def test_settings_keep_list_values_whole():
 
 
 def test_bench_reports_bad_settings_clearly(capsys):
-    assert cli.main(["bench", "--settings", "tome:keep=1.4", "--num-images", "8", "--quiet"]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--settings", "tome:keep=1.4", "--num-images", "8", "--quiet"])
+    assert exit_.value.code == 2
     assert "outside (0, 1]" in capsys.readouterr().err
 
 
-def test_bench_plot_draws_a_figure(tmp_path):
-    rows = [{"method": "none", "gflops": 1.0, "images_per_s": 100.0, "top1": 0.9},
-            {"method": "tome", "gflops": 0.7, "images_per_s": 130.0, "top1": 0.88},
-            {"method": "tome", "gflops": 0.5, "images_per_s": 170.0, "top1": 0.8}]
-    cli.plot(rows, str(tmp_path / "p.png"))
-    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+def _rows(speed=True):
+    rows = [{"method": "none", "setting": "uncompressed", "flops_ratio": 1.0, "top1": 0.9},
+            {"method": "tome", "setting": "flops=0.7", "flops_ratio": 0.7, "top1": 0.88},
+            {"method": "tome", "setting": "flops=0.5", "flops_ratio": 0.5, "top1": 0.8},
+            {"method": "pitome", "setting": "flops=0.7", "flops_ratio": 0.7, "top1": 0.89}]
+    if speed:
+        for r, median in zip(rows, (20.0, 27.0, 36.0, 26.0)):
+            r.update(speed_model="deit_small_patch16_224", speed_weights="random weights", speed_batch_size=16,
+                     device="cpu", speed_flops_ratio=r["flops_ratio"], images_per_s=median,
+                     images_per_s_min=median - 1, images_per_s_max=median + 2)
+    return rows
+
+
+@pytest.mark.parametrize("ext", ["png", "pdf", "svg", "jpg"])
+def test_bench_plot_draws_a_figure(tmp_path, ext):
+    path = tmp_path / f"p.{ext}"
+    cli.plot(_rows(), str(path))
+    assert path.stat().st_size > 1000
+    if ext == "png":
+        assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_plot_title_names_models_hardware_and_date(tmp_path, monkeypatch):
+    import datetime
+    import matplotlib.figure
+
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: titles.append(t))
+    cli.plot(_rows(), str(tmp_path / "p.png"))
+    cli.plot(_rows(speed=False), str(tmp_path / "q.png"))  # --speed-model none: the accuracy panel alone
+    assert "DeiT-S/224 (architecture, random weights)" in titles[0] and "reference ViT" in titles[0]
+    assert cli.hardware("cpu") in titles[0] and datetime.date.today().isoformat() in titles[0]
+    assert "threads" in cli.hardware("cpu")
 
 
 def test_pitome_keep_09_costs_at_most_1_5_points_on_the_reference_model():

@@ -216,7 +216,8 @@ def test_onnxruntime_threads_sleep_when_idle(tmp_path):
 
 @pytest.mark.slow
 def test_cli_exports_the_reference_model_and_checks_it_on_real_images(tmp_path, capsys):
-    from vitcompress import cli, reference
+    from vitcompress import cli
+    from vitcompress import reference_model as reference
 
     if not os.path.isfile(os.path.join(reference.data_dir(), reference.MODEL_FILE)):
         pytest.skip("reference model data not present")

@@ -33,7 +33,6 @@ adapter exists. The model is exported in eval mode.
 Requires the ``export`` extra: ``pip install "vitcompress[export]"`` (onnx, onnxruntime, onnxscript).
 """
 import os
-import sys
 import time
 import warnings
 from collections import Counter
@@ -447,81 +446,3 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
         warnings.warn(f"{path}: onnxruntime differs from PyTorch beyond {atol:g} on more than "
                       f"{100 * (1 - min_match):g}% of the images of a check:\n{report}", RuntimeWarning)
     return report
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_cli_arguments(parser) -> None:
-    """Arguments of ``vitcompress export`` (the parser itself lives in :mod:`vitcompress.cli`)."""
-    parser.add_argument("--model", default="reference",
-                        help="'reference' (the embedded Fashion-MNIST ViT, checked on its real images; default) "
-                             "or a timm model name (checked on random inputs)")
-    parser.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights (needs a network)")
-    parser.add_argument("--method", default="tome", help="token-reduction method, or 'none' to export uncompressed (default: %(default)s)")
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=float, help="fraction of tokens kept per reducing block")
-    budget.add_argument("--r", help="tokens removed per block: an int, a list '[8,8,4]' or '(r, inflection)'")
-    budget.add_argument("--flops", type=float, help="target fraction of the uncompressed FLOPs")
-    parser.add_argument("--out", help="output .onnx file (default: <model>-<method>.onnx)")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch of the example input and of the real-image check")
-    parser.add_argument("--img-size", type=int, help="input height and width (default: the model's)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, >= 17 (default: %(default)s)")
-    parser.add_argument("--num-images", type=int, default=512, help="real images checked with the reference model")
-    parser.add_argument("--static-batch", action="store_true", help="fix the batch size instead of a dynamic batch dimension")
-    parser.add_argument("--no-optimize", action="store_true", help="skip onnxscript's graph optimiser")
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest accepted max abs difference (default: %(default)s)")
-
-
-def _budget(args) -> Dict[str, Any]:
-    if args.keep is not None:
-        return {"keep": args.keep}
-    if args.flops is not None:
-        return {"flops": args.flops}
-    if args.r is not None:
-        import ast
-        try:
-            return {"r": ast.literal_eval(args.r)}
-        except (ValueError, SyntaxError):
-            raise ValueError(f"--r {args.r!r}: give an int, a list like [8,8,4] or a tuple like (8,-0.5)") from None
-    return {}
-
-
-def run_cli(args) -> int:
-    """``vitcompress export``: build, compress, export, check; 0 when onnxruntime matches PyTorch."""
-    from . import api
-
-    inputs = None
-    try:
-        if args.model == "reference":
-            if args.pretrained:
-                raise ValueError("--pretrained applies to timm models; the reference model ships its own weights")
-            from . import reference_model as reference
-            model, inputs, _ = reference.load(num_images=args.num_images)
-            size = args.img_size or inputs.shape[-1]
-            if size != inputs.shape[-1]:
-                raise ValueError(f"--img-size {size}: the reference model takes {inputs.shape[-1]}x{inputs.shape[-1]} images")
-            channels = inputs.shape[1]
-        else:
-            import timm
-            extra = {"img_size": args.img_size} if args.img_size else {}
-            try:
-                model = timm.create_model(args.model, pretrained=args.pretrained, **extra).eval()
-            except Exception as err:  # unknown name, hub unreachable, ...
-                raise ValueError(f"cannot create timm model {args.model!r}: {err}") from None
-            channels, height, _ = model.pretrained_cfg.get("input_size", (3, 224, 224))
-            size = args.img_size or height
-        if args.method != "none":
-            api.compress(model, args.method, **_budget(args))
-            stats = api.stats(model)
-            print(f"{args.model}: {args.method} {stats['budget']}, tokens per block {stats['planned_tokens_per_layer']}")
-        elif _budget(args):
-            raise ValueError("--keep/--r/--flops need a compression --method (not none)")
-        out = args.out or f"{args.model.replace('/', '_')}-{args.method}.onnx"
-        report = export_onnx(model, out, (args.batch_size, channels, size, size), opset=args.opset,
-                             dynamic_batch=not args.static_batch, inputs=inputs, atol=args.atol,
-                             optimize=not args.no_optimize, verbose=True)
-    except (ValueError, TypeError, ImportError, FileNotFoundError) as err:
-        print(f"vitcompress export: {err}", file=sys.stderr)
-        return 2
-    return 0 if report.ok else 1

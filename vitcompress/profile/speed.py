@@ -119,15 +119,27 @@ class CUDAGraphed:
         return self.static_output
 
 
+def _quartiles(values: List[float]):
+    """First and third quartiles (inclusive method: within the values' range, exact for 1 value)."""
+    if len(values) == 1:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
 def compare_speed(models: Mapping[str, torch.nn.Module], inputs: torch.Tensor, *, warmup: int = 2,
                   runs: int = 7, latency: bool = True, memory: bool = True,
                   cuda_graph: bool = False) -> Dict[str, Dict[str, Any]]:
     """Measure several models in one interleaved run, so machine noise hits them alike.
 
-    Every round times each model once (rotating who goes first); throughput is images/s from the
-    median round, ``latency_ms`` the median batch-1 forward, ``peak_memory`` in bytes.
+    Every round times each model once (rotating who goes first); ``throughput`` is images/s from
+    the median round, with the spread of the rounds in ``throughput_runs`` (one value per round),
+    ``throughput_min`` / ``throughput_max`` and ``throughput_q1`` / ``throughput_q3`` (quartiles;
+    error bars); ``latency_ms`` the median batch-1 forward, ``peak_memory`` in bytes.
     ``cuda_graph=True`` (CUDA inputs) times replays of captured graphs (:class:`CUDAGraphed`).
     """
+    if runs < 1:
+        raise ValueError(f"compare_speed: runs={runs}, give at least 1 timed run (5 or more for a spread)")
     batch = inputs.shape[0]
     names = list(models)
     if cuda_graph:
@@ -146,8 +158,11 @@ def compare_speed(models: Mapping[str, torch.nn.Module], inputs: torch.Tensor, *
     result = {}
     one = inputs[:1]
     for name in names:
-        row = {"throughput": batch / statistics.median(times[name]), "batch_size": batch,
-               "runs": runs, "seconds": times[name]}
+        per_run = [batch / t for t in times[name]]
+        q1, q3 = _quartiles(per_run)
+        row = {"throughput": batch / statistics.median(times[name]), "throughput_min": min(per_run),
+               "throughput_max": max(per_run), "throughput_q1": q1, "throughput_q3": q3,
+               "throughput_runs": per_run, "batch_size": batch, "runs": runs, "seconds": times[name]}
         if latency:
             single = CUDAGraphed(eager[name], one) if cuda_graph else models[name]
             for _ in range(warmup):
