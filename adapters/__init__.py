@@ -6,11 +6,13 @@ import torch.nn as nn
 
 from .detr import DetrAdapter
 from .hf_clip import HFCLIPVisionAdapter
+from .hf_vit import HFViTAdapter
 from .llava import LlavaAdapter
 from .open_clip_vit import OpenCLIPVisionAdapter
 from .timm_vit import TimmViTAdapter
 
-ADAPTERS: List[type] = [TimmViTAdapter, DetrAdapter, OpenCLIPVisionAdapter, HFCLIPVisionAdapter, LlavaAdapter]
+ADAPTERS: List[type] = [TimmViTAdapter, DetrAdapter, OpenCLIPVisionAdapter, HFCLIPVisionAdapter, HFViTAdapter,
+                        LlavaAdapter]
 
 
 def _matching(model: nn.Module):

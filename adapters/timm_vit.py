@@ -1,5 +1,14 @@
 """timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, LayerScale, qk-norm, registers,
-``class_token=False`` with average pooling, ``dynamic_img_size``)."""
+``class_token=False`` with average pooling, MAP attention pooling (SigLIP), ``dynamic_img_size``).
+
+Pooling of a compressed model: the class token as before; average pooling weighted by how many
+patches each token stands for; MAP pooling (``global_pool='map'``, ``timm.layers.AttentionPoolLatent``,
+the SigLIP models) with ``log(size)`` added to its attention logits (proportional attention: a token
+standing for k patches weighs as those k patches would). Refused: the ``'prr'`` pool and a MAP pool
+with its own position embedding (``pos_embed='abs'``), both of which need every patch token.
+"""
+
+import inspect
 
 import torch
 import torch.nn as nn
@@ -49,7 +58,8 @@ def _block_parts(block) -> BlockParts:
 
 class TimmViTAdapter(ViTAdapter):
     family = "timm.VisionTransformer"
-    description = "timm VisionTransformer models (vit_*, deit_*, incl. distilled, registers, avg pooling)"
+    description = ("timm VisionTransformer models (vit_*, deit_*, vit_*_siglip_*; incl. distilled, registers, avg and "
+                   "MAP pooling)")
 
     @staticmethod
     def matches(model) -> bool:
@@ -64,9 +74,17 @@ class TimmViTAdapter(ViTAdapter):
                 raise TypeError(f"block {i} of this VisionTransformer is a {type(block).__name__} with "
                                 f"{type(block.attn).__name__}; vitcompress supports timm's pre-norm Block "
                                 f"with the standard Attention (post-norm, parallel and RoPE blocks are not supported)")
-        if getattr(model, "attn_pool", None) is not None:
-            raise ValueError("global_pool='map' (attention pooling) is not supported: merged tokens would "
-                             "be pooled without their sizes; use a model with token or avg pooling")
+        pool = getattr(model, "attn_pool", None)
+        if pool is not None and (type(pool).__name__ != "AttentionPoolLatent" or getattr(pool, "pos_embed", None)
+                                 is not None):
+            what = "a MAP pool with its own position embedding" if type(pool).__name__ == "AttentionPoolLatent" \
+                else f"global_pool={model.global_pool!r} ({type(pool).__name__})"
+            raise ValueError(f"{what} is not supported: it needs every patch token in place; use a model with "
+                             "token, avg or MAP ('map') pooling")
+        if pool is not None and "attn_mask" not in inspect.signature(type(pool).forward).parameters:
+            raise ValueError("this timm's AttentionPoolLatent takes no attn_mask, which the size-aware MAP pool "
+                             "needs; upgrade timm (pip install -U timm) to compress MAP-pooled models")
+        self.attn_pool = pool
         self.num_prefix = model.num_prefix_tokens
         self.cls_first = getattr(model, "cls_token", None) is not None  # else the prefix is registers only
         self.num_patches = model.patch_embed.num_patches
@@ -74,7 +92,9 @@ class TimmViTAdapter(ViTAdapter):
 
     def patch(self, runtime, patcher) -> None:
         patch_blocks(patcher, self.model.blocks, runtime, _reducing_block_forward)
-        if self.model.global_pool in _WEIGHTED_POOLS and hasattr(self.model, "pool"):
+        if self.attn_pool is not None:
+            patch_part(patcher, self.attn_pool, runtime, "forward", _size_aware_attn_pool_forward)
+        elif self.model.global_pool in _WEIGHTED_POOLS and hasattr(self.model, "pool"):
             patch_part(patcher, self.model, runtime, "pool", _size_weighted_pool)
         if hasattr(self.model, "forward_intermediates"):
             patcher.set(self.model, "forward_intermediates", bind(token_intermediates, self.model))
@@ -92,6 +112,16 @@ class TimmViTAdapter(ViTAdapter):
         per_patch += per_token_flops(getattr(m.patch_embed, "norm", None)) + per_token_flops(m.norm_pre)
         fixed = self.num_prefix * per_token_flops(m.norm_pre) + per_token_flops(m.fc_norm)
         fixed += per_token_flops(m.head) + per_token_flops(getattr(m, "head_dist", None))
+        final = per_token_flops(m.norm)
+        if self.attn_pool is not None:  # keys and values per pooled token, the latent queries once
+            pool = self.attn_pool
+            queries, width = pool.latent_len, pool.num_heads * pool.head_dim
+            per_token = per_token_flops(pool.kv) + pool.num_heads * per_token_flops(pool.k_norm) + 2 * queries * width
+            final += per_token
+            if not m.pool_include_prefix:
+                fixed -= self.num_prefix * per_token
+            fixed += queries * (per_token_flops(pool.q) + pool.num_heads * per_token_flops(pool.q_norm)
+                                + per_token_flops(pool.proj) + per_token_flops(pool.norm) + per_token_flops(pool.mlp))
         attn_in = per_token_flops(block.norm1) + per_token_flops(attn.qkv) + per_token_flops(getattr(attn, "gate", None))
         attn_in += heads * (per_token_flops(attn.q_norm) + per_token_flops(attn.k_norm))
         return ViTCost(
@@ -99,7 +129,7 @@ class TimmViTAdapter(ViTAdapter):
             per_token_attn_in=attn_in,
             per_token_attn_out=per_token_flops(getattr(attn, "norm", None)) + per_token_flops(attn.proj),
             per_token_mlp=per_token_flops(block.norm2) + per_token_flops(block.mlp),
-            per_token_final=per_token_flops(m.norm), fixed=fixed,
+            per_token_final=final, fixed=fixed,
         )
 
 
@@ -130,3 +160,21 @@ def _size_weighted_pool(model, x: torch.Tensor, pool_type=None) -> torch.Tensor:
     if pool_type == "max":
         return tokens.amax(dim=1)
     return 0.5 * (tokens.amax(dim=1) + mean)
+
+
+def _size_aware_attn_pool_forward(pool, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """timm's ``AttentionPoolLatent`` over reduced tokens: ``log(size)`` added to its attention logits
+    (the sizes of this thread's latest forward, the special tokens left out when the pool leaves them out)."""
+    if attn_mask is not None:
+        raise ValueError("the attention pool of a compressed model takes no attn_mask")
+    state = part_of(pool).runtime.current().tokens
+    B, N = x.shape[:2]
+    size = state.size
+    if size.shape[0] == B and size.shape[1] == N + state.num_prefix:  # pool_include_prefix=False
+        size = size[:, state.num_prefix:]
+    if tuple(size.shape[:2]) != (B, N):
+        raise ValueError(f"pooling {(B, N)} tokens with the sizes of the latest forward "
+                         f"({tuple(state.size.shape[:2])}): on a compressed model call forward_head right after the "
+                         "forward_features that produced its input")
+    bias = size.log().to(x.dtype).transpose(1, 2).unsqueeze(1) if state.merged else None  # [B, 1, 1, N]
+    return type(pool).forward(pool, x, attn_mask=bias)

@@ -12,7 +12,7 @@ differ); indices exactly, with ties (exactly equal cosines, e.g. duplicate token
 lowest index: ``tl.max(..., return_indices=True)`` breaks ties to the left within a tile and a
 later tile replaces the running best only when strictly greater.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -29,17 +29,21 @@ MAX_BLOCKS_INTERPRETED = (256, 256, 128)
 
 @triton.jit
 def _bipartite_match_kernel(
-    a_ptr, b_ptr, score_ptr, index_ptr,
+    a_ptr, b_ptr, ai_ptr, bi_ptr, score_ptr, index_ptr,
     Na, Nb, C, n_mblocks,
-    s_ab, s_an, s_ac, s_bb, s_bn, s_bc, s_sb, s_sn, s_ib, s_in,
+    s_ab, s_an, s_ac, s_bb, s_bn, s_bc, s_aib, s_ain, s_bib, s_bin, s_sb, s_sn, s_ib, s_in,
     EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, A_IDX: tl.constexpr, B_IDX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     batch = (pid // n_mblocks).to(tl.int64)
     offs_m = (pid % n_mblocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < Na
-    a_rows = a_ptr + batch * s_ab + offs_m[:, None] * s_an
+    if A_IDX:  # the rows of a named by a_idx: read in place, no gathered copy
+        rows_m = tl.load(ai_ptr + batch * s_aib + offs_m * s_ain, mask=mask_m, other=0).to(tl.int64)
+    else:
+        rows_m = offs_m
+    a_rows = a_ptr + batch * s_ab + rows_m[:, None] * s_an
     b_base = b_ptr + batch * s_bb
     chan = tl.arange(0, BLOCK_C)
 
@@ -57,7 +61,11 @@ def _bipartite_match_kernel(
     for n0 in range(0, Nb, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < Nb
-        b_rows = b_base + offs_n[:, None] * s_bn
+        if B_IDX:
+            rows_n = tl.load(bi_ptr + batch * s_bib + offs_n * s_bin, mask=mask_n, other=0).to(tl.int64)
+        else:
+            rows_n = offs_n
+        b_rows = b_base + rows_n[:, None] * s_bn
         dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=DOT_DTYPE)
         sq_b = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -79,21 +87,29 @@ def _bipartite_match_kernel(
     tl.store(index_ptr + batch * s_ib + offs_m * s_in, best_idx.to(tl.int64), mask=mask_m)
 
 
-def bipartite_match(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise max and argmax of cosine similarity between ``a[B, Na, C]`` and ``b[B, Nb, C]``.
+def bipartite_match(a: torch.Tensor, b: torch.Tensor, a_idx: Optional[torch.Tensor] = None,
+                    b_idx: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise max and argmax of cosine similarity between ``a[B, Na, C]`` and ``b[B, Nb, C]``
+    (or their rows ``a_idx[B, Na]`` / ``b_idx[B, Nb]``, read in place).
 
     Returns ``score[B, Na]`` (float32) and ``index[B, Na]`` (int64, the lowest index among ties).
     float32 / float16 / bfloat16 inputs are read as they are and computed in float32.
     """
     if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
         raise ValueError(f"bipartite_match expects a[B, Na, C] and b[B, Nb, C], got {tuple(a.shape)} and {tuple(b.shape)}")
-    Bsz, Na, C = a.shape
-    Nb = b.shape[1]
+    for name, idx, t in (("a_idx", a_idx, a), ("b_idx", b_idx, b)):
+        if idx is not None and (idx.dim() != 2 or idx.shape[0] != t.shape[0]):
+            raise ValueError(f"bipartite_match: {name} must be [B, K] indices, got {tuple(idx.shape)}")
+    Bsz, C = a.shape[0], a.shape[2]
+    Na = a.shape[1] if a_idx is None else a_idx.shape[1]
+    Nb = b.shape[1] if b_idx is None else b_idx.shape[1]
     if Nb == 0 and Na > 0:
         raise ValueError("bipartite_match: b has no tokens, so no row of a has a match")
     kernel = _bipartite_match_kernel
-    check_launchable(kernel, a, b)
+    check_launchable(kernel, *(t for t in (a, b, a_idx, b_idx) if t is not None))
     a, b = as_native(a), as_native(b)
+    ai = a_idx if a_idx is not None else a  # any tensor when unused
+    bi = b_idx if b_idx is not None else b
     score = torch.empty((Bsz, Na), dtype=torch.float32, device=a.device)
     index = torch.empty((Bsz, Na), dtype=torch.int64, device=a.device)
     if Bsz == 0 or Na == 0:
@@ -103,10 +119,11 @@ def bipartite_match(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, tor
     n_mblocks = triton.cdiv(Na, BLOCK_M)
     with device_guard(a):
         kernel[(Bsz * n_mblocks,)](
-            a, b, score, index, Na, Nb, C, n_mblocks,
+            a, b, ai, bi, score, index, Na, Nb, C, n_mblocks,
             a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
+            ai.stride(0), ai.stride(1), bi.stride(0), bi.stride(1),
             score.stride(0), score.stride(1), index.stride(0), index.stride(1),
             EPS=EPS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, DOT_DTYPE=dot_dtype(kernel),
-            num_warps=4,
+            A_IDX=a_idx is not None, B_IDX=b_idx is not None, num_warps=4,
         )
     return score, index

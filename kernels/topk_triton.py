@@ -45,6 +45,25 @@ def _sort_keys_descending(key, pos, ROWS: tl.constexpr, LOG_N: tl.constexpr):
 
 
 @triton.jit
+def _descending_keys(s, pos, mask):
+    """Distinct int64 sort keys of float32 scores ``s``: larger score -> larger key, ties -> the
+    lower position ``pos`` larger; masked-out entries below every real one."""
+    bits = s.to(tl.int32, bitcast=True)
+    bits = tl.where(s != s, 0x7FC00000, bits)  # every NaN -> the canonical quiet NaN
+    bits = tl.where(s == 0.0, 0, bits)  # -0.0 -> +0.0
+    hi = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order-preserving as signed int32
+    hi = tl.where(mask, hi, -2147483647 - 1)  # padding sorts below every real score
+    lo = tl.where(mask, 2147483647 - pos, 0)  # lower index -> larger key
+    return (hi.to(tl.int64) << 32) + lo.to(tl.int64)
+
+
+@triton.jit
+def _key_index(key):
+    """The position a key of :func:`_descending_keys` was made for."""
+    return 2147483647 - (key - ((key >> 32) << 32))
+
+
+@triton.jit
 def _topk_kernel(s_ptr, out_ptr, Bsz, N, K, s_sb, s_sn, s_ob, s_ok,
                  ROWS: tl.constexpr, LOG_N: tl.constexpr):
     BLOCK_N: tl.constexpr = 2**LOG_N
@@ -54,15 +73,9 @@ def _topk_kernel(s_ptr, out_ptr, Bsz, N, K, s_sb, s_sn, s_ob, s_ok,
     offs = tl.arange(0, BLOCK_N)
     mask = row_ok[:, None] & (offs[None, :] < N)
     s = tl.load(s_ptr + rows[:, None] * s_sb + offs[None, :] * s_sn, mask=mask, other=0.0).to(tl.float32)
-    bits = s.to(tl.int32, bitcast=True)
-    bits = tl.where(s != s, 0x7FC00000, bits)  # every NaN -> the canonical quiet NaN
-    bits = tl.where(s == 0.0, 0, bits)  # -0.0 -> +0.0
-    hi = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # order-preserving as signed int32
-    hi = tl.where(mask, hi, -2147483647 - 1)  # padding sorts below every real score
-    lo = tl.where(mask, 2147483647 - offs[None, :], 0)  # lower index -> larger key
-    key = (hi.to(tl.int64) << 32) + lo.to(tl.int64)
+    key = _descending_keys(s, offs[None, :], mask)
     top = _sort_keys_descending(key, offs, ROWS, LOG_N)
-    idx = 2147483647 - (top - ((top >> 32) << 32))
+    idx = _key_index(top)
     tl.store(out_ptr + rows[:, None] * s_ob + offs[None, :] * s_ok, idx, mask=row_ok[:, None] & (offs[None, :] < K))
 
 

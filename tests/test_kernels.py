@@ -7,7 +7,8 @@ it). When it was not, this file re-runs itself in a subprocess that has it, as t
 ``TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py -k ...``.
 
 Shapes are chosen to be awkward: B in {1, 3}, N in {1, 2, 49, 50, 197, 577}, C in {3, 64, 96, 384},
-none a multiple of a tile.
+none a multiple of a tile; the apply kernel also C = 37, 100 and prefixes 0-5. The largest shapes
+and the full dtype grids are marked slow (``-m slow``).
 """
 import importlib
 import os
@@ -25,7 +26,8 @@ pytest.importorskip("triton")
 
 import vitcompress  # noqa: E402
 from vitcompress.kernels import dispatch, reference  # noqa: E402
-from vitcompress.kernels import _triton_utils, bipartite_triton, energy_triton, pagerank_triton, topk_triton  # noqa: E402
+from vitcompress.kernels import (_triton_utils, apply_triton, bipartite_triton, energy_triton,  # noqa: E402
+                                 pagerank_triton, plan_triton, topk_triton)
 
 from conftest import tiny_vit  # noqa: E402
 
@@ -35,7 +37,7 @@ IN_SUBPROCESS = not CUDA and not _triton_utils.interpreter_ready()
 
 if not CUDA and not IN_SUBPROCESS and not _triton_utils.is_interpreted(topk_triton._topk_kernel):
     # our kernels were imported earlier in this process without the interpreter: rebuild them
-    for _mod in (bipartite_triton, energy_triton, pagerank_triton, topk_triton):
+    for _mod in (bipartite_triton, energy_triton, pagerank_triton, topk_triton, plan_triton, apply_triton):
         importlib.reload(_mod)
     dispatch._TRITON.clear()
     dispatch._loaded = False
@@ -196,6 +198,23 @@ def test_bipartite_match_edge_shapes():
         bipartite_triton.bipartite_match(_rand(2, 5, 8), _rand(2, 5, 7))
 
 
+def test_bipartite_match_reads_index_rows_in_place():
+    """a_idx / b_idx name the rows taking part: the same as matching the gathered rows."""
+    x = _rand(3, 197, 96, seed=21)
+    order = torch.stack([torch.randperm(197, generator=torch.Generator().manual_seed(b)) for b in range(3)]).to(DEVICE)
+    for a_idx, b_idx in ((order[:, 0::2], order[:, 1::2]), (order[:, 150:], order[:, :150]), (order[:, :1], None)):
+        a = reference._rows(x, a_idx)
+        b = reference._rows(x, b_idx)
+        score, index = bipartite_triton.bipartite_match(x, x, a_idx, b_idx)
+        ref_score, ref_index = reference.bipartite_match(x, x, a_idx, b_idx)
+        want_score, want_index = bipartite_triton.bipartite_match(a, b)
+        assert torch.equal(score, want_score) and torch.equal(index, want_index)
+        torch.testing.assert_close(score, ref_score, atol=1e-5, rtol=0)
+        check_match(a, b)
+    with pytest.raises(ValueError):
+        bipartite_triton.bipartite_match(x, x, order[0], None)
+
+
 # ---------------------------------------------------------------------------- energy_score
 
 def check_energy(x, margin, alpha, atol=1e-5):
@@ -344,6 +363,269 @@ def test_pagerank_steps_read_half_precision_attention(dtype):
                                    reference.pagerank_steps(attn, init, 30, mask), atol=1e-6, rtol=1e-5)
 
 
+# ---------------------------------------------------------------------------- rank_plan
+
+
+def check_rank_plan(score, match, r, a_idx, b_idx, sort_unmerged, b_first):
+    got = plan_triton.rank_plan(score, match, r, a_idx, b_idx, sort_unmerged, b_first)
+    # the reference's sort runs on the CPU (see check_topk)
+    cpu = [None if t is None else t.cpu() for t in (score, match, a_idx, b_idx)]
+    want = reference.rank_plan(cpu[0], cpu[1], r, cpu[2], cpu[3], sort_unmerged, b_first)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+        else:
+            assert g.dtype == torch.int64 and g.device == score.device
+            assert torch.equal(g.cpu(), w), (g, w)
+
+
+def _rank_case(Na, Nb, ties, full):
+    g = torch.Generator().manual_seed(Na + Nb)
+    score = torch.randn(3, Na, generator=g)
+    if ties:
+        score = (score * 2).round() / 2
+    match = torch.randint(0, max(Nb, 1), (3, Na), generator=g)
+    order = torch.stack([torch.randperm(Na + Nb + 5, generator=g) for _ in range(3)])
+    a_idx, b_idx = order[:, 5:5 + Na], order[:, 5 + Na:]
+    score, match, a_idx, b_idx = (t.to(DEVICE) for t in (score, match, a_idx, b_idx))
+    flags = [(s, b, m) for s in (False, True) for b in (False, True) for m in (match, None)]
+    for i, r in enumerate(sorted({0, 1, Na // 3, Na} & set(range(Na + 1)))):
+        for sort_unmerged, b_first, m in (flags if full else flags[i % 2::2]):
+            check_rank_plan(score, m, r, a_idx, b_idx, sort_unmerged, b_first)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("Na,Nb", [(0, 1), (1, 0), (1, 1), (2, 3), (49, 50), (98, 99)])
+def test_rank_plan_matches_reference(Na, Nb, ties):
+    _rank_case(Na, Nb, ties, full=Na < 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("Na,Nb", [(49, 50), (98, 99), (288, 288), (600, 7)])
+def test_rank_plan_full_grid(Na, Nb, ties):
+    _rank_case(Na, Nb, ties, full=True)
+
+
+def test_rank_plan_strided_sets_and_half_scores():
+    """A and B as strided views of one order (as ToMe and PiToMe pass them), half-precision scores."""
+    g = torch.Generator().manual_seed(5)
+    order = torch.stack([torch.randperm(197, generator=g) for _ in range(2)]).to(DEVICE)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        score = (torch.randn(2, 99, generator=g) * 3).round().to(dtype).to(DEVICE)
+        match = torch.randint(0, 98, (2, 99), generator=g).to(DEVICE)
+        check_rank_plan(score, match, 13, order[:, 0::2], order[:, 1::2], True, False)
+        check_rank_plan(score, match, 40, order[:, 0::2], order[:, 1::2], False, False)
+    arange = torch.arange(197, device=DEVICE).expand(2, 197)  # stride 0 along the batch
+    check_rank_plan(score.float()[:, :98], match[:, :98], 20, arange[:, 1::2], arange[:, 0::2], True, False)
+
+
+def test_rank_plan_one_image_a_program(monkeypatch):
+    """The GPU's packing (one long row a program) and several programs, through the interpreter."""
+    monkeypatch.setattr(plan_triton, "MAX_ELEMENTS_INTERPRETED", 1)
+    g = torch.Generator().manual_seed(6)
+    score = (torch.randn(5, 60, generator=g) * 2).round().to(DEVICE)
+    match = torch.randint(0, 61, (5, 60), generator=g).to(DEVICE)
+    order = torch.stack([torch.randperm(121, generator=g) for _ in range(5)]).to(DEVICE)
+    check_rank_plan(score, match, 17, order[:, 0::2][:, :60], order[:, 1::2], True, False)
+    check_rank_plan(score, None, 30, order[:, 0::2][:, :60], order[:, 1::2], False, True)
+    with pytest.raises(ValueError):
+        plan_triton.rank_plan(score, match, 100, order[:, 0::2], order[:, 1::2])
+
+
+# ---------------------------------------------------------------------------- pagerank_scores
+
+
+def _alive(B, T, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(T, generator=g)[:K] for _ in range(B)]).to(DEVICE)
+
+
+def check_scores(attn, iters, p, alive=None, **opts):
+    got = pagerank_triton.pagerank_scores(attn, iters, p, alive=alive, **opts)
+    want = reference.pagerank_scores(attn, iters, p, alive=alive, **opts)
+    assert got.shape == want.shape and got.dtype == torch.float32 and got.device == attn.device
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    return got
+
+
+SCORE_OPTIONS = [dict(), dict(cls_sqrt=False), dict(aggregate="mean"), dict(head_filter=False),
+                 dict(var_min=0.0, var_max=1e9), dict(var_min=1e8, var_max=1e9)]  # every head passes / none
+
+
+def _scores_case(N, p, full):
+    B, H = 2, 3
+    attn = _graphs(B * H, N, seed=N + p)[0].reshape(B, H, N, N)
+    for iters in ((0, 1, 5, 30) if full else (0, 30)):
+        check_scores(attn, iters, p)
+    T = N - p
+    alive = _alive(B, T, T - T // 3, seed=N)
+    for i, opts in enumerate(SCORE_OPTIONS):
+        if full or i % 3 == p % 3:
+            check_scores(attn, 5, p, **opts)
+        check_scores(attn, 5, p, alive=alive, **opts)
+    check_scores(attn, 3, p, alive=alive.flip(1))  # alive in any order: the scores follow it
+
+
+@pytest.mark.parametrize("p", [0, 1, 5])
+@pytest.mark.parametrize("N", [6, 50, 197])
+def test_pagerank_scores_match_reference(N, p):
+    _scores_case(N, p, full=False)
+
+
+def test_pagerank_scores_longest_fused_graph_and_beyond():
+    """256 tokens (the kernel's largest graph) and 300 (the reference's)."""
+    for N in (256, 300):
+        attn = _graphs(6, N, seed=N)[0].reshape(2, 3, N, N)
+        check_scores(attn, 30, 1)
+        check_scores(attn, 5, 1, alive=_alive(2, N - 1, 200, seed=N))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p", [0, 1, 5])
+@pytest.mark.parametrize("N", [6, 50, 197, 256, 300])
+def test_pagerank_scores_full_grid(N, p):
+    _scores_case(N, p, full=True)
+
+
+def test_pagerank_scores_edges_and_half_attention():
+    attn = _graphs(4, 1, seed=1)[0].reshape(2, 2, 1, 1)
+    check_scores(attn, 5, 0)
+    check_scores(attn, 5, 1)  # only a special token: nothing to score
+    check_scores(_graphs(6, 40, seed=2)[0].reshape(2, 3, 40, 40), 4, 1, alive=_alive(2, 39, 1, seed=3))
+    for dtype in HALF:
+        attn = _graphs(6, 197, dtype=dtype, seed=4)[0].reshape(2, 3, 197, 197)
+        check_scores(attn, 30, 1)
+        check_scores(attn, 30, 1, alive=_alive(2, 196, 150, seed=5))
+    with pytest.raises(ValueError):
+        pagerank_triton.pagerank_scores(attn, 3, 1, aggregate="max")
+
+
+def test_zero_tprune_importance_uses_the_fused_score(monkeypatch):
+    """token_importance without an alive mask is the fused primitive; with a mask, the pieces."""
+    from vitcompress.methods.zero_tprune import token_importance
+    monkeypatch.setenv("VITCOMPRESS_KERNELS", "triton")
+    attn = _graphs(6, 50, seed=6)[0].reshape(2, 3, 50, 50)
+    torch.testing.assert_close(token_importance(attn, 1, 5), reference.pagerank_scores(attn, 5, 1),
+                               atol=1e-6, rtol=1e-5)
+    mask = reference.alive_mask(_alive(2, 49, 30, seed=7), 50, 1)
+    want = reference.pagerank_scores(attn, 5, 1, alive=_alive(2, 49, 30, seed=7))
+    got = token_importance(attn, 1, 5, alive=mask).gather(1, _alive(2, 49, 30, seed=7))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- apply_plan
+
+APPLY_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def _plan(B, T, merge, seed):
+    """A random plan over T reducible tokens: about a third removed (merged into random kept
+    tokens, several into the same one, or pruned), the kept ones in random order."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.stack([torch.randperm(T, generator=g) for _ in range(B)])
+    removed = T // 3
+    K = T - removed
+    keep = perm[:, :K]
+    if not merge or K == 0:
+        return keep.to(DEVICE), None, None
+    src = perm[:, K:]
+    dst = torch.randint(0, K, (B, removed), generator=g)
+    return keep.to(DEVICE), src.to(DEVICE), dst.to(DEVICE)
+
+
+def check_apply(x, size, keep, src, dst, p, source=None):
+    dt = x.dtype
+    atol, rtol = APPLY_TOL[dt]
+    out, new_size, log = apply_triton.apply_plan(x, size, keep, src, dst, p, log_size=True)
+    r_out, r_size, r_log = reference.apply_plan(x, size, keep, src, dst, p, log_size=True)
+    assert out.shape == r_out.shape and out.dtype == dt and out.device == x.device
+    assert new_size.dtype == torch.float32 and log.dtype == dt
+    assert torch.equal(new_size, r_size)  # integer-valued sizes: every summation order is exact
+    torch.testing.assert_close(log, r_log, atol=atol, rtol=rtol)
+    torch.testing.assert_close(out[:, :p], x[:, :p])  # the special tokens pass through
+    if src is None or src.shape[1] == 0:
+        assert torch.equal(out, r_out)  # a pure gather is exact
+    else:
+        torch.testing.assert_close(out.float(), r_out.float(), atol=atol, rtol=rtol)
+        exact = reference.apply_plan(x.double(), size.double(), keep, src, dst, p)[0]
+        # no worse than the reference against float64 (to one unit in the last place)
+        if out.numel():
+            err, r_err = (out.double() - exact).abs().max(), (r_out.double() - exact).abs().max()
+            assert err <= r_err + atol
+    if source is not None:
+        got, none, no_log = apply_triton.apply_plan(source, None, keep, src, dst, p, log_size=True)
+        assert none is None and no_log is None
+        assert torch.equal(got, reference.apply_plan(source, None, keep, src, dst, p)[0])  # 0/1 sums: exact
+
+
+def _apply_case(N, p, C, dtype, merge, seed, B=2):
+    T = N - p
+    x = _rand(B, N, C, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    size = torch.randint(1, 5, (B, N, 1), generator=g).float().to(DEVICE)
+    source = (torch.rand(B, N, 2 * N, generator=g) > 0.8).float().to(DEVICE)
+    check_apply(x, size, *_plan(B, T, merge, seed), p, source=source)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("p", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("N", [1, 50, 197])
+def test_apply_plan_matches_reference(N, p, merge):
+    if p > N:
+        pytest.skip("more special tokens than tokens")
+    _apply_case(N, p, [37, 100, 3][(N + p) % 3], torch.float32, merge, seed=N * 7 + p)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("N,p,C", [(50, 1, 37), (197, 2, 100)])
+@pytest.mark.parametrize("merge", [False, True])
+def test_apply_plan_half_precision(N, p, C, dtype, merge):
+    _apply_case(N, p, C, dtype, merge, seed=N + p)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32] + HALF)
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("p", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("N", [1, 50, 197, 577])
+def test_apply_plan_full_grid(N, p, merge, dtype):
+    if p > N:
+        pytest.skip("more special tokens than tokens")
+    _apply_case(N, p, [37, 100, 384, 3][(N + p) % 4], dtype, merge, seed=N * 11 + p)
+
+
+def test_apply_plan_structure(monkeypatch):
+    """Many row / merge / channel tiles (GPU-sized, and the GPU's float32 tl.dot), every merge into
+    one token, strided inputs, expanded (stride 0) index tensors, empty shapes."""
+    monkeypatch.setattr(apply_triton, "MAX_BLOCKS_INTERPRETED", apply_triton.MAX_BLOCKS)
+    monkeypatch.setattr(_triton_utils, "INTERPRETER_FP32_DOT", True)
+    x = _rand(2, 197, 2 * 150, seed=31)[..., ::2]  # channel stride 2
+    size = torch.randint(1, 9, (2, 197, 1), generator=torch.Generator().manual_seed(3)).float().to(DEVICE)
+    keep, src, dst = _plan(2, 196, True, seed=4)
+    check_apply(x, size, keep, src, dst, 1)
+    check_apply(x, size, keep, src, torch.zeros_like(dst), 1)  # 65 rows into one
+    arange = torch.arange(196, device=DEVICE).expand(2, 196)
+    check_apply(x, size, arange[:, 1::2], arange[:, 0::2], torch.arange(98, device=DEVICE).expand(2, 98), 1)
+    check_apply(x, size, arange[:, :0], None, None, 1)  # only the special token stays
+    check_apply(x[:, :, :0], size, keep, src, dst, 1)  # no channels
+    out, new_size, _ = apply_triton.apply_plan(x[:0], size[:0], keep[:0], src[:0], dst[:0], 1)
+    assert out.shape == (0, 1 + keep.shape[1], 150) and new_size.shape == (0, 1 + keep.shape[1], 1)
+    with pytest.raises(ValueError):
+        apply_triton.apply_plan(x, size, keep, src, None, 1)
+
+
+def test_apply_plan_fractional_sizes():
+    """Sizes need not be integers (tokencorr weighs by attention)."""
+    x = _rand(2, 50, 37, seed=41)
+    size = torch.rand(2, 50, 1, generator=torch.Generator().manual_seed(42)).to(DEVICE) + 1e-3
+    keep, src, dst = _plan(2, 49, True, seed=43)
+    out, new_size, _ = apply_triton.apply_plan(x, size, keep, src, dst, 1)
+    r_out, r_size, _ = reference.apply_plan(x, size, keep, src, dst, 1)
+    torch.testing.assert_close(new_size, r_size, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------- dispatch
 
 def test_dispatch_chooses(monkeypatch):
@@ -355,6 +637,9 @@ def test_dispatch_chooses(monkeypatch):
     assert dispatch._pick("energy_score", x) is energy_triton.energy_score
     assert dispatch._pick("pagerank_steps", x) is pagerank_triton.pagerank_steps
     assert dispatch._pick("topk_indices", x) is topk_triton.topk_indices
+    assert dispatch._pick("apply_plan", x) is apply_triton.apply_plan
+    assert dispatch._pick("rank_plan", x) is plan_triton.rank_plan
+    assert dispatch._pick("pagerank_scores", x) is pagerank_triton.pagerank_scores
     assert dispatch.triton_available()
     monkeypatch.delenv("VITCOMPRESS_KERNELS")
     expected = topk_triton.topk_indices if x.is_cuda else reference.topk_indices
@@ -409,23 +694,29 @@ def test_cpu_tensor_without_interpreter_fails_clearly(monkeypatch):
 
 # ---------------------------------------------------------------------------- whole model
 
-@pytest.mark.parametrize("method,budget", [("tome", {"r": 6}), ("pitome", {"keep": 0.8}),
-                                           ("zero_tprune", {"keep": 0.8})])
-def test_compressed_model_same_with_kernels_forced_on(method, budget, monkeypatch):
+@pytest.mark.parametrize("method,budget,model_kw", [
+    ("tome", {"r": 6}, {}), ("pitome", {"keep": 0.8}, {}), ("zero_tprune", {"keep": 0.8}, {}),
+    ("tome", {"r": 5, "trace_source": True}, {"reg_tokens": 3}),
+    ("pitome", {"keep": 0.85, "trace_source": True}, {"class_token": False, "reg_tokens": 2, "global_pool": "avg"}),
+    ("zero_tprune", {"keep": 0.85, "order": "IS", "cls_init": "uniform"}, {"reg_tokens": 4})])
+def test_compressed_model_same_with_kernels_forced_on(method, budget, model_kw, monkeypatch):
     if method not in vitcompress.list_methods():
         pytest.skip(f"{method} is not registered")
-    model = tiny_vit().to(DEVICE)
+    model = tiny_vit(**model_kw).to(DEVICE)
     vitcompress.compress(model, method, **budget)
     x = _rand(3, 3, 32, 32, seed=11)
-    outs, tokens = {}, {}
+    outs, tokens, sources = {}, {}, {}
     for choice in ("torch", "triton"):
         monkeypatch.setenv("VITCOMPRESS_KERNELS", choice)
         with torch.inference_mode():
             outs[choice] = model(x)
         tokens[choice] = vitcompress.stats(model)["tokens_per_layer"]
+        sources[choice] = vitcompress.stats(model).get("source")
     assert tokens["torch"] == tokens["triton"]
     assert tokens["torch"][-1] < tokens["torch"][0]  # it did reduce
     torch.testing.assert_close(outs["triton"], outs["torch"], atol=1e-5, rtol=1e-5)
+    if budget.get("trace_source"):
+        assert torch.equal(sources["triton"], sources["torch"])
 
 
 def test_gpu_tiling_interpreted(monkeypatch):

@@ -81,4 +81,4 @@ def _attend_and_reduce(parts: BlockParts, runtime: ViTRuntime, forward: ForwardS
                           layer=layer, num_layers=schedule.depth,
                           cls_first=runtime.adapter.cls_first)
         plan = runtime.method.plan(signals, remove, runtime.options)
-    return apply_plan(x, state, plan)
+    return apply_plan(x, state, plan, attn_bias=runtime.prop_attn)

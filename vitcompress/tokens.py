@@ -2,13 +2,15 @@
 
 A method never edits tensors itself: it returns a :class:`Plan` (which reducible tokens to keep,
 which to merge into which) and :func:`apply_plan` executes it. Merging is a size-weighted average
-computed as gather + ``scatter_add`` (sum) then divide, so it exports to ONNX/TensorRT; there is no
-``scatter_reduce("mean")`` anywhere.
+computed as a sum then a divide (gather + ``scatter_add`` in the torch path, so it exports to
+ONNX/TensorRT; a one-pass Triton kernel on a GPU); there is no ``scatter_reduce("mean")`` anywhere.
 """
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from vitcompress.kernels import dispatch
 
 from .interfaces import Plan
 
@@ -20,12 +22,15 @@ class TokenState:
     ``size[B, N, 1]``: how many original patches each token stands for (float32).
     ``source[B, N, N0]``: which original tokens each token covers (only when tracing sources).
     ``merged``: whether any merge happened yet (sizes differ from 1, proportional attention on).
+    ``log_size[B, N, 1]``: ``log(size)`` as the apply path wrote it for the next block's attention
+    bias (in the tokens' dtype), or None.
     """
 
     num_prefix: int
     size: torch.Tensor
     source: Optional[torch.Tensor] = None
     merged: bool = False
+    log_size: Optional[torch.Tensor] = None
 
     @classmethod
     def start(cls, x: torch.Tensor, num_prefix: int, trace_source: bool = False) -> "TokenState":
@@ -40,7 +45,10 @@ class TokenState:
         """``log(size)`` as an additive SDPA mask ``[B, 1, 1, N]`` (proportional attention)."""
         if not self.merged:
             return None
-        return self.size.log().to(dtype).transpose(1, 2).unsqueeze(1)
+        log = self.log_size
+        if log is None or log.dtype != dtype:
+            log = self.size.log().to(dtype)
+        return log.transpose(1, 2).unsqueeze(1)
 
 
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -48,41 +56,23 @@ def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
-def _with_prefix(idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
-    """Indices into the reducible tokens -> indices into the whole sequence, prefix first."""
-    if num_prefix == 0:
-        return idx
-    prefix = torch.arange(num_prefix, device=idx.device, dtype=idx.dtype).expand(idx.shape[0], num_prefix)
-    return torch.cat([prefix, idx + num_prefix], dim=1)
-
-
-def _merge_sum(t: torch.Tensor, keep: torch.Tensor, src: Optional[torch.Tensor],
-               dst: Optional[torch.Tensor]) -> torch.Tensor:
-    """Gather rows ``keep`` of ``t`` and add rows ``src`` into output positions ``dst``."""
-    kept = gather_tokens(t, keep)
-    if src is not None:
-        kept.scatter_add_(1, dst.unsqueeze(-1).expand(-1, -1, t.shape[-1]), gather_tokens(t, src))
-    return kept
-
-
-def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan) -> torch.Tensor:
+def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool = False) -> torch.Tensor:
     """Execute ``plan`` on ``x[B, N, C]`` and update ``state`` in place; returns the new tokens.
 
-    Special (prefix) tokens pass through unchanged at the front. Every tensor is gathered once over
-    the whole sequence (prefix included), so a block adds as few passes over the tokens as it can.
+    Special (prefix) tokens pass through unchanged at the front. One call of the ``apply_plan``
+    primitive (:mod:`vitcompress.kernels`: on a GPU one fused Triton kernel that gathers, merges
+    size-weighted, divides and writes the new sizes in one pass over the tokens; elsewhere its torch
+    reference, gather + ``scatter_add`` then divide), and one more for the source map when it is
+    traced (a plain sum of rows, by the same primitive). With ``attn_bias`` (proportional attention
+    follows) the same call also writes ``log(size)`` for the next block's attention.
     """
     p = state.num_prefix
-    keep = _with_prefix(plan.keep, p)
-    src = dst = None
-    if plan.merges:
-        src, dst = plan.merge_src + p, plan.merge_dst + p
-        weighted = x * state.size.to(x.dtype)
-        state.size = _merge_sum(state.size, keep, src, dst)
-        new_x = _merge_sum(weighted, keep, src, dst).div_(state.size.to(x.dtype))
+    merges = plan.merges
+    src, dst = (plan.merge_src, plan.merge_dst) if merges else (None, None)
+    log = attn_bias and (merges or state.merged)
+    new_x, state.size, state.log_size = dispatch.apply_plan(x, state.size, plan.keep, src, dst, p, log)
+    if merges:
         state.merged = True
-    else:
-        new_x = gather_tokens(x, keep)
-        state.size = gather_tokens(state.size, keep)
     if state.source is not None:
-        state.source = _merge_sum(state.source, keep, src, dst)
+        state.source = dispatch.apply_plan(state.source, None, plan.keep, src, dst, p)[0]
     return new_x

@@ -11,7 +11,6 @@ import torch
 from vitcompress.kernels import dispatch
 
 from ..interfaces import Plan, Signals, ViTMethod
-from ..tokens import gather_tokens
 from .tome import bipartite_soft_matching
 
 
@@ -41,7 +40,7 @@ def pitome_merge(metric: torch.Tensor, r: int, margin: float, alpha: float = 1.0
         return bipartite_soft_matching(metric, r, order=order)
     mergeable, protected = order[:, : 2 * r], order[:, 2 * r:]
     a_idx, b_idx = mergeable[:, 0::2], mergeable[:, 1::2]
-    _, match = dispatch.bipartite_match(gather_tokens(metric, a_idx), gather_tokens(metric, b_idx))
+    _, match = dispatch.bipartite_match(metric, metric, a_idx, b_idx)
     keep = torch.cat([protected, b_idx], dim=1)
     return Plan(keep=keep, merge_src=a_idx, merge_dst=protected.shape[1] + match)
 

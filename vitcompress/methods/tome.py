@@ -19,7 +19,6 @@ import torch
 from vitcompress.kernels import dispatch
 
 from ..interfaces import Plan, Signals, ViTMethod
-from ..tokens import gather_tokens
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, order: Optional[torch.Tensor] = None) -> Plan:
@@ -35,12 +34,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, order: Optional[torch.
     if order is None:
         order = torch.arange(T, device=metric.device).expand(Bsz, T)
     a_idx, b_idx = order[:, 0::2], order[:, 1::2]
-    score, match = dispatch.bipartite_match(gather_tokens(metric, a_idx), gather_tokens(metric, b_idx))
-    ranked = dispatch.topk_indices(score, score.shape[1])  # best matches first, ties to the lower index
-    src, unmerged = ranked[:, :r], ranked[:, r:]
-    keep = torch.cat([a_idx.gather(1, unmerged), b_idx], dim=1)
-    merge_src = a_idx.gather(1, src)
-    merge_dst = unmerged.shape[1] + match.gather(1, src)
+    score, match = dispatch.bipartite_match(metric, metric, a_idx, b_idx)
+    keep, merge_src, merge_dst = dispatch.rank_plan(score, match, r, a_idx, b_idx)  # best matches first
     return Plan(keep=keep, merge_src=merge_src, merge_dst=merge_dst)
 
 
@@ -50,18 +45,15 @@ def tome_matching(metric: torch.Tensor, r: int, num_prefix: int, class_token: bo
     ``num_prefix + i``), the special tokens take part in neither set's matching, and with a
     ``class_token`` the unmerged A tokens keep their index order."""
     Bsz, T, _ = metric.shape
+    tokens = torch.arange(T, device=metric.device).expand(Bsz, T)
     if r == 0:
-        return Plan(keep=torch.arange(T, device=metric.device).expand(Bsz, T))
+        return Plan(keep=tokens)
     first_a = num_prefix % 2  # the first reducible token is in A when the prefix is even
-    a_idx = torch.arange(first_a, T, 2, device=metric.device).expand(Bsz, -1)
-    b_idx = torch.arange(1 - first_a, T, 2, device=metric.device).expand(Bsz, -1)
-    score, match = dispatch.bipartite_match(gather_tokens(metric, a_idx), gather_tokens(metric, b_idx))
-    ranked = dispatch.topk_indices(score, score.shape[1])  # best matches first, ties to the lower index
-    src, unmerged = ranked[:, :r], ranked[:, r:]
-    if class_token:
-        unmerged = torch.sort(unmerged, dim=1, stable=True).values
-    keep = torch.cat([a_idx.gather(1, unmerged), b_idx], dim=1)
-    return Plan(keep=keep, merge_src=a_idx.gather(1, src), merge_dst=unmerged.shape[1] + match.gather(1, src))
+    a_idx, b_idx = tokens[:, first_a::2], tokens[:, 1 - first_a::2]
+    # the two sets are strided views of the metric: no gathered copies
+    score, match = dispatch.bipartite_match(metric[:, first_a::2], metric[:, 1 - first_a::2])
+    keep, merge_src, merge_dst = dispatch.rank_plan(score, match, r, a_idx, b_idx, sort_unmerged=class_token)
+    return Plan(keep=keep, merge_src=merge_src, merge_dst=merge_dst)
 
 
 class ToMe(ViTMethod):

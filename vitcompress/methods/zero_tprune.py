@@ -59,7 +59,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from vitcompress.kernels import dispatch
+from vitcompress.kernels import dispatch, reference
 from ..interfaces import Plan, Signals, ViTMethod
 from ..tokens import gather_tokens
 
@@ -92,28 +92,15 @@ def weighted_pagerank(attn: Tensor, iters: int, init: Optional[Tensor] = None,
         probs = (q @ k.transpose(-2, -1) * scale).softmax(-1)      # [B, H, N, N]
         scores = weighted_pagerank(probs, iters=30)                # [B, H, N]
     """
+    _check_graph(attn, iters)
+    return reference.weighted_pagerank(attn, iters, init, alive, steps=dispatch.pagerank_steps)
+
+
+def _check_graph(attn: Tensor, iters) -> None:
     if attn.dim() != 4 or attn.shape[-1] != attn.shape[-2]:
         raise ValueError(f"weighted_pagerank expects attention [B, H, N, N], got {tuple(attn.shape)}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters={iters!r} must be a non-negative int")
-    B, H, N, _ = attn.shape
-    s = attn.new_ones(B, H, N, dtype=torch.float32) if init is None else _per_head(
-        init.to(device=attn.device, dtype=torch.float32), B, H, N)
-    m = None if alive is None else alive.to(device=attn.device, dtype=torch.float32)[:, None, :].expand(B, H, N)
-    if m is not None:
-        s = s * m
-    s = s / s.sum(dim=-1, keepdim=True)
-    if iters == 0:
-        return s
-    steps = dispatch.pagerank_steps(attn.reshape(B * H, N, N), s.reshape(B * H, N), iters,
-                                    None if m is None else m.reshape(B * H, N))
-    return steps.reshape(B, H, N)
-
-
-def _per_head(t: Tensor, B: int, H: int, N: int) -> Tensor:
-    if t.dim() == 2:
-        t = t[:, None, :]
-    return t.expand(B, H, N)
 
 
 def initial_scores(num_tokens: int, num_prefix: int, cls_init: str = "sqrt", device=None,
@@ -121,38 +108,20 @@ def initial_scores(num_tokens: int, num_prefix: int, cls_init: str = "sqrt", dev
     """The WPR starting distribution: uniform, or with the first special token (CLS) weighted
     ``sqrt(n)`` times the others (``cls_init="sqrt"``, the paper's default), ``n`` the number of
     tokens in the graph. ``[N]``, or ``[B, N]`` over the ``alive[B, N]`` tokens when given."""
-    if alive is None:
-        s = torch.ones(num_tokens, device=device, dtype=torch.float32)
-        n = num_tokens
-    else:
-        s = alive.to(device=device, dtype=torch.float32)
-        n = s.sum(dim=-1, keepdim=True)
-    if cls_init == "sqrt" and num_prefix > 0:
-        s = s.clone()
-        s[..., 0] = s[..., 0] * (n.sqrt().squeeze(-1) if torch.is_tensor(n) else math.sqrt(n))
-    return s / s.sum(dim=-1, keepdim=True)
+    return reference.initial_scores(num_tokens, num_prefix, cls_init, device, alive)
 
 
 def head_variance(scores: Tensor, alive: Optional[Tensor] = None) -> Tensor:
     """Population variance over the tokens of ``n * s`` (mean 1) for scores ``[B, H, N]``, ``n``
     the number of tokens in the graph (those in ``alive[B, N]`` when given) -> ``[B, H]``."""
-    if alive is None:
-        return (scores * scores.shape[-1]).var(dim=-1, unbiased=False)
-    w = alive.to(scores.dtype)[:, None, :]
-    n = w.sum(dim=-1)
-    x = scores * n[..., None]
-    mean = (x * w).sum(dim=-1) / n
-    return ((x - mean[..., None]).square() * w).sum(dim=-1) / n
+    return reference.head_variance(scores, alive)
 
 
 def head_mask(scores: Tensor, var_min: float = 0.01, var_max: float = 0.7, alive: Optional[Tensor] = None) -> Tensor:
     """Variance-based head filter: ``[B, H]`` bool, True for heads whose score variance (of
     ``n * s``, :func:`head_variance`) lies in ``[var_min, var_max]``. An image whose heads all
     fail keeps all of them."""
-    var = head_variance(scores, alive)
-    mask = (var >= var_min) & (var <= var_max)
-    none = ~mask.any(dim=-1, keepdim=True)
-    return mask | none
+    return reference.head_mask(scores, var_min, var_max, alive)
 
 
 def aggregate_heads(scores: Tensor, mask: Optional[Tensor] = None, how: str = "rms") -> Tensor:
@@ -161,25 +130,28 @@ def aggregate_heads(scores: Tensor, mask: Optional[Tensor] = None, how: str = "r
     ``"rms"`` (emphasizing informative region): ``sqrt(sum_h m_h s_hi^2 / sum_h m_h)``;
     ``"mean"``: ``sum_h m_h s_hi / sum_h m_h``. Returns ``[B, N]``.
     """
-    w = torch.ones(scores.shape[:2], device=scores.device, dtype=scores.dtype) if mask is None else mask.to(scores.dtype)
-    count = w.sum(dim=1, keepdim=True).clamp_min(1.0)
-    w = w.unsqueeze(-1)
-    if how == "rms":
-        return ((scores.square() * w).sum(dim=1) / count).sqrt()
-    if how == "mean":
-        return (scores * w).sum(dim=1) / count
-    raise ValueError(f"aggregate={how!r}: use 'rms' or 'mean'")
+    return reference.aggregate_heads(scores, mask, how)
 
 
 def token_importance(attn: Tensor, num_prefix: int, iters: int, *, alive: Optional[Tensor] = None,
-                     var_min: float = 0.01, var_max: float = 0.7, head_filter: bool = True,
-                     aggregate: str = "rms", cls_init: str = "sqrt") -> Tensor:
+                     kept: Optional[Tensor] = None, var_min: float = 0.01, var_max: float = 0.7,
+                     head_filter: bool = True, aggregate: str = "rms", cls_init: str = "sqrt") -> Tensor:
     """The I-stage score of every token: WPR per head -> head filter -> aggregation over heads.
 
     ``attn[B, H, N, N]`` covers all tokens, the ``num_prefix`` special ones first; ``alive[B, N]``
     optionally restricts the graph (:func:`weighted_pagerank`). Returns the scores of the
     reducible tokens ``[B, N - num_prefix]`` (0 for tokens outside ``alive``).
+
+    ``kept[B, K]`` (indices of reducible tokens) restricts the graph the same way and returns just
+    their scores, in ``kept``'s order ``[B, K]``. Without ``alive`` this is one fused call
+    (:func:`vitcompress.kernels.dispatch.pagerank_scores`, one kernel on a GPU).
     """
+    _check_graph(attn, iters)
+    if alive is None:
+        return dispatch.pagerank_scores(attn, iters, num_prefix, cls_init == "sqrt", kept, var_min, var_max,
+                                        head_filter, aggregate)
+    if kept is not None:
+        raise ValueError("token_importance: give alive (a mask) or kept (indices), not both")
     N = attn.shape[-1]
     init = initial_scores(N, num_prefix, cls_init, attn.device, alive)
     s = weighted_pagerank(attn, iters, init, alive)
@@ -204,9 +176,9 @@ def similarity_prune(metric: Tensor, scores: Tensor, r: int) -> Tensor:
         raise ValueError(f"the S-stage can drop at most {n_a} of {T} tokens (the less important half), asked {r}")
     order = dispatch.topk_indices(scores, T)  # most important first
     b_idx, a_idx = order[:, : T - n_a], order[:, T - n_a:]
-    match_score, _ = dispatch.bipartite_match(gather_tokens(metric, a_idx), gather_tokens(metric, b_idx))
-    ranked = dispatch.topk_indices(match_score, n_a)  # most redundant first
-    return torch.cat([b_idx, a_idx.gather(1, ranked[:, r:])], dim=1)
+    match_score, _ = dispatch.bipartite_match(metric, metric, a_idx, b_idx)
+    keep, _, _ = dispatch.rank_plan(match_score, None, r, a_idx, b_idx, b_first=True)  # the r most redundant out
+    return keep
 
 
 def zero_tprune(attn: Tensor, metric: Tensor, num_prefix: int, r_s: int, r_i: int, iters: int, *,
@@ -220,42 +192,44 @@ def zero_tprune(attn: Tensor, metric: Tensor, num_prefix: int, r_s: int, r_i: in
     ``order="IS"``: I-stage first, then the S-stage partitioned by its scores. ``score_options``
     go to :func:`token_importance`. Returns a pruning :class:`~vitcompress.tokens.Plan` whose
     kept indices are in their original order.
+
+    Each importance score is one fused call (:func:`token_importance` with ``kept=``: PageRank,
+    head filter and aggregation; on the survivors of a stage, by their indices), and no step reads
+    a value back to the host.
     """
     B, T = metric.shape[:2]
     p = num_prefix
-    alive = torch.arange(T, device=metric.device).expand(B, T)
-    full = True  # alive still holds every reducible token
+    alive = None  # the reducible tokens still in the graph (None: all of them, in order)
 
     def importance(n_iters):  # scores of the alive tokens, in alive's order
-        if full:
-            return token_importance(attn, p, n_iters, **score_options)
-        body = metric.new_zeros(B, T, dtype=torch.float32).scatter(1, alive, torch.ones_like(alive, dtype=torch.float32))
-        mask = torch.cat([body.new_ones(B, p), body], dim=1) > 0
-        return token_importance(attn, p, n_iters, alive=mask, **score_options).gather(1, alive)
+        return token_importance(attn, p, n_iters, kept=alive, **score_options)
 
     def s_stage(scores):
-        kept = similarity_prune(gather_tokens(metric, alive), scores, r_s)
-        return alive.gather(1, kept)
+        if alive is None:
+            return similarity_prune(metric, scores, r_s)
+        return alive.gather(1, similarity_prune(gather_tokens(metric, alive), scores, r_s))
 
-    def i_stage(scores):
-        top = dispatch.topk_indices(scores, alive.shape[1] - r_i)
-        return alive.gather(1, top)
+    def top(scores, k):
+        best = dispatch.topk_indices(scores, k)
+        return best if alive is None else alive.gather(1, best)
 
     if order == "ISI":
         if r_s > 0:
-            alive, full = s_stage(importance(prerank_iters)), False
+            alive = s_stage(importance(prerank_iters))
         if r_i > 0:
-            alive = i_stage(importance(iters))
+            alive = top(importance(iters), (T if alive is None else alive.shape[1]) - r_i)
     elif order == "IS":
         if r_i > 0 or r_s > 0:
             scores = importance(iters)
             if r_i > 0:
-                top = dispatch.topk_indices(scores, T - r_i)
-                alive, scores = alive.gather(1, top), scores.gather(1, top)
+                best = dispatch.topk_indices(scores, T - r_i)
+                alive, scores = best, scores.gather(1, best)
             if r_s > 0:
                 alive = s_stage(scores)
     else:
         raise ValueError(f"order={order!r}: use 'ISI' (I' -> S -> I) or 'IS'")
+    if alive is None:
+        return Plan(keep=torch.arange(T, device=metric.device).expand(B, T))
     return Plan(keep=torch.sort(alive, dim=1).values)
 
 

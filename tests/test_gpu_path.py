@@ -1,0 +1,331 @@
+"""The GPU path of a compressed ViT, checked where it can be without a GPU (issue 13):
+
+* few kernel launches per reducing block (``experiments/count_launches.py`` on a small model, the
+  Triton kernels forced: one launch each), within the aims (tome / pitome 18, zero_tprune 35);
+* no host-device synchronisation in a compressed forward of any ViT method with a static schedule;
+* half precision stays half: no float32 copy of the hidden states (or of the attention) in a
+  bfloat16 model's compressed blocks;
+* ``torch.compile(fullgraph=True)`` with the kernels forced runs them as custom ops
+  (``torch.ops.vitcompress.*``), equals eager and does not recompile for a second batch.
+
+Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), which must be
+set before Triton is first imported: as in ``tests/test_kernels.py``, this file re-runs itself in
+a subprocess that has it when it was not (``TRITON_INTERPRET=1 python -m pytest
+tests/test_gpu_path.py -k ...`` for selections). With a GPU everything runs on it directly, and the
+no-sync test also turns on ``torch.cuda.set_sync_debug_mode("error")``.
+"""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # still in time
+
+pytest.importorskip("triton")
+
+import vitcompress  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from vitcompress.kernels import _triton_utils, dispatch  # noqa: E402
+
+from conftest import tiny_vit  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+IN_SUBPROCESS = not CUDA and not _triton_utils.interpreter_ready()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("count_launches", ROOT / "experiments" / "count_launches.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+count_launches = _load_script()
+
+#: the ViT methods with a static schedule, each at a budget that reduces in every block
+VIT_SETTINGS = [("tome", dict(r=4)), ("pitome", dict(keep=0.9)), ("zero_tprune", dict(keep=0.9))]
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter(request):
+    if IN_SUBPROCESS and request.node.originalname != "test_gpu_path_in_an_interpreted_process":
+        pytest.skip("runs in test_gpu_path_in_an_interpreted_process (TRITON_INTERPRET=1 from the start)")
+
+
+@pytest.mark.skipif(not IN_SUBPROCESS, reason="the kernels run in this process")
+def test_gpu_path_in_an_interpreted_process(request):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    if request.config.getoption("markexpr"):
+        args += ["-m", request.config.getoption("markexpr")]
+    done = subprocess.run(args, env=env, cwd=str(request.config.rootpath), capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    print(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Force a kernel backend for the test: ``kernels("triton")`` / ``kernels("torch")``."""
+    def use(choice):
+        monkeypatch.setenv("VITCOMPRESS_KERNELS", choice)
+    return use
+
+
+def test_vit_settings_cover_every_static_vit_method():
+    static = [m for m in vitcompress.list_methods("vit") if not vitcompress.describe(m)["dynamic"]]
+    assert sorted(static) == sorted(m for m, _ in VIT_SETTINGS)
+
+
+# ---------------------------------------------------------------------------- launch counts
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_launch_counts_within_the_aims(kernels, dtype):
+    """The count script's own numbers on a small ViT: an uncompressed block is about ten launches,
+    a reducing block of tome / pitome at most 18 and of zero_tprune at most 35 (Triton forced)."""
+    kernels("triton")
+    settings = [f"{m}:{k}={v}" for m, b in VIT_SETTINGS for k, v in b.items()]
+    rows = count_launches.measure("tiny", settings, device=DEVICE, dtype=dtype, batch_size=2)
+    assert [r["method"] for r in rows] == [m for m, _ in VIT_SETTINGS]
+    for r in rows:
+        assert 8 <= r["plain"] <= 12, r
+        assert len(r["reducing"]) == 4, r  # every block reduces at these budgets
+        assert r["max"] <= count_launches.AIMS[r["method"]], (r["setting"], r["per_block"], r["ops"])
+        assert r["max"] > r["plain"]
+        assert r["syncs"] == []
+        first = r["ops"]["block 1"]
+        assert any(name.startswith("triton:") for name in first), first  # the kernels did run
+
+
+def test_launch_counter_counts_what_it_should():
+    """Views and allocations are free; an aten kernel, a Triton launch and a custom op count one
+    each (the op's inside, not its dispatcher call); syncs are recorded."""
+    x = torch.randn(4, 6, device=DEVICE)
+    with count_launches.counting() as c:
+        y = x.view(24)[:5].unsqueeze(0).expand(3, 5).t()  # views
+        torch.empty(3, device=DEVICE)
+        z = x * 2 + 1  # two kernels
+    assert c.launches["other"] == 2  # mul, add
+    with count_launches.counting() as c:
+        from vitcompress.kernels import topk_triton
+        topk_triton.topk_indices(z, 2)
+        torch.ops.vitcompress.topk_indices(z, 2)
+    assert c.ops["other"]["triton:_topk_kernel"] == 2 and c.launches["other"] == 2
+    with count_launches.counting() as c:
+        y.sum().item()
+        torch.nonzero(x > 0)
+        bool(x[0, 0] > 0)
+    assert {what for _, what in c.syncs} >= {"aten::_local_scalar_dense", "aten::nonzero", "Tensor.item",
+                                             "Tensor.__bool__"}
+
+
+# ---------------------------------------------------------------------------- no host-device sync
+
+
+class _NoSync(TorchDispatchMode):
+    """Fails at the first op that waits for the device or whose output shape depends on values."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = count_launches._name(func)
+        if name in count_launches.SYNC_OPS and count_launches._Launches.depth == 0:
+            raise AssertionError(f"host-device sync in a compressed forward: {name}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("method,budget", VIT_SETTINGS + [("zero_tprune", dict(keep=0.85, order="IS")),
+                                                          ("tome", dict(r=3, trace_source=True))])
+def test_compressed_forward_never_syncs(method, budget, backend, kernels):
+    kernels(backend)
+    model = vitcompress.compress(tiny_vit(reg_tokens=2).to(DEVICE), method, **budget)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        model(x)  # warm-up (Triton compiles on the first launch on a GPU)
+        if CUDA:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with count_launches.counting(model) as c, _NoSync():
+                model(x)
+        finally:
+            if CUDA:
+                torch.cuda.set_sync_debug_mode(0)
+    assert c.syncs == [], c.syncs  # Tensor.item / tolist / bool and the syncing aten ops
+    st = vitcompress.stats(model)
+    assert st["tokens_per_layer"] == st["planned_tokens_per_layer"] and st["tokens_per_layer"][-1] < 67
+
+
+# ---------------------------------------------------------------------------- half precision
+
+
+class _Dtypes(TorchDispatchMode):
+    """Records ``(op, dtype, shape)`` of every floating tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if count_launches._Launches.depth == 0:
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    self.seen.append((count_launches._name(func), t.dtype, tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("method,budget", VIT_SETTINGS)
+def test_half_precision_stays_half(method, budget, backend, kernels):
+    """A bfloat16 model's compressed blocks keep the hidden states ``[B, N, C]`` (and the attention
+    ``[B, H, N, N]``) in bfloat16: no float32 copy of them. Sizes ``[B, N, 1]`` and scores ``[B, N]``
+    may be float32. With the kernels (the GPU path) nothing as large as the hidden states is ever
+    float32; the torch reference of PageRank converts the attention to float32 a cache-sized group
+    of heads at a time (checked separately below)."""
+    kernels(backend)
+    C = 72  # wider than any token count here, so [B, N, C] is not mistaken for a [B, T, T] score matrix
+    model = vitcompress.compress(tiny_vit(embed_dim=C).to(DEVICE, torch.bfloat16), method, **budget)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE, dtype=torch.bfloat16)
+    with torch.no_grad(), _Dtypes() as rec:
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert vitcompress.stats(model)["tokens_per_layer"][-1] < 65
+    hidden = [(op, dt, shape) for op, dt, shape in rec.seen if len(shape) == 3 and shape[-1] == C]
+    assert hidden and all(dt == torch.bfloat16 for _, dt, _ in hidden), [h for h in hidden if h[1] != torch.bfloat16]
+    attention = [(op, dt, s) for op, dt, s in rec.seen if len(s) == 4 and s[-1] == s[-2] and s[1] == 3]
+    assert all(dt == torch.bfloat16 for _, dt, _ in attention), attention
+    if backend == "triton":
+        big = 2 * 65 * C // 4
+        wide = [(op, dt, s) for op, dt, s in rec.seen if dt == torch.float32 and torch.Size(s).numel() >= big]
+        assert wide == [], wide
+
+
+def test_autocast_keeps_attention_probabilities_half():
+    """Under autocast the materialised attention (Zero-TPrune's pruning layers) stays in the
+    autocast dtype: softmax would otherwise give float32 ``[B, H, N, N]`` probabilities."""
+    from vitcompress.attention import softmax_attention
+    q, k, v = (torch.randn(2, 3, 17, 8, device=DEVICE) for _ in range(3))
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out, probs = softmax_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=0.3)
+    assert probs.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    want = ((q.bfloat16().float() * 0.3) @ k.bfloat16().float().transpose(-1, -2)).softmax(-1)
+    torch.testing.assert_close(probs.float(), want, atol=1e-2, rtol=0)
+
+
+# ---------------------------------------------------------------------------- torch.compile
+
+needs_compiler = pytest.mark.skipif(
+    not CUDA and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
+    reason="torch.compile's inductor backend needs a C++ compiler on a CPU")
+
+
+def _compile_and_compare(model, backend_name, batches):
+    """Compile with ``fullgraph=True``; returns the vitcompress ops in the graph and the largest
+    difference to eager over ``batches`` (all one shape; a recompile would raise)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "vitcompress" in str(n.target))
+        if backend_name == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+            return compile_fx(gm, example_inputs)
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    worst = 0.0
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for x in batches:
+            want = model(x)
+            tokens = vitcompress.stats(model)["tokens_per_layer"]
+            got = compiled(x)
+            assert vitcompress.stats(model)["tokens_per_layer"] == tokens
+            worst = max(worst, (got - want).abs().max().item())
+    return sorted(set(seen)), worst
+
+
+EXPECTED_OPS = {
+    "tome": {"vitcompress.bipartite_match.default", "vitcompress.rank_plan.default", "vitcompress.apply_plan.default"},
+    "pitome": {"vitcompress.energy_score.default", "vitcompress.topk_indices.default",
+               "vitcompress.bipartite_match.default", "vitcompress.rank_plan.default", "vitcompress.apply_plan.default"},
+    "zero_tprune": {"vitcompress.pagerank_scores.default", "vitcompress.topk_indices.default",
+                    "vitcompress.bipartite_match.default", "vitcompress.rank_plan.default",
+                    "vitcompress.apply_plan.default"},
+}
+
+
+def _batches(n=2):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(3, 3, 32, 32, generator=g).to(DEVICE) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method,budget", VIT_SETTINGS)
+def test_compiled_graph_calls_the_kernels(method, budget, kernels):
+    """Traced (AOT autograd, no code generation), the graph holds the kernels' custom ops, runs
+    them, equals eager and is reused for a second batch of the same shape."""
+    kernels("triton")
+    model = vitcompress.compress(tiny_vit().to(DEVICE), method, **budget)
+    ops, worst = _compile_and_compare(model, "aot_eager", _batches())
+    assert set(ops) == EXPECTED_OPS[method]
+    assert worst <= 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_graph_with_references_has_no_custom_ops(kernels):
+    kernels("torch")
+    model = vitcompress.compress(tiny_vit().to(DEVICE), "pitome", keep=0.9)
+    ops, worst = _compile_and_compare(model, "aot_eager", _batches(1))
+    assert ops == [] and worst <= 1e-5
+
+
+@needs_compiler
+@pytest.mark.parametrize("method,budget", [
+    ("pitome", dict(keep=0.9)),
+    pytest.param("tome", dict(r=4, trace_source=True), marks=pytest.mark.slow),
+    pytest.param("zero_tprune", dict(keep=0.9), marks=pytest.mark.slow)])
+def test_inductor_compiled_model_with_kernels_matches_eager(method, budget, kernels):
+    """``torch.compile(fullgraph=True)`` (inductor) of a compressed ViT with the kernels forced:
+    the kernels run as custom ops inside the compiled code, the result equals eager, and a second
+    batch of the same shape reuses the graph."""
+    kernels("triton")
+    model = vitcompress.compress(tiny_vit().to(DEVICE), method, **budget)
+    ops, worst = _compile_and_compare(model, "inductor", _batches())
+    assert EXPECTED_OPS[method] <= set(ops)
+    assert worst <= 1e-5
+
+
+class _Merge(torch.nn.Module):
+    """One ToMe step and its apply, outside any model."""
+
+    def forward(self, x):
+        from vitcompress.methods.tome import tome_matching
+        from vitcompress.tokens import TokenState, apply_plan
+        plan = tome_matching(x[:, 1:], 5, 1, class_token=True)
+        return apply_plan(x, TokenState.start(x, 1), plan, attn_bias=True)
+
+
+def test_export_keeps_standard_ops(kernels, monkeypatch):
+    """torch.export (and ONNX through it) keeps the torch references, so an exported program needs
+    no vitcompress ops to run; torch.compile gets the ops."""
+    kernels("triton")
+    x = torch.randn(2, 30, 24, device=DEVICE)
+    with torch.no_grad():
+        exported = torch.export.export(_Merge(), (x,), strict=False)
+        targets = Counter(str(n.target) for n in exported.graph.nodes if n.op == "call_function")
+        assert not any("vitcompress" in t for t in targets), targets
+        torch.testing.assert_close(exported.module()(x), _Merge()(x), atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert dispatch._pick("apply_plan", x) is dispatch.ops.OPS["apply_plan"]
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert dispatch._pick("apply_plan", x) is dispatch.reference.apply_plan

@@ -1,0 +1,70 @@
+"""``supported(model)``: which registered methods fit a model, and why the others do not.
+
+It asks what ``compress`` would ask -- the model's adapter, the method's target, the family's option
+defaults and the method's default budget planned into a schedule -- without patching anything, so
+the model is left exactly as it was. Options the user must supply (quota's ``scorer=``) are not
+asked for: they do not decide whether a method fits a model.
+"""
+from typing import Dict, Union
+
+import torch.nn as nn
+
+from . import methods as _methods
+from .adapters import find_adapter
+from .api import _defaults
+from .schedule import Budget, parse_budget
+
+
+def supported(model: nn.Module) -> Dict[str, Union[bool, str]]:
+    """Every registered method -> ``True`` when ``compress(model, method)`` (with the method's
+    default budget) fits this model, else the reason it does not, as ``compress`` would word it.
+
+    When no method fits because vitcompress does not handle the model at all, every method maps to
+    that one reason (which names the supported families, or the submodule to pass instead)::
+
+        >>> vitcompress.supported(timm.create_model("deit_small_patch16_224"))
+        {'focus_detr': 'focus_detr reduces detr models; a timm.VisionTransformer takes: pitome, tome, zero_tprune',
+         'pitome': True, 'quota': '...', 'tokencorr': '...', 'tome': True, 'zero_tprune': True}
+    """
+    names = _methods.names()
+    try:
+        adapter = find_adapter(model)
+    except (TypeError, ValueError) as err:
+        return {name: str(err) for name in names}
+    out: Dict[str, Union[bool, str]] = {}
+    for name in names:
+        spec = _methods.get(name)
+        if spec.target not in adapter.targets:
+            continue
+        # The method's defaults for this family, not validated: an option the user must give (quota's
+        # scorer=) says nothing about whether the method fits the model.
+        options = dict(_defaults(spec), **spec.family_defaults.get(adapter.variant, {}))
+        budget = parse_budget(spec)
+        try:
+            adapter.make_runtime(spec, dict(options), budget)  # plans the default budget; patches nothing
+        except (TypeError, ValueError) as err:
+            out[name] = _budget_reason(adapter, spec, options, budget, err)
+        else:
+            out[name] = True
+    fits = ", ".join(n for n, ok in out.items() if ok is True) or "none of the registered methods"
+    for name in names:
+        spec = _methods.get(name)
+        if spec.target not in adapter.targets:
+            out[name] = f"{name} reduces {spec.target} models; a {adapter.family} takes: {fits}"
+    return {name: out[name] for name in names}
+
+
+def _budget_reason(adapter, spec, options, budget, err: Exception) -> str:
+    """Why ``spec`` does not fit: the error, said to be its default budget's when keeping every
+    token would have worked."""
+    if budget.kind == "keep" and budget.value == 1.0:
+        return str(err)
+    try:
+        adapter.make_runtime(spec, dict(options), Budget("keep", 1.0))
+    except (TypeError, ValueError):
+        return str(err)
+    return (f"{spec.name} fits this model but not with its default budget {budget.describe()}: {err}. "
+            f"Give compress a budget this model allows (keep=, r= or flops=)")
+
+
+__all__ = ["supported"]
