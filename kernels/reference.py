@@ -22,6 +22,8 @@ def _float32(t: torch.Tensor):
         enabled = torch.is_autocast_enabled(device)
     except TypeError:  # torch < 2.4 takes no device type
         enabled = torch.is_autocast_enabled() if device == "cuda" else torch.is_autocast_cpu_enabled()
+    except RuntimeError:  # a device without autocast (meta: shape-only forwards)
+        enabled = False
     return torch.autocast(device, enabled=False) if enabled else contextlib.nullcontext()
 
 

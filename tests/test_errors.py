@@ -141,3 +141,9 @@ def test_describe_reports_defaults_and_family_defaults():
     assert vitcompress.describe("zero_tprune")["default_budget"] == {"flops": 0.653}
     with pytest.raises(ValueError, match="unknown method"):
         vitcompress.describe("nope")
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome", "zero_tprune"])
+def test_a_forward_on_the_meta_device_gives_the_shapes(method):
+    model = vitcompress.compress(tiny_vit(), method, keep=0.8).to("meta")
+    assert model(torch.randn(2, 3, 32, 32, device="meta")).shape == (2, 10)
