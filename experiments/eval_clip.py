@@ -24,6 +24,12 @@ Data (give either or both):
 The text tower is untouched by ``vitcompress.compress``, so text embeddings are computed once and
 shared by both rows. GFLOPs (fvcore, batch 1) and images/s (median of ``--runs`` timed batches)
 are those of the image tower, ``model.visual``.
+
+On several devices (or nodes) launch it with torchrun: each rank encodes its own shard of the
+images and captions; rank 0 sums the zero-shot hits, gathers the embeddings for retrieval and
+prints (images/s: the sum over the ranks, and per rank):
+
+    torchrun --nproc_per_node 8 experiments/eval_clip.py --model ViT-B-32 --pretrained ... --data-dir ...
 """
 import argparse
 import copy
@@ -31,14 +37,15 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import vitcompress
-from vitcompress.evaluate import accuracy, autocast
+from vitcompress import distributed
+from vitcompress.evaluate import autocast, hit_counts, rates, throughput_over_ranks
 from vitcompress.settings import BUDGET_KEYS, describe, parse_setting
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
@@ -165,10 +172,11 @@ def encode_texts(model, tokenizer, texts: Sequence[str], device, batch_size: int
     return F.normalize(torch.cat(feats), dim=-1)
 
 
-def encode_images(model, loader, device, amp: bool, progress: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def encode_images(model, loader, device, amp: bool, progress: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Normalised image embeddings and the loader's labels (a progress bar unless ``progress`` is None)."""
     feats, labels = [], []
     with torch.inference_mode():
-        for x, y in tqdm(loader, desc=progress, leave=False):
+        for x, y in tqdm(loader, desc=progress, disable=progress is None, leave=False):
             with autocast(device, amp):
                 feats.append(model.encode_image(x.to(device, non_blocking=True)).float())
             labels.append(y)
@@ -192,59 +200,77 @@ def class_names(dataset, path=None) -> List[str]:
     return names
 
 
-def evaluate(args) -> List[Dict]:
+def evaluate(args, ctx: distributed.Context) -> Optional[List[Dict]]:
+    """The rows on rank 0 (None on the other ranks): each rank encodes its shard of the images and
+    captions; zero-shot hits are summed and image / caption embeddings gathered for retrieval."""
     from torchvision.datasets import ImageFolder
 
-    device = torch.device(args.device)
-    model, preprocess, tokenizer = load_model(args)
-    model.to(device)
-    models = {"uncompressed": model}
-    rows = [{"model": "uncompressed", "setting": ""}]
-    if args.method:
-        budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
-        options = {}
-        for opt in args.opt:  # one KEY=VALUE each, so list values keep their commas
-            options.update(parse_setting(f"{args.method}:{opt}")[1])
-        clash = sorted(set(options) & set(BUDGET_KEYS))
-        if clash:
-            raise SystemExit(f"--opt {', '.join(clash)}=...: give budgets as --keep / --r / --flops")
-        models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget, **options)
-        rows.append({"model": args.method, "setting": describe(dict(budget, **options))})
+    device = ctx.device
+    with ctx.step("loading the model"):
+        model, preprocess, tokenizer = load_model(args)
+        model.to(device)
+        models = {"uncompressed": model}
+        rows = [{"model": "uncompressed", "setting": ""}]
+        if args.method:
+            budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
+            options = {}
+            for opt in args.opt:  # one KEY=VALUE each, so list values keep their commas
+                options.update(parse_setting(f"{args.method}:{opt}")[1])
+            clash = sorted(set(options) & set(BUDGET_KEYS))
+            if clash:
+                raise SystemExit(f"--opt {', '.join(clash)}=...: give budgets as --keep / --r / --flops")
+            models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget, **options)
+            rows.append({"model": args.method, "setting": describe(dict(budget, **options))})
 
-    def loader(dataset):
-        return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                                           num_workers=args.workers)
+    def loader(dataset):  # this rank's shard, the same for every model
+        return torch.utils.data.DataLoader(distributed.shard(dataset, ctx), batch_size=args.batch_size,
+                                           shuffle=False, num_workers=args.workers)
+
+    # Scores of one model's image embeddings (and labels) on this rank's shard: collectives, so
+    # called by every rank; the metrics on rank 0, None on the others.
+    def zero_shot(feats, labels):
+        top = (feats @ weights.T).topk(min(5, weights.shape[0]), dim=-1).indices.cpu()
+        total = distributed.sum_counts(hit_counts(top, labels), ctx)
+        return total and {f"zeroshot_{k}": v for k, v in rates(total).items()}
+
+    def retrieval(feats, index):  # an image's label is its position in the caption file's image list
+        image_feats = distributed.gather_rows(feats, index, len(paths), ctx)
+        return None if image_feats is None else recall_at_k((image_feats @ text_feats.T).cpu(), owner)
 
     tasks = []
-    if args.data_dir:
-        dataset = ImageFolder(args.data_dir, transform=preprocess)
-        templates = args.template or DEFAULT_TEMPLATES
-        weights = zero_shot_weights(model, tokenizer, class_names(dataset, args.classnames), templates, device,
-                                    args.batch_size, args.amp)
-
-        def zero_shot(feats, labels):
-            top = (feats @ weights.T).topk(min(5, weights.shape[0]), dim=-1).indices.cpu()
-            return {f"zeroshot_{k}": v for k, v in accuracy(top, labels).items()}
-        tasks.append(("zero-shot", loader(dataset), zero_shot))
+    with ctx.step("reading the data"):
+        if args.data_dir:
+            dataset = ImageFolder(args.data_dir, transform=preprocess)
+            templates = args.template or DEFAULT_TEMPLATES
+            weights = zero_shot_weights(model, tokenizer, class_names(dataset, args.classnames), templates, device,
+                                        args.batch_size, args.amp)
+            tasks.append(("zero-shot", loader(dataset), zero_shot))
+        if args.captions:
+            paths, captions, owner = read_captions(args.captions, args.images)
+            tasks.append(("retrieval", loader(ImageFiles(paths, preprocess)), retrieval))
+            mine = torch.tensor(distributed.shard_indices(len(captions), ctx.rank, ctx.world_size))
+            text_feats = encode_texts(model, tokenizer, [captions[i] for i in mine], device, args.batch_size,
+                                      args.amp)
+        sample = next(iter(tasks[0][1]))[0].to(device)
     if args.captions:
-        paths, captions, owner = read_captions(args.captions, args.images)
-        text_feats = encode_texts(model, tokenizer, captions, device, args.batch_size, args.amp)
-        tasks.append(("retrieval", loader(ImageFiles(paths, preprocess)),
-                      lambda feats, _: recall_at_k((feats @ text_feats.T).cpu(), owner)))
+        text_feats = distributed.gather_rows(text_feats, mine, len(captions), ctx)
 
-    sample = next(iter(tasks[0][1]))[0].to(device)
     for row, (name, m) in zip(rows, models.items()):
         for task, data, score in tasks:
-            row.update(score(*encode_images(m, data, device, args.amp, f"{name} {task}")))
-        row["gflops"] = vitcompress.count_flops(m.visual, sample[:1]) / 1e9
+            with ctx.step(f"encoding the {task} images with {name}"):
+                feats, labels = encode_images(m, data, device, args.amp, f"{name} {task}" if ctx.is_main else None)
+            row.update(score(feats, labels) or {})
+        with ctx.step(f"counting the FLOPs of {name}"):
+            row["gflops"] = vitcompress.count_flops(m.visual, sample[:1]) / 1e9
         if name != "uncompressed":
             row["tokens_per_layer"] = vitcompress.stats(m)["tokens_per_layer"]
-    with autocast(device, args.amp):
+    ctx.barrier()  # the ranks time at the same moment, so their images/s add up
+    with ctx.step("timing the image towers"), autocast(device, args.amp):
         speed = vitcompress.compare_speed({n: m.visual for n, m in models.items()}, sample, runs=args.runs,
                                           latency=False, memory=False)
     for row, name in zip(rows, models):
-        row["images_per_s"] = speed[name]["throughput"]
-    return rows
+        row.update(throughput_over_ranks(speed[name]["throughput"], ctx) or {})
+    return rows if ctx.is_main else None
 
 
 def format_table(rows: List[Dict]) -> str:
@@ -264,7 +290,13 @@ def format_table(rows: List[Dict]) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    rows = evaluate(args)
+    try:
+        with distributed.session(args.device) as ctx:
+            rows = evaluate(args, ctx)
+    except distributed.RankFailed as err:  # another rank's error, which names the rank
+        sys.exit(str(err))
+    if rows is None:  # not rank 0
+        return 0
     print(format_table(rows))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -13,18 +13,27 @@ fvcore's count of the encoder alone (scoring and dual attention included), avera
 first ``--flops-images`` images, each at its own size (batch 1, no padding). images/s: the whole
 detector on the first batch (padding included), the models timed interleaved
 (``vitcompress.compare_speed``, median of ``--runs``).
+
+On several devices (or nodes) launch it with torchrun: each rank detects on its own shard of the
+images and rank 0 scores every detection (images/s: the sum over the ranks, and per rank):
+
+    torchrun --nproc_per_node 8 experiments/eval_coco.py --model facebook/detr-resnet-50 --pretrained ...
 """
 import argparse
 import copy
 import functools
+import json
 import statistics
+import sys
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
 import vitcompress
+from vitcompress import distributed
 from vitcompress.coco import CocoDetection, bbox_ap, check_labels, detections, load_detr, loader
-from vitcompress.evaluate import autocast
+from vitcompress.evaluate import autocast, gather_detections, throughput_over_ranks
 from vitcompress.profile.detr import count_encoder_flops
 
 
@@ -52,57 +61,92 @@ def parse_args(argv=None):
     ap.add_argument("--no-baseline", action="store_true", help="evaluate the compressed model only")
     ap.add_argument("--runs", type=int, default=5, help="timed runs for images/s")
     ap.add_argument("--flops-images", type=int, default=4, help="images the encoder GFLOPs are averaged over")
+    ap.add_argument("--json", help="write the result rows (a JSON list) to this file")
     return ap.parse_args(argv)
 
 
-def predict(model, batches, device, amp, progress):
-    """COCO result dicts for every image of ``batches``."""
+def predict(model, batches, device, amp, progress: Optional[str]):
+    """COCO result dicts for every image of ``batches`` (a progress bar unless ``progress`` is None)."""
     results = []
     with torch.inference_mode():
-        for pixel_values, pixel_mask, targets in tqdm(batches, desc=progress, leave=False):
+        for pixel_values, pixel_mask, targets in tqdm(batches, desc=progress, disable=progress is None, leave=False):
             with autocast(device, amp):
                 out = model(pixel_values=pixel_values.to(device), pixel_mask=pixel_mask.to(device))
             results += detections(out.logits.cpu(), out.pred_boxes.cpu(), targets)
     return results
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    model = load_detr(args.model, args.pretrained, args.config, args.checkpoint).to(device)
-    dataset = CocoDetection(args.data_dir, args.annotations, args.size, args.max_size, args.max_images)
-    check_labels(dataset.coco, model.config.num_labels)
-    batches = loader(dataset, args.batch_size, args.workers)
+def evaluate(args, ctx: distributed.Context):
+    """One row per model on rank 0 (None on the others): every rank detects on its shard of the
+    images, rank 0 scores all detections (gathered in dataset order) against the annotations."""
+    device = ctx.device
+    with ctx.step("loading the model and the images"):
+        model = load_detr(args.model, args.pretrained, args.config, args.checkpoint).to(device)
+        dataset = CocoDetection(args.data_dir, args.annotations, args.size, args.max_size, args.max_images)
+        check_labels(dataset.coco, model.config.num_labels)
+        batches = loader(distributed.shard(dataset, ctx), args.batch_size, args.workers)  # the same for every model
 
-    options = {k: v for k, v in (("scorer", args.scorer), ("scorer_path", args.scorer_path),
-                                 ("dual_k", args.dual_k)) if v is not None}
-    compressed = vitcompress.compress(copy.deepcopy(model), args.method, keep=args.keep, **options)
-    label = f"{args.method} {vitcompress.stats(compressed)['budget']}"
-    models = {label: compressed} if args.no_baseline else {"uncompressed": model, label: compressed}
+        options = {k: v for k, v in (("scorer", args.scorer), ("scorer_path", args.scorer_path),
+                                     ("dual_k", args.dual_k)) if v is not None}
+        compressed = vitcompress.compress(copy.deepcopy(model), args.method, keep=args.keep, **options)
+        label = f"{args.method} {vitcompress.stats(compressed)['budget']}"
+        models = {label: compressed} if args.no_baseline else {"uncompressed": model, label: compressed}
 
-    pixel_values, pixel_mask, _ = next(iter(batches))
-    pixel_values, pixel_mask = pixel_values.to(device), pixel_mask.to(device)
-    timed = {name: functools.partial(m, pixel_mask=pixel_mask) for name, m in models.items()}
-    with autocast(device, args.amp):
+        pixel_values, pixel_mask, _ = next(iter(batches))
+        pixel_values, pixel_mask = pixel_values.to(device), pixel_mask.to(device)
+        timed = {name: functools.partial(m, pixel_mask=pixel_mask) for name, m in models.items()}
+    ctx.barrier()  # the ranks time at the same moment, so their images/s add up
+    with ctx.step("timing the models"), autocast(device, args.amp):
         speed = vitcompress.compare_speed(timed, pixel_values, runs=args.runs, latency=False, memory=False)
-    flops_images = [dataset[i][0][None].to(device) for i in range(min(args.flops_images, len(dataset)))]
 
     rows = []
+    images_per_rank = ctx.gather(len(batches.dataset))
     for name, m in models.items():
-        row = dict(bbox_ap(dataset.coco, predict(m, batches, device, args.amp, name), dataset.ids), model=name)
-        if m is compressed:
-            row["tokens_per_layer"] = vitcompress.stats(m)["tokens_per_layer"]
-        row["encoder_gflops"] = statistics.mean(count_encoder_flops(m, x) for x in flops_images) / 1e9
-        row["images_per_s"] = speed[name]["throughput"]
-        rows.append(row)
+        with ctx.step(f"detecting with {name}"):
+            results = predict(m, batches, device, args.amp, name if ctx.is_main else None)
+        results = gather_detections(results, dataset.ids, ctx)
+        throughput = throughput_over_ranks(speed[name]["throughput"], ctx)
+        with ctx.step(f"scoring {name}"):  # rank 0's work, but a failure there must stop the others too
+            if ctx.is_main:
+                row = dict(bbox_ap(dataset.coco, results, dataset.ids), model=name, images=len(dataset),
+                           images_per_rank=images_per_rank)
+                if m is compressed:
+                    row["tokens_per_layer"] = vitcompress.stats(m)["tokens_per_layer"]
+                flops_images = [dataset[i][0][None].to(device) for i in range(min(args.flops_images, len(dataset)))]
+                row["encoder_gflops"] = statistics.mean(count_encoder_flops(m, x) for x in flops_images) / 1e9
+                rows.append(dict(row, **throughput))
+    return rows if ctx.is_main else None
 
-    base = None if args.no_baseline else rows[0]["encoder_gflops"]
-    print(f"{'model':<24}{'AP':>7}{'AP50':>7}{'AP75':>7}{'enc GFLOPs':>12}{'% base':>8}{'img/s':>8}")
+
+def format_table(rows, no_baseline: bool) -> str:
+    base = None if no_baseline else rows[0]["encoder_gflops"]
+    lines = [f"{'model':<24}{'AP':>7}{'AP50':>7}{'AP75':>7}{'enc GFLOPs':>12}{'% base':>8}{'img/s':>8}"]
     for row in rows:
         share = "-" if base is None else f"{100 * row['encoder_gflops'] / base:.1f}%"
-        print(f"{row['model']:<24}{100 * row['AP']:>7.1f}{100 * row['AP50']:>7.1f}{100 * row['AP75']:>7.1f}"
-              f"{row['encoder_gflops']:>12.3f}{share:>8}{row['images_per_s']:>8.1f}")
-    print(f"tokens per encoder layer (last batch, {label}): {rows[-1]['tokens_per_layer']}")
+        lines.append(f"{row['model']:<24}{100 * row['AP']:>7.1f}{100 * row['AP50']:>7.1f}{100 * row['AP75']:>7.1f}"
+                     f"{row['encoder_gflops']:>12.3f}{share:>8}{row['images_per_s']:>8.1f}")
+    lines.append(f"tokens per encoder layer (last batch, {rows[-1]['model']}): {rows[-1]['tokens_per_layer']}")
+    per_rank = rows[0]["images_per_rank"]
+    if len(per_rank) > 1:
+        lines.append(f"{rows[0]['images']} images on {len(per_rank)} ranks ({' + '.join(map(str, per_rank))}); "
+                     "img/s is the sum over the ranks, per rank:")
+        lines += [f"  {r['model']}: {', '.join(f'{v:.1f}' for v in r['images_per_s_per_rank'])}" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """The rows on rank 0 (printed, and written to ``--json``); None on the other ranks."""
+    args = parse_args(argv)
+    try:
+        with distributed.session(args.device) as ctx:
+            rows = evaluate(args, ctx)
+    except distributed.RankFailed as err:  # another rank's error, which names the rank
+        sys.exit(str(err))
+    if rows is not None:
+        print(format_table(rows, args.no_baseline))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(rows, f, indent=2)
     return rows
 
 

@@ -5,16 +5,23 @@
 
 ``--data-dir`` is an ImageFolder (one sub-folder per class, sorted like the model's classes).
 Without ``--method`` the uncompressed model is evaluated; with it, both are, side by side.
+
+On several devices (or nodes) launch it with torchrun; each rank evaluates its own shard of the
+images, rank 0 prints the totals (and images/s summed over the ranks, and per rank):
+
+    torchrun --nproc_per_node 8 experiments/eval_imagenet.py --model deit_small_patch16_224 ...
 """
 import argparse
 import copy
+import json
 import sys
 
 import torch
 
 import vitcompress
 import vitcompress.models
-from vitcompress.evaluate import accuracy, autocast, imagefolder_loader, predict
+from vitcompress import distributed
+from vitcompress.evaluate import autocast, hit_counts, imagefolder_loader, predict, rates, throughput_over_ranks
 
 
 def parse_args(argv=None):
@@ -37,6 +44,7 @@ def parse_args(argv=None):
     ap.add_argument("--runs", type=int, default=5, help="timed runs for images/s")
     ap.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="evaluate and time torch.compile'd models (backend: inductor)")
+    ap.add_argument("--json", help="write the result rows (a JSON list) to this file")
     return ap.parse_args(argv)
 
 
@@ -46,31 +54,75 @@ def load_model(args):
                                          num_classes=args.num_classes, num_images=0).model
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    try:
-        model = load_model(args).to(device)
-    except (ValueError, OSError) as err:  # unknown name, hub unreachable, bad checkpoint: the message says the fix
-        sys.exit(f"eval_imagenet: {err}")
-    models = {"uncompressed": model}
-    if args.method:
-        budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
-        models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget)
-    loader = imagefolder_loader(args.data_dir, model, args.batch_size, args.workers, args.max_images,
-                                reference_model=args.model == "reference")
-    sample = next(iter(loader))[0].to(device)
+def evaluate(args, ctx: distributed.Context):
+    """One row per model on rank 0 (None on the others): accuracy over every rank's shard, GFLOPs,
+    images/s summed over the ranks (timed together) and per rank."""
+    device = ctx.device
+    with ctx.step("loading the model"):
+        try:
+            model = load_model(args).to(device)
+        except (ValueError, OSError) as err:  # unknown name, hub unreachable, bad checkpoint: the message says the fix
+            sys.exit(f"eval_imagenet: {err}")
+        models = {"uncompressed": model}
+        if args.method:
+            budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
+            models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget)
+    with ctx.step("reading the images"):
+        try:  # every rank its own shard, the same for every model
+            loader = imagefolder_loader(args.data_dir, model, args.batch_size, args.workers, args.max_images,
+                                        reference_model=args.model == "reference", ctx=ctx)
+            sample = next(iter(loader))[0].to(device)
+        except (ValueError, OSError) as err:  # no such folder, no class folders, fewer images than ranks
+            sys.exit(f"eval_imagenet: {err}")
     runnable = {name: torch.compile(m, backend=args.torchcompile) if args.torchcompile else m
                 for name, m in models.items()}
-    with autocast(device, args.amp):
+    ctx.barrier()  # the ranks time at the same moment, so their images/s add up
+    with ctx.step("timing the models"), autocast(device, args.amp):
         speed = vitcompress.compare_speed(runnable, sample, runs=args.runs, latency=False, memory=False)
-    print(f"{'model':<16}{'top-1':>8}{'top-5':>8}{'GFLOPs':>9}{'img/s':>9}")
+    rows = []
     for name, m in models.items():
-        acc = accuracy(*predict(runnable[name], loader, device, amp=args.amp, progress=name))
-        gflops = vitcompress.count_flops(m, sample[:1]) / 1e9
-        print(f"{name:<16}{100 * acc['top1']:>7.2f}%{100 * acc['top5']:>7.2f}%{gflops:>9.3f}{speed[name]['throughput']:>9.1f}")
-        if name != "uncompressed":
-            print(f"  tokens per layer: {vitcompress.stats(m)['tokens_per_layer']}")
+        with ctx.step(f"evaluating {name}"):
+            counts = hit_counts(*predict(runnable[name], loader, device, amp=args.amp,
+                                         progress=name if ctx.is_main else None))
+            gflops = vitcompress.count_flops(m, sample[:1]) / 1e9
+        total, per_rank = distributed.sum_counts(counts, ctx), ctx.gather(counts["images"])
+        throughput = throughput_over_ranks(speed[name]["throughput"], ctx)
+        if ctx.is_main:
+            row = dict(model=name, **rates(total), images=total["images"], images_per_rank=per_rank,
+                       gflops=gflops, **throughput)
+            if name != "uncompressed":
+                row["tokens_per_layer"] = vitcompress.stats(m)["tokens_per_layer"]
+            rows.append(row)
+    return rows if ctx.is_main else None
+
+
+def format_table(rows) -> str:
+    lines = [f"{'model':<16}{'top-1':>8}{'top-5':>8}{'GFLOPs':>9}{'img/s':>9}"]
+    for r in rows:
+        lines.append(f"{r['model']:<16}{100 * r['top1']:>7.2f}%{100 * r['top5']:>7.2f}%{r['gflops']:>9.3f}"
+                     f"{r['images_per_s']:>9.1f}")
+        if "tokens_per_layer" in r:
+            lines.append(f"  tokens per layer: {r['tokens_per_layer']}")
+    per_rank = rows[0]["images_per_rank"]
+    if len(per_rank) > 1:
+        lines.append(f"{rows[0]['images']} images on {len(per_rank)} ranks ({' + '.join(map(str, per_rank))}); "
+                     "img/s is the sum over the ranks, per rank:")
+        lines += [f"  {r['model']}: {', '.join(f'{v:.1f}' for v in r['images_per_s_per_rank'])}" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        with distributed.session(args.device) as ctx:
+            rows = evaluate(args, ctx)
+    except distributed.RankFailed as err:  # another rank's error, which names the rank
+        sys.exit(str(err))
+    if rows is not None:
+        print(format_table(rows))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(rows, f, indent=2)
     return 0
 
 
