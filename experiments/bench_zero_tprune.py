@@ -130,6 +130,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--flops", type=float, default=0.653, help="target fraction of the uncompressed FLOPs")
+    p.add_argument("--s-ratio", type=float, default=None,
+                   help="zero_tprune's s_ratio (default: the library's, 1.0; 0.5 = the even split of 0.2.0)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--warmup", type=int, default=2)
@@ -159,7 +161,8 @@ def main(argv=None):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     base = timm.create_model(args.model, img_size=args.img_size).eval()
-    pruned = vitcompress.compress(copy.deepcopy(base), "zero_tprune", flops=args.flops)
+    options = {} if args.s_ratio is None else {"s_ratio": args.s_ratio}
+    pruned = vitcompress.compress(copy.deepcopy(base), "zero_tprune", flops=args.flops, **options)
     one = torch.randn(1, 3, args.img_size, args.img_size)
     base_flops, pruned_flops = count_flops(base, one), count_flops(pruned, one)
     st = vitcompress.stats(pruned)
