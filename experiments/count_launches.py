@@ -224,16 +224,11 @@ def per_block(model, x):
     return [c.launches.get(f"block {i}", 0) for i in range(depth)], c
 
 
-def parse_setting(text: str):
-    method, _, budget = text.partition(":")
-    key, _, value = budget.partition("=")
-    return method, {key: (int(value) if value.isdigit() else float(value))} if key else {}
-
-
 def measure(model_name: str, settings, device="cpu", dtype="float32", batch_size=2):
     """Rows ``{method, setting, plain, reducing (list), mean, max, aim, syncs, ops}`` for ``settings``."""
     import torch
     import vitcompress
+    from vitcompress.settings import parse_setting
     dt = getattr(torch, dtype)
     model = make_model(model_name).to(device, dt)
     size = model.patch_embed.img_size
@@ -242,7 +237,7 @@ def measure(model_name: str, settings, device="cpu", dtype="float32", batch_size
     plain = sorted(plain)[len(plain) // 2]  # the median block
     rows = []
     for text in settings:
-        method, budget = parse_setting(text)
+        method, budget = parse_setting(text)  # method:budget[,option=value...]
         vitcompress.compress(model, method, **budget)
         counts, c = per_block(model, x)
         reducing = [n for i, n in enumerate(counts) if _reduces(model, i)]
@@ -261,8 +256,9 @@ def _reduces(model, layer: int) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("settings", nargs="*", help=f"method:budget (default {' '.join(DEFAULT_SETTINGS)} on the tiny "
-                                                f"model, {' '.join(DEEP_SETTINGS)} otherwise)")
+    ap.add_argument("settings", nargs="*", help=f"method:budget[,option=value...] (default "
+                                                f"{' '.join(DEFAULT_SETTINGS)} on the tiny model, "
+                                                f"{' '.join(DEEP_SETTINGS)} otherwise)")
     ap.add_argument("--model", default="tiny", help="'tiny' (64 patches, 4 blocks) or a timm model name")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -284,13 +280,14 @@ def main(argv=None) -> int:
     print(f"launches per block: {args.model}, batch {args.batch_size}, {args.dtype}, {args.device}, "
           f"VITCOMPRESS_KERNELS={os.environ.get('VITCOMPRESS_KERNELS', 'auto')}"
           + (", TRITON_INTERPRET=1" if os.environ.get("TRITON_INTERPRET") == "1" else "") + f", torch {torch.__version__}")
-    print(f"{'setting':26s} {'plain block':>11s} {'reducing: mean':>14s} {'max':>5s} {'aim':>5s}  {'syncs':>5s}  "
+    w = max(26, *(len(r["setting"]) for r in rows))
+    print(f"{'setting':{w}s} {'plain block':>11s} {'reducing: mean':>14s} {'max':>5s} {'aim':>5s}  {'syncs':>5s}  "
           "per block")
     failed = False
     for r in rows:
         ok = r["aim"] is None or r["max"] <= r["aim"]
         failed |= not ok or bool(r["syncs"])
-        print(f"{r['setting']:26s} {r['plain']:11d} {r['mean']:14.1f} {r['max']:5d} {str(r['aim'] or '-'):>5s}  "
+        print(f"{r['setting']:{w}s} {r['plain']:11d} {r['mean']:14.1f} {r['max']:5d} {str(r['aim'] or '-'):>5s}  "
               f"{len(r['syncs']):5d}  {r['per_block']}" + ("" if ok else "  ABOVE AIM"))
         if args.ops:
             first = next(i for i, n in enumerate(r["per_block"]) if n in r["reducing"])

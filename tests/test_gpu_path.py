@@ -2,11 +2,13 @@
 
 * few kernel launches per reducing block (``experiments/count_launches.py`` on a small model, the
   Triton kernels forced: one launch each), within the aims (tome / pitome 18, zero_tprune 35);
-* no host-device synchronisation in a compressed forward of any ViT method with a static schedule;
+* no host-device synchronisation in a compressed forward of any ViT method with a static schedule
+  (a sync is also what CUDA-graph capture refuses);
 * half precision stays half: no float32 copy of the hidden states (or of the attention) in a
-  bfloat16 model's compressed blocks;
-* ``torch.compile(fullgraph=True)`` with the kernels forced runs them as custom ops
-  (``torch.ops.vitcompress.*``), equals eager and does not recompile for a second batch.
+  float16 / bfloat16 model's compressed blocks;
+* the custom ops (``torch.ops.vitcompress.*``) pass ``torch.library.opcheck`` (schema, fake
+  implementation, AOT dispatch), and ``torch.compile(fullgraph=True)`` with the kernels forced
+  runs them, equals eager and does not recompile for a second batch.
 
 Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``), which must be
 set before Triton is first imported: as in ``tests/test_kernels.py``, this file re-runs itself in
@@ -17,7 +19,6 @@ no-sync test also turns on ``torch.cuda.set_sync_debug_mode("error")``.
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -35,7 +36,7 @@ import vitcompress  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from vitcompress.kernels import _triton_utils, dispatch  # noqa: E402
 
-from conftest import tiny_vit  # noqa: E402
+from conftest import INTERPRETED_SELECTIONS, run_interpreted, tiny_vit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_SUBPROCESS = not CUDA and not _triton_utils.interpreter_ready()
@@ -62,15 +63,9 @@ def _needs_interpreter(request):
 
 
 @pytest.mark.skipif(not IN_SUBPROCESS, reason="the kernels run in this process")
-def test_gpu_path_in_an_interpreted_process(request):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    if request.config.getoption("markexpr"):
-        args += ["-m", request.config.getoption("markexpr")]
-    done = subprocess.run(args, env=env, cwd=str(request.config.rootpath), capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    print(done.stdout.strip().splitlines()[-1])
+@pytest.mark.parametrize("selection", INTERPRETED_SELECTIONS)
+def test_gpu_path_in_an_interpreted_process(request, selection):
+    run_interpreted(request, __file__, selection)
 
 
 @pytest.fixture
@@ -89,7 +84,7 @@ def test_vit_settings_cover_every_static_vit_method():
 # ---------------------------------------------------------------------------- launch counts
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_launch_counts_within_the_aims(kernels, dtype):
     """The count script's own numbers on a small ViT: an uncompressed block is about ten launches,
     a reducing block of tome / pitome at most 18 and of zero_tprune at most 35 (Triton forced)."""
@@ -142,16 +137,21 @@ class _NoSync(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("method,budget", VIT_SETTINGS + [("zero_tprune", dict(keep=0.85, order="IS")),
-                                                          ("tome", dict(r=3, trace_source=True))])
+@pytest.mark.parametrize("method,budget,backend", [
+    *((m, b, k) for m, b in VIT_SETTINGS for k in ("triton", "torch")),
+    ("zero_tprune", dict(keep=0.85, order="IS"), "triton"), ("tome", dict(r=3, trace_source=True), "triton"),
+    *(pytest.param(m, b, "torch", marks=pytest.mark.slow)
+      for m, b in (("zero_tprune", dict(keep=0.85, order="IS")), ("tome", dict(r=3, trace_source=True))))])
 def test_compressed_forward_never_syncs(method, budget, backend, kernels):
+    """Every ViT method with a static schedule, on the kernels (the GPU path) and on the torch
+    references (which "auto" still picks on a GPU for a few shapes): no op that waits for the
+    device, no host read of a tensor value."""
     kernels(backend)
-    model = vitcompress.compress(tiny_vit(reg_tokens=2).to(DEVICE), method, **budget)
+    model = vitcompress.compress(tiny_vit(depth=2, reg_tokens=2).to(DEVICE), method, **budget)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
-        model(x)  # warm-up (Triton compiles on the first launch on a GPU)
         if CUDA:
+            model(x)  # warm-up: Triton compiles on the first launch on a GPU
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
@@ -184,26 +184,35 @@ class _Dtypes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("method,budget", VIT_SETTINGS)
-def test_half_precision_stays_half(method, budget, backend, kernels):
-    """A bfloat16 model's compressed blocks keep the hidden states ``[B, N, C]`` (and the attention
-    ``[B, H, N, N]``) in bfloat16: no float32 copy of them. Sizes ``[B, N, 1]`` and scores ``[B, N]``
-    may be float32. With the kernels (the GPU path) nothing as large as the hidden states is ever
-    float32; the torch reference of PageRank converts the attention to float32 a cache-sized group
-    of heads at a time (checked separately below)."""
+HALF_CASES = [
+    *((m, b, torch.float16, "triton") for m, b in VIT_SETTINGS),
+    *((m, b, torch.bfloat16, "torch") for m, b in VIT_SETTINGS),
+    *(pytest.param(m, b, d, k, marks=pytest.mark.slow)
+      for m, b in VIT_SETTINGS for d, k in ((torch.bfloat16, "triton"), (torch.float16, "torch")))]
+
+
+@pytest.mark.parametrize("method,budget,dtype,backend", HALF_CASES)
+def test_half_precision_stays_half(method, budget, dtype, backend, kernels):
+    """A half-precision model's compressed blocks keep the hidden states in that dtype: no op
+    returns a float32 tensor as wide as the hidden states (``[B, N, C]``, nor their ``[B * N, C]``
+    / ``[B, N, 3C]`` / ``[B, N, 4C]`` forms in the projections and the MLP), and the attention
+    probabilities ``[B, H, N, N]`` stay half. Sizes ``[B, N, 1]`` and scores ``[B, N]`` may be
+    float32, as may the keys' similarity (``[B, N, C / H]``). With the kernels (the GPU path)
+    nothing as large as the hidden states is float32 at all; the torch reference of PageRank
+    (the CPU's, and the GPU's for graphs above 256 tokens) reads the attention in float32."""
     kernels(backend)
     C = 72  # wider than any token count here, so [B, N, C] is not mistaken for a [B, T, T] score matrix
-    model = vitcompress.compress(tiny_vit(embed_dim=C).to(DEVICE, torch.bfloat16), method, **budget)
-    x = torch.randn(2, 3, 32, 32, device=DEVICE, dtype=torch.bfloat16)
+    model = vitcompress.compress(tiny_vit(embed_dim=C, depth=2).to(DEVICE, dtype), method, **budget)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE, dtype=dtype)
     with torch.no_grad(), _Dtypes() as rec:
         out = model(x)
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
     assert vitcompress.stats(model)["tokens_per_layer"][-1] < 65
-    hidden = [(op, dt, shape) for op, dt, shape in rec.seen if len(shape) == 3 and shape[-1] == C]
-    assert hidden and all(dt == torch.bfloat16 for _, dt, _ in hidden), [h for h in hidden if h[1] != torch.bfloat16]
-    attention = [(op, dt, s) for op, dt, s in rec.seen if len(s) == 4 and s[-1] == s[-2] and s[1] == 3]
-    assert all(dt == torch.bfloat16 for _, dt, _ in attention), attention
+    hidden = [(op, dt, shape) for op, dt, shape in rec.seen if shape and shape[-1] in (C, 3 * C, 4 * C)]
+    assert len(hidden) > 10 and all(dt == dtype for _, dt, _ in hidden), [h for h in hidden if h[1] != dtype]
+    attention = [(op, dt, s) for op, dt, s in rec.seen if len(s) == 4 and s[-1] == s[-2] > 1 and s[1] == 3]
+    assert bool(attention) == (method == "zero_tprune")  # only Zero-TPrune materialises it
+    assert all(dt == dtype for _, dt, _ in attention), attention
     if backend == "triton":
         big = 2 * 65 * C // 4
         wide = [(op, dt, s) for op, dt, s in rec.seen if dt == torch.float32 and torch.Size(s).numel() >= big]
@@ -270,12 +279,13 @@ def _batches(n=2):
     return [torch.randn(3, 3, 32, 32, generator=g).to(DEVICE) for _ in range(n)]
 
 
+@pytest.mark.slow  # the default run compiles zero_tprune with inductor below, and opchecks every op
 @pytest.mark.parametrize("method,budget", VIT_SETTINGS)
 def test_compiled_graph_calls_the_kernels(method, budget, kernels):
     """Traced (AOT autograd, no code generation), the graph holds the kernels' custom ops, runs
     them, equals eager and is reused for a second batch of the same shape."""
     kernels("triton")
-    model = vitcompress.compress(tiny_vit().to(DEVICE), method, **budget)
+    model = vitcompress.compress(tiny_vit(depth=2).to(DEVICE), method, **budget)
     ops, worst = _compile_and_compare(model, "aot_eager", _batches())
     assert set(ops) == EXPECTED_OPS[method]
     assert worst <= 1e-5
@@ -284,25 +294,60 @@ def test_compiled_graph_calls_the_kernels(method, budget, kernels):
 @pytest.mark.slow
 def test_compiled_graph_with_references_has_no_custom_ops(kernels):
     kernels("torch")
-    model = vitcompress.compress(tiny_vit().to(DEVICE), "pitome", keep=0.9)
+    model = vitcompress.compress(tiny_vit(depth=2).to(DEVICE), "pitome", keep=0.9)
     ops, worst = _compile_and_compare(model, "aot_eager", _batches(1))
     assert ops == [] and worst <= 1e-5
 
 
 @needs_compiler
 @pytest.mark.parametrize("method,budget", [
-    ("pitome", dict(keep=0.9)),
+    ("zero_tprune", dict(keep=0.9)),
     pytest.param("tome", dict(r=4, trace_source=True), marks=pytest.mark.slow),
-    pytest.param("zero_tprune", dict(keep=0.9), marks=pytest.mark.slow)])
+    pytest.param("pitome", dict(keep=0.9), marks=pytest.mark.slow)])
 def test_inductor_compiled_model_with_kernels_matches_eager(method, budget, kernels):
     """``torch.compile(fullgraph=True)`` (inductor) of a compressed ViT with the kernels forced:
     the kernels run as custom ops inside the compiled code, the result equals eager, and a second
     batch of the same shape reuses the graph."""
     kernels("triton")
-    model = vitcompress.compress(tiny_vit().to(DEVICE), method, **budget)
+    model = vitcompress.compress(tiny_vit(depth=2).to(DEVICE), method, **budget)
     ops, worst = _compile_and_compare(model, "inductor", _batches())
     assert EXPECTED_OPS[method] <= set(ops)
     assert worst <= 1e-5
+
+
+def _op_samples():
+    """Small arguments for every custom op, with and without their optional inputs."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 11, 12, generator=g).to(DEVICE)
+    idx = torch.stack([torch.randperm(10, generator=g) for _ in range(2)]).to(DEVICE)
+    a_idx, b_idx = idx[:, :4], idx[:, 4:]
+    score = torch.randn(2, 4, generator=g).to(DEVICE)
+    match = torch.randint(0, 6, (2, 4), generator=g).to(DEVICE)
+    attn = torch.randn(2, 3, 11, 11, generator=g).softmax(-1).to(DEVICE)
+    size = torch.randint(1, 4, (2, 11, 1), generator=g).float().to(DEVICE)
+    ops = torch.ops.vitcompress
+    return [
+        (ops.bipartite_match, (x, x, None, None)), (ops.bipartite_match, (x, x[:, 1:], a_idx, b_idx)),
+        (ops.energy_score, (x, 0.5, 1.0)), (ops.topk_indices, (score, 3)),
+        (ops.rank_plan, (score, match, 2, a_idx, b_idx, True, False)),
+        (ops.rank_plan, (score, None, 1, a_idx, b_idx, False, True)),
+        (ops.pagerank_steps, (attn[0], torch.full((3, 11), 1 / 11, device=DEVICE), 3, None)),
+        (ops.pagerank_scores, (attn, 5, 1, True, None, 0.01, 0.7, True, "rms")),
+        (ops.pagerank_scores, (attn, 2, 1, False, a_idx, 0.0, 1e9, True, "mean")),
+        (ops.apply_plan, (x, size, b_idx, a_idx[:, :2], torch.tensor([[0, 3], [5, 5]], device=DEVICE), 1, True)),
+        (ops.apply_plan, (x, size, idx, None, None, 1, False)),
+        (ops.apply_plan_sum, (x, b_idx, a_idx, torch.zeros_like(a_idx), 1)),
+    ]
+
+
+def test_custom_ops_pass_opcheck():
+    """Every ``torch.ops.vitcompress`` op: its schema holds (fresh outputs, nothing mutated), its
+    fake implementation gives the real outputs' shapes, strides and dtypes, and it runs the same
+    under AOT dispatch with dynamic shapes -- what torch.compile (and CUDA graphs through it) rely on."""
+    samples = _op_samples()
+    assert {str(op).split(".")[-1] for op, _ in samples} == set(dispatch.ops.NAMES) | {"apply_plan_sum"}
+    for op, args in samples:
+        torch.library.opcheck(op, args)
 
 
 class _Merge(torch.nn.Module):

@@ -2,17 +2,19 @@
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors; with one, on CUDA tensors.
 ``TRITON_INTERPRET=1`` must be in the environment before Triton is first imported (timm imports
-it). When it was not, this file re-runs itself in a subprocess that has it, as the single test
-``test_kernels_in_an_interpreted_process``; so for ``-k`` selections run
+it). When it was not, this file re-runs itself in a subprocess that has it, as the test
+``test_kernels_in_an_interpreted_process`` (``[not slow]`` in the default run, ``[slow]`` with
+``-m slow``); so for ``-k`` selections run
 ``TRITON_INTERPRET=1 python -m pytest tests/test_kernels.py -k ...``.
 
 Shapes are chosen to be awkward: B in {1, 3}, N in {1, 2, 49, 50, 197, 577}, C in {3, 64, 96, 384},
-none a multiple of a tile; the apply kernel also C = 37, 100 and prefixes 0-5. The largest shapes
-and the full dtype grids are marked slow (``-m slow``).
+none a multiple of a tile; the apply kernel also C = 37, 100 and prefixes 0-5. The default run
+takes a representative part of each grid (:func:`cases`: N = 1, 50, 197, a C that is no power of
+two, each dtype); the full grids are marked slow (``-m slow``).
 """
 import importlib
+import itertools
 import os
-import subprocess
 import sys
 
 import pytest
@@ -29,7 +31,7 @@ from vitcompress.kernels import dispatch, reference  # noqa: E402
 from vitcompress.kernels import (_triton_utils, apply_triton, bipartite_triton, energy_triton,  # noqa: E402
                                  pagerank_triton, plan_triton, topk_triton)
 
-from conftest import tiny_vit  # noqa: E402
+from conftest import INTERPRETED_SELECTIONS, run_interpreted, tiny_vit  # noqa: E402
 
 # Triton was imported (by timm) without TRITON_INTERPRET, so its own library is not interpreted:
 # run this file again in a fresh process that has the variable from the start.
@@ -74,15 +76,9 @@ def _needs_interpreter(request):
 
 
 @pytest.mark.skipif(not IN_SUBPROCESS, reason="the kernels run in this process")
-def test_kernels_in_an_interpreted_process(request):
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
-    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    if request.config.getoption("markexpr"):
-        args += ["-m", request.config.getoption("markexpr")]
-    done = subprocess.run(args, env=env, cwd=str(request.config.rootpath), capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
-    print(done.stdout.strip().splitlines()[-1])
+@pytest.mark.parametrize("selection", INTERPRETED_SELECTIONS)
+def test_kernels_in_an_interpreted_process(request, selection):
+    run_interpreted(request, __file__, selection)
 
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -90,7 +86,24 @@ BS = [1, 3]
 NS = [1, 2, 49, 50, 197, 577]
 CS = [3, 64, 96, 384]
 HALF = [torch.float16, torch.bfloat16]
+BNC_DEFAULT = [(1, 1, 3), (3, 2, 64), (3, 49, 96), (3, 50, 384), (1, 197, 96)]
+HALF_SHAPES = [(2, 3), (50, 96), (197, 384), (577, 64)]
+HALF_DEFAULT = [(50, 96, torch.float16), (197, 384, torch.bfloat16)]
 NEAR = 1e-6  # reference top-2 gaps below this may resolve either way (float32 rounding)
+
+
+def cases(names: str, grid, default):
+    """Parametrize over ``grid`` (tuples of values for ``names``): the tuples in ``default`` -- a
+    representative subset (the awkward sizes, each dtype) -- run by default, the rest of the grid
+    is marked slow (``-m slow``)."""
+    grid = list(grid)
+    assert set(default) <= set(grid), set(default) - set(grid)
+    return pytest.mark.parametrize(names, [c if c in default else pytest.param(*c, marks=pytest.mark.slow)
+                                           for c in grid])
+
+
+def product(*axes):
+    return list(itertools.product(*axes))
 
 
 def _rand(*shape, dtype=torch.float32, seed=0):
@@ -132,15 +145,12 @@ def _nb(n):
 
 # ---------------------------------------------------------------------------- bipartite_match
 
-@pytest.mark.parametrize("C", CS)
-@pytest.mark.parametrize("N", NS)
-@pytest.mark.parametrize("B", BS)
+@cases("B,N,C", product(BS, NS, CS), default=BNC_DEFAULT)
 def test_bipartite_match_matches_reference(B, N, C):
     check_match(_rand(B, N, C, seed=N * C + B), _rand(B, _nb(N), C, seed=N * C + B + 1))
 
 
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("N,C", [(2, 3), (50, 96), (197, 384), (577, 64)])
+@cases("N,C,dtype", [(n, c, d) for (n, c), d in product(HALF_SHAPES, HALF)], default=HALF_DEFAULT)
 def test_bipartite_match_half_inputs(N, C, dtype):
     check_match(_rand(3, N, C, dtype=dtype, seed=N), _rand(3, _nb(N), C, dtype=dtype, seed=N + 1), atol=2e-5)
 
@@ -224,16 +234,13 @@ def check_energy(x, margin, alpha, atol=1e-5):
     torch.testing.assert_close(e, ref, atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("C", CS)
-@pytest.mark.parametrize("N", NS)
-@pytest.mark.parametrize("B", BS)
+@cases("B,N,C", product(BS, NS, CS), default=BNC_DEFAULT)
 def test_energy_score_matches_reference(B, N, C):
     margin, alpha = [(0.75, 1.0), (0.0, 0.5), (0.3, 2.0)][(N + C) % 3]
     check_energy(_rand(B, N, C, seed=N + C), margin, alpha)
 
 
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("N,C", [(2, 3), (50, 96), (197, 384), (577, 64)])
+@cases("N,C,dtype", [(n, c, d) for (n, c), d in product(HALF_SHAPES, HALF)], default=HALF_DEFAULT)
 def test_energy_score_half_inputs(N, C, dtype):
     check_energy(_rand(3, N, C, dtype=dtype, seed=N), 0.6, 1.0, atol=2e-5)
 
@@ -266,9 +273,8 @@ def check_topk(scores, k):
     assert torch.equal(idx, ref)
 
 
-@pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("N", NS + [4096])
-@pytest.mark.parametrize("B", BS)
+@cases("B,N,ties", product(BS, NS + [4096], [False, True]),
+       default=[(1, 1, False), (3, 2, True), (3, 50, False), (1, 197, True), (3, 577, False), (3, 4096, True)])
 def test_topk_matches_reference(B, N, ties):
     scores = _rand(B, N, seed=N + B)
     if ties:  # a handful of distinct values, so nearly everything is tied
@@ -341,9 +347,8 @@ def _graphs(R, N, dtype=torch.float32, seed=0):
     return attn.to(dtype).to(DEVICE), (init / init.sum(-1, keepdim=True)).to(DEVICE), alive.to(DEVICE)
 
 
-@pytest.mark.parametrize("with_alive", [False, True])
-@pytest.mark.parametrize("iters", [1, 5, 30])
-@pytest.mark.parametrize("N", [1, 2, 49, 50, 197, 256, 300])
+@cases("N,iters,with_alive", product([1, 2, 49, 50, 197, 256, 300], [1, 5, 30], [False, True]),
+       default=[(1, 1, True), (2, 5, False), (50, 30, True), (197, 5, True), (256, 1, False), (300, 5, True)])
 def test_pagerank_steps_match_reference(N, iters, with_alive):
     attn, init, alive = _graphs(3, N, seed=N + iters)
     alive = alive if with_alive else None
@@ -394,15 +399,16 @@ def _rank_case(Na, Nb, ties, full):
             check_rank_plan(score, m, r, a_idx, b_idx, sort_unmerged, b_first)
 
 
-@pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("Na,Nb", [(0, 1), (1, 0), (1, 1), (2, 3), (49, 50), (98, 99)])
+@cases("Na,Nb,ties", [(a, b, t) for (a, b), t in product([(0, 1), (1, 0), (1, 1), (2, 3), (49, 50), (98, 99)],
+                                                           [False, True])],
+       default=[(0, 1, False), (1, 0, True), (2, 3, True), (98, 99, True)])
 def test_rank_plan_matches_reference(Na, Nb, ties):
-    _rank_case(Na, Nb, ties, full=Na < 10)
+    _rank_case(Na, Nb, ties, full=False)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("Na,Nb", [(49, 50), (98, 99), (288, 288), (600, 7)])
+@pytest.mark.parametrize("Na,Nb", [(1, 1), (2, 3), (49, 50), (98, 99), (288, 288), (600, 7)])
 def test_rank_plan_full_grid(Na, Nb, ties):
     _rank_case(Na, Nb, ties, full=True)
 
@@ -467,8 +473,7 @@ def _scores_case(N, p, full):
     check_scores(attn, 3, p, alive=alive.flip(1))  # alive in any order: the scores follow it
 
 
-@pytest.mark.parametrize("p", [0, 1, 5])
-@pytest.mark.parametrize("N", [6, 50, 197])
+@pytest.mark.parametrize("N,p", [(6, 5), (50, 0)])  # every (N, p) with every option: the full grid below
 def test_pagerank_scores_match_reference(N, p):
     _scores_case(N, p, full=False)
 
@@ -493,10 +498,9 @@ def test_pagerank_scores_edges_and_half_attention():
     check_scores(attn, 5, 0)
     check_scores(attn, 5, 1)  # only a special token: nothing to score
     check_scores(_graphs(6, 40, seed=2)[0].reshape(2, 3, 40, 40), 4, 1, alive=_alive(2, 39, 1, seed=3))
-    for dtype in HALF:
+    for dtype, alive in zip(HALF, (None, _alive(2, 196, 150, seed=5))):
         attn = _graphs(6, 197, dtype=dtype, seed=4)[0].reshape(2, 3, 197, 197)
-        check_scores(attn, 30, 1)
-        check_scores(attn, 30, 1, alive=_alive(2, 196, 150, seed=5))
+        check_scores(attn, 30, 1, alive=alive)
     with pytest.raises(ValueError):
         pagerank_triton.pagerank_scores(attn, 3, 1, aggregate="max")
 
@@ -568,18 +572,18 @@ def _apply_case(N, p, C, dtype, merge, seed, B=2):
     check_apply(x, size, *_plan(B, T, merge, seed), p, source=source)
 
 
-@pytest.mark.parametrize("merge", [False, True])
-@pytest.mark.parametrize("p", [0, 1, 2, 3, 4, 5])
-@pytest.mark.parametrize("N", [1, 50, 197])
+@cases("N,p,merge", product([1, 50, 197], [0, 1, 2, 3, 4, 5], [False, True]),
+       default=[(1, 0, False), (1, 1, True), (50, 0, True), (50, 2, False), (50, 5, True), (197, 1, True),
+                (197, 3, False), (197, 4, True)])
 def test_apply_plan_matches_reference(N, p, merge):
     if p > N:
         pytest.skip("more special tokens than tokens")
     _apply_case(N, p, [37, 100, 3][(N + p) % 3], torch.float32, merge, seed=N * 7 + p)
 
 
-@pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("N,p,C", [(50, 1, 37), (197, 2, 100)])
-@pytest.mark.parametrize("merge", [False, True])
+@cases("N,p,C,dtype,merge", [(*s, d, m) for s, d, m in product([(50, 1, 37), (197, 2, 100)], HALF, [False, True])],
+       default=[(50, 1, 37, torch.float16, True), (50, 1, 37, torch.bfloat16, False),
+                (197, 2, 100, torch.bfloat16, True), (197, 2, 100, torch.float16, False)])
 def test_apply_plan_half_precision(N, p, C, dtype, merge):
     _apply_case(N, p, C, dtype, merge, seed=N + p)
 
@@ -695,14 +699,15 @@ def test_cpu_tensor_without_interpreter_fails_clearly(monkeypatch):
 # ---------------------------------------------------------------------------- whole model
 
 @pytest.mark.parametrize("method,budget,model_kw", [
-    ("tome", {"r": 6}, {}), ("pitome", {"keep": 0.8}, {}), ("zero_tprune", {"keep": 0.8}, {}),
+    *(pytest.param(*c, marks=pytest.mark.slow)
+      for c in (("tome", {"r": 6}, {}), ("pitome", {"keep": 0.8}, {}), ("zero_tprune", {"keep": 0.8}, {}))),
     ("tome", {"r": 5, "trace_source": True}, {"reg_tokens": 3}),
     ("pitome", {"keep": 0.85, "trace_source": True}, {"class_token": False, "reg_tokens": 2, "global_pool": "avg"}),
     ("zero_tprune", {"keep": 0.85, "order": "IS", "cls_init": "uniform"}, {"reg_tokens": 4})])
 def test_compressed_model_same_with_kernels_forced_on(method, budget, model_kw, monkeypatch):
     if method not in vitcompress.list_methods():
         pytest.skip(f"{method} is not registered")
-    model = tiny_vit(**model_kw).to(DEVICE)
+    model = tiny_vit(depth=2, **model_kw).to(DEVICE)
     vitcompress.compress(model, method, **budget)
     x = _rand(3, 3, 32, 32, seed=11)
     outs, tokens, sources = {}, {}, {}
