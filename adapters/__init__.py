@@ -9,10 +9,11 @@ from .hf_clip import HFCLIPVisionAdapter
 from .hf_vit import HFViTAdapter
 from .llava import LlavaAdapter
 from .open_clip_vit import OpenCLIPVisionAdapter
+from .timm_rope_bias import TimmBeitAdapter, TimmEvaAdapter
 from .timm_vit import TimmViTAdapter
 
-ADAPTERS: List[type] = [TimmViTAdapter, DetrAdapter, OpenCLIPVisionAdapter, HFCLIPVisionAdapter, HFViTAdapter,
-                        LlavaAdapter]
+ADAPTERS: List[type] = [TimmViTAdapter, TimmEvaAdapter, TimmBeitAdapter, DetrAdapter, OpenCLIPVisionAdapter,
+                        HFCLIPVisionAdapter, HFViTAdapter, LlavaAdapter]
 
 
 def _matching(model: nn.Module):

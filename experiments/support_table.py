@@ -9,7 +9,8 @@ exactly these checks (:func:`check`), so each cell of the README's table is a te
 What a cell checks (``keep=0.8`` on ViT-like models, the method's own budget elsewhere):
 
 * forward: the compressed model runs with the uncompressed output shape, its blocks see the planned
-  token counts, and ``keep=1.0`` reproduces the uncompressed output (atol 1e-5; ViT-like models).
+  token counts, and ``keep=1.0`` reproduces the uncompressed output (atol 1e-5; ViT-like models;
+  for timm EVA and BEiT the pooled features, as timm starts their classifiers at 1e-3 of its scale).
   DETR: the detector's outputs keep their shapes and ``keep=1.0`` without dual attention reproduces
   them. LLaVA: the language model gets fewer visual tokens than the uncompressed prompt has.
 * restore: ``vitcompress.restore`` gives bit-identical outputs, and no patched attribute is left.
@@ -33,7 +34,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -89,6 +90,34 @@ def _timm_siglip():
     return timm.create_model("vit_base_patch16_siglip_224", pretrained=False, **TINY)
 
 
+def _timm_eva02():
+    import timm
+    return timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TINY)
+
+
+def _timm_eva_registers():
+    from timm.models.eva import Eva
+    return Eva(**TINY, use_rot_pos_emb=True, num_reg_tokens=2, global_pool="map", use_abs_pos_emb=False)
+
+
+def _timm_beit(**kwargs):
+    """A BEiT whose relative position bias tables are random (timm starts them at zero), so the
+    bias rows and columns each token sees matter."""
+    from timm.models.beit import Beit
+    model = Beit(**TINY, use_abs_pos_emb=False, init_values=0.1, **kwargs)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                param.normal_()
+    return model
+
+
+def _pre_logits(model, x):
+    """The pooled features (timm EVA and BEiT start their classifier at 1e-3 of its scale, so the
+    logits of a random model would hide every difference below 1e-5)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
 def _open_clip_vit():
     _need("open_clip")
     from open_clip.transformer import VisionTransformer
@@ -134,6 +163,14 @@ FAMILIES: List[Family] = [
     Family("timm ViT", "`VisionTransformer` (class token)", _timm_vit),
     Family("timm DeiT distilled", "`VisionTransformerDistilled` (class + distillation token)", _timm_deit_distilled),
     Family("timm SigLIP", "`vit_*_siglip_*` (no class token, MAP pooling)", _timm_siglip),
+    Family("timm EVA-02", "`Eva` (`eva02_*`: rotary position embeddings, SwiGLU, avg pooling)", _timm_eva02,
+           _pre_logits),
+    Family("timm EVA + registers", "`Eva` (rotary, class token + registers, MAP pooling)", _timm_eva_registers,
+           _pre_logits),
+    Family("timm BEiT", "`Beit` (relative position bias per block, layer scale, avg pooling)",
+           lambda: _timm_beit(use_rel_pos_bias=True), _pre_logits),
+    Family("timm BEiT shared bias", "`Beit` (one shared relative position bias, class token pooling)",
+           lambda: _timm_beit(use_shared_rel_pos_bias=True, global_pool="token"), _pre_logits),
     Family("open_clip ViT", "`VisionTransformer` image tower", _open_clip_vit),
     Family("transformers CLIP", "`CLIPVisionModel`", lambda: _hf("CLIPVisionModel", "CLIPVisionConfig", **HF), _pooled),
     Family("transformers ViT", "`ViTForImageClassification`",

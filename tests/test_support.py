@@ -43,8 +43,13 @@ def run_cell(family, method, aspect):
     assert value == expected(family, method, aspect)
 
 
+# second variants of a family (their own tests cover them by default): slow here
+SLOW_FAMILIES = ("timm EVA + registers", "timm BEiT shared bias")
+
+
 @pytest.mark.parametrize("aspect", ["forward", "restore"])
-@pytest.mark.parametrize("family,method", table.cases())
+@pytest.mark.parametrize("family,method", [pytest.param(f, m, marks=pytest.mark.slow) if f in SLOW_FAMILIES else (f, m)
+                                           for f, m in table.cases()])
 def test_cell(family, method, aspect):
     run_cell(family, method, aspect)
 
@@ -107,6 +112,21 @@ def test_supported_tells_a_default_budget_the_model_cannot_take(monkeypatch):
     assert fits["pitome"] is True
     assert "fits this model but not with its default budget flops=0.05" in fits["tome"]
     assert "unreachable" in fits["tome"]
+
+
+def test_supported_validates_the_defaults_but_asks_no_option_of_the_user(monkeypatch):
+    """A family default the method refuses makes it unfit (with the method's own words); an option
+    only the user can give (quota's scorer=, without a default) does not."""
+    from vitcompress.methods import get
+
+    monkeypatch.setattr(get("pitome"), "family_defaults", {"clip": {"margin": 1.5}})
+    fits = vitcompress.supported(table.family("open_clip ViT").model())
+    assert fits["tome"] is True
+    assert "pitome refuses its default options for this open_clip.VisionTransformer model" in fits["pitome"]
+    assert "margin=1.5 must lie in [0, 1]" in fits["pitome"]
+    assert vitcompress.supported(tiny_vit())["pitome"] is True  # the variant without that default
+    with pytest.raises(ValueError, match="quota needs scorer="):
+        get("quota").validate(dict(get("quota").defaults))  # what the LLaVA row's quota=True lets through
 
 
 def test_refusal_names_the_supported_families_in_one_line():

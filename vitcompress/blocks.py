@@ -5,7 +5,7 @@ Adapters describe where a family keeps norm, q/k/v, projection, residual scaling
 in layers whose method asks for them; every other layer stays on ``F.scaled_dot_product_attention``.
 """
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .attention import softmax_attention
 from .interfaces import Signals
 from .runtime import ForwardState, ViTRuntime
-from .tokens import apply_plan
+from .tokens import TokenState, apply_plan
 
 Tensor = torch.Tensor
 
@@ -24,7 +24,9 @@ class BlockParts:
 
     ``qkv(h)`` returns q, k, v as ``[B, H, N, d]`` (q/k norms applied); ``attn_out(o, h)`` maps the
     attention output ``[B, N, H*d]`` to the residual branch (output norm, gate, projection);
-    ``residual1`` / ``residual2`` apply layer scale and drop-path to each branch.
+    ``residual1`` / ``residual2`` apply layer scale and drop-path to each branch. ``position_bias``,
+    when a family has one (BEiT's relative position bias), maps the forward's :class:`TokenState` to
+    the additive attention bias of the current tokens, broadcastable to ``[B, H, N, N]``.
     """
 
     norm1: Callable[[Tensor], Tensor]
@@ -37,6 +39,7 @@ class BlockParts:
     scale: float
     attn_dropout: Callable[[], float]
     training: Callable[[], bool]
+    position_bias: Optional[Callable[[TokenState], Tensor]] = None
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias, scale: float, dropout: float, need_probs: bool):
@@ -69,6 +72,9 @@ def _attend_and_reduce(parts: BlockParts, runtime: ViTRuntime, forward: ForwardS
     h = parts.norm1(x)
     q, k, v = parts.qkv(h)
     bias = state.attn_bias(q.dtype) if runtime.prop_attn else None
+    if parts.position_bias is not None:
+        extra = parts.position_bias(state).to(q.dtype)
+        bias = extra if bias is None else bias + extra
     dropout = parts.attn_dropout() if parts.training() else 0.0
     need_probs = remove > 0 and runtime.method.needs_attention(layer, schedule.depth, runtime.options)
     o, probs = attention(q, k, v, bias, parts.scale, dropout, need_probs)

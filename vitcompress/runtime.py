@@ -145,7 +145,9 @@ class ViTRuntime:
                                "(model.set_grad_checkpointing(False)) while the model is compressed")
         p = self.adapter.num_prefix
         schedule = self.schedule_for(int(x.shape[1]) - p)  # int: shapes are tensors while tracing
-        state = ForwardState(TokenState.start(x, p, trace_source=self.trace_source), schedule)
+        tokens = TokenState.start(x, p, trace_source=self.trace_source,
+                                  track_position=getattr(self.adapter, "track_position", False))
+        state = ForwardState(tokens, schedule)
         self._forward.set(state)
         return state
 

@@ -1,9 +1,10 @@
 """``supported(model)``: which registered methods fit a model, and why the others do not.
 
 It asks what ``compress`` would ask -- the model's adapter, the method's target, the family's option
-defaults and the method's default budget planned into a schedule -- without patching anything, so
-the model is left exactly as it was. Options the user must supply (quota's ``scorer=``) are not
-asked for: they do not decide whether a method fits a model.
+defaults validated as ``compress`` validates them, and the method's default budget planned into a
+schedule -- without patching anything, so the model is left exactly as it was. An option the user
+must supply (one without a default, such as quota's ``scorer=``) does not decide whether a method
+fits a model: the refusal that asks for it is not counted.
 """
 from typing import Dict, Union
 
@@ -17,7 +18,8 @@ from .schedule import Budget, parse_budget
 
 def supported(model: nn.Module) -> Dict[str, Union[bool, str]]:
     """Every registered method -> ``True`` when ``compress(model, method)`` (with the method's
-    default budget) fits this model, else the reason it does not, as ``compress`` would word it.
+    default budget, and the options it cannot do without) fits this model, else the reason it does
+    not, as ``compress`` would word it.
 
     When no method fits because vitcompress does not handle the model at all, every method maps to
     that one reason (which names the supported families, or the submodule to pass instead)::
@@ -36,9 +38,11 @@ def supported(model: nn.Module) -> Dict[str, Union[bool, str]]:
         spec = _methods.get(name)
         if spec.target not in adapter.targets:
             continue
-        # The method's defaults for this family, not validated: an option the user must give (quota's
-        # scorer=) says nothing about whether the method fits the model.
-        options = dict(_defaults(spec), **spec.family_defaults.get(adapter.variant, {}))
+        try:
+            options = _options(spec, adapter.variant)
+        except (TypeError, ValueError) as err:
+            out[name] = f"{name} refuses its default options for this {adapter.family} model: {err}"
+            continue
         budget = parse_budget(spec)
         try:
             adapter.make_runtime(spec, dict(options), budget)  # plans the default budget; patches nothing
@@ -52,6 +56,19 @@ def supported(model: nn.Module) -> Dict[str, Union[bool, str]]:
         if spec.target not in adapter.targets:
             out[name] = f"{name} reduces {spec.target} models; a {adapter.family} takes: {fits}"
     return {name: out[name] for name in names}
+
+
+def _options(spec, variant) -> Dict[str, object]:
+    """The options ``compress`` resolves when none are given (defaults, then the family's), validated
+    by the method; a refusal that names an option without a default (``scorer=``) asks the user for
+    it, says nothing about the model, and is let through."""
+    options = dict(_defaults(spec), **spec.family_defaults.get(variant, {}))
+    try:
+        spec.validate(options)
+    except (TypeError, ValueError) as err:
+        if not any(value is None and f"{option}=" in str(err) for option, value in options.items()):
+            raise
+    return options
 
 
 def _budget_reason(adapter, spec, options, budget, err: Exception) -> str:

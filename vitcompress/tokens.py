@@ -24,6 +24,9 @@ class TokenState:
     ``merged``: whether any merge happened yet (sizes differ from 1, proportional attention on).
     ``log_size[B, N, 1]``: ``log(size)`` as the apply path wrote it for the next block's attention
     bias (in the tokens' dtype), or None.
+    ``position[B, N]``: for adapters whose attention depends on token positions (rotary embeddings,
+    relative position bias), the index in the first block's sequence whose position each token
+    takes -- its own, a merged token its destination's -- or None when not asked for.
     """
 
     num_prefix: int
@@ -31,15 +34,18 @@ class TokenState:
     source: Optional[torch.Tensor] = None
     merged: bool = False
     log_size: Optional[torch.Tensor] = None
+    position: Optional[torch.Tensor] = None
 
     @classmethod
-    def start(cls, x: torch.Tensor, num_prefix: int, trace_source: bool = False) -> "TokenState":
+    def start(cls, x: torch.Tensor, num_prefix: int, trace_source: bool = False,
+              track_position: bool = False) -> "TokenState":
         B, N, _ = x.shape
         size = torch.ones(B, N, 1, device=x.device, dtype=torch.float32)
         source = None
         if trace_source:
             source = torch.eye(N, device=x.device, dtype=torch.float32).expand(B, N, N).contiguous()
-        return cls(num_prefix=num_prefix, size=size, source=source)
+        position = torch.arange(N, device=x.device).expand(B, N) if track_position else None
+        return cls(num_prefix=num_prefix, size=size, source=source, position=position)
 
     def attn_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """``log(size)`` as an additive SDPA mask ``[B, 1, 1, N]`` (proportional attention)."""
@@ -63,8 +69,9 @@ def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool =
     primitive (:mod:`vitcompress.kernels`: on a GPU one fused Triton kernel that gathers, merges
     size-weighted, divides and writes the new sizes in one pass over the tokens; elsewhere its torch
     reference, gather + ``scatter_add`` then divide), and one more for the source map when it is
-    traced (a plain sum of rows, by the same primitive). With ``attn_bias`` (proportional attention
-    follows) the same call also writes ``log(size)`` for the next block's attention.
+    traced (a plain sum of rows, by the same primitive); tracked positions follow the kept tokens.
+    With ``attn_bias`` (proportional attention follows) the same call also writes ``log(size)`` for
+    the next block's attention.
     """
     p = state.num_prefix
     merges = plan.merges
@@ -75,4 +82,6 @@ def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool =
         state.merged = True
     if state.source is not None:
         state.source = dispatch.apply_plan(state.source, None, plan.keep, src, dst, p)[0]
+    if state.position is not None:  # kept tokens keep their positions, merged sources leave theirs
+        state.position = torch.cat([state.position[:, :p], state.position[:, p:].gather(1, plan.keep)], dim=1)
     return new_x
