@@ -10,13 +10,19 @@ EXTRAS = {
     "dev": ["pytest>=7", "hypothesis>=6"],
     # ONNX export + onnxruntime check (vitcompress export); tested with onnx 1.23, onnxruntime 1.32, onnxscript 0.7
     "export": ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "onnxscript>=0.5,<1"],
+    # edge runtimes (vitcompress export --quantize int8 / --runtime openvino, export_executorch): int8 is
+    # onnxruntime's own quantization; tested with openvino 2026.4 and executorch 1.5.1 (which does not
+    # pin torch and runs with torch 2.14)
+    "edge": ["onnx>=1.17,<2", "onnxruntime>=1.20,<2", "onnxscript>=0.5,<1", "openvino>=2025.1,<2027",
+             "executorch>=1.5,<1.6"],
     # CLIP towers (open_clip; tested with open-clip-torch 3.3), HF CLIP / DETR / LLaVA (tested with
     # transformers 5.24), COCO evaluation (pycocotools 2.0)
     "clip": ["open-clip-torch>=2.24,<4"],
     "hf": ["transformers>=4.40,<6"],
     "coco": ["pycocotools>=2.0.7"],
 }
-EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name != "dev" for req in reqs})
+# "all": what the tests use; the edge runtimes are heavy (executorch brings torchao, coremltools, ...)
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name not in ("dev", "edge") for req in reqs})
 
 setup(
     name="vitcompress",

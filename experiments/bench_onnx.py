@@ -1,16 +1,23 @@
-"""Compressed vs uncompressed ONNX models in onnxruntime on this machine's CPU.
+"""Compressed vs uncompressed models in edge runtimes on this machine's CPU.
 
 Exports a timm ViT (random weights, so no download) uncompressed and compressed with each setting,
-checks each file against PyTorch, then times all sessions in one interleaved run (every round
-runs each model once, rotating who goes first, so machine noise hits them alike) and prints the
-throughput ratio next to the FLOPs ratio counted by ``vitcompress.count_flops``.
+checks each file against PyTorch, then times every (setting, runtime) in one interleaved run per
+batch size (every round runs each model once, rotating who goes first, so machine noise hits them
+alike) and prints each runtime's throughput ratio next to the FLOPs ratio counted by
+``vitcompress.count_flops``. Runtimes: fp32 onnxruntime, int8 onnxruntime (static QDQ quantization
+of the linear layers, calibrated on 64 random-normal inputs: random weights have no real images),
+OpenVINO (fp32, when installed) and, with --executorch, ExecuTorch with XNNPACK. "int8 vs ideal" is
+the compressed int8 throughput over (uncompressed int8 throughput x the FLOPs speedup).
 
     python experiments/bench_onnx.py                                   # deit_small, 3 methods at 65% FLOPs
+    python experiments/bench_onnx.py --batch-sizes 16 1 --runs 5 --executorch
     python experiments/bench_onnx.py --model deit_tiny_patch16_224 --settings tome:r=13 pitome:keep=0.9
 
-Each export takes one to a few minutes of CPU (torch.export + ONNX conversion of a 12-block graph).
+Each export takes one to a few minutes of CPU (torch.export + ONNX conversion of a 12-block graph);
+an ExecuTorch lowering several more.
 """
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -21,7 +28,7 @@ import warnings
 import torch
 
 import vitcompress
-from vitcompress.export import export_onnx, ort_session
+from vitcompress.export import export_onnx, openvino_session, ort_session, quantize_onnx, verify_onnx
 from vitcompress.settings import describe, parse_setting
 
 
@@ -50,16 +57,32 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", nargs="+",
                     default=["tome:flops=0.65", "pitome:flops=0.65", "zero_tprune:flops=0.65"],
                     help="method:budget settings (default: %(default)s)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16], help="timed batch sizes (default: 16)")
     ap.add_argument("--runs", type=int, default=7, help="timed interleaved rounds")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="onnxruntime intra-op threads")
-    ap.add_argument("--out-dir", help="keep the .onnx files here (default: a temporary folder)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads of every runtime")
+    ap.add_argument("--out-dir", help="keep the exported files here (default: a temporary folder)")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 onnxruntime column")
+    ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO column")
+    ap.add_argument("--executorch", action="store_true", help="add an ExecuTorch (XNNPACK) column (slow lowering)")
     ap.add_argument("--torch", action="store_true", help="also time the PyTorch eager models in the same run")
     args = ap.parse_args(argv)
+    if min(args.batch_sizes) < 1:
+        ap.error("--batch-sizes must be >= 1")
 
     import onnxruntime as ort
     import timm
+
+    runtimes = ["ORT fp32"] + ([] if args.no_int8 else ["ORT int8"])
+    if not args.no_openvino:
+        if importlib.util.find_spec("openvino") is None:
+            print("openvino not installed: no OpenVINO column (pip install openvino)")
+        else:
+            runtimes.append("OpenVINO")
+    if args.executorch:
+        runtimes.append("ExecuTorch")
+    if args.torch:
+        runtimes.append("torch")
 
     torch.set_num_threads(args.threads)
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="bench_onnx_")
@@ -67,10 +90,11 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     base = timm.create_model(args.model).eval()
     image = tuple(base.pretrained_cfg.get("input_size", (3, 224, 224)))
-    x = torch.randn((args.batch_size,) + image)
-    feed = x.numpy()
+    top = max(args.batch_sizes)
+    inputs = {b: torch.randn((b,) + image) for b in args.batch_sizes}
+    calibration = torch.randn((64,) + image, generator=torch.Generator().manual_seed(1))
 
-    rows, runners = [], {}
+    rows, runners = [], {}  # runners[(label, runtime)] = callable(batch)
     start = time.perf_counter()
     for text in ["uncompressed"] + list(args.settings):
         model = timm.create_model(args.model).eval()
@@ -80,48 +104,85 @@ def main(argv=None) -> int:
             method, kwargs = parse_setting(text)
             vitcompress.compress(model, method, **kwargs)
             label = f"{method}:{describe(kwargs)}"
-        path = os.path.join(out_dir, f"{args.model}-{label.replace(':', '-').replace(',', '_')}.onnx")
+        stem = os.path.join(out_dir, f"{args.model}-{label.replace(':', '-').replace(',', '_')}")
         t0 = time.perf_counter()
         with warnings.catch_warnings():  # a near-tie flip is reported on the line below
             warnings.simplefilter("ignore", RuntimeWarning)
-            report = export_onnx(model, path, (args.batch_size,) + image, check_batches=(1, args.batch_size),
-                                 verbose=False)
-        name = f"random, batch {args.batch_size}"
+            report = export_onnx(model, stem + ".onnx", (top,) + image, check_batches=(1, top), verbose=False)
+        name = f"random, batch {top}"
         print(f"exported {label}: {report.nodes} nodes, max abs diff vs PyTorch {report.max_abs_diff:.2g} "
-              f"({report.within(name)}/{args.batch_size} images within {report.atol:g} at batch {args.batch_size}; "
+              f"({report.within(name)}/{top} images within {report.atol:g} at batch {top}; "
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
-        gflops = vitcompress.count_flops(model, x[:1]) / 1e9
-        tokens = vitcompress.stats(model)["planned_tokens_per_layer"] if text != "uncompressed" else None
-        session = ort_session(path)
-        session_name = session.get_inputs()[0].name
-        runners[label] = (lambda s=session, n=session_name: s.run(None, {n: feed}))
-        if args.torch:
-            runners[f"{label} [torch]"] = (lambda m=model: _no_grad(m, x))
-        rows.append({"label": label, "gflops": gflops, "tokens": tokens, "diff": report.max_abs_diff})
+        sessions = {"ORT fp32": ort_session(report.path)}
+        if "ORT int8" in runtimes:
+            quantize_onnx(report.path, stem + "-int8.onnx", calibration, batch_size=top)
+            sessions["ORT int8"] = ort_session(stem + "-int8.onnx")
+            check = verify_onnx(sessions["ORT int8"], model, inputs[top])
+            print(f"  int8: max abs diff vs fp32 PyTorch {check['max_abs_diff']:.3g} (median "
+                  f"{check['median_abs_diff']:.3g}), top-1 agreement {100 * check['top1_agreement']:.0f}% "
+                  f"on {top} random inputs", flush=True)
+        if "OpenVINO" in runtimes:
+            sessions["OpenVINO"] = openvino_session(report.path, threads=args.threads)
+            check = verify_onnx(sessions["OpenVINO"], model, inputs[top])
+            print(f"  OpenVINO: max abs diff vs PyTorch {check['max_abs_diff']:.2g}", flush=True)
+        for runtime, session in sessions.items():
+            feed_name = session.get_inputs()[0].name
+            runners[label, runtime] = (lambda b, s=session, n=feed_name: s.run(None, {n: inputs[b].numpy()}))
+        if "ExecuTorch" in runtimes:
+            from executorch.runtime import Runtime
+            from vitcompress.export import export_executorch
 
-    times = interleaved(runners, args.warmup, args.runs)
-    ips = {name: args.batch_size / statistics.median(t) for name, t in times.items()}
-    base_row = rows[0]
-    print()
-    print(f"{args.model} (random weights), batch {args.batch_size}, onnxruntime {ort.__version__} "
-          f"CPUExecutionProvider, {args.threads} threads, {args.runs} interleaved rounds (median); "
-          f"torch {torch.__version__}; {time.perf_counter() - start:.0f} s in all")
-    head = f"{'setting':<22}{'GFLOPs':>8}{'FLOPs ratio':>13}{'ORT img/s':>11}{'throughput ratio':>18}"
-    if args.torch:
-        head += f"{'torch img/s':>13}{'torch ratio':>13}"
-    print(head)
-    print("-" * len(head))
-    for row in rows:
-        name = row["label"]
-        line = (f"{name:<22}{row['gflops']:>8.3f}{row['gflops'] / base_row['gflops']:>13.3f}"
-                f"{ips[name]:>11.1f}{ips[name] / ips['uncompressed']:>17.2f}x")
+            t0 = time.perf_counter()
+            et = export_executorch(model, stem + ".pte", (top,) + image, max_batch=max(2, top),
+                                   check_batches=(1, top) if top > 1 else (1, 2), verbose=False)
+            print(f"  ExecuTorch: max abs diff vs PyTorch {et.max_abs_diff:.2g}, {et.delegated} XNNPACK "
+                  f"subgraphs ({time.perf_counter() - t0:.0f} s)", flush=True)
+            forward = Runtime.get().load_program(et.path).load_method("forward")
+            runners[label, "ExecuTorch"] = (lambda b, f=forward: f.execute([inputs[b]]))
         if args.torch:
-            t = ips[f"{name} [torch]"]
-            line += f"{t:>13.1f}{t / ips['uncompressed [torch]']:>12.2f}x"
-        print(line)
+            runners[label, "torch"] = (lambda b, m=model: _no_grad(m, inputs[b]))
+        gflops = vitcompress.count_flops(model, inputs[top][:1]) / 1e9
+        tokens = vitcompress.stats(model)["planned_tokens_per_layer"] if text != "uncompressed" else None
+        rows.append({"label": label, "gflops": gflops, "tokens": tokens})
+
+    base_row = rows[0]
+    for batch in args.batch_sizes:
+        times = interleaved({key: (lambda f=fn, b=batch: f(b)) for key, fn in runners.items()}, args.warmup, args.runs)
+        ips = {key: batch / statistics.median(t) for key, t in times.items()}
+        print()
+        print(f"{args.model} (random weights), batch {batch}, {args.threads} threads, {args.runs} interleaved "
+              f"rounds (median img/s, speedup over uncompressed in the same runtime); onnxruntime {ort.__version__}, "
+              f"{_versions()}torch {torch.__version__}; {time.perf_counter() - start:.0f} s so far")
+        head = f"{'setting':<22}{'GFLOPs':>8}{'FLOPs ratio':>12}" + "".join(f"{r:>22}" for r in runtimes)
+        if "ORT int8" in runtimes:
+            head += f"{'int8 vs ideal':>15}"
+        print(head)
+        print("-" * len(head))
+        for row in rows:
+            name, ratio = row["label"], row["gflops"] / base_row["gflops"]
+            line = f"{name:<22}{row['gflops']:>8.3f}{ratio:>12.3f}"
+            for runtime in runtimes:
+                value = ips[name, runtime]
+                line += f"{value:>13.1f} ({value / ips['uncompressed', runtime]:.2f}x)"
+            if "ORT int8" in runtimes:
+                ideal = ips["uncompressed", "ORT int8"] / ratio
+                line += f"{ips[name, 'ORT int8'] / ideal:>15.2f}"
+            print(line)
     for row in rows[1:]:
         print(f"  {row['label']}: tokens per block {row['tokens']}")
     return 0
+
+
+def _versions() -> str:
+    from importlib import metadata
+
+    found = []
+    for dist in ("openvino", "executorch"):
+        try:
+            found.append(f"{dist} {metadata.version(dist)}, ")
+        except metadata.PackageNotFoundError:
+            pass
+    return "".join(found)
 
 
 def _no_grad(model, x):

@@ -10,7 +10,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "compress": "api", "restore": "api", "stats": "api", "list_methods": "api", "describe": "api",
     "count_flops": "profile", "measure_speed": "profile", "compare_speed": "profile",
-    "export_onnx": "export", "export_program": "export",
+    "export_onnx": "export", "export_program": "export", "export_executorch": "export",
     "supported": "support",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]

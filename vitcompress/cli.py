@@ -35,8 +35,10 @@ With no arguments it runs offline in a few minutes on a CPU:
 
 EXPORT_DESCRIPTION = """\
 Export a compressed model to ONNX (dynamic batch), check it with onnx.checker and compare
-onnxruntime with PyTorch: the embedded reference model on its real images by default, or
---model NAME (timm) on random inputs. Needs pip install "vitcompress[export]".
+onnxruntime (or --runtime openvino) with PyTorch: the embedded reference model on its real images
+by default, or --model NAME (timm) on random inputs. --quantize int8 writes an int8 file (linear
+layers only; token selection stays in float) judged by top-1 agreement with the fp32 model.
+Needs pip install "vitcompress[export]" (OpenVINO: "vitcompress[edge]").
 """
 
 
@@ -520,6 +522,17 @@ def _add_export_arguments(parser) -> None:
     parser.add_argument("--no-optimize", action="store_true", help="skip onnxscript's graph optimiser")
     parser.add_argument("--atol", type=_non_negative_float, default=1e-4, metavar="TOL",
                         help="largest accepted max abs difference (default: %(default)s)")
+    parser.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                        help="runtime the file is checked in (default: %(default)s; openvino needs "
+                             "pip install 'vitcompress[edge]')")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="write an int8 file (onnxruntime static quantization of the linear layers, QDQ) "
+                             "judged by top-1 agreement with the fp32 model instead of --atol")
+    parser.add_argument("--calibration-images", type=_int_at_least(1, "--calibration-images 64"), default=None,
+                        metavar="N", help="int8 calibration images: reference images for the reference model, "
+                                          "random-normal inputs otherwise (default: 64)")
+    parser.add_argument("--min-agreement", type=_fraction, default=0.99, metavar="FRACTION",
+                        help="least top-1 agreement accepted for --quantize int8 (default: %(default)s)")
 
 
 def export_budget(args) -> Dict[str, Any]:
@@ -550,6 +563,19 @@ def _check_export(args, parser) -> None:
         if args.opset < MIN_OPSET:
             raise ValueError(f"--opset {args.opset}: vitcompress exports ONNX opset {MIN_OPSET} or newer; "
                              f"give e.g. --opset {DEFAULT_OPSET}")
+        if args.quantize and args.runtime != "onnxruntime":
+            raise ValueError(f"--quantize int8 writes onnxruntime's QDQ format and is checked in onnxruntime: "
+                             f"drop --runtime {args.runtime}")
+        if not args.quantize and args.calibration_images is not None:
+            raise ValueError("--calibration-images applies to --quantize int8")
+        if args.quantize and args.static_batch and (args.calibration_images or 64) % args.batch_size:
+            raise ValueError(f"--calibration-images {args.calibration_images or 64} does not fill whole batches of "
+                             f"{args.batch_size} (--static-batch): give a multiple of --batch-size")
+        if args.runtime == "openvino":
+            import importlib.util
+
+            if importlib.util.find_spec("openvino") is None:
+                raise ValueError("--runtime openvino needs the openvino package: pip install 'vitcompress[edge]'")
         budget = export_budget(args)
         if args.method == "none":
             if budget:
@@ -564,21 +590,36 @@ def _check_export(args, parser) -> None:
 
 def run_export(args) -> int:
     """``vitcompress export`` (arguments already checked): build, compress, export, check; 0 when
-    onnxruntime matches PyTorch."""
-    from . import api
-    from .export import export_onnx
+    the runtime matches PyTorch (int8: top-1 agreement of at least --min-agreement)."""
+    import torch
 
-    loaded = models.load_model(args.model, pretrained=args.pretrained, img_size=args.img_size,
-                               num_images=args.num_images)
+    from . import api
+    from .export import CALIBRATION_IMAGES, export_onnx
+
+    calibrate = args.calibration_images or CALIBRATION_IMAGES
+    reference = args.model == models.REFERENCE
+    wanted = max(args.num_images, calibrate) if reference and args.quantize else args.num_images
+    loaded = models.load_model(args.model, pretrained=args.pretrained, img_size=args.img_size, num_images=wanted)
     model, inputs = loaded.model, loaded.images
     channels, size, _ = loaded.input_size
+    calibration = None
+    if args.quantize:
+        if reference:
+            calibration, inputs = inputs[:calibrate], inputs[:args.num_images]
+            print(f"int8 calibration: the first {calibrate} reference images")
+        else:
+            calibration = torch.randn((calibrate, channels, size, size), generator=torch.Generator().manual_seed(0))
+            print(f"int8 calibration: {calibrate} random-normal inputs (no images ship with {args.model}; the "
+                  "activation ranges of real images may differ)")
     if args.method != "none":
         api.compress(model, args.method, **export_budget(args))
         stats = api.stats(model)
         print(f"{args.model}: {args.method} {stats['budget']}, tokens per block {stats['planned_tokens_per_layer']}")
     report = export_onnx(model, args.out, (args.batch_size, channels, size, size), opset=args.opset,
                          dynamic_batch=not args.static_batch, inputs=inputs, atol=args.atol,
-                         optimize=not args.no_optimize, verbose=True)
+                         optimize=not args.no_optimize, runtime=args.runtime, quantize=args.quantize,
+                         calibration=calibration, min_match=args.min_agreement if args.quantize else 0.99,
+                         verbose=True)
     return 0 if report.ok else 1
 
 

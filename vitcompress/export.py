@@ -30,9 +30,25 @@ The functions are generic over any ``nn.Module`` that takes one image tensor ``[
 returns one tensor: timm models today; open_clip image towers go through the same path once their
 adapter exists. The model is exported in eval mode.
 
-Requires the ``export`` extra: ``pip install "vitcompress[export]"`` (onnx, onnxruntime, onnxscript).
+Edge runtimes
+-------------
+* ``quantize="int8"``: onnxruntime static quantization (QDQ, per-channel int8 weights, int8
+  activations calibrated with min/max on a few images) of the linear layers only -- the MatMul /
+  Gemm / Conv nodes whose weight is a constant (:func:`linear_nodes`). Token selection (the
+  similarity and attention MatMuls between activations, ArgMax, TopK, GatherElements and the
+  ScatterElements merge) stays in float, so int8 rounding only perturbs the scores, it never
+  rounds them onto ties. The file is judged by its top-1 agreement with the fp32 PyTorch model.
+* ``runtime="openvino"``: the ONNX file is read and compiled by OpenVINO for the CPU (fp32
+  inference precision, so bf16-capable CPUs do not silently downcast) and checked like onnxruntime.
+* :func:`export_executorch`: the ``torch.export`` program lowered to an ExecuTorch ``.pte`` with
+  the XNNPACK backend, checked in ExecuTorch's Python runtime.
+
+Requires the ``export`` extra: ``pip install "vitcompress[export]"`` (onnx, onnxruntime, onnxscript);
+OpenVINO needs the ``edge`` extra, ExecuTorch ``pip install executorch``.
 """
+import logging
 import os
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -46,13 +62,21 @@ from .interfaces import runtime_of
 from .runtime import ViTRuntime
 
 __all__ = ["export_program", "export_onnx", "check_exportable", "verify_onnx", "ort_session", "scatter_reductions",
-           "ExportReport", "DEFAULT_OPSET"]
+           "quantize_onnx", "linear_nodes", "openvino_session", "export_executorch", "ExportReport",
+           "ExecuTorchReport", "DEFAULT_OPSET", "RUNTIMES"]
 
 #: ONNX opset written by default: the native opset of torch's ONNX function library. Opset 17 is
 #: written by converting that graph with ``onnx.version_converter``.
 DEFAULT_OPSET = 18
 NATIVE_OPSET = 18
 MIN_OPSET = 17
+#: Runtimes ``export_onnx`` checks the file in.
+RUNTIMES = ("onnxruntime", "openvino")
+#: Calibration images for int8 when none are given (random-normal inputs of the model's shape).
+CALIBRATION_IMAGES = 64
+#: An int8 check is judged by its top-1 agreement only with at least this many images; smaller
+#: ones (random inputs at two batch sizes) show that the file runs with the dynamic batch.
+MIN_AGREEMENT_IMAGES = 100
 
 
 # --------------------------------------------------------------------------- checks
@@ -291,6 +315,135 @@ def verify_onnx(session, model: nn.Module, inputs: torch.Tensor, batch_size: Opt
     return result
 
 
+class _OpenVINOSession:
+    """A compiled OpenVINO model behind the part of onnxruntime's session interface that
+    :func:`verify_onnx` uses (``get_inputs``, ``run``), so that one check serves both runtimes."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.input_name = compiled.input(0).get_any_name()
+
+    def get_inputs(self):
+        return [_Named(self.input_name)]
+
+    def run(self, output_names, feed):
+        (x,) = feed.values()
+        result = self.request.infer({0: x})
+        return [result[self.compiled.output(0)].copy()]
+
+
+@dataclass
+class _Named:
+    name: str
+
+
+def openvino_session(path: str, device: str = "CPU", threads: Optional[int] = None):
+    """``path`` (ONNX) read and compiled by OpenVINO on ``device``, with fp32 inference precision
+    (OpenVINO would run bf16 on CPUs that have it) and as many threads as torch uses; returns an
+    object with onnxruntime's ``run`` / ``get_inputs``."""
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise ImportError("--runtime openvino needs the openvino package: pip install 'vitcompress[edge]'") from err
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": str(threads or torch.get_num_threads())}
+    return _OpenVINOSession(core.compile_model(core.read_model(str(path)), device, config))
+
+
+#: ONNX ops that choose tokens (rank, match); a linear layer that feeds one of them without another
+#: linear layer in between (the qkv projection whose keys score the tokens) stays in float under int8.
+SELECTION_OPS = ("TopK", "ArgMax", "ArgMin")
+
+
+def linear_nodes(model, scoring: bool = True) -> List[str]:
+    """Names of the MatMul / Gemm / Conv nodes whose weight (second input) is a constant of the
+    graph: the linear layers. MatMuls between two activations (attention, token similarity) are
+    not listed. ``scoring=False`` also leaves out the linear layers that feed token selection
+    (``SELECTION_OPS``) with no other linear layer in between -- the qkv projections of the
+    reducing blocks, whose keys or attention score the tokens: int8 keys change which tokens are
+    merged or pruned."""
+    onnx = _require("onnx")
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    linear = [n for n in model.graph.node
+              if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 and n.input[1] in constants]
+    if scoring:
+        return [n.name for n in linear]
+    consumers: Dict[str, List[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    names = {n.name for n in linear}
+
+    def scores(node) -> bool:
+        seen, stack = set(), list(node.output)
+        while stack:
+            for user in consumers.get(stack.pop(), []):
+                if user.op_type in SELECTION_OPS:
+                    return True
+                if user.name not in names and id(user) not in seen:
+                    seen.add(id(user))
+                    stack.extend(user.output)
+        return False
+
+    return [n.name for n in linear if not scores(n)]
+
+
+def _calibration_reader(name: str, images: torch.Tensor, batch_size: int):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.chunks = iter(images[i:i + batch_size].float().contiguous().numpy()
+                               for i in range(0, len(images), batch_size))
+
+        def get_next(self):
+            chunk = next(self.chunks, None)
+            return None if chunk is None else {name: chunk}
+
+    return Reader()
+
+
+def quantize_onnx(source: str, path: str, calibration: torch.Tensor, batch_size: int = 8) -> List[str]:
+    """Write the int8 version of the fp32 ONNX file ``source`` to ``path``: onnxruntime static
+    quantization, QDQ format, per-channel symmetric int8 weights and int8 input activations whose
+    ranges are the min / max over ``calibration`` (images ``[N, C, H, W]``, run in chunks of
+    ``batch_size``). Only the linear layers that do not score tokens are quantized
+    (:func:`linear_nodes` with ``scoring=False``); everything that chooses tokens, and the
+    projections computing its scores, stay in float. Returns the names of the quantized nodes."""
+    _require("onnxruntime")
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    onnx = _require("onnx")
+    proto = onnx.load(str(source), load_external_data=False)
+    nodes = linear_nodes(proto, scoring=False)
+    if not nodes:
+        raise ValueError(f"{source}: no MatMul / Gemm / Conv with a constant weight to quantize")
+    reader = _calibration_reader(proto.graph.input[0].name, calibration, batch_size)
+    quiet = _DropPreprocessingAdvice()  # onnxruntime logs it on the root logger at every call
+    logging.getLogger().addFilter(quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            quantize_static(str(source), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            # float outputs (int8 in, float out): a per-tensor int8 rounding of the
+                            # qkv output would blur the keys that score the tokens
+                            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Conv"]})
+        finally:
+            logging.getLogger().removeFilter(quiet)
+    return nodes
+
+
+class _DropPreprocessingAdvice(logging.Filter):
+    def filter(self, record):
+        return "pre-processing" not in record.getMessage()
+
+
 @dataclass
 class ExportReport:
     """What ``export_onnx`` wrote and how the file compares with PyTorch in onnxruntime.
@@ -301,6 +454,10 @@ class ExportReport:
     (rankings, best matches); where two scores are tied or nearly tied, the last bit of float
     rounding -- which differs between PyTorch and onnxruntime kernels -- can pick the other token
     and change that image's output, so on many real images a few may differ.
+
+    An int8 file (``quantize="int8"``) is judged instead by top-1 agreement: a check of at least
+    ``MIN_AGREEMENT_IMAGES`` images passes when at least ``min_match`` of them have the same top-1
+    class as the fp32 PyTorch model; smaller checks only show that the file runs.
     """
 
     path: str
@@ -315,6 +472,10 @@ class ExportReport:
     atol: float = 1e-4
     min_match: float = 0.99
     seconds: float = 0.0
+    runtime: str = "onnxruntime"
+    quantize: Optional[str] = None
+    quantized_nodes: List[str] = field(default_factory=list)
+    calibration: str = ""
 
     @property
     def max_abs_diff(self) -> float:
@@ -324,7 +485,16 @@ class ExportReport:
         """How many images of check ``name`` are within ``atol``."""
         return int((self.checks[name]["per_image"] <= self.atol).sum())
 
+    def judged(self, name: str) -> bool:
+        """Whether check ``name`` decides ``ok`` (for int8: enough images to measure agreement)."""
+        check = self.checks[name]
+        return not self.quantize or ("top1_agreement" in check and check["images"] >= MIN_AGREEMENT_IMAGES)
+
     def passed(self, name: str) -> bool:
+        if not self.judged(name):
+            return True
+        if self.quantize:
+            return self.checks[name]["top1_agreement"] >= self.min_match - 1e-9
         return self.within(name) >= self.min_match * self.checks[name]["images"] - 1e-9
 
     @property
@@ -336,12 +506,29 @@ class ExportReport:
         out = [f"wrote {self.path}: opset {self.opset}, {self.nodes} nodes, input {list(self.input_shape)}"
                f"{' (dynamic batch)' if self.dynamic_batch else ''}, method {self.method or 'none (uncompressed)'}",
                f"onnx.checker: ok; scatter nodes: {scatters} (no mean reduction)"]
+        if self.quantize:
+            out.append(f"{self.quantize}: {len(self.quantized_nodes)} linear layers quantized (QDQ, per-channel "
+                       f"weights), token selection in float; calibration: {self.calibration}")
+            for name, c in self.checks.items():
+                agree = (f"top-1 agreement {100 * c['top1_agreement']:.2f}%" if "top1_agreement" in c
+                         else "no top-1 (output is not [B, classes])")
+                note = "" if self.judged(name) else f" (< {MIN_AGREEMENT_IMAGES} images: not judged)"
+                out.append(f"{self.quantize} {self.runtime} vs fp32 PyTorch, {name}: {agree}{note}, "
+                           f"max abs diff {c['max_abs_diff']:.3g}, median {c['median_abs_diff']:.3g}")
+            if not any(self.judged(n) for n in self.checks):
+                out.append(f"  (agreement is judged on >= {MIN_AGREEMENT_IMAGES} real images: give inputs= / "
+                           "use the reference model)")
+            judged = [self.checks[n]["top1_agreement"] for n in self.checks if self.judged(n)]
+            verdict = f"top-1 agreement {100 * min(judged):.2f}% (>= {100 * self.min_match:g}% needed)" if judged \
+                else "agreement not judged"
+            out.append(f"{'OK' if self.ok else 'MISMATCH'}: {verdict}; {self.seconds:.0f} s")
+            return out
         for name, c in self.checks.items():
             extra = f", top-1 agreement {100 * c['top1_agreement']:.2f}%" if "top1_agreement" in c else ""
-            out.append(f"onnxruntime vs PyTorch, {name}: max abs diff {c['max_abs_diff']:.3g}, "
+            out.append(f"{self.runtime} vs PyTorch, {name}: max abs diff {c['max_abs_diff']:.3g}, "
                        f"{self.within(name)}/{c['images']} images within {self.atol:g}{extra}")
         if any(self.within(n) < c["images"] for n, c in self.checks.items()):
-            out.append("  (images outside the tolerance: tied or nearly tied token scores that onnxruntime's "
+            out.append(f"  (images outside the tolerance: tied or nearly tied token scores that {self.runtime}'s "
                        "float rounding resolves the other way)")
         out.append(f"{'OK' if self.ok else 'MISMATCH'}: max abs diff {self.max_abs_diff:.3g}; "
                    f"{self.seconds:.0f} s")
@@ -356,7 +543,9 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
                 check_batches: Optional[Sequence[int]] = None, atol: float = 1e-4, min_match: float = 0.99,
                 optimize: bool = True,
                 program: Optional["torch.export.ExportedProgram"] = None,
-                providers: Optional[Sequence[str]] = None, verbose: bool = True) -> ExportReport:
+                providers: Optional[Sequence[str]] = None, runtime: str = "onnxruntime",
+                quantize: Optional[str] = None, calibration: Optional[torch.Tensor] = None,
+                verbose: bool = True) -> ExportReport:
     """Export a (compressed) image model to ONNX at ``path`` and check it in onnxruntime.
 
     ``input_shape`` is ``(batch, channels, height, width)``; with ``dynamic_batch`` (default) the
@@ -374,6 +563,12 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
     graph optimiser (constant folding, dead code) before saving. Works for any module taking one image tensor (timm today; open_clip image towers
     through the same path once their adapter exists). Raises ``ValueError`` for a model compressed
     with a content-dependent (dynamic) method.
+
+    ``runtime``: ``"onnxruntime"`` or ``"openvino"`` (:func:`openvino_session`), the runtime the
+    checks run in. ``quantize="int8"``: write the int8 file (:func:`quantize_onnx`) calibrated on
+    ``calibration`` (images ``[N, C, H, W]``; default ``CALIBRATION_IMAGES`` random-normal inputs
+    of ``input_shape``) and judge it by top-1 agreement with the fp32 model (see
+    :class:`ExportReport`; ``min_match`` is then the least agreement) instead of ``atol``.
     """
     start = time.perf_counter()
     onnx = _require("onnx")
@@ -391,8 +586,28 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
     if inputs is not None and not dynamic_batch and len(inputs) % shape[0]:
         raise ValueError(f"{len(inputs)} images to check do not fill whole batches of {shape[0]}, the static batch "
                          "size: give a multiple of it (CLI: --num-images), or a dynamic batch")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime={runtime!r}: choose one of {', '.join(RUNTIMES)}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize={quantize!r}: the only quantization is 'int8' (or None for fp32)")
+    if quantize and runtime != "onnxruntime":
+        raise ValueError(f"quantize='int8' writes onnxruntime's QDQ format, checked in onnxruntime; "
+                         f"drop runtime={runtime!r} (or quantize) ")
+    if calibration is not None:
+        if not quantize:
+            raise ValueError("calibration= images only serve quantize='int8'")
+        if calibration.dim() != 4 or tuple(calibration.shape[1:]) != shape[1:] or len(calibration) == 0:
+            raise ValueError(f"calibration= has shape {tuple(calibration.shape)}: give images [N, "
+                             f"{', '.join(map(str, shape[1:]))}] with N >= 1, like input_shape")
+        if not dynamic_batch and len(calibration) % shape[0]:
+            raise ValueError(f"{len(calibration)} calibration images do not fill whole batches of {shape[0]}, the "
+                             "static batch size: give a multiple of it, or a dynamic batch")
     if program is None:
         program = export_program(model, shape, dynamic_batch=dynamic_batch)
+    final_path, scratch = path, None
+    if quantize:  # the fp32 file is an intermediate: quantized into ``path`` below
+        scratch = tempfile.TemporaryDirectory(prefix="vitcompress_int8_")
+        path = os.path.join(scratch.name, "fp32.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # torch's ONNX functions are written for opset 18; older opsets are converted below, once
@@ -421,16 +636,29 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
     if means:
         raise RuntimeError(f"{path}: the graph has scatter nodes with a mean reduction {means}; "
                            "ONNX runtimes and TensorRT cannot run them")
+    quantized, described = [], ""
+    if quantize:
+        if calibration is None:
+            calibration = torch.randn((CALIBRATION_IMAGES,) + shape[1:], generator=torch.Generator().manual_seed(0))
+            described = f"{CALIBRATION_IMAGES} random-normal inputs (give real images for real ranges)"
+        else:
+            described = f"{len(calibration)} given images"
+        try:
+            quantized = quantize_onnx(path, final_path, calibration, batch_size=shape[0])
+        finally:
+            scratch.cleanup()
+        path = final_path
+        proto = onnx.load(path, load_external_data=False)
     nodes = _nodes(proto)
-    runtime = runtime_of(model)
+    method = runtime_of(model)
     report = ExportReport(
         path=path, opset=opset, input_shape=shape, dynamic_batch=dynamic_batch,
-        method=None if runtime is None else runtime.method.name, nodes=len(nodes),
+        method=None if method is None else method.method.name, nodes=len(nodes),
         op_counts=dict(Counter(n.op_type for n in nodes).most_common()),
         scatter_reductions={f"{op}({red})": n for (op, red), n in reductions.items()}, atol=atol,
-        min_match=min_match)
+        min_match=min_match, runtime=runtime, quantize=quantize, quantized_nodes=quantized, calibration=described)
 
-    session = ort_session(path, providers)
+    session = ort_session(path, providers) if runtime == "onnxruntime" else openvino_session(path)
     if check_batches is None:
         check_batches = sorted({1, max(2, shape[0])}) if dynamic_batch else [shape[0]]
     generator = torch.Generator().manual_seed(0)
@@ -443,6 +671,113 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
     if verbose:
         print(report)
     if not report.ok:
-        warnings.warn(f"{path}: onnxruntime differs from PyTorch beyond {atol:g} on more than "
-                      f"{100 * (1 - min_match):g}% of the images of a check:\n{report}", RuntimeWarning)
+        what = (f"the int8 file agrees with PyTorch's top-1 on fewer than {100 * min_match:g}% of the images"
+                if quantize else f"{runtime} differs from PyTorch beyond {atol:g} on more than "
+                f"{100 * (1 - min_match):g}% of the images")
+        warnings.warn(f"{path}: {what} of a check:\n{report}", RuntimeWarning)
+    return report
+
+
+# --------------------------------------------------------------------------- ExecuTorch
+
+
+def _sort_by_ranks(x: torch.Tensor, stable: Optional[bool] = None, dim: int = -1, descending: bool = False):
+    """``aten.sort.stable`` from core ATen ops, for ExecuTorch (whose runtime has no sort kernel):
+    element i goes to position ``#{j: x_j before x_i} + #{j < i: x_j == x_i}``, which is exactly
+    the stable order. O(n^2) compares per row: cheap for a few hundred tokens."""
+    rows = x.movedim(dim, -1)
+    n = rows.shape[-1]
+    mine, other = rows.unsqueeze(-1), rows.unsqueeze(-2)  # [..., i, 1], [..., 1, j]
+    order = torch.arange(n, device=x.device)
+    earlier = order.view(1, n) < order.view(n, 1)  # j < i
+    ahead = (other > mine) if descending else (other < mine)
+    rank = (ahead | ((other == mine) & earlier)).sum(-1)
+    indices = torch.zeros_like(rank).scatter(-1, rank, order.expand_as(rank))
+    return rows.gather(-1, indices).movedim(-1, dim), indices.movedim(-1, dim)
+
+
+@dataclass
+class ExecuTorchReport:
+    """What :func:`export_executorch` wrote and how ExecuTorch's runtime compares with PyTorch:
+    ``checks`` maps ``"random, batch N"`` to ``max_abs_diff``."""
+
+    path: str
+    input_shape: Tuple[int, ...]
+    method: Optional[str]
+    delegated: int
+    checks: Dict[str, float] = field(default_factory=dict)
+    atol: float = 1e-4
+    seconds: float = 0.0
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(self.checks.values(), default=float("nan"))
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.atol
+
+    def __str__(self) -> str:
+        out = [f"wrote {self.path}: input {list(self.input_shape)}, method {self.method or 'none (uncompressed)'}, "
+               f"{self.delegated} subgraphs delegated to XNNPACK"]
+        out += [f"executorch vs PyTorch, {name}: max abs diff {diff:.3g}" for name, diff in self.checks.items()]
+        out.append(f"{'OK' if self.ok else 'MISMATCH'}: max abs diff {self.max_abs_diff:.3g} (atol {self.atol:g}); "
+                   f"{self.seconds:.0f} s")
+        return "\n".join(out)
+
+
+def export_executorch(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3, 224, 224), *,
+                      max_batch: int = 16, check_batches: Optional[Sequence[int]] = None, atol: float = 1e-4,
+                      verbose: bool = True) -> ExecuTorchReport:
+    """Lower a (compressed) image model to an ExecuTorch ``.pte`` at ``path`` and check it.
+
+    The ``torch.export`` program (:func:`export_program`, batch dynamic up to ``max_batch``: the
+    runtime plans its memory for the largest batch) is lowered with the XNNPACK partitioner; the
+    sorts that rank tokens are rewritten into core ATen compares (:func:`_sort_by_ranks`, a stable
+    sort), since the runtime has no sort kernel. Then ExecuTorch's Python runtime runs the file on random
+    inputs at ``check_batches`` (default 1 and ``input_shape``'s batch, or 2) against PyTorch.
+    Needs ``pip install executorch`` (see the ``edge`` extra).
+    """
+    start = time.perf_counter()
+    try:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import to_edge_transform_and_lower
+        from executorch.runtime import Runtime
+    except ImportError as err:
+        raise ImportError("export_executorch needs executorch: pip install executorch (see the README)") from err
+    check_exportable(model)
+    shape = _input_shape(input_shape)
+    if not isinstance(max_batch, int) or max_batch < max(2, shape[0]):
+        raise ValueError(f"max_batch={max_batch!r}: give an int >= {max(2, shape[0])} (the example batch)")
+    if not str(path).endswith(".pte"):
+        raise ValueError(f"{path}: ExecuTorch programs are .pte files; give e.g. model.pte")
+    _check_output_path(path)
+    program = export_program(model, shape, max_batch=max_batch)
+    program = program.run_decompositions({
+        torch.ops.aten.sort.stable: _sort_by_ranks,
+        torch.ops.aten.sort.default: lambda x, dim=-1, descending=False: _sort_by_ranks(x, True, dim, descending)})
+    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    with open(path, "wb") as f:
+        f.write(lowered.buffer)
+    delegated = sum(1 for node in lowered.exported_program().graph.nodes
+                    if node.op == "call_function" and "executorch_call_delegate" in str(node.target))
+    method = runtime_of(model)
+    report = ExecuTorchReport(path=str(path), input_shape=shape, method=None if method is None else method.method.name,
+                              delegated=delegated, atol=atol)
+    forward = Runtime.get().load_program(str(path)).load_method("forward")
+    generator = torch.Generator().manual_seed(0)
+    with _Inference(model), torch.no_grad():
+        for b in check_batches or sorted({1, max(2, shape[0])}):
+            x = torch.randn((b,) + shape[1:], generator=generator)
+            out = forward.execute([x])[0]
+            ref = model(x)
+            if out.shape != ref.shape:
+                raise RuntimeError(f"ExecuTorch returned {tuple(out.shape)} for batch {b}; PyTorch {tuple(ref.shape)}")
+            report.checks[f"random, batch {b}"] = (out - ref).abs().max().item()
+    report.seconds = time.perf_counter() - start
+    if verbose:
+        print(report)
+    if not report.ok:
+        warnings.warn(f"{path}: ExecuTorch differs from PyTorch by {report.max_abs_diff:.3g} > {atol:g}",
+                      RuntimeWarning)
     return report

@@ -1,0 +1,271 @@
+"""Edge deployment (issue 18): int8 ONNX, OpenVINO and ExecuTorch of compressed models.
+
+The default run checks the int8 graph structure and OpenVINO on a small random ViT; the acceptance
+checks -- int8 top-1 agreement on the 3,000 reference images for every static method, and
+ExecuTorch (minutes of CPU per lowering) -- are ``slow``: ``python -m pytest -m slow tests/test_edge.py``.
+"""
+import os
+import re
+from collections import defaultdict
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import vitcompress  # noqa: E402
+from vitcompress.export import (export_onnx, linear_nodes, openvino_session, ort_session,  # noqa: E402
+                                quantize_onnx, verify_onnx)
+from vitcompress.methods import get as get_method  # noqa: E402
+
+from conftest import tiny_vit  # noqa: E402
+
+ATOL = 1e-4
+STATIC_METHODS = [m for m in vitcompress.list_methods("vit") if not get_method(m).dynamic]
+SELECTION_OPS = ("TopK", "ArgMax", "GatherElements", "Gather", "ScatterElements", "ScatterND")
+
+
+def _distinct_biases(model):
+    """Random biases: timm starts them at zero, and the ONNX optimiser folds equal constants into
+    one, which would hide which block a layer belongs to."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(std=0.02)
+    return model
+
+
+def _producers(proto):
+    return {out: node for node in proto.graph.node for out in node.output}
+
+
+def _bias_of(node, consumers):
+    return next(name for user in consumers[node.output[0]] for name in user.input if name.endswith(".bias"))
+
+
+def _block_of(node, consumers, hops=3):
+    """The block index of a linear layer: from the name of the bias added to its output (through
+    the Quantize / DequantizeLinear pair int8 may put in between)."""
+    for user in consumers.get(node.output[0], []):
+        for name in user.input:
+            found = re.match(r"blocks\.(\d+)\.", name)
+            if found:
+                return int(found.group(1))
+        if hops > 1 and user.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            block = _block_of(user, consumers, hops - 1)
+            if block is not None:
+                return block
+    return None
+
+
+@pytest.mark.parametrize("method", [m if m == "tome" else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in STATIC_METHODS])
+def test_openvino_matches_pytorch_at_two_batch_sizes(tmp_path, method):
+    pytest.importorskip("openvino")
+    assert sorted(STATIC_METHODS) == ["pitome", "tome", "zero_tprune"]
+    model = vitcompress.compress(tiny_vit(depth=2), method)
+    tokens = vitcompress.stats(model)["planned_tokens_per_layer"]
+    assert tokens[-1] < tokens[0], "the exported model is compressed"
+    path = str(tmp_path / f"{method}.onnx")
+    report = export_onnx(model, path, (2, 3, 32, 32), runtime="openvino", check_batches=(1, 3), verbose=False)
+    assert report.runtime == "openvino" and sorted(report.checks) == ["random, batch 1", "random, batch 3"]
+    assert report.ok and report.max_abs_diff <= ATOL, f"{method}: {report}"
+    # an independent run of the compiled model, on other inputs, against PyTorch
+    session = openvino_session(path)
+    torch.manual_seed(5)
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            ref = model(x)
+        out = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max().item() <= ATOL, f"{method}, batch {batch}"
+
+
+def test_int8_quantizes_every_blocks_linear_layers_and_leaves_token_selection_in_float(tmp_path):
+    model = vitcompress.compress(_distinct_biases(tiny_vit(depth=2)), "tome")
+    path = str(tmp_path / "tome-int8.onnx")
+    calibration = torch.randn(16, 3, 32, 32)
+    report = export_onnx(model, path, (2, 3, 32, 32), quantize="int8", calibration=calibration, verbose=False)
+    assert report.quantize == "int8" and report.calibration == "16 given images"
+    assert report.ok  # random inputs at two batch sizes: the file runs; agreement is not judged below 100 images
+    assert not any(report.judged(name) for name in report.checks)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto)
+    producers = _producers(proto)
+    consumers = defaultdict(list)
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    constants = {i.name: i for i in proto.graph.initializer}
+
+    linear = [n for n in proto.graph.node if n.name in set(report.quantized_nodes)]
+    # proj, fc1, fc2 of both blocks, the patch embedding and the head; both blocks reduce, so their
+    # qkv projections (the keys score the tokens) stay in float
+    assert vitcompress.stats(model)["planned_tokens_per_layer"] == [65, 58]
+    assert len(linear) == len(report.quantized_nodes) == 3 * 2 + 2
+    in_float = [n for n in proto.graph.node if n.name in set(linear_nodes(proto)) - set(report.quantized_nodes)]
+    assert sorted(_bias_of(n, consumers) for n in in_float) == ["blocks.0.attn.qkv.bias", "blocks.1.attn.qkv.bias"]
+    for node in in_float:
+        assert all(producers.get(name) is None or producers[name].op_type != "DequantizeLinear" for name in node.input)
+    per_block = defaultdict(int)
+    for node in linear:
+        sources = [producers.get(name) for name in node.input[:2]]
+        assert all(s is not None and s.op_type == "DequantizeLinear" for s in sources), node.name
+        activation, weight = sources
+        assert producers[activation.input[0]].op_type == "QuantizeLinear"
+        q_weight = constants[weight.input[0]]
+        assert q_weight.data_type == onnx.TensorProto.INT8
+        scales = onnx.numpy_helper.to_array(constants[weight.input[1]])
+        assert scales.size > 1, f"{node.name}: per-channel weight scales"
+        block = _block_of(node, consumers)
+        if node.op_type == "MatMul" and block is not None:
+            per_block[block] += 1
+    assert dict(per_block) == {0: 3, 1: 3}
+
+    # token selection and the activation x activation MatMuls (attention, similarity) stay in float
+    for node in proto.graph.node:
+        if node.op_type in SELECTION_OPS or (node.op_type == "MatMul" and node.name not in report.quantized_nodes):
+            for name in node.input:
+                source = producers.get(name)
+                assert source is None or source.op_type != "DequantizeLinear", f"{node.op_type} {node.name}"
+    # int8 weights are stored quantized: one QuantizeLinear per layer input; DequantizeLinear for
+    # the input and the weight of each, and the int32 biases of Conv and Gemm
+    assert report.op_counts["QuantizeLinear"] == 8 and report.op_counts["DequantizeLinear"] == 2 * 8 + 2
+    assert report.op_counts["TopK"] == 4
+    assert report.scatter_reductions == {"ScatterElements(add)": 4}
+
+
+def test_quantize_onnx_lists_only_layers_with_a_constant_weight(tmp_path):
+    model = vitcompress.compress(tiny_vit(depth=1), "tome", r=8)
+    fp32 = str(tmp_path / "fp32.onnx")
+    export_onnx(model, fp32, (2, 3, 32, 32), verbose=False)
+    proto = onnx.load(fp32)
+    names = linear_nodes(proto)
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
+    assert len(names) == 4 + 2 and len(matmuls) > 4  # attention and similarity MatMuls are left out
+    int8 = str(tmp_path / "int8.onnx")
+    scoring = sorted(set(names) - set(linear_nodes(proto, scoring=False)))
+    assert len(scoring) == 1  # the qkv projection of the one (reducing) block
+    assert quantize_onnx(fp32, int8, torch.randn(8, 3, 32, 32)) == [n for n in names if n not in scoring]
+    # an independent check of the file: int8 error is small next to the logits, at two batch sizes
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 32, 32)
+        result = verify_onnx(ort_session(int8), model, x)
+        with torch.no_grad():
+            scale = model(x).abs().max().item()
+        assert 0 < result["max_abs_diff"] < 0.1 * scale
+
+
+def test_bad_edge_arguments(tmp_path):
+    model = vitcompress.compress(tiny_vit(depth=1), "tome", r=8)
+    path = str(tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="only quantization is 'int8'"):
+        export_onnx(model, path, (1, 3, 32, 32), quantize="int4", verbose=False)
+    with pytest.raises(ValueError, match="runtime='tensorrt'"):
+        export_onnx(model, path, (1, 3, 32, 32), runtime="tensorrt", verbose=False)
+    with pytest.raises(ValueError, match="drop runtime='openvino'"):
+        export_onnx(model, path, (1, 3, 32, 32), quantize="int8", runtime="openvino", verbose=False)
+    with pytest.raises(ValueError, match="only serve quantize='int8'"):
+        export_onnx(model, path, (1, 3, 32, 32), calibration=torch.zeros(4, 3, 32, 32), verbose=False)
+    with pytest.raises(ValueError, match=r"calibration= has shape \(4, 3, 16, 16\)"):
+        export_onnx(model, path, (1, 3, 32, 32), quantize="int8", calibration=torch.zeros(4, 3, 16, 16),
+                    verbose=False)
+    assert not os.path.exists(path)
+
+
+def test_cli_refuses_bad_edge_combinations(capsys):
+    from vitcompress import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["export", "--quantize", "int8", "--runtime", "openvino"])
+    assert exit_info.value.code == 2 and "drop --runtime openvino" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["export", "--calibration-images", "32"])
+    assert "--calibration-images applies to --quantize int8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["export", "--quantize", "int8", "--static-batch", "--batch-size", "128"])
+    assert "--calibration-images 64 does not fill whole batches of 128" in capsys.readouterr().err
+    args = cli.parse_args(["export", "--quantize", "int8", "--calibration-images", "32"])
+    assert args.quantize == "int8" and args.calibration_images == 32 and args.min_agreement == 0.99
+
+
+# --------------------------------------------------------------------------- slow: acceptance
+
+
+def _reference():
+    from vitcompress import reference_model as reference
+
+    if not os.path.isfile(os.path.join(reference.data_dir(), reference.MODEL_FILE)):
+        pytest.skip("reference model data not present")
+    return reference
+
+
+#: measured (vitcompress 0.2, onnxruntime 1.32): int8 top-1 agreement with the fp32 PyTorch model on
+#: the 3,000 reference images at 65% FLOPs -- uncompressed 99.77%, tome 99.40%, pitome 97.33%,
+#: zero_tprune 98.83%. PiToMe's energy margin and Zero-TPrune's attention ranking flip on more
+#: images than int8 noise flips the class of the uncompressed model: below the 99% of issue 18.
+INT8_BELOW_99 = {"pitome": "97.33% measured", "zero_tprune": "98.83% measured"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["none"] + [
+    pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=f"int8 agreement {INT8_BELOW_99[m]} < 99%"))
+    if m in INT8_BELOW_99 else m for m in STATIC_METHODS])
+def test_int8_top1_agreement_on_the_3000_reference_images(tmp_path, method):
+    """Each static method at 65% FLOPs, int8, against its own fp32 PyTorch model; "none" (the
+    uncompressed int8 file) is the comparison point."""
+    reference = _reference()
+    model, images, _ = reference.load()
+    assert len(images) == 3000
+    if method != "none":
+        vitcompress.compress(model, method, flops=0.65)
+    report = export_onnx(model, str(tmp_path / f"{method}.onnx"), (8,) + tuple(images.shape[1:]),
+                         quantize="int8", calibration=images[:64], inputs=images, verbose=False)
+    check = report.checks["real images, batch 8"]
+    print(f"int8 {method}: top-1 agreement with fp32 PyTorch {100 * check['top1_agreement']:.2f}% on "
+          f"{check['images']} images, max abs diff {check['max_abs_diff']:.3g}")
+    assert report.judged("real images, batch 8") and check["images"] == 3000
+    assert check["top1_agreement"] >= 0.99 and report.ok
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", STATIC_METHODS)
+def test_executorch_matches_pytorch_at_two_batch_sizes(tmp_path, method):
+    pytest.importorskip("executorch")
+    from vitcompress.export import export_executorch
+
+    model = vitcompress.compress(tiny_vit(depth=2), method)
+    path = str(tmp_path / f"{method}.pte")
+    report = export_executorch(model, path, (2, 3, 32, 32), max_batch=8, check_batches=(1, 5), verbose=False)
+    assert os.path.getsize(path) > 0 and report.delegated > 0
+    assert sorted(report.checks) == ["random, batch 1", "random, batch 5"]
+    assert report.ok and report.max_abs_diff <= ATOL, str(report)
+
+
+def test_executorch_bad_arguments(tmp_path):
+    pytest.importorskip("executorch")
+    from vitcompress.export import export_executorch
+
+    model = vitcompress.compress(tiny_vit(depth=1), "tome", r=8)
+    with pytest.raises(ValueError, match=r"\.pte files"):
+        export_executorch(model, str(tmp_path / "m.onnx"), (2, 3, 32, 32), verbose=False)
+    with pytest.raises(ValueError, match="max_batch=2: give an int >= 4"):
+        export_executorch(model, str(tmp_path / "m.pte"), (4, 3, 32, 32), max_batch=2, verbose=False)
+    assert not (tmp_path / "m.pte").exists()
+
+
+def test_executorch_stable_sort_rewrite_matches_torch_sort():
+    """The core-ATen sort used for ExecuTorch keeps ties in index order, like torch.sort(stable=True)."""
+    from vitcompress.export import _sort_by_ranks
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 40) * 2).round()  # many ties
+    for dim in (-1, 1):
+        for descending in (False, True):
+            values, indices = _sort_by_ranks(x, True, dim, descending)
+            expected = torch.sort(x, dim=dim, descending=descending, stable=True)
+            assert torch.equal(indices, expected.indices) and torch.equal(values, expected.values)
