@@ -39,7 +39,15 @@ def _native_mha_flops(inputs, outputs) -> int:
     return batch * ((n_q + n_k + n_v) * dim * dim + 2 * n_q * n_k * dim + n_q * dim * dim)
 
 
+def _convolution_mode_flops(inputs, outputs) -> int:
+    """A convolution with a string padding (``padding="valid"``: SigLIP's patch embedding), counted
+    as fvcore counts any other: output elements x input channels per group x kernel size."""
+    weight = _shape(inputs[1])
+    return math.prod(_shape(outputs[0])) * math.prod(weight[1:])
+
+
 HANDLES = {
+    "aten::_convolution_mode": _convolution_mode_flops,
     "aten::_native_multi_head_attention": _native_mha_flops,
     "aten::baddbmm": _baddbmm_flops,
     "aten::scaled_dot_product_attention": _sdpa_flops,
