@@ -311,7 +311,7 @@ def test_can_prune_all_but_one_token_with_an_even_split():
         model(torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match="at most 63"):
         vitcompress.compress(model, "zero_tprune", r=64, s_ratio=0.5)
-    with pytest.raises(ValueError, match="at most 32"):  # the default S-stage alone drops only the less important half
+    with pytest.raises(ValueError, match="at most 32.*or a smaller s_ratio"):  # the default S-stage alone: half
         vitcompress.compress(model, "zero_tprune", r=33)
 
 

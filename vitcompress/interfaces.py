@@ -130,6 +130,10 @@ class ViTMethod(Method):
         """Whether block ``layer`` reduces at all (static)."""
         return True
 
+    def limit_hint(self, options) -> str:
+        """What else lifts :meth:`max_remove`'s limit, for the error that reports it ("" if nothing)."""
+        return ""
+
     def remove_for_keep(self, tokens: int, num_prefix: int, keep: float) -> int:
         """Tokens a block removes under a ``keep=`` budget when ``tokens`` reducible tokens (after
         ``num_prefix`` special ones) enter it: all but ``floor(tokens * keep)``."""

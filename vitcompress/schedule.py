@@ -126,7 +126,8 @@ def build_schedule(method: Method, options: Dict[str, Any], kind: str, value, nu
         if clamp:
             n = min(n, limit)
         if n > limit:
-            fix = "use a larger keep" if kind == "keep" else "use a smaller r or a per-block list"
+            fix = ("use a larger keep" if kind == "keep" else "use a smaller r or a per-block list") + \
+                method.limit_hint(options)
             raise ValueError(f"{kind}={value} asks block {layer} to remove {n} of the {t} tokens left, but "
                              f"{method.name} can remove at most {limit} there; {fix}")
         remove.append(n)

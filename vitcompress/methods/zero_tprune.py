@@ -365,6 +365,12 @@ class ZeroTPrune(ViTMethod):
             r -= 1
         return r
 
+    def limit_hint(self, options) -> str:
+        if options["s_ratio"] > 0.5:
+            return (f", or a smaller s_ratio (now {options['s_ratio']}): the S-stage drops at most the less "
+                    "important half of a block's tokens, s_ratio=0.5 lets the I-stage prune the rest")
+        return ""
+
     def overhead_flops(self, tokens, num_prefix, remove, num_heads, head_dim, layer, num_layers, options) -> int:
         t = tokens - num_prefix
         r_s, r_i = split_removals(remove, options["s_ratio"])
