@@ -33,7 +33,6 @@ prints (images/s: the sum over the ranks, and per rank):
 """
 import argparse
 import copy
-import json
 import os
 import sys
 from pathlib import Path
@@ -290,17 +289,9 @@ def format_table(rows: List[Dict]) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        with distributed.session(args.device) as ctx:
-            rows = evaluate(args, ctx)
-    except distributed.RankFailed as err:  # another rank's error, which names the rank
-        sys.exit(str(err))
-    if rows is None:  # not rank 0
-        return 0
-    print(format_table(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+    rows = distributed.run_script(evaluate, args)
+    if rows is not None:  # rank 0
+        distributed.report(rows, format_table(rows), args.json)
     return 0
 
 

@@ -22,9 +22,7 @@ images and rank 0 scores every detection (images/s: the sum over the ranks, and 
 import argparse
 import copy
 import functools
-import json
 import statistics
-import sys
 from typing import Optional
 
 import torch
@@ -126,27 +124,16 @@ def format_table(rows, no_baseline: bool) -> str:
         lines.append(f"{row['model']:<24}{100 * row['AP']:>7.1f}{100 * row['AP50']:>7.1f}{100 * row['AP75']:>7.1f}"
                      f"{row['encoder_gflops']:>12.3f}{share:>8}{row['images_per_s']:>8.1f}")
     lines.append(f"tokens per encoder layer (last batch, {rows[-1]['model']}): {rows[-1]['tokens_per_layer']}")
-    per_rank = rows[0]["images_per_rank"]
-    if len(per_rank) > 1:
-        lines.append(f"{rows[0]['images']} images on {len(per_rank)} ranks ({' + '.join(map(str, per_rank))}); "
-                     "img/s is the sum over the ranks, per rank:")
-        lines += [f"  {r['model']}: {', '.join(f'{v:.1f}' for v in r['images_per_s_per_rank'])}" for r in rows]
+    lines += distributed.rank_lines(rows)
     return "\n".join(lines)
 
 
 def main(argv=None):
     """The rows on rank 0 (printed, and written to ``--json``); None on the other ranks."""
     args = parse_args(argv)
-    try:
-        with distributed.session(args.device) as ctx:
-            rows = evaluate(args, ctx)
-    except distributed.RankFailed as err:  # another rank's error, which names the rank
-        sys.exit(str(err))
+    rows = distributed.run_script(evaluate, args)
     if rows is not None:
-        print(format_table(rows, args.no_baseline))
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(rows, f, indent=2)
+        distributed.report(rows, format_table(rows, args.no_baseline), args.json)
     return rows
 
 

@@ -13,7 +13,6 @@ images, rank 0 prints the totals (and images/s summed over the ranks, and per ra
 """
 import argparse
 import copy
-import json
 import sys
 
 import torch
@@ -103,26 +102,15 @@ def format_table(rows) -> str:
                      f"{r['images_per_s']:>9.1f}")
         if "tokens_per_layer" in r:
             lines.append(f"  tokens per layer: {r['tokens_per_layer']}")
-    per_rank = rows[0]["images_per_rank"]
-    if len(per_rank) > 1:
-        lines.append(f"{rows[0]['images']} images on {len(per_rank)} ranks ({' + '.join(map(str, per_rank))}); "
-                     "img/s is the sum over the ranks, per rank:")
-        lines += [f"  {r['model']}: {', '.join(f'{v:.1f}' for v in r['images_per_s_per_rank'])}" for r in rows]
+    lines += distributed.rank_lines(rows)
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        with distributed.session(args.device) as ctx:
-            rows = evaluate(args, ctx)
-    except distributed.RankFailed as err:  # another rank's error, which names the rank
-        sys.exit(str(err))
+    rows = distributed.run_script(evaluate, args)
     if rows is not None:
-        print(format_table(rows))
-        if args.json:
-            with open(args.json, "w", encoding="utf-8") as f:
-                json.dump(rows, f, indent=2)
+        distributed.report(rows, format_table(rows), args.json)
     return 0
 
 

@@ -13,14 +13,17 @@ The merging of gathered pieces is pure (:func:`merge_rows`, :func:`add_counts`) 
 every item was evaluated exactly once.
 """
 import contextlib
+import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "RankFailed", "session", "shard_indices", "shard", "merge_rows", "add_counts"]
+__all__ = ["Context", "RankFailed", "session", "shard_indices", "shard", "merge_rows", "add_counts",
+           "run_script", "report", "rank_lines"]
 
 
 class RankFailed(RuntimeError):
@@ -176,3 +179,31 @@ def sum_counts(counts: Dict[str, int], ctx: Context) -> Optional[Dict[str, int]]
     """The counts summed over ranks on rank 0; None elsewhere."""
     parts = ctx.gather(counts)
     return None if parts is None else add_counts(parts)
+
+
+def run_script(evaluate, args) -> Optional[List[Dict[str, Any]]]:
+    """An evaluation script's body: ``evaluate(args, ctx)`` in a :func:`session` on ``args.device``;
+    its rows on rank 0, None on the others. Another rank's failure exits with that rank's message."""
+    try:
+        with session(args.device) as ctx:
+            return evaluate(args, ctx)
+    except RankFailed as err:  # the message names the rank and its error
+        sys.exit(str(err))
+
+
+def report(rows: List[Dict[str, Any]], table: str, json_path: Optional[str]) -> None:
+    """Rank 0's output: the table printed, the rows written to ``json_path`` (a JSON list) if given."""
+    print(table)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=2)
+
+
+def rank_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    """Lines under a table run on several ranks: how the images were split and each rank's img/s."""
+    per_rank = rows[0]["images_per_rank"]
+    if len(per_rank) <= 1:
+        return []
+    return ([f"{rows[0]['images']} images on {len(per_rank)} ranks ({' + '.join(map(str, per_rank))}); "
+             "img/s is the sum over the ranks, per rank:"]
+            + [f"  {r['model']}: {', '.join(f'{v:.1f}' for v in r['images_per_s_per_rank'])}" for r in rows])
