@@ -531,6 +531,9 @@ def _add_export_arguments(parser) -> None:
     parser.add_argument("--calibration-images", type=_int_at_least(1, "--calibration-images 64"), default=None,
                         metavar="N", help="int8 calibration images: reference images for the reference model, "
                                           "random-normal inputs otherwise (default: 64)")
+    parser.add_argument("--float-reductions", type=_int_at_least(0, "--float-reductions 2"), default=None,
+                        metavar="N", help="int8: the linear layers feeding the first N token reductions stay in "
+                                          "float, where a choice flipped by int8 noise changes the most (default: 2)")
     parser.add_argument("--min-agreement", type=_fraction, default=0.99, metavar="FRACTION",
                         help="least top-1 agreement accepted for --quantize int8 (default: %(default)s)")
 
@@ -568,6 +571,8 @@ def _check_export(args, parser) -> None:
                              f"drop --runtime {args.runtime}")
         if not args.quantize and args.calibration_images is not None:
             raise ValueError("--calibration-images applies to --quantize int8")
+        if not args.quantize and args.float_reductions is not None:
+            raise ValueError("--float-reductions applies to --quantize int8")
         if args.quantize and args.static_batch and (args.calibration_images or 64) % args.batch_size:
             raise ValueError(f"--calibration-images {args.calibration_images or 64} does not fill whole batches of "
                              f"{args.batch_size} (--static-batch): give a multiple of --batch-size")
@@ -594,7 +599,7 @@ def run_export(args) -> int:
     import torch
 
     from . import api
-    from .export import CALIBRATION_IMAGES, export_onnx
+    from .export import CALIBRATION_IMAGES, FLOAT_REDUCTIONS, export_onnx
 
     calibrate = args.calibration_images or CALIBRATION_IMAGES
     reference = args.model == models.REFERENCE
@@ -619,6 +624,7 @@ def run_export(args) -> int:
                          dynamic_batch=not args.static_batch, inputs=inputs, atol=args.atol,
                          optimize=not args.no_optimize, runtime=args.runtime, quantize=args.quantize,
                          calibration=calibration, min_match=args.min_agreement if args.quantize else 0.99,
+                         float_reductions=FLOAT_REDUCTIONS if args.float_reductions is None else args.float_reductions,
                          verbose=True)
     return 0 if report.ok else 1
 
