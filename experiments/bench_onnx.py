@@ -5,7 +5,8 @@ checks each file against PyTorch, then times every (setting, runtime) in one int
 batch size (every round runs each model once, rotating who goes first, so machine noise hits them
 alike) and prints each runtime's throughput ratio next to the FLOPs ratio counted by
 ``vitcompress.count_flops``. Runtimes: fp32 onnxruntime, int8 onnxruntime (static QDQ quantization
-of the linear layers, calibrated on 64 random-normal inputs: random weights have no real images),
+of the linear layers, calibrated on 64 random-normal inputs: random weights have no real images;
+the inputs of the first --float-reductions token reductions in float, as ``export_onnx`` does),
 OpenVINO (fp32, when installed) and, with --executorch, ExecuTorch with XNNPACK. "int8 vs ideal" is
 the compressed int8 throughput over (uncompressed int8 throughput x the FLOPs speedup).
 
@@ -28,7 +29,8 @@ import warnings
 import torch
 
 import vitcompress
-from vitcompress.export import export_onnx, openvino_session, ort_session, quantize_onnx, verify_onnx
+from vitcompress.export import (FLOAT_REDUCTIONS, export_onnx, openvino_session, ort_session, quantize_onnx,
+                                verify_onnx)
 from vitcompress.settings import describe, parse_setting
 
 
@@ -63,6 +65,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads of every runtime")
     ap.add_argument("--out-dir", help="keep the exported files here (default: a temporary folder)")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 onnxruntime column")
+    ap.add_argument("--float-reductions", type=int, default=FLOAT_REDUCTIONS, metavar="N",
+                    help="int8: leading token reductions whose inputs stay in float (default: %(default)s)")
     ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO column")
     ap.add_argument("--executorch", action="store_true", help="add an ExecuTorch (XNNPACK) column (slow lowering)")
     ap.add_argument("--torch", action="store_true", help="also time the PyTorch eager models in the same run")
@@ -115,7 +119,8 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - t0:.0f} s)", flush=True)
         sessions = {"ORT fp32": ort_session(report.path)}
         if "ORT int8" in runtimes:
-            quantize_onnx(report.path, stem + "-int8.onnx", calibration, batch_size=top)
+            quantize_onnx(report.path, stem + "-int8.onnx", calibration, batch_size=top,
+                          float_reductions=args.float_reductions)
             sessions["ORT int8"] = ort_session(stem + "-int8.onnx")
             check = verify_onnx(sessions["ORT int8"], model, inputs[top])
             print(f"  int8: max abs diff vs fp32 PyTorch {check['max_abs_diff']:.3g} (median "
@@ -136,7 +141,8 @@ def main(argv=None) -> int:
             et = export_executorch(model, stem + ".pte", (top,) + image, max_batch=max(2, top),
                                    check_batches=(1, top) if top > 1 else (1, 2), verbose=False)
             print(f"  ExecuTorch: max abs diff vs PyTorch {et.max_abs_diff:.2g}, {et.delegated} XNNPACK "
-                  f"subgraphs ({time.perf_counter() - t0:.0f} s)", flush=True)
+                  f"subgraphs, {sum(et.portable_ops.values())} ops outside ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
             forward = Runtime.get().load_program(et.path).load_method("forward")
             runners[label, "ExecuTorch"] = (lambda b, f=forward: f.execute([inputs[b]]))
         if args.torch:
@@ -152,7 +158,8 @@ def main(argv=None) -> int:
         print()
         print(f"{args.model} (random weights), batch {batch}, {args.threads} threads, {args.runs} interleaved "
               f"rounds (median img/s, speedup over uncompressed in the same runtime); onnxruntime {ort.__version__}, "
-              f"{_versions()}torch {torch.__version__}; {time.perf_counter() - start:.0f} s so far")
+              f"{_versions()}torch {torch.__version__}; {time.perf_counter() - start:.0f} s so far"
+              + ("" if args.no_int8 else f"; int8 with float_reductions={args.float_reductions}"))
         head = f"{'setting':<22}{'GFLOPs':>8}{'FLOPs ratio':>12}" + "".join(f"{r:>22}" for r in runtimes)
         if "ORT int8" in runtimes:
             head += f"{'int8 vs ideal':>15}"

@@ -305,6 +305,13 @@ def test_executorch_matches_pytorch_at_two_batch_sizes(tmp_path, method):
     path = str(tmp_path / f"{method}.pte")
     report = export_executorch(model, path, (2, 3, 32, 32), max_batch=8, check_batches=(1, 5), verbose=False)
     assert os.path.getsize(path) > 0 and report.delegated > 0
+    # attention and layer norm run in XNNPACK, not in the portable kernels (the rewrites above);
+    # torch's safe softmax would leave any / where / logical_not (zero_tprune uses them itself)
+    left = {op.split(".")[1] for op in report.portable_ops}
+    assert not left & {"native_layer_norm", "_safe_softmax", "_softmax"}, left
+    if method != "zero_tprune":
+        assert not left & {"any", "where", "logical_not"}, left
+    assert "outside XNNPACK: " in str(report)
     assert sorted(report.checks) == ["random, batch 1", "random, batch 5"]
     assert report.ok and report.max_abs_diff <= ATOL, str(report)
 
@@ -332,3 +339,37 @@ def test_executorch_stable_sort_rewrite_matches_torch_sort():
             values, indices = _sort_by_ranks(x, True, dim, descending)
             expected = torch.sort(x, dim=dim, descending=descending, stable=True)
             assert torch.equal(indices, expected.indices) and torch.equal(values, expected.values)
+
+
+@pytest.mark.parametrize("mask", [None, "float", "bool"])
+@pytest.mark.parametrize("tokens", [1, 50, 197])
+def test_executorch_attention_rewrite_matches_torch(mask, tokens):
+    """The attention XNNPACK delegates equals torch's scaled_dot_product_attention (no mask, the
+    additive bias of proportional attention / relative positions, a boolean mask with no fully
+    masked row), with and without an explicit scale."""
+    from vitcompress.export import _attention_for_xnnpack
+
+    torch.manual_seed(tokens)
+    q, k, v = (torch.randn(2, 3, tokens, 24) for _ in range(3))
+    attn_mask = {None: None, "float": torch.randn(2, 1, tokens, tokens),
+                 "bool": torch.rand(2, 3, tokens, tokens) > 0.3}[mask]
+    if mask == "bool":
+        attn_mask[..., 0] = True
+    for scale in (None, 0.3):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        assert torch.allclose(_attention_for_xnnpack(q, k, v, attn_mask, scale=scale), expected, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="causal"):
+        _attention_for_xnnpack(q, k, v, is_causal=True)
+
+
+def test_executorch_layer_norm_rewrite_matches_torch():
+    from vitcompress.export import _layer_norm_for_xnnpack
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 197, 37) * 3 + 1
+    weight, bias = torch.randn(37), torch.randn(37)
+    for w, b in ((weight, bias), (weight, None), (None, None)):
+        expected = torch.nn.functional.layer_norm(x, (37,), w, b, eps=1e-6)
+        assert torch.allclose(_layer_norm_for_xnnpack(x, (37,), w, b, 1e-6), expected, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="last dimension"):
+        _layer_norm_for_xnnpack(x, (197, 37))
