@@ -38,6 +38,16 @@ def patch_part(patcher, module: nn.Module, runtime, name: str, fn: Callable, lay
     patcher.set(module, name, bind(fn, module))
 
 
+def require_block_types(blocks: Iterable[nn.Module], block_type: type, attention_type: type, family: str,
+                        supported: str) -> None:
+    """Refuse a model whose blocks are not exactly ``block_type`` with ``attention_type``: an adapter
+    re-implements those forwards, so a subclass or another attention would be silently replaced."""
+    for i, block in enumerate(blocks):
+        if type(block) is not block_type or type(block.attn) is not attention_type:
+            raise TypeError(f"block {i} of this {family} is a {type(block).__name__} with "
+                            f"{type(block.attn).__name__}; {supported}")
+
+
 def patch_blocks(patcher, blocks: Iterable[nn.Module], runtime, forward: Callable, details: Any = None) -> None:
     """Give every block its reducing ``forward``, bound to it with its index. Module-level functions
     bound with :func:`bind` and plain attributes only, so ``copy.deepcopy`` and pickle /

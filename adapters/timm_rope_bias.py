@@ -32,7 +32,8 @@ from vitcompress.blocks import BlockParts, reducing_forward
 from vitcompress.interfaces import part_of
 from vitcompress.schedule import ViTCost
 
-from .common import ViTAdapter, bind, patch_blocks, patch_flops, patch_part, per_token_flops, token_intermediates
+from .common import (ViTAdapter, bind, patch_blocks, patch_flops, patch_part, per_token_flops, require_block_types,
+                     token_intermediates)
 from .timm_vit import _size_aware_attn_pool_forward
 
 _WEIGHTED_POOLS = ("avg", "avgmax", "max")
@@ -207,11 +208,10 @@ class TimmEvaAdapter(ViTAdapter):
     def __init__(self, model):
         _, EvaBlock, EvaAttention, _ = _timm_eva()
         self.model = model
+        require_block_types(model.blocks, EvaBlock, EvaAttention, "Eva",
+                            "vitcompress supports timm's pre-norm EvaBlock with EvaAttention (post-norm blocks, "
+                            "use_post_norm=True, and attn_type='rope' / num_kv_heads are not supported)")
         for i, block in enumerate(model.blocks):
-            if type(block) is not EvaBlock or type(block.attn) is not EvaAttention:
-                raise TypeError(f"block {i} of this Eva is a {type(block).__name__} with {type(block.attn).__name__}; "
-                                "vitcompress supports timm's pre-norm EvaBlock with EvaAttention (post-norm blocks, "
-                                "use_post_norm=True, and attn_type='rope' / num_kv_heads are not supported)")
             if block.attn.num_prefix_tokens != model.num_prefix_tokens:
                 raise ValueError(f"block {i} leaves {block.attn.num_prefix_tokens} tokens without rotary embedding, "
                                  f"the model has {model.num_prefix_tokens} special tokens")
@@ -309,10 +309,8 @@ class TimmBeitAdapter(ViTAdapter):
     def __init__(self, model):
         _, Block, Attention = _timm_beit()
         self.model = model
-        for i, block in enumerate(model.blocks):
-            if type(block) is not Block or type(block.attn) is not Attention:
-                raise TypeError(f"block {i} of this Beit is a {type(block).__name__} with {type(block.attn).__name__}; "
-                                "vitcompress supports timm's beit Block with its Attention")
+        require_block_types(model.blocks, Block, Attention, "Beit",
+                            "vitcompress supports timm's beit Block with its Attention")
         self.num_prefix = model.num_prefix_tokens
         self.num_patches = model.patch_embed.num_patches
         self.depth = len(model.blocks)

@@ -17,7 +17,8 @@ from vitcompress.blocks import BlockParts, reducing_forward
 from vitcompress.interfaces import part_of
 from vitcompress.schedule import ViTCost
 
-from .common import ViTAdapter, bind, patch_blocks, patch_flops, patch_part, per_token_flops, token_intermediates
+from .common import (ViTAdapter, bind, patch_blocks, patch_flops, patch_part, per_token_flops, require_block_types,
+                     token_intermediates)
 
 _WEIGHTED_POOLS = ("avg", "avgmax", "max")
 
@@ -69,11 +70,9 @@ class TimmViTAdapter(ViTAdapter):
     def __init__(self, model):
         _, Block, Attention = _timm()
         self.model = model
-        for i, block in enumerate(model.blocks):
-            if type(block) is not Block or type(block.attn) is not Attention:
-                raise TypeError(f"block {i} of this VisionTransformer is a {type(block).__name__} with "
-                                f"{type(block.attn).__name__}; vitcompress supports timm's pre-norm Block "
-                                f"with the standard Attention (post-norm, parallel and RoPE blocks are not supported)")
+        require_block_types(model.blocks, Block, Attention, "VisionTransformer",
+                            "vitcompress supports timm's pre-norm Block with the standard Attention (post-norm, "
+                            "parallel and RoPE blocks are not supported)")
         pool = getattr(model, "attn_pool", None)
         if pool is not None and (type(pool).__name__ != "AttentionPoolLatent" or getattr(pool, "pos_embed", None)
                                  is not None):
