@@ -1,10 +1,8 @@
 import re
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 VERSION = re.search(r'__version__ = "([^"]+)"', open("vitcompress/__init__.py", encoding="utf-8").read()).group(1)
-
-PACKAGES = ["vitcompress", "vitcompress.methods", "vitcompress.profile", "vitcompress.kernels", "vitcompress.adapters"]
 
 EXTRAS = {
     "dev": ["pytest>=7", "hypothesis>=6"],
@@ -20,8 +18,10 @@ EXTRAS = {
     "clip": ["open-clip-torch>=2.24,<4"],
     "hf": ["transformers>=4.40,<6"],
     "coco": ["pycocotools>=2.0.7"],
+    # OpenVINO runtime for export checks (vitcompress export --runtime openvino)
+    "openvino": ["openvino>=2025.1,<2027"],
 }
-# "all": what the tests use; the edge runtimes are heavy (executorch brings torchao, coremltools, ...)
+# "all": what the default tests use; ExecuTorch is left to "edge" (it brings torchao, coremltools, ...)
 EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name not in ("dev", "edge") for req in reqs})
 
 setup(
@@ -32,11 +32,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=PACKAGES,
-    # kernels/ and adapters/ live at the repository root but install inside the vitcompress
-    # namespace: PyPI already has unrelated top-level packages called kernels and adapters.
-    package_dir={"vitcompress": "vitcompress", "vitcompress.kernels": "kernels", "vitcompress.adapters": "adapters"},
-    package_data={"vitcompress": ["data/*", "py.typed"]},
+    # the one importable package of the repository (tests/, experiments/ and docs/ are not installed)
+    packages=find_packages(include=["vitcompress", "vitcompress.*"]),
+    package_data={"vitcompress": ["py.typed"], "vitcompress.evaluation": ["data/*"]},
     install_requires=["torch>=2.1,<2.15", "torchvision>=0.16,<0.30", "timm>=1.0,<2", "fvcore>=0.1.5",
                       "numpy", "tqdm", "matplotlib>=3.5"],
     extras_require=EXTRAS,

@@ -14,7 +14,7 @@ import torch
 
 import vitcompress
 from vitcompress.adapters.detr import encoder_inputs
-from vitcompress.coco import load_detr
+from vitcompress.evaluation.coco import load_detr
 from vitcompress.methods.focus_detr import FocusScorer, load_scorer
 from vitcompress.profile.detr import EncoderCall, count_encoder_flops
 

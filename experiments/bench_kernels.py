@@ -151,7 +151,7 @@ def bench_models(models, settings, batch: int, runs: int, dtype=torch.float32) -
     import timm
 
     import vitcompress
-    from vitcompress.settings import describe, parse_setting
+    from vitcompress.cli.settings import describe, parse_setting
 
     print(f"\n2. end to end, images/s (batch {batch}, {str(dtype).replace('torch.', '')}, {runs} interleaved runs, "
           "random weights)")

@@ -31,7 +31,7 @@ import torch
 import vitcompress
 from vitcompress.export import (FLOAT_REDUCTIONS, export_onnx, openvino_session, ort_session, quantize_onnx,
                                 verify_onnx)
-from vitcompress.settings import describe, parse_setting
+from vitcompress.cli.settings import describe, parse_setting
 
 
 def _timed(fn) -> float:

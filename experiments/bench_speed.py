@@ -14,7 +14,7 @@ import timm
 import torch
 
 import vitcompress
-from vitcompress.settings import describe, parse_setting
+from vitcompress.cli.settings import describe, parse_setting
 
 DEFAULT_SETTINGS = ["tome:r=8", "tome:r=13", "pitome:keep=0.9", "pitome:keep=0.85", "pitome:flops=0.6"]
 

@@ -25,7 +25,7 @@ import vitcompress
 from vitcompress.methods import REGISTRY
 from vitcompress.interfaces import ViTMethod as Method
 from vitcompress.profile import compare_speed, count_flops
-from vitcompress.tokens import Plan
+from vitcompress.engine.tokens import Plan
 
 zt = importlib.import_module("vitcompress.methods.zero_tprune")  # vitcompress.methods is also a function
 

@@ -47,7 +47,7 @@ off the official run), separating the count rule from the merging.
 
 Models and inputs:
 
-(a) the embedded reference model (``vitcompress.reference_model.load()``: a timm ViT, 6 blocks,
+(a) the embedded reference model (``vitcompress.evaluation.reference_model.load()``: a timm ViT, 6 blocks,
     65 tokens, no LayerScale; its 3000 shipped Fashion-MNIST test images). Outputs are the logits;
     predictions their argmax.
 (b) the real DINOv2-style ViT-S/14 of ``experiments/realvit.py`` (LayerScale, 257 tokens; skipped
@@ -94,7 +94,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import vitcompress  # noqa: E402
-from vitcompress import reference_model  # noqa: E402
+from vitcompress.evaluation import reference_model  # noqa: E402
 
 ENV_VAR = "VITCOMPRESS_OFFICIAL_DIR"
 TOME_FILES = ("tome/merge.py", "tome/utils.py", "tome/patch/timm.py")

@@ -228,7 +228,7 @@ def measure(model_name: str, settings, device="cpu", dtype="float32", batch_size
     """Rows ``{method, setting, plain, reducing (list), mean, max, aim, syncs, ops}`` for ``settings``."""
     import torch
     import vitcompress
-    from vitcompress.settings import parse_setting
+    from vitcompress.cli.settings import parse_setting
     dt = getattr(torch, dtype)
     model = make_model(model_name).to(device, dt)
     size = model.patch_embed.img_size

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import vitcompress
-from vitcompress import distributed
-from vitcompress.evaluate import autocast, hit_counts, rates, throughput_over_ranks
-from vitcompress.settings import BUDGET_KEYS, describe, parse_setting
+from vitcompress.evaluation import distributed
+from vitcompress.evaluation.classification import autocast, hit_counts, rates, throughput_over_ranks
+from vitcompress.cli.settings import BUDGET_KEYS, describe, parse_setting
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
                      "a photo of the large {}.", "a photo of the small {}.")

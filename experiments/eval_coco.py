@@ -29,9 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 import vitcompress
-from vitcompress import distributed
-from vitcompress.coco import CocoDetection, bbox_ap, check_labels, detections, load_detr, loader
-from vitcompress.evaluate import autocast, gather_detections, throughput_over_ranks
+from vitcompress.evaluation import distributed
+from vitcompress.evaluation.coco import CocoDetection, bbox_ap, check_labels, detections, load_detr, loader
+from vitcompress.evaluation.classification import autocast, gather_detections, throughput_over_ranks
 from vitcompress.profile.detr import count_encoder_flops
 
 

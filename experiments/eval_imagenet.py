@@ -18,9 +18,9 @@ import sys
 import torch
 
 import vitcompress
-import vitcompress.models
-from vitcompress import distributed
-from vitcompress.evaluate import autocast, hit_counts, imagefolder_loader, predict, rates, throughput_over_ranks
+import vitcompress.evaluation.models
+from vitcompress.evaluation import distributed
+from vitcompress.evaluation.classification import autocast, hit_counts, imagefolder_loader, predict, rates, throughput_over_ranks
 
 
 def parse_args(argv=None):
@@ -49,7 +49,7 @@ def parse_args(argv=None):
 
 def load_model(args):
     """The model through vitcompress's one loader (reference, timm name, --pretrained, --checkpoint)."""
-    return vitcompress.models.load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+    return vitcompress.evaluation.models.load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                                          num_classes=args.num_classes, num_images=0).model
 
 

@@ -43,7 +43,7 @@ reuse them; ``--refresh`` recomputes.
 
 ``--ablation`` runs the Zero-TPrune option variants at ``--ablation-flops`` (0.7) on the real ViT
 (1-cos and probe top-1, random pruning at each variant's own schedule) and on the embedded
-Fashion-MNIST reference model (``vitcompress.reference_model``: 3000 images, top-1, random
+Fashion-MNIST reference model (``vitcompress.evaluation.reference_model``: 3000 images, top-1, random
 pruning at the same schedule). ``--diagnose`` prunes a quarter of the tokens in one block at a
 time and compares the token rankings (Zero-TPrune's I-stage, its S-stage alone, the CLS
 attention, the inverted rankings and chance) by the fidelity of the final embedding.
@@ -78,7 +78,7 @@ except ImportError:  # running from a checkout without the package installed
 import realvit  # noqa: E402  (experiments/realvit.py)
 from vitcompress.interfaces import Plan, ViTMethod, runtime_of  # noqa: E402
 from vitcompress.methods import REGISTRY  # noqa: E402
-from vitcompress.reference_model import read_idx  # noqa: E402
+from vitcompress.evaluation.reference_model import read_idx  # noqa: E402
 
 zt = importlib.import_module("vitcompress.methods.zero_tprune")  # vitcompress.methods is also a function
 
@@ -315,8 +315,8 @@ def _source_hash(*objects) -> str:
 
 def method_version(method: str) -> str:
     """A hash of what decides the method's outputs here (its module's source, and the schedule)."""
-    import vitcompress.schedule as schedule
-    import vitcompress.tokens as tokens
+    import vitcompress.engine.schedule as schedule
+    import vitcompress.engine.tokens as tokens
     if method in (RandomPrune.name, RankPrune.name):
         cls = RandomPrune if method == RandomPrune.name else RankPrune
         return _source_hash(cls, zt, schedule, tokens)
@@ -639,7 +639,7 @@ def ablation_table(rows, datasets, flops) -> str:
 def reference_ablation(args, variants) -> Dict:
     """The same variants on the embedded Fashion-MNIST reference model: top-1 on its 3000 images,
     random pruning at each variant's schedule (mean of ``--ablation-seeds`` seeds)."""
-    from vitcompress import reference_model
+    from vitcompress.evaluation import reference_model
 
     model, images, labels = reference_model.load()
     depth = len(model.blocks)

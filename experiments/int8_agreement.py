@@ -27,7 +27,7 @@ import warnings
 import torch
 
 import vitcompress
-from vitcompress import reference_model
+from vitcompress.evaluation import reference_model
 from vitcompress.export import FLOAT_REDUCTIONS, export_onnx, ort_session, quantize_onnx, verify_onnx
 
 BATCH = 8

@@ -60,7 +60,7 @@ def _vit_cases():
 
 
 def _reference_cases():
-    from vitcompress import reference_model as reference
+    from vitcompress.evaluation import reference_model as reference
     model, images, _ = reference.load(num_images=256)
     for method in ("tome", "pitome", "zero_tprune"):
         vitcompress.compress(model, method, flops=0.7)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import vitcompress
-from vitcompress import reference_model
+from vitcompress.evaluation import reference_model
 
 
 def reference_rows():

@@ -23,8 +23,8 @@ from torchvision.ops import sigmoid_focal_loss
 from tqdm.auto import tqdm
 
 from vitcompress.adapters.detr import detr_parts, encoder_inputs, encoder_position_embeddings
-from vitcompress.coco import CocoDetection, foreground_targets, load_detr, loader
-from vitcompress.evaluate import autocast
+from vitcompress.evaluation.coco import CocoDetection, foreground_targets, load_detr, loader
+from vitcompress.evaluation.classification import autocast
 from vitcompress.methods.focus_detr import FocusScorer, foreground_logits, save_scorer
 
 

@@ -9,13 +9,13 @@ Writes to ``--out``:
 * ``fashion_mnist_test.npz``: the first 3000 t10k images (uint8 [3000, 28, 28]) and labels.
 
 ``test_accuracy`` is measured on the full 10,000-image test set with the fp16 weights
-cast back to fp32, i.e. exactly the model that ``vitcompress.reference_model.load()`` returns.
+cast back to fp32, i.e. exactly the model that ``vitcompress.evaluation.reference_model.load()`` returns.
 
 The shipped files came from (defaults spelled out; 88.23% full-test top-1, 56.8 min wall time
 on a 2-core CPU that other jobs were also using)::
 
     python experiments/train_reference.py --epochs 10 --batch-size 64 --lr 1.5e-3 \
-        --embed-dim 64 --num-heads 4 --seed 0 --threads 2 --out vitcompress/data
+        --embed-dim 64 --num-heads 4 --seed 0 --threads 2 --out vitcompress/evaluation/data
 """
 from __future__ import annotations
 
@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 try:
-    from vitcompress.reference_model import MEAN, STD, build_model, preprocess, read_idx
+    from vitcompress.evaluation.reference_model import MEAN, STD, build_model, preprocess, read_idx
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from vitcompress.reference_model import MEAN, STD, build_model, preprocess, read_idx
+    from vitcompress.evaluation.reference_model import MEAN, STD, build_model, preprocess, read_idx
 
 NUM_SHIPPED = 3000
 
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist",
                    help="folder holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]")
-    p.add_argument("--out", default="vitcompress/data", help="output folder")
+    p.add_argument("--out", default="vitcompress/evaluation/data", help="output folder")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak AdamW learning rate")

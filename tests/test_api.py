@@ -99,7 +99,7 @@ def test_dynamic_img_size_plans_per_input_size():
 def test_flops_budget_resolves_before_the_first_forward(deit_small):
     vitcompress.compress(deit_small, "pitome", flops=0.6)
     rt = deit_small._vitcompress
-    base = rt.adapter.cost().flops(vitcompress.schedule.build_schedule(rt.method, rt.options, "r", 0, 196, 1, 12))
+    base = rt.adapter.cost().flops(vitcompress.engine.schedule.build_schedule(rt.method, rt.options, "r", 0, 196, 1, 12))
     ratio = rt.adapter.cost().flops(rt.schedule, rt.method, rt.options) / base
     vitcompress.restore(deit_small)
     assert abs(ratio - 0.6) < 0.01

@@ -9,8 +9,8 @@ import torch
 
 import vitcompress
 from vitcompress import cli
-from vitcompress import reference_model as reference
-from vitcompress.evaluate import accuracy, batches, predict
+from vitcompress.evaluation import reference_model as reference
+from vitcompress.evaluation.classification import accuracy, batches, predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def test_bench_times_the_deit_s_architecture_by_default(tmp_path, capsys):
 
 
 def test_settings_keep_list_values_whole():
-    from vitcompress.settings import parse_setting
+    from vitcompress.cli.settings import parse_setting
     assert parse_setting("zero_tprune:flops=0.7,iters=[30,5,1],var_min=0.02") == (
         "zero_tprune", {"flops": 0.7, "iters": [30, 5, 1], "var_min": 0.02})
     assert parse_setting("zero_tprune:iters=(10, 5, 1)") == ("zero_tprune", {"iters": (10, 5, 1)})

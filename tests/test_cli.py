@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import vitcompress
-from vitcompress import cli, models
+from vitcompress import cli
+from vitcompress.evaluation import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +71,7 @@ def no_model_built(monkeypatch):
     """Fail the test if anything builds or loads a model."""
     import timm
 
-    from vitcompress import reference_model
+    from vitcompress.evaluation import reference_model
 
     built = []
 

@@ -17,7 +17,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import vitcompress
-from vitcompress import reference_model
+from vitcompress.evaluation import reference_model
 
 OFFICIAL = os.environ.get("VITCOMPRESS_OFFICIAL_DIR")
 pytestmark = pytest.mark.skipif(not OFFICIAL, reason="set VITCOMPRESS_OFFICIAL_DIR to the fetched official "

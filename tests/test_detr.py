@@ -15,7 +15,7 @@ pytest.importorskip("pycocotools")
 
 import vitcompress  # noqa: E402
 from vitcompress.adapters.detr import encoder_inputs, encoder_layer_parts, encoder_position_embeddings  # noqa: E402
-from vitcompress.coco import (CocoDetection, bbox_ap, collate, detections, fcos_assign,  # noqa: E402
+from vitcompress.evaluation.coco import (CocoDetection, bbox_ap, collate, detections, fcos_assign,  # noqa: E402
                               foreground_targets, load_coco, loader)
 from vitcompress.interfaces import runtime_of  # noqa: E402
 from vitcompress.methods.focus_detr import (PAPER_CASCADE, FocusScorer, cascade_for_depth,  # noqa: E402
@@ -667,7 +667,7 @@ def test_bench_detr_encoder_runs(coco_set):
 
 
 def test_checkpoint_directory_loads_without_fetching_a_backbone(tmp_path):
-    from vitcompress.coco import load_detr
+    from vitcompress.evaluation.coco import load_detr
     model = tiny_detr(num_labels=4)
     model.config.use_pretrained_backbone = True  # as a hub-derived config says on transformers 4.x
     model.save_pretrained(str(tmp_path))

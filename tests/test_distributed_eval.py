@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from vitcompress import distributed
-from vitcompress import reference_model as reference
-from vitcompress.evaluate import (batches, gather_detections, hit_counts, merge_detections, predict, rates,
+from vitcompress.evaluation import distributed
+from vitcompress.evaluation import reference_model as reference
+from vitcompress.evaluation.classification import (batches, gather_detections, hit_counts, merge_detections, predict, rates,
                                   throughput_over_ranks)
 
 try:  # test_detr's six images, COCO annotations and tiny DETR (that module skips without transformers/pycocotools)
@@ -264,7 +264,7 @@ def oracle_hook(data_dir, annotations, size, max_size):
     its pixels, whatever the batch or rank), with boxes shifted on even image ids and confidence
     rising with the id, so that AP is neither 0 nor 1 and depends on every image."""
     from test_detr import oracle_outputs
-    from vitcompress.coco import CocoDetection
+    from vitcompress.evaluation.coco import CocoDetection
 
     data = CocoDetection(data_dir, annotations, size, max_size)
     truth = {hashlib.sha1(data[i][0].numpy().tobytes()).hexdigest(): data[i][1] for i in range(len(data))}

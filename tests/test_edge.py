@@ -265,7 +265,7 @@ def test_cli_refuses_bad_edge_combinations(capsys):
 
 
 def _reference():
-    from vitcompress import reference_model as reference
+    from vitcompress.evaluation import reference_model as reference
 
     if not os.path.isfile(os.path.join(reference.data_dir(), reference.MODEL_FILE)):
         pytest.skip("reference model data not present")

@@ -11,7 +11,7 @@ import vitcompress
 from vitcompress.adapters import find_adapter
 from vitcompress.interfaces import runtime_of
 from vitcompress.methods import get
-from vitcompress.schedule import build_schedule
+from vitcompress.engine.schedule import build_schedule
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -21,7 +21,7 @@ import vitcompress  # noqa: E402
 from vitcompress.export import export_onnx, export_program, scatter_reductions  # noqa: E402
 from vitcompress.methods import REGISTRY, get as get_method  # noqa: E402
 from vitcompress.interfaces import ViTMethod as Method  # noqa: E402
-from vitcompress.tokens import Plan  # noqa: E402
+from vitcompress.engine.tokens import Plan  # noqa: E402
 
 from conftest import tiny_vit  # noqa: E402
 
@@ -217,7 +217,7 @@ def test_onnxruntime_threads_sleep_when_idle(tmp_path):
 @pytest.mark.slow
 def test_cli_exports_the_reference_model_and_checks_it_on_real_images(tmp_path, capsys):
     from vitcompress import cli
-    from vitcompress import reference_model as reference
+    from vitcompress.evaluation import reference_model as reference
 
     if not os.path.isfile(os.path.join(reference.data_dir(), reference.MODEL_FILE)):
         pytest.skip("reference model data not present")

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import vitcompress
-from vitcompress import reference_model
+from vitcompress.evaluation import reference_model
 from vitcompress.methods import get
 from vitcompress.methods.tome import tome_matching
-from vitcompress.schedule import build_schedule
+from vitcompress.engine.schedule import build_schedule
 
 
 # --------------------------------------------------------------------------- independent ToMe

@@ -222,7 +222,7 @@ def test_half_precision_stays_half(method, budget, dtype, backend, kernels):
 def test_autocast_keeps_attention_probabilities_half():
     """Under autocast the materialised attention (Zero-TPrune's pruning layers) stays in the
     autocast dtype: softmax would otherwise give float32 ``[B, H, N, N]`` probabilities."""
-    from vitcompress.attention import softmax_attention
+    from vitcompress.engine.attention import softmax_attention
     q, k, v = (torch.randn(2, 3, 17, 8, device=DEVICE) for _ in range(3))
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         out, probs = softmax_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=0.3)
@@ -355,7 +355,7 @@ class _Merge(torch.nn.Module):
 
     def forward(self, x):
         from vitcompress.methods.tome import tome_matching
-        from vitcompress.tokens import TokenState, apply_plan
+        from vitcompress.engine.tokens import TokenState, apply_plan
         plan = tome_matching(x[:, 1:], 5, 1, class_token=True)
         return apply_plan(x, TokenState.start(x, 1), plan, attn_bias=True)
 

@@ -1,5 +1,5 @@
 """transformers vision encoders (ViT, DeiT, DINOv2 with and without registers, SigLIP) through
-adapters/hf_vit.py, on tiny random models (no downloads)."""
+vitcompress/adapters/hf_vit.py, on tiny random models (no downloads)."""
 import copy
 import io
 
@@ -9,7 +9,7 @@ import torch
 import vitcompress
 from vitcompress.adapters import find_adapter
 from vitcompress.methods import get as get_method
-from vitcompress.schedule import build_schedule
+from vitcompress.engine.schedule import build_schedule
 
 hf = pytest.importorskip("transformers")
 

@@ -8,24 +8,18 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Where each installed package's files are (setup.py's package_dir).
-PACKAGE_DIRS = {"vitcompress": "vitcompress", "vitcompress.kernels": "kernels", "vitcompress.adapters": "adapters"}
 
 
 def modules():
     """Module name -> (path, is_package) for every module of the installed package."""
     found = {}
-    for package, folder in PACKAGE_DIRS.items():
-        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
-            dirnames[:] = [d for d in dirnames if d != "__pycache__" and d != "data"]
-            rel = os.path.relpath(dirpath, os.path.join(ROOT, folder))
-            prefix = package if rel == "." else f"{package}.{rel.replace(os.sep, '.')}"
-            if prefix in ("vitcompress.kernels", "vitcompress.adapters") and package == "vitcompress":
-                continue
-            for name in filenames:
-                if name.endswith(".py"):
-                    mod = prefix if name == "__init__.py" else f"{prefix}.{name[:-3]}"
-                    found[mod] = (os.path.join(dirpath, name), name == "__init__.py")
+    for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, "vitcompress")):
+        dirnames[:] = [d for d in dirnames if os.path.exists(os.path.join(dirpath, d, "__init__.py"))]
+        prefix = os.path.relpath(dirpath, ROOT).replace(os.sep, ".")
+        for name in filenames:
+            if name.endswith(".py"):
+                mod = prefix if name == "__init__.py" else f"{prefix}.{name[:-3]}"
+                found[mod] = (os.path.join(dirpath, name), name == "__init__.py")
     return found
 
 

@@ -16,7 +16,7 @@ import vitcompress
 from test_threads import CALLS, THREADS
 from vitcompress.interfaces import runtime_of
 from vitcompress.methods import quota, tokencorr
-from vitcompress.prompt import rewrite_prompt
+from vitcompress.runtimes.prompt import rewrite_prompt
 
 IMG, VID = 99, 98
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,

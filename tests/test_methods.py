@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 
 from vitcompress.methods.pitome import energy_scores, in_first_half, margin_at, pitome_merge
 from vitcompress.methods.tome import bipartite_soft_matching
-from vitcompress.tokens import Plan, TokenState, apply_plan
+from vitcompress.engine.tokens import Plan, TokenState, apply_plan
 
 
 def cosine(u, v):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitcompress import reference_model as reference
+from vitcompress.evaluation import reference_model as reference
 
 
 @pytest.fixture(scope="module")

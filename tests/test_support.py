@@ -193,7 +193,7 @@ def test_timm_map_pool_is_proportional(variant):
 def test_timm_map_model_keep_one_restore_and_flops(variant):
     from vitcompress.adapters import find_adapter
     from vitcompress.methods import get
-    from vitcompress.schedule import build_schedule
+    from vitcompress.engine.schedule import build_schedule
 
     model = tiny_vit(**MAP_VARIANTS[variant])
     adapter = find_adapter(model)

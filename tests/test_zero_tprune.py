@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import vitcompress
-import vitcompress.blocks as blocks
+import vitcompress.engine.blocks as blocks
 from vitcompress.methods import REGISTRY
 from vitcompress.interfaces import ViTMethod as Method
 from vitcompress.methods.zero_tprune import (aggregate_heads, edge_layers, head_mask, initial_scores, iters_at,
                                              similarity_prune, split_removals, token_importance,
                                              weighted_pagerank, zero_tprune)
-from vitcompress.tokens import Plan
+from vitcompress.engine.tokens import Plan
 from conftest import tiny_vit
 
 
@@ -412,7 +412,7 @@ def compare_with_random(model, images, labels, flops, monkeypatch, **options):
 
 
 def _reference(num_images=1000):
-    from vitcompress import reference_model as reference
+    from vitcompress.evaluation import reference_model as reference
     try:
         return reference.load(num_images)
     except FileNotFoundError:
@@ -431,7 +431,7 @@ def test_pagerank_ranks_garment_patches_above_background_on_the_reference_model(
     """The I-stage alone keeps a larger share of the garment's (non-black) patches than chance."""
     import os
     import numpy as np
-    from vitcompress import reference_model as reference
+    from vitcompress.evaluation import reference_model as reference
     model, images, _ = _reference(300)
     with np.load(os.path.join(reference.data_dir(), reference.IMAGES_FILE)) as npz:
         raw = torch.as_tensor(npz["images"][:300]).float()

@@ -5,7 +5,7 @@ submodule) does not pull in the adapters and their model libraries.
 """
 import importlib
 
-__version__ = "0.2.0"
+__version__ = "0.3.0.dev0"
 
 _EXPORTS = {
     "compress": "api", "restore": "api", "stats": "api", "list_methods": "api", "describe": "api",

@@ -6,8 +6,8 @@ import torch.nn as nn
 
 from . import methods as _methods
 from .adapters import find_adapter
+from .engine.schedule import parse_budget
 from .interfaces import PART_ATTR, RUNTIME_ATTR, runtime_of
-from .schedule import parse_budget
 
 COMMON_OPTION_HELP = {
     "prop_attn": "proportional attention: log(size) added to the attention logits (default on for merging methods)",

@@ -12,7 +12,17 @@ Core modules, methods and adapters import from here; nothing here imports them.
 """
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    runtime_checkable,
+)
 
 import torch
 
@@ -118,7 +128,7 @@ class Method:
 
 class ViTMethod(Method):
     """A method on the token sequence of a ViT-like encoder: a plan per reducing block, executed by
-    the one apply path (:func:`vitcompress.tokens.apply_plan`)."""
+    the one apply path (:func:`vitcompress.engine.tokens.apply_plan`)."""
 
     target = "vit"
 
@@ -158,7 +168,7 @@ class ViTMethod(Method):
 
 class DetrMethod(Method):
     """A method for a sparse detection encoder: it scores the encoder's tokens once per forward and
-    chooses the nested token set of every layer; :class:`vitcompress.sparse_encoder.DetrRuntime`
+    chooses the nested token set of every layer; :class:`vitcompress.runtimes.sparse_encoder.DetrRuntime`
     runs the layers on those sets and calls exactly the hooks below.
 
     At compress time: :meth:`layer_fractions`, :meth:`prepare`. Per forward: :meth:`token_scores`,
@@ -205,7 +215,7 @@ class DetrMethod(Method):
 
 
 class LlavaMethod(Method):
-    """A method on the visual tokens a VLM hands its language model (:class:`vitcompress.vlm.LlavaRuntime`
+    """A method on the visual tokens a VLM hands its language model (:class:`vitcompress.runtimes.vlm.LlavaRuntime`
     encodes the call's pixels, calls it, and rewrites the prompt to the counts it returns).
 
     ``unit = "crop"``: each image crop is reduced on its own from signals of the vision tower:

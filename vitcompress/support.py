@@ -13,7 +13,7 @@ import torch.nn as nn
 from . import methods as _methods
 from .adapters import find_adapter
 from .api import _defaults
-from .schedule import Budget, parse_budget
+from .engine.schedule import Budget, parse_budget
 
 
 def supported(model: nn.Module) -> Dict[str, Union[bool, str]]:

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import softmax_attention
+from ..engine.attention import softmax_attention
 from ..interfaces import DetrMethod
 
 PAPER_CASCADE = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)

@@ -8,9 +8,8 @@ import math
 
 import torch
 
-from vitcompress.kernels import dispatch
-
 from ..interfaces import Plan, Signals, ViTMethod
+from ..kernels import dispatch
 from .tome import bipartite_soft_matching
 
 

@@ -18,7 +18,7 @@ Per image crop, parameter-free in the paper's sense (the budget comes from the c
 * **Merging** (optional, ``merge=True``), :func:`tokencorr_plan`: each dropped patch is folded
   into the kept patch whose key it is most similar to (cosine), a weighted average with each
   patch's deep-layer [CLS] attention as its weight -- executed by the library's one apply path
-  (:func:`vitcompress.tokens.apply_plan`) with the attention as the token ``size``.
+  (:func:`vitcompress.engine.tokens.apply_plan`) with the attention as the token ``size``.
 
 Choices where the paper leaves room (no official code exists; each is an option of
 :class:`TokenCorr`):
@@ -45,9 +45,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..attention import softmax_attention
+from ..engine.attention import softmax_attention
+from ..engine.tokens import TokenState, apply_plan
 from ..interfaces import LlavaMethod, Plan
-from ..tokens import TokenState, apply_plan
 
 Tensor = torch.Tensor
 

@@ -16,9 +16,8 @@ from typing import Optional
 
 import torch
 
-from vitcompress.kernels import dispatch
-
 from ..interfaces import Plan, Signals, ViTMethod
+from ..kernels import dispatch
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, order: Optional[torch.Tensor] = None) -> Plan:

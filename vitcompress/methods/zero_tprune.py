@@ -65,9 +65,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from vitcompress.kernels import dispatch, reference
+from ..engine.tokens import gather_tokens
 from ..interfaces import Plan, Signals, ViTMethod
-from ..tokens import gather_tokens
+from ..kernels import dispatch, reference
 
 Tensor = torch.Tensor
 
@@ -196,7 +196,7 @@ def zero_tprune(attn: Tensor, metric: Tensor, num_prefix: int, r_s: int, r_i: in
     ``prerank_iters`` WPR iterations (removing nothing), the S-stage drops ``r_s``, the I-stage
     runs ``iters`` WPR iterations on the survivors' attention graph and drops ``r_i``.
     ``order="IS"``: I-stage first, then the S-stage partitioned by its scores. ``score_options``
-    go to :func:`token_importance`. Returns a pruning :class:`~vitcompress.tokens.Plan` whose
+    go to :func:`token_importance`. Returns a pruning :class:`~vitcompress.engine.tokens.Plan` whose
     kept indices are in their original order.
 
     Each importance score is one fused call (:func:`token_importance` with ``kept=``: PageRank,

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from ..adapters.detr import detr_parts, encoder_inputs
 from ..interfaces import runtime_of
-from ..sparse_encoder import DetrRuntime
+from ..runtimes.sparse_encoder import DetrRuntime
 from .flops import count_flops
 
 

@@ -1,0 +1,116 @@
+"""Helpers shared by adapters: the ViT adapter base, patching blocks, FLOPs per token of a module
+(as fvcore counts them), binding patched methods."""
+import functools
+import inspect
+import math
+import sys
+from typing import Any, Callable, Iterable, Optional
+
+import torch.nn as nn
+
+from ..interfaces import PART_ATTR, PatchedPart
+from ..runtimes.vit import ViTRuntime
+
+
+class ViTAdapter:
+    """Base of the adapters of ViT-like encoders (timm, open_clip and transformers towers): they
+    take ViT methods, run under a :class:`~vitcompress.runtimes.vit.ViTRuntime` and set
+    ``num_prefix``, ``num_patches``, ``depth`` and ``cost()``."""
+
+    family = ""
+    description = ""
+    targets = ("vit",)
+    variant: Optional[str] = None
+    cls_first = True  # the first special token is a class token
+
+    def make_runtime(self, method, options, budget) -> ViTRuntime:
+        return ViTRuntime(self, method, options, budget)
+
+    def grad_checkpointing(self) -> bool:
+        return False
+
+
+def patch_part(patcher, module: nn.Module, runtime, name: str, fn: Callable, layer: int = -1,
+               details: Any = None) -> None:
+    """Replace ``module.<name>`` by ``fn`` bound to it, and tell the module its part in ``runtime``
+    (read back with :func:`vitcompress.interfaces.part_of`)."""
+    patcher.set(module, PART_ATTR, PatchedPart(runtime, layer, details))
+    patcher.set(module, name, bind(fn, module))
+
+
+def require_block_types(blocks: Iterable[nn.Module], block_type: type, attention_type: type, family: str,
+                        supported: str) -> None:
+    """Refuse a model whose blocks are not exactly ``block_type`` with ``attention_type``: an adapter
+    re-implements those forwards, so a subclass or another attention would be silently replaced."""
+    for i, block in enumerate(blocks):
+        if type(block) is not block_type or type(block.attn) is not attention_type:
+            raise TypeError(f"block {i} of this {family} is a {type(block).__name__} with "
+                            f"{type(block.attn).__name__}; {supported}")
+
+
+def patch_blocks(patcher, blocks: Iterable[nn.Module], runtime, forward: Callable, details: Any = None) -> None:
+    """Give every block its reducing ``forward``, bound to it with its index. Module-level functions
+    bound with :func:`bind` and plain attributes only, so ``copy.deepcopy`` and pickle /
+    ``torch.save`` of a compressed model carry the patch over to the copy."""
+    for layer, block in enumerate(blocks):
+        patch_part(patcher, block, runtime, "forward", forward, layer, details)
+
+
+def per_token_flops(module) -> int:
+    """Multiply-adds a module spends per token: in*out for every Linear, 5 (affine) or 4 per
+    element for every LayerNorm, the rest (activations, scaling) uncounted, as in fvcore."""
+    if module is None:
+        return 0
+    total = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+        elif isinstance(m, nn.LayerNorm):
+            total += (5 if m.elementwise_affine else 4) * math.prod(m.normalized_shape)
+    return total
+
+
+def patch_flops(conv) -> int:
+    """Multiply-adds of a patch-embedding convolution per output position (per patch)."""
+    return conv.out_channels * conv.in_channels * math.prod(conv.kernel_size) // conv.groups
+
+
+def identity(y):
+    """A no-op branch (a block without layer scale or drop-path); module-level, so it pickles."""
+    return y
+
+
+class PatchedMethod(functools.partial):
+    """A module-level function bound to a module, set as an instance attribute (a patched
+    ``forward``). A ``functools.partial`` rather than ``types.MethodType``: both survive
+    ``copy.deepcopy`` (the copy is bound to the copied module), but only the partial survives
+    ``pickle`` / ``torch.save`` -- a bound method is unpickled by looking its name up on the class,
+    which does not have it."""
+
+    @property
+    def __globals__(self):
+        """A partial has none (AttributeError, which torch.export and others expect); TorchScript
+        reads it first when scripting, so there the error says what to use instead."""
+        if sys._getframe(1).f_globals.get("__name__", "").startswith(("torch.jit", "torch._jit_internal")):
+            raise RuntimeError("torch.jit.script cannot compile a model compressed by vitcompress (its blocks run "
+                               "Python that TorchScript does not support); use torch.compile, torch.jit.trace, "
+                               "vitcompress.export_program (torch.export) or vitcompress.export_onnx instead")
+        raise AttributeError("__globals__")
+
+
+def bind(fn, module) -> PatchedMethod:
+    """``fn`` bound to ``module`` (see :class:`PatchedMethod`)."""
+    return PatchedMethod(fn, module)
+
+
+def token_intermediates(model, *args, **kwargs):
+    """``forward_intermediates`` of a compressed timm ViT or open_clip tower: reduced tokens have no
+    patch grid, so only ``output_fmt="NLC"`` is possible."""
+    original = type(model).forward_intermediates
+    call = inspect.signature(original).bind(model, *args, **kwargs)
+    call.apply_defaults()
+    if call.arguments.get("output_fmt") != "NLC":
+        raise ValueError("forward_intermediates on a compressed model needs output_fmt='NLC' (timm's "
+                         "get_intermediate_layers: reshape=False; a whole open_clip CLIP: image_output_fmt='NLC'): "
+                         "the reduced tokens no longer form the patch grid NCHW would reshape them to")
+    return original(*call.args, **call.kwargs)

@@ -1,0 +1,334 @@
+"""transformers LLaVA family: ``LlavaForConditionalGeneration`` (LLaVA-1.5), ``LlavaNext``
+(anyres crops), ``LlavaNextVideo`` and ``LlavaOnevision`` (images and videos).
+
+The hook. A compressed model's ``forward`` (a forward pre-hook, registered first) and ``generate``
+(a wrapper) see every call first: when pixels come in (the prefill), the model's
+:class:`~vitcompress.runtimes.vlm.LlavaRuntime` encodes them with the model's own ``get_image_features`` /
+``get_video_features``, lets the method reduce the visual tokens, and rewrites the prompt
+(:mod:`vitcompress.runtimes.prompt`) so that each image / video has exactly as many placeholder tokens as it
+now has features. The reduced features go to the model as ``mm_encoder_outputs``, so the model's
+own placeholder check and ``masked_scatter`` run unchanged, and ``generate`` builds its KV cache,
+masks and positions from the rewritten prompt; decoding steps carry no pixels and pass straight
+through. ``generate`` returns the caller's original prompt followed by the generated tokens, so
+``out[:, inputs["input_ids"].shape[1]:]`` still slices the new tokens. A direct ``forward`` returns
+logits for the rewritten sequence (one position per token the language model saw);
+:func:`vitcompress.stats` gives the token counts of the calling thread's last prefill.
+
+What reduces where:
+
+* ``target="llava"`` methods reduce what they are defined on; a modality a method does not reduce
+  is encoded by the model and passed on unchanged. Token-level methods (``unit="crop"``,
+  tokencorr) reduce each image crop from signals of the vision tower -- LLaVA-1.5 images and
+  LLaVA-NeXT / NeXT-Video anyres crops (kept in the model's unpadded, newline-separated layout: a
+  row's newline token stays when a token of its row does). Frame-assignment methods
+  (``unit="video"``, QuoTA) reduce the frames of each video of NeXT-Video and OneVision, or the
+  images of one sample of LLaVA-1.5 taken as the frames of a video.
+* ``target="vit"`` methods (tome, pitome, zero_tprune) run inside the CLIP vision tower through
+  the HF CLIP adapter, on LLaVA-1.5 (whose features are the selected hidden state minus CLS, any
+  length): the placeholders follow the shorter tower output. The anyres and video variants need
+  the full patch grid after the tower (unpadding, pooling), so they refuse ViT methods.
+
+Requirements: transformers >= 5 (the ``mm_encoder_outputs`` argument of ``forward``); older
+versions, which merged features inside ``forward`` (``_merge_input_ids_with_image_features``) or
+had no way to hand pre-encoded features in, are refused with the version found. tokencorr needs a
+vision tower with a [CLS] token (CLIP).
+"""
+import inspect
+import math
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ..interfaces import runtime_of
+from ..runtimes.vit import ViTRuntime
+from ..runtimes.vlm import LlavaRuntime, TowerTaps
+from .common import bind
+
+Tensor = torch.Tensor
+
+# Per class: anyres image packing, the modalities it takes, video pooler_output as one tensor
+# (OneVision flattens it) or a list, whether a CLIP-tower ViT method keeps the hook valid, and the
+# modality a method reduces per crop ("crop") or per video ("video"), None where it cannot.
+_FAMILIES = {
+    "LlavaForConditionalGeneration": dict(anyres=False, modalities=("image",), video_tensor=False, vit=True,
+                                          crop="image", video="image"),
+    "LlavaNextForConditionalGeneration": dict(anyres=True, modalities=("image",), video_tensor=False, vit=False,
+                                              crop="image", video=None),
+    "LlavaNextVideoForConditionalGeneration": dict(anyres=True, modalities=("image", "video"), video_tensor=False,
+                                                   vit=False, crop="image", video="video"),
+    "LlavaOnevisionForConditionalGeneration": dict(anyres=True, modalities=("image", "video"), video_tensor=True,
+                                                   vit=False, crop=None, video="video"),
+}
+_PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
+
+
+def _family_of(model) -> Optional[str]:
+    if "transformers" not in sys.modules:  # a transformers model cannot exist without it
+        return None
+    import transformers
+
+    for name in _FAMILIES:
+        cls = getattr(transformers, name, None)
+        if cls is not None and isinstance(model, cls):
+            return name
+    return None
+
+
+def _tower_layers(tower):
+    inner = getattr(tower, "vision_model", tower)  # transformers 4.x wraps CLIPVisionTransformer
+    encoder = getattr(inner, "encoder", None)
+    return inner, getattr(encoder, "layers", None)
+
+
+def _named_arguments(function, model, args, kwargs) -> Dict[str, Any]:
+    """The call ``function(model, *args, **kwargs)``'s arguments by name (``**kwargs`` flattened)."""
+    signature = inspect.signature(function)
+    arguments = dict(signature.bind(model, *args, **kwargs).arguments)
+    params = list(signature.parameters.values())
+    arguments.pop(params[0].name)  # self
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(p.name, {}))
+    return arguments
+
+
+def _prefill_hook(model, args, kwargs):
+    """Forward pre-hook: the call's arguments with the visual tokens reduced at prefill (see the
+    module docstring). A hook rather than a new ``forward`` keeps the model's forward signature,
+    which ``generate`` validates its keyword arguments against."""
+    question = kwargs.pop("question", None)
+    return (), runtime_of(model).prepare(_named_arguments(type(model).forward, model, args, kwargs), question)
+
+
+def _compressed_generate(model, *args, **kwargs):
+    """``generate`` on the rewritten prompt; returns the caller's prompt + the generated tokens."""
+    question = kwargs.pop("question", None)
+    kwargs = _named_arguments(type(model).generate, model, args, kwargs)  # positional ones too
+    inputs = kwargs.pop("inputs", None)
+    if inputs is not None:
+        if kwargs.get("input_ids") is not None:
+            raise ValueError("give the prompt either as the first argument or as input_ids=, not both")
+        kwargs["input_ids"] = inputs
+    original = kwargs.get("input_ids")
+    config = kwargs.get("generation_config") or model.generation_config
+    expansion = max(kwargs.get("num_beams") or config.num_beams or 1, 1) * max(
+        kwargs.get("num_return_sequences") or config.num_return_sequences or 1, 1)
+    prepared = runtime_of(model).prepare(kwargs, question, expansion)
+    out = type(model).generate(model, **prepared)
+    if prepared is kwargs or original is None:
+        return out
+    sequences = out if isinstance(out, Tensor) else out.sequences
+    start = prepared["input_ids"].shape[1]
+    prompt = original.repeat_interleave(sequences.shape[0] // original.shape[0], dim=0).to(sequences.device)
+    sequences = torch.cat([prompt, sequences[:, start:]], dim=1)
+    if isinstance(out, Tensor):
+        return sequences
+    out.sequences = sequences
+    return out
+
+
+class LlavaAdapter:
+    family = "transformers.LlavaForConditionalGeneration"
+    description = ("transformers LLaVA models (LlavaForConditionalGeneration, LlavaNext-, LlavaNextVideo-, "
+                   "LlavaOnevisionForConditionalGeneration)")
+    targets = ("llava", "vit")
+
+    @staticmethod
+    def matches(model) -> bool:
+        return _family_of(model) is not None
+
+    def __init__(self, model):
+        import transformers
+
+        self.model = model
+        self.family_name = _family_of(model)
+        self.family = f"transformers.{self.family_name}"
+        if "mm_encoder_outputs" not in inspect.signature(type(model).forward).parameters:
+            raise TypeError(f"vitcompress's LLaVA adapter needs transformers >= 5 (forward(mm_encoder_outputs=...) "
+                            f"takes pre-encoded visual tokens); found transformers {transformers.__version__}, "
+                            "which merges features inside forward. Upgrade transformers.")
+        self.base = model.model
+        self.config = model.config
+        self.tower = self.base.vision_tower
+        self.tower_inner, self.tower_layers = _tower_layers(self.tower)
+        # The model module's own crop count for an image size (a function: deepcopy-able, unlike a module).
+        self.num_crops = getattr(sys.modules[type(self.base).__module__], "image_size_to_num_patches", None)
+        text = self.config.text_config
+        pad = getattr(self.config, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else (getattr(text, "pad_token_id", None) or 0)
+        self.variant = "clip" if type(self.tower).__name__.startswith("CLIP") else None
+
+    # ---------------------------------------------------------------- compress() hooks
+    def make_runtime(self, spec, options, budget) -> LlavaRuntime:
+        if spec.target == "vit":
+            return self._vit_runtime(spec, options, budget)
+        if self.unit_modality(spec.unit) is None:
+            supported = [n for n, f in _FAMILIES.items() if f[spec.unit]]
+            raise TypeError(f"{spec.name} cannot reduce a {self.family_name}: it reduces "
+                            f"{'image crops' if spec.unit == 'crop' else 'the frames of a video'}; supported: "
+                            f"{', '.join(supported)}")
+        taps = self._tower_taps(spec, options) if spec.unit == "crop" else None
+        return LlavaRuntime(self, spec, options, budget, taps=taps)
+
+    def _tower_taps(self, spec, options) -> TowerTaps:
+        """The tower's q/k in the layers a crop method reads (it needs a tower with a [CLS] token)."""
+        inner = self.tower_inner
+        if self.tower_layers is None or not hasattr(getattr(inner, "embeddings", None), "class_embedding"):
+            raise TypeError(f"{spec.name} reads the [CLS] attention of the vision tower; this "
+                            f"{type(self.tower).__name__} has no [CLS] token (supported: CLIP vision towers)")
+        layers = spec.tower_layers(options, len(self.tower_layers))  # fails now for a layer the tower lacks
+        strategy = self.config.vision_feature_select_strategy
+        if _FAMILIES[self.family_name]["anyres"] and strategy != "default":
+            raise ValueError(f"{spec.name} on anyres crops needs vision_feature_select_strategy='default' "
+                             f"(got {strategy!r})")
+        attention = [self.tower_layers[i].self_attn for i in layers]
+        return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(layers, attention)])
+
+    def _vit_runtime(self, spec, options, budget):
+        if not _FAMILIES[self.family_name]["vit"]:
+            raise TypeError(f"ViT method {spec.name!r} inside the tower is supported on LlavaForConditionalGeneration "
+                            f"only: {self.family_name} needs the full patch grid after the tower (anyres "
+                            "unpadding, video pooling); use tokencorr or quota on it")
+        if not isinstance(self.config.vision_feature_layer, int):
+            raise ValueError("a ViT method inside the tower needs one vision_feature_layer (an int): hidden "
+                             "states of different layers have different token counts once tokens are reduced")
+        try:
+            from .hf_clip import HFCLIPVisionAdapter
+        except ImportError as e:
+            raise TypeError(f"ViT methods inside LLaVA's tower need the HF CLIP adapter ({e})") from None
+        if not HFCLIPVisionAdapter.matches(self.tower):
+            raise TypeError(f"ViT methods inside LLaVA's tower need a CLIP vision tower, got {type(self.tower).__name__}")
+        tower = ViTRuntime(HFCLIPVisionAdapter(self.tower), spec, options, budget)
+        return LlavaRuntime(self, spec, options, budget, tower=tower)
+
+    def patch(self, runtime, patcher) -> None:
+        # Public hook handles and module-level functions (a hook, common.bind): deepcopy / pickle of
+        # a compressed model carry them to the copy, and restore removes exactly these, leaving every
+        # hook the user registered. Prepended, the prefill hook sees the call as the caller made it.
+        model = self.model
+        patcher.hook(model.register_forward_pre_hook(_prefill_hook, with_kwargs=True, prepend=True))
+        patcher.set(model, "generate", bind(_compressed_generate, model))
+        if runtime.taps is not None:
+            for i in runtime.taps.hooked_layers():
+                attn = self.tower_layers[i].self_attn
+                patcher.hook(attn.q_proj.register_forward_hook(runtime.taps.hook(i, "q")))
+                patcher.hook(attn.k_proj.register_forward_hook(runtime.taps.hook(i, "k")))
+        if runtime.tower is not None:
+            runtime.tower.adapter.patch(runtime.tower, patcher)
+
+    # ---------------------------------------------------------------- model knowledge
+    def modalities_in(self, inputs: Dict[str, Any]) -> List[str]:
+        """The modalities whose pixels this call carries."""
+        present = [m for m in _FAMILIES[self.family_name]["modalities"] if inputs.get(_PIXELS[m]) is not None]
+        if present and inputs.get("mm_encoder_outputs"):
+            raise ValueError("pass either pixels or mm_encoder_outputs to a compressed LLaVA, not both")
+        return present
+
+    def unit_modality(self, unit: str) -> Optional[str]:
+        """The modality whose items a method of ``unit`` reduces on this model: images' crops,
+        videos' frames (LLaVA-1.5: the images of a sample as frames), or None."""
+        return _FAMILIES[self.family_name][unit]
+
+    def token_id(self, modality: str) -> int:
+        return getattr(self.config, f"{modality}_token_id")
+
+    def encode(self, modality: str, inputs: Dict[str, Any]):
+        """The model's own encoder for ``modality`` on the call's arguments: its pooler_output."""
+        fn = getattr(self.base, f"get_{modality}_features")
+        params = inspect.signature(fn).parameters
+        kwargs = {k: inputs[k] for k in params if k != "kwargs" and inputs.get(k) is not None}
+        return fn(**kwargs, return_dict=True).pooler_output
+
+    def with_features(self, inputs: Dict[str, Any], encoded: Dict[str, Any]) -> Dict[str, Any]:
+        """The call's arguments with each modality's pixels replaced by its encoded features."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        out = {k: v for k, v in inputs.items() if k not in {_PIXELS[m] for m in encoded}}
+        out["mm_encoder_outputs"] = {m: BaseModelOutputWithPooling(pooler_output=f) for m, f in encoded.items()}
+        return out
+
+    def split_units(self, modality: str, pooled) -> List[Tensor]:
+        """pooler_output -> one ``[L, D]`` tensor per image / video."""
+        if isinstance(pooled, Tensor):
+            return list(pooled) if pooled.dim() == 3 else [pooled]
+        return [p.reshape(-1, p.shape[-1]) for p in pooled]
+
+    def join_units(self, modality: str, units: List[Tensor], expansion: int = 1):
+        """One ``[L, D]`` tensor per image / video -> pooler_output in the model's format;
+        ``expansion``: rows generate() makes of each sample (beams x returned sequences)."""
+        if modality == "video" and _FAMILIES[self.family_name]["video_tensor"]:
+            if len({u.shape[0] for u in units}) == 1:
+                return torch.stack(units)
+            if expansion > 1:
+                # transformers would repeat the joined tensor as a whole (A B A B for rows A A B B):
+                # wrong features without an error
+                raise ValueError(f"{self.family_name}: the videos of this batch kept different numbers of tokens, "
+                                 "which generate() cannot expand for num_beams / num_return_sequences > 1; "
+                                 "generate one video per call, or with num_beams=1 and num_return_sequences=1")
+            return torch.cat(units)[None]  # the model flattens (batch, tokens) anyway
+        return units
+
+    def _patches_per_crop(self) -> int:
+        vc = self.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    def uncompressed_counts(self, modality: str, inputs, reduced: List[int]) -> List[int]:
+        """Tokens per image of the uncompressed model (LLaVA-1.5 with a ViT method in the tower)."""
+        return [self._patches_per_crop() + (self.config.vision_feature_select_strategy == "full")] * len(reduced)
+
+    def crop_layouts(self, inputs) -> List[Tuple[Tensor, int]]:
+        """Per image: which crop/patch each token of the packed features is (``crop * N + patch``;
+        -1 a row's newline; -2 CLS), and how many crops the image has."""
+        num_patches = self._patches_per_crop()
+        pixels = inputs["pixel_values"]
+        device = pixels.device
+        if not _FAMILIES[self.family_name]["anyres"]:
+            cls = torch.full((1,), -2, dtype=torch.long, device=device)
+            patches = torch.arange(num_patches, device=device)
+            one = torch.cat([cls, patches]) if self.config.vision_feature_select_strategy == "full" else patches
+            return [(one, 1)] * pixels.shape[0]
+        sizes = inputs["image_sizes"]
+        vc = self.config.vision_config
+        crops = [self.num_crops(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=vc.image_size)
+                 for s in sizes]
+        index = [torch.arange(n * num_patches, dtype=torch.float64, device=device).reshape(n, num_patches, 1)
+                 for n in crops]
+        newline = torch.full((1,), -1.0, dtype=torch.float64, device=device)
+        packed, _ = self.base.pack_image_features(index, sizes, vision_feature_select_strategy="default",
+                                                  image_newline=newline)
+        return [(p.reshape(-1).long(), n) for p, n in zip(packed, crops)]
+
+    def video_units(self, modality: str, inputs, pooled):
+        """Per image / video: its frames' pixels ``[F, 3, H, W]``, its frames' token grids
+        ``[h, w, D]``, and the tokens the model puts before (CLS) and after (a newline) them."""
+        vc = self.config.vision_config
+        units = self.split_units(modality, pooled)
+        if modality == "image":  # LLaVA-1.5: every image is one frame
+            pixels, sizes = inputs["pixel_values"], inputs.get("image_sizes")
+            cls = int(self.config.vision_feature_select_strategy == "full")
+            out = []
+            for i, u in enumerate(units):
+                if sizes is not None:
+                    h, w = (int(s) // vc.patch_size for s in sizes[i])
+                else:
+                    h = w = _square_side(u.shape[0] - cls)
+                out.append((pixels[i:i + 1], [u[cls:].reshape(h, w, -1)], u[:cls], u[:0]))
+            return out
+        pixels = inputs["pixel_values_videos"]
+        tail = 1 if _FAMILIES[self.family_name]["video_tensor"] else 0  # OneVision's trailing newline
+        out = []
+        for b, u in enumerate(units):
+            frames = pixels.shape[1]
+            per_frame = (u.shape[0] - tail) // frames
+            side = _square_side(per_frame)
+            grids = list(u[:frames * per_frame].reshape(frames, side, side, -1))
+            out.append((pixels[b], grids, u[:0], u[frames * per_frame:]))
+        return out
+
+
+def _square_side(tokens: int) -> int:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f"cannot see a square token grid in {tokens} tokens per frame")
+    return side

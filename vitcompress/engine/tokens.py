@@ -1,0 +1,86 @@
+"""Token state and the one apply path every method's plan goes through.
+
+A method never edits tensors itself: it returns a :class:`Plan` (which reducible tokens to keep,
+which to merge into which) and :func:`apply_plan` executes it. Merging is a size-weighted average
+computed as a sum then a divide (gather + ``scatter_add`` in the torch path, so it exports to
+ONNX/TensorRT; a one-pass Triton kernel on a GPU); there is no ``scatter_reduce("mean")`` anywhere.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..interfaces import Plan
+from ..kernels import dispatch
+
+
+@dataclass
+class TokenState:
+    """Bookkeeping that travels with the hidden states through the blocks of one forward.
+
+    ``size[B, N, 1]``: how many original patches each token stands for (float32).
+    ``source[B, N, N0]``: which original tokens each token covers (only when tracing sources).
+    ``merged``: whether any merge happened yet (sizes differ from 1, proportional attention on).
+    ``log_size[B, N, 1]``: ``log(size)`` as the apply path wrote it for the next block's attention
+    bias (in the tokens' dtype), or None.
+    ``position[B, N]``: for adapters whose attention depends on token positions (rotary embeddings,
+    relative position bias), the index in the first block's sequence whose position each token
+    takes -- its own, a merged token its destination's -- or None when not asked for.
+    """
+
+    num_prefix: int
+    size: torch.Tensor
+    source: Optional[torch.Tensor] = None
+    merged: bool = False
+    log_size: Optional[torch.Tensor] = None
+    position: Optional[torch.Tensor] = None
+
+    @classmethod
+    def start(cls, x: torch.Tensor, num_prefix: int, trace_source: bool = False,
+              track_position: bool = False) -> "TokenState":
+        B, N, _ = x.shape
+        size = torch.ones(B, N, 1, device=x.device, dtype=torch.float32)
+        source = None
+        if trace_source:
+            source = torch.eye(N, device=x.device, dtype=torch.float32).expand(B, N, N).contiguous()
+        position = torch.arange(N, device=x.device).expand(B, N) if track_position else None
+        return cls(num_prefix=num_prefix, size=size, source=source, position=position)
+
+    def attn_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """``log(size)`` as an additive SDPA mask ``[B, 1, 1, N]`` (proportional attention)."""
+        if not self.merged:
+            return None
+        log = self.log_size
+        if log is None or log.dtype != dtype:
+            log = self.size.log().to(dtype)
+        return log.transpose(1, 2).unsqueeze(1)
+
+
+def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx[B, K]`` of ``t[B, N, C]`` -> ``[B, K, C]``."""
+    return t.gather(1, idx.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool = False) -> torch.Tensor:
+    """Execute ``plan`` on ``x[B, N, C]`` and update ``state`` in place; returns the new tokens.
+
+    Special (prefix) tokens pass through unchanged at the front. One call of the ``apply_plan``
+    primitive (:mod:`vitcompress.kernels`: on a GPU one fused Triton kernel that gathers, merges
+    size-weighted, divides and writes the new sizes in one pass over the tokens; elsewhere its torch
+    reference, gather + ``scatter_add`` then divide), and one more for the source map when it is
+    traced (a plain sum of rows, by the same primitive); tracked positions follow the kept tokens.
+    With ``attn_bias`` (proportional attention follows) the same call also writes ``log(size)`` for
+    the next block's attention.
+    """
+    p = state.num_prefix
+    merges = plan.merges
+    src, dst = (plan.merge_src, plan.merge_dst) if merges else (None, None)
+    log = attn_bias and (merges or state.merged)
+    new_x, state.size, state.log_size = dispatch.apply_plan(x, state.size, plan.keep, src, dst, p, log)
+    if merges:
+        state.merged = True
+    if state.source is not None:
+        state.source = dispatch.apply_plan(state.source, None, plan.keep, src, dst, p)[0]
+    if state.position is not None:  # kept tokens keep their positions, merged sources leave theirs
+        state.position = torch.cat([state.position[:, :p], state.position[:, p:].gather(1, plan.keep)], dim=1)
+    return new_x

@@ -1,0 +1,127 @@
+"""What ``compress`` attaches to a ViT-like model: the runtime that holds the configuration.
+
+Configuration on the model, state per call: a runtime keeps the method, its options and the
+schedules, which never change during a forward. The token state of one forward (sizes, sources,
+token counts) is made by that forward and kept per thread, so several threads can run one
+compressed model at once, and ``stats()`` / size-aware pooling read the calling thread's own last
+forward.
+"""
+import warnings
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from ..engine.blocks import ForwardState
+from ..engine.patching import Patcher, PerThread
+from ..engine.schedule import Budget, Schedule, build_schedule, resolve_flops
+from ..engine.tokens import TokenState
+from ..interfaces import Method
+
+
+def _tokens_after_each_block(schedule: Schedule) -> List[int]:
+    """Reducible tokens left after each block."""
+    p = schedule.num_prefix
+    return [t - p for t in schedule.tokens[1:]] + [schedule.final_tokens - p]
+
+
+class ViTRuntime:
+    """A ViT-like model's compression: adapter, method, options, budget and the schedules per input
+    size; each forward's :class:`ForwardState` is kept per thread."""
+
+    def __init__(self, adapter, method: Method, options: Dict[str, Any], budget: Budget):
+        self.adapter = adapter
+        self.method = method
+        self.options = options
+        self.prop_attn = options.pop("prop_attn")
+        self.trace_source = options.pop("trace_source")
+        self.requested = budget
+        self.patcher = Patcher()
+        self._schedules: Dict[int, Schedule] = {}
+        if budget.kind == "flops":
+            planned = resolve_flops(budget.value, adapter.cost(), method, options,
+                                    adapter.num_patches, adapter.num_prefix)
+            self._schedules[adapter.num_patches] = planned
+            budget = Budget("keep", planned.keep)  # carries the budget to other input sizes
+        self.budget = budget
+        self.schedule = self.schedule_for(adapter.num_patches)  # fail at compress time, not mid-forward
+        self._forward = PerThread()
+
+    def schedule_for(self, num_patches: int) -> Schedule:
+        """The schedule for inputs of ``num_patches`` patches. The budget is checked at the model's
+        own size (at compress time); other sizes (``dynamic_img_size``, patch dropout in training)
+        remove at most what each block can."""
+        if num_patches not in self._schedules:
+            schedule = build_schedule(
+                self.method, self.options, self.budget.kind, self.budget.value, num_patches,
+                self.adapter.num_prefix, self.adapter.depth,
+                clamp=num_patches != self.adapter.num_patches or self.method.clamps(self.options))
+            if num_patches != self.adapter.num_patches:
+                self._warn_if_collapsed(schedule, num_patches)
+            self._schedules[num_patches] = schedule
+        return self._schedules[num_patches]
+
+    def _warn_if_collapsed(self, schedule: Schedule, num_patches: int) -> None:
+        """Warn (once per input size: schedules are cached) when this size leaves a block with
+        fewer than 8 tokens or under a quarter of what the checked schedule keeps there, scaled
+        to this size."""
+        checked = _tokens_after_each_block(self.schedule)
+        left = _tokens_after_each_block(schedule)
+        scale = num_patches / self.adapter.num_patches
+        short = [i for i, (n, c) in enumerate(zip(left, checked)) if n < 8 or n < scale * c / 4]
+        if short:
+            block = short[0]
+            warnings.warn(f"vitcompress: at {num_patches} patches the {self.requested.describe()} budget leaves "
+                          f"{left[block]} tokens after block {block} ({checked[block]} at the model's "
+                          f"{self.adapter.num_patches} patches); use a keep= or flops= budget, which scales with "
+                          "the input size, or a smaller r", RuntimeWarning, stacklevel=2)
+
+    def begin(self, x: torch.Tensor) -> ForwardState:
+        """Called by the first block of every forward: a fresh state for this forward, this thread's
+        latest from now on."""
+        checkpointing = getattr(self.adapter, "grad_checkpointing", None)
+        if checkpointing is not None and torch.is_grad_enabled() and checkpointing():
+            raise RuntimeError("gradient checkpointing re-runs blocks in backward without the token state of "
+                               "their forward, which token reduction needs; turn it off "
+                               "(model.set_grad_checkpointing(False)) while the model is compressed")
+        p = self.adapter.num_prefix
+        schedule = self.schedule_for(int(x.shape[1]) - p)  # int: shapes are tensors while tracing
+        tokens = TokenState.start(x, p, trace_source=self.trace_source,
+                                  track_position=getattr(self.adapter, "track_position", False))
+        state = ForwardState(tokens, schedule)
+        self._forward.set(state)
+        return state
+
+    def current(self) -> ForwardState:
+        """The state of this thread's forward in progress (or its last one)."""
+        state = self._forward.get()
+        if state is None:
+            raise RuntimeError("this compressed model has not run a forward in this thread yet: the blocks "
+                               "start each forward's token state (call the model, or forward_features first)")
+        return state
+
+    def last_forward(self) -> Optional[ForwardState]:
+        """This thread's last forward, or None before the first."""
+        return self._forward.get()
+
+    def set_last_forward(self, state: Optional[ForwardState]) -> None:
+        """Put back a state :meth:`last_forward` gave (after a capture that ran on fake tensors)."""
+        self._forward.set(state)
+
+    def stats(self) -> Dict[str, Any]:
+        last = self.last_forward()
+        schedule = self.schedule if last is None else last.schedule
+        out = {
+            "method": self.method.name,
+            "family": self.adapter.family,
+            "budget": self.requested.describe(),
+            "options": dict(self.options, prop_attn=self.prop_attn, trace_source=self.trace_source),
+            "schedule": list(schedule.remove),
+            "planned_tokens_per_layer": list(schedule.tokens),
+            "keep": schedule.keep,
+            "tokens_per_layer": [] if last is None else list(last.tokens_seen),
+        }
+        if last is not None:
+            out["size"] = last.tokens.size
+            if last.tokens.source is not None:
+                out["source"] = last.tokens.source
+        return out
