@@ -270,6 +270,41 @@ def test_attention_is_materialised_only_in_pruning_blocks(monkeypatch):
     assert vitcompress.stats(model)["schedule"] == [0, 0, 7, 0]
 
 
+def test_backward_through_the_chunked_attention_equals_the_unchunked_one(monkeypatch):
+    # issue 33: with autograd on, attention beyond the CPU chunking budget raised "functions with
+    # out=... arguments don't support automatic differentiation"
+    import vitcompress.engine.attention as attention
+    import vitcompress.kernels.chunking as chunking
+
+    chunks = []  # per call: whether the attention exceeded the chunking budget
+
+    def spy(t, total, item_bytes):
+        chunk = chunking.chunk_count(t, total, item_bytes)
+        chunks.append(chunk < total)
+        return chunk
+
+    monkeypatch.setattr(attention, "chunk_count", spy)
+    x = torch.randn(2, 3, 32, 32)
+
+    def gradients(cache_bytes):
+        monkeypatch.setattr(chunking, "CACHE_BYTES", cache_bytes)
+        model = tiny_vit()
+        vitcompress.compress(model, "zero_tprune", keep=0.8)
+        image = x.clone().requires_grad_()
+        model(image).square().sum().backward()
+        return [image.grad] + [p.grad for p in model.parameters() if p.grad is not None]
+
+    chunked = gradients(64 * 64 * 4)  # one head's scores at a time
+    assert any(chunks), "the test must reach the chunked attention"
+    chunks.clear()
+    whole = gradients(1 << 40)
+    assert not any(chunks)
+    assert len(chunked) == len(whole) > 1
+    for a, b in zip(chunked, whole):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
 def test_flops_budget_is_met_as_counted_on_deit_small(deit_small):
     from vitcompress.profile.flops import count_flops
     x = torch.randn(1, 3, 224, 224)

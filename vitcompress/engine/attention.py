@@ -23,7 +23,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, scale
     ``(output [B, H, Nq, d] or None, probs [B, H, Nq, N])`` in the dtype of ``q`` -- under autocast
     too, where a plain softmax would return float32 probabilities (a float32 ``[B, H, N, N]``
     tensor, and a second copy for the product with ``v``). On a CPU the scores, softmax and product
-    with ``v`` run for a cache-sized group of heads at a time.
+    with ``v`` run for a cache-sized group of heads at a time (unless autograd records them).
     """
     if bias is not None and bias.dtype == torch.bool:
         bias = torch.zeros(bias.shape, dtype=q.dtype, device=q.device).masked_fill(~bias, float("-inf"))
@@ -48,7 +48,7 @@ def softmax_attention(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, scale
         return torch.bmm(qs[j], kt[j]) if bias is None else torch.baddbmm(bias[j], qs[j], kt[j])
 
     chunk = chunk_count(q, B * H, N * M * q.element_size())
-    if chunk == B * H:
+    if chunk == B * H or _records_grad(q, k, v, bias):  # out= below is not differentiable
         probs = logits(slice(None)).softmax(dim=-1, dtype=q.dtype)
         return torch.bmm(probs, vs).reshape(B, H, N, d), probs.reshape(B, H, N, M)
     probs, out = q.new_empty(B * H, N, M), q.new_empty(B * H, N, d)
@@ -57,3 +57,9 @@ def softmax_attention(q: Tensor, k: Tensor, v: Optional[Tensor] = None, *, scale
         torch.softmax(logits(j), dim=-1, dtype=q.dtype, out=probs[j])
         torch.bmm(probs[j], vs[j], out=out[j])
     return out.reshape(B, H, N, d), probs.reshape(B, H, N, M)
+
+
+def _records_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records an op on ``tensors``: then the chunks cannot be written in place
+    (``out=``) and the whole batch runs at once (its probabilities are kept for the backward anyway)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
