@@ -104,6 +104,23 @@ def test_supported_when_nothing_fits():
     assert all("vitcompress.compress(model[1], ...)" in r for r in wrapped.values())
 
 
+def test_a_block_without_attn_is_a_reason_not_an_error():
+    """issue 33: timm's ParallelScalingBlock has no ``attn``; supported() returns why, compress()
+    refuses with a TypeError naming the block and what is supported."""
+    import timm
+
+    model = timm.create_model("vit_pwee_patch16_reg1_gap_256", depth=2)
+    fits = vitcompress.supported(model)
+    reasons = set(fits.values())
+    assert len(reasons) == 1 and sorted(fits) == vitcompress.list_methods()
+    (reason,) = reasons
+    assert reason.startswith("block 0 of this VisionTransformer is a ParallelScalingBlock; ")
+    assert "pre-norm Block with the standard Attention" in reason
+    with pytest.raises(TypeError) as err:
+        vitcompress.compress(model, "tome")
+    assert str(err.value) == reason
+
+
 def test_supported_tells_a_default_budget_the_model_cannot_take(monkeypatch):
     from vitcompress.methods import get
 

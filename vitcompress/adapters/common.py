@@ -41,11 +41,13 @@ def patch_part(patcher, module: nn.Module, runtime, name: str, fn: Callable, lay
 def require_block_types(blocks: Iterable[nn.Module], block_type: type, attention_type: type, family: str,
                         supported: str) -> None:
     """Refuse a model whose blocks are not exactly ``block_type`` with ``attention_type``: an adapter
-    re-implements those forwards, so a subclass or another attention would be silently replaced."""
+    re-implements those forwards, so a subclass or another attention would be silently replaced. A
+    block of another kind may have no ``attn`` at all (timm's ``ParallelScalingBlock``)."""
     for i, block in enumerate(blocks):
-        if type(block) is not block_type or type(block.attn) is not attention_type:
-            raise TypeError(f"block {i} of this {family} is a {type(block).__name__} with "
-                            f"{type(block.attn).__name__}; {supported}")
+        attn = getattr(block, "attn", None)
+        if type(block) is not block_type or type(attn) is not attention_type:
+            what = type(block).__name__ + ("" if attn is None else f" with {type(attn).__name__}")
+            raise TypeError(f"block {i} of this {family} is a {what}; {supported}")
 
 
 def patch_blocks(patcher, blocks: Iterable[nn.Module], runtime, forward: Callable, details: Any = None) -> None:
