@@ -1,5 +1,6 @@
-"""The package's import graph: no cycles (imports inside functions included), adapters know no
-method and no API, the interfaces module is a leaf, and the kernels load without the adapters."""
+"""The package's import graph: no cycles (imports inside functions included), the kernels depend on
+nothing above them, adapters know no method and no API, the interfaces module is a leaf, and the
+kernels load without the adapters."""
 import ast
 import os
 import subprocess
@@ -75,6 +76,13 @@ def test_adapters_import_no_method_and_no_api(graph):
         if m.startswith("vitcompress.adapters"):
             bad = sorted(d for d in deps if d.startswith("vitcompress.methods") or d == "vitcompress.api")
             assert not bad, f"{m} imports {bad}: adapters map models, methods live in vitcompress.methods"
+
+
+def test_kernels_import_only_kernels(graph):
+    for m, deps in graph.items():
+        if m.startswith("vitcompress.kernels"):
+            bad = sorted(d for d in deps if not d.startswith("vitcompress.kernels"))
+            assert not bad, f"{m} imports {bad}: the kernels depend on nothing above them"
 
 
 def test_interfaces_is_a_leaf(graph):

@@ -428,7 +428,7 @@ def test_rank_plan_strided_sets_and_half_scores():
 
 def test_rank_plan_one_image_a_program(monkeypatch):
     """The GPU's packing (one long row a program) and several programs, through the interpreter."""
-    monkeypatch.setattr(plan_triton, "MAX_ELEMENTS_INTERPRETED", 1)
+    monkeypatch.setattr(topk_triton, "MAX_ELEMENTS_INTERPRETED", 1)  # rank_plan packs rows as topk does
     g = torch.Generator().manual_seed(6)
     score = (torch.randn(5, 60, generator=g) * 2).round().to(DEVICE)
     match = torch.randint(0, 61, (5, 60), generator=g).to(DEVICE)

@@ -25,13 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (
-    block,
-    check_launchable,
-    device_guard,
-    dot_dtype,
-    is_interpreted,
-)
+from ._triton_utils import check_launchable, device_guard, dot_dtype, tile_sizes
 
 #: largest (rows, merges, channels) tile on a GPU, and under the interpreter (fewer, larger tiles)
 MAX_BLOCKS = (32, 32, 128)
@@ -123,8 +117,7 @@ def apply_plan(x: torch.Tensor, size: Optional[torch.Tensor], keep: torch.Tensor
     lg = log[..., 0] if log is not None else keep
     src = merge_src if M else keep
     dst = merge_dst if M else keep
-    max_r, max_m, max_c = MAX_BLOCKS_INTERPRETED if is_interpreted(kernel) else MAX_BLOCKS
-    BLOCK_R, BLOCK_M, BLOCK_C = block(P + K, 16, max_r), block(M, 16, max_m), block(C, 16, max_c)
+    BLOCK_R, BLOCK_M, BLOCK_C = tile_sizes(kernel, (P + K, M, C), MAX_BLOCKS, MAX_BLOCKS_INTERPRETED)
     n_rblocks = triton.cdiv(P + K, BLOCK_R)
     with device_guard(x):
         kernel[(Bsz * n_rblocks, triton.cdiv(max(C, 1), BLOCK_C))](

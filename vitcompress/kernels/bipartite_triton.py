@@ -20,14 +20,14 @@ import triton.language as tl
 
 from ._triton_utils import (
     as_native,
-    block,
     check_launchable,
+    cosine_tile,
     device_guard,
     dot_dtype,
-    is_interpreted,
+    inverse_norms,
+    tile_sizes,
 )
 
-EPS = 1e-12  # F.normalize's default
 #: largest (rows of a, rows of b, channels) tile on a GPU
 MAX_BLOCKS = (64, 64, 64)
 #: under TRITON_INTERPRET=1 every op costs Python overhead, so fewer, larger tiles run faster
@@ -39,7 +39,7 @@ def _bipartite_match_kernel(
     a_ptr, b_ptr, ai_ptr, bi_ptr, score_ptr, index_ptr,
     Na, Nb, C, n_mblocks,
     s_ab, s_an, s_ac, s_bb, s_bn, s_bc, s_aib, s_ain, s_bib, s_bin, s_sb, s_sn, s_ib, s_in,
-    EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_DTYPE: tl.constexpr, A_IDX: tl.constexpr, B_IDX: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -52,16 +52,7 @@ def _bipartite_match_kernel(
         rows_m = offs_m
     a_rows = a_ptr + batch * s_ab + rows_m[:, None] * s_an
     b_base = b_ptr + batch * s_bb
-    chan = tl.arange(0, BLOCK_C)
-
-    # 1 / |a_i|, once per program
-    sq_a = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + chan
-        a = tl.load(a_rows + offs_c[None, :] * s_ac, mask=mask_m[:, None] & (offs_c[None, :] < C), other=0.0)
-        a = a.to(tl.float32)
-        sq_a += a * a
-    inv_a = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq_a, axis=1)), EPS)
+    inv_a = inverse_norms(a_rows, mask_m, C, s_ac, BLOCK_M, BLOCK_C)  # once per program
 
     best = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -73,17 +64,8 @@ def _bipartite_match_kernel(
         else:
             rows_n = offs_n
         b_rows = b_base + rows_n[:, None] * s_bn
-        dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=DOT_DTYPE)
-        sq_b = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + chan
-            mask_c = offs_c[None, :] < C
-            a = tl.load(a_rows + offs_c[None, :] * s_ac, mask=mask_m[:, None] & mask_c, other=0.0).to(tl.float32)
-            b = tl.load(b_rows + offs_c[None, :] * s_bc, mask=mask_n[:, None] & mask_c, other=0.0).to(tl.float32)
-            dot = tl.dot(a.to(DOT_DTYPE), tl.trans(b.to(DOT_DTYPE)), dot, input_precision="ieee")
-            sq_b += b * b
-        inv_b = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq_b, axis=1)), EPS)
-        cos = dot.to(tl.float32) * inv_a[:, None] * inv_b[None, :]
+        cos = cosine_tile(a_rows, mask_m, inv_a, b_rows, mask_n, C, s_ac, s_bc, BLOCK_M, BLOCK_N, BLOCK_C,
+                          DOT_DTYPE, False)
         cos = tl.where(mask_n[None, :], cos, float("-inf"))
         tile_best, tile_idx = tl.max(cos, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best > best  # strict: an earlier tile keeps its ties
@@ -121,8 +103,7 @@ def bipartite_match(a: torch.Tensor, b: torch.Tensor, a_idx: Optional[torch.Tens
     index = torch.empty((Bsz, Na), dtype=torch.int64, device=a.device)
     if Bsz == 0 or Na == 0:
         return score, index
-    max_m, max_n, max_c = MAX_BLOCKS_INTERPRETED if is_interpreted(kernel) else MAX_BLOCKS
-    BLOCK_M, BLOCK_N, BLOCK_C = block(Na, 16, max_m), block(Nb, 16, max_n), block(C, 16, max_c)
+    BLOCK_M, BLOCK_N, BLOCK_C = tile_sizes(kernel, (Na, Nb, C), MAX_BLOCKS, MAX_BLOCKS_INTERPRETED)
     n_mblocks = triton.cdiv(Na, BLOCK_M)
     with device_guard(a):
         kernel[(Bsz * n_mblocks,)](
@@ -130,7 +111,7 @@ def bipartite_match(a: torch.Tensor, b: torch.Tensor, a_idx: Optional[torch.Tens
             a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
             ai.stride(0), ai.stride(1), bi.stride(0), bi.stride(1),
             score.stride(0), score.stride(1), index.stride(0), index.stride(1),
-            EPS=EPS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, DOT_DTYPE=dot_dtype(kernel),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, DOT_DTYPE=dot_dtype(kernel),
             A_IDX=a_idx is not None, B_IDX=b_idx is not None, num_warps=4,
         )
     return score, index

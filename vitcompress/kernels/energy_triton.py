@@ -15,14 +15,15 @@ import triton.language as tl
 
 from ._triton_utils import (
     as_native,
-    block,
     check_launchable,
+    cosine_tile,
     device_guard,
     dot_dtype,
+    inverse_norms,
     is_interpreted,
+    tile_sizes,
 )
 
-EPS = 1e-12  # F.normalize's default
 #: largest (rows, columns, channels) tile on a GPU
 MAX_BLOCKS = (64, 64, 64)
 #: under TRITON_INTERPRET=1 every op costs Python overhead, so fewer, larger tiles run faster
@@ -34,7 +35,7 @@ def _energy_score_kernel(
     x_ptr, e_ptr,
     N, C, n_mblocks, margin, alpha,
     s_xb, s_xn, s_xc, s_eb, s_en,
-    EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     DOT_DTYPE: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -43,36 +44,15 @@ def _energy_score_kernel(
     mask_m = offs_m < N
     x_base = x_ptr + batch * s_xb
     m_rows = x_base + offs_m[:, None] * s_xn
-    chan = tl.arange(0, BLOCK_C)
-
-    sq_m = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + chan
-        xm = tl.load(m_rows + offs_c[None, :] * s_xc, mask=mask_m[:, None] & (offs_c[None, :] < C), other=0.0)
-        xm = xm.to(tl.float32)
-        sq_m += xm * xm
-    inv_m = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq_m, axis=1)), EPS)
+    inv_m = inverse_norms(m_rows, mask_m, C, s_xc, BLOCK_M, BLOCK_C)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         n_rows = x_base + offs_n[:, None] * s_xn
-        dot = tl.zeros([BLOCK_M, BLOCK_N], dtype=DOT_DTYPE)
-        sq_n = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + chan
-            mask_c = offs_c[None, :] < C
-            xm = tl.load(m_rows + offs_c[None, :] * s_xc, mask=mask_m[:, None] & mask_c, other=0.0)
-            xn = tl.load(n_rows + offs_c[None, :] * s_xc, mask=mask_n[:, None] & mask_c, other=0.0)
-            if NATIVE_DOT:  # half-precision inputs: exact products, float32 sums, on tensor cores
-                dot = tl.dot(xm, tl.trans(xn), dot)
-            else:
-                dot = tl.dot(xm.to(DOT_DTYPE), tl.trans(xn.to(DOT_DTYPE)), dot, input_precision="ieee")
-            xn = xn.to(tl.float32)
-            sq_n += xn * xn
-        inv_n = 1.0 / tl.maximum(tl.sqrt(tl.sum(sq_n, axis=1)), EPS)
-        z = dot.to(tl.float32) * inv_m[:, None] * inv_n[None, :] - margin
+        z = cosine_tile(m_rows, mask_m, inv_m, n_rows, mask_n, C, s_xc, s_xc, BLOCK_M, BLOCK_N, BLOCK_C,
+                        DOT_DTYPE, NATIVE_DOT) - margin
         f = tl.where(z > 0, z, alpha * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
         acc += tl.where(mask_n[None, :], f, 0.0)
 
@@ -94,14 +74,13 @@ def energy_score(x: torch.Tensor, margin: float, alpha: float = 1.0) -> torch.Te
     e = torch.empty((Bsz, N), dtype=torch.float32, device=x.device)
     if Bsz == 0 or N == 0:
         return e
-    max_m, max_n, max_c = MAX_BLOCKS_INTERPRETED if is_interpreted(kernel) else MAX_BLOCKS
-    BLOCK_M, BLOCK_N, BLOCK_C = block(N, 16, max_m), block(N, 16, max_n), block(C, 16, max_c)
+    BLOCK_M, BLOCK_N, BLOCK_C = tile_sizes(kernel, (N, N, C), MAX_BLOCKS, MAX_BLOCKS_INTERPRETED)
     n_mblocks = triton.cdiv(N, BLOCK_M)
     with device_guard(x):
         kernel[(Bsz * n_mblocks,)](
             x, e, N, C, n_mblocks, float(margin), float(alpha),
             x.stride(0), x.stride(1), x.stride(2), e.stride(0), e.stride(1),
-            EPS=EPS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, DOT_DTYPE=dot_dtype(kernel),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, DOT_DTYPE=dot_dtype(kernel),
             NATIVE_DOT=x.dtype != torch.float32 and not is_interpreted(kernel), num_warps=4,
         )
     return e

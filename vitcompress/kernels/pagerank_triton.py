@@ -25,6 +25,22 @@ MAX_N = 256
 
 
 @triton.jit
+def _pagerank_iterations(a, s, alive, iters, HAS_ALIVE: tl.constexpr):
+    """``iters`` steps ``s <- A^T s`` of one graph ``a[BLOCK, BLOCK]`` held in registers; with
+    ``HAS_ALIVE`` on the tokens where ``alive`` is 1 only, each row renormalised over them (as
+    :func:`vitcompress.kernels.reference.pagerank_steps` does)."""
+    if HAS_ALIVE:
+        mass = tl.sum(a.to(tl.float32) * alive[None, :], axis=1)  # each row's attention to alive tokens
+        scale = alive / tl.maximum(mass, 1e-12)
+        for _ in range(iters):
+            s = tl.sum(a.to(tl.float32) * (s * scale)[:, None], axis=0) * alive
+    else:
+        for _ in range(iters):
+            s = tl.sum(a.to(tl.float32) * s[:, None], axis=0)
+    return s
+
+
+@triton.jit
 def _pagerank_kernel(a_ptr, s_ptr, m_ptr, out_ptr, N, iters,
                      s_ar, s_ai, s_aj, s_sr, s_sn, s_mr, s_mn, s_or, s_on,
                      HAS_ALIVE: tl.constexpr, BLOCK: tl.constexpr):
@@ -36,13 +52,9 @@ def _pagerank_kernel(a_ptr, s_ptr, m_ptr, out_ptr, N, iters,
     s = tl.load(s_ptr + graph * s_sr + offs * s_sn, mask=ok, other=0.0).to(tl.float32)
     if HAS_ALIVE:
         alive = tl.load(m_ptr + graph * s_mr + offs * s_mn, mask=ok, other=0.0).to(tl.float32)
-        mass = tl.sum(a.to(tl.float32) * alive[None, :], axis=1)  # each row's attention to alive tokens
-        scale = alive / tl.maximum(mass, 1e-12)
-        for _ in range(iters):
-            s = tl.sum(a.to(tl.float32) * (s * scale)[:, None], axis=0) * alive
     else:
-        for _ in range(iters):
-            s = tl.sum(a.to(tl.float32) * s[:, None], axis=0)
+        alive = s  # unused
+    s = _pagerank_iterations(a, s, alive, iters, HAS_ALIVE)
     tl.store(out_ptr + graph * s_or + offs * s_on, s, mask=ok)
 
 
@@ -101,15 +113,7 @@ def _pagerank_scores_kernel(a_ptr, alive_ptr, out_ptr, H, N, K, P, iters, var_mi
     for h in range(H):
         a = tl.load(a_ptr + b * s_ab + h * s_ah + offs[:, None] * s_ai + offs[None, :] * s_aj,
                     mask=ok[:, None] & ok[None, :], other=0.0)
-        s = s0
-        if HAS_ALIVE:
-            mass = tl.sum(a.to(tl.float32) * w[None, :], axis=1)  # each row's attention to alive tokens
-            scale = w / tl.maximum(mass, 1e-12)
-            for _ in range(iters):
-                s = tl.sum(a.to(tl.float32) * (s * scale)[:, None], axis=0) * w
-        else:
-            for _ in range(iters):
-                s = tl.sum(a.to(tl.float32) * s[:, None], axis=0)
+        s = _pagerank_iterations(a, s0, w, iters, HAS_ALIVE)
         if RMS:
             val = s * s
         else:

@@ -17,20 +17,8 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._triton_utils import (
-    as_native,
-    block,
-    check_launchable,
-    device_guard,
-    is_interpreted,
-)
-from .topk_triton import (
-    MAX_ELEMENTS,
-    MAX_ELEMENTS_INTERPRETED,
-    _descending_keys,
-    _key_index,
-    _sort_keys_descending,
-)
+from ._triton_utils import as_native, block, check_launchable, device_guard
+from .topk_triton import descending_keys, key_index, rows_per_program, sort_keys_descending
 
 MAX_ROW = 4096
 
@@ -48,9 +36,9 @@ def _rank_plan_kernel(score_ptr, match_ptr, ai_ptr, bi_ptr, keep_ptr, src_ptr, d
     pos = offs[None, :]
     ok = row_ok[:, None] & (pos < Na)
     s = tl.load(score_ptr + b * s_sb + pos * s_sn, mask=ok, other=0.0).to(tl.float32)
-    key = _descending_keys(s, pos, ok)
-    top = _sort_keys_descending(key, offs, ROWS, LOG_A)
-    at_rank = _key_index(top).to(tl.int64)  # the A position ranked pos-th (for pos < Na)
+    key = descending_keys(s, pos, ok)
+    top = sort_keys_descending(key, offs, ROWS, LOG_A)
+    at_rank = key_index(top).to(tl.int64)  # the A position ranked pos-th (for pos < Na)
     n_kept = Na - r
     a_base = Nb if B_FIRST else 0  # where the kept A tokens start in keep
     b_base = 0 if B_FIRST else n_kept
@@ -102,10 +90,7 @@ def rank_plan(score: torch.Tensor, match: Optional[torch.Tensor], r: int, a_idx:
     m = match if match is not None else a_idx  # any tensor when unused
     d = dst if dst is not None else src
     BLOCK_A = block(Na, 16, MAX_ROW)
-    if is_interpreted(kernel):  # as few programs as possible
-        ROWS = block(Bsz, 1, max(1, MAX_ELEMENTS_INTERPRETED // BLOCK_A))
-    else:  # enough programs to fill the GPU (~128), short rows packed up to MAX_ELEMENTS a program
-        ROWS = block(triton.cdiv(Bsz, 128), 1, max(1, MAX_ELEMENTS // BLOCK_A))
+    ROWS = rows_per_program(kernel, Bsz, BLOCK_A)
     with device_guard(score):
         kernel[(triton.cdiv(Bsz, ROWS),)](
             score, m, a_idx, b_idx, keep, src, d, Bsz, Na, Nb, r,

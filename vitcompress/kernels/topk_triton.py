@@ -30,7 +30,7 @@ MAX_ELEMENTS_INTERPRETED = 2**16
 
 
 @triton.jit
-def _sort_keys_descending(key, pos, ROWS: tl.constexpr, LOG_N: tl.constexpr):
+def sort_keys_descending(key, pos, ROWS: tl.constexpr, LOG_N: tl.constexpr):
     """Bitonic sort of each row of ``key[ROWS, 2**LOG_N]`` (distinct int64 keys), largest first.
 
     Every row is viewed as a ``[2] * LOG_N`` hypercube, so that the partner of position ``i`` at
@@ -51,7 +51,7 @@ def _sort_keys_descending(key, pos, ROWS: tl.constexpr, LOG_N: tl.constexpr):
 
 
 @triton.jit
-def _descending_keys(s, pos, mask):
+def descending_keys(s, pos, mask):
     """Distinct int64 sort keys of float32 scores ``s``: larger score -> larger key, ties -> the
     lower position ``pos`` larger; masked-out entries below every real one."""
     bits = s.to(tl.int32, bitcast=True)
@@ -64,8 +64,8 @@ def _descending_keys(s, pos, mask):
 
 
 @triton.jit
-def _key_index(key):
-    """The position a key of :func:`_descending_keys` was made for."""
+def key_index(key):
+    """The position a key of :func:`descending_keys` was made for."""
     return 2147483647 - (key - ((key >> 32) << 32))
 
 
@@ -79,10 +79,19 @@ def _topk_kernel(s_ptr, out_ptr, Bsz, N, K, s_sb, s_sn, s_ob, s_ok,
     offs = tl.arange(0, BLOCK_N)
     mask = row_ok[:, None] & (offs[None, :] < N)
     s = tl.load(s_ptr + rows[:, None] * s_sb + offs[None, :] * s_sn, mask=mask, other=0.0).to(tl.float32)
-    key = _descending_keys(s, offs[None, :], mask)
-    top = _sort_keys_descending(key, offs, ROWS, LOG_N)
-    idx = _key_index(top)
+    key = descending_keys(s, offs[None, :], mask)
+    top = sort_keys_descending(key, offs, ROWS, LOG_N)
+    idx = key_index(top)
     tl.store(out_ptr + rows[:, None] * s_ob + offs[None, :] * s_ok, idx, mask=row_ok[:, None] & (offs[None, :] < K))
+
+
+def rows_per_program(kernel, rows: int, row_block: int) -> int:
+    """How many of ``rows`` rows (each padded to ``row_block``) one program of ``kernel`` sorts:
+    interpreted, as few programs as possible; on a GPU enough programs to fill it (~128), short rows
+    packed up to :data:`MAX_ELEMENTS` a program."""
+    if is_interpreted(kernel):
+        return block(rows, 1, max(1, MAX_ELEMENTS_INTERPRETED // row_block))
+    return block(triton.cdiv(rows, 128), 1, max(1, MAX_ELEMENTS // row_block))
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -104,10 +113,7 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     if Bsz == 0 or k == 0:
         return out
     BLOCK_N = block(N, 16, MAX_ROW)
-    if is_interpreted(kernel):  # as few programs as possible
-        ROWS = block(Bsz, 1, max(1, MAX_ELEMENTS_INTERPRETED // BLOCK_N))
-    else:  # enough programs to fill the GPU (~128), short rows packed up to MAX_ELEMENTS a program
-        ROWS = block(triton.cdiv(Bsz, 128), 1, max(1, MAX_ELEMENTS // BLOCK_N))
+    ROWS = rows_per_program(kernel, Bsz, BLOCK_N)
     num_warps = min(8, max(1, ROWS * BLOCK_N // 256))
     with device_guard(scores):
         kernel[(triton.cdiv(Bsz, ROWS),)](
