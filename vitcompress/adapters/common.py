@@ -1,15 +1,33 @@
-"""Helpers shared by adapters: the ViT adapter base, patching blocks, FLOPs per token of a module
-(as fvcore counts them), binding patched methods."""
+"""What the adapters share, in the one module they share it through: the ViT adapter base,
+the family check by class name, patching blocks, FLOPs per token of a module (as fvcore counts
+them), binding patched methods, the attention implementations transformers models may use, and the
+pieces of the timm adapters (their base, size-weighted and MAP pooling)."""
 import functools
 import inspect
 import math
 import sys
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Collection, Iterable, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
-from ..interfaces import PART_ATTR, PatchedPart
+from ..interfaces import PART_ATTR, PatchedPart, part_of
 from ..runtimes.vit import ViTRuntime
+
+#: transformers' attention implementations that compute plain softmax attention (what the reducing
+#: block runs); a model loaded with another is refused.
+MAPPABLE_ATTENTION = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def family_class(model, classes: Collection[str]) -> Optional[str]:
+    """The first of ``model``'s class and its bases named in ``classes`` (``"module.QualName"``), or
+    None. By name: an adapter's ``matches`` imports nothing, so a model of another family never loads
+    (or trips over) this family's library."""
+    for cls in type(model).__mro__:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+        if name in classes:
+            return name
+    return None
 
 
 class ViTAdapter:
@@ -116,3 +134,108 @@ def token_intermediates(model, *args, **kwargs):
                          "get_intermediate_layers: reshape=False; a whole open_clip CLIP: image_output_fmt='NLC'): "
                          "the reduced tokens no longer form the patch grid NCHW would reshape them to")
     return original(*call.args, **call.kwargs)
+
+
+# --------------------------------------------------------------------------- timm
+
+
+class TimmAdapter(ViTAdapter):
+    """Base of the timm adapters (``VisionTransformer``, ``Eva``, ``Beit``): the model class by name,
+    every block exactly of :meth:`block_types`, the special tokens, patches and depth as timm keeps
+    them."""
+
+    model_class = ""  # "module.Name" of the timm model class (its subclasses match too)
+    supported_blocks = ""  # what the refusal of another block says is supported
+
+    @classmethod
+    def matches(cls, model) -> bool:
+        return family_class(model, (cls.model_class,)) is not None
+
+    @staticmethod
+    def block_types() -> Tuple[type, type]:
+        """The block and attention classes the adapter's forwards re-implement (imported from timm)."""
+        raise NotImplementedError
+
+    def __init__(self, model):
+        block, attention = self.block_types()
+        self.model = model
+        require_block_types(model.blocks, block, attention, self.model_class.rpartition(".")[2],
+                            self.supported_blocks)
+        self.num_prefix = model.num_prefix_tokens
+        self.cls_first = getattr(model, "cls_token", None) is not None  # else the prefix is registers only
+        self.num_patches = model.patch_embed.num_patches
+        self.depth = len(model.blocks)
+
+    def grad_checkpointing(self) -> bool:
+        return bool(getattr(self.model, "grad_checkpointing", False))
+
+
+def refuse_attn_mask(attn_mask, is_causal: bool) -> None:
+    """A reducing timm block refuses the mask arguments of timm's: they refer to the full token set."""
+    if attn_mask is not None or is_causal:
+        raise ValueError("a compressed model cannot take attn_mask/is_causal (token reduction changes "
+                         "the token set the mask refers to)")
+
+
+#: timm's pool types that average tokens, weighted by size on a compressed model
+WEIGHTED_POOLS = ("avg", "avgmax", "max")
+
+
+def latest_sizes(module, x: torch.Tensor) -> torch.Tensor:
+    """The sizes of this thread's latest forward, checked to describe ``x``."""
+    size = part_of(module).runtime.current().tokens.size
+    if size.shape[:2] != x.shape[:2]:
+        raise ValueError(f"pooling {tuple(x.shape[:2])} tokens with the sizes of the latest forward "
+                         f"({tuple(size.shape[:2])}): on a compressed model call forward_head right after the "
+                         "forward_features that produced its input")
+    return size
+
+
+def weighted_pool(x: torch.Tensor, size: torch.Tensor, pool_type: str) -> torch.Tensor:
+    """timm's ``global_pool_nlc`` over reduced tokens ``x[B, N, C]``, the mean weighted by ``size``."""
+    size = size.to(x.dtype)
+    mean = (x * size).sum(dim=1) / size.sum(dim=1)
+    if pool_type == "avg":
+        return mean
+    if pool_type == "max":
+        return x.amax(dim=1)
+    return 0.5 * (x.amax(dim=1) + mean)
+
+
+def size_weighted_pool(model, x: torch.Tensor, pool_type=None) -> torch.Tensor:
+    """timm's ``pool`` (``VisionTransformer``, ``Eva``) over reduced tokens: the average pools weighted
+    by how many patches each token stands for; a MAP pool (patched on its own) and the other pool
+    types are timm's."""
+    pool_type = model.global_pool if pool_type is None else pool_type
+    if getattr(model, "attn_pool", None) is not None or pool_type not in WEIGHTED_POOLS:
+        return type(model).pool(model, x, pool_type)
+    start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+    return weighted_pool(x[:, start:], latest_sizes(model, x)[:, start:], pool_type)
+
+
+def size_aware_attn_pool_forward(pool, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """timm's ``AttentionPoolLatent`` over reduced tokens: ``log(size)`` added to its attention logits
+    (the sizes of this thread's latest forward, the special tokens left out when the pool leaves them out)."""
+    if attn_mask is not None:
+        raise ValueError("the attention pool of a compressed model takes no attn_mask")
+    state = part_of(pool).runtime.current().tokens
+    B, N = x.shape[:2]
+    size = state.size
+    if size.shape[0] == B and size.shape[1] == N + state.num_prefix:  # pool_include_prefix=False
+        size = size[:, state.num_prefix:]
+    if tuple(size.shape[:2]) != (B, N):
+        raise ValueError(f"pooling {(B, N)} tokens with the sizes of the latest forward "
+                         f"({tuple(state.size.shape[:2])}): on a compressed model call forward_head right after the "
+                         "forward_features that produced its input")
+    bias = size.log().to(x.dtype).transpose(1, 2).unsqueeze(1) if state.merged else None  # [B, 1, 1, N]
+    return type(pool).forward(pool, x, attn_mask=bias)
+
+
+def attn_pool_cost(pool) -> Tuple[int, int]:
+    """(per pooled token, once) multiply-adds of timm's ``AttentionPoolLatent``: keys and values per
+    pooled token, the latent queries once."""
+    queries, width = pool.latent_len, pool.num_heads * pool.head_dim
+    per_token = per_token_flops(pool.kv) + pool.num_heads * per_token_flops(pool.k_norm) + 2 * queries * width
+    once = queries * (per_token_flops(pool.q) + pool.num_heads * per_token_flops(pool.q_norm)
+                      + per_token_flops(pool.proj) + per_token_flops(pool.norm) + per_token_flops(pool.mlp))
+    return per_token, once

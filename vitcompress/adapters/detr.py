@@ -13,7 +13,6 @@ The encoder's position-embedding argument is accepted under each version's name
 Tested with transformers 4.46.3 and 5.24.0; another layer layout raises a ``TypeError``.
 """
 import inspect
-import sys
 from typing import Dict, List, Optional
 
 import torch
@@ -22,26 +21,24 @@ import torch.nn.functional as F
 
 from ..interfaces import part_of
 from ..runtimes.sparse_encoder import DetrRuntime, EncoderLayerParts
-from .common import patch_part
+from .common import family_class, patch_part
 
 TESTED = "transformers 4.4x and 5.x (tested with 4.46.3 and 5.24.0)"
 # The encoder's position-embedding argument: 5.x, 4.4x, and the deprecated 4.3x alias.
 POSITION_ARGS = ("spatial_position_embeddings", "object_queries", "position_embeddings")
 
 
-def _classes():
-    if "transformers" not in sys.modules:  # a DETR instance exists only once transformers is imported
-        return None
-    from transformers import DetrForObjectDetection, DetrForSegmentation, DetrModel
-    return DetrForObjectDetection, DetrModel, DetrForSegmentation
+_MODEL_CLASSES = tuple(f"transformers.models.detr.modeling_detr.{name}" for name in (
+    "DetrForObjectDetection", "DetrModel", "DetrForSegmentation"))
 
 
 def detr_parts(model):
     """``(DetrModel, class head or None)`` of any supported DETR wrapper."""
-    detection, _, segmentation = _classes()
-    if isinstance(model, segmentation):
+    from transformers import DetrForObjectDetection, DetrForSegmentation
+
+    if isinstance(model, DetrForSegmentation):
         return model.detr.model, model.detr.class_labels_classifier
-    if isinstance(model, detection):
+    if isinstance(model, DetrForObjectDetection):
         return model.model, model.class_labels_classifier
     return model, None
 
@@ -100,8 +97,7 @@ class DetrAdapter:
 
     @staticmethod
     def matches(model) -> bool:
-        classes = _classes()
-        return classes is not None and isinstance(model, classes)
+        return family_class(model, _MODEL_CLASSES) is not None
 
     def __init__(self, model):
         self.model = model

@@ -26,27 +26,14 @@ Training with gradient checkpointing is not supported (recomputed layers would s
 state of the finished forward).
 """
 import inspect
-import sys
 
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
-from .common import ViTAdapter, identity, patch_blocks, patch_flops, per_token_flops
+from .common import MAPPABLE_ATTENTION, ViTAdapter, family_class, identity, patch_blocks, patch_flops, per_token_flops
 
-# Attention implementations that compute plain softmax attention (what the reducing block runs).
-_MAPPABLE_ATTENTION = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-_MODEL_CLASSES = ("CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPVisionTransformer")
-
-
-def _modeling_clip():
-    if "transformers" not in sys.modules:  # a model of transformers cannot exist without it
-        return None
-    try:
-        from transformers.models.clip import modeling_clip
-    except ImportError:
-        return None
-    return modeling_clip
-
+_MODEL_CLASSES = tuple(f"transformers.models.clip.modeling_clip.{name}" for name in (
+    "CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPVisionTransformer"))
 
 
 def _layer_parts(layer) -> BlockParts:
@@ -80,16 +67,11 @@ class HFCLIPVisionAdapter(ViTAdapter):
 
     @staticmethod
     def matches(model) -> bool:
-        mc = _modeling_clip()
-        if mc is None:
-            return False
-        classes = tuple(getattr(mc, name) for name in _MODEL_CLASSES if hasattr(mc, name))
-        return isinstance(model, classes)
+        return family_class(model, _MODEL_CLASSES) is not None
 
     def __init__(self, model):
-        mc = _modeling_clip()
-        if mc is None:
-            raise TypeError("HFCLIPVisionAdapter needs transformers (pip install 'vitcompress[hf]')")
+        from transformers.models.clip import modeling_clip as mc
+
         self.model = model
         self.tower = tower = _find_tower(model)
         if not isinstance(getattr(tower, "embeddings", None), mc.CLIPVisionEmbeddings):
@@ -102,7 +84,7 @@ class HFCLIPVisionAdapter(ViTAdapter):
                                 f"{type(attn).__name__}; vitcompress supports transformers' CLIPEncoderLayer "
                                 "with CLIPAttention")
         implementation = getattr(tower.encoder.layers[0].self_attn.config, "_attn_implementation", None)
-        if implementation not in _MAPPABLE_ATTENTION:
+        if implementation not in MAPPABLE_ATTENTION:
             raise ValueError(f"attention implementation {implementation!r} cannot be mapped onto vitcompress's "
                              "reducing attention; load the model with attn_implementation='sdpa' (or 'eager')")
         # transformers 4.x layers take output_attentions and return a tuple; 5.x return a tensor.

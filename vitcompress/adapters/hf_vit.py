@@ -53,18 +53,19 @@ from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
 from .common import (
+    MAPPABLE_ATTENTION,
     ViTAdapter,
+    family_class,
     identity,
     patch_blocks,
     patch_flops,
     patch_part,
     per_token_flops,
 )
-from .hf_clip import _MAPPABLE_ATTENTION
 
 # flex attention is refused: these models build a BlockMask even without padding, which the reducing
 # block cannot tell from a real mask.
-_ATTENTION = tuple(a for a in _MAPPABLE_ATTENTION if a != "flex_attention")
+_ATTENTION = tuple(a for a in MAPPABLE_ATTENTION if a != "flex_attention")
 
 # model_type -> (module, family name, classes taken, classes refused with the reason)
 _MIM = ("reconstructs the image from the patch grid, which reduced tokens no longer form; compress the encoder "
@@ -95,19 +96,16 @@ _MEAN_HEADS = {"Dinov2ForImageClassification": True, "Dinov2WithRegistersForImag
 _TOKEN_HEADS = ("classifier", "cls_classifier", "distillation_classifier")
 
 
-_BY_CLASS = {(module, name): (model_type, why)
+_BY_CLASS = {f"{module}.{name}": (model_type, why)
              for model_type, (module, _, taken, refused) in _FAMILIES.items()
              for name, why in [(n, None) for n in taken] + list(refused.items())}
 
 
 def _known(model) -> Optional[Tuple[str, Optional[str]]]:
     """``(model_type, refusal reason or None)`` for a model of a class this adapter knows (or a
-    subclass of one), else None. By module and class name: nothing is imported to find out."""
-    for cls in type(model).__mro__:
-        found = _BY_CLASS.get((cls.__module__, cls.__name__))
-        if found is not None:
-            return found
-    return None
+    subclass of one), else None."""
+    name = family_class(model, _BY_CLASS)
+    return None if name is None else _BY_CLASS[name]
 
 
 def _first(obj, *names):

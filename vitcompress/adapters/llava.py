@@ -43,7 +43,8 @@ import torch
 from ..interfaces import runtime_of
 from ..runtimes.vit import ViTRuntime
 from ..runtimes.vlm import LlavaRuntime, TowerTaps
-from .common import bind
+from .common import bind, family_class
+from .hf_clip import HFCLIPVisionAdapter  # the tower's adapter, for ViT methods inside it
 
 Tensor = torch.Tensor
 
@@ -63,16 +64,16 @@ _FAMILIES = {
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
 
-def _family_of(model) -> Optional[str]:
-    if "transformers" not in sys.modules:  # a transformers model cannot exist without it
-        return None
-    import transformers
+#: where transformers defines each class of :data:`_FAMILIES` ("module.Name" -> the class's name)
+_CLASSES = {f"transformers.models.{package}.modeling_{package}.{name}": name for package, name in (
+    ("llava", "LlavaForConditionalGeneration"), ("llava_next", "LlavaNextForConditionalGeneration"),
+    ("llava_next_video", "LlavaNextVideoForConditionalGeneration"),
+    ("llava_onevision", "LlavaOnevisionForConditionalGeneration"))}
 
-    for name in _FAMILIES:
-        cls = getattr(transformers, name, None)
-        if cls is not None and isinstance(model, cls):
-            return name
-    return None
+
+def _family_of(model) -> Optional[str]:
+    name = family_class(model, _CLASSES)
+    return None if name is None else _CLASSES[name]
 
 
 def _tower_layers(tower):
@@ -193,10 +194,6 @@ class LlavaAdapter:
         if not isinstance(self.config.vision_feature_layer, int):
             raise ValueError("a ViT method inside the tower needs one vision_feature_layer (an int): hidden "
                              "states of different layers have different token counts once tokens are reduced")
-        try:
-            from .hf_clip import HFCLIPVisionAdapter
-        except ImportError as e:
-            raise TypeError(f"ViT methods inside LLaVA's tower need the HF CLIP adapter ({e})") from None
         if not HFCLIPVisionAdapter.matches(self.tower):
             raise TypeError(f"ViT methods inside LLaVA's tower need a CLIP vision tower, got {type(self.tower).__name__}")
         tower = ViTRuntime(HFCLIPVisionAdapter(self.tower), spec, options, budget)

@@ -28,7 +28,6 @@ without a pooler, an ``attn_mask`` passed to the blocks, and gradient checkpoint
 are on (the recomputed blocks would see the token state of the finished forward).
 """
 import math
-import sys
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ from ..interfaces import part_of
 from .common import (
     ViTAdapter,
     bind,
+    family_class,
     identity,
     patch_blocks,
     patch_flops,
@@ -48,13 +48,13 @@ from .common import (
 )
 
 
+#: the whole models (whose ``.visual`` is the image tower) and the tower itself
+_MODEL_CLASSES = ("open_clip.model.CLIP", "open_clip.model.CustomTextCLIP", "open_clip.coca_model.CoCa",
+                  "open_clip.transformer.VisionTransformer")
+
+
 def _open_clip():
-    if "open_clip" not in sys.modules:  # an open_clip model cannot exist without it
-        return None
-    try:
-        from open_clip import model, transformer
-    except ImportError:
-        return None
+    from open_clip import model, transformer
     return model, transformer
 
 
@@ -150,11 +150,7 @@ class OpenCLIPVisionAdapter(ViTAdapter):
 
     @staticmethod
     def matches(model) -> bool:
-        mods = _open_clip()
-        if mods is None:
-            return False
-        model_mod, transformer_mod = mods
-        return isinstance(model, _whole_models(model_mod) + (transformer_mod.VisionTransformer,))
+        return family_class(model, _MODEL_CLASSES) is not None
 
     def __init__(self, model):
         model_mod, transformer_mod = _open_clip()

@@ -32,35 +32,20 @@ from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
 from .common import (
-    ViTAdapter,
+    TimmAdapter,
+    attn_pool_cost,
     bind,
+    latest_sizes,
     patch_blocks,
     patch_flops,
     patch_part,
     per_token_flops,
-    require_block_types,
+    refuse_attn_mask,
+    size_aware_attn_pool_forward,
+    size_weighted_pool,
     token_intermediates,
+    weighted_pool,
 )
-from .timm_vit import _size_aware_attn_pool_forward
-
-_WEIGHTED_POOLS = ("avg", "avgmax", "max")
-
-
-def _timm_eva():
-    try:
-        from timm.layers import apply_rot_embed_cat
-        from timm.models.eva import Eva, EvaAttention, EvaBlock
-    except ImportError:
-        return None
-    return Eva, EvaBlock, EvaAttention, apply_rot_embed_cat
-
-
-def _timm_beit():
-    try:
-        from timm.models.beit import Attention, Beit, Block
-    except ImportError:
-        return None
-    return Beit, Block, Attention
 
 
 # --------------------------------------------------------------------------- positions of the current tokens
@@ -119,33 +104,12 @@ def _common_parts(block, qkv, attn_out, position_bias=None) -> BlockParts:
     )
 
 
-def _weighted_pool(x: torch.Tensor, size: torch.Tensor, pool_type: str) -> torch.Tensor:
-    """timm's ``global_pool_nlc`` over reduced tokens ``x[B, N, C]``, the mean weighted by ``size``."""
-    size = size.to(x.dtype)
-    mean = (x * size).sum(dim=1) / size.sum(dim=1)
-    if pool_type == "avg":
-        return mean
-    if pool_type == "max":
-        return x.amax(dim=1)
-    return 0.5 * (x.amax(dim=1) + mean)
-
-
-def _latest_sizes(module, x: torch.Tensor) -> torch.Tensor:
-    """The sizes of this thread's latest forward, checked to describe ``x``."""
-    size = part_of(module).runtime.current().tokens.size
-    if size.shape[:2] != x.shape[:2]:
-        raise ValueError(f"pooling {tuple(x.shape[:2])} tokens with the sizes of the latest forward "
-                         f"({tuple(size.shape[:2])}): on a compressed model call forward_head right after the "
-                         "forward_features that produced its input")
-    return size
-
-
 # --------------------------------------------------------------------------- EVA / EVA-02
 
 
 def _eva_parts(block, rope: Optional[torch.Tensor]) -> BlockParts:
     attn = block.attn
-    apply_rot_embed_cat = _timm_eva()[3]
+    from timm.layers import apply_rot_embed_cat
     p = attn.num_prefix_tokens
     half = getattr(attn, "rotate_half", False)
 
@@ -174,50 +138,27 @@ def _eva_parts(block, rope: Optional[torch.Tensor]) -> BlockParts:
 
 
 def _eva_block_forward(block, x, rope=None, attn_mask=None, is_causal=False):
-    if attn_mask is not None or is_causal:
-        raise ValueError("a compressed model cannot take attn_mask/is_causal (token reduction changes "
-                         "the token set the mask refers to)")
+    refuse_attn_mask(attn_mask, is_causal)
     part = part_of(block)
     return reducing_forward(_eva_parts(block, rope), part.runtime, part.layer, x)
 
 
-def _eva_pool(model, x: torch.Tensor, pool_type=None) -> torch.Tensor:
-    """timm's ``Eva.pool`` over reduced tokens: average pools weighted by size (the MAP pool is
-    patched on its own; other pool types are timm's)."""
-    pool_type = model.global_pool if pool_type is None else pool_type
-    if model.attn_pool is not None or pool_type not in _WEIGHTED_POOLS:
-        return type(model).pool(model, x, pool_type)
-    size = _latest_sizes(model, x)
-    p = model.num_prefix_tokens
-    return _weighted_pool(x[:, p:], size[:, p:], pool_type)
-
-
-def _attn_pool_cost(pool):
-    """(per pooled token, once) multiply-adds of timm's ``AttentionPoolLatent``."""
-    queries, width = pool.latent_len, pool.num_heads * pool.head_dim
-    per_token = per_token_flops(pool.kv) + pool.num_heads * per_token_flops(pool.k_norm) + 2 * queries * width
-    once = queries * (per_token_flops(pool.q) + pool.num_heads * per_token_flops(pool.q_norm)
-                      + per_token_flops(pool.proj) + per_token_flops(pool.norm) + per_token_flops(pool.mlp))
-    return per_token, once
-
-
-class TimmEvaAdapter(ViTAdapter):
+class TimmEvaAdapter(TimmAdapter):
     family = "timm.Eva"
     description = ("timm Eva models (eva02_*, eva_*: rotary position embeddings, SwiGLU, registers; token, avg "
                    "and MAP pooling)")
     track_position = True
+    model_class = "timm.models.eva.Eva"
+    supported_blocks = ("vitcompress supports timm's pre-norm EvaBlock with EvaAttention (post-norm blocks, "
+                        "use_post_norm=True, and attn_type='rope' / num_kv_heads are not supported)")
 
     @staticmethod
-    def matches(model) -> bool:
-        classes = _timm_eva()
-        return classes is not None and isinstance(model, classes[0])
+    def block_types():
+        from timm.models.eva import EvaAttention, EvaBlock
+        return EvaBlock, EvaAttention
 
     def __init__(self, model):
-        _, EvaBlock, EvaAttention, _ = _timm_eva()
-        self.model = model
-        require_block_types(model.blocks, EvaBlock, EvaAttention, "Eva",
-                            "vitcompress supports timm's pre-norm EvaBlock with EvaAttention (post-norm blocks, "
-                            "use_post_norm=True, and attn_type='rope' / num_kv_heads are not supported)")
+        super().__init__(model)
         for i, block in enumerate(model.blocks):
             if block.attn.num_prefix_tokens != model.num_prefix_tokens:
                 raise ValueError(f"block {i} leaves {block.attn.num_prefix_tokens} tokens without rotary embedding, "
@@ -226,21 +167,14 @@ class TimmEvaAdapter(ViTAdapter):
         if pool is not None and getattr(pool, "pos_embed", None) is not None:
             raise ValueError("a MAP pool with its own position embedding is not supported: it needs every patch "
                              "token in place")
-        self.num_prefix = model.num_prefix_tokens
-        self.cls_first = model.cls_token is not None  # else the prefix is registers only
-        self.num_patches = model.patch_embed.num_patches
-        self.depth = len(model.blocks)
 
     def patch(self, runtime, patcher) -> None:
         m = self.model
         patch_blocks(patcher, m.blocks, runtime, _eva_block_forward)
         if m.attn_pool is not None:
-            patch_part(patcher, m.attn_pool, runtime, "forward", _size_aware_attn_pool_forward)
-        patch_part(patcher, m, runtime, "pool", _eva_pool)
+            patch_part(patcher, m.attn_pool, runtime, "forward", size_aware_attn_pool_forward)
+        patch_part(patcher, m, runtime, "pool", size_weighted_pool)
         patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
-
-    def grad_checkpointing(self) -> bool:
-        return bool(self.model.grad_checkpointing)
 
     def cost(self) -> ViTCost:
         m = self.model
@@ -250,7 +184,7 @@ class TimmEvaAdapter(ViTAdapter):
         fixed = self.num_prefix * per_token_flops(m.norm_pre) + per_token_flops(m.fc_norm) + per_token_flops(m.head)
         final = per_token_flops(m.norm)
         if m.attn_pool is not None:  # Eva's pool reads every token, the special ones included
-            per_token, once = _attn_pool_cost(m.attn_pool)
+            per_token, once = attn_pool_cost(m.attn_pool)
             final += per_token
             fixed += once
         attn_in = per_token_flops(block.norm1) + per_token_flops(attn.gate)
@@ -295,41 +229,31 @@ def _beit_block_forward(block, x, shared_rel_pos_bias=None):
 def _beit_forward_head(model, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
     """timm's ``Beit.forward_head`` over reduced tokens: the average pool weighted by size."""
     if model.global_pool == "avg":
-        x = _weighted_pool(x[:, 1:], _latest_sizes(model, x)[:, 1:], "avg")
+        x = weighted_pool(x[:, 1:], latest_sizes(model, x)[:, 1:], "avg")
     elif model.global_pool:
         x = x[:, 0]
     x = model.head_drop(model.fc_norm(x))
     return x if pre_logits else model.head(x)
 
 
-class TimmBeitAdapter(ViTAdapter):
+class TimmBeitAdapter(TimmAdapter):
     family = "timm.Beit"
     description = ("timm Beit models (beit_*, beitv2_*: relative position bias per block or shared; token and avg "
                    "pooling)")
     track_position = True
+    model_class = "timm.models.beit.Beit"
+    supported_blocks = "vitcompress supports timm's beit Block with its Attention"
 
     @staticmethod
-    def matches(model) -> bool:
-        classes = _timm_beit()
-        return classes is not None and isinstance(model, classes[0])
-
-    def __init__(self, model):
-        _, Block, Attention = _timm_beit()
-        self.model = model
-        require_block_types(model.blocks, Block, Attention, "Beit",
-                            "vitcompress supports timm's beit Block with its Attention")
-        self.num_prefix = model.num_prefix_tokens
-        self.num_patches = model.patch_embed.num_patches
-        self.depth = len(model.blocks)
+    def block_types():
+        from timm.models.beit import Attention, Block
+        return Block, Attention
 
     def patch(self, runtime, patcher) -> None:
         m = self.model
         patch_blocks(patcher, m.blocks, runtime, _beit_block_forward)
         patch_part(patcher, m, runtime, "forward_head", _beit_forward_head)
         patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
-
-    def grad_checkpointing(self) -> bool:
-        return bool(self.model.grad_checkpointing)
 
     def cost(self) -> ViTCost:
         m = self.model

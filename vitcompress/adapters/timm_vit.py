@@ -10,33 +10,25 @@ with its own position embedding (``pos_embed='abs'``), both of which need every 
 
 import inspect
 
-import torch
 import torch.nn as nn
 
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
 from .common import (
-    ViTAdapter,
+    WEIGHTED_POOLS,
+    TimmAdapter,
+    attn_pool_cost,
     bind,
     patch_blocks,
     patch_flops,
     patch_part,
     per_token_flops,
-    require_block_types,
+    refuse_attn_mask,
+    size_aware_attn_pool_forward,
+    size_weighted_pool,
     token_intermediates,
 )
-
-_WEIGHTED_POOLS = ("avg", "avgmax", "max")
-
-
-def _timm():
-    try:
-        from timm.layers import Attention
-        from timm.models.vision_transformer import Block, VisionTransformer
-    except ImportError:
-        return None
-    return VisionTransformer, Block, Attention
 
 
 def _block_parts(block) -> BlockParts:
@@ -64,22 +56,22 @@ def _block_parts(block) -> BlockParts:
     )
 
 
-class TimmViTAdapter(ViTAdapter):
+class TimmViTAdapter(TimmAdapter):
     family = "timm.VisionTransformer"
     description = ("timm VisionTransformer models (vit_*, deit_*, vit_*_siglip_*; incl. distilled, registers, avg and "
                    "MAP pooling)")
+    model_class = "timm.models.vision_transformer.VisionTransformer"
+    supported_blocks = ("vitcompress supports timm's pre-norm Block with the standard Attention (post-norm, "
+                        "parallel and RoPE blocks are not supported)")
 
     @staticmethod
-    def matches(model) -> bool:
-        classes = _timm()
-        return classes is not None and isinstance(model, classes[0])
+    def block_types():
+        from timm.layers import Attention
+        from timm.models.vision_transformer import Block
+        return Block, Attention
 
     def __init__(self, model):
-        _, Block, Attention = _timm()
-        self.model = model
-        require_block_types(model.blocks, Block, Attention, "VisionTransformer",
-                            "vitcompress supports timm's pre-norm Block with the standard Attention (post-norm, "
-                            "parallel and RoPE blocks are not supported)")
+        super().__init__(model)
         pool = getattr(model, "attn_pool", None)
         if pool is not None and (type(pool).__name__ != "AttentionPoolLatent" or getattr(pool, "pos_embed", None)
                                  is not None):
@@ -91,22 +83,15 @@ class TimmViTAdapter(ViTAdapter):
             raise ValueError("this timm's AttentionPoolLatent takes no attn_mask, which the size-aware MAP pool "
                              "needs; upgrade timm (pip install -U timm) to compress MAP-pooled models")
         self.attn_pool = pool
-        self.num_prefix = model.num_prefix_tokens
-        self.cls_first = getattr(model, "cls_token", None) is not None  # else the prefix is registers only
-        self.num_patches = model.patch_embed.num_patches
-        self.depth = len(model.blocks)
 
     def patch(self, runtime, patcher) -> None:
         patch_blocks(patcher, self.model.blocks, runtime, _reducing_block_forward)
         if self.attn_pool is not None:
-            patch_part(patcher, self.attn_pool, runtime, "forward", _size_aware_attn_pool_forward)
-        elif self.model.global_pool in _WEIGHTED_POOLS and hasattr(self.model, "pool"):
-            patch_part(patcher, self.model, runtime, "pool", _size_weighted_pool)
+            patch_part(patcher, self.attn_pool, runtime, "forward", size_aware_attn_pool_forward)
+        elif self.model.global_pool in WEIGHTED_POOLS and hasattr(self.model, "pool"):
+            patch_part(patcher, self.model, runtime, "pool", size_weighted_pool)
         if hasattr(self.model, "forward_intermediates"):
             patcher.set(self.model, "forward_intermediates", bind(token_intermediates, self.model))
-
-    def grad_checkpointing(self) -> bool:
-        return bool(getattr(self.model, "grad_checkpointing", False))
 
     def cost(self) -> ViTCost:
         m = self.model
@@ -119,15 +104,12 @@ class TimmViTAdapter(ViTAdapter):
         fixed = self.num_prefix * per_token_flops(m.norm_pre) + per_token_flops(m.fc_norm)
         fixed += per_token_flops(m.head) + per_token_flops(getattr(m, "head_dist", None))
         final = per_token_flops(m.norm)
-        if self.attn_pool is not None:  # keys and values per pooled token, the latent queries once
-            pool = self.attn_pool
-            queries, width = pool.latent_len, pool.num_heads * pool.head_dim
-            per_token = per_token_flops(pool.kv) + pool.num_heads * per_token_flops(pool.k_norm) + 2 * queries * width
+        if self.attn_pool is not None:
+            per_token, once = attn_pool_cost(self.attn_pool)
             final += per_token
             if not m.pool_include_prefix:
                 fixed -= self.num_prefix * per_token
-            fixed += queries * (per_token_flops(pool.q) + pool.num_heads * per_token_flops(pool.q_norm)
-                                + per_token_flops(pool.proj) + per_token_flops(pool.norm) + per_token_flops(pool.mlp))
+            fixed += once
         attn_in = per_token_flops(block.norm1) + per_token_flops(attn.qkv) + per_token_flops(getattr(attn, "gate", None))
         attn_in += heads * (per_token_flops(attn.q_norm) + per_token_flops(attn.k_norm))
         return ViTCost(
@@ -140,47 +122,6 @@ class TimmViTAdapter(ViTAdapter):
 
 
 def _reducing_block_forward(block, x, attn_mask=None, is_causal=False):
-    if attn_mask is not None or is_causal:
-        raise ValueError("a compressed model cannot take attn_mask/is_causal (token reduction changes "
-                         "the token set the mask refers to)")
+    refuse_attn_mask(attn_mask, is_causal)
     part = part_of(block)
     return reducing_forward(_block_parts(block), part.runtime, part.layer, x)
-
-
-def _size_weighted_pool(model, x: torch.Tensor, pool_type=None) -> torch.Tensor:
-    """timm's average pooling, weighting each token by how many patches it stands for (the sizes
-    of this thread's latest forward, which produced ``x``); other pool types are timm's own."""
-    pool_type = model.global_pool if pool_type is None else pool_type
-    if pool_type not in _WEIGHTED_POOLS:
-        return type(model).pool(model, x, pool_type)
-    size = part_of(model).runtime.current().tokens.size
-    if size.shape[:2] != x.shape[:2]:
-        raise ValueError(f"pooling {tuple(x.shape[:2])} tokens with the sizes of the latest forward "
-                         f"({tuple(size.shape[:2])}): on a compressed model call forward_head right after the "
-                         "forward_features that produced its input")
-    start = 0 if model.pool_include_prefix else model.num_prefix_tokens
-    tokens, size = x[:, start:], size[:, start:].to(x.dtype)
-    mean = (tokens * size).sum(dim=1) / size.sum(dim=1)
-    if pool_type == "avg":
-        return mean
-    if pool_type == "max":
-        return tokens.amax(dim=1)
-    return 0.5 * (tokens.amax(dim=1) + mean)
-
-
-def _size_aware_attn_pool_forward(pool, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
-    """timm's ``AttentionPoolLatent`` over reduced tokens: ``log(size)`` added to its attention logits
-    (the sizes of this thread's latest forward, the special tokens left out when the pool leaves them out)."""
-    if attn_mask is not None:
-        raise ValueError("the attention pool of a compressed model takes no attn_mask")
-    state = part_of(pool).runtime.current().tokens
-    B, N = x.shape[:2]
-    size = state.size
-    if size.shape[0] == B and size.shape[1] == N + state.num_prefix:  # pool_include_prefix=False
-        size = size[:, state.num_prefix:]
-    if tuple(size.shape[:2]) != (B, N):
-        raise ValueError(f"pooling {(B, N)} tokens with the sizes of the latest forward "
-                         f"({tuple(state.size.shape[:2])}): on a compressed model call forward_head right after the "
-                         "forward_features that produced its input")
-    bias = size.log().to(x.dtype).transpose(1, 2).unsqueeze(1) if state.merged else None  # [B, 1, 1, N]
-    return type(pool).forward(pool, x, attn_mask=bias)
