@@ -231,6 +231,11 @@ def test_encoder_flops_fall_as_the_cascade_says(scorer, dual_k):
         assert counted / base == pytest.approx(sum(layer_flops(n) for n in tokens) / (6 * layer_flops(N)))
 
 
+def test_encoder_flops_are_a_detrs():
+    with pytest.raises(TypeError, match="take a DETR model, not a timm.VisionTransformer model"):
+        count_encoder_flops(tiny_vit(), torch.randn(1, 3, 32, 32))
+
+
 def test_other_encoder_depths_stretch_the_cascade():
     assert cascade_for_depth(6) == PAPER_CASCADE
     assert cascade_for_depth(3) == (1.0, 0.6, 0.2)

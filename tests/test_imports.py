@@ -1,7 +1,8 @@
-"""The package's import graph: no cycles (imports inside functions included), the kernels depend on
-nothing above them, adapters that know no method and no API and share pieces through one module,
-no private name imported from another module, the interfaces module a leaf, the kernels loading
-without the adapters, and an adapter that touches its own library only for a model of its family."""
+"""The package's import graph: no cycles (imports inside functions included), layers that depend
+only downward (the kernels on nothing above them, the profile on no adapter module), adapters that
+know no method and no API and share pieces through one module, no private name imported from
+another module, the interfaces module a leaf, the kernels loading without the adapters, and an
+adapter that touches its own library only for a model of its family."""
 import ast
 import os
 import subprocess
@@ -101,6 +102,15 @@ def test_adapters_share_pieces_through_one_module(graph):
         assert not bad, f"{m} imports {bad}: adapters share pieces through {SHARED_ADAPTER_MODULE} only"
     assert all(d in graph[m] for m, d in COMPOSED_ADAPTERS)
     assert set(adapters) - {SHARED_ADAPTER_MODULE} <= graph["vitcompress.adapters"]  # the package lists them all
+
+
+def test_profile_reads_no_adapter_module(graph):
+    # the adapter of a model comes from the package's find_adapter, as for compress; what a family
+    # keeps where stays in its adapter module
+    for m, deps in graph.items():
+        if m.startswith("vitcompress.profile"):
+            bad = sorted(d for d in deps if d.startswith("vitcompress.adapters."))
+            assert not bad, f"{m} imports {bad}: the profile reads no adapter internals"
 
 
 #: (importer, imported module, name): private names still crossing a module boundary, in modules

@@ -122,6 +122,12 @@ class DetrAdapter:
         return [encoder_layer_parts(layer, i, self.num_heads, self.attn_dropout)
                 for i, layer in enumerate(self.encoder.layers)]
 
+    def encoder_inputs(self, pixel_values: torch.Tensor,
+                       pixel_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """:func:`encoder_inputs` of this model: with :attr:`encoder`, what
+        :mod:`vitcompress.profile.detr` counts and times the encoder on."""
+        return encoder_inputs(self.model, pixel_values, pixel_mask)
+
     def class_prob(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Best real-class probability of each token by the detector's class head (DETR's last
         class is "no object" and is left out), or None for a ``DetrModel`` without a head."""

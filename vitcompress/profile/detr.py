@@ -1,14 +1,24 @@
 """FLOPs of a DETR's encoder alone (plain or compressed), the part a sparse encoder reduces; the
-backbone and decoder cost the same either way."""
+backbone and decoder cost the same either way.
+
+The DETR adapter (from :func:`vitcompress.adapters.find_adapter`, as ``compress`` finds it) says
+where the encoder is and what it is called with; nothing here knows a DETR's layout."""
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
-from ..adapters.detr import detr_parts, encoder_inputs
+from ..adapters import find_adapter
 from ..interfaces import runtime_of
 from ..runtimes.sparse_encoder import DetrRuntime
 from .flops import count_flops
+
+
+def _detr_adapter(model: nn.Module):
+    adapter = find_adapter(model)
+    if "detr" not in adapter.targets:
+        raise TypeError(f"count_encoder_flops and EncoderCall take a DETR model, not a {adapter.family} model")
+    return adapter
 
 
 class EncoderCall(nn.Module):
@@ -20,6 +30,7 @@ class EncoderCall(nn.Module):
     def __init__(self, model: nn.Module, inputs: Dict[str, torch.Tensor]):
         super().__init__()
         self.model = model
+        self.adapter = _detr_adapter(model)  # not a module: the encoder is the model's
         runtime = runtime_of(model)
         prepared = runtime.prepared if isinstance(runtime, DetrRuntime) else None
         self.prepared = prepared if isinstance(prepared, nn.Module) else None
@@ -27,12 +38,12 @@ class EncoderCall(nn.Module):
         self.train(model.training)  # a new module starts in training mode; counting would leave the model there
 
     def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        return detr_parts(self.model)[0].encoder(inputs_embeds=inputs_embeds, **self.bound)[0]
+        return self.adapter.encoder(inputs_embeds=inputs_embeds, **self.bound)[0]
 
 
 def count_encoder_flops(model: nn.Module, pixel_values: torch.Tensor, pixel_mask: Optional[torch.Tensor] = None) -> int:
     """fvcore multiply-adds of the (compressed or plain) encoder alone for these images, token
     scoring and dual attention included."""
     with torch.no_grad():
-        inputs = encoder_inputs(model, pixel_values, pixel_mask)
+        inputs = _detr_adapter(model).encoder_inputs(pixel_values, pixel_mask)
     return count_flops(EncoderCall(model, inputs), inputs["inputs_embeds"])
