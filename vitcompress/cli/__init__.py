@@ -173,7 +173,7 @@ def check_setting(method: str, kwargs: Dict[str, Any], exportable: bool = False)
     budget = {k: kwargs[k] for k in BUDGET_KEYS if k in kwargs}
     options = {k: v for k, v in kwargs.items() if k not in BUDGET_KEYS}
     parse_budget(spec, **budget)
-    api._resolve_options(spec, options)  # unknown options and bad values, as compress() checks them
+    api.resolve_options(spec, options)  # unknown options and bad values, as compress() checks them
 
 
 # --------------------------------------------------------------------------- bench
