@@ -171,7 +171,7 @@ def test_common_options_are_split_off_once_and_the_runtime_mutates_nothing():
 
 def test_a_method_for_another_family_is_refused_and_bench_skips_it(monkeypatch):
     import argparse
-    from vitcompress.cli import _bench_settings
+    from vitcompress.cli.bench import _bench_settings
     from vitcompress.methods import REGISTRY
     from vitcompress.interfaces import Method
 
