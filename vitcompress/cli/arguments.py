@@ -15,6 +15,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
         message = " ".join(str(message).split())
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+
 def _number(text: str, kind: type, fix: str):
     """``text`` as an int or a float, or the argparse error ``'x' is not a number; <fix>``."""
     try:

@@ -43,7 +43,6 @@ def _translations() -> Dict[Any, Any]:
     return {torch.ops.aten.sort.stable: _sort_stable}
 
 
-
 def _convert_opset(proto, opset: int):
     """``onnx.version_converter`` down to ``opset``, minus the ``noop_with_empty_axes`` attribute it
     leaves on reductions that only gained it in opset 18 (when it is inert: 0, or explicit axes)."""
