@@ -148,9 +148,30 @@ def test_methods_lists_registered_names():
     assert {"tome", "pitome", "zero_tprune"} <= set(vitcompress.list_methods("vit"))
 
 
+def test_common_options_are_split_off_once_and_the_runtime_mutates_nothing():
+    """prop_attn / trace_source leave the method's options in the API: the method never sees them, the
+    runtime gets them apart and changes no dict it is given, stats reports them beside the method's."""
+    from vitcompress.api import resolve_options
+    from vitcompress.interfaces import CommonOptions, runtime_of
+    from vitcompress.methods import get
+
+    given = {"prop_attn": False, "clamp": True}
+    own, common = resolve_options(get("tome"), given)
+    assert own == {"clamp": True} and common == CommonOptions(prop_attn=False, trace_source=False)
+    assert given == {"prop_attn": False, "clamp": True}
+    assert resolve_options(get("focus_detr"), {})[1] is None  # other targets take no common options
+    model = vitcompress.compress(tiny_vit(), "tome", r=2, prop_attn=False, trace_source=True)
+    runtime = runtime_of(model)
+    assert runtime.options == {"clamp": False} and (runtime.prop_attn, runtime.trace_source) == (False, True)
+    assert vitcompress.stats(model)["options"] == {"clamp": False, "prop_attn": False, "trace_source": True}
+    options = dict(runtime.options)
+    runtime.adapter.make_runtime(runtime.method, options, runtime.requested, CommonOptions(True, False))
+    assert options == {"clamp": False}
+
+
 def test_a_method_for_another_family_is_refused_and_bench_skips_it(monkeypatch):
     import argparse
-    from vitcompress.cli import _bench_settings
+    from vitcompress.cli.bench import _bench_settings
     from vitcompress.methods import REGISTRY
     from vitcompress.interfaces import Method
 

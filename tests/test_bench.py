@@ -9,6 +9,7 @@ import torch
 
 import vitcompress
 from vitcompress import cli
+from vitcompress.cli.report import hardware, plot
 from vitcompress.evaluation import reference_model as reference
 from vitcompress.evaluation.classification import accuracy, batches, predict
 
@@ -94,7 +95,7 @@ def _rows(speed=True):
 @pytest.mark.parametrize("ext", ["png", "pdf", "svg", "jpg"])
 def test_bench_plot_draws_a_figure(tmp_path, ext):
     path = tmp_path / f"p.{ext}"
-    cli.plot(_rows(), str(path))
+    plot(_rows(), str(path))
     assert path.stat().st_size > 1000
     if ext == "png":
         assert path.read_bytes()[:4] == b"\x89PNG"
@@ -106,11 +107,11 @@ def test_bench_plot_title_names_models_hardware_and_date(tmp_path, monkeypatch):
 
     titles = []
     monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", lambda self, t, **kw: titles.append(t))
-    cli.plot(_rows(), str(tmp_path / "p.png"))
-    cli.plot(_rows(speed=False), str(tmp_path / "q.png"))  # --speed-model none: the accuracy panel alone
+    plot(_rows(), str(tmp_path / "p.png"))
+    plot(_rows(speed=False), str(tmp_path / "q.png"))  # --speed-model none: the accuracy panel alone
     assert "DeiT-S/224 (architecture, random weights)" in titles[0] and "reference ViT" in titles[0]
-    assert cli.hardware("cpu") in titles[0] and datetime.date.today().isoformat() in titles[0]
-    assert "threads" in cli.hardware("cpu")
+    assert hardware("cpu") in titles[0] and datetime.date.today().isoformat() in titles[0]
+    assert "threads" in hardware("cpu")
 
 
 def test_pitome_keep_09_costs_at_most_1_5_points_on_the_reference_model():

@@ -330,7 +330,7 @@ def test_executorch_bad_arguments(tmp_path):
 
 def test_executorch_stable_sort_rewrite_matches_torch_sort():
     """The core-ATen sort used for ExecuTorch keeps ties in index order, like torch.sort(stable=True)."""
-    from vitcompress.export import _sort_by_ranks
+    from vitcompress.export.executorch_export import _sort_by_ranks
 
     torch.manual_seed(0)
     x = (torch.randn(3, 5, 40) * 2).round()  # many ties
@@ -347,7 +347,7 @@ def test_executorch_attention_rewrite_matches_torch(mask, tokens):
     """The attention XNNPACK delegates equals torch's scaled_dot_product_attention (no mask, the
     additive bias of proportional attention / relative positions, a boolean mask with no fully
     masked row), with and without an explicit scale."""
-    from vitcompress.export import _attention_for_xnnpack
+    from vitcompress.export.executorch_export import _attention_for_xnnpack
 
     torch.manual_seed(tokens)
     q, k, v = (torch.randn(2, 3, tokens, 24) for _ in range(3))
@@ -363,7 +363,7 @@ def test_executorch_attention_rewrite_matches_torch(mask, tokens):
 
 
 def test_executorch_layer_norm_rewrite_matches_torch():
-    from vitcompress.export import _layer_norm_for_xnnpack
+    from vitcompress.export.executorch_export import _layer_norm_for_xnnpack
 
     torch.manual_seed(0)
     x = torch.randn(2, 197, 37) * 3 + 1

@@ -174,6 +174,20 @@ def test_dynamic_method_is_refused(tmp_path, monkeypatch):
     assert all(not get_method(m).dynamic for m in ("tome", "pitome"))
 
 
+def test_the_cli_refuses_a_dynamic_method_with_the_same_check(monkeypatch, capsys):
+    """One exportable check: ``vitcompress export --method`` refuses what export_onnx refuses, in its words."""
+    from vitcompress import cli
+    from vitcompress.export import check_exportable_method
+
+    monkeypatch.setitem(REGISTRY, _Dynamic.name, _Dynamic())
+    with pytest.raises(ValueError) as refused:
+        check_exportable_method(get_method(_Dynamic.name))
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_args(["export", "--method", _Dynamic.name])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == f"vitcompress export: error: {' '.join(str(refused.value).split())}\n"
+
+
 def test_bad_arguments(tmp_path):
     model = vitcompress.compress(tiny_vit(), "tome", r=4)
     with pytest.raises(ValueError, match="opset"):

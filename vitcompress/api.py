@@ -1,14 +1,15 @@
 """compress / restore / list_methods / stats: find the adapter, build the runtime, patch."""
 import numbers
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
 from . import methods as _methods
 from .adapters import find_adapter
 from .engine.schedule import parse_budget
-from .interfaces import PART_ATTR, RUNTIME_ATTR, runtime_of
+from .interfaces import PART_ATTR, RUNTIME_ATTR, CommonOptions, runtime_of
 
+#: The options of every ViT method besides its own (the fields of :class:`CommonOptions`).
 COMMON_OPTION_HELP = {
     "prop_attn": "proportional attention: log(size) added to the attention logits (default on for merging methods)",
     "trace_source": "track which original patches each token covers (stats(model)['source'])",
@@ -21,12 +22,22 @@ def list_methods(target: Optional[str] = None) -> List[str]:
     return _methods.names(target)
 
 
-def _defaults(method) -> Dict[str, Any]:
-    """Every option ``compress`` accepts for ``method``, with its default."""
+def option_defaults(method) -> Dict[str, Any]:
+    """Every option ``compress`` accepts for ``method``, with its default: the method's own, then
+    (for a ViT method) the common ones."""
     defaults = dict(method.defaults)
     if method.target == "vit":
         defaults.update(prop_attn=method.kind == "merge", trace_source=False)
     return defaults
+
+
+def split_options(method, options: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[CommonOptions]]:
+    """Every option of ``method`` (as :func:`option_defaults` lists them) -> the method's own and the
+    :class:`CommonOptions` its runtime reads (None for a method of another target: it takes none)."""
+    own = {k: v for k, v in options.items() if k not in COMMON_OPTION_HELP}
+    if method.target != "vit":
+        return own, None
+    return own, CommonOptions(**{k: options[k] for k in COMMON_OPTION_HELP})
 
 
 def _option_help(method) -> Dict[str, str]:
@@ -55,8 +66,12 @@ def _checked_type(method, name: str, value, default):
     return int(value) if isinstance(default, int) and not isinstance(default, bool) else value
 
 
-def _resolve_options(method, options: Dict[str, Any], variant: Optional[str] = None) -> Dict[str, Any]:
-    defaults = _defaults(method)
+def resolve_options(method, options: Dict[str, Any],
+                    variant: Optional[str] = None) -> Tuple[Dict[str, Any], Optional[CommonOptions]]:
+    """The options ``compress`` gives ``method`` on a model of family ``variant``: the defaults, the
+    family's, then ``options`` -- each checked (``TypeError`` / ``ValueError`` naming the fix) --
+    split into the method's own and the common ones (:func:`split_options`)."""
+    defaults = option_defaults(method)
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"{method.name} has no option {', '.join(unknown)}; its options are: "
@@ -64,8 +79,9 @@ def _resolve_options(method, options: Dict[str, Any], variant: Optional[str] = N
     resolved = dict(defaults)
     resolved.update(method.family_defaults.get(variant, {}))  # e.g. PiToMe's margin for CLIP
     resolved.update({k: _checked_type(method, k, v, defaults[k]) for k, v in options.items()})
-    method.validate(resolved)
-    return resolved
+    own, common = split_options(method, resolved)
+    method.validate(own)
+    return own, common
 
 
 def describe(method: str) -> Dict[str, Any]:
@@ -83,7 +99,7 @@ def describe(method: str) -> Dict[str, Any]:
         "family_defaults": {k: dict(v) for k, v in spec.family_defaults.items()},
         "options": {name: {"default": default, "type": type(default).__name__ if default is not None else "see help",
                            "help": help_text.get(name, "")}
-                    for name, default in _defaults(spec).items()},
+                    for name, default in option_defaults(spec).items()},
     }
 
 
@@ -103,9 +119,9 @@ def compress(model: nn.Module, method: str, *, keep: Optional[float] = None, r=N
     if spec.target not in accepted:
         usable = ", ".join(n for t in accepted for n in _methods.names(t))
         raise TypeError(f"method {spec.name!r} reduces {spec.target} models; a {adapter.family} takes: {usable}")
-    opts = _resolve_options(spec, options, adapter.variant)
+    own, common = resolve_options(spec, options, adapter.variant)
     budget = parse_budget(spec, keep=keep, r=r, flops=flops)
-    runtime = adapter.make_runtime(spec, opts, budget)
+    runtime = adapter.make_runtime(spec, own, budget, common)
     _release(model)
     adapter.patch(runtime, runtime.patcher)
     runtime.patcher.set(model, RUNTIME_ATTR, runtime)

@@ -5,7 +5,8 @@
   target adds: :class:`ViTMethod` (a plan per reducing block), :class:`DetrMethod` (token sets for a
   sparse detection encoder), :class:`LlavaMethod` (the visual tokens a VLM hands its language model).
 * :class:`Adapter` and :class:`Runtime`: what an adapter tells the core about a model, and what
-  ``compress`` attaches to it.
+  ``compress`` attaches to it; :class:`CommonOptions`: what a ViT runtime takes besides the method's
+  options.
 * Where a compression lives on a model: :data:`RUNTIME_ATTR` and :func:`runtime_of`.
 
 Core modules, methods and adapters import from here; nothing here imports them.
@@ -261,20 +262,31 @@ class LlavaMethod(Method):
 # --------------------------------------------------------------------------- adapters and runtimes
 
 
+@dataclass(frozen=True)
+class CommonOptions:
+    """The options ``compress`` takes for every ViT method besides the method's own: the runtime and
+    the reducing blocks read them, the method never does, so they travel apart from its options."""
+
+    prop_attn: bool  # log(size) added to the attention logits
+    trace_source: bool  # track which original patches each token covers
+
+
 @runtime_checkable
 class Adapter(Protocol):
     """Model surgery for one family: where it keeps blocks, q/k/v, special tokens and pooling.
 
     ``targets``: which method targets it takes; ``family``: a name for messages; ``variant``: the
     key of a method's ``family_defaults`` (e.g. "clip") or None. ``make_runtime`` builds what
-    ``compress`` attaches; ``patch`` swaps the model's pieces through the given patcher.
+    ``compress`` attaches (``common``: a ViT method's :class:`CommonOptions`, None for the other
+    targets); ``patch`` swaps the model's pieces through the given patcher.
     """
 
     family: str
     targets: Tuple[str, ...]
     variant: Optional[str]
 
-    def make_runtime(self, method: Method, options: Dict[str, Any], budget: Any) -> "Runtime": ...
+    def make_runtime(self, method: Method, options: Dict[str, Any], budget: Any,
+                     common: Optional[CommonOptions]) -> "Runtime": ...
 
     def patch(self, runtime: "Runtime", patcher: Any) -> None: ...
 

@@ -6,14 +6,15 @@ schedule -- without patching anything, so the model is left exactly as it was. A
 must supply (one without a default, such as quota's ``scorer=``) does not decide whether a method
 fits a model: the refusal that asks for it is not counted.
 """
-from typing import Dict, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch.nn as nn
 
 from . import methods as _methods
 from .adapters import find_adapter
-from .api import _defaults
+from .api import option_defaults, split_options
 from .engine.schedule import Budget, parse_budget
+from .interfaces import CommonOptions
 
 
 def supported(model: nn.Module) -> Dict[str, Union[bool, str]]:
@@ -39,15 +40,15 @@ def supported(model: nn.Module) -> Dict[str, Union[bool, str]]:
         if spec.target not in adapter.targets:
             continue
         try:
-            options = _options(spec, adapter.variant)
+            options, common = _options(spec, adapter.variant)
         except (TypeError, ValueError) as err:
             out[name] = f"{name} refuses its default options for this {adapter.family} model: {err}"
             continue
         budget = parse_budget(spec)
         try:
-            adapter.make_runtime(spec, dict(options), budget)  # plans the default budget; patches nothing
+            adapter.make_runtime(spec, options, budget, common)  # plans the default budget; patches nothing
         except (TypeError, ValueError) as err:
-            out[name] = _budget_reason(adapter, spec, options, budget, err)
+            out[name] = _budget_reason(adapter, spec, options, common, budget, err)
         else:
             out[name] = True
     fits = ", ".join(n for n, ok in out.items() if ok is True) or "none of the registered methods"
@@ -58,26 +59,26 @@ def supported(model: nn.Module) -> Dict[str, Union[bool, str]]:
     return {name: out[name] for name in names}
 
 
-def _options(spec, variant) -> Dict[str, object]:
-    """The options ``compress`` resolves when none are given (defaults, then the family's), validated
-    by the method; a refusal that names an option without a default (``scorer=``) asks the user for
-    it, says nothing about the model, and is let through."""
-    options = dict(_defaults(spec), **spec.family_defaults.get(variant, {}))
+def _options(spec, variant) -> Tuple[Dict[str, object], Optional[CommonOptions]]:
+    """The options ``compress`` resolves when none are given (defaults, then the family's), split as
+    ``compress`` splits them and validated by the method; a refusal that names an option without a
+    default (``scorer=``) asks the user for it, says nothing about the model, and is let through."""
+    options, common = split_options(spec, dict(option_defaults(spec), **spec.family_defaults.get(variant, {})))
     try:
         spec.validate(options)
     except (TypeError, ValueError) as err:
         if not any(value is None and f"{option}=" in str(err) for option, value in options.items()):
             raise
-    return options
+    return options, common
 
 
-def _budget_reason(adapter, spec, options, budget, err: Exception) -> str:
+def _budget_reason(adapter, spec, options, common, budget, err: Exception) -> str:
     """Why ``spec`` does not fit: the error, said to be its default budget's when keeping every
     token would have worked."""
     if budget.kind == "keep" and budget.value == 1.0:
         return str(err)
     try:
-        adapter.make_runtime(spec, dict(options), Budget("keep", 1.0))
+        adapter.make_runtime(spec, options, Budget("keep", 1.0), common)
     except (TypeError, ValueError):
         return str(err)
     return (f"{spec.name} fits this model but not with its default budget {budget.describe()}: {err}. "

@@ -41,8 +41,8 @@ class ViTAdapter:
     variant: Optional[str] = None
     cls_first = True  # the first special token is a class token
 
-    def make_runtime(self, method, options, budget) -> ViTRuntime:
-        return ViTRuntime(self, method, options, budget)
+    def make_runtime(self, method, options, budget, common) -> ViTRuntime:
+        return ViTRuntime(self, method, options, budget, common)
 
     def grad_checkpointing(self) -> bool:
         return False

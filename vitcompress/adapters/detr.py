@@ -112,7 +112,7 @@ class DetrAdapter:
         if self.depth == 0:
             raise ValueError("this DETR has no encoder layers (encoder_layers=0); there is nothing to reduce")
 
-    def make_runtime(self, method, options, budget) -> DetrRuntime:
+    def make_runtime(self, method, options, budget, common) -> DetrRuntime:
         return DetrRuntime(self, method, options, budget)
 
     def patch(self, runtime: DetrRuntime, patcher) -> None:

@@ -161,9 +161,9 @@ class LlavaAdapter:
         self.variant = "clip" if type(self.tower).__name__.startswith("CLIP") else None
 
     # ---------------------------------------------------------------- compress() hooks
-    def make_runtime(self, spec, options, budget) -> LlavaRuntime:
+    def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
         if spec.target == "vit":
-            return self._vit_runtime(spec, options, budget)
+            return self._vit_runtime(spec, options, budget, common)
         if self.unit_modality(spec.unit) is None:
             supported = [n for n, f in _FAMILIES.items() if f[spec.unit]]
             raise TypeError(f"{spec.name} cannot reduce a {self.family_name}: it reduces "
@@ -186,7 +186,7 @@ class LlavaAdapter:
         attention = [self.tower_layers[i].self_attn for i in layers]
         return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(layers, attention)])
 
-    def _vit_runtime(self, spec, options, budget):
+    def _vit_runtime(self, spec, options, budget, common):
         if not _FAMILIES[self.family_name]["vit"]:
             raise TypeError(f"ViT method {spec.name!r} inside the tower is supported on LlavaForConditionalGeneration "
                             f"only: {self.family_name} needs the full patch grid after the tower (anyres "
@@ -196,7 +196,7 @@ class LlavaAdapter:
                              "states of different layers have different token counts once tokens are reduced")
         if not HFCLIPVisionAdapter.matches(self.tower):
             raise TypeError(f"ViT methods inside LLaVA's tower need a CLIP vision tower, got {type(self.tower).__name__}")
-        tower = ViTRuntime(HFCLIPVisionAdapter(self.tower), spec, options, budget)
+        tower = ViTRuntime(HFCLIPVisionAdapter(self.tower), spec, options, budget, common)
         return LlavaRuntime(self, spec, options, budget, tower=tower)
 
     def patch(self, runtime, patcher) -> None:

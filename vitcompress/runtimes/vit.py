@@ -15,7 +15,7 @@ from ..engine.blocks import ForwardState
 from ..engine.patching import Patcher, PerThread
 from ..engine.schedule import Budget, Schedule, build_schedule, resolve_flops
 from ..engine.tokens import TokenState
-from ..interfaces import Method
+from ..interfaces import CommonOptions, Method
 
 
 def _tokens_after_each_block(schedule: Schedule) -> List[int]:
@@ -25,15 +25,15 @@ def _tokens_after_each_block(schedule: Schedule) -> List[int]:
 
 
 class ViTRuntime:
-    """A ViT-like model's compression: adapter, method, options, budget and the schedules per input
-    size; each forward's :class:`ForwardState` is kept per thread."""
+    """A ViT-like model's compression: adapter, method, its options, the common options, budget and
+    the schedules per input size; each forward's :class:`ForwardState` is kept per thread."""
 
-    def __init__(self, adapter, method: Method, options: Dict[str, Any], budget: Budget):
+    def __init__(self, adapter, method: Method, options: Dict[str, Any], budget: Budget, common: CommonOptions):
         self.adapter = adapter
         self.method = method
         self.options = options
-        self.prop_attn = options.pop("prop_attn")
-        self.trace_source = options.pop("trace_source")
+        self.prop_attn = common.prop_attn
+        self.trace_source = common.trace_source
         self.requested = budget
         self.patcher = Patcher()
         self._schedules: Dict[int, Schedule] = {}
