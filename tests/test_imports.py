@@ -113,11 +113,6 @@ def test_profile_reads_no_adapter_module(graph):
             assert not bad, f"{m} imports {bad}: the profile reads no adapter internals"
 
 
-#: (importer, imported module, name): private names still crossing a module boundary, in modules
-#: another branch reorganises (issue 24 item 5 makes api's option defaults public)
-PRIVATE_IMPORTS_ELSEWHERE = {("vitcompress.support", "vitcompress.api", "_defaults")}
-
-
 def private_imports():
     """(importer, imported module, name) for every ``from <package module> import _name``."""
     found = set()
@@ -140,8 +135,7 @@ def private_imports():
 
 def test_no_private_name_is_imported_from_another_module():
     found = private_imports()
-    assert not found - PRIVATE_IMPORTS_ELSEWHERE, sorted(found - PRIVATE_IMPORTS_ELSEWHERE)
-    assert PRIVATE_IMPORTS_ELSEWHERE <= found  # still there: drop it from the list when it goes
+    assert not found, sorted(found)
 
 
 def test_interfaces_is_a_leaf(graph):
