@@ -1,5 +1,6 @@
 """The package's import graph: no cycles (imports inside functions included), adapters know no
-method and no API, the interfaces module is a leaf, and the kernels load without the adapters."""
+method and no API, the interfaces module is a leaf, the kernels load without the adapters, and the
+tests' helpers (``vitcompress.testing``) stay out of the library."""
 import ast
 import os
 import subprocess
@@ -91,6 +92,18 @@ def test_kernels_import_without_adapters_or_methods():
     code = ("import sys, vitcompress.kernels; "
             "print(sorted(m for m in sys.modules if m.startswith(('vitcompress.adapters', 'vitcompress.methods', "
             "'vitcompress.api', 'timm', 'transformers', 'open_clip'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_no_module_of_the_package_imports_the_testing_module(graph):
+    users = sorted(m for m, deps in graph.items() if "vitcompress.testing" in deps)
+    assert users == [], f"{users} import vitcompress.testing: it is for the tests and the experiments only"
+
+
+def test_the_testing_module_imports_no_model_library():
+    code = ("import sys, vitcompress.testing; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('timm', 'transformers', 'open_clip')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

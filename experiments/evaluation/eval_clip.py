@@ -2,11 +2,11 @@
 reduction in its image tower: the metrics, the image tower's GFLOPs and images/s in one table.
 
     # any open_clip model name and pretrained tag (needs a network the first time)
-    python experiments/eval_clip.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \\
+    python experiments/evaluation/eval_clip.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \\
         --data-dir /data/imagenet/val --captions /data/flickr30k/test.tsv --images /data/flickr30k/images \\
         --method pitome --flops 0.6 --amp
     # offline: a local open_clip model config (JSON) and/or a local checkpoint
-    python experiments/eval_clip.py --model-config my_clip.json --checkpoint my_clip.pt --data-dir ...
+    python experiments/evaluation/eval_clip.py --model-config my_clip.json --checkpoint my_clip.pt --data-dir ...
 
 Data (give either or both):
 
@@ -29,7 +29,7 @@ On several devices (or nodes) launch it with torchrun: each rank encodes its own
 images and captions; rank 0 sums the zero-shot hits, gathers the embeddings for retrieval and
 prints (images/s: the sum over the ranks, and per rank):
 
-    torchrun --nproc_per_node 8 experiments/eval_clip.py --model ViT-B-32 --pretrained ... --data-dir ...
+    torchrun --nproc_per_node 8 experiments/evaluation/eval_clip.py --model ViT-B-32 --pretrained ... --data-dir ...
 """
 import argparse
 import copy
@@ -88,7 +88,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_model(args):
+def load_open_clip(args):
     """(model, eval preprocessing, tokenizer) from open_clip: a registered name with a pretrained tag, or
     a local config, optionally with a local checkpoint."""
     import open_clip
@@ -206,7 +206,7 @@ def evaluate(args, ctx: distributed.Context) -> Optional[List[Dict]]:
 
     device = ctx.device
     with ctx.step("loading the model"):
-        model, preprocess, tokenizer = load_model(args)
+        model, preprocess, tokenizer = load_open_clip(args)
         model.to(device)
         models = {"uncompressed": model}
         rows = [{"model": "uncompressed", "setting": ""}]
@@ -288,10 +288,7 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    rows = distributed.run_script(evaluate, args)
-    if rows is not None:  # rank 0
-        distributed.report(rows, format_table(rows), args.json)
+    distributed.run_script(evaluate, parse_args(argv), format_table)
     return 0
 
 

@@ -1,7 +1,7 @@
 """COCO bbox AP of a DETR with and without token reduction in its encoder, with the encoder's
 GFLOPs and images/s, in one table.
 
-    python experiments/eval_coco.py --model facebook/detr-resnet-50 --pretrained \
+    python experiments/evaluation/eval_coco.py --model facebook/detr-resnet-50 --pretrained \
         --data-dir coco/val2017 --annotations coco/annotations/instances_val2017.json \
         --keep 0.5 --scorer learned --scorer-path focus_scorer_detr_r50.pt --amp
 
@@ -17,7 +17,7 @@ detector on the first batch (padding included), the models timed interleaved
 On several devices (or nodes) launch it with torchrun: each rank detects on its own shard of the
 images and rank 0 scores every detection (images/s: the sum over the ranks, and per rank):
 
-    torchrun --nproc_per_node 8 experiments/eval_coco.py --model facebook/detr-resnet-50 --pretrained ...
+    torchrun --nproc_per_node 8 experiments/evaluation/eval_coco.py --model facebook/detr-resnet-50 --pretrained ...
 """
 import argparse
 import copy
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 import vitcompress
 from vitcompress.evaluation import distributed
+from vitcompress.evaluation.script_arguments import add_coco_arguments, add_detr_arguments
 from vitcompress.evaluation.coco import CocoDetection, bbox_ap, check_labels, detections, load_detr, loader
 from vitcompress.evaluation.classification import autocast, gather_detections, throughput_over_ranks
 from vitcompress.profile.detr import count_encoder_flops
@@ -37,15 +38,8 @@ from vitcompress.profile.detr import count_encoder_flops
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="transformers model name, e.g. facebook/detr-resnet-50")
-    ap.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights (needs a network)")
-    ap.add_argument("--config", help="a DetrConfig (JSON file or directory) for a local model")
-    ap.add_argument("--checkpoint", help="local weights: a state_dict file, or a save_pretrained directory")
-    ap.add_argument("--data-dir", required=True, help="folder of the images named in the annotations")
-    ap.add_argument("--annotations", required=True, help="COCO-format annotation JSON")
-    ap.add_argument("--size", type=int, default=800, help="shortest image side after resizing (DETR: 800)")
-    ap.add_argument("--max-size", type=int, default=1333, help="longest image side after resizing (DETR: 1333)")
-    ap.add_argument("--max-images", type=int, default=None)
+    add_detr_arguments(ap)
+    add_coco_arguments(ap)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
@@ -116,8 +110,8 @@ def evaluate(args, ctx: distributed.Context):
     return rows if ctx.is_main else None
 
 
-def format_table(rows, no_baseline: bool) -> str:
-    base = None if no_baseline else rows[0]["encoder_gflops"]
+def format_table(rows) -> str:
+    base = rows[0]["encoder_gflops"] if rows[0]["model"] == "uncompressed" else None  # None: --no-baseline
     lines = [f"{'model':<24}{'AP':>7}{'AP50':>7}{'AP75':>7}{'enc GFLOPs':>12}{'% base':>8}{'img/s':>8}"]
     for row in rows:
         share = "-" if base is None else f"{100 * row['encoder_gflops'] / base:.1f}%"
@@ -130,11 +124,7 @@ def format_table(rows, no_baseline: bool) -> str:
 
 def main(argv=None):
     """The rows on rank 0 (printed, and written to ``--json``); None on the other ranks."""
-    args = parse_args(argv)
-    rows = distributed.run_script(evaluate, args)
-    if rows is not None:
-        distributed.report(rows, format_table(rows, args.no_baseline), args.json)
-    return rows
+    return distributed.run_script(evaluate, parse_args(argv), format_table)
 
 
 if __name__ == "__main__":
