@@ -31,13 +31,15 @@ RANKS = 2
 TIMEOUT = 300  # seconds for one launch: a hang fails the test instead of stalling the run
 
 
-def torchrun(script, args):
-    """``script args`` on RANKS CPU processes under torchrun; the completed process."""
+def torchrun(script, args, succeeds=True):
+    """``script args`` on RANKS CPU processes under torchrun; the completed process, checked to
+    have succeeded unless ``succeeds`` is false."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", str(RANKS), script, *args],
                           capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if succeeds:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -166,6 +168,18 @@ def test_eval_imagenet_on_two_ranks_equals_one_process(reference_folder, tmp_pat
         per_rank = two[name]["images_per_s_per_rank"]
         assert len(per_rank) == 2 and min(per_rank) > 0 and two[name]["images_per_s"] == pytest.approx(sum(per_rank))
     assert one["pitome"]["top1"] != 0 and two["pitome"]["gflops"] < two["uncompressed"]["gflops"]
+
+
+def test_a_bad_argument_stops_every_rank_before_the_process_group_with_one_line_each():
+    """Every rank checks its arguments before the process group starts and exits 2 with the same
+    line (torchrun then reports the failed ranks); no rank waits for a collective, no traceback."""
+    proc = torchrun(EVAL_IMAGENET, ["--model", "reference", "--data-dir", "unread", "--device", "cpu",
+                                    "--method", "tome", "--flops", "1.5"], succeeds=False)
+    script_lines = [line for line in proc.stderr.splitlines() if line.startswith("eval_imagenet.py")]
+    assert script_lines == ["eval_imagenet.py: error: flops=1.5 is outside (0, 1]: it is the fraction of the "
+                            "uncompressed FLOPs, e.g. flops=0.9"] * RANKS, proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr
+    assert 'eval_imagenet.py", line' not in proc.stderr  # no traceback of the script itself
 
 
 @pytest.mark.slow

@@ -19,7 +19,6 @@ images and rank 0 scores every detection (images/s: the sum over the ranks, and 
 
     torchrun --nproc_per_node 8 experiments/evaluation/eval_coco.py --model facebook/detr-resnet-50 --pretrained ...
 """
-import argparse
 import copy
 import functools
 import statistics
@@ -29,21 +28,22 @@ import torch
 from tqdm.auto import tqdm
 
 import vitcompress
-from vitcompress.evaluation import distributed
-from vitcompress.evaluation.script_arguments import add_coco_arguments, add_detr_arguments
+from vitcompress.cli import check_device
+from vitcompress.evaluation import distributed, script_arguments
 from vitcompress.evaluation.coco import CocoDetection, bbox_ap, check_labels, detections, load_detr, loader
 from vitcompress.evaluation.classification import autocast, gather_detections, throughput_over_ranks
 from vitcompress.profile.detr import count_encoder_flops
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_detr_arguments(ap)
-    add_coco_arguments(ap)
+    """The arguments, every one checked before a model is built (one line and exit 2 if bad)."""
+    ap = script_arguments.parser(__file__, __doc__)
+    script_arguments.add_detr_arguments(ap)
+    script_arguments.add_coco_arguments(ap)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     ap.add_argument("--method", default="focus_detr", choices=vitcompress.list_methods("detr"))
     ap.add_argument("--keep", type=float, default=None, help="rho, the fraction of encoder tokens kept (default 0.5)")
     ap.add_argument("--scorer", choices=("norm", "attention", "learned"), default=None,
@@ -54,7 +54,15 @@ def parse_args(argv=None):
     ap.add_argument("--runs", type=int, default=5, help="timed runs for images/s")
     ap.add_argument("--flops-images", type=int, default=4, help="images the encoder GFLOPs are averaged over")
     ap.add_argument("--json", help="write the result rows (a JSON list) to this file")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.options = {k: v for k, v in (("scorer", args.scorer), ("scorer_path", args.scorer_path),
+                                      ("dual_k", args.dual_k)) if v is not None}
+    try:
+        args.device = check_device(args.device)
+        script_arguments.check_detr_setting(args.method, {"keep": args.keep}, args.options)
+    except (ValueError, TypeError) as err:
+        ap.error(str(err))
+    return args
 
 
 def predict(model, batches, device, amp, progress: Optional[str]):
@@ -78,9 +86,7 @@ def evaluate(args, ctx: distributed.Context):
         check_labels(dataset.coco, model.config.num_labels)
         batches = loader(distributed.shard(dataset, ctx), args.batch_size, args.workers)  # the same for every model
 
-        options = {k: v for k, v in (("scorer", args.scorer), ("scorer_path", args.scorer_path),
-                                     ("dual_k", args.dual_k)) if v is not None}
-        compressed = vitcompress.compress(copy.deepcopy(model), args.method, keep=args.keep, **options)
+        compressed = vitcompress.compress(copy.deepcopy(model), args.method, keep=args.keep, **args.options)
         label = f"{args.method} {vitcompress.stats(compressed)['budget']}"
         models = {label: compressed} if args.no_baseline else {"uncompressed": model, label: compressed}
 

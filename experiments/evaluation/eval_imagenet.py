@@ -11,19 +11,20 @@ images, rank 0 prints the totals (and images/s summed over the ranks, and per ra
 
     torchrun --nproc_per_node 8 experiments/evaluation/eval_imagenet.py --model deit_small_patch16_224 ...
 """
-import argparse
 import copy
 import sys
 
 import torch
 
 import vitcompress
-from vitcompress.evaluation import distributed, models
+from vitcompress.cli import check_device
+from vitcompress.evaluation import distributed, models, script_arguments
 from vitcompress.evaluation.classification import autocast, hit_counts, imagefolder_loader, predict, rates, throughput_over_ranks
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The arguments, every one checked before a model is built (one line and exit 2 if bad)."""
+    ap = script_arguments.parser(__file__, __doc__)
     ap.add_argument("--model", required=True, help="timm model name, or 'reference' for the embedded Fashion-MNIST ViT")
     ap.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs a network)")
     ap.add_argument("--checkpoint", help="a local state_dict (or {'state_dict': ...}) to load instead")
@@ -32,18 +33,22 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     ap.add_argument("--max-images", type=int, default=None)
     ap.add_argument("--method", choices=vitcompress.list_methods("vit"), help="token-reduction method")
-    budget = ap.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=float)
-    budget.add_argument("--r", type=int)
-    budget.add_argument("--flops", type=float)
+    script_arguments.add_budget_arguments(ap)
     ap.add_argument("--runs", type=int, default=5, help="timed runs for images/s")
     ap.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="evaluate and time torch.compile'd models (backend: inductor)")
     ap.add_argument("--json", help="write the result rows (a JSON list) to this file")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:
+        models.check_model_name(args.model, args.pretrained)
+        args.device = check_device(args.device)
+        args.budget = script_arguments.vit_budget(args)
+    except (ValueError, TypeError) as err:
+        ap.error(str(err))
+    return args
 
 
 def evaluate(args, ctx: distributed.Context):
@@ -58,8 +63,7 @@ def evaluate(args, ctx: distributed.Context):
             sys.exit(f"eval_imagenet: {err}")
         compared = {"uncompressed": model}
         if args.method:
-            budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
-            compared[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget)
+            compared[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **args.budget)
     with ctx.step("reading the images"):
         try:  # every rank its own shard, the same for every model
             loader = imagefolder_loader(args.data_dir, model, args.batch_size, args.workers, args.max_images,

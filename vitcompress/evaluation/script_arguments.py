@@ -1,5 +1,67 @@
-"""The arguments several experiment scripts share: the DETR they load and its COCO-format data."""
+"""The arguments the evaluation, training and benchmark scripts share, and their checks.
+
+An evaluation script checks every argument as ``vitcompress bench`` does, before any model is
+built: a bad one ends it with one line naming the fix (``eval_imagenet.py: error: ...``) and exit
+status 2. The checks read nothing but the arguments (and the devices), so under torchrun every
+rank reaches the same verdict before the process group starts: each prints the same line and
+exits 2, and no rank is left waiting for another.
+"""
 import argparse
+import os
+from typing import Any, Dict, Optional
+
+from ..cli import _Parser, check_setting, parse_budget_text
+
+
+def parser(script: str, description: str) -> argparse.ArgumentParser:
+    """The parser of the script file ``script``: its ``description`` as written, errors on one line
+    (``<script name>: error: ...``) with exit status 2."""
+    return _Parser(prog=os.path.basename(script), description=description,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+# --------------------------------------------------------------------------- ViT methods and budgets
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser, what: str = "model") -> None:
+    """``--keep`` / ``--r`` / ``--flops``, at most one, as ``vitcompress export`` takes them."""
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--keep", type=float, metavar="FRACTION",
+                        help="fraction of tokens kept per reducing block, in (0, 1]")
+    budget.add_argument("--r", metavar="R", help="tokens removed per block: an int, a list '[8,8,4]' or "
+                                                 "'(r, inflection)'")
+    budget.add_argument("--flops", type=float, metavar="FRACTION",
+                        help=f"target fraction of the {what}'s FLOPs, in (0, 1]")
+
+
+def vit_budget(args: argparse.Namespace, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The budget of ``args`` (``--keep`` / ``--r`` / ``--flops``) as ``compress`` takes it, checked
+    with ``args.method`` and its ``options``; ``{}`` without a method. ``ValueError`` /
+    ``TypeError`` name the fix."""
+    budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
+    if "r" in budget:
+        budget["r"] = parse_budget_text(budget["r"])
+    if args.method is None:
+        if budget or options:
+            raise ValueError("--keep / --r / --flops and method options need a compression --method")
+        return {}
+    check_setting(args.method, dict(budget, **(options or {})))
+    return budget
+
+
+# --------------------------------------------------------------------------- DETR and COCO
+
+
+def check_detr_setting(method: str, budget: Dict[str, Any], options: Dict[str, Any]) -> None:
+    """A DETR method's budget and options checked as ``compress`` checks them, without a model
+    (``check_setting`` takes the ViT methods only); ``ValueError`` / ``TypeError`` name the fix."""
+    from .. import api
+    from ..engine.schedule import parse_budget
+    from ..methods import get
+
+    spec = get(method)
+    parse_budget(spec, **budget)
+    api._resolve_options(spec, options)
 
 
 def add_detr_arguments(parser: argparse.ArgumentParser,
