@@ -1,12 +1,14 @@
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 @pytest.fixture(scope="module")
@@ -15,12 +17,13 @@ def deit_small():
     return timm.create_model("deit_small_patch16_224").eval()
 
 
-def tiny_vit(**kwargs) -> VisionTransformer:
-    """A small random ViT (32x32 input, 64 patches) for fast structural tests."""
-    cfg = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=48, depth=4, num_heads=3)
-    cfg.update(kwargs)
-    torch.manual_seed(0)
-    return VisionTransformer(**cfg).eval()
+def load_script(path: str):
+    """The experiment script ``experiments/<path>`` as a module (its ``main`` not run), for tests
+    of the script itself; loaded by path, so nothing is added to ``sys.path``."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, EXPERIMENTS / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 #: the two halves of a kernel test file, each run in its own interpreted process: the default run
@@ -51,3 +54,23 @@ def run_interpreted(request, path: str, selection: str) -> None:
         return
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     print(done.stdout.strip().splitlines()[-1])
+
+
+def interpreted_process_runner(path: str, in_subprocess: bool):
+    """For the kernel test file ``path``: an autouse fixture that skips its tests in this process
+    when ``in_subprocess`` (Triton was imported here without ``TRITON_INTERPRET``), and the test
+    that runs them in an interpreted process instead (:func:`run_interpreted`), once per selection.
+    The file binds both, the test as ``<file name>_in_an_interpreted_process``."""
+    runner = Path(path).stem + "_in_an_interpreted_process"
+
+    @pytest.fixture(autouse=True)
+    def skipped_here(request):
+        if in_subprocess and request.node.originalname != runner:
+            pytest.skip(f"runs in {runner} (TRITON_INTERPRET=1 from the start)")
+
+    @pytest.mark.skipif(not in_subprocess, reason="the kernels run in this process")
+    @pytest.mark.parametrize("selection", INTERPRETED_SELECTIONS)
+    def test_in_an_interpreted_process(request, selection):
+        run_interpreted(request, path, selection)
+
+    return skipped_here, test_in_an_interpreted_process

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import vitcompress
-from conftest import tiny_vit
+from vitcompress.testing import tiny_vit
 
 
 @pytest.mark.parametrize("method", ["tome", "pitome"])

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import vitcompress
+from conftest import EXPERIMENTS
 from vitcompress import cli
 from vitcompress.cli.report import hardware, plot
 from vitcompress.evaluation import reference_model as reference
 from vitcompress.evaluation.classification import accuracy, batches, predict
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_json_rows_are_self_consistent(tmp_path, capsys):
@@ -137,7 +136,7 @@ def test_eval_imagenet_runs_on_an_imagefolder(tmp_path):
     # every class present so ImageFolder's sorted class indices equal the labels
     assert len({int(y) for y in labels}) == 10
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "experiments", "eval_imagenet.py"), "--model", "reference",
+        [sys.executable, str(EXPERIMENTS / "evaluation" / "eval_imagenet.py"), "--model", "reference",
          "--data-dir", str(tmp_path), "--batch-size", "16", "--workers", "0", "--runs", "2",
          "--method", "pitome", "--keep", "0.9"],
         capture_output=True, text=True, timeout=300)

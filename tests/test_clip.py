@@ -1,35 +1,21 @@
-"""CLIP image towers (open_clip and transformers) and experiments/eval_clip.py, on tiny random models."""
+"""CLIP image towers (open_clip and transformers) and experiments/evaluation/eval_clip.py, on tiny random models."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import vitcompress
-from conftest import tiny_vit
+from conftest import load_script
 
 open_clip = pytest.importorskip("open_clip")
 from open_clip.model import CLIP, CustomTextCLIP  # noqa: E402
 from open_clip.transformer import VisionTransformer  # noqa: E402
 
+from vitcompress.testing import (OPEN_CLIP_TEXT, OPEN_CLIP_VARIANTS, OPEN_CLIP_VISION,  # noqa: E402
+                                 random_images, tiny_clip, tiny_vit)
+
 METHODS = ["tome", "pitome", "zero_tprune"]
-VISION = dict(image_size=32, patch_size=4, width=32, layers=4, head_width=16, mlp_ratio=2.0)
-TEXT = dict(context_length=16, vocab_size=1000, width=32, heads=2, layers=2)
-OPEN_CLIP_VARIANTS = {
-    "tok": dict(),
-    "layerscale": dict(ls_init_value=0.1),
-    "avg": dict(pool_type="avg"),
-    "final_ln_after_pool": dict(pool_type="avg", final_ln_after_pool=True),
-    "custom_block": dict(qk_norm=True, scale_heads=True, scale_attn_inner=True, scale_attn=True, scale_fc=True),
-    "attn_pool": dict(attentional_pool=True, attn_pooler_queries=8, attn_pooler_heads=2),
-}
-X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def tiny_clip(**vision) -> CLIP:
-    torch.manual_seed(0)
-    return CLIP(16, dict(VISION, **vision), TEXT).eval()
+X = random_images()
 
 
 def expand_by_size(x, size):
@@ -79,8 +65,8 @@ def test_open_clip_sequence_first_layout():
 @pytest.mark.parametrize("cls", [CLIP, CustomTextCLIP])
 def test_open_clip_text_tower_untouched(cls):
     torch.manual_seed(0)
-    model = cls(16, VISION, TEXT).eval()
-    text = torch.randint(0, TEXT["vocab_size"], (3, TEXT["context_length"]))
+    model = cls(16, OPEN_CLIP_VISION, OPEN_CLIP_TEXT).eval()
+    text = torch.randint(0, OPEN_CLIP_TEXT["vocab_size"], (3, OPEN_CLIP_TEXT["context_length"]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         ref = model.encode_text(text)
@@ -151,7 +137,7 @@ def test_open_clip_unsupported_configurations():
     with pytest.raises(TypeError, match="scaled cosine attention"):
         vitcompress.compress(tiny_clip(scaled_cosine_attn=True), "tome", r=2)
     with pytest.raises(TypeError, match="not a VisionTransformer"):
-        vitcompress.compress(CLIP(16, dict(layers=(1, 1, 1, 1), width=8, image_size=32), TEXT), "tome", r=2)
+        vitcompress.compress(CLIP(16, dict(layers=(1, 1, 1, 1), width=8, image_size=32), OPEN_CLIP_TEXT), "tome", r=2)
     tower = VisionTransformer(32, 4, 32, 2, 2, 2.0, output_dim=16, pool_type="none")
     with pytest.raises(ValueError, match="pool_type='none'"):
         vitcompress.compress(tower, "tome", r=2)
@@ -275,12 +261,7 @@ def test_hf_unsupported(hf):
 
 @pytest.fixture(scope="module")
 def eval_clip():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    try:
-        import eval_clip
-    finally:
-        sys.path.pop(0)
-    return eval_clip
+    return load_script("evaluation/eval_clip.py")
 
 
 def test_recall_at_k_by_hand(eval_clip):
@@ -315,7 +296,7 @@ def test_eval_clip_end_to_end(eval_clip, tmp_path, capsys, monkeypatch):
         image(colour, tmp_path / "images" / f"{i}.png")
         lines += [f"{i}.png#0\ta {name} square", f"{i}.png#1\tsomething {name}"]
     (tmp_path / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    config = {"embed_dim": 16, "vision_cfg": VISION, "text_cfg": dict(TEXT, vocab_size=49408)}
+    config = {"embed_dim": 16, "vision_cfg": OPEN_CLIP_VISION, "text_cfg": dict(OPEN_CLIP_TEXT, vocab_size=49408)}
     (tmp_path / "tiny_clip.json").write_text(json.dumps(config))
     torch.manual_seed(0)
     open_clip.add_model_config(tmp_path / "tiny_clip.json")
@@ -377,9 +358,9 @@ def test_compressing_the_tower_then_the_whole_clip_replaces_and_restores_exactly
 def test_whole_coca_compresses_its_image_tower():
     from open_clip.coca_model import CoCa
     torch.manual_seed(0)
-    vision = dict(VISION, layers=2, attentional_pool=True, attn_pooler_queries=8, attn_pooler_heads=2)
+    vision = dict(OPEN_CLIP_VISION, layers=2, attentional_pool=True, attn_pooler_queries=8, attn_pooler_heads=2)
     multimodal = dict(context_length=16, vocab_size=1000, width=32, heads=2, layers=1, attn_pooler_heads=2)
-    model = CoCa(16, multimodal, TEXT, vision).eval()
+    model = CoCa(16, multimodal, OPEN_CLIP_TEXT, vision).eval()
     with torch.no_grad():
         ref = model.encode_image(X)
         vitcompress.compress(model, "tome", r=8)

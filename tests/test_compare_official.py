@@ -1,4 +1,4 @@
-"""vitcompress next to the official ToMe and PiToMe code (experiments/compare_official.py).
+"""vitcompress next to the official ToMe and PiToMe code (experiments/studies/compare_official.py).
 
 Skipped unless ``$VITCOMPRESS_OFFICIAL_DIR`` names a folder holding the official code, fetched by
 you and kept outside this repository (both repositories are CC BY-NC 4.0)::
@@ -10,21 +10,22 @@ Measured with ToMe af95e4b1 and PiToMe 550b5dee on timm 1.0.31 (see the script f
 """
 import copy
 import os
-import sys
 
+import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import vitcompress
-from vitcompress.evaluation import reference_model
+from conftest import load_script
+from vitcompress.evaluation import realvit, reference_model
+from vitcompress.evaluation.offline_data import to_input
 
 OFFICIAL = os.environ.get("VITCOMPRESS_OFFICIAL_DIR")
 pytestmark = pytest.mark.skipif(not OFFICIAL, reason="set VITCOMPRESS_OFFICIAL_DIR to the fetched official "
-                                "ToMe/ and PiToMe/ code (see experiments/compare_official.py)")
+                                "ToMe/ and PiToMe/ code (see experiments/studies/compare_official.py)")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
-import compare_official as co  # noqa: E402
+co = load_script("studies/compare_official.py")
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +126,12 @@ def test_tome_matches_official_with_layerscale_shim(off):
 
 def test_realvit_layerscale_point(off):
     """The real DINOv2-style ViT-S/14 (LayerScale): official ToMe at r=0 is far from the model,
-    vitcompress at r=0 is the model. Skipped where experiments/realvit.py has no cached model."""
+    vitcompress at r=0 is the model. Skipped where vitcompress.evaluation.realvit has no cached model."""
     model, why = co.load_realvit_or_none()
     if model is None:
         pytest.skip(why)
-    with __import__("numpy").load(os.path.join(reference_model.data_dir(), reference_model.IMAGES_FILE)) as npz:
-        x = co.realvit_inputs(npz["images"][:2])
+    with np.load(os.path.join(reference_model.data_dir(), reference_model.IMAGES_FILE)) as npz:
+        x = to_input(npz["images"][:2], realvit.IMG_SIZE, realvit.MEAN, realvit.STD)
     base, _ = co.run(model, x, 2)
     o, _ = co.run(co.official_tome(copy.deepcopy(model), off, 0), x, 2)
     v, _ = co.run(vitcompress.compress(copy.deepcopy(model), "tome", r=0), x, 2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitcompress
-from conftest import tiny_vit
+from vitcompress.testing import tiny_vit
 
 pytestmark = pytest.mark.skipif(
     not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),

@@ -1,9 +1,7 @@
 """DETR (transformers) with Focus-DETR foreground token scoring, the scorer's training script and
 the COCO evaluation script, on tiny random detectors (no downloads)."""
-import importlib.util
 import json
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -21,38 +19,9 @@ from vitcompress.interfaces import runtime_of  # noqa: E402
 from vitcompress.methods.focus_detr import (PAPER_CASCADE, FocusScorer, cascade_for_depth,  # noqa: E402
                                             dual_attention_tokens, foreground_logits, save_scorer)
 from vitcompress.profile.detr import count_encoder_flops  # noqa: E402
-from conftest import tiny_vit  # noqa: E402
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-D_MODEL, FFN, HEADS, LABELS = 32, 64, 4, 3
-
-
-def detr_config(**kwargs):
-    """A tiny DETR: a 2-stage HF ResNet backbone (stride 8, 16 channels), 32-dim transformer."""
-    cfg = dict(backbone_config=transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                                         out_features=["stage2"]),
-               use_timm_backbone=False, use_pretrained_backbone=False, d_model=D_MODEL, encoder_layers=6,
-               decoder_layers=2, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, encoder_attention_heads=HEADS,
-               decoder_attention_heads=HEADS, num_queries=10, num_labels=LABELS)
-    cfg.update(kwargs)
-    return transformers.DetrConfig(**cfg)
-
-
-def tiny_detr(cls=None, seed=0, **kwargs):
-    torch.manual_seed(seed)
-    return (cls or transformers.DetrForObjectDetection)(detr_config(**kwargs)).eval()
-
-
-def random_head(seed=1):
-    torch.manual_seed(seed)
-    return FocusScorer(D_MODEL).eval()
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from vitcompress.testing import (DETR_D_MODEL, DETR_FFN, DETR_HEADS, DETR_LABELS, random_scorer_head,  # noqa: E402
+                                 tiny_detr, tiny_vit)
+from conftest import load_script  # noqa: E402
 
 
 def run(model, x, mask=None):
@@ -72,7 +41,7 @@ def test_output_shapes_unchanged_and_tokens_follow_the_cascade(scorer):
     model = tiny_detr()
     x = torch.randn(2, 3, 64, 80)  # 8 x 10 = 80 encoder tokens
     ref = run(model, x)
-    extra = {"scorer_module": random_head()} if scorer == "learned" else {}
+    extra = {"scorer_module": random_scorer_head()} if scorer == "learned" else {}
     vitcompress.compress(model, "focus_detr", scorer=scorer, **extra)
     out = run(model, x)
     st = vitcompress.stats(model)
@@ -143,7 +112,7 @@ def test_threads_through_one_compressed_detr_get_their_own_outputs_and_counts(sc
     from test_threads import THREADS, run_concurrently
 
     model = tiny_detr()
-    extra = {"scorer_module": random_head()} if scorer == "learned" else {}
+    extra = {"scorer_module": random_scorer_head()} if scorer == "learned" else {}
     vitcompress.compress(model, "focus_detr", keep=0.5, scorer=scorer, dual_k=20, **extra)
     g = torch.Generator().manual_seed(0)
     inputs = []
@@ -178,7 +147,7 @@ def test_a_copy_of_a_compressed_detr_is_independent(clone, tmp_path):
     model = tiny_detr()
     x = torch.randn(1, 3, 64, 80)
     before = run(model, x)
-    vitcompress.compress(model, "focus_detr", scorer="learned", scorer_module=random_head())
+    vitcompress.compress(model, "focus_detr", scorer="learned", scorer_module=random_scorer_head())
     out = run(model, x)
     if clone == "deepcopy":
         twin = copy.deepcopy(model)
@@ -196,17 +165,17 @@ def test_a_copy_of_a_compressed_detr_is_independent(clone, tmp_path):
     assert torch.equal(run(model, x).logits, out.logits)  # the original is still compressed
 
 
-def layer_flops(n, C=D_MODEL, F=FFN):
+def layer_flops(n, C=DETR_D_MODEL, F=DETR_FFN):
     """One post-norm DETR encoder layer on n tokens, as fvcore counts it (norms: 5 per element)."""
     return 4 * n * C * C + 2 * n * n * C + 2 * 5 * n * C + 2 * n * C * F
 
 
-def dual_flops(d, n, C=D_MODEL, classes=LABELS + 1):
+def dual_flops(d, n, C=DETR_D_MODEL, classes=DETR_LABELS + 1):
     """Class head on the layer's n tokens, then self-attention + norm on the d selected ones."""
     return n * C * classes + 4 * d * C * C + 2 * d * d * C + 5 * d * C
 
 
-def head_flops(n, C=D_MODEL, h=D_MODEL):
+def head_flops(n, C=DETR_D_MODEL, h=DETR_D_MODEL):
     return 5 * n * C + n * (C * h + h * h // 2 + h // 2 * h // 4 + h // 4)
 
 
@@ -217,14 +186,14 @@ def test_encoder_flops_fall_as_the_cascade_says(scorer, dual_k):
     N = 80
     base = count_encoder_flops(model, x)
     assert base == 6 * layer_flops(N)
-    extra = {"scorer_module": random_head()} if scorer == "learned" else {}
+    extra = {"scorer_module": random_scorer_head()} if scorer == "learned" else {}
     vitcompress.compress(model, "focus_detr", keep=0.5, scorer=scorer, dual_k=dual_k, **extra)
     counted = count_encoder_flops(model, x)
     tokens = counts(N, 0.5)
     want = sum(layer_flops(n) for n in tokens)
     if dual_k:
         want += sum(dual_flops(min(dual_k, n), n) for n in tokens)
-    want += {"learned": head_flops(N), "attention": 2 * N * D_MODEL ** 2 + N * N * D_MODEL, "norm": 0}[scorer]
+    want += {"learned": head_flops(N), "attention": 2 * N * DETR_D_MODEL ** 2 + N * N * DETR_D_MODEL, "norm": 0}[scorer]
     assert counted == want
     assert counted < base
     if scorer == "norm":  # without scoring or dual overhead the saving is the cascade's alone
@@ -273,7 +242,7 @@ class PaddedFeatures:
 @pytest.mark.parametrize("keep,scorer", [(1.0, "norm"), (0.5, "attention"), (0.5, "learned")])
 def test_padding_is_respected(keep, scorer):
     model = tiny_detr()
-    extra = {"scorer_module": random_head()} if scorer == "learned" else {}
+    extra = {"scorer_module": random_scorer_head()} if scorer == "learned" else {}
     vitcompress.compress(model, "focus_detr", keep=keep, scorer=scorer, **extra)
     big, small = torch.randn(1, 3, 64, 80), torch.randn(1, 3, 48, 64)  # 8 x 10 and 6 x 8 tokens
     alone, maps = [], []
@@ -295,7 +264,7 @@ def test_padding_is_respected(keep, scorer):
     for b in range(2):
         torch.testing.assert_close(batch.logits[b], alone[b].logits[0], atol=1e-4, rtol=0)
         torch.testing.assert_close(batch.pred_boxes[b], alone[b].pred_boxes[0], atol=1e-4, rtol=0)
-    enc = batch.encoder_last_hidden_state[1].reshape(8, 10, D_MODEL)[:6, :8].reshape(48, D_MODEL)
+    enc = batch.encoder_last_hidden_state[1].reshape(8, 10, DETR_D_MODEL)[:6, :8].reshape(48, DETR_D_MODEL)
     torch.testing.assert_close(enc, alone[1].encoder_last_hidden_state[0], atol=1e-4, rtol=0)
 
 
@@ -323,7 +292,7 @@ def test_dual_attention_takes_the_top_tokens_by_class_times_foreground():
 def test_bfloat16_autocast(scorer):
     model = tiny_detr()
     x = torch.randn(2, 3, 64, 80)
-    head = random_head()
+    head = random_scorer_head()
     weights = {k: v.clone() for k, v in head.state_dict().items()}
     extra = {"scorer_module": head} if scorer == "learned" else {}
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -342,7 +311,7 @@ def test_train_mode_gradients_reach_the_encoder():
     vitcompress.compress(model, "focus_detr", keep=0.5, dual_k=8)
     out = model(pixel_values=torch.randn(2, 3, 64, 80))
     (out.logits.logsumexp(-1).sum() + out.pred_boxes.sum()).backward()
-    last = encoder_layer_parts(model.model.encoder.layers[5], 5, HEADS, 0.0)
+    last = encoder_layer_parts(model.model.encoder.layers[5], 5, DETR_HEADS, 0.0)
     weights = {"first q_proj": model.model.encoder.layers[0].self_attn.q_proj.weight, "last fc2": last.fc2.weight,
                "input_projection": model.model.input_projection.weight,
                "class head": model.class_labels_classifier.weight}
@@ -356,7 +325,7 @@ def test_detr_model_without_class_head_and_hidden_states():
     vitcompress.compress(model, "focus_detr", keep=0.5)
     with torch.no_grad():
         out = model(pixel_values=x, output_hidden_states=True)
-    assert out.last_hidden_state.shape == (1, 10, D_MODEL)
+    assert out.last_hidden_state.shape == (1, 10, DETR_D_MODEL)
     assert len(out.encoder_hidden_states) == 7
     assert torch.equal(out.encoder_hidden_states[-1], out.encoder_last_hidden_state)
     changed = (out.encoder_hidden_states[-1] != out.encoder_hidden_states[-2]).any(-1).sum().item()
@@ -396,11 +365,11 @@ def test_both_transformers_layer_layouts_and_argument_names():
     position embeddings under 5.x's name and 4.x's ``object_queries``, returning dicts or tuples."""
     model = tiny_detr()
     layer = model.model.encoder.layers[0]
-    x, pos = torch.randn(2, 7, D_MODEL), torch.randn(2, 7, D_MODEL)
+    x, pos = torch.randn(2, 7, DETR_D_MODEL), torch.randn(2, 7, DETR_D_MODEL)
     with torch.no_grad():
         want = hf_layer(layer, x, pos)
         for variant in (layer, other_layout(layer)):
-            got = encoder_layer_parts(variant, 0, HEADS, 0.0).forward(x, pos, None)
+            got = encoder_layer_parts(variant, 0, DETR_HEADS, 0.0).forward(x, pos, None)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
     inputs = encoder_inputs(model, torch.randn(1, 3, 64, 80))
@@ -619,7 +588,7 @@ def test_eval_coco_scores_an_oracle_detector_ap_one(coco_set):
         logits, boxes = oracle_outputs(targets)
         return SimpleNamespace(logits=logits, pred_boxes=boxes)
 
-    results = load_script("eval_coco").predict(oracle, loader(data, 4, workers=0), torch.device("cpu"), False, "oracle")
+    results = load_script("evaluation/eval_coco.py").predict(oracle, loader(data, 4, workers=0), torch.device("cpu"), False, "oracle")
     assert len(seen) == 6
     assert bbox_ap(data.coco, results, data.ids) == pytest.approx({"AP": 1.0, "AP50": 1.0, "AP75": 1.0})
 
@@ -629,7 +598,7 @@ def test_scorer_training_loss_falls_and_eval_coco_runs(coco_set, tmp_path):
               "--data-dir", str(coco_set), "--annotations", str(coco_set / "ann.json"),
               "--size", "64", "--max-size", "80", "--workers", "0"]
     head_path = tmp_path / "head.pt"
-    losses = load_script("train_focus_scorer").main(
+    losses = load_script("training/train_focus_scorer.py").main(
         common + ["--epochs", "12", "--lr", "1e-2", "--batch-size", "3", "--device", "cpu", "--output", str(head_path)])
     assert len(losses) == 12 and losses[-1] < 0.6 * losses[0]
 
@@ -649,7 +618,7 @@ def test_scorer_training_loss_falls_and_eval_coco_runs(coco_set, tmp_path):
     recall = (target.gather(1, idx) * slot_valid).sum() / target.sum()
     assert recall > 0.9  # keeping a random half would give 0.5
 
-    rows = load_script("eval_coco").main(common + ["--keep", "0.5", "--scorer", "learned",
+    rows = load_script("evaluation/eval_coco.py").main(common + ["--keep", "0.5", "--scorer", "learned",
                                                    "--scorer-path", str(head_path), "--batch-size", "3",
                                                    "--runs", "1", "--flops-images", "2", "--device", "cpu"])
     assert [r["model"] for r in rows] == ["uncompressed", "focus_detr keep=0.5"]
@@ -661,7 +630,7 @@ def test_scorer_training_loss_falls_and_eval_coco_runs(coco_set, tmp_path):
 
 
 def test_bench_detr_encoder_runs(coco_set):
-    out = load_script("bench_detr_encoder").main(
+    out = load_script("benchmarks/bench_detr_encoder.py").main(
         ["--config", str(coco_set / "config.json"), "--checkpoint", str(coco_set / "detr.pt"),
          "--height", "64", "--width", "80", "--runs", "1", "--device", "cpu"])
     tokens = counts(80, 0.5)

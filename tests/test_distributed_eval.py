@@ -4,7 +4,6 @@ share are checked without processes.
 
 This file is also the entry point of the COCO oracle run under torchrun (see ``__main__``)."""
 import hashlib
-import importlib.util
 import json
 import os
 import socket
@@ -14,10 +13,12 @@ import sys
 import pytest
 import torch
 
+from conftest import EXPERIMENTS, load_script
 from vitcompress.evaluation import distributed
 from vitcompress.evaluation import reference_model as reference
 from vitcompress.evaluation.classification import (batches, gather_detections, hit_counts, merge_detections, predict, rates,
                                   throughput_over_ranks)
+from vitcompress.testing import OPEN_CLIP_TEXT, OPEN_CLIP_VISION
 
 try:  # test_detr's six images, COCO annotations and tiny DETR (that module skips without transformers/pycocotools)
     from test_detr import coco_set  # noqa: F401
@@ -25,24 +26,20 @@ except pytest.skip.Exception:
     coco_set = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_IMAGENET, EVAL_CLIP = (str(EXPERIMENTS / "evaluation" / name) for name in ("eval_imagenet.py", "eval_clip.py"))
 RANKS = 2
 TIMEOUT = 300  # seconds for one launch: a hang fails the test instead of stalling the run
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def torchrun(script, args):
-    """``script args`` on RANKS CPU processes under torchrun; the completed process."""
+def torchrun(script, args, succeeds=True):
+    """``script args`` on RANKS CPU processes under torchrun; the completed process, checked to
+    have succeeded unless ``succeeds`` is false."""
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", str(RANKS), script, *args],
                           capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if succeeds:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -153,11 +150,10 @@ def test_eval_imagenet_on_two_ranks_equals_one_process(reference_folder, tmp_pat
     for the uncompressed and the compressed model, and as the model on the images in memory."""
     args = ["--model", "reference", "--data-dir", str(reference_folder), "--batch-size", "16", "--workers", "0",
             "--runs", "1", "--device", "cpu", "--method", "pitome", "--keep", "0.9"]
-    assert load_script("eval_imagenet").main(args + ["--json", str(tmp_path / "one.json")]) == 0
+    assert load_script("evaluation/eval_imagenet.py").main(args + ["--json", str(tmp_path / "one.json")]) == 0
     one = rows_of(tmp_path / "one.json")
     assert "ranks" not in capsys.readouterr().out
-    proc = torchrun(os.path.join(ROOT, "experiments", "eval_imagenet.py"),
-                    args + ["--json", str(tmp_path / "two.json")])
+    proc = torchrun(EVAL_IMAGENET, args + ["--json", str(tmp_path / "two.json")])
     two = rows_of(tmp_path / "two.json")
     assert proc.stdout.count("top-1") == 1  # only rank 0 prints
     assert "101 images on 2 ranks (51 + 50)" in proc.stdout
@@ -174,6 +170,18 @@ def test_eval_imagenet_on_two_ranks_equals_one_process(reference_folder, tmp_pat
     assert one["pitome"]["top1"] != 0 and two["pitome"]["gflops"] < two["uncompressed"]["gflops"]
 
 
+def test_a_bad_argument_stops_every_rank_before_the_process_group_with_one_line_each():
+    """Every rank checks its arguments before the process group starts and exits 2 with the same
+    line (torchrun then reports the failed ranks); no rank waits for a collective, no traceback."""
+    proc = torchrun(EVAL_IMAGENET, ["--model", "reference", "--data-dir", "unread", "--device", "cpu",
+                                    "--method", "tome", "--flops", "1.5"], succeeds=False)
+    script_lines = [line for line in proc.stderr.splitlines() if line.startswith("eval_imagenet.py")]
+    assert script_lines == ["eval_imagenet.py: error: flops=1.5 is outside (0, 1]: it is the fraction of the "
+                            "uncompressed FLOPs, e.g. flops=0.9"] * RANKS, proc.stderr
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr
+    assert 'eval_imagenet.py", line' not in proc.stderr  # no traceback of the script itself
+
+
 @pytest.mark.slow
 def test_a_failing_rank_stops_every_rank(reference_folder, tmp_path):
     """Two processes started by hand (as on two nodes, no torchrun agent to kill the other), rank 1
@@ -187,7 +195,7 @@ def test_a_failing_rank_stops_every_rank(reference_folder, tmp_path):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "experiments", "eval_imagenet.py"), "--model", "reference",
+            [sys.executable, EVAL_IMAGENET, "--model", "reference",
              "--data-dir", str(data), "--workers", "0", "--runs", "1", "--device", "cpu"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:  # a hang ends in TimeoutExpired
@@ -233,9 +241,9 @@ def test_eval_clip_on_two_ranks_equals_one_process(tmp_path, one_thread):
         # distinct captions: identical ones tie exactly, and a rounding difference may break the tie
         lines += [f"{i}.png#0\ta {name} square {words[i]}"] + ([f"{i}.png#1\t{words[i]} {name}"] if i % 2 else [])
     (tmp_path / "captions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    vision = dict(image_size=32, patch_size=4, width=32, layers=4, head_width=16, mlp_ratio=2.0)
-    text = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=2)
-    (tmp_path / "tiny_clip.json").write_text(json.dumps({"embed_dim": 16, "vision_cfg": vision, "text_cfg": text}))
+    text = dict(OPEN_CLIP_TEXT, vocab_size=49408)  # open_clip's tokenizer
+    (tmp_path / "tiny_clip.json").write_text(json.dumps({"embed_dim": 16, "vision_cfg": OPEN_CLIP_VISION,
+                                                         "text_cfg": text}))
     torch.manual_seed(0)
     open_clip.add_model_config(tmp_path / "tiny_clip.json")
     torch.save(open_clip.create_model("tiny_clip").state_dict(), tmp_path / "tiny_clip.pt")
@@ -244,9 +252,9 @@ def test_eval_clip_on_two_ranks_equals_one_process(tmp_path, one_thread):
             "--data-dir", str(tmp_path / "classes"), "--captions", str(tmp_path / "captions.tsv"),
             "--images", str(tmp_path / "images"), "--batch-size", "2", "--workers", "0", "--runs", "1",
             "--device", "cpu", "--method", "tome", "--r", "8"]
-    assert load_script("eval_clip").main(args + ["--json", str(tmp_path / "one.json")]) == 0
+    assert load_script("evaluation/eval_clip.py").main(args + ["--json", str(tmp_path / "one.json")]) == 0
     # "--": torchrun would read the script's --r as an abbreviation of one of its own options
-    torchrun(os.path.join(ROOT, "experiments", "eval_clip.py"), ["--"] + args + ["--json", str(tmp_path / "two.json")])
+    torchrun(EVAL_CLIP, ["--"] + args + ["--json", str(tmp_path / "two.json")])
     one, two = rows_of(tmp_path / "one.json"), rows_of(tmp_path / "two.json")
     metrics = [f"zeroshot_top{k}" for k in (1, 5)] + [f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     for name in ("uncompressed", "tome"):
@@ -288,7 +296,7 @@ def oracle_hook(data_dir, annotations, size, max_size):
 
 def coco_oracle_main(argv):
     """eval_coco.main with the oracle hook on the loaded DETR (also on its compressed copy)."""
-    eval_coco = load_script("eval_coco")
+    eval_coco = load_script("evaluation/eval_coco.py")
     args = eval_coco.parse_args(argv)
     load_detr = eval_coco.load_detr
 

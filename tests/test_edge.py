@@ -20,7 +20,7 @@ from vitcompress.export import (export_onnx, linear_nodes, openvino_session, ort
                                 quantize_onnx, reduction_inputs, verify_onnx)
 from vitcompress.methods import get as get_method  # noqa: E402
 
-from conftest import tiny_vit  # noqa: E402
+from vitcompress.testing import tiny_vit  # noqa: E402
 
 ATOL = 1e-4
 STATIC_METHODS = [m for m in vitcompress.list_methods("vit") if not get_method(m).dynamic]

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import vitcompress
-from conftest import tiny_vit
+from vitcompress.testing import tiny_vit
 
 
 def test_jit_script_is_refused_with_the_alternatives():
@@ -35,7 +35,7 @@ def test_an_unsupported_model_names_the_families_in_one_line():
 
 def test_restore_of_an_inner_module_names_the_outer_model():
     open_clip = pytest.importorskip("open_clip")
-    from test_clip import tiny_clip
+    from vitcompress.testing import tiny_clip
 
     clip = tiny_clip()
     vitcompress.compress(clip, "tome", r=2)
@@ -123,10 +123,9 @@ def test_describe_lists_exactly_the_options_compress_accepts():
         assert all(o["help"] for o in described["options"].values()), method
         assert described["default_budget"]
     transformers = pytest.importorskip("transformers")
-    from test_detr import tiny_detr
+    from vitcompress.testing import tiny_detr, tiny_llava
     assert set(vitcompress.describe("focus_detr")["options"]) == accepted_options(tiny_detr(), "focus_detr")
-    from test_llava import build
-    llava = build("llava")
+    llava = tiny_llava("llava")
     for method in vitcompress.list_methods("llava"):
         described = vitcompress.describe(method)
         assert set(described["options"]) == accepted_options(llava, method)

@@ -23,7 +23,7 @@ from vitcompress.methods import REGISTRY, get as get_method  # noqa: E402
 from vitcompress.interfaces import ViTMethod as Method  # noqa: E402
 from vitcompress.engine.tokens import Plan  # noqa: E402
 
-from conftest import tiny_vit  # noqa: E402
+from vitcompress.testing import tiny_vit  # noqa: E402
 
 ATOL = 1e-4
 STATIC_METHODS = [m for m in vitcompress.list_methods("vit") if not get_method(m).dynamic]
@@ -206,7 +206,8 @@ def test_bad_arguments(tmp_path):
 
 
 def test_detection_and_llava_methods_are_refused():
-    from test_detr import tiny_detr  # skips without transformers
+    pytest.importorskip("transformers")
+    from vitcompress.testing import tiny_detr
     detr = vitcompress.compress(tiny_detr(), "focus_detr")
     with pytest.raises(ValueError, match="export covers ViT-like image models .* pitome, tome, zero_tprune;"):
         export_program(detr, (1, 3, 64, 64))

@@ -1,6 +1,6 @@
 """The GPU path of a compressed ViT, checked where it can be without a GPU (issue 13):
 
-* few kernel launches per reducing block (``experiments/count_launches.py`` on a small model, the
+* few kernel launches per reducing block (``experiments/benchmarks/count_launches.py`` on a small model, the
   Triton kernels forced: one launch each), within the aims (tome / pitome 18, zero_tprune 35);
 * no host-device synchronisation in a compressed forward of any ViT method with a static schedule
   (a sync is also what CUDA-graph capture refuses);
@@ -16,12 +16,10 @@ a subprocess that has it when it was not (``TRITON_INTERPRET=1 python -m pytest
 tests/test_gpu_path.py -k ...`` for selections). With a GPU everything runs on it directly, and the
 no-sync test also turns on ``torch.cuda.set_sync_debug_mode("error")``.
 """
-import importlib.util
 import os
 import shutil
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,36 +34,20 @@ import vitcompress  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from vitcompress.kernels import _triton_utils, dispatch  # noqa: E402
 
-from conftest import INTERPRETED_SELECTIONS, run_interpreted, tiny_vit  # noqa: E402
+from conftest import interpreted_process_runner, load_script  # noqa: E402
+from vitcompress.testing import tiny_vit  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 IN_SUBPROCESS = not CUDA and not _triton_utils.interpreter_ready()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("count_launches", ROOT / "experiments" / "count_launches.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-count_launches = _load_script()
+count_launches = load_script("benchmarks/count_launches.py")
 
 #: the ViT methods with a static schedule, each at a budget that reduces in every block
 VIT_SETTINGS = [("tome", dict(r=4)), ("pitome", dict(keep=0.9)), ("zero_tprune", dict(keep=0.9))]
 
 
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request):
-    if IN_SUBPROCESS and request.node.originalname != "test_gpu_path_in_an_interpreted_process":
-        pytest.skip("runs in test_gpu_path_in_an_interpreted_process (TRITON_INTERPRET=1 from the start)")
-
-
-@pytest.mark.skipif(not IN_SUBPROCESS, reason="the kernels run in this process")
-@pytest.mark.parametrize("selection", INTERPRETED_SELECTIONS)
-def test_gpu_path_in_an_interpreted_process(request, selection):
-    run_interpreted(request, __file__, selection)
+_skipped_here, test_gpu_path_in_an_interpreted_process = interpreted_process_runner(__file__, IN_SUBPROCESS)
 
 
 @pytest.fixture

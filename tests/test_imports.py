@@ -1,8 +1,9 @@
 """The package's import graph: no cycles (imports inside functions included), layers that depend
 only downward (the kernels on nothing above them, the profile on no adapter module), adapters that
 know no method and no API and share pieces through one module, no private name imported from
-another module, the interfaces module a leaf, the kernels loading without the adapters, and an
-adapter that touches its own library only for a model of its family."""
+another module, the interfaces module a leaf, the kernels loading without the adapters, an adapter
+that touches its own library only for a model of its family, and the tests' helpers
+(``vitcompress.testing``) kept out of the library."""
 import ast
 import os
 import subprocess
@@ -197,6 +198,18 @@ def test_an_adapter_touches_its_library_only_for_a_model_of_its_family():
     loaded, wrapped = out.stdout.strip().splitlines()[-2:]
     assert loaded == "[]"
     assert "compress that instead, vitcompress.compress(model[0], ...)" in wrapped
+
+
+def test_no_module_of_the_package_imports_the_testing_module(graph):
+    users = sorted(m for m, deps in graph.items() if "vitcompress.testing" in deps)
+    assert users == [], f"{users} import vitcompress.testing: it is for the tests and the experiments only"
+
+
+def test_the_testing_module_imports_no_model_library():
+    code = ("import sys, vitcompress.testing; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('timm', 'transformers', 'open_clip')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_subpackages_are_attributes():

@@ -31,7 +31,8 @@ from vitcompress.kernels import dispatch, reference  # noqa: E402
 from vitcompress.kernels import (_triton_utils, apply_triton, bipartite_triton, energy_triton,  # noqa: E402
                                  pagerank_triton, plan_triton, topk_triton)
 
-from conftest import INTERPRETED_SELECTIONS, run_interpreted, tiny_vit  # noqa: E402
+from conftest import interpreted_process_runner  # noqa: E402
+from vitcompress.testing import tiny_vit  # noqa: E402
 
 # Triton was imported (by timm) without TRITON_INTERPRET, so its own library is not interpreted:
 # run this file again in a fresh process that has the variable from the start.
@@ -69,16 +70,7 @@ if not CUDA and not IN_SUBPROCESS:
     _one_blas_thread()
 
 
-@pytest.fixture(autouse=True)
-def _needs_interpreter(request):
-    if IN_SUBPROCESS and request.node.originalname != "test_kernels_in_an_interpreted_process":
-        pytest.skip("runs in test_kernels_in_an_interpreted_process (TRITON_INTERPRET=1 from the start)")
-
-
-@pytest.mark.skipif(not IN_SUBPROCESS, reason="the kernels run in this process")
-@pytest.mark.parametrize("selection", INTERPRETED_SELECTIONS)
-def test_kernels_in_an_interpreted_process(request, selection):
-    run_interpreted(request, __file__, selection)
+_skipped_here, test_kernels_in_an_interpreted_process = interpreted_process_runner(__file__, IN_SUBPROCESS)
 
 
 DEVICE = "cuda" if CUDA else "cpu"

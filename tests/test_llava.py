@@ -7,87 +7,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                          LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration, LlavaOnevisionConfig,
-                          LlavaOnevisionForConditionalGeneration)
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vitcompress
 from test_threads import CALLS, THREADS
 from vitcompress.interfaces import runtime_of
 from vitcompress.methods import quota, tokencorr
 from vitcompress.runtimes.prompt import rewrite_prompt
-
-IMG, VID = 99, 98
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
-              patch_size=4, projection_dim=16)  # 8 x 8 = 64 patches per crop
-TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=100, max_position_embeddings=2048, pad_token_id=0)
-PINPOINTS = [[32, 64], [64, 32], [64, 64]]
-PATCHES = 64
-
-
-def ramp(frames, question):
-    """A scorer whose yes-probability grows with the frame index."""
-    return torch.linspace(0.1, 1.0, frames.shape[0])
-
-
-def build(kind):
-    torch.manual_seed(0)
-    common = dict(vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT), image_token_index=IMG)
-    if kind == "llava":
-        return LlavaForConditionalGeneration(LlavaConfig(**common)).eval()
-    if kind == "next":
-        return LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=PINPOINTS)).eval()
-    if kind == "next_video":
-        return LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(
-            **common, video_token_index=VID, image_grid_pinpoints=PINPOINTS)).eval()
-    return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
-        **common, video_token_index=VID, image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="default")).eval()
-
+from vitcompress.testing import (LLAVA_CASES, LLAVA_IMAGE_TOKEN, LLAVA_PATCHES, LLAVA_TEXT, LLAVA_VIDEO_TOKEN,
+                                 LLAVA_VISION, half_flat, llava_inputs, ramp_scorer, tiny_llava)
 
 @pytest.fixture(scope="module")
 def models():
-    return {kind: build(kind) for kind in ("llava", "next", "next_video", "onevision")}
-
-
-def noise_and_flat(shape):
-    """Two images: random noise, and one constant colour."""
-    torch.manual_seed(1)
-    return torch.stack([torch.randn(shape), torch.full(shape, 0.4)])
-
-
-def half_flat(shape):
-    """Two different images, each half constant colour and half noise: partial tokencorr budgets."""
-    torch.manual_seed(3)
-    images = torch.full((2,) + shape, 0.4)
-    images[..., 16:, :] = torch.randn(images[..., 16:, :].shape)
-    return images
-
-
-def inputs_for(model, kind, images=noise_and_flat):
-    """A batch of two prompts whose placeholder counts match what the uncompressed model produces."""
-    if kind == "llava":
-        px = images((3, 32, 32))
-        counts = [PATCHES, PATCHES]
-        kw = dict(pixel_values=px)
-    else:
-        px = images((5, 3, 32, 32))
-        sizes = torch.tensor([[40, 60], [64, 64]])
-        with torch.no_grad():
-            counts = [f.shape[0] for f in model.model.get_image_features(px, sizes).pooler_output]
-        kw = dict(pixel_values=px, image_sizes=sizes)
-    rows = [[1, 5] + [IMG] * counts[0] + [7, 8], [1, 6] + [IMG] * counts[1] + [9]]
-    if kind in ("next_video", "onevision"):
-        torch.manual_seed(2)
-        kw["pixel_values_videos"] = torch.randn(2, 4, 3, 32, 32)
-        with torch.no_grad():
-            per_video = model.model.get_video_features(kw["pixel_values_videos"]).pooler_output.shape[1]
-        rows = [r + [3] + [VID] * per_video + [4] for r in rows]
-    longest = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
-    return dict(input_ids=ids, attention_mask=mask, **kw)
+    return {kind: tiny_llava(kind) for kind in ("llava", "next", "next_video", "onevision")}
 
 
 class LMInput:
@@ -119,16 +51,10 @@ def reported_tokens(stats, modality):
     return total
 
 
-CASES = [("llava", "tokencorr", {}), ("llava", "quota", dict(keep=0.5, scorer=ramp)),
-         ("next", "tokencorr", {}), ("next_video", "tokencorr", {}),
-         ("next_video", "quota", dict(keep=0.5, scorer=ramp)), ("onevision", "quota", dict(keep=0.4, scorer=ramp)),
-         ("llava", "tome", dict(r=4)), ("llava", "pitome", dict(keep=0.8)), ("llava", "zero_tprune", dict(keep=0.8))]
-
-
-@pytest.mark.parametrize("kind,method,opts", CASES, ids=[f"{k}-{m}" for k, m, _ in CASES])
+@pytest.mark.parametrize("kind,method,opts", LLAVA_CASES, ids=[f"{k}-{m}" for k, m, _ in LLAVA_CASES])
 def test_forward_and_generate_with_reported_token_counts(models, kind, method, opts):
     model = models[kind]
-    inputs = inputs_for(model, kind)
+    inputs = llava_inputs(model, kind)
     vitcompress.compress(model, method, **opts)
     try:
         with torch.no_grad(), LMInput(model) as seen:
@@ -144,13 +70,13 @@ def test_forward_and_generate_with_reported_token_counts(models, kind, method, o
         for unit in stats.get("image", []) + stats.get("video", []):
             if "crops" not in unit and "frame_tokens" not in unit:
                 assert unit["tokens_before"] == unit["tokens_after"]
-    lm_image = int((seen.calls[0] == IMG).sum())
-    lm_video = int((seen.calls[0] == VID).sum())
-    before = int((inputs["input_ids"] == IMG).sum()) + int((inputs["input_ids"] == VID).sum())
+    lm_image = int((seen.calls[0] == LLAVA_IMAGE_TOKEN).sum())
+    lm_video = int((seen.calls[0] == LLAVA_VIDEO_TOKEN).sum())
+    before = int((inputs["input_ids"] == LLAVA_IMAGE_TOKEN).sum()) + int((inputs["input_ids"] == LLAVA_VIDEO_TOKEN).sum())
     assert lm_image == reported_tokens(stats, "image") and lm_video == reported_tokens(stats, "video")
     assert lm_image + lm_video == stats["visual_tokens_after"] < before == stats["visual_tokens_before"]
     if method in ("tome", "pitome", "zero_tprune"):  # the tower's planned output of the feature layer, minus CLS
-        depth = VISION["num_hidden_layers"]
+        depth = LLAVA_VISION["num_hidden_layers"]
         assert lm_image == 2 * (stats["tower"]["planned_tokens_per_layer"][depth - 1] - 1)
     assert logits.shape[1] == seen.calls[0].shape[1]
     # generate: the caller's prompt, then new tokens; prefill saw the same rewritten prompt as forward,
@@ -175,22 +101,24 @@ def test_full_feature_strategy_counts_the_kept_cls():
     and reported."""
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT), image_token_index=IMG,
-        vision_feature_select_strategy="full")).eval()
+        vision_config=CLIPVisionConfig(**LLAVA_VISION), text_config=LlamaConfig(**LLAVA_TEXT),
+        image_token_index=LLAVA_IMAGE_TOKEN, vision_feature_select_strategy="full")).eval()
     px = half_flat((3, 32, 32))
-    inputs = dict(input_ids=torch.tensor([[1, 5] + [IMG] * (PATCHES + 1) + [7]] * 2), pixel_values=px)
+    inputs = dict(input_ids=torch.tensor([[1, 5] + [LLAVA_IMAGE_TOKEN] * (LLAVA_PATCHES + 1) + [7]] * 2),
+                  pixel_values=px)
     vitcompress.compress(model, "tokencorr")
     with torch.no_grad(), LMInput(model) as seen:
         model(**inputs)
     stats = vitcompress.stats(model)
     assert [u["cls_tokens"] for u in stats["image"]] == [1, 1]
-    assert int((seen.calls[0] == IMG).sum()) == reported_tokens(stats, "image") == stats["visual_tokens_after"]
+    lm_image = int((seen.calls[0] == LLAVA_IMAGE_TOKEN).sum())
+    assert lm_image == reported_tokens(stats, "image") == stats["visual_tokens_after"]
 
 
 def test_padded_batch_rows_match_rows_alone(models):
     """Rows reduced to different lengths are padded; masks and positions keep each row exact."""
     model = models["llava"]
-    inputs = inputs_for(model, "llava")
+    inputs = llava_inputs(model, "llava")
     vitcompress.compress(model, "tokencorr")
     try:
         with torch.no_grad():
@@ -213,7 +141,7 @@ def test_partial_budgets_sample_and_merge_independently_of_the_batch(models, kin
     """Crops that keep some but not all patches: outliers + sampling (+ merging) pick what the LM
     sees, and an image keeps the same tokens alone, next to another image or next to itself."""
     model = models[kind]
-    inputs = inputs_for(model, kind, images=half_flat)
+    inputs = llava_inputs(model, kind, images=half_flat)
     twice = {k: v[[1, 1]] for k, v in inputs.items()}  # the second prompt and image, twice
     vitcompress.compress(model, "tokencorr", merge=merge)
     try:
@@ -227,16 +155,16 @@ def test_partial_budgets_sample_and_merge_independently_of_the_batch(models, kin
     budgets = [c["budget"] for unit in stats["image"] for c in unit["crops"]]
     patches = [c["patches"] for unit in stats["image"] for c in unit["crops"]]
     assert all(0 < b < n for b, n in zip(budgets, patches)), (budgets, patches)
-    assert int((seen.calls[0] == IMG).sum()) == reported_tokens(stats, "image")
+    assert int((seen.calls[0] == LLAVA_IMAGE_TOKEN).sum()) == reported_tokens(stats, "image")
     for row in (batch[1], pair[0], pair[1]):
         torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,method,opts", [("llava", "tokencorr", dict(merge=True)), ("next", "tokencorr", {}),
-                                              ("onevision", "quota", dict(scorer=ramp)), ("llava", "pitome", {})])
+                                              ("onevision", "quota", dict(scorer=ramp_scorer)), ("llava", "pitome", {})])
 def test_restore_is_bit_exact(models, kind, method, opts):
     model = models[kind]
-    inputs = inputs_for(model, kind)
+    inputs = llava_inputs(model, kind)
     with torch.no_grad():
         before = model(**inputs).logits
         gen_before = model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -246,7 +174,8 @@ def test_restore_is_bit_exact(models, kind, method, opts):
         vitcompress.restore(model)
         after = model(**inputs).logits
         gen_after = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    assert reduced < int((inputs["input_ids"] >= VID).sum()) and not torch.equal(compressed[:, -1], before[:, -1])
+    assert reduced < int((inputs["input_ids"] >= LLAVA_VIDEO_TOKEN).sum())
+    assert not torch.equal(compressed[:, -1], before[:, -1])
     assert torch.equal(after, before) and torch.equal(gen_after, gen_before)
     assert "generate" not in model.__dict__ and runtime_of(model) is None
     assert all("forward" not in layer.__dict__ for layer in model.model.vision_tower.encoder.layers)
@@ -256,7 +185,7 @@ def test_user_hooks_registered_while_compressed_survive_restore(models):
     """Hooks go through public handles: restore removes exactly the compression's, and the user's
     (on the model, and on a tower projection the compression taps too) keep firing."""
     model = models["llava"]
-    inputs = inputs_for(model, "llava", images=half_flat)
+    inputs = llava_inputs(model, "llava", images=half_flat)
     with torch.no_grad():
         before = model(**inputs).logits
     vitcompress.compress(model, "tokencorr")
@@ -273,13 +202,13 @@ def test_user_hooks_registered_while_compressed_survive_restore(models):
             compressed = model(**inputs).logits
         n = compressed.shape[1]  # the prefill hook runs first: the user's pre-hook sees the rewritten prompt
         assert n < inputs["input_ids"].shape[1]
-        assert fired == [("tower", PATCHES + 1), ("pre", n), ("post", n)]
+        assert fired == [("tower", LLAVA_PATCHES + 1), ("pre", n), ("post", n)]
         vitcompress.restore(model)
         fired.clear()
         with torch.no_grad():
             after = model(**inputs).logits
         full = inputs["input_ids"].shape[1]
-        assert fired == [("pre", full), ("tower", PATCHES + 1), ("post", full)]
+        assert fired == [("pre", full), ("tower", LLAVA_PATCHES + 1), ("post", full)]
         assert torch.equal(after, before)
     finally:
         for handle in handles:
@@ -295,9 +224,9 @@ def torch_save_round_trip(model):
 
 @pytest.mark.parametrize("clone", ["deepcopy", "torch.save"])
 def test_compressing_twice_replaces_and_a_copy_keeps_the_patch(clone):
-    model = build("llava")  # fresh: transformers' own hooks, installed by a first forward, do not pickle
-    inputs = inputs_for(model, "llava", images=half_flat)
-    vitcompress.compress(model, "quota", keep=0.5, scorer=ramp)
+    model = tiny_llava("llava")  # fresh: transformers' own hooks, installed by a first forward, do not pickle
+    inputs = llava_inputs(model, "llava", images=half_flat)
+    vitcompress.compress(model, "quota", keep=0.5, scorer=ramp_scorer)
     vitcompress.compress(model, "tokencorr", merge=True)
     twin = copy.deepcopy(model) if clone == "deepcopy" else torch_save_round_trip(model)
     with torch.no_grad():
@@ -326,7 +255,7 @@ def thread_inputs(model, kind, i):
         out[..., 8 + 2 * i:, :] = torch.randn(out[..., 8 + 2 * i:, :].shape)
         return out
 
-    inputs = inputs_for(model, kind, images=images)
+    inputs = llava_inputs(model, kind, images=images)
     return row_alone(inputs, i % 2) if i % 4 == 3 else inputs
 
 
@@ -388,7 +317,7 @@ def test_noise_crop_gets_a_larger_budget_than_a_flat_crop(models):
         vitcompress.compress(model, "tokencorr")
         try:
             with torch.no_grad():
-                model(**inputs_for(model, kind))
+                model(**llava_inputs(model, kind))
             noise, flat = vitcompress.stats(model)["image"]
         finally:
             vitcompress.restore(model)
@@ -409,7 +338,7 @@ def test_every_crop_keeps_at_least_min_tokens(models):
         vitcompress.compress(model, "tokencorr", min_tokens=floor)
         try:
             with torch.no_grad():
-                model(**inputs_for(model, "llava"))
+                model(**llava_inputs(model, "llava"))
             budgets[floor] = vitcompress.stats(model)["image"][1]["budget"]  # the constant-colour image
         finally:
             vitcompress.restore(model)
@@ -501,7 +430,7 @@ def test_resize_grid_is_bilinear():
 
 def hf_clip():
     torch.manual_seed(0)
-    return CLIPModel(CLIPConfig(vision_config=dict(VISION), text_config=dict(
+    return CLIPModel(CLIPConfig(vision_config=dict(LLAVA_VISION), text_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
         max_position_embeddings=16), projection_dim=16)).eval()
 
@@ -522,7 +451,7 @@ def word_ids(texts):
 def test_frame_closest_to_the_query_gets_the_largest_share(models, make_clip):
     clip = make_clip()
     model = models["next_video"]
-    inputs = inputs_for(model, "next_video")
+    inputs = llava_inputs(model, "next_video")
     question = "a red car"
     with torch.no_grad():
         frames = inputs["pixel_values_videos"][0]
@@ -557,11 +486,11 @@ def test_quota_questions_per_sample_reach_the_scorer(models):
     vitcompress.compress(model, "quota", scorer=scorer)
     try:
         with torch.no_grad():
-            model(**inputs_for(model, "onevision"), question=["first?", "second?"])
+            model(**llava_inputs(model, "onevision"), question=["first?", "second?"])
         with pytest.raises(ValueError, match="quota needs the question"):
-            model(**inputs_for(model, "onevision"))
+            model(**llava_inputs(model, "onevision"))
         with pytest.raises(ValueError, match="one per sample"):
-            model(**inputs_for(model, "onevision"), question=["only one"])
+            model(**llava_inputs(model, "onevision"), question=["only one"])
     finally:
         vitcompress.restore(model)
     assert seen == ["first?", "second?"]
@@ -576,7 +505,7 @@ def test_onevision_refuses_beam_expansion_of_videos_with_different_token_counts(
         return torch.full((n,), 0.5) if question == "flat" else peak
 
     model = models["onevision"]
-    inputs = inputs_for(model, "onevision")
+    inputs = llava_inputs(model, "onevision")
     vitcompress.compress(model, "quota", keep=0.4, scorer=scorer)
     try:
         with torch.no_grad():
@@ -612,10 +541,10 @@ def test_rewrite_prompt_keeps_mask_labels_and_padding_side():
     ("llava", "tokencorr", dict(tau=2.0), ValueError, "tau"),
     ("llava", "tokencorr", dict(shallow_layer=9), ValueError, "outside the vision tower"),
     ("llava", "quota", {}, ValueError, "scorer="),
-    ("llava", "quota", dict(scorer=ramp, flops=0.5), ValueError, "keep="),
-    ("llava", "quota", dict(scorer=ramp, keep=1.5), ValueError, "each video's visual tokens"),
+    ("llava", "quota", dict(scorer=ramp_scorer, flops=0.5), ValueError, "keep="),
+    ("llava", "quota", dict(scorer=ramp_scorer, keep=1.5), ValueError, "each video's visual tokens"),
     ("llava", "quota", dict(scorer=hf_clip()), ValueError, "tokenizer="),
-    ("next", "quota", dict(scorer=ramp), TypeError, "frames of a video"),
+    ("next", "quota", dict(scorer=ramp_scorer), TypeError, "frames of a video"),
     ("onevision", "tokencorr", {}, TypeError, "image crops"),
     ("next", "tome", dict(r=2), TypeError, "LlavaForConditionalGeneration only"),
 ])
@@ -628,7 +557,7 @@ def test_clear_errors(models, kind, method, kwargs, error, match):
 
 def test_call_errors_name_the_fix(models):
     model = models["llava"]
-    inputs = inputs_for(model, "llava")
+    inputs = llava_inputs(model, "llava")
     vitcompress.compress(model, "quota", scorer=lambda f, q: torch.ones(f.shape[0] + 1) / 2)
     try:
         with pytest.raises(ValueError, match="one yes-probability per frame"):
@@ -652,8 +581,8 @@ def test_transformers_without_pre_encoded_features_is_refused():
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
 
     torch.manual_seed(0)
-    model = OldLlava(LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT),
-                                 image_token_index=IMG))
+    model = OldLlava(LlavaConfig(vision_config=CLIPVisionConfig(**LLAVA_VISION), text_config=LlamaConfig(**LLAVA_TEXT),
+                                 image_token_index=LLAVA_IMAGE_TOKEN))
     with pytest.raises(TypeError, match="transformers >= 5"):
         vitcompress.compress(model, "tokencorr")
 
@@ -663,7 +592,7 @@ def test_generate_takes_its_arguments_positionally_too(models):
     is the one used (its beam count included)."""
     from transformers import GenerationConfig
     model = models["llava"]
-    inputs = inputs_for(model, "llava", images=half_flat)
+    inputs = llava_inputs(model, "llava", images=half_flat)
     ids = inputs.pop("input_ids")
     config = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
     beams = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0, num_beams=2, num_return_sequences=2)

@@ -2,7 +2,7 @@
 import torch
 
 import vitcompress
-from conftest import tiny_vit
+from vitcompress.testing import tiny_vit
 
 
 def test_uncompressed_deit_small_is_the_well_known_4_6_gflops(deit_small):

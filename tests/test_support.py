@@ -1,24 +1,17 @@
 """What vitcompress supports: ``vitcompress.supported(model)``, the refusal message for other models,
 timm's MAP pooling (SigLIP), and the README's support table -- every cell of
-``experiments/support_table.py`` is a test here (the torch.compile and ONNX cells are slow:
+``experiments/studies/support_table.py`` is a test here (the torch.compile and ONNX cells are slow:
 ``python -m pytest -m slow tests/test_support.py``)."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import vitcompress
-from conftest import tiny_vit
+from conftest import load_script
 from vitcompress.interfaces import PART_ATTR
+from vitcompress.testing import random_images, tiny_vit
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-try:
-    import support_table as table
-finally:
-    sys.path.pop(0)
-
-X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+table = load_script("studies/support_table.py")
+X = random_images()
 
 
 # --------------------------------------------------------------------------- the table's cells

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vitcompress
-from conftest import tiny_vit
+from vitcompress.testing import tiny_vit
 
 THREADS, CALLS = 8, 20
 
@@ -80,7 +80,7 @@ def test_forward_features_then_forward_head_pools_with_this_threads_sizes():
 
 def test_open_clip_tower_threads():
     pytest.importorskip("open_clip")
-    from test_clip import OPEN_CLIP_VARIANTS, tiny_clip
+    from vitcompress.testing import OPEN_CLIP_VARIANTS, tiny_clip
 
     model = tiny_clip(**OPEN_CLIP_VARIANTS["attn_pool"])
     vitcompress.compress(model, "pitome", keep=0.8)

@@ -4,7 +4,7 @@ import timm
 import torch
 
 import vitcompress
-from conftest import tiny_vit
+from vitcompress.testing import tiny_vit
 
 VARIANTS = {
     "cls": dict(),

@@ -9,12 +9,10 @@ import torch.nn.functional as F
 import vitcompress
 import vitcompress.engine.blocks as blocks
 from vitcompress.methods import REGISTRY
-from vitcompress.interfaces import ViTMethod as Method
 from vitcompress.methods.zero_tprune import (aggregate_heads, edge_layers, head_mask, initial_scores, iters_at,
                                              similarity_prune, split_removals, token_importance,
                                              weighted_pagerank, zero_tprune)
-from vitcompress.engine.tokens import Plan
-from conftest import tiny_vit
+from vitcompress.testing import RandomPrune, tiny_vit
 
 
 def random_attention(B, H, N, seed=0, sharpness=2.0):
@@ -413,22 +411,6 @@ def test_unknown_option_is_a_type_error():
 # --------------------------------------------------------------------------- accuracy against random pruning
 
 
-class RandomPrune(Method):
-    """Pruning uniformly random reducible tokens (seeded), the floor any scorer must beat."""
-    name = "random_prune_test"
-    kind = "prune"
-    defaults = {}
-
-    def max_remove(self, tokens, layer, num_layers, options):
-        return tokens - 1
-
-    def plan(self, signals, remove, options):
-        B, T = signals.metric.shape[:2]
-        g = torch.Generator().manual_seed(1000 + signals.layer)
-        keep = torch.rand(B, T, generator=g).argsort(dim=1)[:, : T - remove]
-        return Plan(keep=keep.sort(dim=1).values)
-
-
 def accuracy(model, images, labels, batch=250):
     with torch.no_grad():
         hits = sum(int((model(images[i:i + batch]).argmax(-1) == labels[i:i + batch]).sum())
@@ -440,7 +422,7 @@ def compare_with_random(model, images, labels, flops, monkeypatch, **options):
     monkeypatch.setitem(REGISTRY, RandomPrune.name, RandomPrune())
     vitcompress.compress(model, "zero_tprune", flops=flops, **options)
     ours = accuracy(model, images, labels)
-    vitcompress.compress(model, RandomPrune.name, flops=flops)
+    vitcompress.compress(model, RandomPrune.name, flops=flops, seed=1)
     rand = accuracy(model, images, labels)
     vitcompress.restore(model)
     return ours, rand, accuracy(model, images, labels)
@@ -451,7 +433,7 @@ def _reference(num_images=1000):
     try:
         return reference.load(num_images)
     except FileNotFoundError:
-        pytest.skip("the shipped reference model is not built yet (experiments/train_reference.py)")
+        pytest.skip("the shipped reference model is not built yet (experiments/training/train_reference.py)")
 
 
 def test_beats_random_pruning_on_the_reference_model(monkeypatch):
@@ -525,32 +507,16 @@ def test_beats_random_pruning_on_a_toy_trained_here(monkeypatch):
 
 # --------------------------------------------------------------------------- the default against random pruning (issue 15)
 
-class _RandomAtSchedule(Method):
-    """Random pruning seeded by ``seed`` and the block, for use with ``r=`` another method's schedule."""
-    name = "random_at_schedule_test"
-    kind = "prune"
-    defaults = {"seed": 0}
-
-    def max_remove(self, tokens, layer, num_layers, options):
-        return tokens - 1
-
-    def plan(self, signals, remove, options):
-        B, T = signals.metric.shape[:2]
-        g = torch.Generator().manual_seed(1000 * options["seed"] + signals.layer)
-        keep = torch.rand(B, T, generator=g).argsort(dim=1)[:, : T - remove]
-        return Plan(keep=keep.sort(dim=1).values)
-
-
 def _ours_and_random_at_its_schedule(model, run, flops, monkeypatch, seeds=3, **options):
     """``run()`` (a score) with Zero-TPrune at ``flops`` and with random pruning at exactly the
     schedule Zero-TPrune used (the same tokens removed in every block), mean over ``seeds``."""
-    monkeypatch.setitem(REGISTRY, _RandomAtSchedule.name, _RandomAtSchedule())
+    monkeypatch.setitem(REGISTRY, RandomPrune.name, RandomPrune())
     vitcompress.compress(model, "zero_tprune", flops=flops, **options)
     ours = run()
     schedule = vitcompress.stats(model)["schedule"]
     rand = []
     for seed in range(seeds):
-        vitcompress.compress(model, _RandomAtSchedule.name, r=list(schedule), seed=seed)
+        vitcompress.compress(model, RandomPrune.name, r=list(schedule), seed=seed)
         rand.append(run())
         assert vitcompress.stats(model)["schedule"] == schedule
     vitcompress.restore(model)
@@ -569,24 +535,21 @@ def test_default_beats_random_pruning_at_its_schedule_on_the_reference_model(mon
 
 
 def _real_vit_and_images(per_dataset):
-    """The real ViT-S/14 of experiments/realvit.py and real test digits (MNIST, Fashion-MNIST) at 224 px,
-    or a skip saying what is missing."""
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
-    import fidelity_table as ft
-    import realvit
+    """The real ViT-S/14 of vitcompress.evaluation.realvit and real test digits (MNIST, Fashion-MNIST) at
+    224 px, or a skip saying what is missing."""
+    from vitcompress.evaluation import realvit
+    from vitcompress.evaluation.offline_data import DATASETS, load_digits, to_input
     try:
         model = realvit.load_realvit()
     except FileNotFoundError as e:
         pytest.skip(str(e))
     xs = []
-    for ds in ft.DATASETS:
+    for ds in DATASETS:
         try:
-            raw, _ = ft.load_digits(ds, "test", per_dataset, seed=0)
+            raw, _ = load_digits(ds, "test", per_dataset, seed=0)
         except FileNotFoundError as e:
             pytest.skip(str(e))
-        xs.append(ft.to_input(raw, realvit.IMG_SIZE, realvit.MEAN, realvit.STD))
+        xs.append(to_input(raw, realvit.IMG_SIZE, realvit.MEAN, realvit.STD))
     return model, torch.cat(xs)
 
 
@@ -595,7 +558,7 @@ def test_default_beats_random_pruning_at_its_schedule_on_the_real_vit_s14(monkey
     """DINOv2-style ViT-S/14 (257 tokens), 24 MNIST + 24 Fashion-MNIST test images, flops=0.7:
     the output embedding stays closer to the uncompressed one (mean 1 - cos) than with random
     pruning at the same schedule (here 1.71e-2 against 2.11e-2 / 2.43e-2 for two seeds; on 2 x 250
-    images and on real photos: experiments/fidelity_table.py, README)."""
+    images and on real photos: experiments/studies/fidelity_table.py, README)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, x = _real_vit_and_images(24)
     with torch.no_grad():

@@ -52,16 +52,8 @@ import torch.nn as nn
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
-from .common import (
-    MAPPABLE_ATTENTION,
-    ViTAdapter,
-    family_class,
-    identity,
-    patch_blocks,
-    patch_flops,
-    patch_part,
-    per_token_flops,
-)
+from .common import (MAPPABLE_ATTENTION, ViTAdapter, family_class, identity, patch_blocks, patch_flops, patch_part,
+                     per_token_flops)
 
 # flex attention is refused: these models build a BlockMask even without padding, which the reducing
 # block cannot tell from a real mask.

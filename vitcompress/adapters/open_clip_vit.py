@@ -35,17 +35,8 @@ import torch.nn.functional as F
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
-from .common import (
-    ViTAdapter,
-    bind,
-    family_class,
-    identity,
-    patch_blocks,
-    patch_flops,
-    patch_part,
-    per_token_flops,
-    token_intermediates,
-)
+from .common import (ViTAdapter, bind, family_class, identity, patch_blocks, patch_flops, patch_part, per_token_flops,
+                     token_intermediates)
 
 
 #: the whole models (whose ``.visual`` is the image tower) and the tower itself

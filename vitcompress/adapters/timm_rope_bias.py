@@ -31,21 +31,9 @@ import torch.nn.functional as F
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
-from .common import (
-    TimmAdapter,
-    attn_pool_cost,
-    bind,
-    latest_sizes,
-    patch_blocks,
-    patch_flops,
-    patch_part,
-    per_token_flops,
-    refuse_attn_mask,
-    size_aware_attn_pool_forward,
-    size_weighted_pool,
-    token_intermediates,
-    weighted_pool,
-)
+from .common import (TimmAdapter, attn_pool_cost, bind, latest_sizes, patch_blocks, patch_flops, patch_part,
+                     per_token_flops, refuse_attn_mask, size_aware_attn_pool_forward, size_weighted_pool,
+                     token_intermediates, weighted_pool)
 
 
 # --------------------------------------------------------------------------- positions of the current tokens

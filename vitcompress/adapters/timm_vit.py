@@ -15,20 +15,9 @@ import torch.nn as nn
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
-from .common import (
-    WEIGHTED_POOLS,
-    TimmAdapter,
-    attn_pool_cost,
-    bind,
-    patch_blocks,
-    patch_flops,
-    patch_part,
-    per_token_flops,
-    refuse_attn_mask,
-    size_aware_attn_pool_forward,
-    size_weighted_pool,
-    token_intermediates,
-)
+from .common import (WEIGHTED_POOLS, TimmAdapter, attn_pool_cost, bind, patch_blocks, patch_flops, patch_part,
+                     per_token_flops, refuse_attn_mask, size_aware_attn_pool_forward, size_weighted_pool,
+                     token_intermediates)
 
 
 def _block_parts(block) -> BlockParts:

@@ -107,7 +107,7 @@ def check_device(text: Optional[str]) -> str:
         if not torch.backends.mps.is_available():
             raise ValueError(f"--device {text}: MPS is not available; use --device cpu")
     elif device.type != "cpu":
-        raise ValueError(f"--device {text}: vitcompress bench runs on cpu, cuda or mps")
+        raise ValueError(f"--device {text}: use cpu, cuda (cuda:N) or mps")
     return text
 
 
@@ -121,17 +121,21 @@ def parse_budget_text(text: Optional[str], name: str = "--r"):
         raise ValueError(f"{name} {text!r}: give an int, a list like [8,8,4] or a tuple like (8,-0.5)") from None
 
 
-def check_setting(method: str, kwargs: Dict[str, Any], exportable: bool = False) -> None:
-    """Check a method name, its options and its budget without a model, and with ``exportable`` that
-    export takes the method; ``ValueError`` / ``TypeError`` naming the fix."""
+#: what each method target reduces, for the message naming a method of another target
+TARGET_MODELS = {"vit": "ViT-like image encoders", "detr": "DETR detectors", "llava": "LLaVA models"}
+
+
+def check_setting(method: str, kwargs: Dict[str, Any], exportable: bool = False, target: str = "vit") -> None:
+    """Check a method name (one for ``target`` models), its options and its budget without a model,
+    and with ``exportable`` that export takes the method; ``ValueError`` / ``TypeError`` naming the fix."""
     from .. import api
     from ..engine.schedule import parse_budget
     from ..methods import get
 
     spec = get(method)
-    if spec.target != "vit":
-        raise ValueError(f"{method} reduces {spec.target} models; this command runs the methods for ViT-like "
-                         f"image encoders: {', '.join(api.list_methods('vit'))}")
+    if spec.target != target:
+        raise ValueError(f"{method} reduces {spec.target} models; this command runs the methods for "
+                         f"{TARGET_MODELS[target]}: {', '.join(api.list_methods(target))}")
     if exportable:
         from ..export import check_exportable_method
 

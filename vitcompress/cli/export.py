@@ -2,15 +2,8 @@
 from typing import Any, Dict
 
 from ..evaluation import models
-from .arguments import (
-    check_output_file,
-    check_setting,
-    fraction,
-    int_at_least,
-    non_negative_float,
-    output_file,
-    parse_budget_text,
-)
+from .arguments import (check_output_file, check_setting, fraction, int_at_least, non_negative_float, output_file,
+                        parse_budget_text)
 
 HELP = "export a compressed model to ONNX and check it in onnxruntime against PyTorch"
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["Context", "RankFailed", "session", "shard_indices", "shard", "merge_rows", "add_counts",
-           "run_script", "report", "rank_lines"]
+           "run_script", "rank_lines"]
 
 
 class RankFailed(RuntimeError):
@@ -181,22 +181,22 @@ def sum_counts(counts: Dict[str, int], ctx: Context) -> Optional[Dict[str, int]]
     return None if parts is None else add_counts(parts)
 
 
-def run_script(evaluate, args) -> Optional[List[Dict[str, Any]]]:
-    """An evaluation script's body: ``evaluate(args, ctx)`` in a :func:`session` on ``args.device``;
-    its rows on rank 0, None on the others. Another rank's failure exits with that rank's message."""
+def run_script(evaluate, args, format_table) -> Optional[List[Dict[str, Any]]]:
+    """An evaluation script's body: ``evaluate(args, ctx)`` in a :func:`session` on ``args.device``,
+    then on rank 0 the table ``format_table(rows)`` printed and the rows written to ``args.json`` (a
+    JSON list) if given. The rows on rank 0, None on the others; another rank's failure exits with
+    that rank's message."""
     try:
         with session(args.device) as ctx:
-            return evaluate(args, ctx)
+            rows = evaluate(args, ctx)
     except RankFailed as err:  # the message names the rank and its error
         sys.exit(str(err))
-
-
-def report(rows: List[Dict[str, Any]], table: str, json_path: Optional[str]) -> None:
-    """Rank 0's output: the table printed, the rows written to ``json_path`` (a JSON list) if given."""
-    print(table)
-    if json_path:
-        with open(json_path, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
+    if rows is not None:
+        print(format_table(rows))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(rows, f, indent=2)
+    return rows
 
 
 def rank_lines(rows: List[Dict[str, Any]]) -> List[str]:

@@ -124,7 +124,7 @@ def load_model(name: str = REFERENCE, *, pretrained: bool = False, checkpoint: O
                 f"cannot fetch the pretrained weights of {name!r} (Hugging Face hub unreachable and not in the "
                 f"local cache: {type(err).__name__}). Fix: drop --pretrained (random weights: FLOPs and speed do "
                 "not depend on them), copy the weights into the hub cache (HF_HOME) from a machine with a "
-                "network, or load a local state_dict (--checkpoint FILE in experiments/eval_imagenet.py)") from None
+                "network, or load a local state_dict (--checkpoint FILE in experiments/evaluation/eval_imagenet.py)") from None
         if use_hub and "pretrained" in str(err).lower():
             raise ValueError(f"timm has no pretrained weights for {name!r} ({err}); drop --pretrained or choose "
                              "a model with weights: timm.list_models(pretrained=True)") from None

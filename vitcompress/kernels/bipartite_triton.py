@@ -18,15 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import (
-    as_native,
-    check_launchable,
-    cosine_tile,
-    device_guard,
-    dot_dtype,
-    inverse_norms,
-    tile_sizes,
-)
+from ._triton_utils import as_native, check_launchable, cosine_tile, device_guard, dot_dtype, inverse_norms, tile_sizes
 
 #: largest (rows of a, rows of b, channels) tile on a GPU
 MAX_BLOCKS = (64, 64, 64)

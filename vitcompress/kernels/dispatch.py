@@ -75,7 +75,7 @@ def _compiling() -> bool:
 
 
 def _torch_is_faster(name: str, tensor) -> bool:
-    """Shapes where the torch reference measured faster on a GPU (H200, experiments/bench_kernels.py):
+    """Shapes where the torch reference measured faster on a GPU (H200, experiments/benchmarks/bench_kernels.py):
     float32 energy beyond 256 tokens (0.66x at 576) and top-k of rows beyond 1024 (0.33x at 4096)."""
     if name == "energy_score":
         return tensor.dtype == torch.float32 and tensor.shape[-2] > 256

@@ -154,7 +154,7 @@ def _pagerank_scores(attn, iters, num_prefix, cls_sqrt=True, alive=None, var_min
 
 def implementation(qualname: str):
     """The Python function behind the op ``qualname`` (``"vitcompress::apply_plan"``), or None:
-    lets ``experiments/count_launches.py`` count what an op launches inside."""
+    lets ``experiments/benchmarks/count_launches.py`` count what an op launches inside."""
     opdef = globals().get(qualname.split("::")[-1])
     return getattr(opdef, "_init_fn", None) if qualname.startswith("vitcompress::") else None
 

@@ -14,13 +14,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._triton_utils import (
-    as_native,
-    block,
-    check_launchable,
-    device_guard,
-    is_interpreted,
-)
+from ._triton_utils import as_native, block, check_launchable, device_guard, is_interpreted
 
 MAX_ROW = 4096
 #: most elements (rows x padded row length) one program sorts: on a GPU, and under the interpreter

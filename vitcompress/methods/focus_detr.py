@@ -11,7 +11,7 @@ self-attention first ("dual attention").
 Scorers (option ``scorer``):
 
 * ``"learned"``: the paper's foreground head (:class:`FocusScorer`), trained on a frozen detector
-  with FCOS-style targets and focal loss (``experiments/train_focus_scorer.py``); loaded from
+  with FCOS-style targets and focal loss (``experiments/training/train_focus_scorer.py``); loaded from
   ``scorer_path`` (what :func:`save_scorer` wrote) or given as a module in ``scorer_module``.
 * ``"norm"`` (default, zero-shot proxy): the L2 norm of each token's feature.
 * ``"attention"`` (zero-shot proxy): the attention a token receives in the first encoder layer
@@ -223,7 +223,7 @@ class FocusDETR(DetrMethod):
         given = [n for n in ("scorer_path", "scorer_module") if options[n] is not None]
         if scorer == "learned" and len(given) != 1:
             raise ValueError("focus_detr scorer='learned' needs exactly one of scorer_path= (a file written by "
-                             "save_scorer, e.g. by experiments/train_focus_scorer.py) or scorer_module= (a FocusScorer)")
+                             "save_scorer, e.g. by experiments/training/train_focus_scorer.py) or scorer_module= (a FocusScorer)")
         if scorer != "learned" and given:
             raise ValueError(f"focus_detr got {given[0]}= with scorer={scorer!r}; "
                              "pass scorer='learned' to use a trained head")
@@ -253,7 +253,7 @@ class FocusDETR(DetrMethod):
         if head.config["dim"] != dim:
             raise ValueError(f"the focus_detr scorer was trained for {head.config['dim']}-dim tokens but this "
                              f"detector's encoder has d_model={dim}; train one for this model with "
-                             "experiments/train_focus_scorer.py")
+                             "experiments/training/train_focus_scorer.py")
         if head.config["num_levels"] != 1:
             raise ValueError(f"the focus_detr scorer has {head.config['num_levels']} feature levels; "
                              "a DETR encoder has one")

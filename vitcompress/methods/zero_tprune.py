@@ -35,7 +35,7 @@ Choices where the paper leaves room (each is an option; defaults in :attr:`ZeroT
   removes the duplicates' votes (computed by masking, ``weighted_pagerank(..., alive=)``).
 * **Splitting a block's removals** (``s_ratio``): the S-stage drops ``floor(s_ratio * r)`` and
   the I-stage the rest. Default 1.0: the whole budget goes to the S-stage, partitioned by the
-  I' ranking (I' -> S; the I-stage then prunes nothing). Measured in ``experiments/fidelity_table.py
+  I' ranking (I' -> S; the I-stage then prunes nothing). Measured in ``experiments/studies/fidelity_table.py
   --ablation`` (README, "Zero-TPrune on real models"): on a real pretrained ViT-S/14 and on the
   embedded reference model, the converged PageRank ranking of the I-stage is worse than chance in
   the early blocks (the "major group" of similar background tokens outvotes the rest), and every

@@ -1,8 +1,8 @@
 """Zero-TPrune on DeiT-S: counted FLOPs, throughput against the uncompressed model, scoring cost.
 
-    python experiments/bench_zero_tprune.py                       # deit_small, flops=0.653, batch 32
-    python experiments/bench_zero_tprune.py --batch-size 8 --runs 5 --device cpu --breakdown
-    python experiments/bench_zero_tprune.py --torchcompile       # both models torch.compile'd
+    python experiments/benchmarks/bench_zero_tprune.py                       # deit_small, flops=0.653, batch 32
+    python experiments/benchmarks/bench_zero_tprune.py --batch-size 8 --runs 5 --device cpu --breakdown
+    python experiments/benchmarks/bench_zero_tprune.py --torchcompile       # both models torch.compile'd
 
 Prints the base and compressed GFLOPs (fvcore, ``vitcompress.profile.count_flops``), the
 throughput of both models measured in one interleaved run (median of ``--runs`` timed rounds

@@ -14,7 +14,7 @@ cast back to fp32, i.e. exactly the model that ``vitcompress.evaluation.referenc
 The shipped files came from (defaults spelled out; 88.23% full-test top-1, 56.8 min wall time
 on a 2-core CPU that other jobs were also using)::
 
-    python experiments/train_reference.py --epochs 10 --batch-size 64 --lr 1.5e-3 \
+    python experiments/training/train_reference.py --epochs 10 --batch-size 64 --lr 1.5e-3 \
         --embed-dim 64 --num-heads 4 --seed 0 --threads 2 --out vitcompress/evaluation/data
 """
 from __future__ import annotations
@@ -36,18 +36,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-try:
-    from vitcompress.evaluation.reference_model import MEAN, STD, build_model, preprocess, read_idx
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from vitcompress.evaluation.reference_model import MEAN, STD, build_model, preprocess, read_idx
+from vitcompress.evaluation.offline_data import FASHION_DIR, read_split
+from vitcompress.evaluation.reference_model import MEAN, STD, build_model, preprocess
 
 NUM_SHIPPED = 3000
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist",
+    p.add_argument("--data-dir", default=FASHION_DIR,
                    help="folder holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]")
     p.add_argument("--out", default="vitcompress/evaluation/data", help="output folder")
     p.add_argument("--epochs", type=int, default=10)
@@ -69,20 +66,6 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=2, help="evaluate on the test set every N epochs (0: only at the end)")
     p.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (smoke tests)")
     return p.parse_args(argv)
-
-
-def _find(data_dir: str, stem: str) -> str:
-    for name in (stem + ".gz", stem):
-        path = os.path.join(data_dir, name)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"{stem}[.gz] not found in {data_dir}")
-
-
-def load_split(data_dir: str, split: str):
-    images = read_idx(_find(data_dir, f"{split}-images-idx3-ubyte"))
-    labels = read_idx(_find(data_dir, f"{split}-labels-idx1-ubyte")).astype(np.int64)
-    return images, labels
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, hflip: float, crop_pad: int) -> torch.Tensor:
@@ -121,7 +104,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> floa
 def main(argv=None):
     args = parse_args(argv)
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv]) if argv is None else \
-        " ".join(shlex.quote(a) for a in ["python", "experiments/train_reference.py", *argv])
+        " ".join(shlex.quote(a) for a in ["python", "experiments/training/train_reference.py", *argv])
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -129,8 +112,8 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
 
-    train_raw, train_y = load_split(args.data_dir, "train")
-    test_raw, test_y = load_split(args.data_dir, "t10k")
+    train_raw, train_y = read_split(args.data_dir, "train")
+    test_raw, test_y = read_split(args.data_dir, "test")
     if args.train_subset:
         train_raw, train_y = train_raw[:args.train_subset], train_y[:args.train_subset]
     x_train, y_train = preprocess(train_raw), torch.from_numpy(train_y)

@@ -1,6 +1,6 @@
 """Fused Triton kernels against their torch references, and compressed ViTs with kernels on vs off.
 
-    python experiments/bench_kernels.py [--batch-size 64] [--runs 10] [--models deit_small_patch16_224 ...]
+    python experiments/benchmarks/bench_kernels.py [--batch-size 64] [--runs 10] [--models deit_small_patch16_224 ...]
 
 Part 1 times each primitive (bipartite_match, energy_score, topk_indices, rank_plan, pagerank_steps,
 pagerank_scores, apply_plan) at the shapes a ViT produces -- the ToMe / PiToMe metric is the key

@@ -1,21 +1,20 @@
 """Proportional attention on and off for the merging methods.
 
-    python experiments/prop_attn_ablation.py            # the embedded reference model, 3,000 images
-    python experiments/prop_attn_ablation.py --realvit  # + the real ViT-S/14 on 96 crops of real photos
+    python experiments/studies/prop_attn_ablation.py            # the embedded reference model, 3,000 images
+    python experiments/studies/prop_attn_ablation.py --realvit  # + the real ViT-S/14 on 96 crops of real photos
 
 Reference model: top-1, top-1 agreement with the uncompressed model, KL of the logits and
-1 - cosine of the logits. Real ViT-S/14 (``experiments/realvit.py``; photos from
-``experiments/fidelity_table.py``): 1 - cosine of the output embedding at ``flops=0.7``.
+1 - cosine of the logits. Real ViT-S/14 (``vitcompress.evaluation.realvit``; photos from
+``vitcompress.evaluation.offline_data``): 1 - cosine of the output embedding at ``flops=0.7``.
 """
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
 import vitcompress
-from vitcompress.evaluation import reference_model
+from vitcompress.evaluation import realvit, reference_model
+from vitcompress.evaluation.offline_data import load_photos
 
 
 def reference_rows():
@@ -45,11 +44,8 @@ def reference_rows():
 
 
 def realvit_rows(num_photos: int):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import fidelity_table
-    import realvit
     model = realvit.load_realvit()
-    x = fidelity_table.load_photos(num_photos, realvit.IMG_SIZE, realvit.MEAN, realvit.STD)
+    x = load_photos(num_photos, realvit.IMG_SIZE, realvit.MEAN, realvit.STD)
     with torch.no_grad():
         base = model(x)
     print(f"real ViT-S/14, {num_photos} crops of real photos, flops=0.7: 1 - cos of the embedding")

@@ -1,6 +1,6 @@
 """ImageNet-style evaluation of a (compressed) timm model: top-1, top-5, GFLOPs, images/s.
 
-    python experiments/eval_imagenet.py --model deit_small_patch16_224 --pretrained \
+    python experiments/evaluation/eval_imagenet.py --model deit_small_patch16_224 --pretrained \
         --data-dir /data/imagenet/val --method zero_tprune --flops 0.653 --amp
 
 ``--data-dir`` is an ImageFolder (one sub-folder per class, sorted like the model's classes).
@@ -9,22 +9,24 @@ Without ``--method`` the uncompressed model is evaluated; with it, both are, sid
 On several devices (or nodes) launch it with torchrun; each rank evaluates its own shard of the
 images, rank 0 prints the totals (and images/s summed over the ranks, and per rank):
 
-    torchrun --nproc_per_node 8 experiments/eval_imagenet.py --model deit_small_patch16_224 ...
+    torchrun --nproc_per_node 8 experiments/evaluation/eval_imagenet.py --model deit_small_patch16_224 ...
 """
-import argparse
 import copy
 import sys
 
 import torch
 
 import vitcompress
-import vitcompress.evaluation.models
-from vitcompress.evaluation import distributed
-from vitcompress.evaluation.classification import autocast, hit_counts, imagefolder_loader, predict, rates, throughput_over_ranks
+from vitcompress.cli import script_arguments
+from vitcompress.cli.arguments import check_device
+from vitcompress.evaluation import distributed, models
+from vitcompress.evaluation.classification import (autocast, hit_counts, imagefolder_loader, predict, rates,
+                                                   throughput_over_ranks)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The arguments, every one checked before a model is built (one line and exit 2 if bad)."""
+    ap = script_arguments.parser(__file__, __doc__)
     ap.add_argument("--model", required=True, help="timm model name, or 'reference' for the embedded Fashion-MNIST ViT")
     ap.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs a network)")
     ap.add_argument("--checkpoint", help="a local state_dict (or {'state_dict': ...}) to load instead")
@@ -33,24 +35,22 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     ap.add_argument("--max-images", type=int, default=None)
     ap.add_argument("--method", choices=vitcompress.list_methods("vit"), help="token-reduction method")
-    budget = ap.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=float)
-    budget.add_argument("--r", type=int)
-    budget.add_argument("--flops", type=float)
+    script_arguments.add_budget_arguments(ap)
     ap.add_argument("--runs", type=int, default=5, help="timed runs for images/s")
     ap.add_argument("--torchcompile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="evaluate and time torch.compile'd models (backend: inductor)")
     ap.add_argument("--json", help="write the result rows (a JSON list) to this file")
-    return ap.parse_args(argv)
-
-
-def load_model(args):
-    """The model through vitcompress's one loader (reference, timm name, --pretrained, --checkpoint)."""
-    return vitcompress.evaluation.models.load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                                         num_classes=args.num_classes, num_images=0).model
+    args = ap.parse_args(argv)
+    try:
+        models.check_model_name(args.model, args.pretrained)
+        args.device = check_device(args.device)
+        args.budget = script_arguments.vit_budget(args)
+    except (ValueError, TypeError) as err:
+        ap.error(str(err))
+    return args
 
 
 def evaluate(args, ctx: distributed.Context):
@@ -59,13 +59,13 @@ def evaluate(args, ctx: distributed.Context):
     device = ctx.device
     with ctx.step("loading the model"):
         try:
-            model = load_model(args).to(device)
+            model = models.load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                                      num_classes=args.num_classes, num_images=0).model.to(device)
         except (ValueError, OSError) as err:  # unknown name, hub unreachable, bad checkpoint: the message says the fix
             sys.exit(f"eval_imagenet: {err}")
-        models = {"uncompressed": model}
+        compared = {"uncompressed": model}
         if args.method:
-            budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
-            models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget)
+            compared[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **args.budget)
     with ctx.step("reading the images"):
         try:  # every rank its own shard, the same for every model
             loader = imagefolder_loader(args.data_dir, model, args.batch_size, args.workers, args.max_images,
@@ -74,12 +74,12 @@ def evaluate(args, ctx: distributed.Context):
         except (ValueError, OSError) as err:  # no such folder, no class folders, fewer images than ranks
             sys.exit(f"eval_imagenet: {err}")
     runnable = {name: torch.compile(m, backend=args.torchcompile) if args.torchcompile else m
-                for name, m in models.items()}
+                for name, m in compared.items()}
     ctx.barrier()  # the ranks time at the same moment, so their images/s add up
     with ctx.step("timing the models"), autocast(device, args.amp):
         speed = vitcompress.compare_speed(runnable, sample, runs=args.runs, latency=False, memory=False)
     rows = []
-    for name, m in models.items():
+    for name, m in compared.items():
         with ctx.step(f"evaluating {name}"):
             counts = hit_counts(*predict(runnable[name], loader, device, amp=args.amp,
                                          progress=name if ctx.is_main else None))
@@ -107,10 +107,7 @@ def format_table(rows) -> str:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    rows = distributed.run_script(evaluate, args)
-    if rows is not None:
-        distributed.report(rows, format_table(rows), args.json)
+    distributed.run_script(evaluate, parse_args(argv), format_table)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Train Focus-DETR's foreground scorer on a frozen DETR.
 
-    python experiments/train_focus_scorer.py --model facebook/detr-resnet-50 --pretrained \
+    python experiments/training/train_focus_scorer.py --model facebook/detr-resnet-50 --pretrained \
         --data-dir coco/train2017 --annotations coco/annotations/instances_train2017.json \
         --epochs 2 --batch-size 8 --lr 1e-3 --output focus_scorer_detr_r50.pt
 
@@ -23,22 +23,16 @@ from torchvision.ops import sigmoid_focal_loss
 from tqdm.auto import tqdm
 
 from vitcompress.adapters.detr import detr_parts, encoder_inputs, encoder_position_embeddings
-from vitcompress.evaluation.coco import CocoDetection, foreground_targets, load_detr, loader
+from vitcompress.cli.script_arguments import add_coco_arguments, add_detr_arguments
 from vitcompress.evaluation.classification import autocast
+from vitcompress.evaluation.coco import CocoDetection, foreground_targets, load_detr, loader
 from vitcompress.methods.focus_detr import FocusScorer, foreground_logits, save_scorer
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="transformers model name, e.g. facebook/detr-resnet-50")
-    ap.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights (needs a network)")
-    ap.add_argument("--config", help="a DetrConfig (JSON file or directory) for a local model")
-    ap.add_argument("--checkpoint", help="local weights: a state_dict file, or a save_pretrained directory")
-    ap.add_argument("--data-dir", required=True, help="folder of the images named in the annotations")
-    ap.add_argument("--annotations", required=True, help="COCO-format annotation JSON")
-    ap.add_argument("--size", type=int, default=800, help="shortest image side after resizing (DETR: 800)")
-    ap.add_argument("--max-size", type=int, default=1333, help="longest image side after resizing (DETR: 1333)")
-    ap.add_argument("--max-images", type=int, default=None)
+    add_detr_arguments(ap)
+    add_coco_arguments(ap)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=1e-4)

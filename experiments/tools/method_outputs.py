@@ -1,22 +1,20 @@
 """Fixed-seed outputs of every method on every model family, to prove a refactor changes nothing.
 
-    python experiments/method_outputs.py --save /tmp/before.pt    # on the old code
-    python experiments/method_outputs.py --check /tmp/before.pt   # on the new code: bit for bit
+    python experiments/tools/method_outputs.py --save /tmp/before.pt    # on the old code
+    python experiments/tools/method_outputs.py --check /tmp/before.pt   # on the new code: bit for bit
 
-Tiny random models from the test suite (timm ViT variants, open_clip and transformers CLIP towers,
-DETR, LLaVA) and the embedded reference model on its real images; CPU, float32 (and one bfloat16
-autocast case). Each case records the model's outputs and what ``vitcompress.stats`` reports.
+The tiny random models the tests use (``vitcompress.testing``: timm ViT variants, open_clip and
+transformers CLIP towers, DETR, LLaVA) and the embedded reference model on its real images; CPU,
+float32 (and one bfloat16 autocast case). Each case records the model's outputs and what ``vitcompress.stats`` reports.
 """
 import argparse
-import os
 import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-import vitcompress  # noqa: E402
+import vitcompress
+from vitcompress.testing import (LLAVA_CASES, OPEN_CLIP_VARIANTS, half_flat, llava_inputs, random_images,
+                                 random_scorer_head, tiny_clip, tiny_detr, tiny_llava, tiny_vit)
 
 VIT_METHODS = [("tome", dict(r=4)), ("tome", dict(r=(4, 0.5), prop_attn=False)), ("pitome", dict(keep=0.9)),
                ("pitome", dict(keep=0.8, bipartite_first_half=False)), ("zero_tprune", dict(keep=0.8)),
@@ -31,9 +29,7 @@ def _stats(model):
 
 
 def _vit_cases():
-    from conftest import tiny_vit
-
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = random_images(3, seed=0)
     variants = {"plain": {}, "registers_avg": dict(class_token=False, reg_tokens=2, global_pool="avg"),
                 "layerscale_qknorm": dict(init_values=0.1, qk_norm=True)}
     for vname, kw in variants.items():
@@ -71,16 +67,17 @@ def _reference_cases():
 
 def _clip_cases():
     try:
-        from test_clip import OPEN_CLIP_VARIANTS, X, tiny_clip
-    except Exception as err:  # open_clip missing
+        import open_clip  # noqa: F401
+    except ImportError as err:
         print("skip open_clip:", err)
         return
+    images = random_images()
     for variant in ("tok", "avg", "attn_pool", "custom_block"):
         for method in ("tome", "pitome", "zero_tprune"):
             model = tiny_clip(**OPEN_CLIP_VARIANTS[variant])
             vitcompress.compress(model, method, keep=0.8)
             with torch.no_grad():
-                out = model.encode_image(X)
+                out = model.encode_image(images)
             yield f"open_clip-{variant}-{method}", out, _stats(model)
     from transformers import CLIPVisionConfig, CLIPVisionModel
     for method in ("tome", "pitome", "zero_tprune"):
@@ -89,16 +86,15 @@ def _clip_cases():
                                                  num_attention_heads=4, image_size=32, patch_size=4)).eval()
         vitcompress.compress(model, method, keep=0.8)
         with torch.no_grad():
-            out = model(pixel_values=X, output_hidden_states=True)
+            out = model(pixel_values=images, output_hidden_states=True)
         yield f"hf_clip-{method}", [out.pooler_output, out.last_hidden_state, *out.hidden_states], _stats(model)
 
 
 def _detr_cases():
-    from test_detr import random_head, tiny_detr
     x = torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 64, 80, dtype=torch.long)
     mask[1, :, 56:] = 0
-    for scorer, extra in (("norm", {}), ("attention", {}), ("learned", dict(scorer_module=random_head())),
+    for scorer, extra in (("norm", {}), ("attention", {}), ("learned", dict(scorer_module=random_scorer_head())),
                           ("norm", dict(dual_k=0))):
         model = tiny_detr()
         vitcompress.compress(model, "focus_detr", keep=0.5, scorer=scorer, **extra)
@@ -109,14 +105,13 @@ def _detr_cases():
 
 
 def _llava_cases():
-    from test_llava import CASES, build, half_flat, inputs_for
     models = {}
-    for kind, method, opts in CASES + [("llava", "tokencorr", dict(merge=True)),
-                                       ("next", "tokencorr", dict(merge=True))]:
+    for kind, method, opts in LLAVA_CASES + [("llava", "tokencorr", dict(merge=True)),
+                                             ("next", "tokencorr", dict(merge=True))]:
         if kind not in models:
-            models[kind] = build(kind)
+            models[kind] = tiny_llava(kind)
         model = models[kind]
-        inputs = inputs_for(model, kind, half_flat)
+        inputs = llava_inputs(model, kind, half_flat)
         vitcompress.compress(model, method, **opts)
         with torch.no_grad():
             out = model(**inputs, question="what?") if method == "quota" else model(**inputs)

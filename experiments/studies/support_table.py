@@ -2,9 +2,9 @@
 every cell from an actual run on a small random model (no downloads). ``tests/test_support.py`` runs
 exactly these checks (:func:`check`), so each cell of the README's table is a test.
 
-    python experiments/support_table.py                        # every cell (compile and ONNX: minutes)
-    python experiments/support_table.py --aspects forward restore
-    python experiments/support_table.py --families "transformers ViT" --methods tome --json cells.json
+    python experiments/studies/support_table.py                        # every cell (compile and ONNX: minutes)
+    python experiments/studies/support_table.py --aspects forward restore
+    python experiments/studies/support_table.py --families "transformers ViT" --methods tome --json cells.json
 
 What a cell checks (``keep=0.8`` on ViT-like models, the method's own budget elsewhere):
 
@@ -41,6 +41,7 @@ import torch.nn as nn
 
 import vitcompress
 from vitcompress.interfaces import PART_ATTR, runtime_of
+from vitcompress.testing import LLAVA_IMAGE_TOKEN, random_images, ramp_scorer, tiny_detr, tiny_llava
 
 ASPECTS = ("forward", "restore", "compile", "onnx")
 VIT_METHODS = ("tome", "pitome", "zero_tprune")
@@ -55,10 +56,6 @@ class Unavailable(Exception):
 
 class Refused(Exception):
     """The library refused, as documented (e.g. ONNX export of a DETR method)."""
-
-
-def _images(batch: int = 2, seed: int = 1) -> torch.Tensor:
-    return torch.randn((batch,) + IMAGE, generator=torch.Generator().manual_seed(seed))
 
 
 def _need(module: str):
@@ -189,31 +186,13 @@ FAMILIES: List[Family] = [
 
 
 def _detr():
-    transformers = _need("transformers")
-    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], out_features=["stage2"])
-    return transformers.DetrForObjectDetection(transformers.DetrConfig(
-        backbone_config=backbone, use_timm_backbone=False, use_pretrained_backbone=False, d_model=32,
-        encoder_layers=6, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=4,
-        decoder_attention_heads=4, num_queries=10, num_labels=3))
-
-
-LLAVA_IMAGE = 99
+    _need("transformers")
+    return tiny_detr()
 
 
 def _llava():
-    transformers = _need("transformers")
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, image_size=32, patch_size=4, projection_dim=16)
-    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=2048,
-                                    pad_token_id=0)
-    return transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=LLAVA_IMAGE))
-
-
-def _ramp(frames, question):
-    """QuoTA scorer for the checks: relevance grows with the frame index."""
-    return torch.linspace(0.1, 1.0, frames.shape[0])
+    _need("transformers")
+    return tiny_llava("llava", num_hidden_layers=2)
 
 
 OTHER_FAMILIES: List[Family] = [
@@ -221,7 +200,7 @@ OTHER_FAMILIES: List[Family] = [
            kind="detr", budgets={"focus_detr": dict(keep=0.5)}),
     Family("transformers LLaVA-1.5", "`LlavaForConditionalGeneration` (visual tokens; ViT methods in its CLIP tower)",
            _llava, methods=VIT_METHODS + ("tokencorr", "quota"), kind="llava",
-           budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=_ramp)}),
+           budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)}),
 ]
 ALL_FAMILIES = FAMILIES + OTHER_FAMILIES
 ALL_METHODS = VIT_METHODS + ("focus_detr", "tokencorr", "quota")
@@ -272,8 +251,8 @@ def _assert_schedule(model):
 
 def _llava_inputs():
     """Two prompts with an image each: noise, and one constant colour (redundant crops for tokencorr)."""
-    rows = [[1, 5] + [LLAVA_IMAGE] * 64 + [7, 8], [1, 6] + [LLAVA_IMAGE] * 64 + [9, 9]]
-    images = torch.stack([_images(1)[0], torch.full(IMAGE, 0.4)])
+    rows = [[1, 5] + [LLAVA_IMAGE_TOKEN] * 64 + [7, 8], [1, 6] + [LLAVA_IMAGE_TOKEN] * 64 + [9, 9]]
+    images = torch.stack([random_images(1)[0], torch.full(IMAGE, 0.4)])
     return dict(input_ids=torch.tensor(rows), attention_mask=torch.ones(2, len(rows[0]), dtype=torch.long),
                 pixel_values=images)
 
@@ -285,7 +264,7 @@ def _run(fam: Family, model, x=None):
             return model(**_llava_inputs(), **question).logits
         if fam.kind == "detr":
             return model(pixel_values=torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))).logits
-        return fam.output(model, _images() if x is None else x)
+        return fam.output(model, random_images() if x is None else x)
 
 
 def check_forward(fam: Family, method: str) -> str:
@@ -347,7 +326,7 @@ def check_compile(fam: Family, method: str) -> str:
     torch._dynamo.reset()
     model = vitcompress.compress(fam.model(), method, trace_source=True, **fam.budget(method))
     wrapped = _Tensor(model, fam.output).eval()
-    x = _images(4, seed=2)
+    x = random_images(4, seed=2)
     with torch.no_grad():
         want = wrapped(x)
         eager_source = vitcompress.stats(model)["source"]

@@ -1,8 +1,8 @@
 """Kernel launches per block of a compressed ViT, per method (issue 13's count).
 
-    python experiments/count_launches.py                           # tiny ViT, CPU, Triton forced (interpreted)
-    python experiments/count_launches.py --model deit_small_patch16_224
-    python experiments/count_launches.py --device cuda --model vit_base_patch16_224 --dtype float16
+    python experiments/benchmarks/count_launches.py                           # tiny ViT, CPU, Triton forced (interpreted)
+    python experiments/benchmarks/count_launches.py --model deit_small_patch16_224
+    python experiments/benchmarks/count_launches.py --device cuda --model vit_base_patch16_224 --dtype float16
 
 Every aten op that launches a kernel counts one (views, and allocations that launch nothing, are
 left out), seen through a ``TorchDispatchMode``; every Triton kernel launch counts one, seen by
@@ -199,18 +199,10 @@ def _blocks(model):
     return list(blocks)
 
 
-def tiny_model(depth=4):
-    """The test suite's tiny ViT with 64 patches, a little deeper."""
-    import torch
-    from timm.models.vision_transformer import VisionTransformer
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=48, depth=depth,
-                             num_heads=3).eval()
-
-
 def make_model(name: str):
     if name == "tiny":
-        return tiny_model()
+        from vitcompress.testing import tiny_vit
+        return tiny_vit()
     import timm
     return timm.create_model(name).eval()
 

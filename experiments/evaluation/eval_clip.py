@@ -2,11 +2,11 @@
 reduction in its image tower: the metrics, the image tower's GFLOPs and images/s in one table.
 
     # any open_clip model name and pretrained tag (needs a network the first time)
-    python experiments/eval_clip.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \\
+    python experiments/evaluation/eval_clip.py --model ViT-B-32 --pretrained laion2b_s34b_b79k \\
         --data-dir /data/imagenet/val --captions /data/flickr30k/test.tsv --images /data/flickr30k/images \\
         --method pitome --flops 0.6 --amp
     # offline: a local open_clip model config (JSON) and/or a local checkpoint
-    python experiments/eval_clip.py --model-config my_clip.json --checkpoint my_clip.pt --data-dir ...
+    python experiments/evaluation/eval_clip.py --model-config my_clip.json --checkpoint my_clip.pt --data-dir ...
 
 Data (give either or both):
 
@@ -29,9 +29,8 @@ On several devices (or nodes) launch it with torchrun: each rank encodes its own
 images and captions; rank 0 sums the zero-shot hits, gathers the embeddings for retrieval and
 prints (images/s: the sum over the ranks, and per rank):
 
-    torchrun --nproc_per_node 8 experiments/eval_clip.py --model ViT-B-32 --pretrained ... --data-dir ...
+    torchrun --nproc_per_node 8 experiments/evaluation/eval_clip.py --model ViT-B-32 --pretrained ... --data-dir ...
 """
-import argparse
 import copy
 import os
 import sys
@@ -43,9 +42,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import vitcompress
+from vitcompress.cli import script_arguments
+from vitcompress.cli.arguments import check_device
+from vitcompress.cli.settings import BUDGET_KEYS, describe, parse_setting
 from vitcompress.evaluation import distributed
 from vitcompress.evaluation.classification import autocast, hit_counts, rates, throughput_over_ranks
-from vitcompress.cli.settings import BUDGET_KEYS, describe, parse_setting
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
                      "a photo of the large {}.", "a photo of the small {}.")
@@ -53,7 +54,8 @@ RECALL_AT = (1, 5, 10)
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The arguments, every one checked before a model is built (one line and exit 2 if bad)."""
+    ap = script_arguments.parser(__file__, __doc__)
     ap.add_argument("--model", help="open_clip model name (e.g. ViT-B-32); default: the stem of --model-config")
     ap.add_argument("--model-config", help="a local open_clip model config JSON (embed_dim, vision_cfg, text_cfg) "
                                            "registered under its file stem")
@@ -68,12 +70,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     ap.add_argument("--method", choices=vitcompress.list_methods("vit"), help="token-reduction method for the image tower")
-    budget = ap.add_mutually_exclusive_group()
-    budget.add_argument("--keep", type=float, help="fraction of tokens kept per block")
-    budget.add_argument("--r", type=int, help="tokens removed per block")
-    budget.add_argument("--flops", type=float, help="target fraction of the image tower's FLOPs")
+    script_arguments.add_budget_arguments(ap, "image tower")
     ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                     help="method option, e.g. --opt margin=0.8 (repeatable)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs for images/s")
@@ -83,12 +82,21 @@ def parse_args(argv=None):
         ap.error("give --model NAME or --model-config FILE")
     if not (args.data_dir or args.captions):
         ap.error("nothing to evaluate: give --data-dir (zero-shot) and/or --captions (retrieval)")
-    if args.method is None and (args.opt or any(v is not None for v in (args.keep, args.r, args.flops))):
-        ap.error("--keep/--r/--flops/--opt need --method")
+    try:
+        args.device = check_device(args.device)
+        args.options = {}
+        for opt in args.opt:  # one KEY=VALUE each, so list values keep their commas
+            args.options.update(parse_setting(f"{args.method}:{opt}")[1])
+        clash = sorted(set(args.options) & set(BUDGET_KEYS))
+        if clash:
+            raise ValueError(f"--opt {', '.join(clash)}=...: give budgets as --keep / --r / --flops")
+        args.budget = script_arguments.vit_budget(args, args.options)
+    except (ValueError, TypeError) as err:
+        ap.error(str(err))
     return args
 
 
-def load_model(args):
+def load_open_clip(args):
     """(model, eval preprocessing, tokenizer) from open_clip: a registered name with a pretrained tag, or
     a local config, optionally with a local checkpoint."""
     import open_clip
@@ -206,20 +214,13 @@ def evaluate(args, ctx: distributed.Context) -> Optional[List[Dict]]:
 
     device = ctx.device
     with ctx.step("loading the model"):
-        model, preprocess, tokenizer = load_model(args)
+        model, preprocess, tokenizer = load_open_clip(args)
         model.to(device)
         models = {"uncompressed": model}
         rows = [{"model": "uncompressed", "setting": ""}]
         if args.method:
-            budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
-            options = {}
-            for opt in args.opt:  # one KEY=VALUE each, so list values keep their commas
-                options.update(parse_setting(f"{args.method}:{opt}")[1])
-            clash = sorted(set(options) & set(BUDGET_KEYS))
-            if clash:
-                raise SystemExit(f"--opt {', '.join(clash)}=...: give budgets as --keep / --r / --flops")
-            models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **budget, **options)
-            rows.append({"model": args.method, "setting": describe(dict(budget, **options))})
+            models[args.method] = vitcompress.compress(copy.deepcopy(model), args.method, **args.budget, **args.options)
+            rows.append({"model": args.method, "setting": describe(dict(args.budget, **args.options))})
 
     def loader(dataset):  # this rank's shard, the same for every model
         return torch.utils.data.DataLoader(distributed.shard(dataset, ctx), batch_size=args.batch_size,
@@ -288,10 +289,7 @@ def format_table(rows: List[Dict]) -> str:
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    rows = distributed.run_script(evaluate, args)
-    if rows is not None:  # rank 0
-        distributed.report(rows, format_table(rows), args.json)
+    distributed.run_script(evaluate, parse_args(argv), format_table)
     return 0
 
 

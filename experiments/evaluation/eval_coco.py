@@ -1,7 +1,7 @@
 """COCO bbox AP of a DETR with and without token reduction in its encoder, with the encoder's
 GFLOPs and images/s, in one table.
 
-    python experiments/eval_coco.py --model facebook/detr-resnet-50 --pretrained \
+    python experiments/evaluation/eval_coco.py --model facebook/detr-resnet-50 --pretrained \
         --data-dir coco/val2017 --annotations coco/annotations/instances_val2017.json \
         --keep 0.5 --scorer learned --scorer-path focus_scorer_detr_r50.pt --amp
 
@@ -17,9 +17,8 @@ detector on the first batch (padding included), the models timed interleaved
 On several devices (or nodes) launch it with torchrun: each rank detects on its own shard of the
 images and rank 0 scores every detection (images/s: the sum over the ranks, and per rank):
 
-    torchrun --nproc_per_node 8 experiments/eval_coco.py --model facebook/detr-resnet-50 --pretrained ...
+    torchrun --nproc_per_node 8 experiments/evaluation/eval_coco.py --model facebook/detr-resnet-50 --pretrained ...
 """
-import argparse
 import copy
 import functools
 import statistics
@@ -29,27 +28,23 @@ import torch
 from tqdm.auto import tqdm
 
 import vitcompress
+from vitcompress.cli import script_arguments
+from vitcompress.cli.arguments import check_device, check_setting
 from vitcompress.evaluation import distributed
-from vitcompress.evaluation.coco import CocoDetection, bbox_ap, check_labels, detections, load_detr, loader
 from vitcompress.evaluation.classification import autocast, gather_detections, throughput_over_ranks
+from vitcompress.evaluation.coco import CocoDetection, bbox_ap, check_labels, detections, load_detr, loader
 from vitcompress.profile.detr import count_encoder_flops
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="transformers model name, e.g. facebook/detr-resnet-50")
-    ap.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights (needs a network)")
-    ap.add_argument("--config", help="a DetrConfig (JSON file or directory) for a local model")
-    ap.add_argument("--checkpoint", help="local weights: a state_dict file, or a save_pretrained directory")
-    ap.add_argument("--data-dir", required=True, help="folder of the images named in the annotations")
-    ap.add_argument("--annotations", required=True, help="COCO-format annotation JSON")
-    ap.add_argument("--size", type=int, default=800, help="shortest image side after resizing (DETR: 800)")
-    ap.add_argument("--max-size", type=int, default=1333, help="longest image side after resizing (DETR: 1333)")
-    ap.add_argument("--max-images", type=int, default=None)
+    """The arguments, every one checked before a model is built (one line and exit 2 if bad)."""
+    ap = script_arguments.parser(__file__, __doc__)
+    script_arguments.add_detr_arguments(ap)
+    script_arguments.add_coco_arguments(ap)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--amp", action="store_true", help="mixed precision (bfloat16 on CPU, float16 on CUDA)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     ap.add_argument("--method", default="focus_detr", choices=vitcompress.list_methods("detr"))
     ap.add_argument("--keep", type=float, default=None, help="rho, the fraction of encoder tokens kept (default 0.5)")
     ap.add_argument("--scorer", choices=("norm", "attention", "learned"), default=None,
@@ -60,7 +55,15 @@ def parse_args(argv=None):
     ap.add_argument("--runs", type=int, default=5, help="timed runs for images/s")
     ap.add_argument("--flops-images", type=int, default=4, help="images the encoder GFLOPs are averaged over")
     ap.add_argument("--json", help="write the result rows (a JSON list) to this file")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.options = {k: v for k, v in (("scorer", args.scorer), ("scorer_path", args.scorer_path),
+                                      ("dual_k", args.dual_k)) if v is not None}
+    try:
+        args.device = check_device(args.device)
+        check_setting(args.method, dict(args.options, keep=args.keep), target="detr")
+    except (ValueError, TypeError) as err:
+        ap.error(str(err))
+    return args
 
 
 def predict(model, batches, device, amp, progress: Optional[str]):
@@ -84,9 +87,7 @@ def evaluate(args, ctx: distributed.Context):
         check_labels(dataset.coco, model.config.num_labels)
         batches = loader(distributed.shard(dataset, ctx), args.batch_size, args.workers)  # the same for every model
 
-        options = {k: v for k, v in (("scorer", args.scorer), ("scorer_path", args.scorer_path),
-                                     ("dual_k", args.dual_k)) if v is not None}
-        compressed = vitcompress.compress(copy.deepcopy(model), args.method, keep=args.keep, **options)
+        compressed = vitcompress.compress(copy.deepcopy(model), args.method, keep=args.keep, **args.options)
         label = f"{args.method} {vitcompress.stats(compressed)['budget']}"
         models = {label: compressed} if args.no_baseline else {"uncompressed": model, label: compressed}
 
@@ -116,8 +117,8 @@ def evaluate(args, ctx: distributed.Context):
     return rows if ctx.is_main else None
 
 
-def format_table(rows, no_baseline: bool) -> str:
-    base = None if no_baseline else rows[0]["encoder_gflops"]
+def format_table(rows) -> str:
+    base = rows[0]["encoder_gflops"] if rows[0]["model"] == "uncompressed" else None  # None: --no-baseline
     lines = [f"{'model':<24}{'AP':>7}{'AP50':>7}{'AP75':>7}{'enc GFLOPs':>12}{'% base':>8}{'img/s':>8}"]
     for row in rows:
         share = "-" if base is None else f"{100 * row['encoder_gflops'] / base:.1f}%"
@@ -130,11 +131,7 @@ def format_table(rows, no_baseline: bool) -> str:
 
 def main(argv=None):
     """The rows on rank 0 (printed, and written to ``--json``); None on the other ranks."""
-    args = parse_args(argv)
-    rows = distributed.run_script(evaluate, args)
-    if rows is not None:
-        distributed.report(rows, format_table(rows, args.no_baseline), args.json)
-    return rows
+    return distributed.run_script(evaluate, parse_args(argv), format_table)
 
 
 if __name__ == "__main__":

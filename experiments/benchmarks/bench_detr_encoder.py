@@ -1,7 +1,7 @@
 """Encoder GFLOPs and time of a DETR with Focus-DETR token reduction, per scorer.
 
-    python experiments/bench_detr_encoder.py                      # DETR-R50 architecture, random weights
-    python experiments/bench_detr_encoder.py --model facebook/detr-resnet-50 --pretrained --device cuda
+    python experiments/benchmarks/bench_detr_encoder.py                      # DETR-R50 architecture, random weights
+    python experiments/benchmarks/bench_detr_encoder.py --model facebook/detr-resnet-50 --pretrained --device cuda
 
 GFLOPs: fvcore's count of the encoder alone (token scoring and dual attention included). Time: the
 encoder alone on one image (its inputs computed once), all settings timed interleaved
@@ -14,6 +14,7 @@ import torch
 
 import vitcompress
 from vitcompress.adapters.detr import encoder_inputs
+from vitcompress.cli.script_arguments import add_detr_arguments
 from vitcompress.evaluation.coco import load_detr
 from vitcompress.methods.focus_detr import FocusScorer, load_scorer
 from vitcompress.profile.detr import EncoderCall, count_encoder_flops
@@ -29,10 +30,7 @@ SETTINGS = {
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="transformers model name (default: DetrConfig(), the DETR-R50 architecture)")
-    ap.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights (needs a network)")
-    ap.add_argument("--config", help="a DetrConfig (JSON file or directory) for a local model")
-    ap.add_argument("--checkpoint", help="local weights: a state_dict file, or a save_pretrained directory")
+    add_detr_arguments(ap, model_help="transformers model name (default: DetrConfig(), the DETR-R50 architecture)")
     ap.add_argument("--height", type=int, default=800)
     ap.add_argument("--width", type=int, default=1088)
     ap.add_argument("--keep", type=float, default=0.5)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 r"""vitcompress next to the official ToMe and PiToMe code: same model, same inputs.
 
-    python experiments/compare_official.py --official-dir /work/official
-    python experiments/compare_official.py --official-dir /work/official --no-realvit --json out.json
-    python experiments/compare_official.py --official-dir /work/official --realvit-images 128
-    python experiments/compare_official.py --official-dir /work/official --noise-floor   # + official f32 vs f64
+    python experiments/studies/compare_official.py --official-dir /work/official
+    python experiments/studies/compare_official.py --official-dir /work/official --no-realvit --json out.json
+    python experiments/studies/compare_official.py --official-dir /work/official --realvit-images 128
+    python experiments/studies/compare_official.py --official-dir /work/official --noise-floor   # + official f32 vs f64
 
 The official code is NOT part of this repository (both repositories are CC BY-NC 4.0) and nothing of
 it is copied here: fetch it yourself and point ``--official-dir`` (or ``$VITCOMPRESS_OFFICIAL_DIR``)
@@ -50,7 +50,7 @@ Models and inputs:
 (a) the embedded reference model (``vitcompress.evaluation.reference_model.load()``: a timm ViT, 6 blocks,
     65 tokens, no LayerScale; its 3000 shipped Fashion-MNIST test images). Outputs are the logits;
     predictions their argmax.
-(b) the real DINOv2-style ViT-S/14 of ``experiments/realvit.py`` (LayerScale, 257 tokens; skipped
+(b) the real DINOv2-style ViT-S/14 of ``vitcompress.evaluation.realvit`` (LayerScale, 257 tokens; skipped
     when it is not built/cached) on the reference images resized to 224 px (bilinear), replicated to
     3 channels and ImageNet-normalised (realvit's documented input). Outputs are the final-norm CLS
     embeddings; "predictions" are nearest class-centroid labels (cosine) with centroids taken from
@@ -88,13 +88,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import vitcompress  # noqa: E402
-from vitcompress.evaluation import reference_model  # noqa: E402
+import vitcompress
+from vitcompress.evaluation import realvit, reference_model
+from vitcompress.evaluation.offline_data import to_input
 
 ENV_VAR = "VITCOMPRESS_OFFICIAL_DIR"
 TOME_FILES = ("tome/merge.py", "tome/utils.py", "tome/patch/timm.py")
@@ -280,22 +276,7 @@ def official_schedule(tokens: Sequence[int]) -> List[int]:
     return [int(t0 - t1) for t0, t1 in zip(tokens[:-1], tokens[1:])]
 
 
-def realvit_inputs(raw: np.ndarray) -> torch.Tensor:
-    """uint8 [N, 28, 28] -> [N, 3, 224, 224], bilinear, ImageNet-normalised (realvit's input)."""
-    import realvit  # noqa: F401  (experiments/ on sys.path)
-
-    img = torch.as_tensor(raw, dtype=torch.float32).unsqueeze(1) / 255.0
-    img = F.interpolate(img, size=(realvit.IMG_SIZE, realvit.IMG_SIZE), mode="bilinear", align_corners=False)
-    return realvit.normalize(img.clamp(0, 1).expand(-1, 3, -1, -1).contiguous())
-
-
 def load_realvit_or_none():
-    if HERE not in sys.path:
-        sys.path.insert(0, HERE)
-    try:
-        import realvit
-    except Exception as e:  # noqa: BLE001 - not written yet / import error
-        return None, f"experiments/realvit.py not importable ({type(e).__name__}: {e})"
     try:
         return realvit.load_realvit(), None
     except Exception as e:  # noqa: BLE001
@@ -414,10 +395,12 @@ def markdown(rows: List[Dict]) -> str:
 
 
 def vitcompress_version() -> str:
+    """The version of the vitcompress imported here, with the commit of its checkout."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(vitcompress.__file__)))
     try:
-        head = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
+        head = subprocess.run(["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "-C", checkout, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True).stdout.strip()
         return f"{vitcompress.__version__} ({head}{' + uncommitted changes' if dirty else ''})"
     except (OSError, subprocess.CalledProcessError):
@@ -473,7 +456,7 @@ def main(argv=None) -> int:
         else:
             with np.load(os.path.join(reference_model.data_dir(), reference_model.IMAGES_FILE)) as npz:
                 raw, lab = npz["images"][:args.realvit_images], npz["labels"][:args.realvit_images]
-            x = realvit_inputs(raw)
+            x = to_input(raw, realvit.IMG_SIZE, realvit.MEAN, realvit.STD)
             lab = torch.as_tensor(lab, dtype=torch.int64)
             emb, _ = run(real, x, args.realvit_batch)
             pred = centroid_predictor(emb, lab)

@@ -10,9 +10,9 @@ the inputs of the first --float-reductions token reductions in float, as ``expor
 OpenVINO (fp32, when installed) and, with --executorch, ExecuTorch with XNNPACK. "int8 vs ideal" is
 the compressed int8 throughput over (uncompressed int8 throughput x the FLOPs speedup).
 
-    python experiments/bench_onnx.py                                   # deit_small, 3 methods at 65% FLOPs
-    python experiments/bench_onnx.py --batch-sizes 16 1 --runs 5 --executorch
-    python experiments/bench_onnx.py --model deit_tiny_patch16_224 --settings tome:r=13 pitome:keep=0.9
+    python experiments/benchmarks/bench_onnx.py                                   # deit_small, 3 methods at 65% FLOPs
+    python experiments/benchmarks/bench_onnx.py --batch-sizes 16 1 --runs 5 --executorch
+    python experiments/benchmarks/bench_onnx.py --model deit_tiny_patch16_224 --settings tome:r=13 pitome:keep=0.9
 
 Each export takes one to a few minutes of CPU (torch.export + ONNX conversion of a 12-block graph);
 an ExecuTorch lowering several more.

@@ -8,12 +8,12 @@ the labels. The last columns are the method's own noise floor: the fp32 PyTorch 
 with itself when Gaussian noise of std ``sigma`` (in normalized-input units; one grey level is
 about 0.011) is added to the images -- how far an int8-sized perturbation moves its choices.
 
-    python experiments/int8_agreement.py                  # about 4 min on 2 cores
-    python experiments/int8_agreement.py --methods pitome --float-reductions 0 2
-    python experiments/int8_agreement.py --realvit        # the real ViT-S/14, photos; about 15 min
+    python experiments/studies/int8_agreement.py                  # about 4 min on 2 cores
+    python experiments/studies/int8_agreement.py --methods pitome --float-reductions 0 2
+    python experiments/studies/int8_agreement.py --realvit        # the real ViT-S/14, photos; about 15 min
 
-``--realvit``: the pretrained ViT-S/14 (``experiments/realvit.py``; no classes, so no top-1) at
-70% FLOPs on 96 crops of real photos (``experiments/fidelity_table.py``), calibrated on 64 other
+``--realvit``: the pretrained ViT-S/14 (``vitcompress.evaluation.realvit``; no classes, so no top-1) at
+70% FLOPs on 96 crops of real photos (``vitcompress.evaluation.offline_data``), calibrated on 64 other
 crops: mean and max ``1 - cos`` between the int8 file's and fp32 PyTorch's embeddings, beside what
 the compression itself costs (fp32 compressed vs uncompressed) and the input-noise floor.
 """
@@ -27,7 +27,8 @@ import warnings
 import torch
 
 import vitcompress
-from vitcompress.evaluation import reference_model
+from vitcompress.evaluation import realvit, reference_model
+from vitcompress.evaluation.offline_data import load_photos
 from vitcompress.export import FLOAT_REDUCTIONS, export_onnx, ort_session, quantize_onnx, verify_onnx
 
 BATCH = 8
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model, images, labels = reference_model.load()
     calibration = images[:args.calibration_images]
-    head = (f"| method | fp32 top-1 | " + " | ".join(f"int8 fr={k}" for k in args.float_reductions) + " | "
+    head = ("| method | fp32 top-1 | " + " | ".join(f"int8 fr={k}" for k in args.float_reductions) + " | "
             + " | ".join(f"fp32, noise {s:g}" for s in args.noise) + " |")
     rows = []
     with tempfile.TemporaryDirectory(prefix="int8_agreement_") as folder:
@@ -101,14 +102,10 @@ def _one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def realvit_table(args) -> int:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import fidelity_table
-    import realvit
-
     start = time.perf_counter()
     flops = 0.7 if args.flops == 0.65 else args.flops
-    images = fidelity_table.load_photos(96, realvit.IMG_SIZE, realvit.MEAN, realvit.STD, seed=0)
-    calibration = fidelity_table.load_photos(args.calibration_images, realvit.IMG_SIZE, realvit.MEAN, realvit.STD,
+    images = load_photos(96, realvit.IMG_SIZE, realvit.MEAN, realvit.STD, seed=0)
+    calibration = load_photos(args.calibration_images, realvit.IMG_SIZE, realvit.MEAN, realvit.STD,
                                              seed=1)
     with torch.no_grad():
         reference = torch.cat([realvit.load_realvit()(images[i:i + 16]) for i in range(0, len(images), 16)])

@@ -1,0 +1,192 @@
+"""Tiny random models and baselines that the tests and the experiments both build.
+
+The tests check the library on these models, and ``experiments/tools/method_outputs.py`` records
+every method's outputs on the same models to prove a refactor changes nothing, so each model is
+defined once, here. Nothing else in the package imports this module; the model libraries (timm,
+open_clip, transformers) are imported by the function that needs them.
+"""
+import torch
+
+from .interfaces import Plan, ViTMethod
+
+
+def random_images(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    """``[batch, 3, 32, 32]`` random-normal images, the input size of every tiny model here."""
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def tiny_vit(**kwargs):
+    """A small random timm ViT (32x32 input, 64 patches, 4 blocks) for fast structural tests."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    cfg = dict(img_size=32, patch_size=4, in_chans=3, num_classes=10, embed_dim=48, depth=4, num_heads=3)
+    cfg.update(kwargs)
+    torch.manual_seed(0)
+    return VisionTransformer(**cfg).eval()
+
+
+class RandomPrune(ViTMethod):
+    """Pruning uniformly random reducible tokens: the floor a token scorer must beat. Seeded per
+    (``seed``, block); ``r=`` another method's schedule compares the two at equal tokens.
+    Register it to use it: ``vitcompress.methods.REGISTRY[RandomPrune.name] = RandomPrune()``."""
+
+    name = "random_prune"
+    kind = "prune"
+    defaults = {"seed": 0}
+
+    def max_remove(self, tokens, layer, num_layers, options):
+        return tokens - 1
+
+    def plan(self, signals, remove, options):
+        B, T = signals.metric.shape[:2]
+        g = torch.Generator().manual_seed(int(options["seed"]) * 1000 + signals.layer)
+        keep = torch.rand(B, T, generator=g).argsort(dim=1)[:, : T - remove]
+        return Plan(keep=keep.sort(dim=1).values.to(signals.metric.device))
+
+
+# --------------------------------------------------------------------------- open_clip
+
+OPEN_CLIP_VISION = dict(image_size=32, patch_size=4, width=32, layers=4, head_width=16, mlp_ratio=2.0)
+OPEN_CLIP_TEXT = dict(context_length=16, vocab_size=1000, width=32, heads=2, layers=2)
+#: image-tower variants: each a different pooling or block the adapter must follow
+OPEN_CLIP_VARIANTS = {
+    "tok": dict(),
+    "layerscale": dict(ls_init_value=0.1),
+    "avg": dict(pool_type="avg"),
+    "final_ln_after_pool": dict(pool_type="avg", final_ln_after_pool=True),
+    "custom_block": dict(qk_norm=True, scale_heads=True, scale_attn_inner=True, scale_attn=True, scale_fc=True),
+    "attn_pool": dict(attentional_pool=True, attn_pooler_queries=8, attn_pooler_heads=2),
+}
+
+
+def tiny_clip(**vision):
+    """A small random open_clip ``CLIP`` (the image tower of :data:`OPEN_CLIP_VISION` updated by ``vision``)."""
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    return CLIP(16, dict(OPEN_CLIP_VISION, **vision), OPEN_CLIP_TEXT).eval()
+
+
+# --------------------------------------------------------------------------- DETR (transformers)
+
+DETR_D_MODEL, DETR_FFN, DETR_HEADS, DETR_LABELS = 32, 64, 4, 3
+
+
+def detr_config(**kwargs):
+    """A tiny DETR: a 2-stage HF ResNet backbone (stride 8, 16 channels), 32-dim transformer."""
+    import transformers
+
+    cfg = dict(backbone_config=transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                         out_features=["stage2"]),
+               use_timm_backbone=False, use_pretrained_backbone=False, d_model=DETR_D_MODEL, encoder_layers=6,
+               decoder_layers=2, encoder_ffn_dim=DETR_FFN, decoder_ffn_dim=DETR_FFN,
+               encoder_attention_heads=DETR_HEADS, decoder_attention_heads=DETR_HEADS, num_queries=10,
+               num_labels=DETR_LABELS)
+    cfg.update(kwargs)
+    return transformers.DetrConfig(**cfg)
+
+
+def tiny_detr(cls=None, seed=0, **kwargs):
+    """A random ``DetrForObjectDetection`` (or ``cls``) of :func:`detr_config` (``kwargs`` update it)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return (cls or transformers.DetrForObjectDetection)(detr_config(**kwargs)).eval()
+
+
+def random_scorer_head(seed=1):
+    """A Focus-DETR foreground scorer head with random weights, for the tiny DETR."""
+    from .methods.focus_detr import FocusScorer
+
+    torch.manual_seed(seed)
+    return FocusScorer(DETR_D_MODEL).eval()
+
+
+# --------------------------------------------------------------------------- LLaVA (transformers)
+
+LLAVA_IMAGE_TOKEN, LLAVA_VIDEO_TOKEN = 99, 98
+LLAVA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
+                    patch_size=4, projection_dim=16)
+LLAVA_PATCHES = 64  # 8 x 8 patches per crop
+LLAVA_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=100, max_position_embeddings=2048, pad_token_id=0)
+LLAVA_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def ramp_scorer(frames, question):
+    """A QuoTA scorer whose yes-probability grows with the frame index."""
+    return torch.linspace(0.1, 1.0, frames.shape[0])
+
+
+#: (model kind, method, options) of every LLaVA case
+LLAVA_CASES = [("llava", "tokencorr", {}), ("llava", "quota", dict(keep=0.5, scorer=ramp_scorer)),
+               ("next", "tokencorr", {}), ("next_video", "tokencorr", {}),
+               ("next_video", "quota", dict(keep=0.5, scorer=ramp_scorer)),
+               ("onevision", "quota", dict(keep=0.4, scorer=ramp_scorer)),
+               ("llava", "tome", dict(r=4)), ("llava", "pitome", dict(keep=0.8)),
+               ("llava", "zero_tprune", dict(keep=0.8))]
+
+
+def tiny_llava(kind, **vision):
+    """A random LLaVA-1.5 (``"llava"``), LLaVA-NeXT (``"next"``), NeXT-Video (``"next_video"``) or
+    OneVision (``"onevision"``), its CLIP tower :data:`LLAVA_VISION` updated by ``vision``."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextVideoConfig,
+                              LlavaNextVideoForConditionalGeneration, LlavaOnevisionConfig,
+                              LlavaOnevisionForConditionalGeneration)
+
+    torch.manual_seed(0)
+    common = dict(vision_config=CLIPVisionConfig(**dict(LLAVA_VISION, **vision)), text_config=LlamaConfig(**LLAVA_TEXT),
+                  image_token_index=LLAVA_IMAGE_TOKEN)
+    if kind == "llava":
+        return LlavaForConditionalGeneration(LlavaConfig(**common)).eval()
+    if kind == "next":
+        return LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=LLAVA_PINPOINTS)).eval()
+    if kind == "next_video":
+        return LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(
+            **common, video_token_index=LLAVA_VIDEO_TOKEN, image_grid_pinpoints=LLAVA_PINPOINTS)).eval()
+    return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+        **common, video_token_index=LLAVA_VIDEO_TOKEN, image_grid_pinpoints=LLAVA_PINPOINTS,
+        vision_feature_select_strategy="default")).eval()
+
+
+def noise_and_flat(shape):
+    """Two images: random noise, and one constant colour."""
+    torch.manual_seed(1)
+    return torch.stack([torch.randn(shape), torch.full(shape, 0.4)])
+
+
+def half_flat(shape):
+    """Two different images, each half constant colour and half noise: partial tokencorr budgets."""
+    torch.manual_seed(3)
+    images = torch.full((2,) + shape, 0.4)
+    images[..., 16:, :] = torch.randn(images[..., 16:, :].shape)
+    return images
+
+
+def llava_inputs(model, kind, images=noise_and_flat):
+    """A batch of two prompts whose placeholder counts match what the uncompressed model produces."""
+    if kind == "llava":
+        px = images((3, 32, 32))
+        counts = [LLAVA_PATCHES, LLAVA_PATCHES]
+        kw = dict(pixel_values=px)
+    else:
+        px = images((5, 3, 32, 32))
+        sizes = torch.tensor([[40, 60], [64, 64]])
+        with torch.no_grad():
+            counts = [f.shape[0] for f in model.model.get_image_features(px, sizes).pooler_output]
+        kw = dict(pixel_values=px, image_sizes=sizes)
+    rows = [[1, 5] + [LLAVA_IMAGE_TOKEN] * counts[0] + [7, 8], [1, 6] + [LLAVA_IMAGE_TOKEN] * counts[1] + [9]]
+    if kind in ("next_video", "onevision"):
+        torch.manual_seed(2)
+        kw["pixel_values_videos"] = torch.randn(2, 4, 3, 32, 32)
+        with torch.no_grad():
+            per_video = model.model.get_video_features(kw["pixel_values_videos"]).pooler_output.shape[1]
+        rows = [r + [3] + [LLAVA_VIDEO_TOKEN] * per_video + [4] for r in rows]
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    return dict(input_ids=ids, attention_mask=mask, **kw)
