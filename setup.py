@@ -20,9 +20,13 @@ EXTRAS = {
     "coco": ["pycocotools>=2.0.7"],
     # OpenVINO runtime for export checks (vitcompress export --runtime openvino)
     "openvino": ["openvino>=2025.1,<2027"],
+    # the documentation site (mkdocs build --strict); tested with mkdocs 1.6.1, mkdocs-material 9.8.2
+    # (its pymdown-extensions 13.1 includes CHANGELOG.md), mkdocstrings 1.0.8 + mkdocstrings-python 2.0.11
+    "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.27,<2"],
 }
-# "all": what the default tests use; ExecuTorch is left to "edge" (it brings torchao, coremltools, ...)
-EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name not in ("dev", "edge") for req in reqs})
+# "all": what the default tests use; ExecuTorch is left to "edge" (it brings torchao, coremltools, ...), the
+# site's tools to "docs"
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name not in ("dev", "edge", "docs") for req in reqs})
 
 setup(
     name="vitcompress",
