@@ -48,18 +48,35 @@ def test_the_version_is_the_changelogs():
     assert vitcompress.__version__ == heading.group(1) + (".dev0" if unreleased else "")
 
 
-def test_every_module_path_the_readme_shows_resolves():
+# Documented before its code lands on this branch: issue 25 item 1 (vitcompress.visualize, `vitcompress show`) is
+# built beside the docs; once vitcompress/visualize.py exists these paths resolve like every other one.
+NOT_YET_MERGED = {"vitcompress.visualize": os.path.join("vitcompress", "visualize.py")}
+
+
+def test_every_module_path_the_docs_show_resolves():
+    """Every ``vitcompress.x.y`` the README and the site's pages (docs/**/*.md) show is importable."""
+    import glob
     import importlib
 
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    names = sorted(set(re.findall(r"\bvitcompress(?:\.[A-Za-z_]\w*)+", text)))
-    assert len(names) > 10
-    for name in names:
+    pages = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+    names = {}
+    for page in pages:
+        text = open(page, encoding="utf-8").read()
+        for name in re.findall(r"\bvitcompress(?:\.[A-Za-z_]\w*)+", text):
+            names.setdefault(name, os.path.relpath(page, ROOT))
+    assert len(names) > 10 and any(page == "README.md" for page in names.values())
+    for name, page in sorted(names.items()):
+        pending = next((f for prefix, f in NOT_YET_MERGED.items() if (name + ".").startswith(prefix + ".")), None)
+        if pending is not None and not os.path.exists(os.path.join(ROOT, pending)):
+            continue
         parts = name.split(".")
         obj = importlib.import_module(parts[0])
         for part in parts[1:]:
             try:
                 obj = getattr(obj, part)
             except AttributeError:
-                obj = importlib.import_module(f"{obj.__name__}.{part}")
+                try:
+                    obj = importlib.import_module(f"{obj.__name__}.{part}")
+                except (ModuleNotFoundError, AttributeError):
+                    raise AssertionError(f"{page} shows {name}, which does not resolve") from None
         assert obj is not None, name
