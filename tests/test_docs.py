@@ -86,3 +86,14 @@ def test_mkdocs_build_strict(tmp_path):
     assert (tmp_path / "site" / "index.html").is_file()
     api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
     assert "Insert token reduction" in api  # compress's docstring made it into the API reference
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome", "zero_tprune", "focus_detr", "tokencorr", "quota"])
+def test_a_method_page_lists_the_options_describe_gives(method):
+    """Each method page's options table is ``vitcompress.describe(method)``: every option, its default."""
+    import vitcompress
+
+    text = open(os.path.join(ROOT, "docs", "methods", f"{method}.md"), encoding="utf-8").read()
+    shown = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", text, re.M))
+    described = {name: repr(option["default"]) for name, option in vitcompress.describe(method)["options"].items()}
+    assert shown == described
