@@ -1,0 +1,327 @@
+"""Draw what a compressed ViT kept: which patches each remaining token stands for.
+
+Users judge a token-reduction method first by looking at what it kept (ToMe's
+``make_visualization`` does this for ToMe). The runtime already tracks, when asked
+(``trace_source=True``), which original patches every token covers; this module turns that map into
+a label per patch and draws it over the input image: merge groups as coloured regions with their
+borders, tokens that still stand for one patch as the plain image, pruned patches grey.
+
+The computation is pure and separate from the drawing::
+
+    trace(model, images, blocks=(3, 6))        # -> Trace: regions per patch, after chosen blocks too
+    token_regions(source, num_prefix, grid)    # source [B, N, N0] -> LongTensor [B, gh, gw], -1 pruned
+    render(picture, regions)                   # one picture's panel as an RGB array
+
+and the figures::
+
+    fig = draw(model, images, blocks=(3, 6))                          # a compressed model, as it is
+    fig = compare(model, images, ("tome", "pitome", "zero_tprune"), flops=0.7)  # compresses, restores
+    fig.savefig("out.png")
+
+ViT-like encoders only (timm ViT/DeiT/EVA/BEiT, open_clip, HF CLIP/ViT/DINOv2/SigLIP): a DETR's
+or a LLaVA's runtime does not trace patch sources, and they are refused in one line.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .interfaces import PART_ATTR, part_of, runtime_of
+
+#: Figure geometry (inches, dots per inch): a figure of ``rows x cols`` panels is exactly
+#: ``cols * PANEL_INCHES * DPI`` pixels wide and ``(rows * PANEL_INCHES + HEADER_INCHES) * DPI`` high.
+PANEL_INCHES = 2.4
+HEADER_INCHES = 1.0
+DPI = 100
+
+#: Qualitative colours for merge groups (matplotlib's tab10 without its grey), neighbours differ.
+PALETTE = np.array([[31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40], [148, 103, 189],
+                    [140, 86, 75], [227, 119, 194], [188, 189, 34], [23, 190, 207]], dtype=np.float32) / 255.0
+
+SUPPORTED = "timm ViT/DeiT/EVA/BEiT, open_clip, HF CLIP/ViT/DINOv2/SigLIP"
+
+
+# --------------------------------------------------------------------------- computation
+
+
+def patch_grid(height: int, width: int, num_patches: int) -> Tuple[int, int]:
+    """The ``(rows, cols)`` patch grid of a ``height x width`` input cut into ``num_patches`` square
+    patches: the factorisation whose patch height and width agree best (non-square inputs,
+    ``dynamic_img_size``, padded borders)."""
+    best = None
+    for rows in range(1, num_patches + 1):
+        if num_patches % rows:
+            continue
+        cols = num_patches // rows
+        gap = abs(math.log((height / rows) / (width / cols)))
+        if best is None or gap < best[0]:
+            best = (gap, rows, cols)
+    return best[1], best[2]
+
+
+def token_regions(source: torch.Tensor, num_prefix: int, grid: Tuple[int, int]) -> torch.Tensor:
+    """``source[B, N, N0]`` (which of the first block's ``N0`` tokens each of the ``N`` tokens covers,
+    prefix tokens first in both) -> ``LongTensor[B, rows, cols]``: per patch, the index among the
+    reducible tokens of the token that covers it, -1 where no token does (pruned)."""
+    patches = source[:, num_prefix:, num_prefix:]  # special tokens are never merged nor destinations
+    covered = patches.amax(dim=1) > 0
+    owner = patches.argmax(dim=1)
+    regions = torch.where(covered, owner, torch.full_like(owner, -1))
+    return regions.reshape(source.shape[0], *grid)
+
+
+@dataclass
+class Trace:
+    """What one forward of a compressed model kept, per patch: ``regions[B, rows, cols]`` after the
+    last block and ``after[block]`` after each chosen block (see :func:`token_regions`), the reducible
+    tokens left (``tokens``, ``tokens_after``), the patch count, the method, its budget and the FLOPs
+    of this input size as a fraction of the uncompressed model's."""
+
+    regions: torch.Tensor
+    tokens: int
+    num_patches: int
+    method: str
+    budget: str
+    flops_ratio: float
+    after: Dict[int, torch.Tensor] = field(default_factory=dict)
+    tokens_after: Dict[int, int] = field(default_factory=dict)
+
+
+def encode_images(model, images: torch.Tensor):
+    """The image forward of ``model``: ``encode_image`` (open_clip CLIP), ``get_image_features`` (HF
+    CLIPModel / SiglipModel), else ``model(images)``."""
+    if hasattr(model, "encode_image"):
+        return model.encode_image(images)
+    if hasattr(model, "get_image_features"):
+        return model.get_image_features(pixel_values=images)
+    return model(images)
+
+
+def _vit_runtime(model):
+    """The ViT runtime ``compress`` attached to ``model``; one-line errors naming the fix otherwise."""
+    from .runtimes.vit import ViTRuntime
+
+    runtime = runtime_of(model)
+    if runtime is None:
+        raise ValueError("this model is not compressed: call vitcompress.compress(model, method, ...) first, or "
+                         "use vitcompress.visualize.compare(model, images, methods, flops=...)")
+    if not isinstance(runtime, ViTRuntime):
+        raise TypeError(f"vitcompress.visualize draws ViT-like encoders ({SUPPORTED}); a {runtime.adapter.family} "
+                        "cannot be drawn (its runtime does not trace patch sources)")
+    return runtime
+
+
+def _blocks_of(model, runtime) -> List[torch.nn.Module]:
+    """The patched blocks of ``model`` in order (found by the part each adapter set on them)."""
+    blocks = [m for m in model.modules() if PART_ATTR in m.__dict__ and part_of(m).runtime is runtime
+              and part_of(m).layer >= 0]
+    return sorted(blocks, key=lambda m: part_of(m).layer)
+
+
+def _flops_ratio(runtime, schedule) -> float:
+    """FLOPs of ``schedule`` over those of the same input with nothing removed (the planner's count)."""
+    from .engine.schedule import build_schedule
+
+    cost = runtime.adapter.cost()
+    base = build_schedule(runtime.method, runtime.options, "r", 0, schedule.tokens[0] - schedule.num_prefix,
+                          schedule.num_prefix, schedule.depth)
+    return cost.flops(schedule, runtime.method, runtime.options) / cost.flops(base)
+
+
+def trace(model, images: torch.Tensor, blocks: Sequence[int] = (),
+          forward: Optional[Callable] = None) -> Trace:
+    """Run ``images`` (``[B, C, H, W]``, as the model takes them) through the compressed ``model`` with
+    sources traced, and return which patches each token stands for, after the last block and after
+    each block in ``blocks`` (0-based). Tracing is switched on for this call only, and the hooks that
+    read the blocks are removed afterwards; outputs are those of a plain forward. ``forward(model,
+    images)`` runs the model (default :func:`encode_images`)."""
+    runtime = _vit_runtime(model)
+    layers = _blocks_of(model, runtime)
+    wanted = sorted({int(b) for b in blocks})
+    bad = [b for b in wanted if not 0 <= b < len(layers)]
+    if bad:
+        raise ValueError(f"blocks={bad}: this model has blocks 0 to {len(layers) - 1}; give blocks in that range")
+    sources: Dict[int, torch.Tensor] = {}
+
+    def capture(layer: int):
+        def hook(module, args, output):
+            sources[layer] = runtime.current().tokens.source  # replaced, never edited, by later blocks
+        return hook
+
+    previous = runtime.trace_source
+    handles = []
+    try:
+        runtime.trace_source = True
+        handles = [layers[b].register_forward_hook(capture(b)) for b in wanted]
+        with torch.no_grad():
+            (forward or encode_images)(model, images)
+    finally:
+        runtime.trace_source = previous
+        for handle in handles:
+            handle.remove()
+    state = runtime.current()
+    p = state.tokens.num_prefix
+    source = state.tokens.source
+    grid = patch_grid(images.shape[-2], images.shape[-1], source.shape[-1] - p)
+    return Trace(regions=token_regions(source, p, grid), tokens=source.shape[1] - p, num_patches=grid[0] * grid[1],
+                 method=runtime.method.name, budget=runtime.requested.describe(),
+                 flops_ratio=_flops_ratio(runtime, state.schedule),
+                 after={b: token_regions(s, p, grid) for b, s in sources.items()},
+                 tokens_after={b: s.shape[1] - p for b, s in sources.items()})
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def group_colours(regions: torch.Tensor) -> Dict[int, int]:
+    """A :data:`PALETTE` index for every merge group (a token standing for more than one patch) of
+    one picture's ``regions[rows, cols]``, touching groups in different colours: greedy, largest group
+    first, each taking the least used colour its neighbours do not have."""
+    labels = regions.numpy()
+    ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+    groups = {int(i) for i, c in zip(ids, counts) if c > 1}
+    touching: Dict[int, set] = {g: set() for g in groups}
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1, :], labels[1:, :])):
+        for x, y in zip(a.ravel(), b.ravel()):
+            if x != y and x in groups and y in groups:
+                touching[int(x)].add(int(y))
+                touching[int(y)].add(int(x))
+    colour: Dict[int, int] = {}
+    used = np.zeros(len(PALETTE), dtype=int)
+    for g in sorted(groups, key=lambda g: (-int(counts[ids == g][0]), g)):
+        taken = {colour[n] for n in touching[g] if n in colour}
+        free = [c for c in range(len(PALETTE)) if c not in taken] or list(range(len(PALETTE)))
+        colour[g] = min(free, key=lambda c: (used[c], c))
+        used[colour[g]] += 1
+    return colour
+
+
+def render(picture, regions: torch.Tensor, min_cell: int = 16) -> np.ndarray:
+    """One panel: ``picture`` (``[3, H, W]`` or ``[H, W, 3]``, values in [0, 1]) with ``regions[rows,
+    cols]`` drawn on it -> an RGB array, each patch at least ``min_cell`` pixels wide. Merge groups
+    are tinted (neighbours in different colours) and outlined in black; tokens that stand for one
+    patch show the plain image inside a faint grid; pruned patches (-1) are hatched light grey."""
+    picture = torch.as_tensor(np.asarray(picture, dtype=np.float32))
+    if picture.shape[-1] == 3 and picture.shape[0] != 3:
+        picture = picture.permute(2, 0, 1)
+    rows, cols = regions.shape
+    cell = max(min_cell, math.ceil(max(picture.shape[1] / rows, picture.shape[2] / cols)))
+    image = torch.nn.functional.interpolate(picture[None], size=(rows * cell, cols * cell), mode="bilinear",
+                                            align_corners=False, antialias=True)[0].clamp(0, 1)
+    out = image.permute(1, 2, 0).numpy().copy()
+    labels = regions.repeat_interleave(cell, 0).repeat_interleave(cell, 1).numpy()
+    colours = group_colours(regions)
+    pruned = labels < 0
+    grey = out @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    ys, xs = np.indices(labels.shape)
+    hatch = (ys + xs) % 6 == 0  # diagonal lines: pruned stays readable on grey pictures too
+    out[pruned] = np.where(hatch[pruned], 0.62, 0.78 + 0.12 * (grey[pruned] - 0.5))[:, None]
+    in_group = np.isin(labels, list(colours))
+    if colours:
+        tint = np.zeros_like(out)
+        for label, c in colours.items():
+            tint[labels == label] = PALETTE[c]
+        out[in_group] = 0.45 * out[in_group] + 0.55 * tint[in_group]
+    strong = np.zeros(labels.shape, dtype=bool)
+    faint = np.zeros(labels.shape, dtype=bool)
+    for axis in (0, 1):
+        first = (slice(None, -1), slice(None)) if axis == 0 else (slice(None), slice(None, -1))
+        second = (slice(1, None), slice(None)) if axis == 0 else (slice(None), slice(1, None))
+        edge = labels[first] != labels[second]
+        group_edge = edge & (in_group[first] | in_group[second])
+        strong[first] |= group_edge
+        strong[second] |= group_edge
+        faint[first] |= edge & ~group_edge
+    out[faint & ~strong] = 0.6 * out[faint & ~strong] + 0.4
+    out[strong] = 0.08
+    return out
+
+
+def display_pictures(images: torch.Tensor) -> torch.Tensor:
+    """Model inputs ``[B, C, H, W]`` (normalised) -> pictures to draw on, ``[B, 3, H, W]`` in [0, 1]:
+    each image stretched to its own range (the normalisation undone up to scale), grey made RGB."""
+    x = images.detach().float().cpu()
+    low = x.amin(dim=(1, 2, 3), keepdim=True)
+    high = x.amax(dim=(1, 2, 3), keepdim=True)
+    x = (x - low) / (high - low).clamp_min(1e-8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
+
+
+def figure(panels: List[List[np.ndarray]], column_titles: Sequence[str], title: str):
+    """A matplotlib ``Figure`` (Agg, no pyplot state) of ``panels[row][col]``, a title per column over
+    the top row and ``title`` over all; its size in pixels is fixed by :data:`PANEL_INCHES`,
+    :data:`HEADER_INCHES` and :data:`DPI`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows, cols = len(panels), len(panels[0])
+    width, height = cols * PANEL_INCHES, rows * PANEL_INCHES + HEADER_INCHES
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    pad = 0.06
+    for r, row in enumerate(panels):
+        for c, panel in enumerate(row):
+            left = (c * PANEL_INCHES + pad) / width
+            bottom = ((rows - 1 - r) * PANEL_INCHES + pad) / height
+            ax = fig.add_axes((left, bottom, (PANEL_INCHES - 2 * pad) / width, (PANEL_INCHES - 2 * pad) / height))
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(column_titles[c], fontsize=9, pad=4)
+    fig.suptitle(title, fontsize=10.5, y=1 - 0.08 / height, va="top")
+    return fig
+
+
+LEGEND = "coloured + outlined: merged tokens · plain: tokens of one patch · hatched grey: pruned"
+
+
+def _tokens_title(tokens: int, patches: int) -> str:
+    return f"{tokens}/{patches} tokens left"
+
+
+def draw(model, images: torch.Tensor, blocks: Sequence[int] = (), pictures: Optional[torch.Tensor] = None,
+         forward: Optional[Callable] = None, title: Optional[str] = None):
+    """A figure of what the compressed ``model`` keeps of each image of the batch: the input, the
+    tokens after each block in ``blocks`` (0-based) and after the last block. ``pictures`` (``[B, 3,
+    H, W]`` in [0, 1]) are drawn on instead of the stretched inputs."""
+    seen = trace(model, images, blocks, forward)
+    pictures = display_pictures(images) if pictures is None else pictures
+    panels = [[p.permute(1, 2, 0).numpy()] + [render(p, seen.after[b][i]) for b in sorted(seen.after)]
+              + [render(p, seen.regions[i])] for i, p in enumerate(pictures)]
+    depth = len(_blocks_of(model, runtime_of(model)))
+    titles = ["input"] + [f"after block {b}\n{_tokens_title(seen.tokens_after[b], seen.num_patches)}"
+                          for b in sorted(seen.after)]
+    titles.append(f"after block {depth - 1} (last)\n{_tokens_title(seen.tokens, seen.num_patches)}")
+    heading = title or f"{seen.method}, {seen.budget}: {seen.flops_ratio:.2f}x the FLOPs"
+    return figure(panels, titles, f"{heading}\n{LEGEND}")
+
+
+def compare(model, images: torch.Tensor, methods: Sequence[str] = ("tome", "pitome", "zero_tprune"), *,
+            flops: Optional[float] = None, keep: Optional[float] = None, r=None,
+            pictures: Optional[torch.Tensor] = None, forward: Optional[Callable] = None,
+            title: Optional[str] = None):
+    """A figure of several methods side by side at the same budget (one of ``flops``, ``keep``,
+    ``r``) on each image of the batch: ``model`` (uncompressed) is compressed with each method in
+    turn, traced, and restored exactly."""
+    from . import api
+
+    if runtime_of(model) is not None:
+        raise ValueError("compare() compresses the model with each method itself: pass it uncompressed "
+                         "(vitcompress.restore(model) first), or draw its own compression with draw()")
+    budget = {k: v for k, v in (("flops", flops), ("keep", keep), ("r", r)) if v is not None}
+    traces = []
+    for method in methods:
+        api.compress(model, method, **budget)
+        try:
+            traces.append(trace(model, images, forward=forward))
+        finally:
+            api.restore(model)
+    pictures = display_pictures(images) if pictures is None else pictures
+    panels = [[p.permute(1, 2, 0).numpy()] + [render(p, t.regions[i]) for t in traces]
+              for i, p in enumerate(pictures)]
+    titles = ["input"] + [f"{t.method}: {t.flops_ratio:.2f}x FLOPs\n{_tokens_title(t.tokens, t.num_patches)}"
+                          for t in traces]
+    budget_text = ", ".join(f"{k}={v}" for k, v in budget.items()) or "default budgets"
+    return figure(panels, titles, f"{title or 'same budget, ' + budget_text}\n{LEGEND}")
