@@ -1,0 +1,235 @@
+"""vitcompress.visualize and ``vitcompress show`` (issue 25): the drawn regions are exactly what the
+runtime's source map says, tracing leaves the user's configuration as it was, and the command writes
+a figure of a known size or refuses bad input in one line."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vitcompress
+from vitcompress import cli
+from vitcompress import visualize as V
+from vitcompress.evaluation import reference_model
+from vitcompress.interfaces import runtime_of
+from vitcompress.testing import random_images, tiny_clip, tiny_detr, tiny_vit
+
+
+def expected_regions(source, num_prefix, grid):
+    """Per patch, the reducible token whose source row covers it (-1: none), patch by patch, with
+    each patch checked to be covered at most once."""
+    B, N, N0 = source.shape
+    out = torch.full((B, N0 - num_prefix), -1, dtype=torch.long)
+    for b in range(B):
+        for token in range(N - num_prefix):
+            for patch in torch.nonzero(source[b, num_prefix + token, num_prefix:]).flatten().tolist():
+                assert out[b, patch] == -1, "a patch covered by two tokens"
+                out[b, patch] = token
+    return out.reshape(B, *grid)
+
+
+def traced_source(model, x, method, **budget):
+    """The user's way: compress with trace_source=True, run, read stats(model)['source']."""
+    vitcompress.compress(model, method, trace_source=True, **budget)
+    with torch.no_grad():
+        model(x)
+    return vitcompress.stats(model)["source"]
+
+
+@pytest.mark.parametrize("method, budget", [("tome", dict(r=6)), ("pitome", dict(keep=0.8)),
+                                            ("zero_tprune", dict(keep=0.8))])
+def test_regions_partition_the_patches_as_the_source_map_says(method, budget):
+    model = tiny_vit()
+    x = random_images(3)
+    source = traced_source(model, x, method, **budget)
+    seen = V.trace(model, x)
+    want = expected_regions(source, 1, (8, 8))
+    assert torch.equal(seen.regions, want)
+    for image in seen.regions:  # each remaining token is one region
+        assert sorted(image[image >= 0].unique().tolist()) == list(range(seen.tokens))
+    pruned = (seen.regions < 0).any()
+    assert bool(pruned) == (method == "zero_tprune")  # pruning leaves patches without a token, merging never
+
+
+def test_regions_on_the_reference_model_and_its_images():
+    model, images, _ = reference_model.load(num_images=4)
+    source = traced_source(model, images, "tome", r=4)
+    p = model.num_prefix_tokens
+    assert torch.equal(V.trace(model, images).regions, expected_regions(source, p, (8, 8)))
+
+
+@pytest.mark.parametrize("budget", [dict(r=0), dict(keep=1.0)])
+def test_a_budget_that_keeps_every_token_draws_the_unmodified_grid(budget):
+    model = vitcompress.compress(tiny_vit(), "tome", **budget)
+    seen = V.trace(model, random_images(2))
+    grid = torch.arange(64).reshape(8, 8)
+    assert torch.equal(seen.regions, grid.expand(2, 8, 8)) and seen.tokens == 64
+    assert V.group_colours(seen.regions[0]) == {}
+
+
+def test_patch_grid_from_the_image_shape():
+    assert V.patch_grid(32, 32, 64) == (8, 8)
+    assert V.patch_grid(24, 40, 60) == (6, 10)
+    assert V.patch_grid(40, 24, 60) == (10, 6)
+    assert V.patch_grid(224, 448, 512) == (16, 32)
+
+
+def test_a_batch_of_non_square_inputs_with_dynamic_img_size():
+    model = tiny_vit(dynamic_img_size=True)
+    x = torch.randn(3, 3, 24, 40, generator=torch.Generator().manual_seed(2))
+    source = traced_source(model, x, "tome", keep=0.8)
+    seen = V.trace(model, x)
+    assert seen.regions.shape == (3, 6, 10) and seen.num_patches == 60
+    assert torch.equal(seen.regions, expected_regions(source, 1, (6, 10)))
+    assert not torch.equal(seen.regions[0], seen.regions[1])  # each image its own regions
+
+
+def test_the_users_trace_setting_hooks_and_outputs_are_left_as_they_were():
+    model = vitcompress.compress(tiny_vit(), "tome", r=6)
+    calls = []
+    model.blocks[1].register_forward_hook(lambda m, a, o: calls.append(1))
+    hooks = [dict(b._forward_hooks) for b in model.blocks]
+    x = random_images(2)
+    with torch.no_grad():
+        before = model(x)
+    outputs = []
+    seen = V.trace(model, x, blocks=[1, 2], forward=lambda m, images: outputs.append(m(images)))
+    assert torch.equal(outputs[0], before)  # tracing sources does not change what the model computes
+    assert runtime_of(model).trace_source is False
+    assert [dict(b._forward_hooks) for b in model.blocks] == hooks and len(calls) == 2
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    assert "source" not in vitcompress.stats(model)  # the next forward traces nothing again
+    assert set(seen.after) == {1, 2}
+
+
+def test_a_failing_forward_still_restores_the_setting_and_removes_the_hooks():
+    model = vitcompress.compress(tiny_vit(), "tome", r=6)
+
+    def fails(m, images):
+        m(images)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        V.trace(model, random_images(2), blocks=[0, 3], forward=fails)
+    assert runtime_of(model).trace_source is False
+    assert all(not b._forward_hooks for b in model.blocks)
+
+
+@pytest.mark.parametrize("method, budget", [("tome", dict(r=5)), ("zero_tprune", dict(keep=0.8))])
+def test_regions_after_chosen_blocks_agree_with_the_token_counts_per_block(method, budget):
+    model = vitcompress.compress(tiny_vit(), method, **budget)
+    x = random_images(2)
+    seen = V.trace(model, x, blocks=[0, 1, 2])
+    entering = vitcompress.stats(model)["tokens_per_layer"]  # tokens entering each block, prefix included
+    for block, regions in seen.after.items():
+        for image in regions:
+            assert image[image >= 0].unique().numel() == entering[block + 1] - 1 == seen.tokens_after[block]
+    counts = [seen.tokens_after[b] for b in (0, 1, 2)] + [seen.tokens]
+    assert counts == sorted(counts, reverse=True) and counts[0] < 64
+
+
+def test_an_open_clip_tower_through_encode_image():
+    model = tiny_clip()
+    x = random_images(2)
+    source = traced_source(model.visual, x, "tome", r=6)  # the tower on its own, as the user would
+    vitcompress.restore(model.visual)
+    vitcompress.compress(model, "tome", r=6)  # the whole CLIP: trace runs encode_image
+    assert torch.equal(V.trace(model, x).regions, expected_regions(source, 1, (8, 8)))
+
+
+def test_render_greys_pruned_patches_and_colours_touching_groups_apart():
+    regions = torch.tensor([[0, 0, 1, 1], [2, 2, 1, 1], [-1, -1, 3, 4], [-1, -1, 5, 6]])
+    picture = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    out = V.render(picture, regions, min_cell=16)
+    assert out.shape == (64, 64, 3)
+    pruned = out[36:60, 4:28]
+    assert np.allclose(pruned[..., 0], pruned[..., 1]) and np.allclose(pruned[..., 1], pruned[..., 2])
+    single = out[36:44, 52:60]  # inside token 3's patch, away from its border: the plain picture
+    assert np.allclose(single, picture.permute(1, 2, 0).numpy()[36:44, 52:60], atol=1e-5)
+    colours = V.group_colours(regions)
+    assert set(colours) == {0, 1, 2} and len(set(colours.values())) == 3  # all three touch each other
+
+
+def test_compare_compresses_each_method_and_restores_exactly():
+    model = tiny_vit()
+    x = random_images(2)
+    with torch.no_grad():
+        before = model(x)
+    fig = V.compare(model, x, ("tome", "zero_tprune"), flops=0.8)
+    assert runtime_of(model) is None
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+    titles = [ax.get_title() for ax in fig.axes[:3]]
+    assert titles[0] == "input" and titles[1].startswith("tome: ") and titles[2].startswith("zero_tprune: ")
+    assert all(abs(float(t.split(": ")[1].split("x")[0]) - 0.8) <= 0.02 for t in titles[1:])  # the FLOPs reached
+    vitcompress.compress(model, "tome", r=2)
+    with pytest.raises(ValueError, match="pass it uncompressed"):
+        V.compare(model, x, ("tome",), flops=0.8)
+
+
+def test_models_that_cannot_be_drawn_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="vitcompress.compress"):
+        V.trace(tiny_vit(), random_images(1))
+    detr = vitcompress.compress(tiny_detr(), "focus_detr", keep=0.5, scorer="attention")
+    with pytest.raises(TypeError, match="draws ViT-like encoders") as err:
+        V.trace(detr, random_images(1))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="blocks 0 to 3"):
+        V.trace(vitcompress.compress(tiny_vit(), "tome", r=2), random_images(1), blocks=[4])
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.fixture
+def photos(tmp_path):
+    paths = []
+    for i, size in enumerate([(60, 40), (50, 50)]):
+        pixels = np.random.default_rng(i).integers(0, 255, size=size + (3,), dtype=np.uint8)
+        paths.append(str(tmp_path / f"photo{i}.png"))
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def png_size(path):
+    with Image.open(path) as image:
+        return image.format, image.size
+
+
+def expected_size(rows, cols):
+    return (round(cols * V.PANEL_INCHES * V.DPI), round((rows * V.PANEL_INCHES + V.HEADER_INCHES) * V.DPI))
+
+
+def test_show_writes_a_png_of_the_expected_size(photos, tmp_path, capsys):
+    out = str(tmp_path / "compare.png")
+    assert cli.main(["show", *photos, "--methods", "tome,pitome,zero_tprune", "--flops", "0.8", "-o", out]) == 0
+    assert png_size(out) == ("PNG", expected_size(rows=2, cols=4))
+    out = str(tmp_path / "blocks.png")
+    assert cli.main(["show", photos[0], "--method", "pitome", "--keep", "0.8", "--blocks", "1,3", "-o", out]) == 0
+    assert png_size(out) == ("PNG", expected_size(rows=1, cols=4))
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, fix", [
+    (["/no/such/photo.png"], "does not exist; give the path of an image file"),
+    (["{photo}", "--method", "tokencorr"], "content-dependent number of tokens"),
+    (["{photo}", "--method", "focus_detr"], "methods for ViT-like image encoders: pitome, tome, zero_tprune"),
+    (["{photo}", "--blocks", "a,b"], "e.g. --blocks 3,6"),
+    (["{photo}", "--methods", "tome,pitome", "--blocks", "2"], "give --method, not --methods"),
+    (["{photo}", "--flops", "1.5"], "outside (0, 1]"),
+    (["{photo}", "-o", "{tmp}/out.gif"], ".png / .pdf / .svg / .jpg"),
+    (["{photo}", "--model", "resnet10t"], "supported families are"),
+    (["{photo}", "--blocks", "9"], "give blocks in that range"),
+])
+def test_show_refuses_bad_input_in_one_line_with_exit_2(argv, fix, photos, tmp_path, capsys):
+    argv = [a.format(photo=photos[0], tmp=tmp_path) for a in argv]
+    if "-o" not in argv:
+        argv += ["-o", str(tmp_path / "out.png")]
+    try:
+        code = cli.main(["show", *argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fix in err and "Traceback" not in err
+    assert not (tmp_path / "out.png").exists()
