@@ -128,13 +128,25 @@ def test_regions_after_chosen_blocks_agree_with_the_token_counts_per_block(metho
     assert counts == sorted(counts, reverse=True) and counts[0] < 64
 
 
-def test_an_open_clip_tower_through_encode_image():
-    model = tiny_clip()
+def test_whole_clip_models_through_their_image_forward():
+    """A whole open_clip CLIP and a whole HF CLIPModel (whose forward needs text): the regions of the
+    image tower compressed on its own."""
+    import transformers as hf
+
     x = random_images(2)
-    source = traced_source(model.visual, x, "tome", r=6)  # the tower on its own, as the user would
-    vitcompress.restore(model.visual)
-    vitcompress.compress(model, "tome", r=6)  # the whole CLIP: trace runs encode_image
-    assert torch.equal(V.trace(model, x).regions, expected_regions(source, 1, (8, 8)))
+    for model, tower in [(tiny_clip(), "visual"), (hf.CLIPModel(hf.CLIPConfig(
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                               image_size=32, patch_size=4),
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             vocab_size=100, max_position_embeddings=16), projection_dim=16)).eval(), "vision_model")]:
+        part = getattr(model, tower)
+        vitcompress.compress(part, "tome", r=6, trace_source=True)
+        with torch.no_grad():
+            part(x)
+        want = expected_regions(vitcompress.stats(part)["source"], 1, (8, 8))
+        vitcompress.restore(part)
+        vitcompress.compress(model, "tome", r=6)
+        assert torch.equal(V.trace(model, x).regions, want)
 
 
 def test_render_greys_pruned_patches_and_colours_touching_groups_apart():
@@ -146,8 +158,18 @@ def test_render_greys_pruned_patches_and_colours_touching_groups_apart():
     assert np.allclose(pruned[..., 0], pruned[..., 1]) and np.allclose(pruned[..., 1], pruned[..., 2])
     single = out[36:44, 52:60]  # inside token 3's patch, away from its border: the plain picture
     assert np.allclose(single, picture.permute(1, 2, 0).numpy()[36:44, 52:60], atol=1e-5)
-    colours = V.group_colours(regions)
-    assert set(colours) == {0, 1, 2} and len(set(colours.values())) == 3  # all three touch each other
+    assert set(V.group_colours(regions)) == {0, 1, 2}  # the tokens of more than one patch
+
+
+def test_touching_merge_groups_get_different_colours():
+    model = vitcompress.compress(tiny_vit(), "tome", r=8)  # many groups: more than the palette's colours
+    for regions in V.trace(model, random_images(4)).regions:
+        colours = V.group_colours(regions)
+        assert len(colours) > len(V.PALETTE)
+        pairs = {(int(a), int(b)) for a, b in zip(regions[:, :-1].flatten(), regions[:, 1:].flatten())}
+        pairs |= {(int(a), int(b)) for a, b in zip(regions[:-1].flatten(), regions[1:].flatten())}
+        touching = [(a, b) for a, b in pairs if a != b and a in colours and b in colours]
+        assert touching and all(colours[a] != colours[b] for a, b in touching)
 
 
 def test_compare_compresses_each_method_and_restores_exactly():

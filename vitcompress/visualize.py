@@ -90,10 +90,9 @@ class Trace:
 
 
 def encode_images(model, images: torch.Tensor):
-    """The image forward of ``model``: ``encode_image`` (open_clip CLIP), ``get_image_features`` (HF
-    CLIPModel / SiglipModel), else ``model(images)``."""
-    if hasattr(model, "encode_image"):
-        return model.encode_image(images)
+    """The image forward of ``model``: ``get_image_features`` for a two-tower HF model (CLIPModel,
+    SiglipModel: their forward needs text too), else ``model(images)`` (an open_clip CLIP runs its
+    image tower alone when given no text)."""
     if hasattr(model, "get_image_features"):
         return model.get_image_features(pixel_values=images)
     return model(images)
