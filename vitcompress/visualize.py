@@ -222,7 +222,7 @@ def render(picture, regions: torch.Tensor, min_cell: int = 16) -> np.ndarray:
         tint = np.zeros_like(out)
         for label, c in colours.items():
             tint[labels == label] = PALETTE[c]
-        out[in_group] = 0.45 * out[in_group] + 0.55 * tint[in_group]
+        out[in_group] = 0.55 * out[in_group] + 0.45 * tint[in_group]
     strong = np.zeros(labels.shape, dtype=bool)
     faint = np.zeros(labels.shape, dtype=bool)
     for axis in (0, 1):
@@ -284,7 +284,8 @@ def draw(model, images: torch.Tensor, blocks: Sequence[int] = (), pictures: Opti
          forward: Optional[Callable] = None, title: Optional[str] = None):
     """A figure of what the compressed ``model`` keeps of each image of the batch: the input, the
     tokens after each block in ``blocks`` (0-based) and after the last block. ``pictures`` (``[B, 3,
-    H, W]`` in [0, 1]) are drawn on instead of the stretched inputs."""
+    H, W]`` in [0, 1]) are drawn on instead of the stretched inputs; ``title`` (e.g. the model's name)
+    goes before the method, budget and FLOPs in the heading."""
     seen = trace(model, images, blocks, forward)
     pictures = display_pictures(images) if pictures is None else pictures
     panels = [[p.permute(1, 2, 0).numpy()] + [render(p, seen.after[b][i]) for b in sorted(seen.after)]
@@ -293,8 +294,8 @@ def draw(model, images: torch.Tensor, blocks: Sequence[int] = (), pictures: Opti
     titles = ["input"] + [f"after block {b}\n{_tokens_title(seen.tokens_after[b], seen.num_patches)}"
                           for b in sorted(seen.after)]
     titles.append(f"after block {depth - 1} (last)\n{_tokens_title(seen.tokens, seen.num_patches)}")
-    heading = title or f"{seen.method}, {seen.budget}: {seen.flops_ratio:.2f}x the FLOPs"
-    return figure(panels, titles, f"{heading}\n{LEGEND}")
+    heading = f"{seen.method}, {seen.budget}: {seen.flops_ratio:.2f}x the FLOPs"
+    return figure(panels, titles, f"{title + ': ' if title else ''}{heading}\n{LEGEND}")
 
 
 def compare(model, images: torch.Tensor, methods: Sequence[str] = ("tome", "pitome", "zero_tprune"), *,
@@ -303,7 +304,7 @@ def compare(model, images: torch.Tensor, methods: Sequence[str] = ("tome", "pito
             title: Optional[str] = None):
     """A figure of several methods side by side at the same budget (one of ``flops``, ``keep``,
     ``r``) on each image of the batch: ``model`` (uncompressed) is compressed with each method in
-    turn, traced, and restored exactly."""
+    turn, traced, and restored exactly. ``pictures`` and ``title`` as in :func:`draw`."""
     from . import api
 
     if runtime_of(model) is not None:
@@ -323,4 +324,4 @@ def compare(model, images: torch.Tensor, methods: Sequence[str] = ("tome", "pito
     titles = ["input"] + [f"{t.method}: {t.flops_ratio:.2f}x FLOPs\n{_tokens_title(t.tokens, t.num_patches)}"
                           for t in traces]
     budget_text = ", ".join(f"{k}={v}" for k, v in budget.items()) or "default budgets"
-    return figure(panels, titles, f"{title or 'same budget, ' + budget_text}\n{LEGEND}")
+    return figure(panels, titles, f"{title + ': ' if title else ''}same budget, {budget_text}\n{LEGEND}")

@@ -85,7 +85,6 @@ def load_images(paths, loaded: "models.LoadedModel") -> Tuple[Any, Any]:
     """Image files -> ``(inputs, pictures)``: the model's inputs ``[B, C, H, W]`` (resized to cover its
     input size, centre-cropped, normalised as it was trained) and the same crops in [0, 1] to draw on."""
     import numpy as np
-    import torch
     from PIL import Image, ImageOps
 
     channels, height, width = loaded.input_size
@@ -97,12 +96,22 @@ def load_images(paths, loaded: "models.LoadedModel") -> Tuple[Any, Any]:
         inputs = reference_model.preprocess(raw)
         return inputs, (inputs * reference_model.STD + reference_model.MEAN).clamp(0, 1).expand(-1, 3, -1, -1)
     cfg = loaded.model.pretrained_cfg
-    crops = [torch.as_tensor(np.array(ImageOps.fit(Image.open(p).convert("RGB"), (width, height),
-                                                     Image.Resampling.BICUBIC))) for p in paths]
+    inputs, pictures = photo_inputs(paths, (height, width), cfg.get("mean", (0.485, 0.456, 0.406)),
+                                    cfg.get("std", (0.229, 0.224, 0.225)))
+    return inputs[:, :channels], pictures
+
+
+def photo_inputs(paths, size: Tuple[int, int], mean, std) -> Tuple[Any, Any]:
+    """RGB image files -> ``(inputs, pictures)`` at ``size`` (height, width): each resized to cover it
+    and centre-cropped; ``pictures`` in [0, 1], ``inputs`` normalised with ``mean`` / ``std``."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    crops = [torch.as_tensor(np.array(ImageOps.fit(Image.open(p).convert("RGB"), (size[1], size[0]),
+                                                   Image.Resampling.BICUBIC))) for p in paths]
     pictures = torch.stack(crops).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
-    return ((pictures - mean) / std)[:, :channels], pictures
+    return (pictures - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1), pictures
 
 
 def run(args) -> int:
