@@ -11,7 +11,7 @@ from vitcompress import cli
 from vitcompress import visualize as V
 from vitcompress.evaluation import reference_model
 from vitcompress.interfaces import runtime_of
-from vitcompress.testing import random_images, tiny_clip, tiny_detr, tiny_vit
+from vitcompress.testing import random_images, tiny_clip, tiny_detr, tiny_llava, tiny_vit
 
 
 def expected_regions(source, num_prefix, grid):
@@ -192,12 +192,58 @@ def test_compare_compresses_each_method_and_restores_exactly():
 def test_models_that_cannot_be_drawn_are_refused_in_one_line():
     with pytest.raises(ValueError, match="vitcompress.compress"):
         V.trace(tiny_vit(), random_images(1))
-    detr = vitcompress.compress(tiny_detr(), "focus_detr", keep=0.5, scorer="attention")
-    with pytest.raises(TypeError, match="draws ViT-like encoders") as err:
-        V.trace(detr, random_images(1))
+    llava = vitcompress.compress(tiny_llava("llava"), "tome", r=4)
+    with pytest.raises(TypeError, match="draws ViT-like encoders .* and DETR encoders") as err:
+        V.trace(llava, random_images(1))
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="blocks 0 to 3"):
         V.trace(vitcompress.compress(tiny_vit(), "tome", r=2), random_images(1), blocks=[4])
+
+
+def detr_trace(keep=0.5, images=None, **options):
+    model = vitcompress.compress(tiny_detr(), "focus_detr", keep=keep, scorer="attention", **options)
+    x = random_images(2) if images is None else images
+    with torch.no_grad():
+        before = model(x).logits
+    seen = V.trace(model, x, blocks=range(6))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)  # drawing changes nothing
+    return seen, vitcompress.stats(model)
+
+
+def test_detr_kept_tokens_per_layer_agree_with_the_counts_and_nest():
+    seen, stats = detr_trace()
+    assert seen.regions.shape == (2, 4, 4) and seen.num_patches == stats["encoder_tokens"][0] == 16
+    for i, per_layer in enumerate(stats["kept_per_image"]):
+        kept = [set(seen.after[layer][i][seen.after[layer][i] >= 0].tolist()) for layer in range(6)]
+        assert [len(k) for k in kept] == per_layer
+        assert all(later <= earlier for earlier, later in zip(kept, kept[1:]))  # nested cascade
+        grid = seen.after[0][i]
+        assert all(grid.flatten()[t] == t for t in kept[0])  # a kept token sits at its own place
+    assert torch.equal(seen.regions, seen.after[5])
+
+
+def test_detr_keeping_every_token_draws_the_whole_feature_map_and_non_square_inputs():
+    seen, _ = detr_trace(keep=1.0, cascade=[1.0] * 6, dual_k=0)
+    assert all(torch.equal(r, torch.arange(16).reshape(4, 4).expand(2, 4, 4)) for r in seen.after.values())
+    seen, stats = detr_trace(images=torch.randn(2, 3, 48, 80, generator=torch.Generator().manual_seed(0)))
+    assert seen.regions.shape == (2, 6, 10) and stats["encoder_tokens"] == [60, 60]
+
+
+def test_detr_draws_its_cascade_levels_by_default():
+    model = vitcompress.compress(tiny_detr(), "focus_detr", keep=0.5, scorer="attention")
+    x = random_images(2)
+    seen = V.trace(model, x)
+    counts = vitcompress.stats(model)["kept_per_image"][0]  # [8, 6, 4, 4, 3, 1]: layer 3 repeats layer 2
+    assert sorted(seen.after) == [0, 1, 2, 4] and [seen.tokens_after[b] for b in (0, 1, 2, 4)] == [8, 6, 4, 3]
+    assert counts == [8, 6, 4, 4, 3, 1] and seen.tokens == 1
+    fig = V.draw(model, x)
+    titles = [ax.get_title() for ax in fig.axes[:6]]
+    assert titles[1].startswith("encoder layer 0\n8/16") and titles[-1].startswith("encoder layer 5 (last)")
+    assert "passes through unchanged" in fig.get_suptitle() and "merged" not in fig.get_suptitle()
+    vitcompress.compress(model, "focus_detr", keep=0.5, scorer="attention", cascade=[1.0, 0.5, 0.5, 0.25, 0.25, 0.25])
+    seen = V.trace(model, x)  # kept [8, 4, 4, 2, 2, 2]: the last level drawn once, as the last layer
+    assert sorted(seen.after) == [0, 1] and seen.tokens == 2
 
 
 # --------------------------------------------------------------------------- the command

@@ -18,8 +18,9 @@ and the figures::
     fig = compare(model, images, ("tome", "pitome", "zero_tprune"), flops=0.7)  # compresses, restores
     fig.savefig("out.png")
 
-ViT-like encoders only (timm ViT/DeiT/EVA/BEiT, open_clip, HF CLIP/ViT/DINOv2/SigLIP): a DETR's
-or a LLaVA's runtime does not trace patch sources, and they are refused in one line.
+ViT-like encoders (timm ViT/DeiT/EVA/BEiT, open_clip, HF CLIP/ViT/DINOv2/SigLIP) and DETR encoders
+(the tokens each cascade level of the sparse encoder runs on, over the feature map). The visual
+tokens of a LLaVA are refused in one line.
 """
 import math
 from dataclasses import dataclass, field
@@ -75,18 +76,21 @@ def token_regions(source: torch.Tensor, num_prefix: int, grid: Tuple[int, int]) 
 @dataclass
 class Trace:
     """What one forward of a compressed model kept, per patch: ``regions[B, rows, cols]`` after the
-    last block and ``after[block]`` after each chosen block (see :func:`token_regions`), the reducible
-    tokens left (``tokens``, ``tokens_after``), the patch count, the method, its budget and the FLOPs
-    of this input size as a fraction of the uncompressed model's."""
+    last of its ``depth`` blocks and ``after[block]`` after each chosen block (see :func:`token_regions`),
+    the reducible tokens left (``tokens``, ``tokens_after``; a DETR's: the most any image kept), the
+    patch count, the method, its budget and the FLOPs of this input size as a fraction of the
+    uncompressed model's (None for a DETR). ``unit`` names a block in titles."""
 
     regions: torch.Tensor
     tokens: int
     num_patches: int
     method: str
     budget: str
-    flops_ratio: float
+    flops_ratio: Optional[float]
+    depth: int
     after: Dict[int, torch.Tensor] = field(default_factory=dict)
     tokens_after: Dict[int, int] = field(default_factory=dict)
+    unit: str = "after block"
 
 
 def encode_images(model, images: torch.Tensor):
@@ -98,18 +102,27 @@ def encode_images(model, images: torch.Tensor):
     return model(images)
 
 
-def _vit_runtime(model):
-    """The ViT runtime ``compress`` attached to ``model``; one-line errors naming the fix otherwise."""
+def _drawable_runtime(model):
+    """The ViT or DETR runtime ``compress`` attached to ``model``; one-line errors naming the fix otherwise."""
+    from .runtimes.sparse_encoder import DetrRuntime
     from .runtimes.vit import ViTRuntime
 
     runtime = runtime_of(model)
     if runtime is None:
         raise ValueError("this model is not compressed: call vitcompress.compress(model, method, ...) first, or "
                          "use vitcompress.visualize.compare(model, images, methods, flops=...)")
-    if not isinstance(runtime, ViTRuntime):
-        raise TypeError(f"vitcompress.visualize draws ViT-like encoders ({SUPPORTED}); a {runtime.adapter.family} "
-                        "cannot be drawn (its runtime does not trace patch sources)")
+    if not isinstance(runtime, (ViTRuntime, DetrRuntime)):
+        raise TypeError(f"vitcompress.visualize draws ViT-like encoders ({SUPPORTED}) and DETR encoders; the "
+                        f"visual tokens of a {runtime.adapter.family} cannot be drawn yet")
     return runtime
+
+
+def _checked_blocks(blocks: Sequence[int], depth: int) -> List[int]:
+    wanted = sorted({int(b) for b in blocks})
+    bad = [b for b in wanted if not 0 <= b < depth]
+    if bad:
+        raise ValueError(f"blocks={bad}: this model has blocks 0 to {depth - 1}; give blocks in that range")
+    return wanted
 
 
 def _blocks_of(model, runtime) -> List[torch.nn.Module]:
@@ -135,13 +148,16 @@ def trace(model, images: torch.Tensor, blocks: Sequence[int] = (),
     sources traced, and return which patches each token stands for, after the last block and after
     each block in ``blocks`` (0-based). Tracing is switched on for this call only, and the hooks that
     read the blocks are removed afterwards; outputs are those of a plain forward. ``forward(model,
-    images)`` runs the model (default :func:`encode_images`)."""
-    runtime = _vit_runtime(model)
+    images)`` runs the model (default :func:`encode_images`).
+
+    A DETR: the encoder tokens each encoder layer ran on (kept: the token's index; -1 not kept or
+    padding), after the last layer and after each layer in ``blocks`` -- by default the first layer
+    of every cascade level."""
+    runtime = _drawable_runtime(model)
+    if not hasattr(runtime, "trace_source"):
+        return _trace_detr(model, runtime, images, blocks, forward)
     layers = _blocks_of(model, runtime)
-    wanted = sorted({int(b) for b in blocks})
-    bad = [b for b in wanted if not 0 <= b < len(layers)]
-    if bad:
-        raise ValueError(f"blocks={bad}: this model has blocks 0 to {len(layers) - 1}; give blocks in that range")
+    wanted = _checked_blocks(blocks, len(layers))
     sources: Dict[int, torch.Tensor] = {}
 
     def capture(layer: int):
@@ -166,9 +182,35 @@ def trace(model, images: torch.Tensor, blocks: Sequence[int] = (),
     grid = patch_grid(images.shape[-2], images.shape[-1], source.shape[-1] - p)
     return Trace(regions=token_regions(source, p, grid), tokens=source.shape[1] - p, num_patches=grid[0] * grid[1],
                  method=runtime.method.name, budget=runtime.requested.describe(),
-                 flops_ratio=_flops_ratio(runtime, state.schedule),
+                 flops_ratio=_flops_ratio(runtime, state.schedule), depth=len(layers),
                  after={b: token_regions(s, p, grid) for b, s in sources.items()},
                  tokens_after={b: s.shape[1] - p for b, s in sources.items()})
+
+
+def _trace_detr(model, runtime, images: torch.Tensor, blocks: Sequence[int], forward: Optional[Callable]) -> Trace:
+    """:func:`trace` of a DETR: the sets of encoder tokens its layers ran on, over the feature map."""
+    depth = len(runtime.layers)
+    wanted = _checked_blocks(blocks, depth)
+    with torch.no_grad():
+        (forward or encode_images)(model, images)
+    state = runtime.last_forward()
+    B, N = state.valid.shape
+    grid = patch_grid(images.shape[-2], images.shape[-1], N)
+    positions = torch.arange(N, device=state.valid.device).expand(B, N)
+
+    def kept(layer: int) -> torch.Tensor:
+        idx, slot_valid = state.layer_sets[layer]
+        mask = torch.zeros(B, N, dtype=torch.bool, device=idx.device).scatter(1, idx, slot_valid)
+        return torch.where(mask, positions, -1).reshape(B, *grid).cpu()
+
+    counts = [max(per_layer) for per_layer in zip(*state.kept_per_image)]
+    if not blocks:  # the first layer of every cascade level before the last
+        wanted = [layer for layer in range(depth - 1) if layer == 0 or counts[layer] != counts[layer - 1]]
+        wanted = [layer for layer in wanted if counts[layer] != counts[-1]]
+    return Trace(regions=kept(depth - 1), tokens=counts[-1], num_patches=N, method=runtime.method.name,
+                 budget=runtime.budget.describe(), flops_ratio=None, depth=depth,
+                 after={b: kept(b) for b in wanted}, tokens_after={b: counts[b] for b in wanted},
+                 unit="encoder layer")
 
 
 # --------------------------------------------------------------------------- drawing
@@ -274,6 +316,7 @@ def figure(panels: List[List[np.ndarray]], column_titles: Sequence[str], title: 
 
 
 LEGEND = "coloured + outlined: merged tokens · plain: tokens of one patch · hatched grey: pruned"
+DETR_LEGEND = "plain: encoder tokens the layer runs on · hatched grey: tokens it passes through unchanged"
 
 
 def _tokens_title(tokens: int, patches: int) -> str:
@@ -290,12 +333,13 @@ def draw(model, images: torch.Tensor, blocks: Sequence[int] = (), pictures: Opti
     pictures = display_pictures(images) if pictures is None else pictures
     panels = [[p.permute(1, 2, 0).numpy()] + [render(p, seen.after[b][i]) for b in sorted(seen.after)]
               + [render(p, seen.regions[i])] for i, p in enumerate(pictures)]
-    depth = len(_blocks_of(model, runtime_of(model)))
-    titles = ["input"] + [f"after block {b}\n{_tokens_title(seen.tokens_after[b], seen.num_patches)}"
+    titles = ["input"] + [f"{seen.unit} {b}\n{_tokens_title(seen.tokens_after[b], seen.num_patches)}"
                           for b in sorted(seen.after)]
-    titles.append(f"after block {depth - 1} (last)\n{_tokens_title(seen.tokens, seen.num_patches)}")
-    heading = f"{seen.method}, {seen.budget}: {seen.flops_ratio:.2f}x the FLOPs"
-    return figure(panels, titles, f"{title + ': ' if title else ''}{heading}\n{LEGEND}")
+    titles.append(f"{seen.unit} {seen.depth - 1} (last)\n{_tokens_title(seen.tokens, seen.num_patches)}")
+    heading = f"{seen.method}, {seen.budget}" + ("" if seen.flops_ratio is None else
+                                                   f": {seen.flops_ratio:.2f}x the FLOPs")
+    legend = DETR_LEGEND if seen.flops_ratio is None else LEGEND
+    return figure(panels, titles, f"{title + ': ' if title else ''}{heading}\n{legend}")
 
 
 def compare(model, images: torch.Tensor, methods: Sequence[str] = ("tome", "pitome", "zero_tprune"), *,
@@ -321,7 +365,7 @@ def compare(model, images: torch.Tensor, methods: Sequence[str] = ("tome", "pito
     pictures = display_pictures(images) if pictures is None else pictures
     panels = [[p.permute(1, 2, 0).numpy()] + [render(p, t.regions[i]) for t in traces]
               for i, p in enumerate(pictures)]
-    titles = ["input"] + [f"{t.method}: {t.flops_ratio:.2f}x FLOPs\n{_tokens_title(t.tokens, t.num_patches)}"
-                          for t in traces]
+    titles = ["input"] + [f"{t.method}" + ("" if t.flops_ratio is None else f": {t.flops_ratio:.2f}x FLOPs")
+                          + f"\n{_tokens_title(t.tokens, t.num_patches)}" for t in traces]
     budget_text = ", ".join(f"{k}={v}" for k, v in budget.items()) or "default budgets"
     return figure(panels, titles, f"{title + ': ' if title else ''}same budget, {budget_text}\n{LEGEND}")
