@@ -275,7 +275,11 @@ def test_show_writes_a_png_of_the_expected_size(photos, tmp_path, capsys):
     out = str(tmp_path / "blocks.png")
     assert cli.main(["show", photos[0], "--method", "pitome", "--keep", "0.8", "--blocks", "1,3", "-o", out]) == 0
     assert png_size(out) == ("PNG", expected_size(rows=1, cols=4))
-    assert "wrote" in capsys.readouterr().out
+    out = str(tmp_path / "timm.png")  # a timm model: RGB photos resized and normalised as it takes them
+    assert cli.main(["show", *photos, "--model", "vit_tiny_patch16_224", "--r", "8", "-o", out]) == 0
+    assert png_size(out) == ("PNG", expected_size(rows=2, cols=2))
+    printed = capsys.readouterr().out
+    assert printed.count("wrote") == 3 and "vit_tiny_patch16_224 (random weights)" in printed
 
 
 @pytest.mark.parametrize("argv, fix", [

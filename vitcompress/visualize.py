@@ -75,9 +75,9 @@ def token_regions(source: torch.Tensor, num_prefix: int, grid: Tuple[int, int]) 
 
 @dataclass
 class Trace:
-    """What one forward of a compressed model kept, per patch: ``regions[B, rows, cols]`` after the
-    last of its ``depth`` blocks and ``after[block]`` after each chosen block (see :func:`token_regions`),
-    the reducible tokens left (``tokens``, ``tokens_after``; a DETR's: the most any image kept), the
+    """What one forward of a compressed model kept, per patch (CPU tensors): ``regions[B, rows, cols]``
+    after the last of its ``depth`` blocks and ``after[block]`` after each chosen block (see
+    :func:`token_regions`), the reducible tokens left (``tokens``, ``tokens_after``; a DETR's: the most any image kept), the
     patch count, the method, its budget and the FLOPs of this input size as a fraction of the
     uncompressed model's (None for a DETR). ``unit`` names a block in titles."""
 
@@ -180,10 +180,11 @@ def trace(model, images: torch.Tensor, blocks: Sequence[int] = (),
     p = state.tokens.num_prefix
     source = state.tokens.source
     grid = patch_grid(images.shape[-2], images.shape[-1], source.shape[-1] - p)
-    return Trace(regions=token_regions(source, p, grid), tokens=source.shape[1] - p, num_patches=grid[0] * grid[1],
+    return Trace(regions=token_regions(source, p, grid).cpu(), tokens=source.shape[1] - p,
+                 num_patches=grid[0] * grid[1],
                  method=runtime.method.name, budget=runtime.requested.describe(),
                  flops_ratio=_flops_ratio(runtime, state.schedule), depth=len(layers),
-                 after={b: token_regions(s, p, grid) for b, s in sources.items()},
+                 after={b: token_regions(s, p, grid).cpu() for b, s in sources.items()},
                  tokens_after={b: s.shape[1] - p for b, s in sources.items()})
 
 
@@ -330,7 +331,7 @@ def draw(model, images: torch.Tensor, blocks: Sequence[int] = (), pictures: Opti
     H, W]`` in [0, 1]) are drawn on instead of the stretched inputs; ``title`` (e.g. the model's name)
     goes before the method, budget and FLOPs in the heading."""
     seen = trace(model, images, blocks, forward)
-    pictures = display_pictures(images) if pictures is None else pictures
+    pictures = display_pictures(images) if pictures is None else pictures.detach().float().cpu()
     panels = [[p.permute(1, 2, 0).numpy()] + [render(p, seen.after[b][i]) for b in sorted(seen.after)]
               + [render(p, seen.regions[i])] for i, p in enumerate(pictures)]
     titles = ["input"] + [f"{seen.unit} {b}\n{_tokens_title(seen.tokens_after[b], seen.num_patches)}"
@@ -362,7 +363,7 @@ def compare(model, images: torch.Tensor, methods: Sequence[str] = ("tome", "pito
             traces.append(trace(model, images, forward=forward))
         finally:
             api.restore(model)
-    pictures = display_pictures(images) if pictures is None else pictures
+    pictures = display_pictures(images) if pictures is None else pictures.detach().float().cpu()
     panels = [[p.permute(1, 2, 0).numpy()] + [render(p, t.regions[i]) for t in traces]
               for i, p in enumerate(pictures)]
     titles = ["input"] + [f"{t.method}" + ("" if t.flops_ratio is None else f": {t.flops_ratio:.2f}x FLOPs")

@@ -10,11 +10,13 @@ HELP = "draw on images which patches each token of a compressed ViT stands for (
 
 DESCRIPTION = """\
 Draw on each IMAGE which patches every token left by a token-reduction method stands for: merged
-tokens as coloured, outlined regions, tokens of one patch as the plain image, pruned patches grey.
---methods a,b,c draws several methods side by side at the same budget; --blocks 3,6 adds the tokens
-after those blocks (0-based). The images are resized and centre-cropped to the model's input size.
+tokens as coloured, outlined regions, tokens of one patch as the plain image, pruned patches
+hatched grey. --methods a,b,c draws several methods side by side at the same budget; --blocks 3,6
+adds the tokens after those blocks (0-based). The images are resized and centre-cropped to the
+model's input size.
 
-  vitcompress show photo.jpg --model deit_small_patch16_224 --pretrained --methods tome,pitome,zero_tprune --flops 0.7 -o out.png
+  vitcompress show photo.jpg --model deit_small_patch16_224 --pretrained \\
+      --methods tome,pitome,zero_tprune --flops 0.7 -o out.png
 """
 
 
