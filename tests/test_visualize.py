@@ -11,7 +11,7 @@ from vitcompress import cli
 from vitcompress import visualize as V
 from vitcompress.evaluation import reference_model
 from vitcompress.interfaces import runtime_of
-from vitcompress.testing import random_images, tiny_clip, tiny_detr, tiny_llava, tiny_vit
+from vitcompress.testing import llava_inputs, random_images, tiny_clip, tiny_detr, tiny_llava, tiny_vit
 
 
 def expected_regions(source, num_prefix, grid):
@@ -189,11 +189,27 @@ def test_compare_compresses_each_method_and_restores_exactly():
         V.compare(model, x, ("tome",), flops=0.8)
 
 
+def test_llava_visual_tokens_per_crop_are_those_its_language_model_takes():
+    """A ViT method inside LLaVA-1.5's vision tower: the final regions are the tokens of the block
+    whose output the language model takes (vision_feature_layer=-2: the one before the last)."""
+    model = vitcompress.compress(tiny_llava("llava"), "tome", r=4)
+    inputs = llava_inputs(model, "llava")
+    with torch.no_grad():
+        model(**inputs)
+    taken = vitcompress.stats(model)["visual_tokens_after"]
+    seen = V.trace(model, inputs["pixel_values"], blocks=[0])
+    assert seen.depth == 3 and seen.tokens * 2 == taken == 2 * (64 - 3 * 4)
+    for image in seen.regions:
+        assert sorted(image.unique().tolist()) == list(range(seen.tokens))  # merged, nothing pruned
+    assert seen.tokens_after == {0: 60}
+    assert vitcompress.stats(model)["tower"]["options"]["trace_source"] is False
+
+
 def test_models_that_cannot_be_drawn_are_refused_in_one_line():
     with pytest.raises(ValueError, match="vitcompress.compress"):
         V.trace(tiny_vit(), random_images(1))
-    llava = vitcompress.compress(tiny_llava("llava"), "tome", r=4)
-    with pytest.raises(TypeError, match="draws ViT-like encoders .* and DETR encoders") as err:
+    llava = vitcompress.compress(tiny_llava("llava"), "tokencorr")
+    with pytest.raises(TypeError, match="content-dependent number of visual tokens .* a ViT method inside") as err:
         V.trace(llava, random_images(1))
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="blocks 0 to 3"):

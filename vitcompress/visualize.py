@@ -18,9 +18,10 @@ and the figures::
     fig = compare(model, images, ("tome", "pitome", "zero_tprune"), flops=0.7)  # compresses, restores
     fig.savefig("out.png")
 
-ViT-like encoders (timm ViT/DeiT/EVA/BEiT, open_clip, HF CLIP/ViT/DINOv2/SigLIP) and DETR encoders
-(the tokens each cascade level of the sparse encoder runs on, over the feature map). The visual
-tokens of a LLaVA are refused in one line.
+ViT-like encoders (timm ViT/DeiT/EVA/BEiT, open_clip, HF CLIP/ViT/DINOv2/SigLIP), DETR encoders
+(the tokens each cascade level of the sparse encoder runs on, over the feature map) and the vision
+tower of a LLaVA-1.5 compressed with a ViT method (the visual tokens kept per crop). The LLaVA
+methods with content-dependent counts (tokencorr, quota) are refused in one line.
 """
 import math
 from dataclasses import dataclass, field
@@ -102,19 +103,31 @@ def encode_images(model, images: torch.Tensor):
     return model(images)
 
 
-def _drawable_runtime(model):
-    """The ViT or DETR runtime ``compress`` attached to ``model``; one-line errors naming the fix otherwise."""
+def _drawable(model):
+    """``(module to run, its runtime, the block whose output is drawn as the final tokens or None for
+    the last)``: a ViT's or a DETR's own; a LLaVA's vision tower with the ViT method inside it, whose
+    language model takes the output of the block ``vision_feature_layer`` names (the hidden states
+    count the embeddings first). One-line errors naming the fix otherwise."""
     from .runtimes.sparse_encoder import DetrRuntime
     from .runtimes.vit import ViTRuntime
+    from .runtimes.vlm import LlavaRuntime
 
     runtime = runtime_of(model)
     if runtime is None:
         raise ValueError("this model is not compressed: call vitcompress.compress(model, method, ...) first, or "
                          "use vitcompress.visualize.compare(model, images, methods, flops=...)")
-    if not isinstance(runtime, (ViTRuntime, DetrRuntime)):
-        raise TypeError(f"vitcompress.visualize draws ViT-like encoders ({SUPPORTED}) and DETR encoders; the "
-                        f"visual tokens of a {runtime.adapter.family} cannot be drawn yet")
-    return runtime
+    if isinstance(runtime, (ViTRuntime, DetrRuntime)):
+        return model, runtime, None
+    if isinstance(runtime, LlavaRuntime) and runtime.tower is not None:
+        feature_layer = runtime.adapter.config.vision_feature_layer
+        return runtime.adapter.tower, runtime.tower, feature_layer - 1 if feature_layer >= 0 else \
+            runtime.tower.adapter.depth + feature_layer
+    if isinstance(runtime, LlavaRuntime):
+        raise TypeError(f"{runtime.method.name} picks a content-dependent number of visual tokens per crop or frame, "
+                        "which cannot be drawn yet; draw a ViT method inside the LLaVA's vision tower "
+                        "(compress(model, 'tome', ...)) instead")
+    raise TypeError(f"vitcompress.visualize draws ViT-like encoders ({SUPPORTED}), DETR encoders and LLaVA vision "
+                    f"towers; a {runtime.adapter.family} cannot be drawn")
 
 
 def _checked_blocks(blocks: Sequence[int], depth: int) -> List[int]:
@@ -152,12 +165,16 @@ def trace(model, images: torch.Tensor, blocks: Sequence[int] = (),
 
     A DETR: the encoder tokens each encoder layer ran on (kept: the token's index; -1 not kept or
     padding), after the last layer and after each layer in ``blocks`` -- by default the first layer
-    of every cascade level."""
-    runtime = _drawable_runtime(model)
+    of every cascade level. A LLaVA-1.5 with a ViT method inside its vision tower: the tower's tokens
+    per image crop (``images`` are its ``pixel_values``; ``forward`` gets the tower), the final ones
+    those its language model takes (after the block of ``vision_feature_layer``, -2: the one before
+    the last); its FLOPs ratio is the tower's."""
+    model, runtime, last = _drawable(model)
     if not hasattr(runtime, "trace_source"):
         return _trace_detr(model, runtime, images, blocks, forward)
     layers = _blocks_of(model, runtime)
-    wanted = _checked_blocks(blocks, len(layers))
+    last = len(layers) - 1 if last is None else last
+    wanted = _checked_blocks(blocks, last + 1)
     sources: Dict[int, torch.Tensor] = {}
 
     def capture(layer: int):
@@ -169,7 +186,7 @@ def trace(model, images: torch.Tensor, blocks: Sequence[int] = (),
     handles = []
     try:
         runtime.trace_source = True
-        handles = [layers[b].register_forward_hook(capture(b)) for b in wanted]
+        handles = [layers[b].register_forward_hook(capture(b)) for b in sorted(set(wanted) | {last})]
         with torch.no_grad():
             (forward or encode_images)(model, images)
     finally:
@@ -178,14 +195,14 @@ def trace(model, images: torch.Tensor, blocks: Sequence[int] = (),
             handle.remove()
     state = runtime.current()
     p = state.tokens.num_prefix
-    source = state.tokens.source
+    source = sources[last]
     grid = patch_grid(images.shape[-2], images.shape[-1], source.shape[-1] - p)
     return Trace(regions=token_regions(source, p, grid).cpu(), tokens=source.shape[1] - p,
                  num_patches=grid[0] * grid[1],
                  method=runtime.method.name, budget=runtime.requested.describe(),
-                 flops_ratio=_flops_ratio(runtime, state.schedule), depth=len(layers),
-                 after={b: token_regions(s, p, grid).cpu() for b, s in sources.items()},
-                 tokens_after={b: s.shape[1] - p for b, s in sources.items()})
+                 flops_ratio=_flops_ratio(runtime, state.schedule), depth=last + 1,
+                 after={b: token_regions(sources[b], p, grid).cpu() for b in wanted},
+                 tokens_after={b: sources[b].shape[1] - p for b in wanted})
 
 
 def _trace_detr(model, runtime, images: torch.Tensor, blocks: Sequence[int], forward: Optional[Callable]) -> Trace:
