@@ -1,5 +1,6 @@
 """vitcompress.visualize and ``vitcompress show`` (issue 25): the drawn regions are exactly what the
-runtime's source map says, tracing leaves the user's configuration as it was, and the command writes
+runtime's source map says (a DETR's: the tokens each encoder layer ran on; a LLaVA's: the tower tokens
+its language model takes), tracing leaves the user's configuration as it was, and the command writes
 a figure of a known size or refuses bad input in one line."""
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ import torch
 from PIL import Image
 
 import vitcompress
+from conftest import load_script
 from vitcompress import cli
 from vitcompress import visualize as V
 from vitcompress.evaluation import reference_model
@@ -321,3 +323,12 @@ def test_show_refuses_bad_input_in_one_line_with_exit_2(argv, fix, photos, tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and fix in err and "Traceback" not in err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_make_pictures_writes_every_docs_picture(tmp_path):
+    """The docs' pictures script, on the embedded model (the real ViT-S/14 is not built in tests)."""
+    load_script("tools/make_pictures.py").main(["--reference", "--out", str(tmp_path)])
+    names = ["show_compare.png"] + [f"show_{m}.png" for m in ("tome", "pitome", "zero_tprune")] + ["show_blocks.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)
+    assert png_size(tmp_path / "show_compare.png") == ("PNG", expected_size(rows=3, cols=4))
+    assert png_size(tmp_path / "show_blocks.png") == ("PNG", expected_size(rows=1, cols=7))  # 6 blocks: 0-4 + last

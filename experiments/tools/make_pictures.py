@@ -54,35 +54,37 @@ def load(reference: bool):
     return model, "reference ViT (Fashion-MNIST), 32 px", images
 
 
-def save(fig, name: str) -> None:
-    """``fig`` as a PNG of :data:`COLOURS` colours in :data:`OUT`."""
+def save(fig, folder: str, name: str) -> None:
+    """``fig`` as a PNG of :data:`COLOURS` colours in ``folder``."""
     from PIL import Image
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=visualize.DPI)
-    path = os.path.join(OUT, name)
+    path = os.path.join(folder, name)
     Image.open(buffer).convert("RGB").quantize(colors=COLOURS, dither=Image.Dither.NONE).save(path, optimize=True)
-    tqdm.write(f"wrote {os.path.relpath(path)} ({os.path.getsize(path) // 1024} KB)")
+    tqdm.write(f"wrote {path} ({os.path.getsize(path) // 1024} KB)")
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reference", action="store_true", help="use the embedded reference model, not the ViT-S/14")
+    ap.add_argument("--out", default=OUT, metavar="FOLDER", help="where to write the pictures (default: docs/images)")
     args = ap.parse_args(argv)
-    os.makedirs(OUT, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     model, name, images = load(args.reference)
     depth = len(model.blocks)
     blocks = (3, 7) if depth > 8 else (1, 3)
     with tqdm(total=len(METHODS) + 2, desc="pictures") as progress:
         inputs, pictures = images(COMPARE_PHOTOS)
         save(visualize.compare(model, inputs, METHODS, flops=FLOPS, pictures=pictures,
-                               title=name), "show_compare.png")
+                               title=name), args.out, "show_compare.png")
         progress.update()
         inputs, pictures = images(METHOD_PHOTOS)
         for method in METHODS:
             api.compress(model, method, flops=FLOPS)
             try:
-                save(visualize.draw(model, inputs, blocks=blocks, pictures=pictures, title=name), f"show_{method}.png")
+                save(visualize.draw(model, inputs, blocks=blocks, pictures=pictures, title=name), args.out,
+                     f"show_{method}.png")
             finally:
                 api.restore(model)
             progress.update()
@@ -91,7 +93,7 @@ def main(argv=None) -> None:
         try:
             step = max(1, depth // 4)
             save(visualize.draw(model, inputs, blocks=range(step - 1, depth - 1, step), pictures=pictures,
-                                title=name), "show_blocks.png")
+                                title=name), args.out, "show_blocks.png")
         finally:
             api.restore(model)
         progress.update()
