@@ -2,6 +2,9 @@
 runtime's source map says (a DETR's: the tokens each encoder layer ran on; a LLaVA's: the tower tokens
 its language model takes), tracing leaves the user's configuration as it was, and the command writes
 a figure of a known size or refuses bad input in one line."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +69,12 @@ def test_a_budget_that_keeps_every_token_draws_the_unmodified_grid(budget):
     grid = torch.arange(64).reshape(8, 8)
     assert torch.equal(seen.regions, grid.expand(2, 8, 8)) and seen.tokens == 64
     assert V.group_colours(seen.regions[0]) == {}
+
+
+def test_an_attribute_of_the_package():
+    code = "import vitcompress; print(vitcompress.visualize.draw.__name__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "draw", proc.stderr
 
 
 def test_patch_grid_from_the_image_shape():
@@ -304,6 +313,8 @@ def test_show_writes_a_png_of_the_expected_size(photos, tmp_path, capsys):
     (["/no/such/photo.png"], "does not exist; give the path of an image file"),
     (["{photo}", "--method", "tokencorr"], "content-dependent number of tokens"),
     (["{photo}", "--method", "focus_detr"], "methods for ViT-like image encoders: pitome, tome, zero_tprune"),
+    (["{photo}", "--methods", ","], "e.g. --methods tome,pitome,zero_tprune"),
+    (["{photo}", "--methods", "tome,nosuch"], "known methods:"),
     (["{photo}", "--blocks", "a,b"], "e.g. --blocks 3,6"),
     (["{photo}", "--methods", "tome,pitome", "--blocks", "2"], "give --method, not --methods"),
     (["{photo}", "--flops", "1.5"], "outside (0, 1]"),

@@ -4,7 +4,7 @@ Users judge a token-reduction method first by looking at what it kept (ToMe's
 ``make_visualization`` does this for ToMe). The runtime already tracks, when asked
 (``trace_source=True``), which original patches every token covers; this module turns that map into
 a label per patch and draws it over the input image: merge groups as coloured regions with their
-borders, tokens that still stand for one patch as the plain image, pruned patches grey.
+borders, tokens that still stand for one patch as the plain image, pruned patches hatched grey.
 
 The computation is pure and separate from the drawing::
 
@@ -131,6 +131,7 @@ def _drawable(model):
 
 
 def _checked_blocks(blocks: Sequence[int], depth: int) -> List[int]:
+    """``blocks`` sorted, each refused unless it is one of the ``depth`` blocks drawn."""
     wanted = sorted({int(b) for b in blocks})
     bad = [b for b in wanted if not 0 <= b < depth]
     if bad:

@@ -69,6 +69,9 @@ def check_arguments(args, parser) -> None:
             raise ValueError(f"image {missing[0]} does not exist; give the path of an image file (.png, .jpg, ...)")
         models.check_model_name(args.model, args.pretrained)
         args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else [args.method]
+        if not args.method_list:
+            raise ValueError(f"--methods {args.methods!r}: give method names separated by commas, e.g. "
+                             "--methods tome,pitome,zero_tprune")
         budget = show_budget(args)
         for method in args.method_list:
             spec = get(method)
