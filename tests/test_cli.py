@@ -125,10 +125,10 @@ def test_python_m_vitcompress_help():
     proc = subprocess.run([sys.executable, "-m", "vitcompress", "--help"], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "bench" in proc.stdout and "export" in proc.stdout and "--version" in proc.stdout
+    assert all(command in proc.stdout for command in ("bench", "export", "show", "--version"))
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["export", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["export", "--help"], ["show", "--help"]])
 def test_help_has_no_markup(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(argv)
@@ -216,4 +216,4 @@ def test_one_cli_module():
     from vitcompress import export
 
     assert not hasattr(export, "run_cli") and not hasattr(export, "add_cli_arguments")
-    assert set(cli.build_parser().commands) == {"bench", "export"}
+    assert set(cli.build_parser().commands) == {"bench", "export", "show"}

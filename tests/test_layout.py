@@ -48,11 +48,6 @@ def test_the_version_is_the_changelogs():
     assert vitcompress.__version__ == heading.group(1) + (".dev0" if unreleased else "")
 
 
-# Documented before its code lands on this branch: issue 25 item 1 (vitcompress.visualize, `vitcompress show`) is
-# built beside the docs; once vitcompress/visualize.py exists these paths resolve like every other one.
-NOT_YET_MERGED = {"vitcompress.visualize": os.path.join("vitcompress", "visualize.py")}
-
-
 def test_every_module_path_the_docs_show_resolves():
     """Every ``vitcompress.x.y`` the README and the site's pages (docs/**/*.md) show is importable."""
     import glob
@@ -66,9 +61,6 @@ def test_every_module_path_the_docs_show_resolves():
             names.setdefault(name, os.path.relpath(page, ROOT))
     assert len(names) > 10 and any(page == "README.md" for page in names.values())
     for name, page in sorted(names.items()):
-        pending = next((f for prefix, f in NOT_YET_MERGED.items() if (name + ".").startswith(prefix + ".")), None)
-        if pending is not None and not os.path.exists(os.path.join(ROOT, pending)):
-            continue
         parts = name.split(".")
         obj = importlib.import_module(parts[0])
         for part in parts[1:]:

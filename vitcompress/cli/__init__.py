@@ -1,18 +1,18 @@
-"""The command line: ``vitcompress bench`` and ``vitcompress export``.
+"""The command line: ``vitcompress bench``, ``vitcompress export`` and ``vitcompress show``.
 
 Every argument is checked before any model is built: a bad one ends the command at once with a
 one-line error naming the fix and exit code 2 (argparse's). One module per command (``bench``,
-``export``: its arguments, their checks, the run); the checks the commands share, and any script
+``export``, ``show``: its arguments, their checks, the run); the checks the commands share, and any script
 may reuse, are in :mod:`vitcompress.cli.arguments`; the bench table and plot in ``report``.
 """
 import argparse
 import sys
 
-from . import bench, export
+from . import bench, export, show
 from .arguments import OneLineErrorParser
 
 #: Each command's module: ``HELP``, ``DESCRIPTION``, ``add_arguments``, ``check_arguments``, ``run``.
-COMMANDS = {"bench": bench, "export": export}
+COMMANDS = {"bench": bench, "export": export, "show": show}
 
 
 def _version() -> str:
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Training-free token reduction for transformers (timm, open_clip, DETR, "
                                         "LLaVA). Run 'vitcompress bench' to see what it does.")
     ap.add_argument("--version", action="version", version=_version())
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{bench,export}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     ap.commands = {}
     for name, command in COMMANDS.items():
         ap.commands[name] = sub.add_parser(name, help=command.HELP, description=command.DESCRIPTION,

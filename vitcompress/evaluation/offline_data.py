@@ -159,6 +159,11 @@ def _photo_files(path: Optional[str], download: bool = True) -> List[str]:
     return files
 
 
+def photo_files(path: Optional[str] = None) -> List[str]:
+    """The paths of the :data:`PHOTOS` (fetched on first use), for scripts that draw on whole photos."""
+    return _photo_files(path)
+
+
 def load_photos(n: int, size: int, mean, std, seed: int = 0, path: Optional[str] = None) -> torch.Tensor:
     """``n`` crops of the real photos as model inputs ``[n, 3, size, size]``: each photo in turn,
     a random square crop of 30-100% of its shorter side (seeded), bilinear resize, random flip,

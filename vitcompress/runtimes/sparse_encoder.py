@@ -13,7 +13,7 @@ keeps the method, its options and the layers; the token counts of each forward
 (:class:`EncoderForwardState`) are kept per thread.
 """
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -84,10 +84,14 @@ class EncoderLayerParts:
 @dataclass
 class EncoderForwardState:
     """The token counts of one forward of a sparse encoder: real tokens per image, tokens each image
-    kept per layer, and the tokens each layer (and its dual attention) ran on."""
+    kept per layer, and the tokens each layer (and its dual attention) ran on; for drawing what each
+    layer kept (:mod:`vitcompress.visualize`), ``layer_sets``: each layer's ``(index [B, K], slot_valid
+    [B, K])`` into the encoder's tokens, and ``valid[B, N]``: the real (not padding) tokens."""
 
     encoder_tokens: List[int]
     kept_per_image: List[List[int]]
+    layer_sets: List[Tuple[Tensor, Tensor]] = field(default_factory=list)
+    valid: Optional[Tensor] = None
     tokens_seen: List[int] = field(default_factory=list)
     dual_seen: List[int] = field(default_factory=list)
 
@@ -129,7 +133,8 @@ class DetrRuntime:
         rank, foreground = method.token_scores(options, self.prepared, x, pos, valid, lambda: layers[0].qk(x, pos))
         sets = method.layer_sets(rank, valid, self.rho, self.cascade)
         forward = EncoderForwardState(encoder_tokens=valid.sum(dim=1).tolist(),
-                                      kept_per_image=[list(c) for c in zip(*(counts for _, _, counts in sets))])
+                                      kept_per_image=[list(c) for c in zip(*(counts for _, _, counts in sets))],
+                                      layer_sets=[(idx, slot_valid) for idx, slot_valid, _ in sets], valid=valid)
         self._forward.set(forward)
         for layer, (idx, slot_valid, _) in zip(layers, sets):
             key_mask = None if bool(slot_valid.all()) else slot_valid
