@@ -23,7 +23,7 @@ from vitcompress.engine.tokens import TokenState, apply_plan
 from vitcompress.interfaces import Plan, Signals
 from vitcompress.methods import get as get_method
 from vitcompress.methods.focus_detr import attention_received
-from vitcompress.methods.tome import bipartite_soft_matching
+from vitcompress.methods.tome import bipartite_soft_matching, tome_matching
 from vitcompress.testing import tiny_vit
 
 
@@ -425,3 +425,42 @@ def test_proportional_attention_bias_in_a_compressed_vit_is_log_size(monkeypatch
         torch.testing.assert_close(size, size.round(), rtol=0, atol=1e-4)
         assert bool((size.round() >= 1).all()) and float(size.max()) > 1.5
         torch.testing.assert_close(size.sum(-1), torch.full((2,), 65.0), rtol=0, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- ToMe with other prefixes
+
+
+def loop_tome(metric, r, num_prefix, class_token):
+    """ToMe's matching from its definition: the whole sequence (prefix included) alternates A / B by
+    position; the reducible token i sits at position num_prefix + i; special tokens take part in no
+    matching. The r A tokens with the best cosine match merge; the rest of A stays (in index order
+    with a class token, else by score), then all of B."""
+    B, T, _ = metric.shape
+    unit = F.normalize(metric.double(), dim=-1)
+    keep, src, dst = [], [], []
+    for b in range(B):
+        a = [i for i in range(T) if (num_prefix + i) % 2 == 0]
+        bb = [i for i in range(T) if (num_prefix + i) % 2 == 1]
+        best = {i: max(range(len(bb)), key=lambda j: (float(unit[b, i] @ unit[b, bb[j]]), -j)) for i in a}
+        score = {i: float(unit[b, i] @ unit[b, bb[best[i]]]) for i in a}
+        ranked = sorted(a, key=lambda i: (-score[i], a.index(i)))
+        merged, kept = ranked[:r], ranked[r:]
+        if class_token:
+            kept = sorted(kept)
+        keep.append(kept + bb)
+        src.append(merged)
+        dst.append([len(kept) + best[i] for i in merged])
+    return torch.tensor(keep), torch.tensor(src), torch.tensor(dst)
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("class_token", [True, False])
+def test_tome_matching_alternates_over_the_whole_sequence(num_prefix, class_token):
+    """Prefixes of every parity (DeiT's class + distillation tokens, registers) put the first
+    reducible token in A or B as the official alternation over the whole sequence does."""
+    metric = torch.randn(2, 15, 8, generator=torch.Generator().manual_seed(num_prefix))
+    plan = tome_matching(metric, 4, num_prefix, class_token)
+    keep, src, dst = loop_tome(metric, 4, num_prefix, class_token)
+    assert torch.equal(plan.keep, keep)
+    assert torch.equal(plan.merge_src, src)
+    assert torch.equal(plan.merge_dst, dst)
