@@ -464,3 +464,34 @@ def test_tome_matching_alternates_over_the_whole_sequence(num_prefix, class_toke
     assert torch.equal(plan.keep, keep)
     assert torch.equal(plan.merge_src, src)
     assert torch.equal(plan.merge_dst, dst)
+
+
+# --------------------------------------------------------------------------- defaults of the merging methods
+
+
+@pytest.mark.parametrize("method,budget", [("tome", dict(r=6)), ("pitome", dict(keep=0.8))])
+def test_merging_methods_default_to_proportional_attention(method, budget):
+    """A merging method (kind "merge") runs with proportional attention unless told otherwise: the
+    default output is the prop_attn=True output, not the prop_attn=False one."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for prop in (None, True, False):
+        extra = {} if prop is None else dict(prop_attn=prop)
+        model = vitcompress.compress(tiny_vit(), method, **budget, **extra)
+        with torch.no_grad():
+            outs[prop] = model(x)
+    assert torch.equal(outs[None], outs[True])
+    assert not torch.allclose(outs[None], outs[False])
+
+
+def test_tome_refuses_an_r_too_large_unless_clamped():
+    """ToMe's default is to refuse an r a block cannot remove (64 patches: 4 blocks of 20 are too
+    many); clamp=True removes what each block can, as the official code silently does."""
+    with pytest.raises(ValueError, match="can remove at most"):
+        vitcompress.compress(tiny_vit(), "tome", r=20)
+    model = vitcompress.compress(tiny_vit(), "tome", r=20, clamp=True)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    tokens = vitcompress.stats(model)["tokens_per_layer"]
+    assert tokens[0] == 65 and tokens[1] == 65 - 20
+    assert all(b >= (a - 1) // 2 + 1 for a, b in zip(tokens, tokens[1:]))  # never more than half of A

@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 #: module (under vitcompress/) -> the fast default-run tests that cover it, cheapest first
 TESTS = {
-    "methods/tome.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py",
+    "methods/tome.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
+                       "tests/test_errors.py tests/test_profile.py",
     "methods/pitome.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
                          "tests/test_errors.py tests/test_profile.py",
     "engine/schedule.py": "tests/test_errors.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
