@@ -495,3 +495,17 @@ def test_tome_refuses_an_r_too_large_unless_clamped():
     tokens = vitcompress.stats(model)["tokens_per_layer"]
     assert tokens[0] == 65 and tokens[1] == 65 - 20
     assert all(b >= (a - 1) // 2 + 1 for a, b in zip(tokens, tokens[1:]))  # never more than half of A
+
+
+@pytest.mark.parametrize("num_prefix,cls_first", [(0, True), (0, False), (1, True), (2, False), (3, True)])
+def test_tome_plan_keeps_unmerged_in_index_order_only_behind_a_class_token(num_prefix, cls_first):
+    """The method's plan: with a class token first the unmerged A tokens keep their index order (the
+    official class_token=True); without one (no prefix, or registers only) they stay in score order."""
+    metric = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(10 + num_prefix))
+    signals = Signals(metric=metric, x=metric, attn=None, num_prefix=num_prefix, layer=0, num_layers=4,
+                      cls_first=cls_first)
+    plan = get_method("tome").plan(signals, 5, dict(clamp=False))
+    keep, src, dst = loop_tome(metric, 5, num_prefix, class_token=cls_first and num_prefix > 0)
+    assert torch.equal(plan.keep, keep) and torch.equal(plan.merge_src, src) and torch.equal(plan.merge_dst, dst)
+    other, _, _ = loop_tome(metric, 5, num_prefix, class_token=not (cls_first and num_prefix > 0))
+    assert not torch.equal(other, keep)  # the input tells the two orders apart
