@@ -509,3 +509,15 @@ def test_tome_plan_keeps_unmerged_in_index_order_only_behind_a_class_token(num_p
     assert torch.equal(plan.keep, keep) and torch.equal(plan.merge_src, src) and torch.equal(plan.merge_dst, dst)
     other, _, _ = loop_tome(metric, 5, num_prefix, class_token=not (cls_first and num_prefix > 0))
     assert not torch.equal(other, keep)  # the input tells the two orders apart
+
+
+# --------------------------------------------------------------------------- references on meta tensors
+
+
+def test_reference_scores_run_on_meta_tensors():
+    """Shape-only forwards (meta tensors: no autocast there) get the scores' shapes, no error."""
+    from vitcompress.kernels import reference
+    a = torch.empty(2, 6, 8, device="meta")
+    score, index = reference.bipartite_match(a, a[:, :3])
+    assert score.shape == index.shape == (2, 6) and score.device.type == "meta"
+    assert reference.energy_score(a, 0.5).shape == (2, 6)
