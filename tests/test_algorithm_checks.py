@@ -521,3 +521,11 @@ def test_reference_scores_run_on_meta_tensors():
     score, index = reference.bipartite_match(a, a[:, :3])
     assert score.shape == index.shape == (2, 6) and score.device.type == "meta"
     assert reference.energy_score(a, 0.5).shape == (2, 6)
+
+
+def test_reference_energy_default_alpha_is_one():
+    """The reference energy's default alpha is PiToMe's 1.0 (a plain ELU)."""
+    from vitcompress.kernels import reference
+    metric = clustered_metric(8, T=10)
+    torch.testing.assert_close(reference.energy_score(metric, 0.3).double(), loop_energy(metric, 0.3, 1.0),
+                               rtol=1e-5, atol=1e-6)
