@@ -529,3 +529,13 @@ def test_reference_energy_default_alpha_is_one():
     metric = clustered_metric(8, T=10)
     torch.testing.assert_close(reference.energy_score(metric, 0.3).double(), loop_energy(metric, 0.3, 1.0),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_reference_topk_of_none_is_empty():
+    """k=0 is a valid request (no token taken): an empty index per row; k < 0 is refused."""
+    from vitcompress.kernels import reference
+    scores = torch.randn(3, 7)
+    assert reference.topk_indices(scores, 0).shape == (3, 0)
+    assert torch.equal(reference.topk_indices(scores, 7), torch.argsort(scores, dim=-1, descending=True))
+    with pytest.raises(ValueError, match="k=-1"):
+        reference.topk_indices(scores, -1)
