@@ -539,3 +539,11 @@ def test_reference_topk_of_none_is_empty():
     assert torch.equal(reference.topk_indices(scores, 7), torch.argsort(scores, dim=-1, descending=True))
     with pytest.raises(ValueError, match="k=-1"):
         reference.topk_indices(scores, -1)
+
+
+def test_reference_topk_ties_go_to_the_lower_index():
+    from vitcompress.kernels import reference
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (4, 300), generator=g).float()  # long rows of ties
+    expected = torch.stack([torch.tensor(sorted(range(300), key=lambda i: (-float(row[i]), i))) for row in scores])
+    assert torch.equal(reference.topk_indices(scores, 300), expected)
