@@ -547,3 +547,15 @@ def test_reference_topk_ties_go_to_the_lower_index():
     scores = torch.randint(0, 3, (4, 300), generator=g).float()  # long rows of ties
     expected = torch.stack([torch.tensor(sorted(range(300), key=lambda i: (-float(row[i]), i))) for row in scores])
     assert torch.equal(reference.topk_indices(scores, 300), expected)
+
+
+def test_reference_rank_plan_defaults():
+    """By default the kept A tokens stay in score order and come before B (ToMe without a class
+    token); the r best-scored A tokens are taken out, best first."""
+    from vitcompress.kernels import reference
+    score = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2]])
+    match = torch.tensor([[2, 0, 1, 1, 0]])
+    a_idx, b_idx = torch.tensor([[0, 2, 4, 6, 8]]), torch.tensor([[1, 3, 5]])
+    keep, src, dst = reference.rank_plan(score, match, 2, a_idx, b_idx)
+    assert keep.tolist() == [[4, 8, 0, 1, 3, 5]]  # kept A by score (0.5, 0.2, 0.1), then B
+    assert src.tolist() == [[2, 6]] and dst.tolist() == [[3 + 0, 3 + 1]]
