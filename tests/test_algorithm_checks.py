@@ -559,3 +559,13 @@ def test_reference_rank_plan_defaults():
     keep, src, dst = reference.rank_plan(score, match, 2, a_idx, b_idx)
     assert keep.tolist() == [[4, 8, 0, 1, 3, 5]]  # kept A by score (0.5, 0.2, 0.1), then B
     assert src.tolist() == [[2, 6]] and dst.tolist() == [[3 + 0, 3 + 1]]
+
+
+@pytest.mark.parametrize("margin,ok", [(0.0, True), (1.0, True), (-0.01, False), (1.01, False)])
+def test_pitome_margin_range_is_closed(margin, ok):
+    """margin in [0, 1], both ends included (m0 = 0 is the loosest margin)."""
+    if ok:
+        vitcompress.compress(tiny_vit(depth=2), "pitome", keep=0.9, margin=margin)
+    else:
+        with pytest.raises(ValueError, match="margin"):
+            vitcompress.compress(tiny_vit(depth=2), "pitome", keep=0.9, margin=margin)
