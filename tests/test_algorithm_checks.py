@@ -569,3 +569,25 @@ def test_pitome_margin_range_is_closed(margin, ok):
     else:
         with pytest.raises(ValueError, match="margin"):
             vitcompress.compress(tiny_vit(depth=2), "pitome", keep=0.9, margin=margin)
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def test_parse_budget_rules():
+    """One budget at most; none gives the method's default; keep / flops lie in (0, 1] and are numbers."""
+    from vitcompress.engine.schedule import Budget, parse_budget
+    for name in ("tome", "pitome", "zero_tprune"):
+        m = get_method(name)
+        assert parse_budget(m) == Budget(*next(iter(m.default_budget.items())))
+    m = get_method("pitome")
+    with pytest.raises(ValueError, match="at most one"):
+        parse_budget(m, keep=0.9, r=2)
+    assert parse_budget(m, keep=1.0) == Budget("keep", 1.0)
+    assert parse_budget(m, flops=1) == Budget("flops", 1.0)
+    for bad in (0.0, 1.0000001, 2.0, -0.5):
+        with pytest.raises(ValueError, match="outside"):
+            parse_budget(m, keep=bad)
+    for bad in (True, "0.9", [0.9]):
+        with pytest.raises(TypeError):
+            parse_budget(m, flops=bad)
