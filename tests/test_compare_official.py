@@ -7,6 +7,8 @@ you and kept outside this repository (both repositories are CC BY-NC 4.0)::
     $VITCOMPRESS_OFFICIAL_DIR/PiToMe/   github.com/hchautran/PiToMe        (algo/pitome/merge.py, patch/{timm,deit}.py)
 
 Measured with ToMe af95e4b1 and PiToMe 550b5dee on timm 1.0.31 (see the script for the numbers).
+The default run compares with outputs of the same official code recorded in the repository
+(tests/test_official_recorded.py; re-record with experiments/tools/record_official.py).
 """
 import copy
 import os
