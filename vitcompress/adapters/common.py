@@ -7,6 +7,7 @@ import sys
 from typing import Any, Callable, Iterable, Optional
 
 import torch.nn as nn
+from torch.fx import Proxy
 
 from ..interfaces import PART_ATTR, PatchedPart
 from ..runtimes.vit import ViTRuntime
@@ -80,12 +81,26 @@ def identity(y):
     return y
 
 
+FX_REFUSAL = ("torch.fx symbolic tracing cannot trace a model compressed by vitcompress (the tokens its blocks keep "
+              "depend on values a symbolic trace does not have); use torch.compile, torch.jit.trace, "
+              "vitcompress.export_program (torch.export) or vitcompress.export_onnx instead, and for features "
+              "forward_intermediates(x, output_fmt='NLC') or output_hidden_states=True")
+
+
 class PatchedMethod(functools.partial):
     """A module-level function bound to a module, set as an instance attribute (a patched
     ``forward``). A ``functools.partial`` rather than ``types.MethodType``: both survive
     ``copy.deepcopy`` (the copy is bound to the copied module), but only the partial survives
     ``pickle`` / ``torch.save`` -- a bound method is unpickled by looking its name up on the class,
     which does not have it."""
+
+    def __call__(self, *args, **kwargs):
+        """torch.fx symbolic tracing passes Proxies: refused here, before the patched method reads
+        them (a Proxy mask is not None, a Proxy shape is no int). torch.compile calls the partial's
+        function directly; torch.export's fake tensors are no Proxies."""
+        if any(isinstance(value, Proxy) for value in (*args, *kwargs.values())):
+            raise RuntimeError(FX_REFUSAL)
+        return super().__call__(*args, **kwargs)
 
     @property
     def __globals__(self):
@@ -101,6 +116,28 @@ class PatchedMethod(functools.partial):
 def bind(fn, module) -> PatchedMethod:
     """``fn`` bound to ``module`` (see :class:`PatchedMethod`)."""
     return PatchedMethod(fn, module)
+
+
+def refuse_grad_checkpointing(patcher, module: nn.Module, *switches: str) -> None:
+    """Make the switches of ``module`` that turn gradient checkpointing on (timm's and open_clip's
+    ``set_grad_checkpointing``, transformers' ``gradient_checkpointing_enable``) refuse at the call,
+    not at the next forward; turning it off still works. Switches the module lacks are left out."""
+    for name in switches:
+        if hasattr(module, name):
+            patcher.set(module, name, PatchedMethod(_checkpointing_switch, module, name))
+
+
+def _checkpointing_switch(module, name: str, *args, **kwargs):
+    """``module.<name>`` while compressed: the class's own switch when it turns checkpointing off
+    (``enable=False``); a refusal when it turns it on (or has no ``enable``: it only turns it on)."""
+    original = getattr(type(module), name)
+    call = inspect.signature(original).bind(module, *args, **kwargs)
+    call.apply_defaults()
+    if call.arguments.get("enable", True):
+        raise RuntimeError("gradient checkpointing re-runs blocks in backward without the token state of their "
+                           "forward, which token reduction needs; call vitcompress.restore(model) before turning "
+                           "it on, or compress the model after training")
+    return original(*call.args, **call.kwargs)
 
 
 def token_intermediates(model, *args, **kwargs):

@@ -31,7 +31,7 @@ import sys
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
-from .common import ViTAdapter, identity, patch_blocks, patch_flops, per_token_flops
+from .common import ViTAdapter, identity, patch_blocks, patch_flops, per_token_flops, refuse_grad_checkpointing
 
 # Attention implementations that compute plain softmax attention (what the reducing block runs).
 _MAPPABLE_ATTENTION = (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -113,6 +113,7 @@ class HFCLIPVisionAdapter(ViTAdapter):
 
     def patch(self, runtime, patcher) -> None:
         patch_blocks(patcher, self.tower.encoder.layers, runtime, _reducing_layer_forward, details=self.tuple_outputs)
+        refuse_grad_checkpointing(patcher, self.model, "gradient_checkpointing_enable", "activation_checkpointing_enable")
 
     def cost(self) -> ViTCost:
         t = self.tower

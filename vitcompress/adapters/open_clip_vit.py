@@ -44,6 +44,7 @@ from .common import (
     patch_flops,
     patch_part,
     per_token_flops,
+    refuse_grad_checkpointing,
     token_intermediates,
 )
 
@@ -186,6 +187,7 @@ class OpenCLIPVisionAdapter(ViTAdapter):
             patch_part(patcher, visual, runtime, "_global_pool", _size_weighted_global_pool)
         if hasattr(visual, "forward_intermediates"):
             patcher.set(visual, "forward_intermediates", bind(token_intermediates, visual))
+        refuse_grad_checkpointing(patcher, visual, "set_grad_checkpointing")  # a whole CLIP's switch calls it
 
     def grad_checkpointing(self) -> bool:
         return bool(getattr(self.visual.transformer, "grad_checkpointing", False))

@@ -38,6 +38,7 @@ from .common import (
     patch_flops,
     patch_part,
     per_token_flops,
+    refuse_grad_checkpointing,
     require_block_types,
     token_intermediates,
 )
@@ -238,6 +239,7 @@ class TimmEvaAdapter(ViTAdapter):
             patch_part(patcher, m.attn_pool, runtime, "forward", _size_aware_attn_pool_forward)
         patch_part(patcher, m, runtime, "pool", _eva_pool)
         patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
+        refuse_grad_checkpointing(patcher, m, "set_grad_checkpointing")
 
     def grad_checkpointing(self) -> bool:
         return bool(self.model.grad_checkpointing)
@@ -327,6 +329,7 @@ class TimmBeitAdapter(ViTAdapter):
         patch_blocks(patcher, m.blocks, runtime, _beit_block_forward)
         patch_part(patcher, m, runtime, "forward_head", _beit_forward_head)
         patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
+        refuse_grad_checkpointing(patcher, m, "set_grad_checkpointing")
 
     def grad_checkpointing(self) -> bool:
         return bool(self.model.grad_checkpointing)

@@ -23,6 +23,7 @@ from .common import (
     patch_flops,
     patch_part,
     per_token_flops,
+    refuse_grad_checkpointing,
     require_block_types,
     token_intermediates,
 )
@@ -104,6 +105,7 @@ class TimmViTAdapter(ViTAdapter):
             patch_part(patcher, self.model, runtime, "pool", _size_weighted_pool)
         if hasattr(self.model, "forward_intermediates"):
             patcher.set(self.model, "forward_intermediates", bind(token_intermediates, self.model))
+        refuse_grad_checkpointing(patcher, self.model, "set_grad_checkpointing")
 
     def grad_checkpointing(self) -> bool:
         return bool(getattr(self.model, "grad_checkpointing", False))
