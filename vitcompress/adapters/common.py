@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch.nn as nn
 from torch.fx import Proxy
 
-from ..interfaces import PART_ATTR, PatchedPart
+from ..interfaces import PART_ATTR, PatchedPart, runtime_of
 from ..runtimes.vit import ViTRuntime
 
 
@@ -138,6 +138,29 @@ def _checkpointing_switch(module, name: str, *args, **kwargs):
                            "forward, which token reduction needs; call vitcompress.restore(model) before turning "
                            "it on, or compress the model after training")
     return original(*call.args, **call.kwargs)
+
+
+def compress_again_after_resize(patcher, model: nn.Module) -> None:
+    """timm's ``set_input_size`` changes the input size ``compress`` planned the budget at (a flops
+    budget's schedule, r checked against the tokens): resizing compresses the model again at its new
+    size, with the same method, budget and options."""
+    if hasattr(model, "set_input_size"):  # older timm releases have none
+        patcher.set(model, "set_input_size", bind(_resize_and_compress_again, model))
+
+
+def _resize_and_compress_again(model, *args, **kwargs) -> None:
+    """``set_input_size`` of a compressed timm model: restored, resized by timm, compressed again."""
+    from ..api import compress, restore
+
+    runtime = runtime_of(model)
+    options = dict(runtime.options, prop_attn=runtime.prop_attn, trace_source=runtime.trace_source)
+    restore(model)
+    model.set_input_size(*args, **kwargs)
+    try:
+        compress(model, runtime.method.name, **{runtime.requested.kind: runtime.requested.value}, **options)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{err} (set_input_size left the model resized and uncompressed: compress it again "
+                        "with a budget this size can take)") from err
 
 
 def token_intermediates(model, *args, **kwargs):

@@ -34,6 +34,7 @@ from ..interfaces import part_of
 from .common import (
     ViTAdapter,
     bind,
+    compress_again_after_resize,
     patch_blocks,
     patch_flops,
     patch_part,
@@ -240,6 +241,7 @@ class TimmEvaAdapter(ViTAdapter):
         patch_part(patcher, m, runtime, "pool", _eva_pool)
         patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
         refuse_grad_checkpointing(patcher, m, "set_grad_checkpointing")
+        compress_again_after_resize(patcher, m)
 
     def grad_checkpointing(self) -> bool:
         return bool(self.model.grad_checkpointing)
@@ -330,6 +332,7 @@ class TimmBeitAdapter(ViTAdapter):
         patch_part(patcher, m, runtime, "forward_head", _beit_forward_head)
         patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
         refuse_grad_checkpointing(patcher, m, "set_grad_checkpointing")
+        compress_again_after_resize(patcher, m)
 
     def grad_checkpointing(self) -> bool:
         return bool(self.model.grad_checkpointing)
