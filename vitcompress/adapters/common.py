@@ -81,12 +81,6 @@ def identity(y):
     return y
 
 
-FX_REFUSAL = ("torch.fx symbolic tracing cannot trace a model compressed by vitcompress (the tokens its blocks keep "
-              "depend on values a symbolic trace does not have); use torch.compile, torch.jit.trace, "
-              "vitcompress.export_program (torch.export) or vitcompress.export_onnx instead, and for features "
-              "forward_intermediates(x, output_fmt='NLC') or output_hidden_states=True")
-
-
 class PatchedMethod(functools.partial):
     """A module-level function bound to a module, set as an instance attribute (a patched
     ``forward``). A ``functools.partial`` rather than ``types.MethodType``: both survive
@@ -96,10 +90,14 @@ class PatchedMethod(functools.partial):
 
     def __call__(self, *args, **kwargs):
         """torch.fx symbolic tracing passes Proxies: refused here, before the patched method reads
-        them (a Proxy mask is not None, a Proxy shape is no int). torch.compile calls the partial's
-        function directly; torch.export's fake tensors are no Proxies."""
+        them (a Proxy mask is not None, a Proxy shape is no int). torch.compile and torch.export
+        pass tensors."""
         if any(isinstance(value, Proxy) for value in (*args, *kwargs.values())):
-            raise RuntimeError(FX_REFUSAL)
+            raise RuntimeError("torch.fx symbolic tracing cannot trace a model compressed by vitcompress (the tokens "
+                               "its blocks keep depend on values a symbolic trace does not have); use torch.compile, "
+                               "torch.jit.trace, vitcompress.export_program (torch.export) or vitcompress.export_onnx "
+                               "instead, and for features forward_intermediates(x, output_fmt='NLC') or "
+                               "output_hidden_states=True")
         return super().__call__(*args, **kwargs)
 
     @property
