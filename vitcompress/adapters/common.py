@@ -138,25 +138,23 @@ def _checkpointing_switch(module, name: str, *args, **kwargs):
     return original(*call.args, **call.kwargs)
 
 
-def compress_again_after_resize(patcher, model: nn.Module) -> None:
-    """timm's ``set_input_size`` changes the input size ``compress`` planned the budget at (a flops
-    budget's schedule, r checked against the tokens): resizing compresses the model again at its new
-    size, with the same method, budget and options."""
+def plan_again_after_resize(patcher, model: nn.Module) -> None:
+    """timm's ``set_input_size`` changes the model's input size, which ``compress`` planned the budget
+    at (a flops budget's schedule, r checked against the tokens): resizing plans it again at the new
+    size, as compressing the resized model would."""
     if hasattr(model, "set_input_size"):  # older timm releases have none
-        patcher.set(model, "set_input_size", bind(_resize_and_compress_again, model))
+        patcher.set(model, "set_input_size", bind(_resize_and_plan_again, model))
 
 
-def _resize_and_compress_again(model, *args, **kwargs) -> None:
-    """``set_input_size`` of a compressed timm model: restored, resized by timm, compressed again."""
-    from ..api import compress, restore
-
+def _resize_and_plan_again(model, *args, **kwargs) -> None:
+    """``set_input_size`` of a compressed timm model: timm's own, then the budget planned at the new size
+    (a budget that size cannot take is refused, the model left resized and restored)."""
+    type(model).set_input_size(model, *args, **kwargs)
     runtime = runtime_of(model)
-    options = dict(runtime.options, prop_attn=runtime.prop_attn, trace_source=runtime.trace_source)
-    restore(model)
-    model.set_input_size(*args, **kwargs)
     try:
-        compress(model, runtime.method.name, **{runtime.requested.kind: runtime.requested.value}, **options)
+        runtime.plan(model.patch_embed.num_patches)
     except (TypeError, ValueError) as err:
+        runtime.patcher.undo()
         raise type(err)(f"{err} (set_input_size left the model resized and uncompressed: compress it again "
                         "with a budget this size can take)") from err
 

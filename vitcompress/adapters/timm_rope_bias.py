@@ -34,11 +34,11 @@ from ..interfaces import part_of
 from .common import (
     ViTAdapter,
     bind,
-    compress_again_after_resize,
     patch_blocks,
     patch_flops,
     patch_part,
     per_token_flops,
+    plan_again_after_resize,
     refuse_grad_checkpointing,
     require_block_types,
     token_intermediates,
@@ -241,7 +241,7 @@ class TimmEvaAdapter(ViTAdapter):
         patch_part(patcher, m, runtime, "pool", _eva_pool)
         patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
         refuse_grad_checkpointing(patcher, m, "set_grad_checkpointing")
-        compress_again_after_resize(patcher, m)
+        plan_again_after_resize(patcher, m)
 
     def grad_checkpointing(self) -> bool:
         return bool(self.model.grad_checkpointing)
@@ -332,7 +332,7 @@ class TimmBeitAdapter(ViTAdapter):
         patch_part(patcher, m, runtime, "forward_head", _beit_forward_head)
         patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
         refuse_grad_checkpointing(patcher, m, "set_grad_checkpointing")
-        compress_again_after_resize(patcher, m)
+        plan_again_after_resize(patcher, m)
 
     def grad_checkpointing(self) -> bool:
         return bool(self.model.grad_checkpointing)

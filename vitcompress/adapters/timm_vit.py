@@ -19,11 +19,11 @@ from ..interfaces import part_of
 from .common import (
     ViTAdapter,
     bind,
-    compress_again_after_resize,
     patch_blocks,
     patch_flops,
     patch_part,
     per_token_flops,
+    plan_again_after_resize,
     refuse_grad_checkpointing,
     require_block_types,
     token_intermediates,
@@ -107,7 +107,7 @@ class TimmViTAdapter(ViTAdapter):
         if hasattr(self.model, "forward_intermediates"):
             patcher.set(self.model, "forward_intermediates", bind(token_intermediates, self.model))
         refuse_grad_checkpointing(patcher, self.model, "set_grad_checkpointing")
-        compress_again_after_resize(patcher, self.model)
+        plan_again_after_resize(patcher, self.model)
 
     def grad_checkpointing(self) -> bool:
         return bool(getattr(self.model, "grad_checkpointing", False))
