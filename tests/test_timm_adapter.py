@@ -111,9 +111,10 @@ def test_bfloat16_autocast():
 
 
 def test_gradient_checkpointing_is_refused_while_gradients_are_on():
+    """Turned on before compress (turning it on after is refused by the switch itself)."""
     model = tiny_vit().train()
-    vitcompress.compress(model, "tome", r=4)
     model.set_grad_checkpointing(True)
+    vitcompress.compress(model, "tome", r=4)
     with pytest.raises(RuntimeError, match="set_grad_checkpointing\\(False\\)"):
         model(torch.randn(2, 3, 32, 32))
     with torch.no_grad():  # nothing is recomputed without gradients

@@ -10,8 +10,9 @@ from typing import Any, Callable, Collection, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.fx import Proxy
 
-from ..interfaces import PART_ATTR, PatchedPart, part_of
+from ..interfaces import PART_ATTR, PatchedPart, part_of, runtime_of
 from ..runtimes.vit import ViTRuntime
 
 #: transformers' attention implementations that compute plain softmax attention (what the reducing
@@ -107,6 +108,18 @@ class PatchedMethod(functools.partial):
     ``pickle`` / ``torch.save`` -- a bound method is unpickled by looking its name up on the class,
     which does not have it."""
 
+    def __call__(self, *args, **kwargs):
+        """torch.fx symbolic tracing passes Proxies: refused here, before the patched method reads
+        them (a Proxy mask is not None, a Proxy shape is no int). torch.compile and torch.export
+        pass tensors."""
+        if any(isinstance(value, Proxy) for value in (*args, *kwargs.values())):
+            raise RuntimeError("torch.fx symbolic tracing cannot trace a model compressed by vitcompress (the tokens "
+                               "its blocks keep depend on values a symbolic trace does not have); use torch.compile, "
+                               "torch.jit.trace, vitcompress.export_program (torch.export) or vitcompress.export_onnx "
+                               "instead, and for features forward_intermediates(x, output_fmt='NLC') or "
+                               "output_hidden_states=True")
+        return super().__call__(*args, **kwargs)
+
     @property
     def __globals__(self):
         """A partial has none (AttributeError, which torch.export and others expect); TorchScript
@@ -121,6 +134,49 @@ class PatchedMethod(functools.partial):
 def bind(fn, module) -> PatchedMethod:
     """``fn`` bound to ``module`` (see :class:`PatchedMethod`)."""
     return PatchedMethod(fn, module)
+
+
+def refuse_grad_checkpointing(patcher, module: nn.Module, *switches: str) -> None:
+    """Make the switches of ``module`` that turn gradient checkpointing on (timm's and open_clip's
+    ``set_grad_checkpointing``, transformers' ``gradient_checkpointing_enable``) refuse at the call,
+    not at the next forward; turning it off still works. Switches the module lacks are left out."""
+    for name in switches:
+        if hasattr(module, name):
+            patcher.set(module, name, PatchedMethod(_checkpointing_switch, module, name))
+
+
+def _checkpointing_switch(module, name: str, *args, **kwargs):
+    """``module.<name>`` while compressed: the class's own switch when it turns checkpointing off
+    (``enable=False``); a refusal when it turns it on (or has no ``enable``: it only turns it on)."""
+    original = getattr(type(module), name)
+    call = inspect.signature(original).bind(module, *args, **kwargs)
+    call.apply_defaults()
+    if call.arguments.get("enable", True):
+        raise RuntimeError("gradient checkpointing re-runs blocks in backward without the token state of their "
+                           "forward, which token reduction needs; call vitcompress.restore(model) before turning "
+                           "it on, or compress the model after training")
+    return original(*call.args, **call.kwargs)
+
+
+def plan_again_after_resize(patcher, model: nn.Module) -> None:
+    """timm's ``set_input_size`` changes the model's input size, which ``compress`` planned the budget
+    at (a flops budget's schedule, r checked against the tokens): resizing plans it again at the new
+    size, as compressing the resized model would."""
+    if hasattr(model, "set_input_size"):  # older timm releases have none
+        patcher.set(model, "set_input_size", bind(_resize_and_plan_again, model))
+
+
+def _resize_and_plan_again(model, *args, **kwargs) -> None:
+    """``set_input_size`` of a compressed timm model: timm's own, then the budget planned at the new size
+    (a budget that size cannot take is refused, the model left resized and restored)."""
+    type(model).set_input_size(model, *args, **kwargs)
+    runtime = runtime_of(model)
+    try:
+        runtime.plan(model.patch_embed.num_patches)
+    except (TypeError, ValueError) as err:
+        runtime.patcher.undo()
+        raise type(err)(f"{err} (set_input_size left the model resized and uncompressed: compress it again "
+                        "with a budget this size can take)") from err
 
 
 def token_intermediates(model, *args, **kwargs):

@@ -30,7 +30,8 @@ import inspect
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
-from .common import MAPPABLE_ATTENTION, ViTAdapter, family_class, identity, patch_blocks, patch_flops, per_token_flops
+from .common import (MAPPABLE_ATTENTION, ViTAdapter, family_class, identity, patch_blocks, patch_flops, per_token_flops,
+                     refuse_grad_checkpointing)
 
 _MODEL_CLASSES = tuple(f"transformers.models.clip.modeling_clip.{name}" for name in (
     "CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPVisionTransformer"))
@@ -95,6 +96,7 @@ class HFCLIPVisionAdapter(ViTAdapter):
 
     def patch(self, runtime, patcher) -> None:
         patch_blocks(patcher, self.tower.encoder.layers, runtime, _reducing_layer_forward, details=self.tuple_outputs)
+        refuse_grad_checkpointing(patcher, self.model, "gradient_checkpointing_enable", "activation_checkpointing_enable")
 
     def cost(self) -> ViTCost:
         t = self.tower

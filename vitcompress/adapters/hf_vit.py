@@ -53,7 +53,7 @@ from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
 from .common import (MAPPABLE_ATTENTION, ViTAdapter, family_class, identity, patch_blocks, patch_flops, patch_part,
-                     per_token_flops)
+                     per_token_flops, refuse_grad_checkpointing)
 
 # flex attention is refused: these models build a BlockMask even without padding, which the reducing
 # block cannot tell from a real mask.
@@ -277,6 +277,7 @@ class HFViTAdapter(ViTAdapter):
             start = self.num_prefix if self.mean_head else 0
             patch_part(patcher, self.model, runtime, "forward", _size_weighted_classifier_forward,
                        details=(params, backbone, self.mean_head, start))
+        refuse_grad_checkpointing(patcher, self.model, "gradient_checkpointing_enable", "activation_checkpointing_enable")
 
     def grad_checkpointing(self) -> bool:
         # 4.x encoders checkpoint through layer.__call__ (the recomputed layer would see a finished

@@ -36,7 +36,7 @@ from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
 from .common import (ViTAdapter, bind, family_class, identity, patch_blocks, patch_flops, patch_part, per_token_flops,
-                     token_intermediates)
+                     refuse_grad_checkpointing, token_intermediates)
 
 
 #: the whole models (whose ``.visual`` is the image tower) and the tower itself
@@ -173,6 +173,7 @@ class OpenCLIPVisionAdapter(ViTAdapter):
             patch_part(patcher, visual, runtime, "_global_pool", _size_weighted_global_pool)
         if hasattr(visual, "forward_intermediates"):
             patcher.set(visual, "forward_intermediates", bind(token_intermediates, visual))
+        refuse_grad_checkpointing(patcher, visual, "set_grad_checkpointing")  # a whole CLIP's switch calls it
 
     def grad_checkpointing(self) -> bool:
         return bool(getattr(self.visual.transformer, "grad_checkpointing", False))

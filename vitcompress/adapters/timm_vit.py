@@ -16,8 +16,8 @@ from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
 from .common import (WEIGHTED_POOLS, TimmAdapter, attn_pool_cost, bind, patch_blocks, patch_flops, patch_part,
-                     per_token_flops, refuse_attn_mask, size_aware_attn_pool_forward, size_weighted_pool,
-                     token_intermediates)
+                     per_token_flops, plan_again_after_resize, refuse_attn_mask, refuse_grad_checkpointing,
+                     size_aware_attn_pool_forward, size_weighted_pool, token_intermediates)
 
 
 def _block_parts(block) -> BlockParts:
@@ -81,6 +81,8 @@ class TimmViTAdapter(TimmAdapter):
             patch_part(patcher, self.model, runtime, "pool", size_weighted_pool)
         if hasattr(self.model, "forward_intermediates"):
             patcher.set(self.model, "forward_intermediates", bind(token_intermediates, self.model))
+        refuse_grad_checkpointing(patcher, self.model, "set_grad_checkpointing")
+        plan_again_after_resize(patcher, self.model)
 
     def cost(self) -> ViTCost:
         m = self.model

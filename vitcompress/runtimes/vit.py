@@ -36,27 +36,34 @@ class ViTRuntime:
         self.trace_source = common.trace_source
         self.requested = budget
         self.patcher = Patcher()
-        self._schedules: Dict[int, Schedule] = {}
-        if budget.kind == "flops":
-            planned = resolve_flops(budget.value, adapter.cost(), method, options,
-                                    adapter.num_patches, adapter.num_prefix)
-            self._schedules[adapter.num_patches] = planned
-            budget = Budget("keep", planned.keep)  # carries the budget to other input sizes
-        self.budget = budget
-        self.schedule = self.schedule_for(adapter.num_patches)  # fail at compress time, not mid-forward
+        self.plan(adapter.num_patches)  # fail at compress time, not mid-forward
         self._forward = PerThread()
+
+    def plan(self, num_patches: int) -> None:
+        """Plan the requested budget at the model's own input size, ``num_patches`` patches (at compress,
+        and again when timm's ``set_input_size`` changes it): a flops budget resolved to a schedule, r
+        and keep checked. Nothing changes when the budget does not fit that size."""
+        budget = self.requested
+        if budget.kind == "flops":
+            schedule = resolve_flops(budget.value, self.adapter.cost(), self.method, self.options,
+                                     num_patches, self.adapter.num_prefix)
+            budget = Budget("keep", schedule.keep)  # carries the budget to other input sizes
+        else:
+            schedule = build_schedule(self.method, self.options, budget.kind, budget.value, num_patches,
+                                      self.adapter.num_prefix, self.adapter.depth,
+                                      clamp=self.method.clamps(self.options))
+        self.num_patches, self.budget, self.schedule = num_patches, budget, schedule
+        self._schedules: Dict[int, Schedule] = {num_patches: schedule}
 
     def schedule_for(self, num_patches: int) -> Schedule:
         """The schedule for inputs of ``num_patches`` patches. The budget is checked at the model's
-        own size (at compress time); other sizes (``dynamic_img_size``, patch dropout in training)
+        own size (:meth:`plan`); other sizes (``dynamic_img_size``, patch dropout in training)
         remove at most what each block can."""
         if num_patches not in self._schedules:
             schedule = build_schedule(
                 self.method, self.options, self.budget.kind, self.budget.value, num_patches,
-                self.adapter.num_prefix, self.adapter.depth,
-                clamp=num_patches != self.adapter.num_patches or self.method.clamps(self.options))
-            if num_patches != self.adapter.num_patches:
-                self._warn_if_collapsed(schedule, num_patches)
+                self.adapter.num_prefix, self.adapter.depth, clamp=True)
+            self._warn_if_collapsed(schedule, num_patches)
             self._schedules[num_patches] = schedule
         return self._schedules[num_patches]
 
@@ -66,13 +73,13 @@ class ViTRuntime:
         to this size."""
         checked = _tokens_after_each_block(self.schedule)
         left = _tokens_after_each_block(schedule)
-        scale = num_patches / self.adapter.num_patches
+        scale = num_patches / self.num_patches
         short = [i for i, (n, c) in enumerate(zip(left, checked)) if n < 8 or n < scale * c / 4]
         if short:
             block = short[0]
             warnings.warn(f"vitcompress: at {num_patches} patches the {self.requested.describe()} budget leaves "
                           f"{left[block]} tokens after block {block} ({checked[block]} at the model's "
-                          f"{self.adapter.num_patches} patches); use a keep= or flops= budget, which scales with "
+                          f"{self.num_patches} patches); use a keep= or flops= budget, which scales with "
                           "the input size, or a smaller r", RuntimeWarning, stacklevel=2)
 
     def begin(self, x: torch.Tensor) -> ForwardState:
