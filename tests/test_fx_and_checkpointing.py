@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import vitcompress
-from conftest import tiny_vit
+from vitcompress.testing import tiny_vit
 
 FX_REFUSED = r"^torch\.fx symbolic tracing cannot trace a model compressed by vitcompress .*torch\.compile.*export_onnx"
 CHECKPOINTING_REFUSED = r"^gradient checkpointing re-runs blocks .*vitcompress\.restore\(model\) before turning it on"

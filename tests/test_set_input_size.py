@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vitcompress
-from conftest import tiny_vit
+from vitcompress.testing import tiny_vit
 
 
 def eva02():
