@@ -225,6 +225,15 @@ class TimmAdapter(ViTAdapter):
     def grad_checkpointing(self) -> bool:
         return bool(getattr(self.model, "grad_checkpointing", False))
 
+    def patch_model_methods(self, patcher) -> None:
+        """What every timm model gets besides its blocks: intermediates as token lists, gradient
+        checkpointing refused by its switch, the budget planned again after ``set_input_size``."""
+        m = self.model
+        if hasattr(m, "forward_intermediates"):
+            patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
+        refuse_grad_checkpointing(patcher, m, "set_grad_checkpointing")
+        plan_again_after_resize(patcher, m)
+
 
 def refuse_attn_mask(attn_mask, is_causal: bool) -> None:
     """A reducing timm block refuses the mask arguments of timm's: they refer to the full token set."""

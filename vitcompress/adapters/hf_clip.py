@@ -96,7 +96,8 @@ class HFCLIPVisionAdapter(ViTAdapter):
 
     def patch(self, runtime, patcher) -> None:
         patch_blocks(patcher, self.tower.encoder.layers, runtime, _reducing_layer_forward, details=self.tuple_outputs)
-        refuse_grad_checkpointing(patcher, self.model, "gradient_checkpointing_enable", "activation_checkpointing_enable")
+        refuse_grad_checkpointing(patcher, self.model, "gradient_checkpointing_enable",
+                                  "activation_checkpointing_enable")
 
     def cost(self) -> ViTCost:
         t = self.tower

@@ -277,7 +277,8 @@ class HFViTAdapter(ViTAdapter):
             start = self.num_prefix if self.mean_head else 0
             patch_part(patcher, self.model, runtime, "forward", _size_weighted_classifier_forward,
                        details=(params, backbone, self.mean_head, start))
-        refuse_grad_checkpointing(patcher, self.model, "gradient_checkpointing_enable", "activation_checkpointing_enable")
+        refuse_grad_checkpointing(patcher, self.model, "gradient_checkpointing_enable",
+                                  "activation_checkpointing_enable")
 
     def grad_checkpointing(self) -> bool:
         # 4.x encoders checkpoint through layer.__call__ (the recomputed layer would see a finished

@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
-from .common import (TimmAdapter, attn_pool_cost, bind, latest_sizes, patch_blocks, patch_flops, patch_part,
-                     per_token_flops, plan_again_after_resize, refuse_attn_mask, refuse_grad_checkpointing,
-                     size_aware_attn_pool_forward, size_weighted_pool, token_intermediates, weighted_pool)
+from .common import (TimmAdapter, attn_pool_cost, latest_sizes, patch_blocks, patch_flops, patch_part, per_token_flops,
+                     refuse_attn_mask, size_aware_attn_pool_forward, size_weighted_pool, weighted_pool)
 
 
 # --------------------------------------------------------------------------- positions of the current tokens
@@ -162,9 +161,7 @@ class TimmEvaAdapter(TimmAdapter):
         if m.attn_pool is not None:
             patch_part(patcher, m.attn_pool, runtime, "forward", size_aware_attn_pool_forward)
         patch_part(patcher, m, runtime, "pool", size_weighted_pool)
-        patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
-        refuse_grad_checkpointing(patcher, m, "set_grad_checkpointing")
-        plan_again_after_resize(patcher, m)
+        self.patch_model_methods(patcher)
 
     def cost(self) -> ViTCost:
         m = self.model
@@ -243,9 +240,7 @@ class TimmBeitAdapter(TimmAdapter):
         m = self.model
         patch_blocks(patcher, m.blocks, runtime, _beit_block_forward)
         patch_part(patcher, m, runtime, "forward_head", _beit_forward_head)
-        patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
-        refuse_grad_checkpointing(patcher, m, "set_grad_checkpointing")
-        plan_again_after_resize(patcher, m)
+        self.patch_model_methods(patcher)
 
     def cost(self) -> ViTCost:
         m = self.model

@@ -15,9 +15,8 @@ import torch.nn as nn
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
-from .common import (WEIGHTED_POOLS, TimmAdapter, attn_pool_cost, bind, patch_blocks, patch_flops, patch_part,
-                     per_token_flops, plan_again_after_resize, refuse_attn_mask, refuse_grad_checkpointing,
-                     size_aware_attn_pool_forward, size_weighted_pool, token_intermediates)
+from .common import (WEIGHTED_POOLS, TimmAdapter, attn_pool_cost, patch_blocks, patch_flops, patch_part,
+                     per_token_flops, refuse_attn_mask, size_aware_attn_pool_forward, size_weighted_pool)
 
 
 def _block_parts(block) -> BlockParts:
@@ -79,10 +78,7 @@ class TimmViTAdapter(TimmAdapter):
             patch_part(patcher, self.attn_pool, runtime, "forward", size_aware_attn_pool_forward)
         elif self.model.global_pool in WEIGHTED_POOLS and hasattr(self.model, "pool"):
             patch_part(patcher, self.model, runtime, "pool", size_weighted_pool)
-        if hasattr(self.model, "forward_intermediates"):
-            patcher.set(self.model, "forward_intermediates", bind(token_intermediates, self.model))
-        refuse_grad_checkpointing(patcher, self.model, "set_grad_checkpointing")
-        plan_again_after_resize(patcher, self.model)
+        self.patch_model_methods(patcher)
 
     def cost(self) -> ViTCost:
         m = self.model
