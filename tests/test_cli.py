@@ -154,7 +154,7 @@ def test_good_arguments_pass_the_checks(tmp_path, no_model_built):
     assert [text for text, _, _ in args.parsed_settings] == ["tome:flops=0.7"]
     assert args.device in ("cpu", "cuda")
     args = cli.parse_args(["export", "--method", "pitome", "--r", "(8, -0.5)", "--out", str(tmp_path / "m.onnx")])
-    assert cli.export.export_budget(args) == {"r": (8, -0.5)} and args.opset == 18
+    assert cli.arguments.budget_arguments(args) == {"r": (8, -0.5)} and args.opset == 18
     assert os.listdir(tmp_path) == []
 
 

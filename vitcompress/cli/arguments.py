@@ -121,6 +121,15 @@ def parse_budget_text(text: Optional[str], name: str = "--r"):
         raise ValueError(f"{name} {text!r}: give an int, a list like [8,8,4] or a tuple like (8,-0.5)") from None
 
 
+def budget_arguments(args) -> Dict[str, Any]:
+    """The budget given as ``--keep`` / ``--r`` / ``--flops`` (at most one: a mutually exclusive group) as
+    ``compress`` takes it, ``--r`` parsed; ``{}`` when none is given."""
+    budget = {k: getattr(args, k) for k in ("keep", "r", "flops") if getattr(args, k) is not None}
+    if "r" in budget:
+        budget["r"] = parse_budget_text(budget["r"])
+    return budget
+
+
 #: what each method target reduces, for the message naming a method of another target
 TARGET_MODELS = {"vit": "ViT-like image encoders", "detr": "DETR detectors", "llava": "LLaVA models"}
 

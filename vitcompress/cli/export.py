@@ -1,9 +1,7 @@
 """``vitcompress export``: a compressed model to ONNX (or int8), checked against PyTorch."""
-from typing import Any, Dict
-
 from ..evaluation import models
-from .arguments import (check_output_file, check_setting, fraction, int_at_least, non_negative_float, output_file,
-                        parse_budget_text)
+from .arguments import (budget_arguments, check_output_file, check_setting, fraction, int_at_least, non_negative_float,
+                        output_file)
 
 HELP = "export a compressed model to ONNX and check it in onnxruntime against PyTorch"
 
@@ -56,17 +54,6 @@ def add_arguments(parser) -> None:
                         help="least top-1 agreement accepted for --quantize int8 (default: %(default)s)")
 
 
-def export_budget(args) -> Dict[str, Any]:
-    """The ``keep`` / ``r`` / ``flops`` budget of ``vitcompress export``, or ``{}`` for the default."""
-    if args.keep is not None:
-        return {"keep": args.keep}
-    if args.flops is not None:
-        return {"flops": args.flops}
-    if args.r is not None:
-        return {"r": parse_budget_text(args.r)}
-    return {}
-
-
 def check_arguments(args, parser) -> None:
     """Check every argument of ``vitcompress export`` before any model is built (``parser.error``: exit 2)."""
     try:
@@ -100,7 +87,7 @@ def check_arguments(args, parser) -> None:
 
             if importlib.util.find_spec("openvino") is None:
                 raise ValueError("--runtime openvino needs the openvino package: pip install 'vitcompress[edge]'")
-        budget = export_budget(args)
+        budget = budget_arguments(args)
         if args.method == "none":
             if budget:
                 raise ValueError("--keep / --r / --flops need a compression --method (not none)")
@@ -136,7 +123,7 @@ def run(args) -> int:
             print(f"int8 calibration: {calibrate} random-normal inputs (no images ship with {args.model}; the "
                   "activation ranges of real images may differ)")
     if args.method != "none":
-        api.compress(model, args.method, **export_budget(args))
+        api.compress(model, args.method, **budget_arguments(args))
         stats = api.stats(model)
         print(f"{args.model}: {args.method} {stats['budget']}, tokens per block {stats['planned_tokens_per_layer']}")
     report = export_onnx(model, args.out, (args.batch_size, channels, size, size), opset=args.opset,

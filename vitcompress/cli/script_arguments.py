@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any, Dict, Optional
 
-from .arguments import OneLineErrorParser, check_setting, parse_budget_text
+from .arguments import OneLineErrorParser, budget_arguments, check_setting
 
 
 def parser(script: str, description: str) -> argparse.ArgumentParser:
@@ -38,9 +38,7 @@ def vit_budget(args: argparse.Namespace, options: Optional[Dict[str, Any]] = Non
     """The budget of ``args`` (``--keep`` / ``--r`` / ``--flops``) as ``compress`` takes it, checked
     with ``args.method`` and its ``options``; ``{}`` without a method. ``ValueError`` /
     ``TypeError`` name the fix."""
-    budget = {k: v for k, v in (("keep", args.keep), ("r", args.r), ("flops", args.flops)) if v is not None}
-    if "r" in budget:
-        budget["r"] = parse_budget_text(budget["r"])
+    budget = budget_arguments(args)
     if args.method is None:
         if budget or options:
             raise ValueError("--keep / --r / --flops and method options need a compression --method")

@@ -1,9 +1,9 @@
 """``vitcompress show``: draw which patches each remaining token stands for, on your own images."""
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 from ..evaluation import models
-from .arguments import check_setting, fraction, output_file, parse_budget_text
+from .arguments import budget_arguments, check_setting, fraction, output_file
 from .report import PLOT_EXTENSIONS
 
 HELP = "draw on images which patches each token of a compressed ViT stands for (merged, kept, pruned)"
@@ -38,17 +38,6 @@ def add_arguments(parser) -> None:
                         help="the figure to write: .png, .pdf, .svg or .jpg (default: %(default)s)")
 
 
-def show_budget(args) -> Dict[str, Any]:
-    """The ``flops`` / ``keep`` / ``r`` budget given, or ``{}`` for each method's default."""
-    if args.flops is not None:
-        return {"flops": args.flops}
-    if args.keep is not None:
-        return {"keep": args.keep}
-    if args.r is not None:
-        return {"r": parse_budget_text(args.r)}
-    return {}
-
-
 def _block_list(text: str) -> List[int]:
     try:
         blocks = [int(b) for b in text.split(",") if b.strip()]
@@ -72,7 +61,7 @@ def check_arguments(args, parser) -> None:
         if not args.method_list:
             raise ValueError(f"--methods {args.methods!r}: give method names separated by commas, e.g. "
                              "--methods tome,pitome,zero_tprune")
-        budget = show_budget(args)
+        budget = budget_arguments(args)
         for method in args.method_list:
             spec = get(method)
             if spec.dynamic:
@@ -125,7 +114,7 @@ def run(args) -> int:
 
     loaded = models.load_model(args.model, pretrained=args.pretrained, num_images=0)
     inputs, pictures = load_images(args.images, loaded)
-    budget = show_budget(args)
+    budget = budget_arguments(args)
     if len(args.method_list) > 1:
         fig = visualize.compare(loaded.model, inputs, args.method_list, pictures=pictures, **budget)
     else:
