@@ -156,6 +156,10 @@ def test_good_arguments_pass_the_checks(tmp_path, no_model_built):
     args = cli.parse_args(["export", "--method", "pitome", "--r", "(8, -0.5)", "--out", str(tmp_path / "m.onnx")])
     assert cli.arguments.budget_arguments(args) == {"r": (8, -0.5)} and args.opset == 18
     assert os.listdir(tmp_path) == []
+    # fp32 and int8 files of one model get different default names (one never overwrites the other)
+    fp32 = cli.parse_args(["export", "--method", "tome", "--model", "reference"]).out
+    int8 = cli.parse_args(["export", "--method", "tome", "--model", "reference", "--quantize", "int8"]).out
+    assert (fp32, int8) == ("reference-tome.onnx", "reference-tome-int8.onnx")
 
 
 # --------------------------------------------------------------------------- the model loader

@@ -235,7 +235,40 @@ def test_bad_edge_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"calibration= has shape \(4, 3, 16, 16\)"):
         export_onnx(model, path, (1, 3, 32, 32), quantize="int8", calibration=torch.zeros(4, 3, 16, 16),
                     verbose=False)
-    assert not os.path.exists(path)
+    with pytest.raises(ValueError, match="calibration=0: give images"):
+        export_onnx(model, path, (1, 3, 32, 32), quantize="int8", calibration=0, verbose=False)
+    with pytest.raises(ValueError, match="5 calibration images do not fill whole batches of 2"):
+        export_onnx(model, path, (2, 3, 32, 32), quantize="int8", calibration=5, dynamic_batch=False, verbose=False)
+    missing = tmp_path / "typo" / "m.onnx"  # as the CLI: a missing folder is refused, not created
+    with pytest.raises(ValueError, match=r"folder .*typo does not exist; create it first \(mkdir -p"):
+        export_onnx(model, str(missing), (1, 3, 32, 32), verbose=False)
+    assert not os.path.exists(path) and not missing.parent.exists()
+
+
+def test_int8_calibration_by_count_is_described_once_as_random():
+    from vitcompress.export.int8 import calibration_images
+
+    images, described = calibration_images(5, (2, 3, 8, 8))
+    assert images.shape == (5, 3, 8, 8) and described.startswith("5 random-normal inputs")
+    again, _ = calibration_images(5, (2, 3, 8, 8))
+    assert torch.equal(images, again)  # seeded: the same file from the same command
+    given, described = calibration_images(images[:3], (2, 3, 8, 8))
+    assert given is not None and described == "3 given images"
+
+
+def test_fp32_report_says_how_many_images_were_within_the_tolerance():
+    from vitcompress.export.report import ExportReport
+
+    per_image = torch.full((512,), 1e-6)
+    per_image[7] = 0.437  # one image whose near-tied token choice flipped
+    report = ExportReport(path="m.onnx", opset=18, input_shape=(16, 3, 32, 32), dynamic_batch=True, method="tome",
+                          nodes=1, op_counts={}, scatter_reductions={}, runtime="openvino",
+                          checks={"real images, batch 16": {"max_abs_diff": 0.437, "median_abs_diff": 1e-6,
+                                                            "per_image": per_image, "images": 512}})
+    assert report.ok
+    assert "OK: 511 of 512 images within 0.0001 (>= 99% of each check needed); max abs diff 0.437" in str(report)
+    per_image[:10] = 0.5
+    assert not report.ok and "MISMATCH: 502 of 512 images" in str(report)
 
 
 def test_cli_refuses_bad_edge_combinations(capsys):

@@ -26,7 +26,8 @@ def add_arguments(parser) -> None:
     budget.add_argument("--keep", type=fraction, metavar="FRACTION", help="fraction of tokens kept per reducing block, in (0, 1]")
     budget.add_argument("--r", metavar="R", help="tokens removed per block: an int, a list '[8,8,4]' or '(r, inflection)'")
     budget.add_argument("--flops", type=fraction, metavar="FRACTION", help="target fraction of the uncompressed FLOPs, in (0, 1]")
-    parser.add_argument("--out", type=output_file(".onnx"), metavar="FILE", help="output .onnx file (default: <model>-<method>.onnx)")
+    parser.add_argument("--out", type=output_file(".onnx"), metavar="FILE", help="output .onnx file (default: <model>-<method>.onnx, "
+                        "<model>-<method>-int8.onnx with --quantize int8)")
     parser.add_argument("--batch-size", type=int_at_least(1, "--batch-size 8"), default=8, metavar="N",
                         help="batch of the example input and of the real-image check (default: %(default)s)")
     parser.add_argument("--img-size", type=int_at_least(1, "--img-size 224"), metavar="PIXELS", help="input height and width (default: the model's)")
@@ -94,7 +95,8 @@ def check_arguments(args, parser) -> None:
         else:
             check_setting(args.method, budget, exportable=True)
         if args.out is None:
-            args.out = check_output_file(f"{args.model.replace('/', '_')}-{args.method}.onnx", (".onnx",))
+            suffix = f"-{args.quantize}" if args.quantize else ""  # fp32 and int8 files of one model side by side
+            args.out = check_output_file(f"{args.model.replace('/', '_')}-{args.method}{suffix}.onnx", (".onnx",))
     except (ValueError, TypeError) as err:
         parser.error(str(err))
 
@@ -102,8 +104,6 @@ def check_arguments(args, parser) -> None:
 def run(args) -> int:
     """``vitcompress export`` (arguments already checked): build, compress, export, check; 0 when
     the runtime matches PyTorch (int8: top-1 agreement of at least --min-agreement)."""
-    import torch
-
     from .. import api
     from ..export import CALIBRATION_IMAGES, FLOAT_REDUCTIONS, export_onnx
 
@@ -118,10 +118,8 @@ def run(args) -> int:
         if reference:
             calibration, inputs = inputs[:calibrate], inputs[:args.num_images]
             print(f"int8 calibration: the first {calibrate} reference images")
-        else:
-            calibration = torch.randn((calibrate, channels, size, size), generator=torch.Generator().manual_seed(0))
-            print(f"int8 calibration: {calibrate} random-normal inputs (no images ship with {args.model}; the "
-                  "activation ranges of real images may differ)")
+        else:  # no images ship with this model: export_onnx makes (and reports) random-normal ones
+            calibration = calibrate
     if args.method != "none":
         api.compress(model, args.method, **budget_arguments(args))
         stats = api.stats(model)

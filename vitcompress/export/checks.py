@@ -55,9 +55,12 @@ def check_output_path(path: str) -> None:
     target = os.path.abspath(path)
     if os.path.isdir(target):
         raise ValueError(f"{path} is a directory: give the .onnx file to write, e.g. {os.path.join(path, 'model.onnx')}")
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):  # as the CLI: a missing folder is more often a typo than a wish
+        raise ValueError(f"{path}: folder {folder} does not exist; create it first (mkdir -p {folder}) or "
+                         "choose another path")
     existed = os.path.exists(target)
     try:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "ab"):
             pass
     except OSError as err:

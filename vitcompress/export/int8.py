@@ -2,7 +2,7 @@
 graph queries that find them (:func:`linear_nodes`, :func:`reduction_inputs`)."""
 import logging
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 
@@ -86,13 +86,14 @@ def reduction_inputs(model, count: int) -> List[str]:
     return [n for n in linear_nodes(model) if n in chosen]
 
 
-def calibration_images(calibration: Optional[torch.Tensor],
+def calibration_images(calibration: Union[None, int, torch.Tensor],
                        input_shape: Tuple[int, ...]) -> Tuple[torch.Tensor, str]:
-    """The images int8 calibrates on and how a report names them: ``calibration`` as given, or
-    ``CALIBRATION_IMAGES`` random-normal inputs of ``input_shape`` (seeded)."""
-    if calibration is None:
-        calibration = torch.randn((CALIBRATION_IMAGES,) + input_shape[1:], generator=torch.Generator().manual_seed(0))
-        return calibration, f"{CALIBRATION_IMAGES} random-normal inputs (give real images for real ranges)"
+    """The images int8 calibrates on and how a report names them: ``calibration`` images as given,
+    or that many (``None``: ``CALIBRATION_IMAGES``) random-normal inputs of ``input_shape`` (seeded)."""
+    if calibration is None or isinstance(calibration, int):
+        count = CALIBRATION_IMAGES if calibration is None else calibration
+        images = torch.randn((count,) + tuple(input_shape[1:]), generator=torch.Generator().manual_seed(0))
+        return images, f"{count} random-normal inputs (give real images for real activation ranges)"
     return calibration, f"{len(calibration)} given images"
 
 

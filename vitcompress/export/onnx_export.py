@@ -6,7 +6,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -65,7 +65,7 @@ def _convert_opset(proto, opset: int):
 
 def _check_arguments(path: str, shape: Tuple[int, ...], opset: int, dynamic_batch: bool,
                      inputs: Optional[torch.Tensor], runtime: str, quantize: Optional[str],
-                     calibration: Optional[torch.Tensor], float_reductions: int) -> None:
+                     calibration: Union[None, int, torch.Tensor], float_reductions: int) -> None:
     """Refuse, before the (slow) capture, what :func:`export_onnx` cannot do (``ValueError`` naming
     the fix)."""
     if not isinstance(opset, int) or opset < MIN_OPSET:
@@ -87,6 +87,14 @@ def _check_arguments(path: str, shape: Tuple[int, ...], opset: int, dynamic_batc
     if calibration is not None:
         if not quantize:
             raise ValueError("calibration= images only serve quantize='int8'")
+        if isinstance(calibration, bool) or (isinstance(calibration, int) and calibration < 1):
+            raise ValueError(f"calibration={calibration!r}: give images [N, C, H, W] or a number of random-normal "
+                             "inputs >= 1")
+        if isinstance(calibration, int):
+            if not dynamic_batch and calibration % shape[0]:
+                raise ValueError(f"{calibration} calibration images do not fill whole batches of {shape[0]}, the "
+                                 "static batch size: give a multiple of it, or a dynamic batch")
+            return
         if calibration.dim() != 4 or tuple(calibration.shape[1:]) != shape[1:] or len(calibration) == 0:
             raise ValueError(f"calibration= has shape {tuple(calibration.shape)}: give images [N, "
                              f"{', '.join(map(str, shape[1:]))}] with N >= 1, like input_shape")
@@ -108,8 +116,6 @@ def _write(program, path: str, opset: int, optimize: bool) -> Tuple[Any, Counter
         onnx_program = torch.onnx.export(program, dynamo=True, opset_version=max(opset, NATIVE_OPSET),
                                          verbose=False, input_names=["images"], output_names=["logits"],
                                          custom_translation_table=_translations(), optimize=optimize)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     onnx_program.save(path)
     if opset < NATIVE_OPSET:
         try:
@@ -132,7 +138,7 @@ def _write(program, path: str, opset: int, optimize: bool) -> Tuple[Any, Counter
     return proto, reductions
 
 
-def _write_int8(program, path: str, opset: int, optimize: bool, calibration: Optional[torch.Tensor],
+def _write_int8(program, path: str, opset: int, optimize: bool, calibration: Union[None, int, torch.Tensor],
                 shape: Tuple[int, ...], float_reductions: int) -> Tuple[Any, Counter, Dict[str, Any]]:
     """The fp32 file written and checked (:func:`_write`) in a scratch folder, then quantized into
     ``path`` (:func:`quantize_onnx`). Returns the int8 ``ModelProto``, the fp32 graph's scatter
@@ -153,7 +159,7 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
                 optimize: bool = True,
                 program: Optional["torch.export.ExportedProgram"] = None,
                 providers: Optional[Sequence[str]] = None, runtime: str = "onnxruntime",
-                quantize: Optional[str] = None, calibration: Optional[torch.Tensor] = None,
+                quantize: Optional[str] = None, calibration: Union[None, int, torch.Tensor] = None,
                 float_reductions: int = FLOAT_REDUCTIONS, verbose: bool = True) -> ExportReport:
     """Export a (compressed) image model to ONNX at ``path`` and check it in onnxruntime.
 
@@ -175,8 +181,8 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
 
     ``runtime``: ``"onnxruntime"`` or ``"openvino"`` (:func:`openvino_session`), the runtime the
     checks run in. ``quantize="int8"``: write the int8 file (:func:`quantize_onnx`) calibrated on
-    ``calibration`` (images ``[N, C, H, W]``; default ``CALIBRATION_IMAGES`` random-normal inputs
-    of ``input_shape``) and judge it by top-1 agreement with the fp32 model (see
+    ``calibration`` (images ``[N, C, H, W]``, or a number of random-normal inputs of ``input_shape``;
+    default ``CALIBRATION_IMAGES`` of them) and judge it by top-1 agreement with the fp32 model (see
     :class:`ExportReport`; ``min_match`` is then the least agreement) instead of ``atol``;
     ``float_reductions``: the inputs of that many leading token reductions stay in float
     (:func:`quantize_onnx`).

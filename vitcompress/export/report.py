@@ -98,7 +98,10 @@ class ExportReport:
         if any(self.within(n) < c["images"] for n, c in self.checks.items()):
             out.append(f"  (images outside the tolerance: tied or nearly tied token scores that {self.runtime}'s "
                        "float rounding resolves the other way)")
-        out.append(f"{'OK' if self.ok else 'MISMATCH'}: max abs diff {self.max_abs_diff:.3g}; "
+        within = sum(self.within(n) for n in self.checks)
+        images = sum(c["images"] for c in self.checks.values())
+        out.append(f"{'OK' if self.ok else 'MISMATCH'}: {within} of {images} images within {self.atol:g} "
+                   f"(>= {100 * self.min_match:g}% of each check needed); max abs diff {self.max_abs_diff:.3g}; "
                    f"{self.seconds:.0f} s")
         return out
 
