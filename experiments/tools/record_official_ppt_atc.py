@@ -124,7 +124,12 @@ def ppt_model(off, base, x, threshold):
     model.r = PPT_R
     scores = []
     step = off.ppt.PPTAttention.score_assignment_step
-    off.ppt.PPTAttention.score_assignment_step = staticmethod(lambda attn, v: scores.append(step(attn, v)) or scores[-1])
+
+    def recording_step(attn, v):
+        scores.append(step(attn, v))
+        return scores[-1]
+
+    off.ppt.PPTAttention.score_assignment_step = staticmethod(recording_step)
     try:
         logits, counts = _run(model, x)
     finally:

@@ -44,7 +44,8 @@ def cosine_distances(metric: torch.Tensor) -> torch.Tensor:
 
 def agglomerative_clustering(distances: torch.Tensor, r: int, linkage: str = "average"
                              ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Join the two closest clusters ``r`` times over ``distances[B, T, T]`` (symmetric).
+    """Join the two closest clusters ``r`` times over the distances ``distances[B, T, T]`` (its upper
+    triangle is read).
 
     Returns ``(label [B, T], alive [B, T])``: each token's cluster, named by its representative (the
     member of lowest index), and which tokens are representatives (``T - r`` per image).
@@ -55,9 +56,10 @@ def agglomerative_clustering(distances: torch.Tensor, r: int, linkage: str = "av
     size = torch.ones(B, T, dtype=distances.dtype, device=distances.device)
     alive = torch.ones(B, T, dtype=torch.bool, device=distances.device)
     inf = torch.tensor(float("inf"), dtype=distances.dtype, device=distances.device)
-    d = distances.masked_fill(torch.eye(T, dtype=torch.bool, device=distances.device), inf)
+    upper = torch.triu(distances, diagonal=1)  # the pairs i < j, as scikit-learn hands them to SciPy
+    d = (upper + upper.transpose(1, 2)).masked_fill(torch.eye(T, dtype=torch.bool, device=distances.device), inf)
     for _ in range(r):
-        flat = d.flatten(1).argmin(dim=1)  # the first minimum in row-major order: i < j
+        flat = d.flatten(1).argmin(dim=1)  # d is symmetric: the first minimum in row-major order has i < j
         i, j = flat // T, flat % T
         row_i = d.gather(1, i[:, None, None].expand(B, 1, T))[:, 0]
         row_j = d.gather(1, j[:, None, None].expand(B, 1, T))[:, 0]
