@@ -73,9 +73,11 @@ def agglomerative_clustering(distances: torch.Tensor, r: int, linkage: str = "av
             joined = torch.minimum(row_i, row_j)
         is_i, is_j = tokens == i[:, None], tokens == j[:, None]  # [B, T]
         joined = joined.masked_fill(is_i | is_j | ~alive, inf)
-        d = torch.where(is_i[:, :, None], joined[:, None, :], d)
-        d = torch.where(is_i[:, None, :], joined[:, :, None], d)
-        d = d.masked_fill(is_j[:, :, None] | is_j[:, None, :], inf)
+        # in place, one row and one column each: cluster i takes the joined distances, j leaves
+        d.scatter_(1, i[:, None, None].expand(B, 1, T), joined[:, None, :])
+        d.scatter_(2, i[:, None, None].expand(B, T, 1), joined[:, :, None])
+        d.scatter_(1, j[:, None, None].expand(B, 1, T), inf.expand(B, 1, T))
+        d.scatter_(2, j[:, None, None].expand(B, T, 1), inf.expand(B, T, 1))
         alive = alive & ~is_j
         label = torch.where(label == j[:, None], i[:, None], label)
     return label, alive
