@@ -35,10 +35,10 @@ LINKAGES = ("average", "complete", "single")
 
 
 def cosine_distances(metric: torch.Tensor) -> torch.Tensor:
-    """``1 - cos`` between the rows of ``metric[B, T, d]`` -> ``[B, T, T]``, computed as the
-    official code does (float32 normalised keys, one batched product), returned in float64."""
-    m = metric.float()
-    m = m / m.norm(dim=-1, keepdim=True)
+    """``1 - cos`` between the rows of ``metric[B, T, d]`` -> float64 ``[B, T, T]``, computed as the
+    official code does: normalised keys, one batched product, in the keys' dtype (the norms in float32)."""
+    norm = torch.linalg.vector_norm(metric, dim=-1, keepdim=True, dtype=torch.float32)
+    m = metric / norm.to(metric.dtype)
     return (1 - m @ m.transpose(-1, -2)).double()
 
 

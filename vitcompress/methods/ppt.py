@@ -39,9 +39,8 @@ from .tome import tome_matching
 def importance_scores(attn: torch.Tensor, v: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """ATS significance of the reducible tokens: ``attn[B, H, N, N]`` probabilities, ``v[B, H, N, d]``
     values -> float32 ``[B, N - num_prefix]`` summing to 1 per image."""
-    B, H, N, d = v.shape
     cls_attention = attn[:, :, 0].float().sum(dim=1)  # [B, N]
-    value_norm = v.float().transpose(1, 2).reshape(B, N, H * d).norm(dim=-1)
+    value_norm = torch.linalg.vector_norm(v, dim=(1, 3), dtype=torch.float32)  # all heads' values: [B, N]
     score = (cls_attention * value_norm)[:, num_prefix:]
     return score / score.sum(dim=1, keepdim=True)
 
