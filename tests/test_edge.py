@@ -65,7 +65,7 @@ def _block_of(node, consumers, hops=3):
                                     for m in STATIC_METHODS])
 def test_openvino_matches_pytorch_at_two_batch_sizes(tmp_path, method):
     pytest.importorskip("openvino")
-    assert sorted(STATIC_METHODS) == ["pitome", "tome", "zero_tprune"]
+    assert sorted(STATIC_METHODS) == ["atc", "pitome", "ppt", "tome", "zero_tprune"]
     model = vitcompress.compress(tiny_vit(depth=2), method)
     tokens = vitcompress.stats(model)["planned_tokens_per_layer"]
     assert tokens[-1] < tokens[0], "the exported model is compressed"

@@ -57,11 +57,14 @@ class Plan:
     ``keep[B, Nk]`` indexes the reducible tokens that survive, in output order.
     ``merge_src[B, Nm]`` indexes reducible tokens folded into survivors and ``merge_dst[B, Nm]``
     gives, for each, the position in ``keep`` it folds into. Tokens in neither are pruned.
+    ``merge_mask[B, Nm]`` (bool, optional): False where a listed source is pruned instead of merged,
+    so one static plan can merge in some images and prune in others (PPT's per-image choice).
     """
 
     keep: Tensor
     merge_src: Optional[Tensor] = None
     merge_dst: Optional[Tensor] = None
+    merge_mask: Optional[Tensor] = None
 
     @property
     def merges(self) -> bool:
@@ -76,7 +79,8 @@ class Signals:
     ``x[B, T, C]``: hidden states of the reducible tokens after the attention residual.
     ``attn[B, H, N, N]``: attention probabilities over all N tokens (prefix included), present only
     in layers where the method asked for them. ``cls_first``: whether the first special token is a
-    class token (a timm ViT without one may still have register tokens).
+    class token (a timm ViT without one may still have register tokens). ``v[B, H, N, d]``: the
+    attention's values over all N tokens (a reference, nothing is computed for it).
     """
 
     metric: Tensor
@@ -86,6 +90,7 @@ class Signals:
     layer: int
     num_layers: int
     cls_first: bool = True
+    v: Optional[Tensor] = None
 
 
 # --------------------------------------------------------------------------- methods

@@ -76,11 +76,21 @@ def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool =
     merges = plan.merges
     src, dst = (plan.merge_src, plan.merge_dst) if merges else (None, None)
     log = attn_bias and (merges or state.merged)
-    new_x, state.size, state.log_size = dispatch.apply_plan(x, state.size, plan.keep, src, dst, p, log)
+    size, source = state.size, state.source
+    if merges and plan.merge_mask is not None:  # sources masked off weigh nothing: they are pruned
+        size = _zero_rows(size, src + p, plan.merge_mask)
+        source = None if source is None else _zero_rows(source, src + p, plan.merge_mask)
+    new_x, state.size, state.log_size = dispatch.apply_plan(x, size, plan.keep, src, dst, p, log)
     if merges:
         state.merged = True
-    if state.source is not None:
-        state.source = dispatch.apply_plan(state.source, None, plan.keep, src, dst, p)[0]
+    if source is not None:
+        state.source = dispatch.apply_plan(source, None, plan.keep, src, dst, p)[0]
     if state.position is not None:  # kept tokens keep their positions, merged sources leave theirs
         state.position = torch.cat([state.position[:, :p], state.position[:, p:].gather(1, plan.keep)], dim=1)
     return new_x
+
+
+def _zero_rows(t: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``t[B, N, C]`` with its rows ``rows[B, M]`` zeroed where ``mask[B, M]`` is False (a copy)."""
+    index = rows.unsqueeze(-1).expand(-1, -1, t.shape[-1])
+    return t.scatter(1, index, gather_tokens(t, rows) * mask.unsqueeze(-1).to(t.dtype))
