@@ -57,11 +57,17 @@ class Plan:
     ``keep[B, Nk]`` indexes the reducible tokens that survive, in output order.
     ``merge_src[B, Nm]`` indexes reducible tokens folded into survivors and ``merge_dst[B, Nm]``
     gives, for each, the position in ``keep`` it folds into. Tokens in neither are pruned.
+
+    ``merge_weight[B, T]`` (optional, over all reducible tokens): each output token becomes the plain
+    sum of the tokens it gathers, each scaled by its weight -- the method normalises them (MCTF's
+    attention-weighted mean) or not (EViT's fused token) -- instead of the size-weighted mean;
+    sizes and sources still add up. None: the size-weighted mean.
     """
 
     keep: Tensor
     merge_src: Optional[Tensor] = None
     merge_dst: Optional[Tensor] = None
+    merge_weight: Optional[Tensor] = None
 
     @property
     def merges(self) -> bool:
@@ -76,7 +82,8 @@ class Signals:
     ``x[B, T, C]``: hidden states of the reducible tokens after the attention residual.
     ``attn[B, H, N, N]``: attention probabilities over all N tokens (prefix included), present only
     in layers where the method asked for them. ``cls_first``: whether the first special token is a
-    class token (a timm ViT without one may still have register tokens).
+    class token (a timm ViT without one may still have register tokens). ``size[B, T]``: how many
+    original patches each reducible token stands for (float32).
     """
 
     metric: Tensor
@@ -86,6 +93,7 @@ class Signals:
     layer: int
     num_layers: int
     cls_first: bool = True
+    size: Optional[Tensor] = None
 
 
 # --------------------------------------------------------------------------- methods
@@ -146,6 +154,10 @@ class ViTMethod(Method):
 
     def needs_attention(self, layer: int, num_layers: int, options: Dict[str, Any]) -> bool:
         return False
+
+    def check_model(self, num_prefix: int, cls_first: bool) -> None:
+        """Refuse, at compress time, a model whose special tokens the method cannot work with
+        (``num_prefix`` of them, the first a class token when ``cls_first``)."""
 
     def overhead_flops(self, tokens: int, num_prefix: int, remove: int, num_heads: int, head_dim: int,
                        layer: int, num_layers: int, options: Dict[str, Any]) -> int:

@@ -70,13 +70,18 @@ def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool =
     reference, gather + ``scatter_add`` then divide), and one more for the source map when it is
     traced (a plain sum of rows, by the same primitive); tracked positions follow the kept tokens.
     With ``attn_bias`` (proportional attention follows) the same call also writes ``log(size)`` for
-    the next block's attention.
+    the next block's attention. A plan with ``merge_weight`` (weighted sums instead of the size-weighted
+    mean) runs the torch reference of that primitive on every device.
     """
     p = state.num_prefix
     merges = plan.merges
     src, dst = (plan.merge_src, plan.merge_dst) if merges else (None, None)
     log = attn_bias and (merges or state.merged)
-    new_x, state.size, state.log_size = dispatch.apply_plan(x, state.size, plan.keep, src, dst, p, log)
+    if plan.merge_weight is None:
+        new_x, state.size, state.log_size = dispatch.apply_plan(x, state.size, plan.keep, src, dst, p, log)
+    else:
+        new_x, state.size, state.log_size = dispatch.apply_weighted_plan(x, state.size, plan.keep, src, dst,
+                                                                         plan.merge_weight, p, log)
     if merges:
         state.merged = True
     if state.source is not None:

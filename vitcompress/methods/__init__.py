@@ -2,14 +2,17 @@
 from typing import Dict, List, Optional
 
 from ..interfaces import TARGETS, Method
+from .evit import EViT
 from .focus_detr import FocusDETR
+from .mctf import MCTF
 from .pitome import PiToMe
 from .quota import QuoTA
 from .tokencorr import TokenCorr
 from .tome import ToMe
 from .zero_tprune import ZeroTPrune
 
-REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), FocusDETR(), TokenCorr(), QuoTA())}
+REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), EViT(), MCTF(), FocusDETR(), TokenCorr(),
+                                                  QuoTA())}
 
 
 def get(name: str) -> Method:
