@@ -35,7 +35,9 @@ normalisation (:meth:`MCTF.overhead_flops`).
 Defaults from the official evaluation script (``run/eval_deit_s_mctf.sh``: ``tau`` 1 / 20 / 40,
 bidirectional, proportional attention, blocks 1-11 of 12, ``r = 16``). The similarity uses the hidden
 states after the attention residual (the official code, fusing before the attention, uses the block's
-input). At least 9 reducible tokens stay (the official code keeps 10, class token included).
+input). A block fuses at most half its reducible tokens and leaves at least 9 (the official code keeps
+10, class token included), silently clamping ``r`` as the official code does (``clamp=False`` refuses
+an ``r`` too large instead).
 """
 import torch
 
@@ -43,18 +45,19 @@ from ..interfaces import Plan, Signals, ViTMethod
 
 
 def received_attention(attn: torch.Tensor) -> torch.Tensor:
-    """Attention each token receives, averaged over heads and queries: ``[B, H, N, N]`` -> ``[B, N]`` float32."""
-    return attn.float().mean(dim=(1, 2))
+    """Attention each token receives, averaged over heads and queries: ``[B, H, N, N]`` -> ``[B, N]`` float32
+    (accumulated in float32, no float32 copy of a half-precision attention)."""
+    return attn.mean(dim=(1, 2), dtype=torch.float32)
 
 
 def mctf_scores(x: torch.Tensor, inform: torch.Tensor, inv_size: torch.Tensor, a_idx: torch.Tensor,
                 b_idx: torch.Tensor, tau_sim: float, tau_info: float, tau_size: float) -> torch.Tensor:
-    """The multi-criteria score ``[B, Na, Nb]`` of every A token against every B token."""
-    metric = x.float()
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    """The multi-criteria score ``[B, Na, Nb]`` of every A token against every B token (float32; the
+    similarity is computed in the tokens' dtype)."""
+    metric = x / x.norm(dim=-1, keepdim=True)
     a, b = metric[:, a_idx], metric[:, b_idx]
     if tau_sim:
-        scores = ((a @ b.transpose(1, 2) + 1) / 2) ** (1 / tau_sim)
+        scores = (((a @ b.transpose(1, 2)).float() + 1) / 2) ** (1 / tau_sim)
     else:
         scores = torch.ones(a.shape[0], a.shape[1], b.shape[1], device=x.device)
     if tau_info:
@@ -137,15 +140,17 @@ def _is_tau(v) -> bool:
 class MCTF(ViTMethod):
     name = "mctf"
     kind = "merge"
-    defaults = {"tau_sim": 1.0, "tau_info": 20.0, "tau_size": 40.0, "bidirection": True, "layers": None}
-    # the official r=16 in blocks 1-11 of DeiT-S (224 px), as a fraction of its FLOPs counted here
-    default_budget = {"flops": 0.578}
+    defaults = {"tau_sim": 1.0, "tau_info": 20.0, "tau_size": 40.0, "bidirection": True, "layers": None,
+                "clamp": True}
+    default_budget = {"r": 16}  # the official evaluation script's, in every block but the first
     option_help = {
         "tau_sim": "temperature of the similarity criterion (0 leaves it out)",
         "tau_info": "temperature of the informativeness criterion, 1 / attention received (0 leaves it out)",
         "tau_size": "temperature of the size criterion, 1 / size (0 leaves it out)",
         "bidirection": "bidirectional matching: r // 2 tokens A -> B, then r - r // 2 tokens B -> unmerged A",
         "layers": "block indices that fuse (None: every block but the first, as the official scripts)",
+        "clamp": "fuse at most what each block can (half its tokens, 9 left), silently as the official code does, "
+                 "instead of refusing an r too large for the model",
     }
 
     def validate(self, options) -> None:
@@ -156,6 +161,9 @@ class MCTF(ViTMethod):
         if layers is not None and (not isinstance(layers, (list, tuple))
                                    or not all(_is_int(v) and v >= 0 for v in layers)):
             raise ValueError(f"mctf layers={layers!r}: give None (every block but the first) or a list of block indices")
+
+    def clamps(self, options) -> bool:
+        return options["clamp"]
 
     def reduces(self, layer, num_layers, options) -> bool:
         layers = options["layers"]
