@@ -42,6 +42,7 @@ an ``r`` too large instead).
 import torch
 
 from ..interfaces import Plan, Signals, ViTMethod
+from ..kernels import dispatch
 
 
 def received_attention(attn: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ def mctf_plan(x: torch.Tensor, attn: torch.Tensor, size: torch.Tensor, r: int, n
     n_b = b_idx.shape[0]
 
     node_max, node_idx = scores.max(dim=-1)
-    edge_idx = node_max.argsort(dim=-1, descending=True)
+    edge_idx = dispatch.topk_indices(node_max, node_max.shape[1])  # best match first (the official argsort)
     src1, unm = edge_idx[:, :r1], edge_idx[:, r1:]
     dst1 = node_idx.gather(1, src1)  # positions in B
     if p > 0:  # the official code sorts the unmerged A tokens when it protects tokens
@@ -102,7 +103,7 @@ def mctf_plan(x: torch.Tensor, attn: torch.Tensor, size: torch.Tensor, r: int, n
     if bidirection:
         to_unm = scores.gather(1, unm.unsqueeze(-1).expand(-1, -1, n_b)).transpose(1, 2)  # [B, Nb, Nu]
         node_max2, node_idx2 = to_unm.max(dim=-1)
-        edge_idx2 = node_max2.sort(dim=-1, descending=True).indices
+        edge_idx2 = dispatch.topk_indices(node_max2, n_b)
         src2, unm2 = edge_idx2[:, :r2], edge_idx2[:, r2:]
         dst2 = node_idx2.gather(1, src2)  # positions among the unmerged A tokens
         # where each B token ends up in the output: its own slot after the A tokens, or its A token's
