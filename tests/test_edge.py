@@ -65,10 +65,9 @@ def _block_of(node, consumers, hops=3):
                                     for m in STATIC_METHODS])
 def test_openvino_matches_pytorch_at_two_batch_sizes(tmp_path, method):
     pytest.importorskip("openvino")
-    assert sorted(STATIC_METHODS) == ["atc", "pitome", "ppt", "tome", "zero_tprune"]
+    assert {"atc", "evit", "mctf", "pitome", "ppt", "tome", "zero_tprune"} <= set(STATIC_METHODS)
     model = vitcompress.compress(tiny_vit(depth=2), method)
-    tokens = vitcompress.stats(model)["planned_tokens_per_layer"]
-    assert tokens[-1] < tokens[0], "the exported model is compressed"
+    assert sum(vitcompress.stats(model)["schedule"]) > 0, "the exported model is compressed"
     path = str(tmp_path / f"{method}.onnx")
     report = export_onnx(model, path, (2, 3, 32, 32), runtime="openvino", check_batches=(1, 3), verbose=False)
     assert report.runtime == "openvino" and sorted(report.checks) == ["random, batch 1", "random, batch 3"]

@@ -79,8 +79,7 @@ def test_onnxruntime_matches_pytorch_at_two_batch_sizes(exported, name, method):
     model, _, report, path = exported(name, method)
     image = MODELS[name][1]
     session = _session(path)
-    tokens = vitcompress.stats(model)["planned_tokens_per_layer"]
-    assert tokens[-1] < tokens[0], "the exported model is compressed"
+    assert sum(vitcompress.stats(model)["schedule"]) > 0, "the exported model is compressed"
     torch.manual_seed(1)
     for batch in (1, 4):  # neither is the traced batch (2)
         x = torch.randn((batch,) + image)

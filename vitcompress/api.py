@@ -27,7 +27,8 @@ def option_defaults(method) -> Dict[str, Any]:
     (for a ViT method) the common ones."""
     defaults = dict(method.defaults)
     if method.target == "vit":
-        defaults.update(prop_attn=method.kind == "merge", trace_source=False)
+        # a method may set its own proportional-attention default (EViT's official code has none)
+        defaults.update(prop_attn=defaults.get("prop_attn", method.kind == "merge"), trace_source=False)
     return defaults
 
 

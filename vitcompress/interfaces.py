@@ -59,12 +59,18 @@ class Plan:
     gives, for each, the position in ``keep`` it folds into. Tokens in neither are pruned.
     ``merge_mask[B, Nm]`` (bool, optional): False where a listed source is pruned instead of merged,
     so one static plan can merge in some images and prune in others (PPT's per-image choice).
+
+    ``merge_weight[B, T]`` (optional, over all reducible tokens): each output token becomes the plain
+    sum of the tokens it gathers, each scaled by its weight -- the method normalises them (MCTF's
+    attention-weighted mean) or not (EViT's fused token) -- instead of the size-weighted mean;
+    sizes and sources still add up. None: the size-weighted mean.
     """
 
     keep: Tensor
     merge_src: Optional[Tensor] = None
     merge_dst: Optional[Tensor] = None
     merge_mask: Optional[Tensor] = None
+    merge_weight: Optional[Tensor] = None
 
     @property
     def merges(self) -> bool:
@@ -80,7 +86,8 @@ class Signals:
     ``attn[B, H, N, N]``: attention probabilities over all N tokens (prefix included), present only
     in layers where the method asked for them. ``cls_first``: whether the first special token is a
     class token (a timm ViT without one may still have register tokens). ``v[B, H, N, d]``: the
-    attention's values over all N tokens (a reference, nothing is computed for it).
+    attention's values over all N tokens (a reference, nothing is computed for it). ``size[B, T]``: how
+    many original patches each reducible token stands for (float32).
     """
 
     metric: Tensor
@@ -91,6 +98,7 @@ class Signals:
     num_layers: int
     cls_first: bool = True
     v: Optional[Tensor] = None
+    size: Optional[Tensor] = None
 
 
 # --------------------------------------------------------------------------- methods
@@ -151,6 +159,10 @@ class ViTMethod(Method):
 
     def needs_attention(self, layer: int, num_layers: int, options: Dict[str, Any]) -> bool:
         return False
+
+    def check_model(self, num_prefix: int, cls_first: bool) -> None:
+        """Refuse, at compress time, a model whose special tokens the method cannot work with
+        (``num_prefix`` of them, the first a class token when ``cls_first``)."""
 
     def overhead_flops(self, tokens: int, num_prefix: int, remove: int, num_heads: int, head_dim: int,
                        layer: int, num_layers: int, options: Dict[str, Any]) -> int:

@@ -108,6 +108,6 @@ def _attend_and_reduce(parts: BlockParts, runtime: BlockRuntime, forward: Forwar
     with torch.no_grad():
         signals = Signals(metric=k.mean(dim=1)[:, p:], x=x[:, p:], attn=probs, num_prefix=p,
                           layer=layer, num_layers=schedule.depth,
-                          cls_first=runtime.adapter.cls_first, v=v)
+                          cls_first=runtime.adapter.cls_first, v=v, size=state.size[:, p:, 0])
         plan = runtime.method.plan(signals, remove, runtime.options)
     return apply_plan(x, state, plan, attn_bias=runtime.prop_attn)

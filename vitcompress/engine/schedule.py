@@ -106,6 +106,9 @@ def build_schedule(method: Method, options: Dict[str, Any], kind: str, value, nu
                    num_prefix: int, depth: int, clamp: bool = False) -> Schedule:
     """Turn a ``keep`` or ``r`` budget into a checked schedule for ``num_patches`` input patches.
 
+    An int ``r`` (or a ramp) applies to the blocks the method reduces in; a per-block list that asks a
+    block the method does not reduce in to remove tokens is an error.
+
     A block asked to remove more than the method can is an error, or with ``clamp`` removes what it
     can (as ToMe does): for token counts other than the one the budget was checked at.
     """
@@ -118,7 +121,7 @@ def build_schedule(method: Method, options: Dict[str, Any], kind: str, value, nu
         if kind == "keep":
             n = method.remove_for_keep(t, num_prefix, value) if reduces else 0
         else:
-            n = requested[layer]
+            n = requested[layer] if reduces or isinstance(value, list) else 0  # an int r: per reducing block
             if n and not reduces:
                 raise ValueError(f"r asks block {layer} to remove {n} tokens, but {method.name} does not reduce "
                                  f"in that block; set its entry to 0")

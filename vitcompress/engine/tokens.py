@@ -70,7 +70,8 @@ def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool =
     reference, gather + ``scatter_add`` then divide), and one more for the source map when it is
     traced (a plain sum of rows, by the same primitive); tracked positions follow the kept tokens.
     With ``attn_bias`` (proportional attention follows) the same call also writes ``log(size)`` for
-    the next block's attention.
+    the next block's attention. A plan with ``merge_weight`` (weighted sums instead of the size-weighted
+    mean) runs the torch reference of that primitive on every device.
     """
     p = state.num_prefix
     merges = plan.merges
@@ -78,9 +79,15 @@ def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool =
     log = attn_bias and (merges or state.merged)
     size, source = state.size, state.source
     if merges and plan.merge_mask is not None:  # sources masked off weigh nothing: they are pruned
+        if plan.merge_weight is not None:
+            raise ValueError("a plan masks its merges (merge_mask) or weighs them (merge_weight), not both")
         size = _zero_rows(size, src + p, plan.merge_mask)
         source = None if source is None else _zero_rows(source, src + p, plan.merge_mask)
-    new_x, state.size, state.log_size = dispatch.apply_plan(x, size, plan.keep, src, dst, p, log)
+    if plan.merge_weight is None:
+        new_x, state.size, state.log_size = dispatch.apply_plan(x, size, plan.keep, src, dst, p, log)
+    else:
+        new_x, state.size, state.log_size = dispatch.apply_weighted_plan(x, size, plan.keep, src, dst,
+                                                                         plan.merge_weight, p, log)
     if merges:
         state.merged = True
     if source is not None:

@@ -147,3 +147,9 @@ def apply_plan(x, size, keep, merge_src=None, merge_dst=None, num_prefix=0, log_
     """A plan executed on ``x`` and its sizes: ``(new x, new sizes, their log or None)``
     (:func:`.reference.apply_plan`)."""
     return _pick("apply_plan", x)(x, size, keep, merge_src, merge_dst, num_prefix, log_size)
+
+
+def apply_weighted_plan(x, size, keep, merge_src, merge_dst, weight, num_prefix=0, log_size=False):
+    """A plan whose outputs are weighted sums (:func:`.reference.apply_weighted_plan`). No Triton
+    kernel knows the weights: the torch reference runs on every device."""
+    return reference.apply_weighted_plan(x, size, keep, merge_src, merge_dst, weight, num_prefix, log_size)

@@ -122,6 +122,21 @@ def apply_plan(x: torch.Tensor, size: Optional[torch.Tensor], keep: torch.Tensor
     return new_x, new_size, log
 
 
+def apply_weighted_plan(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor, merge_src: Optional[torch.Tensor],
+                        merge_dst: Optional[torch.Tensor], weight: torch.Tensor, num_prefix: int = 0,
+                        log_size: bool = False
+                        ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`apply_plan` with each output row the plain sum ``sum(weight_i * x_i)`` of the rows it
+    gathers, ``weight[B, T]`` one per reducible row (the special rows pass unchanged); the caller
+    chooses whether the weights of a row's group sum to 1. Sizes ``size[B, N, 1]`` still add up."""
+    weight = weight.to(x.dtype).unsqueeze(-1)
+    if num_prefix:
+        weight = torch.cat([weight.new_ones(weight.shape[0], num_prefix, 1), weight], dim=1)
+    new_x = apply_plan(x * weight, None, keep, merge_src, merge_dst, num_prefix)[0]
+    new_size = apply_plan(size, None, keep, merge_src, merge_dst, num_prefix)[0]
+    return new_x, new_size, (new_size.log().to(x.dtype) if log_size else None)
+
+
 def _with_prefix(idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """Indices into the reducible tokens -> indices into the whole sequence, prefix first."""
     if num_prefix == 0:

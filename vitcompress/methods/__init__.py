@@ -3,7 +3,9 @@ from typing import Dict, List, Optional
 
 from ..interfaces import TARGETS, Method
 from .atc import ATC
+from .evit import EViT
 from .focus_detr import FocusDETR
+from .mctf import MCTF
 from .pitome import PiToMe
 from .ppt import PPT
 from .quota import QuoTA
@@ -11,8 +13,8 @@ from .tokencorr import TokenCorr
 from .tome import ToMe
 from .zero_tprune import ZeroTPrune
 
-REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), FocusDETR(), TokenCorr(), QuoTA(),
-                                                   PPT(), ATC())}
+REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), EViT(), MCTF(), PPT(), ATC(),
+                                                   FocusDETR(), TokenCorr(), QuoTA())}
 
 
 def get(name: str) -> Method:

@@ -36,6 +36,7 @@ class ViTRuntime:
         self.trace_source = common.trace_source
         self.requested = budget
         self.patcher = Patcher()
+        method.check_model(adapter.num_prefix, adapter.cls_first)
         self.plan(adapter.num_patches)  # fail at compress time, not mid-forward
         self._forward = PerThread()
 

@@ -1,0 +1,163 @@
+"""EViT: the plan against a direct computation, token counts per block, special tokens, the fused token's
+size and sources, restore, batch 1, bf16, the FLOPs budget, torch.compile, and the class-token refusal.
+Parity with the official code: tests/test_official_evit_mctf.py."""
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import vitcompress
+from vitcompress.kernels import reference
+from vitcompress.methods.evit import cls_attention, default_layers, evit_plan
+from vitcompress.profile.flops import count_flops
+from vitcompress.testing import random_images, tiny_vit
+
+X = random_images(3)
+
+
+def run(model, x=X):
+    with torch.no_grad():
+        return model(x)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@pytest.mark.parametrize("T,remove", [(10, 3), (64, 18), (7, 5)])
+def test_plan_keeps_the_most_attended_and_fuses_the_rest_unnormalised(T, remove):
+    """Direct computation: the top ``T - remove - 1`` tokens by class attention (highest first), then
+    ``sum_i a_i x_i`` over the others -- not divided by ``sum_i a_i`` -- with their summed size."""
+    g = torch.Generator().manual_seed(T)
+    B, p, C = 2, 1, 5
+    attn = torch.randn(B, 3, p + T, p + T, generator=g).softmax(-1)
+    x = torch.randn(B, p + T, C, generator=g)
+    size = torch.randint(1, 4, (B, p + T, 1), generator=g).float()
+    size[:, :p] = 1
+    a = attn[:, :, 0, p:].mean(1)
+    assert torch.equal(cls_attention(attn, p), a)
+    plan = evit_plan(a, remove)
+    out, new_size, _ = reference.apply_weighted_plan(x, size, plan.keep, plan.merge_src, plan.merge_dst,
+                                                     plan.merge_weight, p)
+    left = T - remove - 1
+    assert out.shape == (B, p + left + 1, C)
+    for b in range(B):
+        ranked = sorted(range(T), key=lambda i: -float(a[b, i]))
+        top, rest = ranked[:left], ranked[left:]
+        assert torch.equal(out[b, :p], x[b, :p])
+        assert torch.equal(out[b, p:p + left], x[b, [p + i for i in top]])
+        fused = sum(float(a[b, i]) * x[b, p + i].double() for i in rest)
+        assert torch.allclose(out[b, -1].double(), fused, atol=1e-6)
+        assert float(new_size[b, -1]) == sum(float(size[b, p + i]) for i in rest)
+
+
+def test_default_layers_are_the_official_ones_for_twelve_blocks():
+    assert default_layers(12) == [3, 6, 9]
+    assert default_layers(4) == [1, 2, 3] and default_layers(6) == [1, 3, 4] and default_layers(2) == [0, 1]
+
+
+# --------------------------------------------------------------------------- on a model
+
+
+def tokens_after(t, keep):
+    """The official count: ``ceil(keep * t)`` kept as they are, plus the fused token."""
+    return math.ceil(keep * t) + 1
+
+
+def test_token_counts_per_block_are_the_official_keep_rate_schedule():
+    model = vitcompress.compress(tiny_vit(), "evit")  # keep=0.7 in blocks 1, 2, 3 of 4
+    run(model)
+    st = vitcompress.stats(model)
+    t1 = tokens_after(64, 0.7)
+    t2 = tokens_after(t1, 0.7)
+    want = [65, 65, 1 + t1, 1 + t2]
+    assert st["budget"] == "keep=0.7" and st["tokens_per_layer"] == st["planned_tokens_per_layer"] == want
+    assert st["size"].shape[1] == 1 + tokens_after(t2, 0.7)
+    assert st["options"]["prop_attn"] is False  # the official EViT has no proportional attention
+
+
+def test_layers_option_and_its_errors():
+    model = vitcompress.compress(tiny_vit(), "evit", keep=0.5, layers=[0, 2])
+    run(model)
+    assert vitcompress.stats(model)["tokens_per_layer"] == [65, 1 + 33, 1 + 33, 1 + 18]
+    with pytest.raises(ValueError, match="blocks 0..3"):
+        vitcompress.compress(tiny_vit(), "evit", layers=[5])
+    with pytest.raises(ValueError, match="list of block indices"):
+        vitcompress.compress(tiny_vit(), "evit", layers=3)
+
+
+@pytest.mark.parametrize("kwargs", [dict(class_token=False, global_pool="avg"),
+                                    dict(class_token=False, reg_tokens=2, global_pool="avg")])
+def test_refuses_a_model_without_class_token_in_one_line(kwargs):
+    with pytest.raises(ValueError, match=r"no class token; use a method that needs none \(tome") as err:
+        vitcompress.compress(tiny_vit(**kwargs), "evit")
+    assert "\n" not in str(err.value)
+
+
+def test_special_tokens_are_kept_and_sources_cover_every_patch_once():
+    """Registers beside the class token: never scored, fused or moved; every patch in exactly one
+    token; each token's size is the patches it covers; the fused token covers what it fused."""
+    model = vitcompress.compress(tiny_vit(reg_tokens=3), "evit", keep=0.6, trace_source=True)
+    run(model)
+    st = vitcompress.stats(model)
+    source, size = st["source"], st["size"]
+    p = 4
+    assert torch.equal(source[:, :p, :p], torch.eye(p).expand(3, p, p))
+    assert source[:, :p, p:].sum() == 0 and source[:, p:, :p].sum() == 0
+    assert torch.equal(source.sum(1), torch.ones(3, p + 64))
+    assert torch.equal(source.sum(2, keepdim=True), size)
+    assert (size[:, -1, 0] > 1).all()  # the last token is the fused one
+
+
+def test_restore_is_bit_exact():
+    model = tiny_vit()
+    before = run(model)
+    vitcompress.compress(model, "evit")
+    assert not torch.allclose(run(model), before, atol=1e-4)
+    vitcompress.restore(model)
+    assert torch.equal(run(model), before)
+
+
+def test_batch_of_one_equals_the_batch():
+    model = vitcompress.compress(tiny_vit(), "evit", keep=0.5)
+    batch = run(model)
+    for i in range(X.shape[0]):
+        assert torch.allclose(run(model, X[i:i + 1]), batch[i:i + 1], atol=1e-5)
+
+
+def test_bfloat16_runs_the_planned_schedule():
+    model = tiny_vit().to(torch.bfloat16)
+    want = run(vitcompress.compress(tiny_vit(), "evit"))
+    vitcompress.compress(model, "evit")
+    got = run(model, X.to(torch.bfloat16))
+    st = vitcompress.stats(model)
+    assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert st["tokens_per_layer"] == st["planned_tokens_per_layer"]
+    assert torch.allclose(got.float(), want, atol=0.1)
+
+
+def test_flops_budget_is_met_as_counted():
+    model = tiny_vit()
+    base = count_flops(model, X[:1])
+    vitcompress.compress(model, "evit", flops=0.7)
+    counted = count_flops(model, X[:1])
+    assert abs(counted / base - 0.7) <= 0.02 * 0.7
+    runtime = model._vitcompress
+    planned = runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
+    # the fused token's size is not traced without proportional attention: fvcore drops that scatter-add
+    assert 0 <= planned - counted <= sum(runtime.schedule.remove)
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++")),
+                    reason="torch.compile's inductor backend needs a C++ compiler on a CPU")
+@pytest.mark.slow
+def test_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    model = vitcompress.compress(tiny_vit(depth=2), "evit")
+    with torch.no_grad():
+        want = model(X)
+        got = torch.compile(model, fullgraph=True)(X)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    st = vitcompress.stats(model)
+    assert st["tokens_per_layer"] == st["planned_tokens_per_layer"] != [65, 65]
