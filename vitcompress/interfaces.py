@@ -57,11 +57,15 @@ class Plan:
     ``keep[B, Nk]`` indexes the reducible tokens that survive, in output order.
     ``merge_src[B, Nm]`` indexes reducible tokens folded into survivors and ``merge_dst[B, Nm]``
     gives, for each, the position in ``keep`` it folds into. Tokens in neither are pruned.
+    ``merge_norm``: None merges to the size-weighted average; ``"max"`` is MLERP (ToFu): a token
+    that received merges keeps the average's direction and takes the largest norm among the tokens
+    folded into it (its own included).
     """
 
     keep: Tensor
     merge_src: Optional[Tensor] = None
     merge_dst: Optional[Tensor] = None
+    merge_norm: Optional[str] = None
 
     @property
     def merges(self) -> bool:

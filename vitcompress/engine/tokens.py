@@ -70,13 +70,16 @@ def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool =
     reference, gather + ``scatter_add`` then divide), and one more for the source map when it is
     traced (a plain sum of rows, by the same primitive); tracked positions follow the kept tokens.
     With ``attn_bias`` (proportional attention follows) the same call also writes ``log(size)`` for
-    the next block's attention.
+    the next block's attention. A plan with a ``merge_norm`` (ToFu's MLERP) then rescales the merged
+    tokens (:func:`.reference.merged_norms`; a torch op on every device, after the fused apply).
     """
     p = state.num_prefix
     merges = plan.merges
     src, dst = (plan.merge_src, plan.merge_dst) if merges else (None, None)
     log = attn_bias and (merges or state.merged)
     new_x, state.size, state.log_size = dispatch.apply_plan(x, state.size, plan.keep, src, dst, p, log)
+    if merges and plan.merge_norm is not None:  # MLERP: the average's direction, the inputs' norm
+        new_x = dispatch.merged_norms(x, new_x, plan.keep, src, dst, p, plan.merge_norm)
     if merges:
         state.merged = True
     if state.source is not None:

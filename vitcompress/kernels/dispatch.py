@@ -147,3 +147,9 @@ def apply_plan(x, size, keep, merge_src=None, merge_dst=None, num_prefix=0, log_
     """A plan executed on ``x`` and its sizes: ``(new x, new sizes, their log or None)``
     (:func:`.reference.apply_plan`)."""
     return _pick("apply_plan", x)(x, size, keep, merge_src, merge_dst, num_prefix, log_size)
+
+
+def merged_norms(x, merged, keep, merge_src, merge_dst, num_prefix=0, how="max"):
+    """A merge's norms set by ``how`` (:func:`.reference.merged_norms`). No fused kernel: the torch
+    reference on every device, run after :func:`apply_plan` (whose kernel computes the average)."""
+    return reference.merged_norms(x, merged, keep, merge_src, merge_dst, num_prefix, how)
