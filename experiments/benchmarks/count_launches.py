@@ -24,7 +24,7 @@ import os
 import sys
 from collections import Counter
 
-AIMS = {"tome": 18, "pitome": 18, "zero_tprune": 35}
+AIMS = {"tome": 18, "pitome": 18, "zero_tprune": 35, "tofu": 32}
 DEFAULT_SETTINGS = ["tome:r=4", "pitome:keep=0.9", "zero_tprune:keep=0.9"]
 DEEP_SETTINGS = ["tome:r=13", "pitome:keep=0.9", "zero_tprune:flops=0.653"]
 
