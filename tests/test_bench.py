@@ -146,3 +146,23 @@ def test_eval_imagenet_runs_on_an_imagefolder(tmp_path):
     top1 = float(lines["uncompressed"][1].rstrip("%"))
     assert top1 >= 80.0  # the trained model on real images, through PNG files and the folder loader
     assert float(lines["pitome"][3]) < float(lines["uncompressed"][3])  # fewer GFLOPs
+
+
+def test_bench_methods_default_set_all_and_every_registered_vit_method():
+    import argparse
+    from vitcompress.cli import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+
+    def methods(argv):
+        args = parser.parse_args(argv + ["--flops", "0.7"])
+        bench.check_arguments(args, parser)
+        return [method for _, method, _ in args.parsed_settings]
+
+    registered = vitcompress.list_methods("vit")
+    assert methods([]) == [m for m in bench.DEFAULT_METHODS if m in registered] and "tofu" in methods([])
+    assert methods(["--methods", "all"]) == registered
+    assert methods(["--methods"] + registered) == registered
+    with pytest.raises(SystemExit):
+        methods(["--methods", "tome", "no_such_method"])

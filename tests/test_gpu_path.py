@@ -46,7 +46,8 @@ count_launches = load_script("benchmarks/count_launches.py")
 
 #: the ViT methods with a static schedule, each at a budget that reduces in every block of a 2-block ViT
 VIT_SETTINGS = [("tome", dict(r=4)), ("pitome", dict(keep=0.9)), ("zero_tprune", dict(keep=0.9)),
-                ("evit", dict(keep=0.9)), ("mctf", dict(r=4, layers=[0, 1]))]
+                ("evit", dict(keep=0.9)), ("mctf", dict(r=4, layers=[0, 1])),
+                ("tofu", dict(r=4))]
 #: blocks these settings reduce in of the 4-block ViT where launches are counted (others: all 4)
 REDUCING_OF_FOUR = {"evit": 3, "mctf": 2}
 #: the methods whose scoring reads the attention probabilities (materialised in their reducing blocks)
@@ -75,7 +76,8 @@ def test_vit_settings_cover_every_static_vit_method():
 @pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_launch_counts_within_the_aims(kernels, dtype):
     """The count script's own numbers on a small ViT: an uncompressed block is about ten launches,
-    a reducing block of tome / pitome at most 18 and of zero_tprune at most 35 (Triton forced)."""
+    a reducing block of tome / pitome at most 18, of zero_tprune at most 35 and of tofu at most 32
+    (its MLERP rescale is torch ops after the fused apply; Triton forced)."""
     kernels("triton")
     settings = [f"{m}:" + ",".join(f"{k}={v}" for k, v in b.items()) for m, b in VIT_SETTINGS]
     rows = count_launches.measure("tiny", settings, device=DEVICE, dtype=dtype, batch_size=2)

@@ -64,6 +64,10 @@ class Plan:
     sum of the tokens it gathers, each scaled by its weight -- the method normalises them (MCTF's
     attention-weighted mean) or not (EViT's fused token) -- instead of the size-weighted mean;
     sizes and sources still add up. None: the size-weighted mean.
+
+    ``merge_norm`` (optional): None merges to the size-weighted average; ``"max"`` is MLERP (ToFu): a token
+    that received merges keeps the average's direction and takes the largest norm among the tokens
+    folded into it (its own included). A plan sets at most one of the three.
     """
 
     keep: Tensor
@@ -71,6 +75,7 @@ class Plan:
     merge_dst: Optional[Tensor] = None
     merge_mask: Optional[Tensor] = None
     merge_weight: Optional[Tensor] = None
+    merge_norm: Optional[str] = None
 
     @property
     def merges(self) -> bool:

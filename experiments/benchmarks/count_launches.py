@@ -26,7 +26,7 @@ from collections import Counter
 
 # evit / mctf: what they measured (41 / 95 on the 4-block tiny ViT, Triton forced) plus a margin -- their weighted
 # merges run the torch reference, and MCTF's criteria and bidirectional matching are many small ops
-AIMS = {"tome": 18, "pitome": 18, "zero_tprune": 35, "evit": 45, "mctf": 100}
+AIMS = {"tome": 18, "pitome": 18, "zero_tprune": 35, "evit": 45, "mctf": 100, "tofu": 32}
 DEFAULT_SETTINGS = ["tome:r=4", "pitome:keep=0.9", "zero_tprune:keep=0.9"]
 DEEP_SETTINGS = ["tome:r=13", "pitome:keep=0.9", "zero_tprune:flops=0.653"]
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 r"""Feature fidelity and linear-probe top-1 of every ViT method on a real pretrained ViT, offline.
 
-    python experiments/studies/fidelity_table.py                          # the table (about 20 min on 2 cores)
-    python experiments/studies/fidelity_table.py --num-train 500 --num-test 200 --json out.json
+    python experiments/studies/fidelity_table.py                          # the table, every registered ViT method
+    python experiments/studies/fidelity_table.py --num-train 300 --num-test 100 --num-photos 32 --seeds 1 \
+        --reference-images 1000 --speed-runs 3 --methods tome tofu      # a reduced run (minutes)
     python experiments/studies/fidelity_table.py --zt-extra s_ratio=1.0   # + rows for a Zero-TPrune option set
     python experiments/studies/fidelity_table.py --ablation               # Zero-TPrune ablations at flops=0.7
     python experiments/studies/fidelity_table.py --diagnose               # which blocks' rankings beat chance
@@ -20,9 +21,10 @@ normalised with the model's mean/std (ImageNet's for the real ViT-S/14). ``--num
 each dataset's train split and ``--num-test`` of its test split are drawn at random (seeded,
 the same for every method).
 
-For each method (tome, pitome, zero_tprune) at each ``--flops`` target, and for random pruning
-at exactly Zero-TPrune's schedule (the same tokens removed in every block; uniformly random
-choice of the kept tokens; ``--seeds`` seeds, mean and spread reported):
+For each method (``--methods``; by default every registered ViT method,
+``vitcompress.list_methods("vit")``) at each ``--flops`` target, and for random pruning at exactly
+that method's schedule (the same tokens removed in every block; uniformly random choice of the kept
+tokens; ``--seeds`` seeds, mean and spread reported):
 
 * ``MACs``: fvcore multiply-adds of the whole compressed model / uncompressed
   (``vitcompress.count_flops``), and ``block MACs``: the same for the transformer blocks alone
@@ -32,6 +34,19 @@ choice of the kept tokens; ``--seeds`` seeds, mean and spread reported):
 * ``top-1``: a linear probe (multinomial logistic regression, L2 chosen on a held-out fifth of the
   train split) fitted on the *uncompressed* model's embeddings of the train split and evaluated on
   the compressed model's embeddings of the test split.
+
+* ``DeiT-S speedup``: images/s of the DeiT-S architecture (timm ``deit_small_patch16_224``, random
+  weights: its cost does not depend on them) compressed by the method at the same ``--flops``
+  target (random pruning: at that method's DeiT-S schedule) over the uncompressed one, measured in
+  the same run: batch ``--speed-batch`` (16), float32, every configuration timed once per round,
+  ``--speed-runs`` interleaved rounds, the median round; device, threads and the load average are
+  printed beside the table (``--speed-runs 0``: no speed column).
+
+Then the same methods and budgets on the embedded reference model
+(``vitcompress.evaluation.reference_model``, a ViT trained on Fashion-MNIST; its first
+``--reference-images`` test images, all 3,000 by default): top-1 and agreement with the
+uncompressed model's top-1, random pruning at each method's schedule on that model
+(``--reference-images 0``: skipped).
 
 Embeddings are cached (``embeddings/`` in ``$VITCOMPRESS_CACHE`` or ``~/.cache/vitcompress``), keyed by
 model, data, configuration and the source of the method's module, so re-runs and the ablation
@@ -66,14 +81,15 @@ import vitcompress  # noqa: E402
 from vitcompress.evaluation import models, realvit  # noqa: E402
 from vitcompress.evaluation.offline_data import (DATASETS, FASHION_DIR, PHOTOS, cache_dir, load_digits,  # noqa: E402
                                                  load_photos, to_input)
+from vitcompress.cli.report import hardware  # noqa: E402
 from vitcompress.interfaces import Plan, ViTMethod, runtime_of  # noqa: E402
 from vitcompress.methods import REGISTRY  # noqa: E402
 from vitcompress.testing import RandomPrune  # noqa: E402
 
 zt = importlib.import_module("vitcompress.methods.zero_tprune")  # vitcompress.methods is also a function
 
-METHODS = ("tome", "pitome", "zero_tprune")
 FLOPS = (0.85, 0.7, 0.55)
+SPEED_MODEL = "deit_small_patch16_224"
 
 
 # --------------------------------------------------------------------------- methods defined here
@@ -116,6 +132,11 @@ class RankPrune(ViTMethod):
 
 for _m in (RandomPrune(), RankPrune()):
     REGISTRY.setdefault(_m.name, _m)
+
+
+def vit_methods() -> List[str]:
+    """Every registered ViT method (the ones defined here for comparison left out)."""
+    return [m for m in vitcompress.list_methods("vit") if m not in (RandomPrune.name, RankPrune.name)]
 
 
 # --------------------------------------------------------------------------- model
@@ -325,7 +346,9 @@ class Bench:
         for key in rows[0]:
             if key.endswith("_1-cos") or key.endswith("_top1"):
                 vals = [r[key] for r in rows]
-                out[key], out[key + "_min"], out[key + "_max"] = sum(vals) / len(vals), min(vals), max(vals)
+                out[key] = sum(vals) / len(vals)
+                if seeds > 1:  # the spread
+                    out[key + "_min"], out[key + "_max"] = min(vals), max(vals)
         return out
 
 
@@ -342,6 +365,9 @@ def table(rows: List[Dict], datasets: Sequence[str], label) -> str:
     head = ["method", "flops=", "MACs", "block MACs", "final tokens"]
     for ds in datasets:
         head += [f"{ds} 1-cos"] + ([] if ds == "photos" else [f"{ds} top-1"])
+    speed = any("speedup" in r for r in rows)
+    if speed:
+        head.append("DeiT-S speedup")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [label(r), str(r.get("flops", "")), f"{r['macs']:.3f}", f"{r['block_macs']:.3f}",
@@ -355,25 +381,40 @@ def table(rows: List[Dict], datasets: Sequence[str], label) -> str:
                 top = r[f"{ds}_top1"]
                 cells.append(f"{100 * top:.1f} ({100 * r[f'{ds}_top1_min']:.1f}-{100 * r[f'{ds}_top1_max']:.1f})"
                              if spread else f"{100 * top:.1f}")
+        if speed:
+            cells.append(f"{r['speedup']:.2f}x" if "speedup" in r else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def run_table(bench: Bench, args) -> Dict:
-    rows = [bench.base_row()]
+def method_options(method: str, args) -> Dict:
+    return dict(args.zt_options) if method == "zero_tprune" else {}
+
+
+def random_label(method: str, args) -> str:
+    return f"random @ {method} schedule ({args.seeds} seed{'s' if args.seeds != 1 else ''})"
+
+
+def run_table(bench: Bench, args, speed: Optional[Dict] = None) -> Dict:
+    """The real-ViT rows: each method at each budget, then random pruning at its schedule; with
+    ``speed`` (:func:`run_speed`) each row gets its DeiT-S speedup."""
+    base = bench.base_row()
+    if speed:
+        base["speedup"] = 1.0
+    rows = [base]
     for f in args.flops:
-        zt_row = None
         for m in args.methods:
-            opts = dict(args.zt_options) if m == "zero_tprune" else {}
-            row = bench.evaluate({"method": m, "flops": f, "options": opts})
+            row = bench.evaluate({"method": m, "flops": f, "options": method_options(m, args)})
             row["flops"], row["method"] = f, m
+            if speed:
+                row["speedup"] = speed["speedup"][m, f]
             rows.append(row)
-            if m == "zero_tprune":
-                zt_row = row
-        if zt_row is not None and args.seeds > 0:
-            row = bench.random_at(zt_row["schedule"], args.seeds)
-            row["flops"], row["method"] = f, f"random @ zero_tprune schedule ({args.seeds} seeds)"
-            rows.append(row)
+            if args.seeds > 0:
+                rnd = bench.random_at(row["schedule"], args.seeds)
+                rnd["flops"], rnd["method"] = f, random_label(m, args)
+                if speed:
+                    rnd["speedup"] = speed["speedup"]["random @ " + m, f]
+                rows.append(rnd)
         if args.zt_extra:
             name = "zero_tprune " + ", ".join(f"{k}={v}" for k, v in args.zt_extra.items())
             row = bench.evaluate({"method": "zero_tprune", "flops": f, "options": dict(args.zt_extra)})
@@ -386,6 +427,100 @@ def run_table(bench: Bench, args) -> Dict:
     label = lambda r: r.get("method") or "uncompressed"
     md = table(rows, measured(args), label)
     return {"rows": rows, "markdown": md}
+
+
+def machine_line(threads: Optional[int] = None) -> str:
+    """Where and how the speed was measured: device, dtype, threads, load average."""
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"device cpu ({hardware('cpu', threads)}), float32, torch {torch.__version__}, "
+            f"load average (1/5/15 min) {load}")
+
+
+def run_speed(args) -> Dict:
+    """The DeiT-S architecture (random weights) uncompressed, under each method at each budget and
+    under random pruning at that method's schedule there, timed in one interleaved run."""
+    import copy
+
+    from vitcompress.evaluation import models as model_loading
+    from vitcompress.profile import compare_speed
+
+    torch.manual_seed(0)
+    loaded = model_loading.load_model(SPEED_MODEL, num_images=0)
+    base = loaded.model.eval()
+    shared = {id(t): t for t in list(base.parameters()) + list(base.buffers())}  # copies share the weights
+    timed, schedules = {"uncompressed": base}, {}
+    for f in args.flops:
+        for m in args.methods:
+            model = vitcompress.compress(copy.deepcopy(base, dict(shared)), m, flops=f, **method_options(m, args))
+            schedules[m, f] = vitcompress.stats(model)["schedule"]
+            timed[m, f] = model
+            timed["random @ " + m, f] = vitcompress.compress(copy.deepcopy(base, dict(shared)), RandomPrune.name,
+                                                             r=list(schedules[m, f]))
+    x = torch.randn((args.speed_batch,) + tuple(loaded.input_size), generator=torch.Generator().manual_seed(0))
+    before = machine_line()
+    with torch.inference_mode():
+        speed = compare_speed(timed, x, warmup=1, runs=args.speed_runs, latency=False, memory=False)
+    base_speed = speed["uncompressed"]["throughput"]
+    out = {"speedup": {k: v["throughput"] / base_speed for k, v in speed.items()},
+           "images_per_s": {str(k): v["throughput"] for k, v in speed.items()},
+           "schedules": {str(k): v for k, v in schedules.items()},
+           "caption": (f"speed: {SPEED_MODEL} architecture (random weights), batch {args.speed_batch}, "
+                       f"{len(timed)} configurations x {args.speed_runs} interleaved runs, median; uncompressed "
+                       f"{base_speed:.1f} img/s; {before} (at the start; at the end: "
+                       f"{', '.join(f'{v:.2f}' for v in os.getloadavg())})")}
+    print(out["caption"], flush=True)
+    return out
+
+
+def reference_table(args) -> Dict:
+    """Each method at each budget on the embedded Fashion-MNIST reference model: top-1 and agreement
+    with the uncompressed model's top-1, random pruning at the method's schedule on that model."""
+    from vitcompress.evaluation import reference_model
+
+    model, images, labels = reference_model.load(args.reference_images)
+
+    def predict():
+        with torch.inference_mode():
+            return torch.cat([model(images[i:i + 500]).argmax(-1) for i in range(0, len(images), 500)])
+
+    base = predict()
+
+    def scores(pred):
+        return float((pred == labels).double().mean()), float((pred == base).double().mean())
+
+    rows = [{"method": "uncompressed", "flops": None, "top1": scores(base)[0], "agreement": 1.0, "schedule": []}]
+    for f in args.flops:
+        for m in args.methods:
+            vitcompress.compress(model, m, flops=f, **method_options(m, args))
+            sched = list(vitcompress.stats(model)["schedule"])
+            top1, agree = scores(predict())
+            rows.append({"method": m, "flops": f, "top1": top1, "agreement": agree, "schedule": sched})
+            if args.seeds > 0:
+                runs = []
+                for seed in range(args.seeds):
+                    vitcompress.compress(model, RandomPrune.name, r=sched, seed=seed)
+                    runs.append(scores(predict()))
+                row = {"method": random_label(m, args), "flops": f, "schedule": sched}
+                for key, vals in (("top1", [t for t, _ in runs]), ("agreement", [a for _, a in runs])):
+                    row[key] = sum(vals) / len(vals)
+                    if len(vals) > 1:  # the spread
+                        row[key + "_min"], row[key + "_max"] = min(vals), max(vals)
+                rows.append(row)
+            vitcompress.restore(model)
+            print(f"  reference: {m} flops={f}: top-1 {100 * top1:.2f}"
+                  + (f", random at its schedule {100 * rows[-1]['top1']:.2f}" if args.seeds > 0 else ""), flush=True)
+
+    def cell(r, key):
+        if f"{key}_min" in r:
+            return f"{100 * r[key]:.2f} ({100 * r[key + '_min']:.2f}-{100 * r[key + '_max']:.2f})"
+        return f"{100 * r[key]:.2f}"
+
+    lines = [f"| method (reference model, {len(images)} images) | flops= | tokens removed per block | top-1 "
+             "| agreement |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {'' if r['flops'] is None else r['flops']} | "
+                     f"{' '.join(map(str, r['schedule'])) or '-'} | {cell(r, 'top1')} | {cell(r, 'agreement')} |")
+    return {"rows": rows, "markdown": "\n".join(lines)}
 
 
 #: Zero-TPrune option variants for --ablation: (label, options).
@@ -559,9 +694,15 @@ def parse_args(argv=None):
     p.add_argument("--num-test", type=int, default=250, help="test images per dataset (default 250)")
     p.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=DATASETS,
                    help="labelled digit sets for the probe (default both; none: photos only)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods for the table (default: every registered ViT method)")
     p.add_argument("--flops", nargs="+", type=float, default=list(FLOPS))
     p.add_argument("--seeds", type=int, default=3, help="random-pruning seeds (default 3)")
+    p.add_argument("--reference-images", type=int, default=3000,
+                   help="reference-model test images for its section of the table (default 3000; 0: skip it)")
+    p.add_argument("--speed-runs", type=int, default=5,
+                   help="interleaved timed runs of the DeiT-S architecture for the speedup column (default 5; 0: none)")
+    p.add_argument("--speed-batch", type=int, default=16, help="batch of the timed runs (default 16)")
     p.add_argument("--zt-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a zero_tprune option for the table, e.g. --zt-opt s_ratio=1.0 (JSON values)")
     p.add_argument("--zt-extra", action="append", default=[], metavar="KEY=VALUE",
@@ -588,6 +729,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="which images are drawn")
     p.add_argument("--refresh", action="store_true", help="recompute cached embeddings")
     args = p.parse_args(argv)
+    if args.methods is None:
+        args.methods = vit_methods()
+    unknown = [m for m in args.methods if m not in REGISTRY or REGISTRY[m].target != "vit"]
+    if unknown:
+        p.error(f"--methods {' '.join(unknown)}: not a registered ViT method; choose from {', '.join(vit_methods())}")
     args.zt_options = dict(_parse_opt(o) for o in args.zt_opt)
     args.zt_extra = dict(_parse_opt(o) for o in args.zt_extra)
     return args
@@ -610,10 +756,18 @@ def main(argv=None) -> int:
         elif args.diagnose:
             result["diagnose"] = run_diagnose(bench, args)
         else:
-            result["table"] = run_table(bench, args)
+            speed = run_speed(args) if args.speed_runs > 0 else None
+            result["table"] = run_table(bench, args, speed)
+            reference = reference_table(args) if args.reference_images > 0 else None
             print(f"\n{bench.tag}: {args.num_train} train / {args.num_test} test images per dataset "
                   f"({', '.join(args.datasets)}), {args.num_photos} crops of {len(PHOTOS)} photos; random pruning mean (min-max) over {args.seeds} seeds\n")
             print(result["table"]["markdown"])
+            if speed:
+                result["speed"] = {k: v for k, v in speed.items() if k != "speedup"}
+                print("\n" + speed["caption"])
+            if reference:
+                result["reference"] = reference
+                print("\n" + reference["markdown"])
     result["seconds"] = time.time() - start
     print(f"\ndone in {result['seconds'] / 60:.1f} min")
     if args.json:

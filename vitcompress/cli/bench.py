@@ -11,6 +11,9 @@ from .report import PLOT_EXTENSIONS, format_table, hardware, plot
 from .settings import describe, parse_setting
 
 DEFAULT_FLOPS = (0.85, 0.7, 0.55)
+#: The methods run when --methods is not given, the registered ones of these: enough to compare merging,
+#: pruning and both, while the default job stays under 3 minutes on a 2-core CPU (``--methods all``: every one).
+DEFAULT_METHODS = ("tome", "pitome", "zero_tprune", "tofu")
 HELP = "accuracy, FLOPs and speed of every method at several budgets (offline)"
 
 DESCRIPTION = """\
@@ -36,7 +39,9 @@ def add_arguments(b) -> None:
     b.add_argument("--data", metavar="FOLDER", help="ImageFolder of labelled validation images (with --model NAME)")
     b.add_argument("--num-images", type=int_at_least(1, "--num-images 512"), default=None, metavar="N",
                    help="evaluate on at most this many images (default: all)")
-    b.add_argument("--methods", nargs="+", metavar="METHOD", help="methods to compare (default: every method for ViT-like encoders)")
+    b.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help=f"methods to compare, or 'all': every method for ViT-like encoders "
+                        f"(default: {' '.join(DEFAULT_METHODS)})")
     b.add_argument("--flops", nargs="+", type=fraction, default=list(DEFAULT_FLOPS), metavar="FRACTION",
                    help="FLOPs targets, fractions of the uncompressed model in (0, 1] (default: %(default)s)")
     b.add_argument("--settings", nargs="+", metavar="SETTING",
@@ -67,10 +72,14 @@ def _bench_settings(args) -> List[Tuple[str, str, Dict[str, Any]]]:
     if args.settings:
         texts = args.settings
     else:
-        for method in args.methods or []:
-            if method not in api.list_methods("vit"):
-                raise ValueError(f"--methods {method}: unknown; choose from {', '.join(api.list_methods('vit'))}")
-        texts = [f"{m}:flops={f:g}" for m in (args.methods or api.list_methods("vit")) for f in args.flops]
+        known = api.list_methods("vit")
+        methods = args.methods or [m for m in DEFAULT_METHODS if m in known]
+        if methods == ["all"]:
+            methods = known
+        for method in methods:
+            if method not in known:
+                raise ValueError(f"--methods {method}: unknown; choose from {', '.join(known)} (or all)")
+        texts = [f"{m}:flops={f:g}" for m in methods for f in args.flops]
     out = []
     for text in dict.fromkeys(texts):
         method, kwargs = parse_setting(text)

@@ -71,16 +71,18 @@ def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool =
     traced (a plain sum of rows, by the same primitive); tracked positions follow the kept tokens.
     With ``attn_bias`` (proportional attention follows) the same call also writes ``log(size)`` for
     the next block's attention. A plan with ``merge_weight`` (weighted sums instead of the size-weighted
-    mean) runs the torch reference of that primitive on every device.
+    mean) runs the torch reference of that primitive on every device; one with a ``merge_norm`` (ToFu's
+    MLERP) then rescales the merged tokens (:func:`.reference.merged_norms`; a torch op on every device,
+    after the fused apply). A plan sets at most one of ``merge_mask``, ``merge_weight``, ``merge_norm``.
     """
     p = state.num_prefix
     merges = plan.merges
     src, dst = (plan.merge_src, plan.merge_dst) if merges else (None, None)
     log = attn_bias and (merges or state.merged)
     size, source = state.size, state.source
+    if sum(f is not None for f in (plan.merge_mask, plan.merge_weight, plan.merge_norm)) > 1:
+        raise ValueError("a plan sets at most one of merge_mask, merge_weight and merge_norm")
     if merges and plan.merge_mask is not None:  # sources masked off weigh nothing: they are pruned
-        if plan.merge_weight is not None:
-            raise ValueError("a plan masks its merges (merge_mask) or weighs them (merge_weight), not both")
         size = _zero_rows(size, src + p, plan.merge_mask)
         source = None if source is None else _zero_rows(source, src + p, plan.merge_mask)
     if plan.merge_weight is None:
@@ -88,6 +90,8 @@ def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool =
     else:
         new_x, state.size, state.log_size = dispatch.apply_weighted_plan(x, size, plan.keep, src, dst,
                                                                          plan.merge_weight, p, log)
+    if merges and plan.merge_norm is not None:  # MLERP: the average's direction, the inputs' norm
+        new_x = dispatch.merged_norms(x, new_x, plan.keep, src, dst, p, plan.merge_norm)
     if merges:
         state.merged = True
     if source is not None:

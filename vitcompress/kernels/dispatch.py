@@ -153,3 +153,9 @@ def apply_weighted_plan(x, size, keep, merge_src, merge_dst, weight, num_prefix=
     """A plan whose outputs are weighted sums (:func:`.reference.apply_weighted_plan`). No Triton
     kernel knows the weights: the torch reference runs on every device."""
     return reference.apply_weighted_plan(x, size, keep, merge_src, merge_dst, weight, num_prefix, log_size)
+
+
+def merged_norms(x, merged, keep, merge_src, merge_dst, num_prefix=0, how="max"):
+    """A merge's norms set by ``how`` (:func:`.reference.merged_norms`). No fused kernel: the torch
+    reference on every device, run after :func:`apply_plan` (whose kernel computes the average)."""
+    return reference.merged_norms(x, merged, keep, merge_src, merge_dst, num_prefix, how)

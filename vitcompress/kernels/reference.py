@@ -137,6 +137,32 @@ def apply_weighted_plan(x: torch.Tensor, size: torch.Tensor, keep: torch.Tensor,
     return new_x, new_size, (new_size.log().to(x.dtype) if log_size else None)
 
 
+def merged_norms(x: torch.Tensor, merged: torch.Tensor, keep: torch.Tensor, merge_src: torch.Tensor,
+                 merge_dst: torch.Tensor, num_prefix: int = 0, how: str = "max") -> torch.Tensor:
+    """MLERP (ToFu, Kim et al. 2024) on ``merged``, the output of :func:`apply_plan` for the same
+    plan on ``x``: every kept row that received merges keeps its direction (the size-weighted
+    average) and is rescaled to the largest norm among the rows of ``x`` folded into it (its own
+    and its sources'); rows without merges and the prefix are returned unchanged. Norms in
+    float32, the rescale in ``merged``'s dtype (no float32 copy of the tokens). The per-destination
+    maximum is a masked max over a ``[B, K, M]`` comparison (no ``scatter_reduce``, which
+    ONNX/TensorRT cannot run)."""
+    if how != "max":
+        raise ValueError(f"merge_norm={how!r}: the one rule is 'max' (MLERP)")
+    p = num_prefix
+    norms = torch.linalg.vector_norm(x[:, p:], dim=-1, dtype=torch.float32)  # [B, T]
+    kept_norm, src_norm = norms.gather(1, keep), norms.gather(1, merge_src)  # [B, K], [B, M]
+    slots = torch.arange(keep.shape[1], device=keep.device).view(1, -1, 1)
+    hit = merge_dst.unsqueeze(1) == slots  # [B, K, M]: source m folds into kept row k
+    src_max = torch.where(hit, src_norm.unsqueeze(1), torch.zeros((), device=x.device)).amax(dim=-1)
+    target = torch.maximum(kept_norm, src_max)
+    body = merged[:, p:]
+    body_norm = torch.linalg.vector_norm(body, dim=-1, dtype=torch.float32)
+    scale = target / body_norm.clamp_min(torch.finfo(torch.float32).tiny)
+    rescaled = body * scale.unsqueeze(-1).to(body.dtype)
+    body = torch.where(hit.any(dim=-1, keepdim=True), rescaled, body)
+    return torch.cat([merged[:, :p], body], dim=1) if p else body
+
+
 def _with_prefix(idx: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """Indices into the reducible tokens -> indices into the whole sequence, prefix first."""
     if num_prefix == 0:

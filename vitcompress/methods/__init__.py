@@ -9,12 +9,13 @@ from .mctf import MCTF
 from .pitome import PiToMe
 from .ppt import PPT
 from .quota import QuoTA
+from .tofu import ToFu
 from .tokencorr import TokenCorr
 from .tome import ToMe
 from .zero_tprune import ZeroTPrune
 
-REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), EViT(), MCTF(), PPT(), ATC(),
-                                                   FocusDETR(), TokenCorr(), QuoTA())}
+REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), EViT(), ToFu(), MCTF(), PPT(),
+                                                   ATC(), FocusDETR(), TokenCorr(), QuoTA())}
 
 
 def get(name: str) -> Method:
