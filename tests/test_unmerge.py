@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vitcompress
-from vitcompress.interfaces import ViTMethod
+from vitcompress.interfaces import ViTMethod, runtime_of
 from vitcompress.methods import REGISTRY, names
 from vitcompress.profile.flops import count_flops
 from vitcompress.testing import RandomPrune, random_images, tiny_vit
@@ -126,14 +126,19 @@ def test_intermediates_hand_the_reduced_tokens_on_exactly():
     assert torch.equal(final, final_alone)
 
 
-def test_unmerge_costs_the_final_norm_on_every_patch():
-    """count_flops: the gathers cost no multiply-add; the final norm runs on every patch again."""
+@pytest.mark.parametrize("method", METHODS)
+def test_unmerge_costs_the_final_norm_on_every_patch(method):
+    """count_flops: the gathers cost no multiply-add, the final norm runs on every patch again; a flops=
+    budget is planned with exactly that count."""
     model = tiny_vit()
-    vitcompress.compress(model, "tome", r=6)
+    vitcompress.compress(model, method, r=6)
     reduced = count_flops(model, X[:1])
     final_tokens = vitcompress.stats(model)["planned_tokens_per_layer"][-1] - 6
-    vitcompress.compress(model, "tome", r=6, unmerge=True)
+    vitcompress.compress(model, method, r=6, unmerge=True)
     assert count_flops(model, X[:1]) - reduced == (65 - final_tokens) * 5 * 48
+    vitcompress.compress(model, method, flops=0.7, unmerge=True)
+    runtime = runtime_of(model)
+    assert runtime.cost(64).flops(runtime.schedule, runtime.method, runtime.options) == count_flops(model, X[:1])
 
 
 def test_transformers_hidden_states_and_backbone_feature_maps():

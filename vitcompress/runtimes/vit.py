@@ -53,11 +53,7 @@ class ViTRuntime:
         and keep checked. Nothing changes when the budget does not fit that size."""
         budget = self.requested
         if budget.kind == "flops":
-            cost = self.adapter.cost()
-            if self.unmerge:  # the final norm (and a pooling head) run on every patch again
-                full = num_patches + self.adapter.num_prefix
-                cost = dataclasses.replace(cost, fixed=cost.fixed + full * cost.per_token_final, per_token_final=0)
-            schedule = resolve_flops(budget.value, cost, self.method, self.options,
+            schedule = resolve_flops(budget.value, self.cost(num_patches), self.method, self.options,
                                      num_patches, self.adapter.num_prefix)
             budget = Budget("keep", schedule.keep)  # carries the budget to other input sizes
         else:
@@ -66,6 +62,16 @@ class ViTRuntime:
                                       clamp=self.method.clamps(self.options))
         self.num_patches, self.budget, self.schedule = num_patches, budget, schedule
         self._schedules: Dict[int, Schedule] = {num_patches: schedule}
+
+    def cost(self, num_patches: int):
+        """The FLOPs model a flops= budget is planned with, at ``num_patches`` patches: the adapter's, and
+        under unmerge the final norm (and a pooling head) on every patch again (the gathers themselves
+        are no multiply-adds)."""
+        cost = self.adapter.cost()
+        if not self.unmerge:
+            return cost
+        full = num_patches + self.adapter.num_prefix
+        return dataclasses.replace(cost, fixed=cost.fixed + full * cost.per_token_final, per_token_final=0)
 
     def schedule_for(self, num_patches: int) -> Schedule:
         """The schedule for inputs of ``num_patches`` patches. The budget is checked at the model's
