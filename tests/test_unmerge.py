@@ -164,6 +164,10 @@ def test_transformers_hidden_states_and_backbone_feature_maps():
         vitcompress.compress(backbone, "zero_tprune", keep=0.8, unmerge=True)
         got = backbone(X).feature_maps
     assert [m.shape for m in got] == [m.shape for m in maps] == [(2, 32, 8, 8)] * 2
+    assert runtime_of(backbone).last_forward().unmerge_after == {1, 3}  # only the layers its feature maps read
+    with torch.no_grad():
+        hidden = backbone(X, output_hidden_states=True).hidden_states
+    assert [h.shape[1] for h in hidden] == [65] * 5 and runtime_of(backbone).last_forward().unmerge_after == {0, 1, 2, 3}
 
 
 def depth_anything():

@@ -283,9 +283,8 @@ class HFViTAdapter(ViTAdapter):
         patcher.hook(self.encoder.register_forward_pre_hook(functools.partial(_refuse_masks, names),
                                                             with_kwargs=True))
         if runtime.unmerge:  # the layers the caller reads put their outputs back on the grid; heads see every patch
-            hidden = getattr(self.encoder, "encoder", None)
-            patcher.hook((self.encoder if hidden is None else hidden).register_forward_pre_hook(
-                functools.partial(_unmerge_hidden_states, runtime), with_kwargs=True))
+            patcher.hook(self.encoder.register_forward_pre_hook(functools.partial(_unmerge_hidden_states, runtime),
+                                                                with_kwargs=True))
         else:
             self._patch_heads(runtime, patcher)
         refuse_grad_checkpointing(patcher, self.model, "gradient_checkpointing_enable",
@@ -354,13 +353,17 @@ def _refuse_masks(names, module, args, kwargs):
 
 
 def _unmerge_hidden_states(runtime, module, args, kwargs):
-    """Forward pre-hook of the layers' encoder under unmerge: with hidden states asked for (by the
-    caller, the config, or a backbone for its feature maps) every layer's output goes back on the grid."""
+    """Forward pre-hook of the encoder under unmerge: with hidden states asked for (by the caller or
+    the config) every layer's output goes back on the grid; else a backbone's, those of its feature maps
+    (``stage_names[i]`` is the output of layer ``i - 1``); the last layer's always."""
     asked = kwargs.get("output_hidden_states")
     if asked is None:
         asked = getattr(getattr(module, "config", None), "output_hidden_states", False)
-    if asked is not False and asked is not None:
-        runtime.unmerge_after(range(runtime.adapter.depth))
+    if asked:
+        layers = range(runtime.adapter.depth)
+    else:
+        layers = [module.stage_names.index(name) - 1 for name in getattr(module, "out_features", ())]
+    runtime.unmerge_after(layer for layer in layers if layer >= 0)
 
 
 class _Layers:
