@@ -222,6 +222,12 @@ def test_refusals_name_the_fix(monkeypatch):
     from vitcompress.testing import tiny_detr
     with pytest.raises(TypeError, match="focus_detr reduces detr models.*drop unmerge="):
         vitcompress.compress(tiny_detr(), "focus_detr", keep=0.5, unmerge=True)
+    from vitcompress.testing import tiny_llava
+    llava = tiny_llava("llava")
+    with pytest.raises(ValueError, match="every visual token again; drop unmerge="):
+        vitcompress.compress(llava, "tome", r=2, unmerge=True)
+    with pytest.raises(TypeError, match="tokencorr reduces llava models.*drop unmerge="):
+        vitcompress.compress(llava, "tokencorr", keep=0.5, unmerge=True)
 
     class ContentDependent(ViTMethod):
         name, dynamic = "content_dependent", True
