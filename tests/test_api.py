@@ -163,7 +163,8 @@ def test_common_options_are_split_off_once_and_the_runtime_mutates_nothing():
     model = vitcompress.compress(tiny_vit(), "tome", r=2, prop_attn=False, trace_source=True)
     runtime = runtime_of(model)
     assert runtime.options == {"clamp": False} and (runtime.prop_attn, runtime.trace_source) == (False, True)
-    assert vitcompress.stats(model)["options"] == {"clamp": False, "prop_attn": False, "trace_source": True}
+    assert vitcompress.stats(model)["options"] == {"clamp": False, "prop_attn": False, "trace_source": True,
+                                              "unmerge": False}
     options = dict(runtime.options)
     runtime.adapter.make_runtime(runtime.method, options, runtime.requested, CommonOptions(True, False))
     assert options == {"clamp": False}

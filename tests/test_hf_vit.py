@@ -342,7 +342,7 @@ def test_refused_with_the_fix():
     torch.manual_seed(0)
     with pytest.raises(TypeError, match="reconstructs the image"):
         vitcompress.compress(hf.ViTForMaskedImageModeling(hf.ViTConfig(**VIT, encoder_stride=4)), "tome", r=2)
-    with pytest.raises(TypeError, match="use Dinov2Model"):
+    with pytest.raises(ValueError, match="compress it with unmerge=True"):
         vitcompress.compress(hf.Dinov2Backbone(hf.Dinov2Config(**DINO)), "tome", r=2)
     odd, _, _ = build("vit")
     odd.config._attn_implementation = "flex_attention"

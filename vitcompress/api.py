@@ -13,6 +13,8 @@ from .interfaces import PART_ATTR, RUNTIME_ATTR, CommonOptions, runtime_of
 COMMON_OPTION_HELP = {
     "prop_attn": "proportional attention: log(size) added to the attention logits (default on for merging methods)",
     "trace_source": "track which original patches each token covers (stats(model)['source'])",
+    "unmerge": "dense outputs: final tokens, intermediates and hidden states back on the full patch grid (a merged "
+               "token's value on each of its patches, a pruned patch its value when pruned)",
 }
 
 
@@ -28,7 +30,8 @@ def option_defaults(method) -> Dict[str, Any]:
     defaults = dict(method.defaults)
     if method.target == "vit":
         # a method may set its own proportional-attention default (EViT's official code has none)
-        defaults.update(prop_attn=defaults.get("prop_attn", method.kind == "merge"), trace_source=False)
+        defaults.update(prop_attn=defaults.get("prop_attn", method.kind == "merge"), trace_source=False,
+                        unmerge=False)
     return defaults
 
 
@@ -73,6 +76,10 @@ def resolve_options(method, options: Dict[str, Any],
     family's, then ``options`` -- each checked (``TypeError`` / ``ValueError`` naming the fix) --
     split into the method's own and the common ones (:func:`split_options`)."""
     defaults = option_defaults(method)
+    if "unmerge" in options and method.target != "vit":
+        raise TypeError(f"unmerge puts a ViT encoder's tokens back on the patch grid; {method.name} reduces "
+                        f"{method.target} models, which have no dense output to unmerge: drop unmerge=, or use a "
+                        f"ViT method ({', '.join(_methods.names('vit'))}) on a ViT-like model")
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"{method.name} has no option {', '.join(unknown)}; its options are: "

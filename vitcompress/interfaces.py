@@ -281,6 +281,7 @@ class CommonOptions:
 
     prop_attn: bool  # log(size) added to the attention logits
     trace_source: bool  # track which original patches each token covers
+    unmerge: bool = False  # outputs a dense head reads back on the full patch grid
 
 
 @runtime_checkable

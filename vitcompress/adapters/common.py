@@ -41,6 +41,8 @@ class ViTAdapter:
     targets = ("vit",)
     variant: Optional[str] = None
     cls_first = True  # the first special token is a class token
+    # Why this model only works with unmerge=True (it reads every patch: a backbone's feature maps), or None.
+    needs_unmerge: Optional[str] = None
 
     def make_runtime(self, method, options, budget, common) -> ViTRuntime:
         return ViTRuntime(self, method, options, budget, common)
@@ -179,17 +181,31 @@ def _resize_and_plan_again(model, *args, **kwargs) -> None:
                         "with a budget this size can take)") from err
 
 
-def token_intermediates(model, *args, **kwargs):
-    """``forward_intermediates`` of a compressed timm ViT or open_clip tower: reduced tokens have no
-    patch grid, so only ``output_fmt="NLC"`` is possible."""
+def token_intermediates(model, runtime, *args, **kwargs):
+    """``forward_intermediates`` of a compressed timm ViT or open_clip tower. Under unmerge the blocks
+    it takes put their outputs back on the patch grid (any ``output_fmt``); otherwise reduced tokens
+    have no patch grid, so only ``output_fmt="NLC"`` is possible."""
     original = type(model).forward_intermediates
     call = inspect.signature(original).bind(model, *args, **kwargs)
     call.apply_defaults()
-    if call.arguments.get("output_fmt") != "NLC":
+    if runtime.unmerge:
+        runtime.unmerge_after(taken_indices(call.arguments.get("indices"), runtime.adapter.depth))
+    elif call.arguments.get("output_fmt") != "NLC":
         raise ValueError("forward_intermediates on a compressed model needs output_fmt='NLC' (timm's "
                          "get_intermediate_layers: reshape=False; a whole open_clip CLIP: image_output_fmt='NLC'): "
-                         "the reduced tokens no longer form the patch grid NCHW would reshape them to")
+                         "the reduced tokens no longer form the patch grid NCHW would reshape them to; compress "
+                         "with unmerge=True for outputs on the patch grid")
     return original(*call.args, **call.kwargs)
+
+
+def taken_indices(indices, depth: int) -> Tuple[int, ...]:
+    """The blocks whose outputs ``forward_intermediates(indices=...)`` takes (timm's rule: None all,
+    an int the last n, a list the blocks named, negative from the end)."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        return tuple(range(depth - indices, depth))
+    return tuple(i % depth for i in indices)
 
 
 # --------------------------------------------------------------------------- timm
@@ -225,12 +241,12 @@ class TimmAdapter(ViTAdapter):
     def grad_checkpointing(self) -> bool:
         return bool(getattr(self.model, "grad_checkpointing", False))
 
-    def patch_model_methods(self, patcher) -> None:
+    def patch_model_methods(self, runtime, patcher) -> None:
         """What every timm model gets besides its blocks: intermediates as token lists, gradient
         checkpointing refused by its switch, the budget planned again after ``set_input_size``."""
         m = self.model
         if hasattr(m, "forward_intermediates"):
-            patcher.set(m, "forward_intermediates", bind(token_intermediates, m))
+            patcher.set(m, "forward_intermediates", PatchedMethod(token_intermediates, m, runtime))
         refuse_grad_checkpointing(patcher, m, "set_grad_checkpointing")
         plan_again_after_resize(patcher, m)
 

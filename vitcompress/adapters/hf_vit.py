@@ -62,8 +62,8 @@ _ATTENTION = tuple(a for a in MAPPABLE_ATTENTION if a != "flex_attention")
 # model_type -> (module, family name, classes taken, classes refused with the reason)
 _MIM = ("reconstructs the image from the patch grid, which reduced tokens no longer form; compress the encoder "
         "it wraps (its .{}) for features instead")
-_BACKBONE = ("returns feature maps on the patch grid, which reduced tokens no longer form; use {}Model (its "
-             "last_hidden_state / hidden_states are the reduced tokens) instead")
+_BACKBONE = ("returns feature maps on the patch grid, which reduced tokens no longer form: compress it with "
+             "unmerge=True (the tokens go back on the full grid after the layers it reads), or use {}Model")
 _FAMILIES = {
     "vit": ("transformers.models.vit.modeling_vit", "ViT",
             ("ViTModel", "ViTForImageClassification"), {"ViTForMaskedImageModeling": _MIM.format("vit")}),
@@ -71,16 +71,22 @@ _FAMILIES = {
              ("DeiTModel", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"),
              {"DeiTForMaskedImageModeling": _MIM.format("deit")}),
     "dinov2": ("transformers.models.dinov2.modeling_dinov2", "Dinov2",
-               ("Dinov2Model", "Dinov2ForImageClassification"), {"Dinov2Backbone": _BACKBONE.format("Dinov2")}),
+               ("Dinov2Model", "Dinov2ForImageClassification", "Dinov2Backbone"), {}),
     "dinov2_with_registers": ("transformers.models.dinov2_with_registers.modeling_dinov2_with_registers",
                               "Dinov2WithRegisters",
-                              ("Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification"),
-                              {"Dinov2WithRegistersBackbone": _BACKBONE.format("Dinov2WithRegisters")}),
+                              ("Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification",
+                               "Dinov2WithRegistersBackbone"), {}),
+    # dense heads on a DINOv2 backbone (checked to be one); unmerge=True only
+    "depth_anything": ("transformers.models.depth_anything.modeling_depth_anything", "DepthAnything",
+                       ("DepthAnythingForDepthEstimation",), {}),
+    "dpt": ("transformers.models.dpt.modeling_dpt", "DPT", ("DPTForDepthEstimation",), {}),
     "siglip": ("transformers.models.siglip.modeling_siglip", "Siglip",
                ("SiglipVisionModel", "SiglipVisionTransformer", "SiglipModel", "SiglipForImageClassification"), {}),
 }
 # Where a wrapper keeps the encoder it wraps, in the order they are tried.
-_INNER = ("vit", "deit", "dinov2", "dinov2_with_registers", "vision_model")
+_INNER = ("vit", "deit", "dinov2", "dinov2_with_registers", "vision_model", "backbone")
+# Models that read every patch token (feature maps, dense heads): they take unmerge=True only.
+_DENSE = ("Dinov2Backbone", "Dinov2WithRegistersBackbone", "DepthAnythingForDepthEstimation", "DPTForDepthEstimation")
 # Classification heads that average tokens: class name -> whether the class token is concatenated first.
 _MEAN_HEADS = {"Dinov2ForImageClassification": True, "Dinov2WithRegistersForImageClassification": True,
                "SiglipForImageClassification": False}
@@ -231,6 +237,14 @@ class HFViTAdapter(ViTAdapter):
         self.model = model
         self.model_type = model_type
         self.family = f"transformers.{_FAMILIES[model_type][1]}"
+        if model_type in ("depth_anything", "dpt"):
+            backbone = getattr(model, "backbone", None)
+            if family_class(backbone, [c for c in _BY_CLASS if c.endswith("Backbone")]) is None:
+                raise TypeError(f"{type(model).__name__} is supported with a DINOv2 backbone (backbone_config="
+                                f"Dinov2Config); this one has {type(backbone).__name__ if backbone else 'its own ViT'}")
+        if type(model).__name__ in _DENSE:
+            self.needs_unmerge = (f"{type(model).__name__} reads every patch token (feature maps on the patch grid), "
+                                  "which reduced tokens no longer form: compress it with unmerge=True")
         self.encoder = encoder = _encoder(model)
         self.layers = _layers_of(encoder)
         self.layouts = [_Layout(layer, i) for i, layer in enumerate(self.layers)]
@@ -268,6 +282,16 @@ class HFViTAdapter(ViTAdapter):
                       if p not in ("args", "kwargs"))
         patcher.hook(self.encoder.register_forward_pre_hook(functools.partial(_refuse_masks, names),
                                                             with_kwargs=True))
+        if runtime.unmerge:  # the layers the caller reads put their outputs back on the grid; heads see every patch
+            patcher.hook(self.encoder.register_forward_pre_hook(functools.partial(_unmerge_hidden_states, runtime),
+                                                                with_kwargs=True))
+        else:
+            self._patch_heads(runtime, patcher)
+        refuse_grad_checkpointing(patcher, self.model, "gradient_checkpointing_enable",
+                                  "activation_checkpointing_enable")
+
+    def _patch_heads(self, runtime, patcher) -> None:
+        """Pooling heads over reduced tokens: size-aware."""
         if self.head is not None:  # SigLIP: log(size) in the attention-pooling head's logits
             patch_part(patcher, self.head.attention, runtime, "forward", _size_aware_mha_forward)
         if self.mean_head is not None:
@@ -277,8 +301,6 @@ class HFViTAdapter(ViTAdapter):
             start = self.num_prefix if self.mean_head else 0
             patch_part(patcher, self.model, runtime, "forward", _size_weighted_classifier_forward,
                        details=(params, backbone, self.mean_head, start))
-        refuse_grad_checkpointing(patcher, self.model, "gradient_checkpointing_enable",
-                                  "activation_checkpointing_enable")
 
     def grad_checkpointing(self) -> bool:
         # 4.x encoders checkpoint through layer.__call__ (the recomputed layer would see a finished
@@ -328,6 +350,20 @@ def _refuse_masks(names, module, args, kwargs):
     given = dict(zip(names, args))
     given.update(kwargs)
     _check_no_mask(given)
+
+
+def _unmerge_hidden_states(runtime, module, args, kwargs):
+    """Forward pre-hook of the encoder under unmerge: with hidden states asked for (by the caller or
+    the config) every layer's output goes back on the grid; else a backbone's, those of its feature maps
+    (``stage_names[i]`` is the output of layer ``i - 1``); the last layer's always."""
+    asked = kwargs.get("output_hidden_states")
+    if asked is None:
+        asked = getattr(getattr(module, "config", None), "output_hidden_states", False)
+    if asked:
+        layers = range(runtime.adapter.depth)
+    else:
+        layers = [module.stage_names.index(name) - 1 for name in getattr(module, "out_features", ())]
+    runtime.unmerge_after(layer for layer in layers if layer >= 0)
 
 
 class _Layers:

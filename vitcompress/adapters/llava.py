@@ -187,6 +187,9 @@ class LlavaAdapter:
         return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(layers, attention)])
 
     def _vit_runtime(self, spec, options, budget, common):
+        if common.unmerge:
+            raise ValueError("unmerge=True puts a ViT's tokens back on the patch grid, which would hand the language "
+                             "model every visual token again; drop unmerge= for a ViT method inside LLaVA's tower")
         if not _FAMILIES[self.family_name]["vit"]:
             raise TypeError(f"ViT method {spec.name!r} inside the tower is supported on LlavaForConditionalGeneration "
                             f"only: {self.family_name} needs the full patch grid after the tower (anyres "

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
-from .common import (ViTAdapter, bind, family_class, identity, patch_blocks, patch_flops, patch_part, per_token_flops,
-                     refuse_grad_checkpointing, token_intermediates)
+from .common import (PatchedMethod, ViTAdapter, family_class, identity, patch_blocks, patch_flops, patch_part,
+                     per_token_flops, refuse_grad_checkpointing, token_intermediates)
 
 
 #: the whole models (whose ``.visual`` is the image tower) and the tower itself
@@ -167,12 +167,14 @@ class OpenCLIPVisionAdapter(ViTAdapter):
         mha = isinstance(blocks[0].attn, nn.MultiheadAttention)
         forward = _reducing_block_forward if mha else _reducing_custom_block_forward
         patch_blocks(patcher, blocks, runtime, forward, details=self.batch_first)
-        if visual.attn_pool is not None:
+        if runtime.unmerge:  # the pools see every patch again
+            pass
+        elif visual.attn_pool is not None:
             patch_part(patcher, visual.attn_pool, runtime, "forward", _size_aware_pooler_forward)
         elif visual.pool_type == "avg":
             patch_part(patcher, visual, runtime, "_global_pool", _size_weighted_global_pool)
         if hasattr(visual, "forward_intermediates"):
-            patcher.set(visual, "forward_intermediates", bind(token_intermediates, visual))
+            patcher.set(visual, "forward_intermediates", PatchedMethod(token_intermediates, visual, runtime))
         refuse_grad_checkpointing(patcher, visual, "set_grad_checkpointing")  # a whole CLIP's switch calls it
 
     def grad_checkpointing(self) -> bool:

@@ -158,10 +158,11 @@ class TimmEvaAdapter(TimmAdapter):
     def patch(self, runtime, patcher) -> None:
         m = self.model
         patch_blocks(patcher, m.blocks, runtime, _eva_block_forward)
-        if m.attn_pool is not None:
-            patch_part(patcher, m.attn_pool, runtime, "forward", size_aware_attn_pool_forward)
-        patch_part(patcher, m, runtime, "pool", size_weighted_pool)
-        self.patch_model_methods(patcher)
+        if not runtime.unmerge:  # under unmerge the pools see every patch again
+            if m.attn_pool is not None:
+                patch_part(patcher, m.attn_pool, runtime, "forward", size_aware_attn_pool_forward)
+            patch_part(patcher, m, runtime, "pool", size_weighted_pool)
+        self.patch_model_methods(runtime, patcher)
 
     def cost(self) -> ViTCost:
         m = self.model
@@ -239,8 +240,9 @@ class TimmBeitAdapter(TimmAdapter):
     def patch(self, runtime, patcher) -> None:
         m = self.model
         patch_blocks(patcher, m.blocks, runtime, _beit_block_forward)
-        patch_part(patcher, m, runtime, "forward_head", _beit_forward_head)
-        self.patch_model_methods(patcher)
+        if not runtime.unmerge:  # under unmerge the head sees every patch again
+            patch_part(patcher, m, runtime, "forward_head", _beit_forward_head)
+        self.patch_model_methods(runtime, patcher)
 
     def cost(self) -> ViTCost:
         m = self.model

@@ -74,11 +74,13 @@ class TimmViTAdapter(TimmAdapter):
 
     def patch(self, runtime, patcher) -> None:
         patch_blocks(patcher, self.model.blocks, runtime, _reducing_block_forward)
-        if self.attn_pool is not None:
+        if runtime.unmerge:  # under unmerge the pools see every patch again
+            pass
+        elif self.attn_pool is not None:
             patch_part(patcher, self.attn_pool, runtime, "forward", size_aware_attn_pool_forward)
         elif self.model.global_pool in WEIGHTED_POOLS and hasattr(self.model, "pool"):
             patch_part(patcher, self.model, runtime, "pool", size_weighted_pool)
-        self.patch_model_methods(patcher)
+        self.patch_model_methods(runtime, patcher)
 
     def cost(self) -> ViTCost:
         m = self.model

@@ -5,7 +5,7 @@ Adapters describe where a family keeps norm, q/k/v, projection, residual scaling
 in layers whose method asks for them; every other layer stays on ``F.scaled_dot_product_attention``.
 """
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..interfaces import Signals
 from .attention import softmax_attention
 from .schedule import Schedule
-from .tokens import TokenState, apply_plan
+from .tokens import TokenState, apply_plan, gather_tokens, unmerge
 
 Tensor = torch.Tensor
 
@@ -26,6 +26,9 @@ class ForwardState:
     tokens: TokenState
     schedule: Schedule
     tokens_seen: List[int] = field(default_factory=list)
+    # under unmerge: the blocks whose output goes back on the full grid (the last, and the
+    # intermediates a caller reads)
+    unmerge_after: FrozenSet[int] = frozenset()
 
 
 class BlockRuntime(Protocol):
@@ -74,15 +77,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias, scale: float, dropout: floa
 
 def reducing_forward(parts: BlockParts, runtime: BlockRuntime, layer: int, x: Tensor) -> Tensor:
     """Forward of block ``layer`` under ``runtime``: block 0 starts this forward's state (kept
-    per thread by the runtime), the others continue it."""
+    per thread by the runtime), the others continue it. Under unmerge, a block in the forward's
+    ``unmerge_after`` hands on its output on the full grid, and the next block takes its tokens back
+    from it (each token from a patch it carries: exact)."""
     forward = runtime.begin(x) if layer == 0 else runtime.current()
     if len(forward.tokens_seen) != layer:
         raise RuntimeError(f"block {len(forward.tokens_seen)} of this compressed model did not run under vitcompress "
                            "(replaced or re-created after compress?): call vitcompress.compress(model, ...) again "
                            "after changing the model's blocks")
+    state = forward.tokens
+    if state.expanded:
+        x = gather_tokens(x, state.position)
+        state.expanded = False
     forward.tokens_seen.append(int(x.shape[1]))
     x = _attend_and_reduce(parts, runtime, forward, layer, x)
-    return x + parts.residual2(parts.mlp(parts.norm2(x)))
+    x = x + parts.residual2(parts.mlp(parts.norm2(x)))
+    if layer in forward.unmerge_after and state.reduced:
+        state.expanded = True
+        return unmerge(x, state)
+    return x
 
 
 def _attend_and_reduce(parts: BlockParts, runtime: BlockRuntime, forward: ForwardState, layer: int, x: Tensor) -> Tensor:

@@ -5,8 +5,9 @@ which to merge into which) and :func:`apply_plan` executes it. Merging is a size
 computed as a sum then a divide (gather + ``scatter_add`` in the torch path, so it exports to
 ONNX/TensorRT; a one-pass Triton kernel on a GPU); there is no ``scatter_reduce("mean")`` anywhere.
 """
-from dataclasses import dataclass
-from typing import Optional
+import functools
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
 
@@ -25,7 +26,12 @@ class TokenState:
     bias (in the tokens' dtype), or None.
     ``position[B, N]``: for adapters whose attention depends on token positions (rotary embeddings,
     relative position bias), the index in the first block's sequence whose position each token
-    takes -- its own, a merged token its destination's -- or None when not asked for.
+    takes -- its own, a merged token its destination's -- or None when not asked for. Under unmerge
+    it is also a token's representative: a patch it carries.
+    ``carrier[B, N0]`` (only under unmerge): for each token of the first block's sequence, the
+    current token carrying it (>= 0), or ``-1 - i`` for row ``i`` of ``pruned`` when it was pruned.
+    ``pruned``: the rows the blocks pruned, each ``[B, K, C]`` as it was when pruned (under unmerge).
+    ``expanded``: the tokens last handed on are on the full grid (:func:`unmerge`), not the reduced set.
     """
 
     num_prefix: int
@@ -34,17 +40,26 @@ class TokenState:
     merged: bool = False
     log_size: Optional[torch.Tensor] = None
     position: Optional[torch.Tensor] = None
+    carrier: Optional[torch.Tensor] = None
+    pruned: List[torch.Tensor] = field(default_factory=list)
+    expanded: bool = False
 
     @classmethod
     def start(cls, x: torch.Tensor, num_prefix: int, trace_source: bool = False,
-              track_position: bool = False) -> "TokenState":
+              track_position: bool = False, unmerge: bool = False) -> "TokenState":
         B, N, _ = x.shape
         size = torch.ones(B, N, 1, device=x.device, dtype=torch.float32)
         source = None
         if trace_source:
             source = torch.eye(N, device=x.device, dtype=torch.float32).expand(B, N, N).contiguous()
-        position = torch.arange(N, device=x.device).expand(B, N) if track_position else None
-        return cls(num_prefix=num_prefix, size=size, source=source, position=position)
+        position = torch.arange(N, device=x.device).expand(B, N) if track_position or unmerge else None
+        carrier = position if unmerge else None
+        return cls(num_prefix=num_prefix, size=size, source=source, position=position, carrier=carrier)
+
+    @property
+    def reduced(self) -> bool:
+        """Whether any token was merged or pruned in this forward (the tokens are not the full grid)."""
+        return self.carrier is not None and self.carrier.shape[1] != self.position.shape[1]
 
     def attn_bias(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """``log(size)`` as an additive SDPA mask ``[B, 1, 1, N]`` (proportional attention)."""
@@ -96,6 +111,8 @@ def apply_plan(x: torch.Tensor, state: TokenState, plan: Plan, attn_bias: bool =
         state.merged = True
     if source is not None:
         state.source = dispatch.apply_plan(source, None, plan.keep, src, dst, p)[0]
+    if state.carrier is not None:
+        _follow_carriers(x, state, plan)
     if state.position is not None:  # kept tokens keep their positions, merged sources leave theirs
         state.position = torch.cat([state.position[:, :p], state.position[:, p:].gather(1, plan.keep)], dim=1)
     return new_x
@@ -105,3 +122,44 @@ def _zero_rows(t: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch
     """``t[B, N, C]`` with its rows ``rows[B, M]`` zeroed where ``mask[B, M]`` is False (a copy)."""
     index = rows.unsqueeze(-1).expand(-1, -1, t.shape[-1])
     return t.scatter(1, index, gather_tokens(t, rows) * mask.unsqueeze(-1).to(t.dtype))
+
+
+def _follow_carriers(x: torch.Tensor, state: TokenState, plan: Plan) -> None:
+    """Under unmerge: the tokens this plan prunes are kept as they are now (rows appended to
+    ``state.pruned``), and every original token's carrier follows the plan -- a kept token to its
+    new place, a merged one to its destination, a pruned one to its stored row."""
+    p = state.num_prefix
+    B, T = x.shape[0], x.shape[1] - p
+    kept = plan.keep.shape[1]
+    arange = functools.partial(torch.arange, device=x.device)
+    to_new = torch.full((B, T), -1, dtype=torch.long, device=x.device)
+    to_new.scatter_(1, plan.keep, (arange(kept) + p).expand(B, kept))
+    merged = 0
+    if plan.merges:
+        merged = plan.merge_src.shape[1]
+        to_new.scatter_(1, plan.merge_src, plan.merge_dst + p)
+    pruned = T - kept - merged
+    if pruned > 0:  # static count; their indices in token order
+        rows = (to_new < 0).to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :pruned]
+        stored = sum(t.shape[1] for t in state.pruned)
+        state.pruned.append(gather_tokens(x[:, p:], rows))
+        to_new.scatter_(1, rows, (-1 - stored - arange(pruned)).expand(B, pruned))
+    if plan.merges and plan.merge_mask is not None:  # sources masked off are pruned in their image
+        stored = sum(t.shape[1] for t in state.pruned)
+        state.pruned.append(gather_tokens(x[:, p:], plan.merge_src))
+        pruned_at = (-1 - stored - arange(merged)).expand(B, merged)
+        to_new.scatter_(1, plan.merge_src, torch.where(plan.merge_mask, plan.merge_dst + p, pruned_at))
+    to_new = torch.cat([arange(p).expand(B, p), to_new], dim=1)
+    carrier = state.carrier
+    state.carrier = torch.where(carrier >= 0, to_new.gather(1, carrier.clamp(min=0)), carrier)
+
+
+def unmerge(x: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """The tokens ``x[B, N, C]`` (this forward's current set) put back on the first block's full
+    sequence: every token takes the value of the token that carries it, a pruned one the value it
+    had when pruned. One gather (no multiply-add); ``x`` itself when nothing was reduced."""
+    if not state.reduced:
+        return x
+    table = torch.cat([x, *state.pruned], dim=1) if state.pruned else x
+    index = torch.where(state.carrier >= 0, state.carrier, x.shape[1] - 1 - state.carrier)
+    return gather_tokens(table, index)

@@ -6,6 +6,7 @@ token counts) is made by that forward and kept per thread, so several threads ca
 compressed model at once, and ``stats()`` / size-aware pooling read the calling thread's own last
 forward.
 """
+import dataclasses
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -34,11 +35,18 @@ class ViTRuntime:
         self.options = options
         self.prop_attn = common.prop_attn
         self.trace_source = common.trace_source
+        self.unmerge = common.unmerge
+        if self.unmerge and method.dynamic:
+            raise ValueError(f"unmerge=True needs a static schedule; {method.name}'s token counts depend on the "
+                             "content: use a static ViT method (vitcompress.list_methods('vit'))")
+        if adapter.needs_unmerge and not self.unmerge:
+            raise ValueError(adapter.needs_unmerge)
         self.requested = budget
         self.patcher = Patcher()
         method.check_model(adapter.num_prefix, adapter.cls_first)
         self.plan(adapter.num_patches)  # fail at compress time, not mid-forward
         self._forward = PerThread()
+        self._unmerge_request = PerThread()
 
     def plan(self, num_patches: int) -> None:
         """Plan the requested budget at the model's own input size, ``num_patches`` patches (at compress,
@@ -46,7 +54,7 @@ class ViTRuntime:
         and keep checked. Nothing changes when the budget does not fit that size."""
         budget = self.requested
         if budget.kind == "flops":
-            schedule = resolve_flops(budget.value, self.adapter.cost(), self.method, self.options,
+            schedule = resolve_flops(budget.value, self.cost(num_patches), self.method, self.options,
                                      num_patches, self.adapter.num_prefix)
             budget = Budget("keep", schedule.keep)  # carries the budget to other input sizes
         else:
@@ -55,6 +63,16 @@ class ViTRuntime:
                                       clamp=self.method.clamps(self.options))
         self.num_patches, self.budget, self.schedule = num_patches, budget, schedule
         self._schedules: Dict[int, Schedule] = {num_patches: schedule}
+
+    def cost(self, num_patches: int):
+        """The FLOPs model a flops= budget is planned with, at ``num_patches`` patches: the adapter's, and
+        under unmerge the final norm (and a pooling head) on every patch again (the gathers themselves
+        are no multiply-adds)."""
+        cost = self.adapter.cost()
+        if not self.unmerge:
+            return cost
+        full = num_patches + self.adapter.num_prefix
+        return dataclasses.replace(cost, fixed=cost.fixed + full * cost.per_token_final, per_token_final=0)
 
     def schedule_for(self, num_patches: int) -> Schedule:
         """The schedule for inputs of ``num_patches`` patches. The budget is checked at the model's
@@ -94,10 +112,19 @@ class ViTRuntime:
         p = self.adapter.num_prefix
         schedule = self.schedule_for(int(x.shape[1]) - p)  # int: shapes are tensors while tracing
         tokens = TokenState.start(x, p, trace_source=self.trace_source,
-                                  track_position=getattr(self.adapter, "track_position", False))
+                                  track_position=getattr(self.adapter, "track_position", False), unmerge=self.unmerge)
         state = ForwardState(tokens, schedule)
+        if self.unmerge:
+            requested = self._unmerge_request.get()
+            self._unmerge_request.set(None)
+            state.unmerge_after = frozenset(requested or ()) | {schedule.depth - 1}
         self._forward.set(state)
         return state
+
+    def unmerge_after(self, layers) -> None:
+        """Under unmerge: the blocks (besides the last) whose outputs this thread's next forward puts
+        back on the full grid, because the caller reads them (intermediates, hidden states)."""
+        self._unmerge_request.set(frozenset(int(i) for i in layers))
 
     def current(self) -> ForwardState:
         """The state of this thread's forward in progress (or its last one)."""
@@ -122,7 +149,8 @@ class ViTRuntime:
             "method": self.method.name,
             "family": self.adapter.family,
             "budget": self.requested.describe(),
-            "options": dict(self.options, prop_attn=self.prop_attn, trace_source=self.trace_source),
+            "options": dict(self.options, prop_attn=self.prop_attn, trace_source=self.trace_source,
+                            unmerge=self.unmerge),
             "schedule": list(schedule.remove),
             "planned_tokens_per_layer": list(schedule.tokens),
             "keep": schedule.keep,
