@@ -5,11 +5,13 @@ from ..interfaces import TARGETS, Method
 from .focus_detr import FocusDETR
 from .pitome import PiToMe
 from .quota import QuoTA
+from .random_prune import RandomPrune
 from .tokencorr import TokenCorr
 from .tome import ToMe
 from .zero_tprune import ZeroTPrune
 
-REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), FocusDETR(), TokenCorr(), QuoTA())}
+REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), FocusDETR(), TokenCorr(), QuoTA(),
+                                                   RandomPrune())}
 
 
 def get(name: str) -> Method:
