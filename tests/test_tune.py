@@ -10,25 +10,26 @@ import torch
 import vitcompress
 from vitcompress import cli
 from vitcompress.evaluation import reference_model
-from vitcompress.profile import count_flops
+from vitcompress.interfaces import runtime_of
 from vitcompress.profile.conditions import busy_warning
 from vitcompress.tuning import pareto_front
 
 
 @pytest.fixture(scope="module")
 def reference():
-    model, images, labels = reference_model.load(num_images=200)
+    model, images, labels = reference_model.load(num_images=150)
     return model, images, labels
 
 
 @pytest.fixture
 def speed_by_flops(monkeypatch):
-    """Timing replaced by a deterministic figure (images/s inversely proportional to FLOPs), so the
-    choice does not depend on the load of the machine running the tests."""
+    """Timing replaced by a deterministic figure (images/s inversely proportional to the tokens the
+    blocks process), so the choice does not depend on the load of the machine running the tests."""
     def fake(models, inputs, **kwargs):
         rows = {}
         for name, m in models.items():
-            speed = 1e12 / count_flops(m, inputs[:1])
+            tokens = vitcompress.stats(m)["planned_tokens_per_layer"] if runtime_of(m) else [65] * len(m.blocks)
+            speed = 1e6 / sum(tokens)
             rows[name] = dict(throughput=speed, throughput_q1=speed, throughput_q3=speed, throughput_runs=[speed],
                               latency_ms=1e3 / speed, conditions=dict(device="cpu (test)", dtype="float32",
                                                                       batch_size=len(inputs), threads=1,
@@ -53,11 +54,11 @@ def _top1(model, images, labels):
 
 def test_tune_chooses_a_setting_within_max_drop_on_the_front(reference, speed_by_flops):
     model, images, labels = reference
-    result = vitcompress.tune(model, (images, labels), max_drop=1.0, methods=["tome", "pitome"], budgets=[0.8, 0.6],
-                              batch_size=100, runs=2, refine=1, refine_steps=1, progress=False)
+    result = vitcompress.tune(model, (images, labels), max_drop=1.0, methods=["tome"], budgets=[0.8, 0.6],
+                              batch_size=150, runs=2, refine=1, refine_steps=1, progress=False)
     assert result.chosen is not None, result.message
     assert result.chosen in result.pareto and result.baseline["method"] == "none"
-    assert {r["method"] for r in result.rows} >= {"tome", "pitome", "random"}
+    assert {r["method"] for r in result.rows} == {"none", "tome", "random"}
     # re-measured independently: a fresh model compressed by the chosen call, top-1 on the same images
     fresh = reference_model.load(num_images=0)[0]
     base = _top1(fresh, images, labels)
@@ -75,20 +76,20 @@ def test_tune_chooses_a_setting_within_max_drop_on_the_front(reference, speed_by
 
 def test_unlabelled_data_scores_agreement_with_the_uncompressed_model(reference, speed_by_flops):
     model, images, _ = reference
-    result = vitcompress.tune(model, images[:120], max_drop=2.0, methods=["tome"], budgets=[0.6], batch_size=60,
-                              runs=1, refine=0, progress=False)
+    result = vitcompress.tune(model, images[:60], max_drop=2.0, methods=["tome"], budgets=[0.6], batch_size=60,
+                              runs=1, refine=0, random_baseline=False, progress=False)
     assert result.metric == "agreement" and result.baseline["quality"] == 100.0
     row = next(r for r in result.rows if r["method"] == "tome")
     compressed = vitcompress.compress(reference_model.load(num_images=0)[0], "tome", flops=0.6)
     with torch.inference_mode():
-        agree = (compressed(images[:120]).argmax(-1) == model(images[:120]).argmax(-1)).float().mean().item()
+        agree = (compressed(images[:60]).argmax(-1) == model(images[:60]).argmax(-1)).float().mean().item()
     assert row["quality"] == pytest.approx(100 * agree)
 
 
 def test_nothing_within_max_drop_keeps_the_model_uncompressed(reference, speed_by_flops):
     model, images, labels = reference
-    result = vitcompress.tune(model, (images, labels), max_drop=0.0, methods=["tome"], budgets=[0.3],
-                              batch_size=100, runs=1, refine=0, random_baseline=False, progress=False)
+    result = vitcompress.tune(model, (images[:60], labels[:60]), max_drop=0.0, methods=["tome"], budgets=[0.3],
+                              batch_size=60, runs=1, refine=0, random_baseline=False, progress=False)
     assert result.chosen is None and "no setting loses at most max_drop=0" in result.message
     assert result.compress_call.startswith("model  # uncompressed")
     before = model(images[:8])
@@ -150,7 +151,7 @@ def test_compare_speed_says_how_it_measured():
 
 def test_the_tune_command_writes_the_table_json_and_plot(tmp_path, capsys, speed_by_flops):
     out_json, out_plot = tmp_path / "t.json", tmp_path / "t.png"
-    rc = cli.main(["tune", "--num-images", "100", "--methods", "tome", "--budgets", "0.7", "--runs", "1",
+    rc = cli.main(["tune", "--num-images", "50", "--methods", "tome", "--budgets", "0.7", "--runs", "1",
                    "--max-drop", "5", "--batch-size", "50", "--json", str(out_json), "--plot", str(out_plot),
                    "--quiet"])
     text = capsys.readouterr().out

@@ -38,12 +38,12 @@ def probe_head(model, images: torch.Tensor, labels: torch.Tensor, batch: int, l2
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-train", type=int, default=600, help="images the probe is fitted on (default 600)")
-    ap.add_argument("--num-test", type=int, default=300, help="images tune scores on (default 300)")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.65, 0.5], help="FLOPs fractions")
+    ap.add_argument("--num-train", type=int, default=300, help="images the probe is fitted on (default 300)")
+    ap.add_argument("--num-test", type=int, default=100, help="images tune scores on (default 100)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.75, 0.5], help="FLOPs fractions")
     ap.add_argument("--max-drop", type=float, default=1.0, help="top-1 points allowed to be lost (default 1.0)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--device", default=None)
     ap.add_argument("--amp", action="store_true")
     ap.add_argument("--json", help="write the result to this .json file")
