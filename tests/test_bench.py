@@ -47,6 +47,9 @@ def test_bench_json_rows_are_self_consistent(tmp_path, capsys):
     assert picture.read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
     assert "median [min-max] of 3 interleaved runs" in table and "speedup" in table
+    # how the speed was measured, and a warning whenever the machine was too busy to time it
+    assert base["speed_conditions"]["batch_size"] == 32 and "speed measured on cpu" in table
+    assert ("WARNING: timings not reliable" in table) == (base["timing_warning"] is not None)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ _EXPORTS = {
     "compress": "api", "restore": "api", "stats": "api", "list_methods": "api", "describe": "api",
     "count_flops": "profile", "measure_speed": "profile", "compare_speed": "profile",
     "export_onnx": "export", "export_program": "export", "export_executorch": "export",
-    "supported": "support",
+    "supported": "support", "tune": "tuning",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -3,7 +3,9 @@
     python experiments/evaluation/eval_imagenet.py --model deit_small_patch16_224 --pretrained \
         --data-dir /data/imagenet/val --method zero_tprune --flops 0.653 --amp
 
-``--data-dir`` is an ImageFolder (one sub-folder per class, sorted like the model's classes).
+``--data-dir`` is an ImageFolder (one sub-folder per class): folders named by class (synset ids or
+names) are matched to the model's classes by name, others taken in sorted order only when their count
+is the number of classes (:mod:`vitcompress.evaluation.folders`).
 Without ``--method`` the uncompressed model is evaluated; with it, both are, side by side.
 
 On several devices (or nodes) launch it with torchrun; each rank evaluates its own shard of the

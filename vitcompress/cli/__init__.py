@@ -1,18 +1,18 @@
-"""The command line: ``vitcompress bench``, ``vitcompress export`` and ``vitcompress show``.
+"""The command line: ``vitcompress bench``, ``export``, ``show`` and ``tune``.
 
 Every argument is checked before any model is built: a bad one ends the command at once with a
 one-line error naming the fix and exit code 2 (argparse's). One module per command (``bench``,
-``export``, ``show``: its arguments, their checks, the run); the checks the commands share, and any script
+``export``, ``show``, ``tune``: its arguments, their checks, the run); the checks the commands share, and any script
 may reuse, are in :mod:`vitcompress.cli.arguments`; the bench table and plot in ``report``.
 """
 import argparse
 import sys
 
-from . import bench, export, show
+from . import bench, export, show, tune
 from .arguments import OneLineErrorParser
 
 #: Each command's module: ``HELP``, ``DESCRIPTION``, ``add_arguments``, ``check_arguments``, ``run``.
-COMMANDS = {"bench": bench, "export": export, "show": show}
+COMMANDS = {"bench": bench, "export": export, "show": show, "tune": tune}
 
 
 def _version() -> str:

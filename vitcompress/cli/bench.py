@@ -203,7 +203,8 @@ def measure(args) -> List[Dict[str, Any]]:
                 images_per_s=s["throughput"], images_per_s_min=s["throughput_min"],
                 images_per_s_max=s["throughput_max"], images_per_s_q1=s["throughput_q1"],
                 images_per_s_q3=s["throughput_q3"], images_per_s_runs=s["throughput_runs"],
-                speedup=s["throughput"] / base_speed, ideal_speedup=1.0 / row["speed_flops_ratio"])
+                speedup=s["throughput"] / base_speed, ideal_speedup=1.0 / row["speed_flops_ratio"],
+                speed_conditions=s["conditions"], timing_warning=s["timing_warning"])
     progress.close()
     return rows
 
@@ -217,6 +218,12 @@ def run(args) -> int:
     rows = measure(args)
     print(format_table(rows, args.model))
     print(f"({time.perf_counter() - start:.0f} s; {hardware(args.device)}, torch {torch.__version__})")
+    if "speed_conditions" in rows[0]:
+        from ..profile.conditions import describe_conditions
+
+        print(f"speed measured on {describe_conditions(rows[0]['speed_conditions'])}")
+        if rows[0]["timing_warning"]:
+            print(f"WARNING: {rows[0]['timing_warning']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -65,20 +65,26 @@ class ReferenceTransform:
         return reference.preprocess(raw)[0]
 
 
+def model_transform(model: torch.nn.Module, reference_model: bool = False):
+    """The model's own eval transform: timm's data config, or the reference model's preprocessing."""
+    if reference_model:
+        return ReferenceTransform()
+    import timm.data
+
+    return timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+
+
 def imagefolder_loader(data_dir: str, model: torch.nn.Module, batch_size: int, workers: int = 2,
                        max_images: Optional[int] = None, reference_model: bool = False,
-                       ctx: Optional[Context] = None):
-    """A DataLoader over an ImageFolder with the model's own eval transform (timm's data config,
-    or the reference model's preprocessing); with a :class:`~vitcompress.evaluation.distributed.Context`,
-    over this rank's shard of the (``max_images``) images."""
-    import timm.data
-    from torchvision.datasets import ImageFolder
+                       ctx: Optional[Context] = None, labelled: Optional[bool] = True):
+    """A DataLoader over an ImageFolder with the model's own eval transform (:func:`model_transform`),
+    its folders matched to the model's classes by name (:func:`~vitcompress.evaluation.folders.image_dataset`;
+    ``labelled=None`` also takes a folder of unlabelled images); with a
+    :class:`~vitcompress.evaluation.distributed.Context`, over this rank's shard of the (``max_images``) images."""
+    from .folders import class_names_of, image_dataset, num_classes_of
 
-    if reference_model:
-        transform = ReferenceTransform()
-    else:
-        transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    dataset = ImageFolder(data_dir, transform=transform)
+    dataset = image_dataset(data_dir, model_transform(model, reference_model),
+                            class_names_of(model, reference_model), num_classes_of(model), labelled=labelled)
     if max_images is not None and max_images < len(dataset):
         step = len(dataset) / max_images  # spread over all classes, deterministic
         dataset = torch.utils.data.Subset(dataset, [int(i * step) for i in range(max_images)])

@@ -9,13 +9,14 @@ from .mctf import MCTF
 from .pitome import PiToMe
 from .ppt import PPT
 from .quota import QuoTA
+from .random_prune import RandomPrune
 from .tofu import ToFu
 from .tokencorr import TokenCorr
 from .tome import ToMe
 from .zero_tprune import ZeroTPrune
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), EViT(), ToFu(), MCTF(), PPT(),
-                                                   ATC(), FocusDETR(), TokenCorr(), QuoTA())}
+                                                   ATC(), RandomPrune(), FocusDETR(), TokenCorr(), QuoTA())}
 
 
 def get(name: str) -> Method:

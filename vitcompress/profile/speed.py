@@ -8,6 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .conditions import busy_warning, timing_conditions
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -127,6 +129,14 @@ def _quartiles(values: List[float]):
     return q1, q3
 
 
+def _dtype(model, inputs: torch.Tensor) -> torch.dtype:
+    """The dtype the forward computes in: autocast's when it is on, else the model's (or the inputs')."""
+    if torch.is_autocast_enabled(inputs.device.type):
+        return torch.get_autocast_dtype(inputs.device.type)
+    parameter = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    return parameter.dtype if parameter is not None else inputs.dtype
+
+
 def compare_speed(models: Mapping[str, torch.nn.Module], inputs: torch.Tensor, *, warmup: int = 2,
                   runs: int = 7, latency: bool = True, memory: bool = True,
                   cuda_graph: bool = False) -> Dict[str, Dict[str, Any]]:
@@ -137,11 +147,16 @@ def compare_speed(models: Mapping[str, torch.nn.Module], inputs: torch.Tensor, *
     ``throughput_min`` / ``throughput_max`` and ``throughput_q1`` / ``throughput_q3`` (quartiles;
     error bars); ``latency_ms`` the median batch-1 forward, ``peak_memory`` in bytes.
     ``cuda_graph=True`` (CUDA inputs) times replays of captured graphs (:class:`CUDAGraphed`).
+    Every row also says how it was measured, ``conditions`` (device, dtype, batch, threads, attention
+    backend, load: :func:`~vitcompress.profile.conditions.timing_conditions`), and ``timing_warning``:
+    None, or why the machine was too busy for the figures to be trusted
+    (:func:`~vitcompress.profile.conditions.busy_warning`).
     """
     if runs < 1:
         raise ValueError(f"compare_speed: runs={runs}, give at least 1 timed run (5 or more for a spread)")
     batch = inputs.shape[0]
     names = list(models)
+    dtype = _dtype(models[names[0]], inputs) if names else inputs.dtype
     if cuda_graph:
         if inputs.device.type != "cuda":
             raise ValueError("compare_speed(cuda_graph=True) needs CUDA inputs")
@@ -155,6 +170,8 @@ def compare_speed(models: Mapping[str, torch.nn.Module], inputs: torch.Tensor, *
         order = names[i % len(names):] + names[: i % len(names)]
         for name in order:
             times[name].append(_timed(models[name], inputs))
+    conditions = timing_conditions(inputs.device, dtype, batch)
+    warning = busy_warning([[batch / t for t in times[n]] for n in names], conditions)
     result = {}
     one = inputs[:1]
     for name in names:
@@ -162,7 +179,8 @@ def compare_speed(models: Mapping[str, torch.nn.Module], inputs: torch.Tensor, *
         q1, q3 = _quartiles(per_run)
         row = {"throughput": batch / statistics.median(times[name]), "throughput_min": min(per_run),
                "throughput_max": max(per_run), "throughput_q1": q1, "throughput_q3": q3,
-               "throughput_runs": per_run, "batch_size": batch, "runs": runs, "seconds": times[name]}
+               "throughput_runs": per_run, "batch_size": batch, "runs": runs, "seconds": times[name],
+               "conditions": conditions, "timing_warning": warning}
         if latency:
             single = CUDAGraphed(eager[name], one) if cuda_graph else models[name]
             for _ in range(warmup):
