@@ -171,9 +171,10 @@ def trace(model, images: torch.Tensor, blocks: Sequence[int] = (),
     the last); its FLOPs ratio is the tower's."""
     model, runtime, last = _drawable(model)
     if hasattr(runtime, "reduced_modality"):
-        raise TypeError(f"a LLaVA compressed with {runtime.method.name} reduces the visual tokens of each crop or frame "
-                        "after its vision tower: draw it with vitcompress.visualize.draw(model, inputs) or "
-                        "trace_llava(model, inputs), inputs the call's keyword arguments (input_ids, pixel_values, ...)")
+        raise TypeError(f"a LLaVA compressed with {runtime.method.name} reduces the visual tokens of each crop or "
+                        "frame after its vision tower: draw it with vitcompress.visualize.draw(model, inputs) or "
+                        "trace_llava(model, inputs), inputs the call's keyword arguments (input_ids, pixel_values, "
+                        "...)")
     if not hasattr(runtime, "trace_source"):
         return _trace_detr(model, runtime, images, blocks, forward)
     layers = _blocks_of(model, runtime)
@@ -345,7 +346,8 @@ def _draw_llava(model, inputs, question, title):
               for row in seen.rows]
     titles = [[p.title for p in row] for row in seen.rows]
     what = ("coloured + outlined: merged patches · plain: patches kept · hatched grey: dropped"
-            if seen.method != "quota" else "coloured + outlined: the tokens of each frame's resized grid · hatched grey: dropped frame")
+            if seen.method != "quota" else
+            "coloured + outlined: the tokens of each frame's resized grid · hatched grey: dropped frame")
     heading = (f"{seen.method}, {seen.budget}: {seen.tokens_after}/{seen.tokens_before} visual tokens"
                f" ({seen.modality} rows, one panel per {'crop' if seen.method != 'quota' else 'frame'})")
     return figure(panels, [], f"{title + ': ' if title else ''}{heading}\n{what}", panel_titles=titles)
