@@ -454,6 +454,85 @@ def test_show_refuses_bad_input_in_one_line_with_exit_2(argv, fix, photos, tmp_p
     assert not (tmp_path / "out.png").exists()
 
 
+@pytest.fixture
+def hf_dir(tmp_path):
+    """A small random DINOv2 and its image processor (48x48 crops, mean/std 0.5), as save_pretrained writes them."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                       image_size=32, patch_size=4)
+    path = tmp_path / "tiny_dinov2"
+    transformers.Dinov2Model(config).save_pretrained(path)
+    transformers.BitImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48},
+                                   image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    return path
+
+
+def test_show_loads_a_transformers_model_from_a_local_directory(hf_dir, photos, tmp_path, capsys):
+    from vitcompress.evaluation import models
+
+    loaded = models.load_model(f"hf:{hf_dir}", num_images=0, libraries=True)
+    assert type(loaded.model).__name__ == "Dinov2Model" and loaded.input_size == (3, 48, 48)  # the processor's crop
+    assert loaded.mean == loaded.std == (0.5, 0.5, 0.5)
+    out = str(tmp_path / "hf.png")
+    assert cli.main(["show", *photos, "--model", f"hf:{hf_dir}", "--keep", "0.7", "-o", out]) == 0
+    assert png_size(out) == ("PNG", expected_size(rows=2, cols=2))
+    assert f"hf:{hf_dir} (transformers weights), 2 image(s)" in capsys.readouterr().out
+    for name in ("preprocessor_config.json",):  # without a saved processor: the config's size, ImageNet's mean
+        (hf_dir / name).unlink()
+    loaded = models.load_model(f"hf:{hf_dir}", num_images=0, libraries=True)
+    assert loaded.input_size == (3, 32, 32) and loaded.mean is None
+    with pytest.raises(ValueError, match="unknown model"):  # the other commands take timm names only
+        models.check_model_name(f"hf:{hf_dir}")
+
+
+def test_an_open_clip_name_gives_its_architecture_and_normalisation():
+    import open_clip
+
+    from vitcompress.evaluation import models
+
+    loaded = models.load_model("open_clip:ViT-B-32", num_images=0, libraries=True)
+    assert isinstance(loaded.model, open_clip.CLIP) and loaded.weights == "random weights"
+    assert loaded.input_size == (3, 224, 224) and loaded.mean == tuple(open_clip.OPENAI_DATASET_MEAN)
+
+
+@pytest.mark.parametrize("argv, fix", [
+    (["--model", "hf:facebook/dinov2-small"], "--model hf:DIR"),
+    (["--model", "open_clip:ViT-B-32/laion2b_s34b_b79k"], "--model open_clip:ViT-B-32/FILE"),
+    (["--model", "open_clip:ViT-B-99"], "unknown open_clip architecture 'ViT-B-99'"),
+    (["--model", "hf:"], "e.g. hf:facebook/dinov2-small"),
+    (["--model", "hf:facebook/dinov2-small", "--pretrained"], "drop --pretrained"),
+])
+def test_show_with_the_hub_unreachable_says_how_to_load_locally_in_one_line(argv, fix, photos, tmp_path, capsys,
+                                                                           monkeypatch):
+    """The loaders fail as they do offline (transformers: OSError "couldn't connect"; open_clip:
+    RuntimeError "Failed to download"), without waiting for the hub's retries."""
+    import open_clip
+    import transformers
+
+    def offline_hf(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                      "the cached files.\nCheck your internet connection")
+
+    def offline_open_clip(*args, pretrained=None, **kwargs):
+        if pretrained:
+            raise RuntimeError(f"Failed to download weights for tag '{pretrained}': ...")
+        return None
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", offline_hf)
+    monkeypatch.setattr(open_clip, "create_model", offline_open_clip)
+    out = tmp_path / "out.png"
+    try:
+        code = cli.main(["show", photos[0], *argv, "-o", str(out)])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fix in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def test_make_pictures_writes_every_docs_picture(tmp_path):
     """The docs' pictures script, on the embedded model (the real ViT-S/14 is not built in tests)."""
     load_script("tools/make_pictures.py").main(["--reference", "--out", str(tmp_path)])
