@@ -16,7 +16,8 @@ from vitcompress import cli
 from vitcompress import visualize as V
 from vitcompress.evaluation import reference_model
 from vitcompress.interfaces import runtime_of
-from vitcompress.testing import llava_inputs, random_images, tiny_clip, tiny_detr, tiny_llava, tiny_vit
+from vitcompress.testing import (half_flat, llava_inputs, ramp_scorer, random_images, tiny_clip, tiny_detr, tiny_llava,
+                                 tiny_vit)
 
 
 def expected_regions(source, num_prefix, grid):
@@ -216,13 +217,130 @@ def test_llava_visual_tokens_per_crop_are_those_its_language_model_takes():
     assert vitcompress.stats(model)["tower"]["options"]["trace_source"] is False
 
 
+def crop_features(model, pixels):
+    """``pixels[crops, 3, H, W]`` -> ``[crops, N, D]``: each patch's visual token as the uncompressed
+    LLaVA makes it (the tower's hidden state of vision_feature_layer without CLS, projected)."""
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        return model.model.multi_modal_projector(hidden[model.config.vision_feature_layer][:, 1:])
+
+
+def handed_features(model, inputs, modality, question=None):
+    """The visual tokens the compressed model hands its language model for this call, per image / video."""
+    with torch.no_grad():
+        prepared = runtime_of(model).prepare(dict(inputs), question)
+    return list(prepared["mm_encoder_outputs"][modality].pooler_output)
+
+
+@pytest.mark.parametrize("kind", ["llava", "next"])
+def test_llava_tokencorr_draws_the_patches_of_each_crop_its_language_model_takes(kind):
+    """Each crop's drawn (non-pruned) patches, taken from the uncompressed tower, are exactly the
+    tokens the language model receives (LLaVA-1.5: in order; NeXT: as a set, the anyres packing
+    interleaves the crops' rows and adds newlines)."""
+    model = vitcompress.compress(tiny_llava(kind), "tokencorr")
+    inputs = llava_inputs(model, kind, images=half_flat)  # partial budgets: some patches kept, some not
+    seen = V.trace_llava(model, inputs)
+    handed = handed_features(model, inputs, "image")
+    pixels = inputs["pixel_values"]
+    assert seen.modality == "image" and len(seen.rows) == 2
+    for u, row in enumerate(seen.rows):
+        features = crop_features(model, pixels[u][None] if pixels.dim() == 4 else pixels[u])
+        drawn = []
+        for panel in row:
+            labels = panel.regions.flatten()
+            kept = labels >= 0
+            assert sorted(labels[kept].tolist()) == list(range(int(kept.sum())))  # one region per token
+            drawn.append(features[panel.index][kept][labels[kept].argsort()])
+        drawn = torch.cat(drawn)
+        tokens = handed[u]
+        if kind == "next":
+            tokens = tokens[(tokens != model.model.image_newline).any(dim=-1)]
+            match = torch.cdist(drawn, tokens).min(dim=1)
+            assert match.values.max() < 1e-4 and sorted(match.indices.tolist()) == list(range(tokens.shape[0]))
+        else:
+            torch.testing.assert_close(drawn, tokens, rtol=0, atol=1e-5)
+        assert 0 < drawn.shape[0] < sum(p.regions.numel() for p in row)
+    fig = V.draw(model, inputs)
+    assert len(fig.axes) == sum(len(row) for row in seen.rows) and fig.axes[0].get_title().startswith("crop 0: ")
+
+
+def test_llava_tokencorr_merge_draws_each_dropped_patch_in_the_token_of_its_most_similar_kept_patch():
+    """merge=True: every patch belongs to one token; a dropped patch joins the kept patch whose key
+    (tower layer key_layer=-2, averaged over heads) is most similar, computed here from a hook."""
+    model = vitcompress.compress(tiny_llava("llava"), "tokencorr", merge=True)
+    inputs = llava_inputs(model, "llava", images=half_flat)
+    tower = model.model.vision_tower
+    layer = getattr(tower, "vision_model", tower).encoder.layers[-2]
+    heads = model.config.vision_config.num_attention_heads
+    keys = []
+    handle = layer.self_attn.k_proj.register_forward_hook(lambda m, a, out: keys.append(out.detach()))
+    try:
+        seen = V.trace_llava(model, inputs)
+    finally:
+        handle.remove()
+    k = keys[0].reshape(*keys[0].shape[:2], heads, -1).mean(dim=2)[:, 1:]
+    k = torch.nn.functional.normalize(k, dim=-1)
+    merged = 0
+    for u, (panel,) in enumerate(seen.rows):
+        labels = panel.regions.flatten()
+        kept = vitcompress.stats(model)["image"][u]["crops"][0]["kept"]  # what the runtime says it kept
+        assert 0 < len(kept) < 64 and labels.unique().tolist() == list(range(len(kept)))  # every patch in a token
+        for p in range(64):
+            if p in kept:
+                assert labels[p] == kept.index(p)
+            else:
+                merged += 1
+                assert labels[p] == kept.index(max(kept, key=lambda q: float(k[u, p] @ k[u, q]))), p
+    assert merged > 0
+
+
+@pytest.mark.parametrize("kind, frames", [("llava", 1), ("next_video", 4), ("onevision", 4)])
+def test_quota_draws_the_grid_each_frame_was_resized_to(kind, frames):
+    """Per frame, the drawn grid is the one QuoTA's formulas give for the ramp scorer (computed here:
+    w_i = (100 p_i)^2 normalised, n_i = int(budget w_i), h' = round(sqrt(n h / w)), w' = n // h'),
+    and the tokens drawn plus the model's extra tokens are the tokens its language model takes."""
+    keep = 0.5
+    model = vitcompress.compress(tiny_llava(kind), "quota", keep=keep, scorer=ramp_scorer)
+    inputs = llava_inputs(model, kind)
+    seen = V.trace_llava(model, inputs, question="what moves?")
+    modality = "image" if kind == "llava" else "video"
+    handed = handed_features(model, inputs, modality, "what moves?")
+    stats = vitcompress.stats(model)[modality]
+    side = 8 if kind == "llava" else 4  # the tiny NeXT-Video / OneVision pool each frame's 8x8 patches to 4x4
+    probs = torch.linspace(0.1, 1.0, frames).tolist()
+    squares = [(100 * p) ** 2 for p in probs]
+    budget = int(keep * frames * side * side)
+    for u, row in enumerate(seen.rows):
+        assert len(row) == frames
+        drawn = 0
+        for panel, p in zip(row, squares):
+            n = int(budget * p / sum(squares))
+            labels = panel.regions
+            if n <= 0:
+                assert bool((labels < 0).all()) and panel.title.endswith("dropped")
+                continue
+            rows = min(n, max(1, round((n * side / side) ** 0.5)))
+            cols = n // rows
+            assert labels.unique().tolist() == list(range(rows * cols))
+            assert labels.unique(dim=0).shape[0] == rows and labels.unique(dim=1).shape[1] == cols  # a grid
+            assert labels[0, -1] == cols - 1 and labels[-1, 0] == (rows - 1) * cols  # row-major, as the tokens
+            drawn += rows * cols
+        extra = stats[u]["extra_tokens"]
+        assert drawn + extra == handed[u].reshape(-1, handed[u].shape[-1]).shape[0] == stats[u]["tokens_after"]
+
+
 def test_models_that_cannot_be_drawn_are_refused_in_one_line():
     with pytest.raises(ValueError, match="vitcompress.compress"):
         V.trace(tiny_vit(), random_images(1))
     llava = vitcompress.compress(tiny_llava("llava"), "tokencorr")
-    with pytest.raises(TypeError, match="content-dependent number of visual tokens .* a ViT method inside") as err:
+    with pytest.raises(TypeError, match=r"draw it with vitcompress.visualize.draw\(model, inputs\)") as err:
         V.trace(llava, random_images(1))
     assert "\n" not in str(err.value)
+    with pytest.raises(TypeError, match="as a dict") as err:
+        V.trace_llava(llava, random_images(1))
+    assert "\n" not in str(err.value)
+    with pytest.raises(TypeError, match="trace_llava draws a LLaVA compressed with tokencorr or quota"):
+        V.trace_llava(vitcompress.compress(tiny_vit(), "tome", r=2), {"input_ids": None})
     with pytest.raises(ValueError, match="blocks 0 to 3"):
         V.trace(vitcompress.compress(tiny_vit(), "tome", r=2), random_images(1), blocks=[4])
 
@@ -334,6 +452,85 @@ def test_show_refuses_bad_input_in_one_line_with_exit_2(argv, fix, photos, tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and fix in err and "Traceback" not in err
     assert not (tmp_path / "out.png").exists()
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """A small random DINOv2 and its image processor (48x48 crops, mean/std 0.5), as save_pretrained writes them."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                                       image_size=32, patch_size=4)
+    path = tmp_path / "tiny_dinov2"
+    transformers.Dinov2Model(config).save_pretrained(path)
+    transformers.BitImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48},
+                                   image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    return path
+
+
+def test_show_loads_a_transformers_model_from_a_local_directory(hf_dir, photos, tmp_path, capsys):
+    from vitcompress.evaluation import models
+
+    loaded = models.load_model(f"hf:{hf_dir}", num_images=0, libraries=True)
+    assert type(loaded.model).__name__ == "Dinov2Model" and loaded.input_size == (3, 48, 48)  # the processor's crop
+    assert loaded.mean == loaded.std == (0.5, 0.5, 0.5)
+    out = str(tmp_path / "hf.png")
+    assert cli.main(["show", *photos, "--model", f"hf:{hf_dir}", "--keep", "0.7", "-o", out]) == 0
+    assert png_size(out) == ("PNG", expected_size(rows=2, cols=2))
+    assert f"hf:{hf_dir} (transformers weights), 2 image(s)" in capsys.readouterr().out
+    for name in ("preprocessor_config.json",):  # without a saved processor: the config's size, ImageNet's mean
+        (hf_dir / name).unlink()
+    loaded = models.load_model(f"hf:{hf_dir}", num_images=0, libraries=True)
+    assert loaded.input_size == (3, 32, 32) and loaded.mean is None
+    with pytest.raises(ValueError, match="unknown model"):  # the other commands take timm names only
+        models.check_model_name(f"hf:{hf_dir}")
+
+
+def test_an_open_clip_name_gives_its_architecture_and_normalisation():
+    import open_clip
+
+    from vitcompress.evaluation import models
+
+    loaded = models.load_model("open_clip:ViT-B-32", num_images=0, libraries=True)
+    assert isinstance(loaded.model, open_clip.CLIP) and loaded.weights == "random weights"
+    assert loaded.input_size == (3, 224, 224) and loaded.mean == tuple(open_clip.OPENAI_DATASET_MEAN)
+
+
+@pytest.mark.parametrize("argv, fix", [
+    (["--model", "hf:facebook/dinov2-small"], "--model hf:DIR"),
+    (["--model", "open_clip:ViT-B-32/laion2b_s34b_b79k"], "--model open_clip:ViT-B-32/FILE"),
+    (["--model", "open_clip:ViT-B-99"], "unknown open_clip architecture 'ViT-B-99'"),
+    (["--model", "hf:"], "e.g. hf:facebook/dinov2-small"),
+    (["--model", "hf:facebook/dinov2-small", "--pretrained"], "drop --pretrained"),
+])
+def test_show_with_the_hub_unreachable_says_how_to_load_locally_in_one_line(argv, fix, photos, tmp_path, capsys,
+                                                                           monkeypatch):
+    """The loaders fail as they do offline (transformers: OSError "couldn't connect"; open_clip:
+    RuntimeError "Failed to download"), without waiting for the hub's retries."""
+    import open_clip
+    import transformers
+
+    def offline_hf(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in "
+                      "the cached files.\nCheck your internet connection")
+
+    def offline_open_clip(*args, pretrained=None, **kwargs):
+        if pretrained:
+            raise RuntimeError(f"Failed to download weights for tag '{pretrained}': ...")
+        return None
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", offline_hf)
+    monkeypatch.setattr(open_clip, "create_model", offline_open_clip)
+    out = tmp_path / "out.png"
+    try:
+        code = cli.main(["show", photos[0], *argv, "-o", str(out)])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and fix in err and "Traceback" not in err, err
+    assert not out.exists()
 
 
 def test_make_pictures_writes_every_docs_picture(tmp_path):

@@ -19,9 +19,10 @@ and the figures::
     fig.savefig("out.png")
 
 ViT-like encoders (timm ViT/DeiT/EVA/BEiT, open_clip, HF CLIP/ViT/DINOv2/SigLIP), DETR encoders
-(the tokens each cascade level of the sparse encoder runs on, over the feature map) and the vision
-tower of a LLaVA-1.5 compressed with a ViT method (the visual tokens kept per crop). The LLaVA
-methods with content-dependent counts (tokencorr, quota) are refused in one line.
+(the tokens each cascade level of the sparse encoder runs on, over the feature map), the vision
+tower of a LLaVA-1.5 compressed with a ViT method, and a LLaVA / LLaVA-NeXT / NeXT-Video / OneVision
+compressed with its own methods (:func:`trace_llava`: the visual tokens tokencorr kept of each image
+crop, the grid QuoTA resized each video frame to), drawn from what the runtime recorded of the call.
 """
 import math
 from dataclasses import dataclass, field
@@ -123,9 +124,7 @@ def _drawable(model):
         return runtime.adapter.tower, runtime.tower, feature_layer - 1 if feature_layer >= 0 else \
             runtime.tower.adapter.depth + feature_layer
     if isinstance(runtime, LlavaRuntime):
-        raise TypeError(f"{runtime.method.name} picks a content-dependent number of visual tokens per crop or frame, "
-                        "which cannot be drawn yet; draw a ViT method inside the LLaVA's vision tower "
-                        "(compress(model, 'tome', ...)) instead")
+        return model, runtime, None
     raise TypeError(f"vitcompress.visualize draws ViT-like encoders ({SUPPORTED}), DETR encoders and LLaVA vision "
                     f"towers; a {runtime.adapter.family} cannot be drawn")
 
@@ -171,6 +170,11 @@ def trace(model, images: torch.Tensor, blocks: Sequence[int] = (),
     those its language model takes (after the block of ``vision_feature_layer``, -2: the one before
     the last); its FLOPs ratio is the tower's."""
     model, runtime, last = _drawable(model)
+    if hasattr(runtime, "reduced_modality"):
+        raise TypeError(f"a LLaVA compressed with {runtime.method.name} reduces the visual tokens of each crop or "
+                        "frame after its vision tower: draw it with vitcompress.visualize.draw(model, inputs) or "
+                        "trace_llava(model, inputs), inputs the call's keyword arguments (input_ids, pixel_values, "
+                        "...)")
     if not hasattr(runtime, "trace_source"):
         return _trace_detr(model, runtime, images, blocks, forward)
     layers = _blocks_of(model, runtime)
@@ -230,6 +234,123 @@ def _trace_detr(model, runtime, images: torch.Tensor, blocks: Sequence[int], for
                  budget=runtime.budget.describe(), flops_ratio=None, depth=depth,
                  after={b: kept(b) for b in wanted}, tokens_after={b: counts[b] for b in wanted},
                  unit="encoder layer")
+
+
+@dataclass
+class Panel:
+    """One crop or frame of a LLaVA call: its ``index`` among the image's crops / the video's
+    frames, its ``picture[3, H, W]`` in [0, 1], the ``regions[rows, cols]`` drawn on it (see
+    :func:`crop_regions`, :func:`frame_regions`) and a title."""
+
+    index: int
+    picture: torch.Tensor
+    regions: torch.Tensor
+    title: str
+
+
+@dataclass
+class LlavaTrace:
+    """What one call of a LLaVA compressed with its own method (tokencorr, QuoTA) kept: ``rows[i]``
+    the panels of its ``i``-th image / video (of ``modality``), the visual tokens before and after."""
+
+    rows: List[List[Panel]]
+    modality: str
+    method: str
+    budget: str
+    tokens_before: int
+    tokens_after: int
+
+
+def crop_regions(kept: Sequence[int], merged: Sequence[Sequence[int]], grid: Tuple[int, int]) -> torch.Tensor:
+    """One crop's ``grid`` of patches -> per patch the index (in output order) of the visual token that
+    stands for it: ``kept`` patches each their own token, a ``merged`` ``[dropped, kept]`` patch the
+    token of the patch it was folded into, -1 the dropped (and the patches the model left out)."""
+    labels = torch.full((grid[0] * grid[1],), -1, dtype=torch.long)
+    labels[torch.as_tensor(list(kept), dtype=torch.long)] = torch.arange(len(kept))
+    if len(merged):
+        pairs = torch.as_tensor([list(p) for p in merged], dtype=torch.long)
+        labels[pairs[:, 0]] = labels[pairs[:, 1]]
+    return labels.reshape(grid)
+
+
+def frame_regions(after: Tuple[int, int], size: Tuple[int, int]) -> torch.Tensor:
+    """One QuoTA frame resized (bilinear) to an ``after`` token grid, at ``size`` (rows, cols) cells
+    over the frame: per cell, the token (row-major index in the resized grid) whose footprint holds
+    the cell's centre -- each token a rectangle of the frame, finer than a patch when ``after`` is
+    finer than the frame's grid; all -1 when the frame kept no token."""
+    rows, cols = size
+    if after[0] * after[1] == 0:
+        return torch.full((rows, cols), -1, dtype=torch.long)
+    r = ((torch.arange(rows) + 0.5) * after[0] / rows).long()
+    c = ((torch.arange(cols) + 0.5) * after[1] / cols).long()
+    return r[:, None] * after[1] + c[None, :]
+
+
+#: the longest side, in cells, of a QuoTA frame's drawn grid (about a panel's pixels)
+FRAME_CELLS = 224
+
+
+def _picture(pixels: torch.Tensor) -> torch.Tensor:
+    return display_pictures(pixels[None])[0]
+
+
+def trace_llava(model, inputs: Dict, question=None) -> LlavaTrace:
+    """Run one call of a LLaVA compressed with its own method (``model(**inputs, question=...)``,
+    without gradients) and read back, from what the runtime recorded of this thread's call, which
+    visual tokens of each crop (tokencorr: indices into the crop's patch grid; merged patches join
+    the token they went into) or frame (QuoTA: the grid each frame was resized to) were kept."""
+    from .runtimes.vlm import LlavaRuntime
+
+    runtime = runtime_of(model)
+    if not isinstance(runtime, LlavaRuntime) or runtime.tower is not None:
+        raise TypeError("trace_llava draws a LLaVA compressed with tokencorr or quota; use trace / draw for ViTs, "
+                        "DETRs and a ViT method inside a LLaVA's vision tower")
+    if not isinstance(inputs, dict) or "input_ids" not in inputs:
+        raise TypeError("give the call's keyword arguments as a dict (input_ids, pixel_values, image_sizes, ...: "
+                        "what the model's processor returns), as model(**inputs) takes them")
+    modality = runtime.reduced_modality
+    pixels = inputs.get("pixel_values" if modality == "image" else "pixel_values_videos")
+    if pixels is None:
+        raise ValueError(f"this call carries no {modality} pixels, the only visual tokens "
+                         f"{runtime.method.name} reduces on this model; pass them in inputs")
+    with torch.no_grad():
+        model(**inputs, **({} if question is None else {"question": question}))
+    stats = runtime.stats()
+    vision = runtime.adapter.config.vision_config
+    side = vision.image_size // vision.patch_size
+    rows = []
+    for u, unit in enumerate(stats[modality]):
+        if runtime.method.unit == "crop":
+            rows.append([Panel(crop["crop"], _picture(pixels[u] if pixels.dim() == 4 else pixels[u, crop["crop"]]),
+                               crop_regions(crop["kept"], crop.get("merged", ()), (side, side)),
+                               f"crop {crop['crop']}: {len(crop['kept'])}/{crop['patches']} kept")
+                         for crop in unit["crops"]])
+        else:
+            panels = []
+            for k, (frame, before) in enumerate(zip(unit["frames"], unit["frame_grids"])):
+                after = tuple(unit["grid"][frame])
+                picture = _picture(pixels[u] if pixels.dim() == 4 else pixels[u, k])
+                scale = FRAME_CELLS / max(picture.shape[-2:])
+                cells = (max(1, round(picture.shape[-2] * scale)), max(1, round(picture.shape[-1] * scale)))
+                text = "dropped" if after[0] * after[1] == 0 else f"{after[0]}x{after[1]}"
+                panels.append(Panel(k, picture, frame_regions(after, cells),
+                                    f"frame {k}: {before[0]}x{before[1]} -> {text}"))
+            rows.append(panels)
+    return LlavaTrace(rows=rows, modality=modality, method=runtime.method.name, budget=stats["budget"],
+                      tokens_before=stats["visual_tokens_before"], tokens_after=stats["visual_tokens_after"])
+
+
+def _draw_llava(model, inputs, question, title):
+    seen = trace_llava(model, inputs, question)
+    panels = [[render(p.picture, p.regions, min_cell=1 if seen.method == "quota" else 16) for p in row]
+              for row in seen.rows]
+    titles = [[p.title for p in row] for row in seen.rows]
+    what = ("coloured + outlined: merged patches · plain: patches kept · hatched grey: dropped"
+            if seen.method != "quota" else
+            "coloured + outlined: the tokens of each frame's resized grid · hatched grey: dropped frame")
+    heading = (f"{seen.method}, {seen.budget}: {seen.tokens_after}/{seen.tokens_before} visual tokens"
+               f" ({seen.modality} rows, one panel per {'crop' if seen.method != 'quota' else 'frame'})")
+    return figure(panels, [], f"{title + ': ' if title else ''}{heading}\n{what}", panel_titles=titles)
 
 
 # --------------------------------------------------------------------------- drawing
@@ -309,26 +430,31 @@ def display_pictures(images: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
 
 
-def figure(panels: List[List[np.ndarray]], column_titles: Sequence[str], title: str):
-    """A matplotlib ``Figure`` (Agg, no pyplot state) of ``panels[row][col]``, a title per column over
-    the top row and ``title`` over all; its size in pixels is fixed by :data:`PANEL_INCHES`,
+def figure(panels: List[List[np.ndarray]], column_titles: Sequence[str], title: str,
+           panel_titles: Optional[List[List[str]]] = None):
+    """A matplotlib ``Figure`` (Agg, no pyplot state) of ``panels[row][col]`` (rows may differ in
+    length), a title per column over the top row -- or ``panel_titles[row][col]`` over every panel --
+    and ``title`` over all; its size in pixels is fixed by :data:`PANEL_INCHES`,
     :data:`HEADER_INCHES` and :data:`DPI`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rows, cols = len(panels), len(panels[0])
+    rows, cols = len(panels), max(len(row) for row in panels)
     width, height = cols * PANEL_INCHES, rows * PANEL_INCHES + HEADER_INCHES
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     pad = 0.06
+    side = PANEL_INCHES - 2 * pad - (0.25 if panel_titles else 0.0)  # room for each panel's own title
     for r, row in enumerate(panels):
         for c, panel in enumerate(row):
             left = (c * PANEL_INCHES + pad) / width
             bottom = ((rows - 1 - r) * PANEL_INCHES + pad) / height
-            ax = fig.add_axes((left, bottom, (PANEL_INCHES - 2 * pad) / width, (PANEL_INCHES - 2 * pad) / height))
+            ax = fig.add_axes((left, bottom, (PANEL_INCHES - 2 * pad) / width, side / height))
             ax.imshow(panel, interpolation="nearest")
             ax.set_axis_off()
-            if r == 0:
+            if panel_titles:
+                ax.set_title(panel_titles[r][c], fontsize=8, pad=3)
+            elif r == 0:
                 ax.set_title(column_titles[c], fontsize=9, pad=4)
     fig.suptitle(title, fontsize=10.5, y=1 - 0.08 / height, va="top")
     return fig
@@ -343,11 +469,19 @@ def _tokens_title(tokens: int, patches: int) -> str:
 
 
 def draw(model, images: torch.Tensor, blocks: Sequence[int] = (), pictures: Optional[torch.Tensor] = None,
-         forward: Optional[Callable] = None, title: Optional[str] = None):
+         forward: Optional[Callable] = None, title: Optional[str] = None, question=None):
     """A figure of what the compressed ``model`` keeps of each image of the batch: the input, the
     tokens after each block in ``blocks`` (0-based) and after the last block. ``pictures`` (``[B, 3,
     H, W]`` in [0, 1]) are drawn on instead of the stretched inputs; ``title`` (e.g. the model's name)
-    goes before the method, budget and FLOPs in the heading."""
+    goes before the method, budget and FLOPs in the heading.
+
+    A LLaVA compressed with tokencorr or quota: ``images`` is the call's keyword arguments (a dict,
+    with ``question`` for QuoTA); a row per image / video, a panel per crop / frame (:func:`trace_llava`)."""
+    if isinstance(images, dict):
+        if blocks or pictures is not None or forward is not None:
+            raise TypeError("a LLaVA's crops and frames are drawn from the call's own pixels after its vision tower: "
+                            "give only the inputs dict (and question=, title=), not blocks / pictures / forward")
+        return _draw_llava(model, images, question, title)
     seen = trace(model, images, blocks, forward)
     pictures = display_pictures(images) if pictures is None else pictures.detach().float().cpu()
     panels = [[p.permute(1, 2, 0).numpy()] + [render(p, seen.after[b][i]) for b in sorted(seen.after)]

@@ -6,6 +6,7 @@ default-run tests that cover each module.
     python experiments/tools/mutation.py methods/tome.py                   # one module (under vitcompress/)
     python experiments/tools/mutation.py --budget 1500 engine/schedule.py  # stop after 1500 s (reports what ran)
     python experiments/tools/mutation.py --all --json out.json             # every module of TESTS
+    python experiments/tools/mutation.py --lines 40-95 methods/quota.py    # the mutants of those lines only
 
 The mutants are mutmut 2.x's (``mutmut.list_mutations`` / ``mutmut.mutate``: operators, numbers,
 keywords, names, arguments, ...); mutants that only change the text of a string (error messages,
@@ -23,6 +24,7 @@ import argparse
 import difflib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -31,7 +33,8 @@ import time
 sys.dont_write_bytecode = True
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-#: module (under vitcompress/) -> the fast default-run tests that cover it, cheapest first
+#: module (under vitcompress/) -> the fast default-run tests that cover it, cheapest first (pytest
+#: arguments, split as a shell would: ``-k 'a or b'`` narrows a file to the tests of the module)
 TESTS = {
     "methods/tome.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
                        "tests/test_errors.py tests/test_profile.py",
@@ -41,10 +44,11 @@ TESTS = {
                           "tests/test_support.py tests/test_profile.py",
     "kernels/reference.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
                             "tests/test_zero_tprune.py",
-    "methods/zero_tprune.py": "tests/test_algorithm_checks.py tests/test_zero_tprune.py tests/test_errors.py",
-    "methods/focus_detr.py": "tests/test_algorithm_checks.py tests/test_detr.py tests/test_errors.py",
-    "methods/tokencorr.py": "tests/test_methods.py tests/test_support.py tests/test_errors.py",
-    "methods/quota.py": "tests/test_llava.py tests/test_errors.py",
+    "methods/zero_tprune.py": "tests/test_zero_tprune.py tests/test_algorithm_checks.py -k 'zero or tprune or pagerank'",
+    "methods/focus_detr.py": "tests/test_algorithm_checks.py tests/test_detr.py -k 'focus or cascade or padding' "
+                             "--deselect tests/test_detr.py::test_scorer_training_loss_falls_and_eval_coco_runs",
+    "methods/tokencorr.py": "tests/test_llava.py -k 'tokencorr or crop or sampling or merge'",
+    "methods/quota.py": "tests/test_llava.py -k 'quota or grid or frame'",
     "engine/tokens.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py",
     "engine/blocks.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
                         "tests/test_timm_adapter.py",
@@ -112,7 +116,7 @@ def run_tests(tests: str, timeout: float) -> (bool, float):
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
             import pytest
-            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", *tests.split()]))
+            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", *shlex.split(tests)]))
         finally:
             os._exit(code)
     while True:
@@ -126,7 +130,12 @@ def run_tests(tests: str, timeout: float) -> (bool, float):
         time.sleep(0.05)
 
 
-def check_module(module: str, deadline: float, tests=None) -> dict:
+def in_lines(line: int, spans) -> bool:
+    """Whether ``line`` is in one of the ``(first, last)`` spans (no spans: every line)."""
+    return not spans or any(first <= line <= last for first, last in spans)
+
+
+def check_module(module: str, deadline: float, tests=None, spans=()) -> dict:
     path = os.path.join(ROOT, "vitcompress", module)
     tests = tests or TESTS[module]
     with open(path) as f:
@@ -148,7 +157,7 @@ def check_module(module: str, deadline: float, tests=None) -> dict:
             raise SystemExit(130)
 
     signal.signal(signal.SIGTERM, restore)
-    all_mutants = list(mutants(original, path))
+    all_mutants = [(mid, m) for mid, m in mutants(original, path) if in_lines(_diff(original, m)[0], spans)]
     try:
         for n, (mid, mutated) in enumerate(all_mutants):
             if time.time() > deadline:
@@ -178,6 +187,7 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="every module of the TESTS table")
     ap.add_argument("--tests", help="the tests to run instead of the table's (one module)")
     ap.add_argument("--budget", type=float, default=0, help="stop starting mutants after this many seconds")
+    ap.add_argument("--lines", help="only the mutants of these lines, e.g. 40-95,120-130 (one module)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     modules = list(TESTS) if args.all else args.modules
@@ -186,11 +196,13 @@ def main(argv=None) -> int:
     for m in modules:
         if m not in TESTS and not args.tests:
             ap.error(f"{m}: not in the TESTS table of {__file__}; give --tests")
+    spans = [tuple(int(x) for x in part.split("-")) if "-" in part else (int(part), int(part))
+             for part in args.lines.split(",")] if args.lines else []
     deadline = time.time() + args.budget if args.budget else float("inf")
     results = []
     for m in modules:
         print(f"== {m}", flush=True)
-        results.append(check_module(m, deadline, args.tests))
+        results.append(check_module(m, deadline, args.tests, spans))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1)

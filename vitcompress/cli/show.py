@@ -17,6 +17,8 @@ model's input size.
 
   vitcompress show photo.jpg --model deit_small_patch16_224 --pretrained \\
       --methods tome,pitome,zero_tprune --flops 0.7 -o out.png
+  vitcompress show photo.jpg --model hf:facebook/dinov2-small --keep 0.7   # or hf:DIR (save_pretrained)
+  vitcompress show photo.jpg --model open_clip:ViT-B-32/laion2b_s34b_b79k --r 8
 """
 
 
@@ -24,7 +26,10 @@ def add_arguments(parser) -> None:
     """The arguments of ``vitcompress show``."""
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (.png, .jpg, ...), one row each")
     parser.add_argument("--model", default=models.REFERENCE, metavar="NAME",
-                        help="'reference' (the embedded Fashion-MNIST ViT, 32x32 grey; default) or a timm model name")
+                        help="'reference' (the embedded Fashion-MNIST ViT, 32x32 grey; default), a timm model name, "
+                             "hf:NAME_OR_DIR (transformers AutoModel: a hub name, from the local cache offline, or a "
+                             "save_pretrained directory) or open_clip:ARCH/TAG (a pretrained tag or a checkpoint file; "
+                             "no tag: random weights)")
     parser.add_argument("--pretrained", action="store_true", help="load the timm model's pretrained weights (needs a network)")
     parser.add_argument("--method", default="tome", metavar="METHOD", help="token-reduction method (default: %(default)s)")
     parser.add_argument("--methods", metavar="A,B,C",
@@ -56,7 +61,7 @@ def check_arguments(args, parser) -> None:
         missing = [path for path in args.images if not os.path.isfile(path)]
         if missing:
             raise ValueError(f"image {missing[0]} does not exist; give the path of an image file (.png, .jpg, ...)")
-        models.check_model_name(args.model, args.pretrained)
+        models.check_model_name(args.model, args.pretrained, libraries=True)
         args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else [args.method]
         if not args.method_list:
             raise ValueError(f"--methods {args.methods!r}: give method names separated by commas, e.g. "
@@ -89,9 +94,9 @@ def load_images(paths, loaded: "models.LoadedModel") -> Tuple[Any, Any]:
         raw = np.stack([np.asarray(ImageOps.fit(Image.open(p).convert("L"), (side, side))) for p in paths])
         inputs = reference_model.preprocess(raw)
         return inputs, (inputs * reference_model.STD + reference_model.MEAN).clamp(0, 1).expand(-1, 3, -1, -1)
-    cfg = loaded.model.pretrained_cfg
-    inputs, pictures = photo_inputs(paths, (height, width), cfg.get("mean", (0.485, 0.456, 0.406)),
-                                    cfg.get("std", (0.229, 0.224, 0.225)))
+    cfg = getattr(loaded.model, "pretrained_cfg", {})  # timm's; the other libraries' loaders give mean and std
+    inputs, pictures = photo_inputs(paths, (height, width), loaded.mean or cfg.get("mean", (0.485, 0.456, 0.406)),
+                                    loaded.std or cfg.get("std", (0.229, 0.224, 0.225)))
     return inputs[:, :channels], pictures
 
 
@@ -112,7 +117,7 @@ def run(args) -> int:
     """``vitcompress show`` (arguments already checked): load, compress, trace, draw, write."""
     from .. import api, visualize
 
-    loaded = models.load_model(args.model, pretrained=args.pretrained, num_images=0)
+    loaded = models.load_model(args.model, pretrained=args.pretrained, num_images=0, libraries=True)
     inputs, pictures = load_images(args.images, loaded)
     budget = budget_arguments(args)
     if len(args.method_list) > 1:

@@ -3,7 +3,10 @@
 ``load_model("reference")`` gives the embedded reference ViT (trained on Fashion-MNIST, shipped
 with the package) and its shipped test images; any other name is a timm model, with random
 weights, timm's pretrained weights (``pretrained=True``, needs the Hugging Face hub) or a local
-checkpoint. ``check_model_name`` validates a name without building anything, so a command line
+checkpoint. Where a command takes them (``libraries=True``), ``hf:NAME_OR_DIR`` is a transformers
+model (``AutoModel.from_pretrained``: a hub name, read from the local cache offline, or a directory
+written by ``save_pretrained``) and ``open_clip:ARCH[/TAG_OR_FILE]`` an open_clip model (random
+weights without a tag). ``check_model_name`` validates a name without building anything, so a command line
 can refuse a typo before it starts a long run. Failures name the fix: an unknown name suggests
 close timm names, an unreachable hub says how to run offline.
 """
@@ -17,6 +20,9 @@ __all__ = ["REFERENCE", "LoadedModel", "WeightsUnavailable", "check_model_name",
 
 #: The name of the embedded reference model.
 REFERENCE = "reference"
+
+#: Prefixes of the model names that name another library's model (``libraries=True``).
+HF, OPEN_CLIP = "hf:", "open_clip:"
 
 #: Short names of the architectures the benchmarks use, for tables and plot titles.
 _DISPLAY = {"deit_small_patch16_224": "DeiT-S/224", "deit_tiny_patch16_224": "DeiT-Ti/224",
@@ -39,6 +45,8 @@ class LoadedModel:
     input_size: Tuple[int, int, int]
     images: Any = None  # torch.Tensor [N, C, H, W]
     labels: Any = None  # torch.Tensor [N]
+    mean: Optional[Tuple[float, ...]] = None  # the normalisation the model was trained with, where known
+    std: Optional[Tuple[float, ...]] = None
 
 
 def display_name(name: str) -> str:
@@ -54,9 +62,13 @@ def reference_input_size() -> Tuple[int, int, int]:
     return (1, side, side)
 
 
-def check_model_name(name: str, pretrained: bool = False) -> None:
+def check_model_name(name: str, pretrained: bool = False, libraries: bool = False) -> None:
     """Raise ``ValueError`` naming the fix if ``name`` is neither ``"reference"`` nor a timm model
-    name, or if ``pretrained`` is asked of the reference model. Builds nothing."""
+    name (nor, with ``libraries``, an ``hf:`` / ``open_clip:`` name), or if ``pretrained`` is asked
+    of the reference model. Builds nothing."""
+    if libraries and name.startswith((HF, OPEN_CLIP)):
+        _check_library_name(name, pretrained)
+        return
     if name == REFERENCE:
         if pretrained:
             raise ValueError("--pretrained applies to timm models; the reference model ships its own trained "
@@ -68,8 +80,95 @@ def check_model_name(name: str, pretrained: bool = False) -> None:
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"unknown model {name!r}: give {REFERENCE!r} (the embedded model) or a timm model name; "
-                     f"{hint}list them with: python -c \"import timm; print(timm.list_models('*vit*'))\"")
+    others = (f", a timm model name, {HF}NAME_OR_DIR (transformers) or {OPEN_CLIP}ARCH/TAG (open_clip)"
+              if libraries else " or a timm model name")
+    raise ValueError(f"unknown model {name!r}: give {REFERENCE!r} (the embedded model){others}; {hint}list "
+                     f"timm's with: python -c \"import timm; print(timm.list_models('*vit*'))\"")
+
+
+def _check_library_name(name: str, pretrained: bool) -> None:
+    if pretrained:
+        raise ValueError(f"--pretrained applies to timm names; {name} loads the weights its name gives "
+                         f"({OPEN_CLIP}ARCH without a tag: random weights): drop --pretrained")
+    if name.startswith(HF):
+        if not name[len(HF):]:
+            raise ValueError(f"{name!r}: give a transformers model after {HF}, e.g. {HF}facebook/dinov2-small or "
+                             f"{HF}DIR (a directory written by save_pretrained)")
+        import transformers  # noqa: F401  (ImportError: the fix is pip install transformers)
+        return
+    import open_clip
+
+    arch = name[len(OPEN_CLIP):].split("/", 1)[0]
+    if arch not in open_clip.list_models():
+        close = difflib.get_close_matches(arch, open_clip.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ValueError(f"unknown open_clip architecture {arch!r} in {name!r}: {hint}list them with: "
+                         "python -c \"import open_clip; print(open_clip.list_models())\"")
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether a library's load failed because the hub could not be reached (nothing cached)."""
+    text = str(err).lower()
+    return _is_download_error(err) or any(s in text for s in ("couldn't connect", "failed to download",
+                                                                "cannot find the requested files"))
+
+
+def _load_hf(ident: str) -> LoadedModel:
+    """``hf:NAME_OR_DIR`` through ``AutoModel`` (its image processor's size and normalisation where
+    one is saved with it, else the config's image size and ImageNet's normalisation)."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(ident)
+    except Exception as err:
+        if not os.path.isdir(ident) and _unreachable(err):
+            raise WeightsUnavailable(
+                f"cannot load {HF}{ident}: the Hugging Face hub is unreachable and it is not in the local cache "
+                f"({type(err).__name__}). Fix: on a machine with a network save it with AutoModel.from_pretrained("
+                f"{ident!r}).save_pretrained(DIR) (and its AutoImageProcessor) and pass --model {HF}DIR, or point "
+                "HF_HOME at a cache that holds it") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot load {HF}{ident} with transformers.AutoModel: {first}") from None
+    config = getattr(model.config, "vision_config", model.config)
+    size = getattr(config, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    mean = std = None
+    try:
+        processor = AutoImageProcessor.from_pretrained(ident)
+    except Exception:  # none saved with the model (a save_pretrained directory), or offline
+        processor = None
+    if processor is not None:
+        crop = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
+        height, width = crop.get("height", height), crop.get("width", width)
+        mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    channels = getattr(config, "num_channels", 3)
+    return LoadedModel(HF + ident, model.eval(), "transformers weights", (channels, height, width), mean=mean, std=std)
+
+
+def _load_open_clip(spec: str) -> LoadedModel:
+    """``open_clip:ARCH[/TAG_OR_FILE]``: the architecture with a pretrained tag's weights (hub or its
+    cache), a local checkpoint file's, or random ones without a tag."""
+    import open_clip
+
+    arch, _, tag = spec.partition("/")
+    try:
+        model = open_clip.create_model(arch, pretrained=tag or None)
+    except Exception as err:
+        if tag and not os.path.isfile(tag) and _unreachable(err):
+            raise WeightsUnavailable(
+                f"cannot load {OPEN_CLIP}{spec}: the Hugging Face hub is unreachable and the weights of {tag!r} "
+                f"are not in the local cache ({type(err).__name__}). Fix: download the checkpoint on a machine "
+                f"with a network and pass --model {OPEN_CLIP}{arch}/FILE, or point HF_HOME at a cache that holds "
+                f"it ({OPEN_CLIP}{arch} without a tag: random weights)") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"cannot load {OPEN_CLIP}{spec} with open_clip.create_model: {first}") from None
+    size = model.visual.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    weights = f"open_clip weights {tag}" if tag else "random weights"
+    return LoadedModel(OPEN_CLIP + spec, model.eval(), weights, (3, height, width),
+                       mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+                       std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)))
 
 
 def _is_download_error(err: BaseException) -> bool:
@@ -81,7 +180,7 @@ def _is_download_error(err: BaseException) -> bool:
 
 def load_model(name: str = REFERENCE, *, pretrained: bool = False, checkpoint: Optional[str] = None,
                num_classes: Optional[int] = None, img_size: Optional[int] = None,
-               num_images: Optional[int] = None) -> LoadedModel:
+               num_images: Optional[int] = None, libraries: bool = False) -> LoadedModel:
     """Build ``name`` in eval mode on the CPU.
 
     ``"reference"``: the embedded model and the first ``num_images`` shipped test images (all
@@ -90,10 +189,16 @@ def load_model(name: str = REFERENCE, *, pretrained: bool = False, checkpoint: O
     cache), or ``checkpoint`` (a local ``state_dict``, or a dict holding one under
     ``"state_dict"``); ``num_classes`` and ``img_size`` are passed to ``timm.create_model``.
 
+    ``libraries``: also ``hf:NAME_OR_DIR`` and ``open_clip:ARCH[/TAG_OR_FILE]`` (see the module).
+
     Raises ``ValueError`` for an unknown name or options the model does not take, and
     :class:`WeightsUnavailable` when pretrained weights cannot be fetched.
     """
-    check_model_name(name, pretrained)
+    check_model_name(name, pretrained, libraries)
+    if libraries and name.startswith((HF, OPEN_CLIP)):
+        if checkpoint or num_classes is not None or img_size is not None:
+            raise ValueError(f"{name}: --checkpoint / --num-classes / --img-size apply to timm models")
+        return _load_hf(name[len(HF):]) if name.startswith(HF) else _load_open_clip(name[len(OPEN_CLIP):])
     if name == REFERENCE:
         if checkpoint or num_classes is not None:
             raise ValueError("the reference model ships its own weights and 10 classes: --checkpoint / "

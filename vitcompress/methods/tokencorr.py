@@ -137,7 +137,9 @@ def reduce_crops(features: Tensor, layout: Tensor, keys: Tensor, deep: Tensor, s
     """One image: ``features[L, D]`` in the model's packed order, ``layout[L]`` naming each packed
     token (``crop * N + patch``; -1 a row's newline; -2 CLS, kept), and per crop of the image its
     patch ``keys[crops, N, d]``, ``deep`` and ``shallow`` CLS attention ``[crops, N]`` -> reduced
-    features, report. ``generator_of(crop)`` gives each crop's sampling generator."""
+    features, report. ``generator_of(crop)`` gives each crop's sampling generator. The report
+    says, per crop, which patches of its ``N``-patch grid were kept (``kept``, in output order) and,
+    with ``merge``, which dropped patch went into which kept one (``merged``)."""
     N = keys.shape[1]
     keep = layout == -2
     out = features.clone()
@@ -154,7 +156,12 @@ def reduce_crops(features: Tensor, layout: Tensor, keys: Tensor, deep: Tensor, s
         kept = pos[plan.keep[0]]
         out[kept] = compress_tokens(features[pos], plan, deep[crop, patch]).to(out.dtype)
         keep[kept] = True
-        crops.append({"patches": int(pos.numel()), "budget": budget, "density": budget / pos.numel()})
+        record = {"crop": crop, "patches": int(pos.numel()), "budget": budget, "density": budget / pos.numel(),
+                  "kept": patch[plan.keep[0]].tolist()}
+        if plan.merges:  # [dropped patch, the kept patch it is folded into]
+            record["merged"] = torch.stack([patch[plan.merge_src[0]], patch[plan.keep[0][plan.merge_dst[0]]]],
+                                           dim=1).tolist()
+        crops.append(record)
     newline = layout == -1
     if bool(newline.any()):
         # A newline ends its row of the anyres grid; it stays when a grid token of its row does.

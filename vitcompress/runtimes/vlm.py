@@ -159,7 +159,10 @@ class LlavaRuntime:
 
     def _reduce_videos(self, modality, inputs, features, question, expansion):
         """One budget per video, split across its frames. Images taken as frames: the images of
-        one sample are the frames of one video (each image keeps its own placeholders)."""
+        one sample are the frames of one video (each image keeps its own placeholders). Each
+        unit's stats say which of the video's frames are its own (``frames``: indices into the
+        method's per-frame lists such as ``grid``) and each frame's token grid before
+        (``frame_grids``)."""
         adapter, input_ids = self.adapter, inputs["input_ids"]
         units = adapter.video_units(modality, inputs, features)  # (frames, grids, head, tail)
         old = [sum(g.shape[0] * g.shape[1] for g in grids) + head.shape[0] + tail.shape[0]
@@ -183,7 +186,8 @@ class LlavaRuntime:
                 first += len(grids_u)
                 tokens_of[u] = torch.cat([head] + tokens[span] + [tail])
                 stats[u] = dict(report, tokens_before=old[u], tokens_after=tokens_of[u].shape[0],
-                                extra_tokens=head.shape[0] + tail.shape[0], frames=list(range(span.start, span.stop)))
+                                extra_tokens=head.shape[0] + tail.shape[0], frames=list(range(span.start, span.stop)),
+                                frame_grids=[tuple(g.shape[:2]) for g in grids_u])
         new = [t.shape[0] for t in tokens_of]
         return adapter.join_units(modality, tokens_of, expansion), old, new, stats
 
