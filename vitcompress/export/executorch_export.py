@@ -1,5 +1,8 @@
 """ExecuTorch: the ``torch.export`` program lowered to a ``.pte`` with the XNNPACK backend, after
-rewriting the ops its runtime lacks (sort) or XNNPACK does not delegate (attention, layer norm)."""
+rewriting the ops its runtime lacks (sort) or XNNPACK does not delegate (attention, layer norm,
+means, norms) and the token gathers and merges ExecuTorch would run element by element in its
+single-threaded portable kernels. The rewrites apply to the exported program only: the model's
+eager forward is untouched."""
 import time
 import warnings
 from collections import Counter
@@ -15,18 +18,37 @@ from .program import Inference, export_program
 
 
 def _sort_by_ranks(x: torch.Tensor, stable: Optional[bool] = None, dim: int = -1, descending: bool = False):
-    """``aten.sort.stable`` from core ATen ops, for ExecuTorch (whose runtime has no sort kernel):
-    element i goes to position ``#{j: x_j before x_i} + #{j < i: x_j == x_i}``, which is exactly
-    the stable order. O(n^2) compares per row: cheap for a few hundred tokens."""
-    rows = x.movedim(dim, -1)
-    n = rows.shape[-1]
-    mine, other = rows.unsqueeze(-1), rows.unsqueeze(-2)  # [..., i, 1], [..., 1, j]
-    order = torch.arange(n, device=x.device)
-    earlier = order.view(1, n) < order.view(n, 1)  # j < i
-    ahead = (other > mine) if descending else (other < mine)
-    rank = (ahead | ((other == mine) & earlier)).sum(-1)
-    indices = torch.zeros_like(rank).scatter(-1, rank, order.expand_as(rank))
-    return rows.gather(-1, indices).movedim(-1, dim), indices.movedim(-1, dim)
+    """``aten.sort.stable`` from ops XNNPACK delegates, for ExecuTorch (whose runtime has no sort
+    kernel): element i goes to position ``rank_i = #{j: x_j before x_i} + #{j < i: x_j == x_i}``,
+    exactly the stable order. The compares are ``ceil(clamp(x_j - x_i, 0, 1))`` (1 where the
+    difference is positive; infinities clamped to the largest float first, NaN unsupported), the
+    counts :func:`_integer_row_sums`, and the permutation the one-hot matrix ``relu(1 - |rank_i - p|)``;
+    only the conversion of the positions to integers and the gather of the values run outside
+    XNNPACK. O(n^2) per row: cheap for a few hundred tokens."""
+    last = dim in (-1, x.dim() - 1)
+    rows = x if last else x.movedim(dim, -1)
+    shape, n = rows.shape, rows.shape[-1]
+    largest = torch.finfo(torch.float32).max
+    flat = rows.reshape(-1, n).to(torch.float32).clamp(-largest, largest)
+    order = torch.arange(n, device=x.device, dtype=torch.float32)
+    earlier = torch.ceil(torch.clamp(order.view(n, 1) - order.view(1, n), 0, 1))  # [i, j]: j < i
+    diff = flat.view(-1, 1, n) - flat.view(-1, n, 1)  # [., i, j]: x_j - x_i
+    ahead = torch.ceil(torch.clamp(diff if descending else -diff, 0, 1))
+    tie = 1.0 - torch.ceil(torch.clamp(diff.abs(), 0, 1))
+    rank = _integer_row_sums(ahead + tie * earlier).view(-1, n, 1)  # [., i, 1]
+    one_hot = torch.relu(1.0 - (rank - order.view(1, 1, n)).abs())  # [., i, position]
+    placed = _integer_row_sums((one_hot * order.view(1, n, 1)).transpose(1, 2))  # [., position]
+    indices = placed.reshape(shape).to(torch.int64)
+    values = rows.gather(-1, indices)
+    return (values, indices) if last else (values.movedim(-1, dim), indices.movedim(-1, dim))
+
+
+def _integer_row_sums(t: torch.Tensor) -> torch.Tensor:
+    """Sums over the last dimension of small non-negative integers held as floats, exactly, from
+    ops XNNPACK delegates: the mean as a global average pooling, times the count, rounded."""
+    n = t.shape[-1]
+    mean = t.reshape(1, -1, 1, n).mean((2, 3), keepdim=True).reshape(t.shape[:-1])
+    return torch.floor(mean * float(n) + 0.5)
 
 
 def _op_name(target) -> str:
@@ -62,6 +84,173 @@ def _layer_norm_for_xnnpack(x, normalized_shape, weight=None, bias=None, eps: fl
     if weight is not None:
         out = out * weight
     return out if bias is None else out + bias
+
+
+def _repeated_row_index(index: torch.Tensor, t: torch.Tensor, dim) -> bool:
+    """Whether a ``gather`` / ``scatter_add`` index on ``t[B, N, C]`` along the tokens picks whole
+    rows: ``idx[B, K].unsqueeze(-1).expand(..., C)``, one row index repeated along the channels
+    (stride 0 there, or a single channel)."""
+    return (t.dim() == 3 and index.dim() == 3 and dim in (1, -2) and index.shape[-1] == t.shape[-1]
+            and (index.shape[-1] == 1 or index.stride(-1) == 0))
+
+
+def _flat_rows(index: torch.Tensor, rows_per_batch) -> torch.Tensor:
+    """The rows ``index[B, K, 0]`` of each batch element as row numbers of the flattened
+    ``[B * rows_per_batch, C]`` tensor, ``[B * K]``."""
+    batch = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
+    return (index[:, :, 0] + batch * rows_per_batch).reshape(-1)
+
+
+def _gather_rows(t: torch.Tensor, dim: int, index: torch.Tensor, sparse_grad: bool = False):
+    """``aten.gather`` of whole token rows as one ``index_select`` on the flattened rows: ExecuTorch's
+    portable gather reads an index per element, from an expanded ``[B, K, C]`` copy of it."""
+    if not _repeated_row_index(index, t, dim):
+        return NotImplemented
+    B, N, C = t.shape
+    return t.reshape(B * N, C).index_select(0, _flat_rows(index, N)).reshape(B, index.shape[1], C)
+
+
+def _scatter_add_rows(t: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor):
+    """``aten.scatter_add`` of whole rows ``src[B, M, C]`` into token rows of ``t[B, K, C]`` as one
+    accumulating ``index_put`` on the flattened rows (the merge's sum), no expanded index."""
+    if not _repeated_row_index(index, t, dim) or tuple(src.shape) != tuple(index.shape):
+        return NotImplemented
+    B, K, C = t.shape
+    flat = t.reshape(B * K, C).index_put((_flat_rows(index, K),), src.reshape(-1, C), accumulate=True)
+    return flat.reshape(B, K, C)
+
+
+def _mean_for_xnnpack(x: torch.Tensor, dim, keepdim: bool = False, dtype=None):
+    """``aten.mean`` over one dimension as XNNPACK's global average pooling, the only mean it
+    delegates (a 4-D tensor over its last two dimensions): the reduced dimension moved last and the
+    rest flattened, ``[1, M, 1, L]``. The layer norms' and the token metrics' means ran in portable
+    kernels."""
+    dims = [dim] if isinstance(dim, int) else list(dim or [])
+    if len(dims) != 1 or dtype is not None or x.dim() < 2:
+        return NotImplemented
+    d = dims[0] % x.dim()
+    moved = x.movedim(d, -1)
+    pooled = moved.reshape(1, -1, 1, moved.shape[-1]).mean((2, 3), keepdim=True)
+    out = pooled.reshape(moved.shape[:-1])
+    return out.unsqueeze(d) if keepdim else out
+
+
+def _same_shape_expand(x: torch.Tensor, size, implicit: bool = False):
+    """``aten.expand`` to the shape ``x`` already has (matmul's broadcasting of equal batch shapes)
+    as ``x`` itself: ExecuTorch would copy it."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if len(size) != x.dim() or not all(s == -1 or statically_known_true(s == n) for s, n in zip(size, x.shape)):
+        return NotImplemented
+    return x.view(x.shape)
+
+
+def _matmul_as_bmm(a: torch.Tensor, b: torch.Tensor):
+    """``aten.matmul`` of operands with the same batch dimensions (attention, the token
+    similarities) as one ``bmm`` on their flattened batch: matmul's own decomposition broadcasts
+    with ``expand``, copies ExecuTorch runs outside XNNPACK."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if a.dim() < 3 or a.dim() != b.dim() or not all(statically_known_true(m == n)
+                                                    for m, n in zip(a.shape[:-2], b.shape[:-2])):
+        return NotImplemented
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out.reshape(*a.shape[:-1], b.shape[-1])
+
+
+def _vector_norm_for_xnnpack(x: torch.Tensor, ord=2, dim=None, keepdim: bool = False, *, dtype=None):
+    """The 2-norm over one dimension (``F.normalize`` of the token similarities) as
+    ``sqrt(mean(x * x) * n)``: XNNPACK takes neither a float power nor a sum."""
+    dims = [dim] if isinstance(dim, int) else list(dim or [])
+    if ord != 2 or len(dims) != 1 or dtype is not None:
+        return NotImplemented
+    n = x.shape[dims[0]]
+    return torch.sqrt(_mean_for_xnnpack(x * x, dims[0], keepdim) * float(n))
+
+
+def _drop_repeated_index_expands(program) -> None:
+    """``select(expand(unsqueeze(idx, -1)), -1, 0)`` (through views that only add or drop sizes of
+    1), what :func:`_flat_rows` reads of a repeated row index, replaced by ``idx``: the expanded
+    copy of the index then has no reader left."""
+    aten = torch.ops.aten
+    graph = program.graph_module.graph
+
+    def squeezed(node):
+        return [n for n in node.meta["val"].shape if n != 1]
+
+    for node in list(graph.nodes):
+        if node.target is not aten.select.int or node.args[2] != 0 or node.args[1] not in (-1, 2):
+            continue
+        source = node.args[0]
+        while source.target in (aten.expand.default, aten.view.default, aten.unsqueeze.default):
+            inner = source.args[0]
+            if not isinstance(inner, torch.fx.Node) or squeezed(inner) != squeezed(source) and not (
+                    source.target is aten.expand.default and inner.meta["val"].shape[-1] == 1):
+                break
+            source = inner
+            if tuple(source.meta["val"].shape) == tuple(node.meta["val"].shape):
+                node.replace_all_uses_with(source)
+                break
+    graph.eliminate_dead_code()
+    program.graph_module.recompile()
+
+
+def _drop_broadcast_expands(program) -> None:
+    """An ``expand`` whose readers are all elementwise ``add`` / ``sub`` / ``mul`` / ``div`` with an
+    operand of the expanded shape is broadcasting those ops do themselves (and XNNPACK with them):
+    the readers take the unexpanded tensor."""
+    for node in list(program.graph_module.graph.nodes):
+        if node.target is torch.ops.aten.expand.default and node.users and all(
+                _broadcasts(user, node) for user in node.users):
+            node.replace_all_uses_with(node.args[0])
+    program.graph_module.graph.eliminate_dead_code()
+    program.graph_module.recompile()
+
+
+def _broadcasts(user, expanded) -> bool:
+    """Whether ``user`` is an elementwise binary op whose other operand has ``expanded``'s shape."""
+    aten = torch.ops.aten
+    others = [a for a in user.args[:2] if a is not expanded]
+    return (user.target in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor) and not user.kwargs
+            and len(others) == 1 and isinstance(others[0], torch.fx.Node)
+            and others[0].meta["val"].shape == expanded.meta["val"].shape)
+
+
+def _share_repeated_nodes(program) -> None:
+    """One node for each repeated pure computation (the batch offsets of every row gather, the
+    rank comparisons' position masks): ExecuTorch would run each copy."""
+    seen = {}
+    for node in list(program.graph_module.graph.nodes):
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
+            continue
+        key = (target, repr(node.args), repr(node.kwargs))
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+        else:
+            seen[key] = node
+    program.graph_module.graph.eliminate_dead_code()
+    program.graph_module.recompile()
+
+
+def program_for_xnnpack(program):
+    """The rewrites above applied to a ``torch.export`` program, at export time only (the model's
+    eager forward is untouched): what :func:`export_executorch` lowers."""
+    program = program.run_decompositions({
+        torch.ops.aten.sort.stable: _sort_by_ranks,
+        torch.ops.aten.sort.default: lambda x, dim=-1, descending=False: _sort_by_ranks(x, True, dim, descending),
+        torch.ops.aten.scaled_dot_product_attention.default: _attention_for_xnnpack,
+        torch.ops.aten.layer_norm.default: _layer_norm_for_xnnpack,
+        torch.ops.aten.gather.default: _gather_rows,
+        torch.ops.aten.scatter_add.default: _scatter_add_rows,
+        torch.ops.aten.mean.dim: _mean_for_xnnpack,
+        torch.ops.aten.expand.default: _same_shape_expand,
+        torch.ops.aten.matmul.default: _matmul_as_bmm,
+        torch.ops.aten.linalg_vector_norm.default: _vector_norm_for_xnnpack})
+    _drop_repeated_index_expands(program)
+    _drop_broadcast_expands(program)
+    _share_repeated_nodes(program)
+    return program
 
 
 @dataclass
@@ -103,11 +292,15 @@ def export_executorch(model: nn.Module, path: str, input_shape: Sequence[int] = 
     """Lower a (compressed) image model to an ExecuTorch ``.pte`` at ``path`` and check it.
 
     The ``torch.export`` program (:func:`export_program`, batch dynamic up to ``max_batch``: the
-    runtime plans its memory for the largest batch) is lowered with the XNNPACK partitioner; the
-    sorts that rank tokens are rewritten into core ATen compares (:func:`_sort_by_ranks`, a stable
-    sort), since the runtime has no sort kernel; attention and layer norm into ops XNNPACK
-    delegates (:func:`_attention_for_xnnpack`, :func:`_layer_norm_for_xnnpack`). Then ExecuTorch's Python runtime runs the file on random
-    inputs at ``check_batches`` (default 1 and ``input_shape``'s batch, or 2) against PyTorch.
+    runtime plans its memory for the largest batch) is rewritten by :func:`program_for_xnnpack` and
+    lowered with the XNNPACK partitioner: sorts become compares counted and applied by matmuls
+    (:func:`_sort_by_ranks`, a stable sort; the runtime has no sort kernel), attention and layer
+    norm ops XNNPACK delegates, the token gathers one ``index_select`` of whole rows and the merge's
+    sum one accumulating ``index_put`` (no expanded index), means global average poolings and
+    matmuls ``bmm`` without broadcasting copies. What stays outside XNNPACK is listed in
+    ``portable_ops``: per reducing block mostly small operations on ``[B, N]`` index tensors. Then
+    ExecuTorch's Python runtime runs the file on random inputs at ``check_batches`` (default 1 and
+    ``input_shape``'s batch, or 2) against PyTorch.
     Needs ``pip install executorch`` (see the ``edge`` extra).
     """
     start = time.perf_counter()
@@ -126,12 +319,7 @@ def export_executorch(model: nn.Module, path: str, input_shape: Sequence[int] = 
     if not str(path).endswith(".pte"):
         raise ValueError(f"{path}: ExecuTorch programs are .pte files; give e.g. model.pte")
     check_output_path(path)
-    program = export_program(model, shape, max_batch=max_batch)
-    program = program.run_decompositions({
-        torch.ops.aten.sort.stable: _sort_by_ranks,
-        torch.ops.aten.sort.default: lambda x, dim=-1, descending=False: _sort_by_ranks(x, True, dim, descending),
-        torch.ops.aten.scaled_dot_product_attention.default: _attention_for_xnnpack,
-        torch.ops.aten.layer_norm.default: _layer_norm_for_xnnpack})
+    program = program_for_xnnpack(export_program(model, shape, max_batch=max_batch))
     lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     with open(path, "wb") as f:
         f.write(lowered.buffer)
