@@ -235,3 +235,20 @@ def test_refusals_name_the_fix(monkeypatch):
     monkeypatch.setitem(REGISTRY, ContentDependent.name, ContentDependent())
     with pytest.raises(ValueError, match="depend on the content: use a static ViT method"):
         vitcompress.compress(tiny_vit(), ContentDependent.name, r=2, unmerge=True)
+
+
+@pytest.mark.parametrize("variant", ["tok", "avg"])
+def test_open_clip_tower_intermediates_on_the_grid(variant):
+    """An open_clip image tower: NCHW intermediates and the pooled embedding keep the uncompressed shapes."""
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(32, 4, 32, 3, 2, 2.0, output_dim=16, pool_type=variant).eval()
+    with torch.no_grad():
+        expected = tower.forward_intermediates(X)
+        vitcompress.compress(tower, "tome", r=6, unmerge=True)
+        got = tower.forward_intermediates(X)
+    assert vitcompress.stats(tower)["tokens_per_layer"] == [65, 59, 53]
+    assert [t.shape for t in got["image_intermediates"]] == [t.shape for t in expected["image_intermediates"]]
+    assert got["image_features"].shape == expected["image_features"].shape == (2, 16)
