@@ -28,6 +28,23 @@ def eva():
     return Eva(**TINY, use_rot_pos_emb=True, use_abs_pos_emb=False, num_reg_tokens=2).eval()
 
 
+def beit():
+    from timm.models.beit import Beit
+
+    torch.manual_seed(0)
+    return Beit(**TINY, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1).eval()
+
+
+@pytest.mark.parametrize("method", ["tome", "zero_tprune"])
+def test_beit_dense_outputs_keep_their_shapes(method):
+    """BEiT (relative position bias, average pooling): outputs on the grid, the head on every patch."""
+    model = beit()
+    expected, logits = dense_outputs(model, X), model(X)
+    vitcompress.compress(model, method, unmerge=True, **budget(method))
+    assert [o.shape for o in dense_outputs(model, X)] == [e.shape for e in expected]
+    assert vitcompress.stats(model)["tokens_per_layer"][-1] < 65 and model(X).shape == logits.shape
+
+
 def dino_config(**kwargs):
     from transformers import Dinov2Config
 
