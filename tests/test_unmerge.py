@@ -269,3 +269,18 @@ def test_open_clip_tower_intermediates_on_the_grid(variant):
     assert vitcompress.stats(tower)["tokens_per_layer"] == [65, 59, 53]
     assert [t.shape for t in got["image_intermediates"]] == [t.shape for t in expected["image_intermediates"]]
     assert got["image_features"].shape == expected["image_features"].shape == (2, 16)
+
+
+def test_transformers_clip_tower_hidden_states_on_the_grid():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                             num_attention_heads=2, image_size=32, patch_size=4)).eval()
+    with torch.no_grad():
+        expected = model(pixel_values=X, output_hidden_states=True)
+        vitcompress.compress(model, "pitome", keep=0.8, unmerge=True)
+        got = model(pixel_values=X, output_hidden_states=True)
+    assert vitcompress.stats(model)["tokens_per_layer"][-1] < 65
+    assert [h.shape for h in got.hidden_states] == [h.shape for h in expected.hidden_states]
+    assert got.pooler_output.shape == expected.pooler_output.shape
