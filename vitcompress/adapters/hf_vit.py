@@ -38,9 +38,12 @@ first); with ``output_hidden_states=True``, ``hidden_states[i]`` (the input of l
 count the earlier layers left (``vitcompress.stats(model)["planned_tokens_per_layer"][i]``).
 ``interpolate_pos_encoding=True`` (and DINOv2, which always interpolates) works at any input size:
 the schedule is planned per size. Refused with an error naming the fix: ``output_attentions=True``,
-attention or head masks, masked-image-modeling models and backbones that put the tokens back on the
-patch grid, and gradient checkpointing while training (4.x; in 5.x a patched layer is simply not
-checkpointed).
+attention or head masks, masked-image-modeling models, and gradient checkpointing while training (4.x;
+in 5.x a patched layer is simply not checkpointed).
+
+Dense outputs (``unmerge=True``): ``last_hidden_state`` and the hidden states asked for come back on the
+patch grid; ``Dinov2Backbone`` / ``Dinov2WithRegistersBackbone`` (the layers of their feature maps) and
+``DepthAnythingForDepthEstimation`` / ``DPTForDepthEstimation`` on a DINOv2 backbone take only that.
 """
 import functools
 import inspect
