@@ -28,6 +28,23 @@ def eva():
     return Eva(**TINY, use_rot_pos_emb=True, use_abs_pos_emb=False, num_reg_tokens=2).eval()
 
 
+def beit():
+    from timm.models.beit import Beit
+
+    torch.manual_seed(0)
+    return Beit(**TINY, use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1).eval()
+
+
+@pytest.mark.parametrize("method", ["tome", "zero_tprune"])
+def test_beit_dense_outputs_keep_their_shapes(method):
+    """BEiT (relative position bias, average pooling): outputs on the grid, the head on every patch."""
+    model = beit()
+    expected, logits = dense_outputs(model, X), model(X)
+    vitcompress.compress(model, method, unmerge=True, **budget(method))
+    assert [o.shape for o in dense_outputs(model, X)] == [e.shape for e in expected]
+    assert vitcompress.stats(model)["tokens_per_layer"][-1] < 65 and model(X).shape == logits.shape
+
+
 def dino_config(**kwargs):
     from transformers import Dinov2Config
 
@@ -235,3 +252,35 @@ def test_refusals_name_the_fix(monkeypatch):
     monkeypatch.setitem(REGISTRY, ContentDependent.name, ContentDependent())
     with pytest.raises(ValueError, match="depend on the content: use a static ViT method"):
         vitcompress.compress(tiny_vit(), ContentDependent.name, r=2, unmerge=True)
+
+
+@pytest.mark.parametrize("variant", ["tok", "avg"])
+def test_open_clip_tower_intermediates_on_the_grid(variant):
+    """An open_clip image tower: NCHW intermediates and the pooled embedding keep the uncompressed shapes."""
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(32, 4, 32, 3, 2, 2.0, output_dim=16, pool_type=variant).eval()
+    with torch.no_grad():
+        expected = tower.forward_intermediates(X)
+        vitcompress.compress(tower, "tome", r=6, unmerge=True)
+        got = tower.forward_intermediates(X)
+    assert vitcompress.stats(tower)["tokens_per_layer"] == [65, 59, 53]
+    assert [t.shape for t in got["image_intermediates"]] == [t.shape for t in expected["image_intermediates"]]
+    assert got["image_features"].shape == expected["image_features"].shape == (2, 16)
+
+
+def test_transformers_clip_tower_hidden_states_on_the_grid():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                             num_attention_heads=2, image_size=32, patch_size=4)).eval()
+    with torch.no_grad():
+        expected = model(pixel_values=X, output_hidden_states=True)
+        vitcompress.compress(model, "pitome", keep=0.8, unmerge=True)
+        got = model(pixel_values=X, output_hidden_states=True)
+    assert vitcompress.stats(model)["tokens_per_layer"][-1] < 65
+    assert [h.shape for h in got.hidden_states] == [h.shape for h in expected.hidden_states]
+    assert got.pooler_output.shape == expected.pooler_output.shape

@@ -208,6 +208,20 @@ def taken_indices(indices, depth: int) -> Tuple[int, ...]:
     return tuple(i % depth for i in indices)
 
 
+def unmerge_hidden_states(runtime, module, args, kwargs):
+    """Forward pre-hook of a transformers encoder under unmerge: with hidden states asked for (by the caller or
+    the config) every layer's output goes back on the grid; else a backbone's, those of its feature maps
+    (``stage_names[i]`` is the output of layer ``i - 1``); the last layer's always."""
+    asked = kwargs.get("output_hidden_states")
+    if asked is None:
+        asked = getattr(getattr(module, "config", None), "output_hidden_states", False)
+    if asked:
+        layers = range(runtime.adapter.depth)
+    else:
+        layers = [module.stage_names.index(name) - 1 for name in getattr(module, "out_features", ())]
+    runtime.unmerge_after(layer for layer in layers if layer >= 0)
+
+
 # --------------------------------------------------------------------------- timm
 
 

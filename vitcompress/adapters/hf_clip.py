@@ -25,13 +25,14 @@ What a compressed tower returns:
 Training with gradient checkpointing is not supported (recomputed layers would see the token
 state of the finished forward).
 """
+import functools
 import inspect
 
 from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
 from .common import (MAPPABLE_ATTENTION, ViTAdapter, family_class, identity, patch_blocks, patch_flops, per_token_flops,
-                     refuse_grad_checkpointing)
+                     refuse_grad_checkpointing, unmerge_hidden_states)
 
 _MODEL_CLASSES = tuple(f"transformers.models.clip.modeling_clip.{name}" for name in (
     "CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPVisionTransformer"))
@@ -96,6 +97,9 @@ class HFCLIPVisionAdapter(ViTAdapter):
 
     def patch(self, runtime, patcher) -> None:
         patch_blocks(patcher, self.tower.encoder.layers, runtime, _reducing_layer_forward, details=self.tuple_outputs)
+        if runtime.unmerge:  # hidden states asked for go back on the patch grid, as the last layer's output does
+            patcher.hook(self.tower.register_forward_pre_hook(functools.partial(unmerge_hidden_states, runtime),
+                                                              with_kwargs=True))
         refuse_grad_checkpointing(patcher, self.model, "gradient_checkpointing_enable",
                                   "activation_checkpointing_enable")
 

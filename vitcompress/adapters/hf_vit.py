@@ -38,9 +38,12 @@ first); with ``output_hidden_states=True``, ``hidden_states[i]`` (the input of l
 count the earlier layers left (``vitcompress.stats(model)["planned_tokens_per_layer"][i]``).
 ``interpolate_pos_encoding=True`` (and DINOv2, which always interpolates) works at any input size:
 the schedule is planned per size. Refused with an error naming the fix: ``output_attentions=True``,
-attention or head masks, masked-image-modeling models and backbones that put the tokens back on the
-patch grid, and gradient checkpointing while training (4.x; in 5.x a patched layer is simply not
-checkpointed).
+attention or head masks, masked-image-modeling models, and gradient checkpointing while training (4.x;
+in 5.x a patched layer is simply not checkpointed).
+
+Dense outputs (``unmerge=True``): ``last_hidden_state`` and the hidden states asked for come back on the
+patch grid; ``Dinov2Backbone`` / ``Dinov2WithRegistersBackbone`` (the layers of their feature maps) and
+``DepthAnythingForDepthEstimation`` / ``DPTForDepthEstimation`` on a DINOv2 backbone take only that.
 """
 import functools
 import inspect
@@ -53,7 +56,7 @@ from ..engine.blocks import BlockParts, reducing_forward
 from ..engine.schedule import ViTCost
 from ..interfaces import part_of
 from .common import (MAPPABLE_ATTENTION, ViTAdapter, family_class, identity, patch_blocks, patch_flops, patch_part,
-                     per_token_flops, refuse_grad_checkpointing)
+                     per_token_flops, refuse_grad_checkpointing, unmerge_hidden_states)
 
 # flex attention is refused: these models build a BlockMask even without padding, which the reducing
 # block cannot tell from a real mask.
@@ -283,7 +286,7 @@ class HFViTAdapter(ViTAdapter):
         patcher.hook(self.encoder.register_forward_pre_hook(functools.partial(_refuse_masks, names),
                                                             with_kwargs=True))
         if runtime.unmerge:  # the layers the caller reads put their outputs back on the grid; heads see every patch
-            patcher.hook(self.encoder.register_forward_pre_hook(functools.partial(_unmerge_hidden_states, runtime),
+            patcher.hook(self.encoder.register_forward_pre_hook(functools.partial(unmerge_hidden_states, runtime),
                                                                 with_kwargs=True))
         else:
             self._patch_heads(runtime, patcher)
@@ -350,20 +353,6 @@ def _refuse_masks(names, module, args, kwargs):
     given = dict(zip(names, args))
     given.update(kwargs)
     _check_no_mask(given)
-
-
-def _unmerge_hidden_states(runtime, module, args, kwargs):
-    """Forward pre-hook of the encoder under unmerge: with hidden states asked for (by the caller or
-    the config) every layer's output goes back on the grid; else a backbone's, those of its feature maps
-    (``stage_names[i]`` is the output of layer ``i - 1``); the last layer's always."""
-    asked = kwargs.get("output_hidden_states")
-    if asked is None:
-        asked = getattr(getattr(module, "config", None), "output_hidden_states", False)
-    if asked:
-        layers = range(runtime.adapter.depth)
-    else:
-        layers = [module.stage_names.index(name) - 1 for name in getattr(module, "out_features", ())]
-    runtime.unmerge_after(layer for layer in layers if layer >= 0)
 
 
 class _Layers:
