@@ -1,7 +1,7 @@
 """The GPU path of a compressed ViT, checked where it can be without a GPU (issue 13):
 
 * few kernel launches per reducing block (``experiments/benchmarks/count_launches.py`` on a small model, the
-  Triton kernels forced: one launch each), within the aims (tome / pitome 18, zero_tprune 35);
+  Triton kernels forced: one launch each), within the aims (tome / pitome 18, zero_tprune 35, ppt 40, atc 240);
 * no host-device synchronisation in a compressed forward of any ViT method with a static schedule
   (a sync is also what CUDA-graph capture refuses);
 * half precision stays half: no float32 copy of the hidden states (or of the attention) in a
@@ -44,7 +44,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 count_launches = load_script("benchmarks/count_launches.py")
 
 #: the ViT methods with a static schedule, each at a budget that reduces in every block
-VIT_SETTINGS = [("tome", dict(r=4)), ("pitome", dict(keep=0.9)), ("zero_tprune", dict(keep=0.9))]
+VIT_SETTINGS = [("tome", dict(r=4)), ("pitome", dict(keep=0.9)), ("zero_tprune", dict(keep=0.9)), ("ppt", dict(keep=0.9)),
+                ("atc", dict(keep=0.9))]
 
 
 _skipped_here, test_gpu_path_in_an_interpreted_process = interpreted_process_runner(__file__, IN_SUBPROCESS)
@@ -76,7 +77,7 @@ def test_launch_counts_within_the_aims(kernels, dtype):
     assert [r["method"] for r in rows] == [m for m, _ in VIT_SETTINGS]
     for r in rows:
         assert 8 <= r["plain"] <= 12, r
-        assert len(r["reducing"]) == 4, r  # every block reduces at these budgets
+        assert len(r["reducing"]) == (3 if r["method"] == "ppt" else 4), r  # every block (ppt: its layers 1-3)
         assert r["max"] <= count_launches.AIMS[r["method"]], (r["setting"], r["per_block"], r["ops"])
         assert r["max"] > r["plain"]
         assert r["syncs"] == []
@@ -193,7 +194,7 @@ def test_half_precision_stays_half(method, budget, dtype, backend, kernels):
     hidden = [(op, dt, shape) for op, dt, shape in rec.seen if shape and shape[-1] in (C, 3 * C, 4 * C)]
     assert len(hidden) > 10 and all(dt == dtype for _, dt, _ in hidden), [h for h in hidden if h[1] != dtype]
     attention = [(op, dt, s) for op, dt, s in rec.seen if len(s) == 4 and s[-1] == s[-2] > 1 and s[1] == 3]
-    assert bool(attention) == (method == "zero_tprune")  # only Zero-TPrune materialises it
+    assert bool(attention) == (method in ("zero_tprune", "ppt"))  # only they materialise it
     assert all(dt == dtype for _, dt, _ in attention), attention
     if backend == "triton":
         big = 2 * 65 * C // 4
@@ -253,6 +254,8 @@ EXPECTED_OPS = {
     "zero_tprune": {"vitcompress.pagerank_scores.default", "vitcompress.topk_indices.default",
                     "vitcompress.bipartite_match.default", "vitcompress.rank_plan.default",
                     "vitcompress.apply_plan.default"},
+    "ppt": {"vitcompress.bipartite_match.default", "vitcompress.rank_plan.default", "vitcompress.apply_plan.default"},
+    "atc": {"vitcompress.apply_plan.default"},
 }
 
 

@@ -15,7 +15,7 @@ On a CPU the Triton kernels run only under Triton's interpreter: this script set
 ``TRITON_INTERPRET=1`` (before torch and Triton are imported) unless ``--kernels torch``, and forces
 ``VITCOMPRESS_KERNELS`` to ``--kernels`` (default ``triton``). Printed per method: the launches of
 an uncompressed block, of a reducing block (mean and most over the reducing blocks), the aim
-(tome / pitome at most 18, zero_tprune at most 35) and the host-device syncs seen in the forward
+(tome / pitome at most 18, zero_tprune at most 35, ppt 40, atc 240: r clustering steps) and the host-device syncs seen in the forward
 (``aten._local_scalar_dense``, ``nonzero`` and the like, ``Tensor.item`` / ``tolist`` / ``bool``).
 """
 import argparse
@@ -24,7 +24,9 @@ import os
 import sys
 from collections import Counter
 
-AIMS = {"tome": 18, "pitome": 18, "zero_tprune": 35}
+# ppt: both plans (pruning and ToMe pooling) and the per-image choice; atc: r sequential clustering
+# steps of about 14 launches each (keep=0.9 on the tiny ViT: up to 7 steps)
+AIMS = {"tome": 18, "pitome": 18, "zero_tprune": 35, "ppt": 40, "atc": 240}
 DEFAULT_SETTINGS = ["tome:r=4", "pitome:keep=0.9", "zero_tprune:keep=0.9"]
 DEEP_SETTINGS = ["tome:r=13", "pitome:keep=0.9", "zero_tprune:flops=0.653"]
 
