@@ -88,7 +88,8 @@ def test_mkdocs_build_strict(tmp_path):
     assert "Insert token reduction" in api  # compress's docstring made it into the API reference
 
 
-@pytest.mark.parametrize("method", ["tome", "pitome", "zero_tprune", "focus_detr", "tokencorr", "quota"])
+@pytest.mark.parametrize("method", ["tome", "pitome", "zero_tprune", "focus_detr", "tokencorr", "quota", "ppt",
+                                    "atc"])
 def test_a_method_page_lists_the_options_describe_gives(method):
     """Each method page's options table is ``vitcompress.describe(method)``: every option, its default."""
     import vitcompress
