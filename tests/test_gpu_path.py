@@ -44,8 +44,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 count_launches = load_script("benchmarks/count_launches.py")
 
 #: the ViT methods with a static schedule, each at a budget that reduces in every block
-VIT_SETTINGS = [("tome", dict(r=4)), ("pitome", dict(keep=0.9)), ("zero_tprune", dict(keep=0.9)), ("ppt", dict(keep=0.9)),
-                ("atc", dict(keep=0.9))]
+VIT_SETTINGS = [("tome", dict(r=4)), ("pitome", dict(keep=0.9)), ("zero_tprune", dict(keep=0.9)),
+                ("ppt", dict(keep=0.9)), ("atc", dict(keep=0.9))]
 
 
 _skipped_here, test_gpu_path_in_an_interpreted_process = interpreted_process_runner(__file__, IN_SUBPROCESS)
@@ -254,7 +254,8 @@ EXPECTED_OPS = {
     "zero_tprune": {"vitcompress.pagerank_scores.default", "vitcompress.topk_indices.default",
                     "vitcompress.bipartite_match.default", "vitcompress.rank_plan.default",
                     "vitcompress.apply_plan.default"},
-    "ppt": {"vitcompress.bipartite_match.default", "vitcompress.rank_plan.default", "vitcompress.apply_plan.default"},
+    "ppt": {"vitcompress.bipartite_match.default", "vitcompress.rank_plan.default",
+            "vitcompress.apply_plan.default"},
     "atc": {"vitcompress.apply_plan.default"},
 }
 
