@@ -2,7 +2,7 @@
 
 * few kernel launches per reducing block (``experiments/benchmarks/count_launches.py`` on a small model, the
   Triton kernels forced: one launch each), within the aims (tome / pitome 18, zero_tprune 35, evit 45,
-  mctf 100);
+  mctf 100, tofu 32, ppt 40, atc 240);
 * no host-device synchronisation in a compressed forward of any ViT method with a static schedule
   (a sync is also what CUDA-graph capture refuses);
 * half precision stays half: no float32 copy of the hidden states (or of the attention) in a
@@ -46,12 +46,12 @@ count_launches = load_script("benchmarks/count_launches.py")
 
 #: the ViT methods with a static schedule, each at a budget that reduces in every block of a 2-block ViT
 VIT_SETTINGS = [("tome", dict(r=4)), ("pitome", dict(keep=0.9)), ("zero_tprune", dict(keep=0.9)),
-                ("evit", dict(keep=0.9)), ("mctf", dict(r=4, layers=[0, 1])),
-                ("tofu", dict(r=4))]
+                ("evit", dict(keep=0.9)), ("mctf", dict(r=4, layers=[0, 1])), ("tofu", dict(r=4)),
+                ("ppt", dict(keep=0.9)), ("atc", dict(keep=0.9)), ("random", dict(keep=0.9))]
 #: blocks these settings reduce in of the 4-block ViT where launches are counted (others: all 4)
-REDUCING_OF_FOUR = {"evit": 3, "mctf": 2}
+REDUCING_OF_FOUR = {"evit": 3, "mctf": 2, "ppt": 3}
 #: the methods whose scoring reads the attention probabilities (materialised in their reducing blocks)
-READ_ATTENTION = ("zero_tprune", "evit", "mctf")
+READ_ATTENTION = ("zero_tprune", "evit", "mctf", "ppt")
 
 
 _skipped_here, test_gpu_path_in_an_interpreted_process = interpreted_process_runner(__file__, IN_SUBPROCESS)
@@ -261,6 +261,9 @@ EXPECTED_OPS = {
     "zero_tprune": {"vitcompress.pagerank_scores.default", "vitcompress.topk_indices.default",
                     "vitcompress.bipartite_match.default", "vitcompress.rank_plan.default",
                     "vitcompress.apply_plan.default"},
+    "ppt": {"vitcompress.bipartite_match.default", "vitcompress.rank_plan.default",
+            "vitcompress.apply_plan.default"},
+    "atc": {"vitcompress.apply_plan.default"},
 }
 
 

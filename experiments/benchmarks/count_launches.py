@@ -15,7 +15,7 @@ On a CPU the Triton kernels run only under Triton's interpreter: this script set
 ``TRITON_INTERPRET=1`` (before torch and Triton are imported) unless ``--kernels torch``, and forces
 ``VITCOMPRESS_KERNELS`` to ``--kernels`` (default ``triton``). Printed per method: the launches of
 an uncompressed block, of a reducing block (mean and most over the reducing blocks), the aim
-(tome / pitome at most 18, zero_tprune at most 35) and the host-device syncs seen in the forward
+(tome / pitome at most 18, zero_tprune at most 35, ppt 40, atc 240: r clustering steps) and the host-device syncs seen in the forward
 (``aten._local_scalar_dense``, ``nonzero`` and the like, ``Tensor.item`` / ``tolist`` / ``bool``).
 """
 import argparse
@@ -25,8 +25,11 @@ import sys
 from collections import Counter
 
 # evit / mctf: what they measured (41 / 95 on the 4-block tiny ViT, Triton forced) plus a margin -- their weighted
-# merges run the torch reference, and MCTF's criteria and bidirectional matching are many small ops
-AIMS = {"tome": 18, "pitome": 18, "zero_tprune": 35, "evit": 45, "mctf": 100, "tofu": 32}
+# merges run the torch reference, and MCTF's criteria and bidirectional matching are many small ops;
+# ppt: both plans (pruning and ToMe pooling) and the per-image choice; atc: r sequential clustering
+# steps of about 14 launches each (keep=0.9 on the tiny ViT: up to 7 steps)
+AIMS = {"tome": 18, "pitome": 18, "zero_tprune": 35, "evit": 45, "mctf": 100, "tofu": 32, "ppt": 40, "atc": 240,
+        "random": 18}
 DEFAULT_SETTINGS = ["tome:r=4", "pitome:keep=0.9", "zero_tprune:keep=0.9"]
 DEEP_SETTINGS = ["tome:r=13", "pitome:keep=0.9", "zero_tprune:flops=0.653"]
 
