@@ -161,7 +161,8 @@ class MCTF(ViTMethod):
         layers = options["layers"]
         if layers is not None and (not isinstance(layers, (list, tuple))
                                    or not all(_is_int(v) and v >= 0 for v in layers)):
-            raise ValueError(f"mctf layers={layers!r}: give None (every block but the first) or a list of block indices")
+            raise ValueError(f"mctf layers={layers!r}: give None (every block but the first) or a list of "
+                             "block indices")
 
     def clamps(self, options) -> bool:
         return options["clamp"]
