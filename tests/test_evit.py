@@ -95,6 +95,11 @@ def test_refuses_a_model_without_class_token_in_one_line(kwargs):
     assert "\n" not in str(err.value)
 
 
+def test_supported_says_which_models_evit_fits():
+    assert vitcompress.supported(tiny_vit())["evit"] is True
+    assert "no class token" in vitcompress.supported(tiny_vit(class_token=False, global_pool="avg"))["evit"]
+
+
 def test_special_tokens_are_kept_and_sources_cover_every_patch_once():
     """Registers beside the class token: never scored, fused or moved; every patch in exactly one
     token; each token's size is the patches it covers; the fused token covers what it fused."""
