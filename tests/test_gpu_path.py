@@ -264,6 +264,9 @@ EXPECTED_OPS = {
     "ppt": {"vitcompress.bipartite_match.default", "vitcompress.rank_plan.default",
             "vitcompress.apply_plan.default"},
     "atc": {"vitcompress.apply_plan.default"},
+    # their weighted merges run the torch reference: only the scoring's top-k is a kernel
+    "evit": {"vitcompress.topk_indices.default"},
+    "mctf": {"vitcompress.topk_indices.default"},
 }
 
 

@@ -48,7 +48,8 @@ def test_evit_model_matches_official_evit(reference_vit, case):
     assert (logits.argmax(1) == case["logits"].argmax(1)).all()
 
 
-@pytest.mark.parametrize("case", REC["mctf"], ids=lambda c: f"T{c['T']}-r{c['r']}-p{c['protected']}-b{c['bidirection']}")
+@pytest.mark.parametrize("case", REC["mctf"],
+                         ids=lambda c: f"T{c['T']}-r{c['r']}-p{c['protected']}-b{c['bidirection']}")
 def test_mctf_fusion_matches_official_mctf(case):
     """Official ``mctf()`` (criteria, bidirectional matching, ``merge_wavg`` with attention-weighted
     pooling) = our plan executed by the weighted apply path: tokens, sizes and sources, in order."""

@@ -78,9 +78,10 @@ def test_supported_names_the_methods_that_fit_each_family(name):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fits = vitcompress.supported(model)
     assert sorted(fits) == vitcompress.list_methods()
-    assert [m for m, ok in fits.items() if ok is True] == sorted(fam.methods)
+    # the table's methods (evit and mctf are not in it yet: tests/test_evit.py, tests/test_mctf.py)
+    assert [m for m, ok in fits.items() if ok is True and m in table.ALL_METHODS] == sorted(fam.methods)
     for method, ok in fits.items():
-        if ok is not True:  # another target's method: says what it reduces and what fits instead
+        if ok is not True and method in table.ALL_METHODS:  # another target's method: says what it reduces and what fits instead
             assert f"{method} reduces " in ok and sorted(fam.methods)[0] in ok
     # nothing patched, nothing changed
     assert not any(PART_ATTR in m.__dict__ for m in model.modules()) and "_vitcompress" not in model.__dict__

@@ -107,7 +107,7 @@ def mctf_plan(x: torch.Tensor, attn: torch.Tensor, size: torch.Tensor, r: int, n
         src2, unm2 = edge_idx2[:, :r2], edge_idx2[:, r2:]
         dst2 = node_idx2.gather(1, src2)  # positions among the unmerged A tokens
         # where each B token ends up in the output: its own slot after the A tokens, or its A token's
-        b_out = torch.empty(B, n_b, dtype=torch.long, device=device)
+        b_out = torch.zeros_like(node_max2, dtype=torch.long)
         b_out.scatter_(1, unm2, torch.arange(n_u, n_u + n_b - r2, device=device).expand(B, -1))
         b_out.scatter_(1, src2, dst2)
         keep = torch.cat([a_idx[unm], b_idx[unm2]], dim=1)
@@ -124,7 +124,7 @@ def mctf_plan(x: torch.Tensor, attn: torch.Tensor, size: torch.Tensor, r: int, n
         size_max = size_max.clamp(min=1.0)
     weight = received[:, p:] * (size / size_max)
     total = weight.gather(1, keep).scatter_add(1, merge_dst, weight.gather(1, merge_src))
-    group = torch.empty(B, T, dtype=torch.long, device=device)
+    group = torch.zeros_like(weight, dtype=torch.long)
     group.scatter_(1, keep, torch.arange(keep.shape[1], device=device).expand(B, -1))
     group.scatter_(1, merge_src, merge_dst)
     return Plan(keep=keep, merge_src=merge_src, merge_dst=merge_dst, merge_weight=weight / total.gather(1, group))
@@ -161,7 +161,8 @@ class MCTF(ViTMethod):
         layers = options["layers"]
         if layers is not None and (not isinstance(layers, (list, tuple))
                                    or not all(_is_int(v) and v >= 0 for v in layers)):
-            raise ValueError(f"mctf layers={layers!r}: give None (every block but the first) or a list of block indices")
+            raise ValueError(f"mctf layers={layers!r}: give None (every block but the first) or a list of "
+                             "block indices")
 
     def clamps(self, options) -> bool:
         return options["clamp"]
