@@ -89,18 +89,20 @@ def split_scoring_qkv(model, skip=()) -> List[str]:
     scoring = set(linear_nodes(model)) - set(linear_nodes(model, scoring=False)) - set(skip)
     weights = {i.name: i for i in model.graph.initializer}
     consumers, linear = _consumers(model), set(linear_nodes(model))
-    nodes, parts = list(model.graph.node), []
+    nodes, parts, fused = list(model.graph.node), [], set()
     for position, node in reversed(list(enumerate(nodes))):
         weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
         if node.name not in scoring or weight is None or len(weight.dims) != 2 or weight.dims[1] != 3 * weight.dims[0]:
             continue
         in_int8 = "v" if _reads_attention(node, consumers, linear) else "qv"
         values, width = numpy_helper.to_array(weight), weight.dims[0]
-        split = []
+        split, first = [], weight.name not in fused  # two layers may share one weight
+        fused.add(weight.name)
         for i, part in enumerate("qkv"):
             name = f"{node.name}/{part}"
-            model.graph.initializer.append(numpy_helper.from_array(values[:, i * width:(i + 1) * width],
-                                                                   f"{weight.name}/{part}"))
+            if first:
+                model.graph.initializer.append(numpy_helper.from_array(values[:, i * width:(i + 1) * width],
+                                                                       f"{weight.name}/{part}"))
             split.append(helper.make_node("MatMul", [node.input[0], f"{weight.name}/{part}"], [f"{name}:out"],
                                           name=name))
             if part in in_int8:
@@ -110,6 +112,9 @@ def split_scoring_qkv(model, skip=()) -> List[str]:
         nodes[position:position + 1] = split
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    read = {name for node in nodes for name in node.input}
+    for initializer in [i for i in model.graph.initializer if i.name in fused and i.name not in read]:
+        model.graph.initializer.remove(initializer)
     return sorted(parts)
 
 
