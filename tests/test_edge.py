@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript")
 
 import vitcompress  # noqa: E402
 from vitcompress.export import (export_onnx, linear_nodes, openvino_session, ort_session,  # noqa: E402
-                                quantize_onnx, reduction_inputs, verify_onnx)
+                                quantize_onnx, reduction_inputs, split_scoring_qkv, verify_onnx)
 from vitcompress.methods import get as get_method  # noqa: E402
 
 from vitcompress.testing import tiny_vit  # noqa: E402
@@ -85,16 +85,22 @@ def test_openvino_matches_pytorch_at_two_batch_sizes(tmp_path, method):
 
 
 def _layer_name(node, consumers):
-    """The module of a linear layer, from its bias: Conv holds it, MatMul's follows in an Add."""
+    """The module of a linear layer, from its bias: Conv holds it, MatMul's follows in an Add; a
+    part of a split qkv (``<name>/k``) is ``<module>/k``, from the Concat that joins the parts."""
     if node.op_type == "Conv":
         return node.input[2].rsplit(".", 1)[0]
+    if "/" in node.name:
+        concat = consumers[node.output[0]][0]
+        assert concat.op_type == "Concat"
+        return _bias_of(concat, consumers).rsplit(".", 1)[0] + "/" + node.name.rsplit("/", 1)[1]
     return _bias_of(node, consumers).rsplit(".", 1)[0]
 
 
 @pytest.mark.parametrize("float_reductions, in_float", [
-    # every block int8: only the qkv projections of the two reducing blocks (their keys score the tokens)
-    (0, ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]),
-    # the default: also the inputs of the first two reductions -- the patch embedding and block 0
+    # every block int8: only the keys of the two reducing blocks' qkv (they score the tokens)
+    (0, ["blocks.0.attn.qkv/k", "blocks.1.attn.qkv/k"]),
+    # the default: also the inputs of the first two reductions, whole -- the patch embedding, block 0
+    # and block 1's qkv
     (2, ["blocks.0.attn.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.attn.qkv",
          "patch_embed.proj"]),
 ])
@@ -108,7 +114,9 @@ def test_int8_quantizes_the_blocks_linear_layers_and_leaves_token_selection_in_f
     assert report.quantize == "int8" and report.calibration == "16 given images"
     assert report.ok  # random inputs at two batch sizes: the file runs; agreement is not judged below 100 images
     assert not any(report.judged(name) for name in report.checks)
-    assert f"{len(report.quantized_nodes)} of 10 linear layers quantized" in str(report)
+    # each split qkv counts as its three parts
+    layers = 10 + 2 * sum(name.endswith("qkv/k") for name in in_float)
+    assert f"{len(report.quantized_nodes)} of {layers} linear layers quantized" in str(report)
     proto = onnx.load(path)
     onnx.checker.check_model(proto)
     producers = _producers(proto)
@@ -120,9 +128,9 @@ def test_int8_quantizes_the_blocks_linear_layers_and_leaves_token_selection_in_f
 
     # patch embedding, qkv, proj, fc1, fc2 of both blocks and the head; both blocks reduce
     assert vitcompress.stats(model)["planned_tokens_per_layer"] == [65, 58]
-    assert report.linear_layers == 10
+    assert report.linear_layers == layers
     linear = [n for n in proto.graph.node if n.name in set(report.quantized_nodes)]
-    assert len(linear) == len(report.quantized_nodes) == 10 - len(in_float)
+    assert len(linear) == len(report.quantized_nodes) == layers - len(in_float)
     # in the int8 file, a layer whose weight is still a float constant (not a DequantizeLinear output)
     float_nodes = [n for n in proto.graph.node if n.name in set(linear_nodes(proto))]
     assert sorted(_layer_name(n, consumers) for n in float_nodes) == in_float
@@ -151,12 +159,59 @@ def test_int8_quantizes_the_blocks_linear_layers_and_leaves_token_selection_in_f
                 assert source is None or source.op_type != "DequantizeLinear", f"{node.op_type} {node.name}"
     # int8 weights are stored quantized: one QuantizeLinear per layer input; DequantizeLinear for
     # the input and the weight of each, and the int32 biases of Conv and Gemm
+    # (the queries and values of a split qkv share one quantized input)
     quantized = len(linear)
+    inputs = len({n.input[0] for n in linear})
     biased = sum(n.op_type in ("Conv", "Gemm") for n in linear)
-    assert report.op_counts["QuantizeLinear"] == quantized
-    assert report.op_counts["DequantizeLinear"] == 2 * quantized + biased
+    assert report.op_counts["QuantizeLinear"] == inputs
+    assert report.op_counts["DequantizeLinear"] == inputs + quantized + biased
     assert report.op_counts["TopK"] == 4
     assert report.scatter_reductions == {"ScatterElements(add)": 4}
+
+
+@pytest.mark.parametrize("method, in_float", [("tome", "k"), ("zero_tprune", "qk")])
+def test_int8_splits_each_scoring_qkv_and_keeps_float_only_what_selection_reads(tmp_path, method, in_float):
+    """A reducing block's fused qkv becomes three MatMuls joined by a Concat (the same outputs); the
+    keys stay float (ToMe scores with keys), and the queries where the selection reads attention
+    (Zero-TPrune's PageRank); the rest is int8, and the float parts read the float input."""
+    model = vitcompress.compress(_distinct_biases(tiny_vit(depth=2)), method, r=8)
+    fp32 = str(tmp_path / "fp32.onnx")
+    export_onnx(model, fp32, (2, 3, 32, 32), verbose=False)
+    original = onnx.load(fp32)
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in original.graph.initializer}
+    scoring = {n.name: weights[n.input[1]] for n in original.graph.node
+               if n.name in set(linear_nodes(original)) - set(linear_nodes(original, scoring=False))}
+    assert len(scoring) == 2  # both blocks' qkv
+
+    split = onnx.load(fp32)
+    parts = split_scoring_qkv(split)
+    assert parts == sorted(f"{name}/{p}" for name in scoring for p in "qkv" if p not in in_float)
+    onnx.save(split, str(tmp_path / "split.onnx"))
+    x = torch.randn(3, 3, 32, 32).numpy()
+    before = ort_session(fp32).run(None, {"images": x})[0]
+    after = ort_session(str(tmp_path / "split.onnx")).run(None, {"images": x})[0]
+    assert abs(after - before).max() <= 1e-5
+    split_weights = {i.name: onnx.numpy_helper.to_array(i) for i in split.graph.initializer}
+    for name, weight in scoring.items():
+        width = weight.shape[0]
+        for i, part in enumerate("qkv"):  # each part holds its columns of the fused weight
+            node = next(n for n in split.graph.node if n.name == f"{name}/{part}")
+            assert (split_weights[node.input[1]] == weight[:, i * width:(i + 1) * width]).all()
+
+    path = str(tmp_path / "int8.onnx")
+    quantized = quantize_onnx(fp32, path, torch.randn(8, 3, 32, 32), float_reductions=0)
+    proto = onnx.load(path)
+    producers = _producers(proto)
+    for name in scoring:
+        for part in "qkv":
+            node = next(n for n in proto.graph.node if n.name == f"{name}/{part}")
+            sources = [producers.get(i) for i in node.input]
+            if part in in_float:
+                assert f"{name}/{part}" not in quantized
+                assert sources[0].op_type == "LayerNormalization" and sources[1] is None, (part, sources)
+            else:
+                assert f"{name}/{part}" in quantized
+                assert [s.op_type for s in sources] == ["DequantizeLinear", "DequantizeLinear"], part
 
 
 @pytest.mark.parametrize("r, expected", [

@@ -1,17 +1,19 @@
 """Compressed vs uncompressed models in edge runtimes on this machine's CPU.
 
 Exports a timm ViT (random weights, so no download) uncompressed and compressed with each setting,
-checks each file against PyTorch, then times every (setting, runtime) in one interleaved run per
-batch size (every round runs each model once, rotating who goes first, so machine noise hits them
-alike) and prints each runtime's throughput ratio next to the FLOPs ratio counted by
-``vitcompress.count_flops``. Runtimes: fp32 onnxruntime, int8 onnxruntime (static QDQ quantization
+checks each file against PyTorch, then times every (setting, runtime, batch size) in one interleaved
+run (every round runs each once, rotating who goes first, so machine noise hits them alike) and
+prints, per batch size, each runtime's compressed-vs-uncompressed throughput ratio and that ratio as
+a fraction of the ideal (the FLOPs speedup counted by ``vitcompress.count_flops``), with the
+threads and the load average (timings are valid only on an idle machine). Runtimes: fp32 onnxruntime, int8 onnxruntime (static QDQ quantization
 of the linear layers, calibrated on 64 random-normal inputs: random weights have no real images;
 the inputs of the first --float-reductions token reductions in float, as ``export_onnx`` does),
-OpenVINO (fp32, when installed) and, with --executorch, ExecuTorch with XNNPACK. "int8 vs ideal" is
-the compressed int8 throughput over (uncompressed int8 throughput x the FLOPs speedup).
+OpenVINO (fp32, when installed) and, with --executorch, ExecuTorch with XNNPACK. "ideal" is the
+compressed throughput over (uncompressed throughput in the same runtime x the FLOPs speedup): 1.00 is
+the whole FLOPs saving.
 
-    python experiments/benchmarks/bench_onnx.py                                   # deit_small, 3 methods at 65% FLOPs
-    python experiments/benchmarks/bench_onnx.py --batch-sizes 16 1 --runs 5 --executorch
+    python experiments/benchmarks/bench_onnx.py --executorch      # deit_small, 3 methods at 65% FLOPs, batch 16 and 1
+    python experiments/benchmarks/bench_onnx.py --batch-sizes 16 --runs 5
     python experiments/benchmarks/bench_onnx.py --model deit_tiny_patch16_224 --settings tome:r=13 pitome:keep=0.9
 
 Each export takes one to a few minutes of CPU (torch.export + ONNX conversion of a 12-block graph);
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", nargs="+",
                     default=["tome:flops=0.65", "pitome:flops=0.65", "zero_tprune:flops=0.65"],
                     help="method:budget settings (default: %(default)s)")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16], help="timed batch sizes (default: 16)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 1],
+                    help="timed batch sizes, all in one interleaved run (default: 16 1)")
     ap.add_argument("--runs", type=int, default=7, help="timed interleaved rounds")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads of every runtime")
@@ -68,7 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--float-reductions", type=int, default=FLOAT_REDUCTIONS, metavar="N",
                     help="int8: leading token reductions whose inputs stay in float (default: %(default)s)")
     ap.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO column")
-    ap.add_argument("--executorch", action="store_true", help="add an ExecuTorch (XNNPACK) column (slow lowering)")
+    ap.add_argument("--executorch", action="store_true",
+                    help="add the ExecuTorch (XNNPACK) column (its lowering takes minutes per model)")
     ap.add_argument("--torch", action="store_true", help="also time the PyTorch eager models in the same run")
     args = ap.parse_args(argv)
     if min(args.batch_sizes) < 1:
@@ -89,6 +93,7 @@ def main(argv=None) -> int:
         runtimes.append("torch")
 
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="bench_onnx_")
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
@@ -152,28 +157,33 @@ def main(argv=None) -> int:
         rows.append({"label": label, "gflops": gflops, "tokens": tokens})
 
     base_row = rows[0]
+    # one interleaved run over every (setting, runtime, batch size): machine noise hits them alike
+    times = interleaved({(label, runtime, batch): (lambda f=fn, b=batch: f(b))
+                         for (label, runtime), fn in runners.items() for batch in args.batch_sizes},
+                        args.warmup, args.runs)
+    ips = {key: key[2] / statistics.median(t) for key, t in times.items()}
+    print()
+    print(f"{args.model} (random weights), float32 inputs, CPU ({os.cpu_count()} cores), {args.threads} threads, "
+          f"{args.runs} interleaved rounds over batch sizes {args.batch_sizes}; load average before "
+          f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (timings are valid only on an idle machine); "
+          f"onnxruntime {ort.__version__}, {_versions()}torch {torch.__version__}; "
+          f"{time.perf_counter() - start:.0f} s" + ("" if args.no_int8 else
+                                                    f"; int8 with float_reductions={args.float_reductions}"))
+    print("Each runtime: median img/s, the speedup over the uncompressed model in the same runtime, and that "
+          "speedup as a fraction of the ideal one (the FLOPs speedup, uncompressed GFLOPs / compressed GFLOPs).")
     for batch in args.batch_sizes:
-        times = interleaved({key: (lambda f=fn, b=batch: f(b)) for key, fn in runners.items()}, args.warmup, args.runs)
-        ips = {key: batch / statistics.median(t) for key, t in times.items()}
         print()
-        print(f"{args.model} (random weights), batch {batch}, {args.threads} threads, {args.runs} interleaved "
-              f"rounds (median img/s, speedup over uncompressed in the same runtime); onnxruntime {ort.__version__}, "
-              f"{_versions()}torch {torch.__version__}; {time.perf_counter() - start:.0f} s so far"
-              + ("" if args.no_int8 else f"; int8 with float_reductions={args.float_reductions}"))
-        head = f"{'setting':<22}{'GFLOPs':>8}{'FLOPs ratio':>12}" + "".join(f"{r:>22}" for r in runtimes)
-        if "ORT int8" in runtimes:
-            head += f"{'int8 vs ideal':>15}"
+        print(f"batch {batch}")
+        head = f"{'setting':<22}{'GFLOPs':>8}{'FLOPs ratio':>12}" + "".join(f"{r:>28}" for r in runtimes)
         print(head)
         print("-" * len(head))
         for row in rows:
             name, ratio = row["label"], row["gflops"] / base_row["gflops"]
             line = f"{name:<22}{row['gflops']:>8.3f}{ratio:>12.3f}"
             for runtime in runtimes:
-                value = ips[name, runtime]
-                line += f"{value:>13.1f} ({value / ips['uncompressed', runtime]:.2f}x)"
-            if "ORT int8" in runtimes:
-                ideal = ips["uncompressed", "ORT int8"] / ratio
-                line += f"{ips[name, 'ORT int8'] / ideal:>15.2f}"
+                value = ips[name, runtime, batch]
+                speedup = value / ips["uncompressed", runtime, batch]
+                line += f"{value:>12.1f} {speedup:>5.2f}x {speedup * ratio:>5.2f} ideal"
             print(line)
     for row in rows[1:]:
         print(f"  {row['label']}: tokens per block {row['tokens']}")

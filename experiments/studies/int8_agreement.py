@@ -11,6 +11,7 @@ about 0.011) is added to the images -- how far an int8-sized perturbation moves 
     python experiments/studies/int8_agreement.py                  # about 4 min on 2 cores
     python experiments/studies/int8_agreement.py --methods pitome --float-reductions 0 2
     python experiments/studies/int8_agreement.py --realvit        # the real ViT-S/14, photos; about 15 min
+    python experiments/studies/int8_agreement.py --calibration-method percentile   # or entropy (default minmax)
 
 ``--realvit``: the pretrained ViT-S/14 (``vitcompress.evaluation.realvit``; no classes, so no top-1) at
 70% FLOPs on 96 crops of real photos (``vitcompress.evaluation.offline_data``), calibrated on 64 other
@@ -29,7 +30,8 @@ import torch
 import vitcompress
 from vitcompress.evaluation import realvit, reference_model
 from vitcompress.evaluation.offline_data import load_photos
-from vitcompress.export import FLOAT_REDUCTIONS, export_onnx, ort_session, quantize_onnx, verify_onnx
+from vitcompress.export import (CALIBRATION_METHODS, FLOAT_REDUCTIONS, export_onnx, ort_session, quantize_onnx,
+                                verify_onnx)
 
 BATCH = 8
 
@@ -51,8 +53,10 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=["none", "tome", "pitome", "zero_tprune"])
     ap.add_argument("--flops", type=float, default=0.65)
     ap.add_argument("--float-reductions", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--noise", type=float, nargs="+", default=[1e-3, 1e-2], help="fp32 noise-floor sigmas")
+    ap.add_argument("--noise", type=float, nargs="*", default=[1e-3, 1e-2], help="fp32 noise-floor sigmas (none: skip)")
     ap.add_argument("--calibration-images", type=int, default=64)
+    ap.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax",
+                    help="onnxruntime's activation-range calibration")
     ap.add_argument("--realvit", action="store_true", help="the real ViT-S/14 on photos (1 - cos of embeddings)")
     args = ap.parse_args(argv)
     if args.realvit:
@@ -77,7 +81,8 @@ def main(argv=None) -> int:
             cells = [f"{100 * (top == labels).float().mean():.2f}"]
             for count in args.float_reductions:
                 path = os.path.join(folder, f"{method}-int8-{count}.onnx")
-                quantized = quantize_onnx(fp32, path, calibration, batch_size=BATCH, float_reductions=count)
+                quantized = quantize_onnx(fp32, path, calibration, batch_size=BATCH, float_reductions=count,
+                                          calibration_method=args.calibration_method)
                 check = verify_onnx(ort_session(path), model, images, BATCH)
                 cells.append(f"{100 * check['top1_agreement']:.2f}% ({len(quantized)} int8)")
                 print(f"{method} float_reductions={count}: {len(quantized)} linear layers int8, top-1 agreement "
@@ -88,7 +93,8 @@ def main(argv=None) -> int:
             rows.append(f"| {method if method == 'none' else f'{method} flops={args.flops:g}'} | "
                         + " | ".join(cells) + " |")
     print()
-    print(f"Reference model, {len(images)} images, int8 calibrated on the first {len(calibration)}; top-1 agreement "
+    print(f"Reference model, {len(images)} images, int8 calibrated ({args.calibration_method}) on the first "
+          f"{len(calibration)}; top-1 agreement "
           f"of the int8 file with fp32 PyTorch (number of int8 linear layers); the library default is "
           f"float_reductions={FLOAT_REDUCTIONS}; torch {torch.__version__}; {time.perf_counter() - start:.0f} s")
     print(head)
@@ -124,7 +130,8 @@ def realvit_table(args) -> int:
             cells = [f"{_one_minus_cos(fp32_out, reference).mean():.2e}"]
             for count in args.float_reductions:
                 path = os.path.join(folder, f"{method}-int8-{count}.onnx")
-                quantized = quantize_onnx(fp32, path, calibration, batch_size=BATCH, float_reductions=count)
+                quantized = quantize_onnx(fp32, path, calibration, batch_size=BATCH, float_reductions=count,
+                                          calibration_method=args.calibration_method)
                 session = ort_session(path)
                 out = torch.cat([torch.from_numpy(session.run(None, {"images": images[i:i + BATCH].numpy()})[0])
                                  for i in range(0, len(images), BATCH)])
@@ -141,7 +148,8 @@ def realvit_table(args) -> int:
                 cells.append(f"{_one_minus_cos(noisy, fp32_out).mean():.2e}")
             rows.append(f"| {method if method == 'none' else f'{method} flops={flops:g}'} | " + " | ".join(cells) + " |")
     print()
-    print(f"Real ViT-S/14, {len(images)} photo crops, int8 calibrated on {len(calibration)} other crops; mean / max "
+    print(f"Real ViT-S/14, {len(images)} photo crops, int8 calibrated ({args.calibration_method}) on "
+          f"{len(calibration)} other crops; mean / max "
           f"1 - cos of the int8 file's embedding vs fp32 PyTorch (number of int8 linear layers); library default "
           f"float_reductions={FLOAT_REDUCTIONS}; torch {torch.__version__}; {time.perf_counter() - start:.0f} s")
     print("| method | fp32 compressed vs uncompressed | " + " | ".join(f"int8 fr={k}" for k in args.float_reductions)

@@ -57,7 +57,8 @@ are the package's interface.
 """
 from .checks import check_exportable, check_exportable_method
 from .executorch_export import ExecuTorchReport, export_executorch
-from .int8 import CALIBRATION_IMAGES, FLOAT_REDUCTIONS, linear_nodes, quantize_onnx, reduction_inputs
+from .int8 import (CALIBRATION_IMAGES, CALIBRATION_METHODS, FLOAT_REDUCTIONS, linear_nodes, quantize_onnx,
+                   reduction_inputs, split_scoring_qkv)
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx
 from .onnx_graph import scatter_reductions
 from .program import export_program
@@ -65,6 +66,6 @@ from .report import ExportReport
 from .sessions import RUNTIMES, openvino_session, ort_session, verify_onnx
 
 __all__ = ["export_program", "export_onnx", "check_exportable", "check_exportable_method", "verify_onnx",
-           "ort_session", "scatter_reductions", "quantize_onnx", "linear_nodes", "reduction_inputs",
+           "ort_session", "scatter_reductions", "quantize_onnx", "linear_nodes", "reduction_inputs", "split_scoring_qkv",
            "openvino_session", "export_executorch", "ExportReport", "ExecuTorchReport", "DEFAULT_OPSET",
-           "MIN_OPSET", "RUNTIMES", "CALIBRATION_IMAGES", "FLOAT_REDUCTIONS"]
+           "MIN_OPSET", "RUNTIMES", "CALIBRATION_IMAGES", "CALIBRATION_METHODS", "FLOAT_REDUCTIONS"]

@@ -21,10 +21,10 @@ def _sort_by_ranks(x: torch.Tensor, stable: Optional[bool] = None, dim: int = -1
     """``aten.sort.stable`` from ops XNNPACK delegates, for ExecuTorch (whose runtime has no sort
     kernel): element i goes to position ``rank_i = #{j: x_j before x_i} + #{j < i: x_j == x_i}``,
     exactly the stable order. The compares are ``ceil(clamp(x_j - x_i, 0, 1))`` (1 where the
-    difference is positive; infinities clamped to the largest float first, NaN unsupported), the
-    counts :func:`_integer_row_sums`, and the permutation the one-hot matrix ``relu(1 - |rank_i - p|)``;
-    only the conversion of the positions to integers and the gather of the values run outside
-    XNNPACK. O(n^2) per row: cheap for a few hundred tokens."""
+    difference is positive; infinities clamped to the largest float first, integers exact below
+    2^24, NaN unsupported), the counts :func:`_integer_row_sums`, and the permutation the one-hot
+    matrix ``relu(1 - |rank_i - p|)``; only the conversion of the positions to integers and the
+    gather of the values run outside XNNPACK. O(n^2) per row: cheap for a few hundred tokens."""
     last = dim in (-1, x.dim() - 1)
     rows = x if last else x.movedim(dim, -1)
     shape, n = rows.shape, rows.shape[-1]

@@ -1,6 +1,8 @@
 """int8: onnxruntime static quantization of the linear layers that do not choose tokens, and the
 graph queries that find them (:func:`linear_nodes`, :func:`reduction_inputs`)."""
 import logging
+import os
+import tempfile
 import warnings
 from typing import Any, Dict, List, Tuple, Union
 
@@ -34,24 +36,86 @@ def linear_nodes(model, scoring: bool = True) -> List[str]:
               if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.input) > 1 and n.input[1] in constants]
     if scoring:
         return [n.name for n in linear]
+    consumers = _consumers(model)
+    names = {n.name for n in linear}
+    return [n.name for n in linear if not _reaches(n.output, consumers, SELECTION_OPS, names)]
+
+
+def _consumers(model) -> Dict[str, List[Any]]:
     consumers: Dict[str, List[Any]] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    names = {n.name for n in linear}
+    return consumers
 
-    def scores(node) -> bool:
-        seen, stack = set(), list(node.output)
-        while stack:
-            for user in consumers.get(stack.pop(), []):
-                if user.op_type in SELECTION_OPS:
-                    return True
-                if user.name not in names and id(user) not in seen:
-                    seen.add(id(user))
-                    stack.extend(user.output)
-        return False
 
-    return [n.name for n in linear if not scores(n)]
+def _reaches(outputs, consumers, op_types, linear) -> bool:
+    """Whether a node of ``op_types`` reads ``outputs`` with no linear layer (``linear``: names) in between."""
+    seen, stack = set(), list(outputs)
+    while stack:
+        for user in consumers.get(stack.pop(), []):
+            if user.op_type in op_types:
+                return True
+            if user.name not in linear and id(user) not in seen:
+                seen.add(id(user))
+                stack.extend(user.output)
+    return False
+
+
+def _reads_attention(node, consumers, linear) -> bool:
+    """Whether the token selection fed by the linear layer ``node`` reads attention (a Softmax of
+    queries and keys; Zero-TPrune's PageRank) and not only its keys (ToMe, PiToMe)."""
+    seen, stack = set(), list(node.output)
+    while stack:
+        for user in consumers.get(stack.pop(), []):
+            if user.op_type == "Softmax" and _reaches(user.output, consumers, SELECTION_OPS, linear):
+                return True
+            if user.name not in linear and id(user) not in seen:
+                seen.add(id(user))
+                stack.extend(user.output)
+    return False
+
+
+def split_scoring_qkv(model, skip=()) -> List[str]:
+    """Split, in ``model`` (a ``ModelProto``, edited in place), each fused qkv projection that scores
+    tokens -- a MatMul whose constant weight ``[C, 3C]`` feeds token selection -- into one MatMul per
+    part (``<name>/q``, ``/k``, ``/v``) whose outputs a Concat joins back. Returns the parts the
+    selection does not read, which int8 may quantize: the queries and values when it scores with
+    keys only (ToMe, PiToMe), the values when it reads attention (Zero-TPrune). The keys stay float.
+    Layers named in ``skip`` are left whole. The parts share their input: once quantized,
+    :func:`_restore_float_inputs` gives the float ones the unrounded input back."""
+    from onnx import helper, numpy_helper
+
+    scoring = set(linear_nodes(model)) - set(linear_nodes(model, scoring=False)) - set(skip)
+    weights = {i.name: i for i in model.graph.initializer}
+    consumers, linear = _consumers(model), set(linear_nodes(model))
+    nodes, parts, fused = list(model.graph.node), [], set()
+    for position, node in reversed(list(enumerate(nodes))):
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
+        if node.name not in scoring or weight is None or len(weight.dims) != 2 or weight.dims[1] != 3 * weight.dims[0]:
+            continue
+        in_int8 = "v" if _reads_attention(node, consumers, linear) else "qv"
+        values, width = numpy_helper.to_array(weight), weight.dims[0]
+        split, first = [], weight.name not in fused  # two layers may share one weight
+        fused.add(weight.name)
+        for i, part in enumerate("qkv"):
+            name = f"{node.name}/{part}"
+            if first:
+                model.graph.initializer.append(numpy_helper.from_array(values[:, i * width:(i + 1) * width],
+                                                                       f"{weight.name}/{part}"))
+            split.append(helper.make_node("MatMul", [node.input[0], f"{weight.name}/{part}"], [f"{name}:out"],
+                                          name=name))
+            if part in in_int8:
+                parts.append(name)
+        split.append(helper.make_node("Concat", [n.output[0] for n in split], list(node.output),
+                                      name=f"{node.name}/concat", axis=-1))
+        nodes[position:position + 1] = split
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    read = {name for node in nodes for name in node.input}
+    for initializer in [i for i in model.graph.initializer if i.name in fused and i.name not in read]:
+        model.graph.initializer.remove(initializer)
+    return sorted(parts)
 
 
 def reduction_inputs(model, count: int) -> List[str]:
@@ -120,17 +184,23 @@ def check_float_reductions(count) -> None:
                          f"whose inputs stay in float under int8 (default {FLOAT_REDUCTIONS})")
 
 
+#: onnxruntime's calibration methods by the names :func:`quantize_onnx` takes.
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
 def quantize_onnx(source: str, path: str, calibration: torch.Tensor, batch_size: int = 8,
-                  float_reductions: int = FLOAT_REDUCTIONS) -> List[str]:
+                  float_reductions: int = FLOAT_REDUCTIONS, calibration_method: str = "minmax") -> List[str]:
     """Write the int8 version of the fp32 ONNX file ``source`` to ``path``: onnxruntime static
     quantization, QDQ format, per-channel symmetric int8 weights and int8 input activations whose
-    ranges are the min / max over ``calibration`` (images ``[N, C, H, W]``, run in chunks of
-    ``batch_size``). Only the linear layers that do not score tokens are quantized
-    (:func:`linear_nodes` with ``scoring=False``), less those feeding the first
-    ``float_reductions`` token reductions (:func:`reduction_inputs`); everything that chooses
-    tokens, and the projections computing its scores, stay in float. Returns the names of the
-    quantized nodes."""
+    ranges ``calibration_method`` takes from ``calibration`` (images ``[N, C, H, W]``, run in chunks
+    of ``batch_size``): ``"minmax"`` (the min / max), ``"percentile"`` or ``"entropy"``. Only the linear
+    layers that do not score tokens are quantized (:func:`linear_nodes` with ``scoring=False``), less
+    those feeding the first ``float_reductions`` token reductions (:func:`reduction_inputs`); a fused
+    qkv projection that scores tokens is split (:func:`split_scoring_qkv`) so that only the part
+    the selection reads stays float -- the keys, and the queries where it reads attention.
+    Everything that chooses tokens stays in float. Returns the names of the quantized nodes."""
     require("onnxruntime")
+    import onnx
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -139,28 +209,55 @@ def quantize_onnx(source: str, path: str, calibration: torch.Tensor, batch_size:
     )
 
     check_float_reductions(float_reductions)
+    if calibration_method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration_method={calibration_method!r}: use one of {', '.join(CALIBRATION_METHODS)}")
     proto = load_graph(source)
     kept = set(reduction_inputs(proto, float_reductions))
     nodes = [n for n in linear_nodes(proto, scoring=False) if n not in kept]
+    nodes += split_scoring_qkv(proto, skip=kept)
     if not nodes:
         raise ValueError(f"{source}: no MatMul / Gemm / Conv with a constant weight left to quantize"
                          + (f" (float_reductions={float_reductions} keeps {len(kept)} in float: give fewer)"
                             if kept else ""))
     reader = _calibration_reader(proto.graph.input[0].name, calibration, batch_size)
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[calibration_method]
     quiet = _DropPreprocessingAdvice()  # onnxruntime logs it on the root logger at every call
     logging.getLogger().addFilter(quiet)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="vitcompress_int8_") as folder:
         warnings.simplefilter("ignore")
+        split = os.path.join(folder, "split.onnx")
+        onnx.save(proto, split)
         try:
-            quantize_static(str(source), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+            quantize_static(split, str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
-                            calibrate_method=CalibrationMethod.MinMax,
+                            calibrate_method=method,
                             # float outputs (int8 in, float out): a per-tensor int8 rounding of the
                             # qkv output would blur the keys that score the tokens
                             extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Conv"]})
         finally:
             logging.getLogger().removeFilter(quiet)
+    split_parts = {n.name for n in proto.graph.node if "/" in n.name and n.name.rsplit("/", 1)[1] in ("q", "k", "v")}
+    _restore_float_inputs(path, split_parts - set(nodes))
     return nodes
+
+
+def _restore_float_inputs(path: str, float_nodes) -> None:
+    """Give the nodes ``float_nodes`` of the int8 file at ``path`` their float input back:
+    onnxruntime feeds every reader of a quantized tensor its int8-rounded copy (DequantizeLinear of
+    QuantizeLinear), the keys of a split qkv included."""
+    import onnx
+
+    if not float_nodes:
+        return
+    proto = onnx.load(str(path))
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    for node in proto.graph.node:
+        dequantize = producer.get(node.input[0]) if node.name in float_nodes else None
+        if dequantize is not None and dequantize.op_type == "DequantizeLinear":
+            quantize = producer[dequantize.input[0]]
+            node.input[0] = quantize.input[0]
+    onnx.save(proto, str(path))
 
 
 class _DropPreprocessingAdvice(logging.Filter):

@@ -147,8 +147,9 @@ def _write_int8(program, path: str, opset: int, optimize: bool, calibration: Uni
         fp32 = os.path.join(scratch, "fp32.onnx")
         proto, reductions = _write(program, fp32, opset, optimize)
         images, described = calibration_images(calibration, shape)
-        linear_layers = len(linear_nodes(proto))
         quantized = quantize_onnx(fp32, path, images, batch_size=shape[0], float_reductions=float_reductions)
+        split = {name.rsplit("/", 1)[0] for name in quantized if "/" in name}  # a qkv counts as its 3 parts
+        linear_layers = len(linear_nodes(proto)) + 2 * len(split)
     return load_graph(path), reductions, dict(quantized_nodes=quantized, calibration=described,
                                               linear_layers=linear_layers)
 

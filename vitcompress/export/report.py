@@ -75,7 +75,8 @@ class ExportReport:
                f"onnx.checker: ok; scatter nodes: {scatters} (no mean reduction)"]
         if self.quantize:
             out.append(f"{self.quantize}: {len(self.quantized_nodes)} of {self.linear_layers} linear layers quantized "
-                       f"(QDQ, per-channel weights); in float: token selection, the projections scoring it and the "
+                       f"(QDQ, per-channel weights); in float: token selection, the projections scoring it (of a fused "
+                       f"qkv, the keys, and the queries where attention scores) and the "
                        f"inputs of the first {self.float_reductions} reductions; calibration: {self.calibration}")
             for name, c in self.checks.items():
                 agree = (f"top-1 agreement {100 * c['top1_agreement']:.2f}%" if "top1_agreement" in c
