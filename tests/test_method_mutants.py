@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from vitcompress.methods import quota
+from vitcompress.methods import quota, tokencorr
 from vitcompress.testing import ramp_scorer
 
 # ---------------------------------------------------------------- QuoTA
@@ -38,5 +38,85 @@ def test_quota_reduce_video_on_non_square_frames_is_the_formula():
     assert report["frame_tokens"] == [h * w for h, w in shapes]
     for t, g, (h, w) in zip(tokens, grids, shapes):
         want = torch.nn.functional.interpolate(g.permute(2, 0, 1)[None], size=(h, w), mode="bilinear",
-                                               align_corners=False)[0].permute(1, 2, 0).reshape(-1, 3) if h else g[:0, 0]
+                                               align_corners=False)[0].permute(1, 2, 0).reshape(-1, 3) \
+            if h else g[:0, 0]
         torch.testing.assert_close(t, want)
+
+
+# ---------------------------------------------------------------- tokencorr
+
+
+def basis_keys():
+    """Keys with exact similarities (0 or 1): three copies of e0, two of e1, one of e2, at different
+    norms, in 4 dimensions (N=6 != d)."""
+    e = torch.eye(4)
+    return torch.stack([2 * e[0], 3 * e[0], 0.5 * e[0], 4 * e[1], 0.25 * e[1], e[2]])
+
+
+def test_tokencorr_redundancy_counts_strictly_more_than_c_strictly_similar_others():
+    keys = basis_keys()
+    # c=1: each e0 copy has 2 identical others (> 1: redundant), each e1 copy 1 (not), e2 none
+    assert tokencorr.redundant_patches(keys, 0.5, 1).tolist() == [True, True, True, False, False, False]
+    assert tokencorr.redundant_patches(keys, 0.5, 0).tolist() == [True] * 5 + [False]
+    assert not bool(tokencorr.redundant_patches(keys, 1.0, 0).any())  # similarity 1 is not > tau=1
+    assert not bool(tokencorr.redundant_patches(keys, 0.0, 0)[5])  # orthogonal: 0 is not > tau=0
+    assert tokencorr.information_density(keys, 0.5, 1) == 0.5
+    assert tokencorr.crop_budget(keys, 0.5, 1) == 3
+    assert tokencorr.crop_budget(keys[:3], 0.5, 0) == 0  # the formula's default: no floor
+    assert tokencorr.crop_budget(keys[:3], 0.5, 0, min_tokens=1) == 1
+    assert tokencorr.crop_budget(keys, 0.5, 1, min_tokens=99) == 6  # at most N (N=6, d=4)
+
+
+def test_tokencorr_patch_keys_and_cls_attention_are_their_definitions():
+    g = torch.Generator().manual_seed(0)
+    B, N, H, d = 2, 5, 3, 4
+    q, k = torch.randn(B, N, H * d, generator=g), torch.randn(B, N, H * d, generator=g)
+    want = torch.stack([torch.stack([k[b, n].reshape(H, d).mean(0) for n in range(1, N)]) for b in range(B)])
+    torch.testing.assert_close(tokencorr.patch_keys(k, H), want)
+    scale = 0.3
+    rows = []
+    for b in range(B):
+        per_head = [torch.softmax(torch.stack([q[b, 0, h * d:(h + 1) * d] @ k[b, n, h * d:(h + 1) * d] * scale
+                                               for n in range(N)]), 0) for h in range(H)]
+        rows.append(torch.stack(per_head).mean(0)[1:])
+    torch.testing.assert_close(tokencorr.cls_attention(q, k, H, scale), torch.stack(rows))
+
+
+def test_tokencorr_outliers_are_strictly_above_q3_plus_1_5_iqr():
+    # Q1 = 1, Q3 = 3 (linear interpolation of 5 values), the fence at 3 + 1.5 * 2 = 6
+    assert tokencorr.iqr_outliers(torch.tensor([1.0, 1.0, 3.0, 3.0, 6.0])).tolist() == [False] * 5
+    assert tokencorr.iqr_outliers(torch.tensor([1.0, 1.0, 3.0, 3.0, 6.5])).tolist() == [False] * 4 + [True]
+
+
+def test_tokencorr_sampling_draws_distinct_patches_and_fills_the_budget_with_outliers_alone():
+    shallow = torch.full((20,), 1e-9)
+    shallow[7] = 1e9  # one patch takes nearly all the probability: drawing with replacement would repeat it
+    deep = torch.zeros(20)
+    picked = tokencorr.sample_tokens(deep, shallow, 6, torch.Generator().manual_seed(0))
+    assert picked.unique().numel() == 6 and 7 in picked.tolist()
+    deep[[2, 11]] = 5.0  # exactly as many outliers as the budget: those two
+    assert tokencorr.sample_tokens(deep, shallow, 2, torch.Generator().manual_seed(0)).tolist() == [2, 11]
+
+
+def test_tokencorr_plan_merges_only_when_asked_and_something_is_dropped():
+    keys = basis_keys()
+    deep, shallow = torch.rand(6, generator=torch.Generator().manual_seed(1)), torch.ones(6)
+    plan, budget = tokencorr.tokencorr_plan(keys, deep, shallow, tau=0.5, c=1, merge=False)
+    assert budget == 3 and plan.merge_src is None and plan.keep.shape == (1, 3)
+    plan, budget = tokencorr.tokencorr_plan(keys[:3], deep[:3], shallow[:3], tau=0.5, c=0, merge=True)
+    assert budget == 0 and plan.keep.shape == (1, 0) and plan.merge_src is None  # nothing to merge into
+    plan, budget = tokencorr.tokencorr_plan(keys[:3], deep[:3], shallow[:3], tau=0.5, c=0, merge=True, min_tokens=1)
+    kept = plan.keep[0].tolist()
+    assert budget == 1 and len(kept) == 1  # the other two copies fold into the one kept
+    assert sorted(plan.merge_src[0].tolist()) == [i for i in range(3) if i not in kept]
+    assert plan.merge_dst[0].tolist() == [0, 0]
+    plan, budget = tokencorr.tokencorr_plan(keys, deep, shallow, tau=0.5, c=1, merge=True)
+    dropped = plan.merge_src[0].tolist()
+    assert budget == 3 and sorted(dropped + plan.keep[0].tolist()) == list(range(6))
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    for src, dst in zip(dropped, plan.merge_dst[0].tolist()):  # into the most similar kept patch
+        assert dst == int((unit[src] @ unit[plan.keep[0]].T).argmax())
+    e = torch.eye(4)  # N=6 patches of d=4, two copies of e0: 4 kept (= d, not N), the other copy merged
+    keys = torch.stack([2 * e[0], 3 * e[0], e[1], e[2], e[3], -e[1]])
+    plan, budget = tokencorr.tokencorr_plan(keys, deep, shallow, tau=0.5, c=0, merge=True)
+    assert budget == 4 and plan.merge_src is not None and plan.merge_src.shape == (1, 2)
