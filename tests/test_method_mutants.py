@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from vitcompress.methods import quota, tokencorr
+from vitcompress.methods import focus_detr, quota, tokencorr
 from vitcompress.testing import ramp_scorer
 
 # ---------------------------------------------------------------- QuoTA
@@ -120,3 +120,60 @@ def test_tokencorr_plan_merges_only_when_asked_and_something_is_dropped():
     keys = torch.stack([2 * e[0], 3 * e[0], e[1], e[2], e[3], -e[1]])
     plan, budget = tokencorr.tokencorr_plan(keys, deep, shallow, tau=0.5, c=0, merge=True)
     assert budget == 4 and plan.merge_src is not None and plan.merge_src.shape == (1, 2)
+
+
+# ---------------------------------------------------------------- Focus-DETR
+
+
+def test_focus_detr_cascade_stretches_the_papers_ratios_linearly():
+    import numpy as np
+
+    paper = [1.0, 0.8, 0.6, 0.6, 0.4, 0.2]
+    for depth in (2, 3, 4, 6, 11):
+        t = np.arange(depth) * 5 / (depth - 1)
+        assert focus_detr.cascade_for_depth(depth) == tuple(round(float(v), 6) for v in np.interp(t, range(6), paper))
+    assert focus_detr.cascade_for_depth(1) == (1.0,)
+    assert focus_detr.cascade_for_depth(3) == (1.0, 0.6, 0.2)
+    assert focus_detr.cascade_for_depth(2, [0.5, 0.25]) == (0.5, 0.25)
+
+
+def test_focus_detr_layer_counts_floor_keep_then_each_ratio_at_least_one():
+    assert focus_detr.layer_token_counts(100, 0.5, [1.0, 0.8, 0.6]) == [50, 40, 30]
+    assert focus_detr.layer_token_counts(100, 0.29, [1.0]) == [29]  # 100 * 0.29 = 28.999999999999996
+    assert focus_detr.layer_token_counts(10, 0.7, [0.3]) == [2]  # floor(7 * 0.3 = 2.1)
+    assert focus_detr.layer_token_counts(3, 0.1, [1.0, 0.5]) == [1, 1]  # never an empty layer
+
+
+def test_focus_detr_layer_sets_rank_each_images_real_tokens():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3, 0.2], [0.8, 0.1, 0.6, 0.9, 0.0, 0.0]])
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    sets = focus_detr.select_layer_tokens(scores, valid, 1.0, [1.0, 0.5])
+    (index0, slots0, counts0), (index1, slots1, counts1) = sets
+    assert counts0 == [6, 4] and counts1 == [3, 2]
+    assert index0[0].tolist() == [1, 3, 2, 4, 5, 0] and index0[1, :4].tolist() == [3, 0, 2, 1]
+    assert slots0.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+    assert index1.tolist() == [[1, 3, 2], [3, 0, 2]] and slots1.tolist() == [[True] * 3, [True, True, False]]
+
+
+def test_focus_detr_dual_attention_takes_the_best_class_times_foreground_among_valid_slots():
+    fg = torch.tensor([[0.9, 0.8, 0.15, 0.7]])
+    cls = torch.tensor([[0.2, 0.9, 1.0, 0.5]])  # products 0.18, 0.72, 0.15 (sums would rank slot 2 second), 0.35
+    slots = torch.tensor([[True, True, True, False]])
+    idx, ok = focus_detr.dual_attention_tokens(fg, cls, slots, 2)
+    assert idx.tolist() == [[1, 0]] and ok.tolist() == [[True, True]]
+    idx, ok = focus_detr.dual_attention_tokens(fg, None, slots, 9)  # D = min(k, K); the invalid slot last
+    assert idx.tolist() == [[0, 1, 2, 3]] and ok.tolist() == [[True, True, True, False]]
+
+
+def test_focus_detr_token_norm_and_scorer_mean_over_real_tokens():
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(focus_detr.token_norm(x), torch.linalg.vector_norm(x, dim=-1))
+    torch.manual_seed(0)
+    scorer = focus_detr.FocusScorer(8, hidden=8).eval()
+    valid = torch.tensor([[True, True, True, False, False], [True] * 5])
+    with torch.no_grad():
+        got = scorer(x, valid)
+        for b in range(2):
+            n = int(valid[b].sum())
+            alone = scorer(x[b:b + 1, :n])  # the padded tokens change nothing of the real ones
+            torch.testing.assert_close(got[b, :n], alone[0], rtol=1e-5, atol=1e-6)
