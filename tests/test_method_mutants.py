@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from vitcompress.methods import quota
+from vitcompress.methods import focus_detr, quota, tokencorr
 from vitcompress.testing import ramp_scorer
 
 # ---------------------------------------------------------------- QuoTA
@@ -38,5 +38,142 @@ def test_quota_reduce_video_on_non_square_frames_is_the_formula():
     assert report["frame_tokens"] == [h * w for h, w in shapes]
     for t, g, (h, w) in zip(tokens, grids, shapes):
         want = torch.nn.functional.interpolate(g.permute(2, 0, 1)[None], size=(h, w), mode="bilinear",
-                                               align_corners=False)[0].permute(1, 2, 0).reshape(-1, 3) if h else g[:0, 0]
+                                               align_corners=False)[0].permute(1, 2, 0).reshape(-1, 3) \
+            if h else g[:0, 0]
         torch.testing.assert_close(t, want)
+
+
+# ---------------------------------------------------------------- tokencorr
+
+
+def basis_keys():
+    """Keys with exact similarities (0 or 1): three copies of e0, two of e1, one of e2, at different
+    norms, in 4 dimensions (N=6 != d)."""
+    e = torch.eye(4)
+    return torch.stack([2 * e[0], 3 * e[0], 0.5 * e[0], 4 * e[1], 0.25 * e[1], e[2]])
+
+
+def test_tokencorr_redundancy_counts_strictly_more_than_c_strictly_similar_others():
+    keys = basis_keys()
+    # c=1: each e0 copy has 2 identical others (> 1: redundant), each e1 copy 1 (not), e2 none
+    assert tokencorr.redundant_patches(keys, 0.5, 1).tolist() == [True, True, True, False, False, False]
+    assert tokencorr.redundant_patches(keys, 0.5, 0).tolist() == [True] * 5 + [False]
+    assert not bool(tokencorr.redundant_patches(keys, 1.0, 0).any())  # similarity 1 is not > tau=1
+    assert not bool(tokencorr.redundant_patches(keys, 0.0, 0)[5])  # orthogonal: 0 is not > tau=0
+    assert tokencorr.information_density(keys, 0.5, 1) == 0.5
+    assert tokencorr.crop_budget(keys, 0.5, 1) == 3
+    assert tokencorr.crop_budget(keys[:3], 0.5, 0) == 0  # the formula's default: no floor
+    assert tokencorr.crop_budget(keys[:3], 0.5, 0, min_tokens=1) == 1
+    assert tokencorr.crop_budget(keys, 0.5, 1, min_tokens=99) == 6  # at most N (N=6, d=4)
+
+
+def test_tokencorr_patch_keys_and_cls_attention_are_their_definitions():
+    g = torch.Generator().manual_seed(0)
+    B, N, H, d = 2, 5, 3, 4
+    q, k = torch.randn(B, N, H * d, generator=g), torch.randn(B, N, H * d, generator=g)
+    want = torch.stack([torch.stack([k[b, n].reshape(H, d).mean(0) for n in range(1, N)]) for b in range(B)])
+    torch.testing.assert_close(tokencorr.patch_keys(k, H), want)
+    scale = 0.3
+    rows = []
+    for b in range(B):
+        per_head = [torch.softmax(torch.stack([q[b, 0, h * d:(h + 1) * d] @ k[b, n, h * d:(h + 1) * d] * scale
+                                               for n in range(N)]), 0) for h in range(H)]
+        rows.append(torch.stack(per_head).mean(0)[1:])
+    torch.testing.assert_close(tokencorr.cls_attention(q, k, H, scale), torch.stack(rows))
+
+
+def test_tokencorr_outliers_are_strictly_above_q3_plus_1_5_iqr():
+    # Q1 = 1, Q3 = 3 (linear interpolation of 5 values), the fence at 3 + 1.5 * 2 = 6
+    assert tokencorr.iqr_outliers(torch.tensor([1.0, 1.0, 3.0, 3.0, 6.0])).tolist() == [False] * 5
+    assert tokencorr.iqr_outliers(torch.tensor([1.0, 1.0, 3.0, 3.0, 6.5])).tolist() == [False] * 4 + [True]
+
+
+def test_tokencorr_sampling_draws_distinct_patches_and_fills_the_budget_with_outliers_alone():
+    shallow = torch.full((20,), 1e-9)
+    shallow[7] = 1e9  # one patch takes nearly all the probability: drawing with replacement would repeat it
+    deep = torch.zeros(20)
+    picked = tokencorr.sample_tokens(deep, shallow, 6, torch.Generator().manual_seed(0))
+    assert picked.unique().numel() == 6 and 7 in picked.tolist()
+    deep[[2, 11]] = 5.0  # exactly as many outliers as the budget: those two
+    assert tokencorr.sample_tokens(deep, shallow, 2, torch.Generator().manual_seed(0)).tolist() == [2, 11]
+
+
+def test_tokencorr_plan_merges_only_when_asked_and_something_is_dropped():
+    keys = basis_keys()
+    deep, shallow = torch.rand(6, generator=torch.Generator().manual_seed(1)), torch.ones(6)
+    plan, budget = tokencorr.tokencorr_plan(keys, deep, shallow, tau=0.5, c=1, merge=False)
+    assert budget == 3 and plan.merge_src is None and plan.keep.shape == (1, 3)
+    plan, budget = tokencorr.tokencorr_plan(keys[:3], deep[:3], shallow[:3], tau=0.5, c=0, merge=True)
+    assert budget == 0 and plan.keep.shape == (1, 0) and plan.merge_src is None  # nothing to merge into
+    plan, budget = tokencorr.tokencorr_plan(keys[:3], deep[:3], shallow[:3], tau=0.5, c=0, merge=True, min_tokens=1)
+    kept = plan.keep[0].tolist()
+    assert budget == 1 and len(kept) == 1  # the other two copies fold into the one kept
+    assert sorted(plan.merge_src[0].tolist()) == [i for i in range(3) if i not in kept]
+    assert plan.merge_dst[0].tolist() == [0, 0]
+    plan, budget = tokencorr.tokencorr_plan(keys, deep, shallow, tau=0.5, c=1, merge=True)
+    dropped = plan.merge_src[0].tolist()
+    assert budget == 3 and sorted(dropped + plan.keep[0].tolist()) == list(range(6))
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    for src, dst in zip(dropped, plan.merge_dst[0].tolist()):  # into the most similar kept patch
+        assert dst == int((unit[src] @ unit[plan.keep[0]].T).argmax())
+    e = torch.eye(4)  # N=6 patches of d=4, two copies of e0: 4 kept (= d, not N), the other copy merged
+    keys = torch.stack([2 * e[0], 3 * e[0], e[1], e[2], e[3], -e[1]])
+    plan, budget = tokencorr.tokencorr_plan(keys, deep, shallow, tau=0.5, c=0, merge=True)
+    assert budget == 4 and plan.merge_src is not None and plan.merge_src.shape == (1, 2)
+
+
+# ---------------------------------------------------------------- Focus-DETR
+
+
+def test_focus_detr_cascade_stretches_the_papers_ratios_linearly():
+    import numpy as np
+
+    paper = [1.0, 0.8, 0.6, 0.6, 0.4, 0.2]
+    for depth in (2, 3, 4, 6, 11):
+        t = np.arange(depth) * 5 / (depth - 1)
+        assert focus_detr.cascade_for_depth(depth) == tuple(round(float(v), 6) for v in np.interp(t, range(6), paper))
+    assert focus_detr.cascade_for_depth(1) == (1.0,)
+    assert focus_detr.cascade_for_depth(3) == (1.0, 0.6, 0.2)
+    assert focus_detr.cascade_for_depth(2, [0.5, 0.25]) == (0.5, 0.25)
+
+
+def test_focus_detr_layer_counts_floor_keep_then_each_ratio_at_least_one():
+    assert focus_detr.layer_token_counts(100, 0.5, [1.0, 0.8, 0.6]) == [50, 40, 30]
+    assert focus_detr.layer_token_counts(100, 0.29, [1.0]) == [29]  # 100 * 0.29 = 28.999999999999996
+    assert focus_detr.layer_token_counts(10, 0.7, [0.3]) == [2]  # floor(7 * 0.3 = 2.1)
+    assert focus_detr.layer_token_counts(3, 0.1, [1.0, 0.5]) == [1, 1]  # never an empty layer
+
+
+def test_focus_detr_layer_sets_rank_each_images_real_tokens():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3, 0.2], [0.8, 0.1, 0.6, 0.9, 0.0, 0.0]])
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    sets = focus_detr.select_layer_tokens(scores, valid, 1.0, [1.0, 0.5])
+    (index0, slots0, counts0), (index1, slots1, counts1) = sets
+    assert counts0 == [6, 4] and counts1 == [3, 2]
+    assert index0[0].tolist() == [1, 3, 2, 4, 5, 0] and index0[1, :4].tolist() == [3, 0, 2, 1]
+    assert slots0.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+    assert index1.tolist() == [[1, 3, 2], [3, 0, 2]] and slots1.tolist() == [[True] * 3, [True, True, False]]
+
+
+def test_focus_detr_dual_attention_takes_the_best_class_times_foreground_among_valid_slots():
+    fg = torch.tensor([[0.9, 0.8, 0.15, 0.7]])
+    cls = torch.tensor([[0.2, 0.9, 1.0, 0.5]])  # products 0.18, 0.72, 0.15 (sums would rank slot 2 second), 0.35
+    slots = torch.tensor([[True, True, True, False]])
+    idx, ok = focus_detr.dual_attention_tokens(fg, cls, slots, 2)
+    assert idx.tolist() == [[1, 0]] and ok.tolist() == [[True, True]]
+    idx, ok = focus_detr.dual_attention_tokens(fg, None, slots, 9)  # D = min(k, K); the invalid slot last
+    assert idx.tolist() == [[0, 1, 2, 3]] and ok.tolist() == [[True, True, True, False]]
+
+
+def test_focus_detr_token_norm_and_scorer_mean_over_real_tokens():
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(focus_detr.token_norm(x), torch.linalg.vector_norm(x, dim=-1))
+    torch.manual_seed(0)
+    scorer = focus_detr.FocusScorer(8, hidden=8).eval()
+    valid = torch.tensor([[True, True, True, False, False], [True] * 5])
+    with torch.no_grad():
+        got = scorer(x, valid)
+        for b in range(2):
+            n = int(valid[b].sum())
+            alone = scorer(x[b:b + 1, :n])  # the padded tokens change nothing of the real ones
+            torch.testing.assert_close(got[b, :n], alone[0], rtol=1e-5, atol=1e-6)

@@ -44,11 +44,14 @@ TESTS = {
                           "tests/test_support.py tests/test_profile.py",
     "kernels/reference.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
                             "tests/test_zero_tprune.py",
-    "methods/zero_tprune.py": "tests/test_zero_tprune.py tests/test_algorithm_checks.py -k 'zero or tprune or pagerank'",
-    "methods/focus_detr.py": "tests/test_algorithm_checks.py tests/test_detr.py -k 'focus or cascade or padding' "
+    "methods/zero_tprune.py": "tests/test_zero_tprune.py tests/test_algorithm_checks.py "
+                              "-k 'zero or tprune or pagerank'",
+    "methods/focus_detr.py": "tests/test_method_mutants.py tests/test_algorithm_checks.py tests/test_detr.py "
+                             "-k 'focus or cascade or padding or dual' "
                              "--deselect tests/test_detr.py::test_scorer_training_loss_falls_and_eval_coco_runs",
-    "methods/tokencorr.py": "tests/test_llava.py -k 'tokencorr or crop or sampling or merge'",
-    "methods/quota.py": "tests/test_llava.py -k 'quota or grid or frame'",
+    "methods/tokencorr.py": "tests/test_method_mutants.py tests/test_llava.py "
+                            "-k 'tokencorr or crop or sampling or merge'",
+    "methods/quota.py": "tests/test_method_mutants.py tests/test_llava.py -k 'quota or grid or frame'",
     "engine/tokens.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py",
     "engine/blocks.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
                         "tests/test_timm_adapter.py",
