@@ -38,7 +38,7 @@ BAD_ARGUMENTS = [
     (["bench", "--settings", "nosuch:keep=0.5"], "known methods:"),
     (["bench", "--settings", "pitome:keep=0.9,nosuch=1"], "its options are"),
     (["bench", "--settings", "focus_detr:keep=0.5"], "methods for ViT-like image encoders"),
-    (["bench", "--methods", "tome", "nosuch"], "--methods nosuch: unknown; choose from pitome, "),
+    (["bench", "--methods", "tome", "nosuch"], "--methods nosuch: unknown; choose from "),
     (["bench", "--device", "tpu9"], "give cpu or cuda"),
     (["bench", "--model", "deit_smal_patch16_224", "--data", "{tmp}"], "did you mean deit_small_patch16_224"),
     (["bench", "--model", "deit_small_patch16_224"], "needs --data IMAGEFOLDER"),

@@ -5,15 +5,25 @@ import pytest
 
 import vitcompress
 from conftest import load_script
-
-table = load_script("studies/fidelity_table.py")
-
-
-def args(*argv):
-    return table.parse_args(list(argv))
+from vitcompress.methods import REGISTRY
 
 
-def test_every_registered_vit_method_by_default_and_unknown_names_refused():
+@pytest.fixture(scope="module")
+def table():
+    """The script, loaded here rather than at collection: it registers its comparison methods
+    (random_prune, rank_prune), which other test files must not see; they leave with it."""
+    before = set(REGISTRY)
+    yield load_script("studies/fidelity_table.py")
+    for name in set(REGISTRY) - before:
+        del REGISTRY[name]
+
+
+@pytest.fixture
+def args(table):
+    return lambda *argv: table.parse_args(list(argv))
+
+
+def test_every_registered_vit_method_by_default_and_unknown_names_refused(args):
     assert args().methods == [m for m in vitcompress.list_methods("vit") if m not in ("random_prune", "rank_prune")]
     assert "tofu" in args().methods and "random_prune" not in args().methods
     assert args("--methods", "tofu", "tome").methods == ["tofu", "tome"]
@@ -22,7 +32,7 @@ def test_every_registered_vit_method_by_default_and_unknown_names_refused():
 
 
 @pytest.mark.slow  # 20-45 s on a loaded 2-core CPU
-def test_reference_section_has_random_pruning_at_each_methods_schedule():
+def test_reference_section_has_random_pruning_at_each_methods_schedule(table, args):
     a = args("--methods", "tome", "zero_tprune", "--flops", "0.6", "--seeds", "2", "--reference-images", "200")
     result = table.reference_table(a)
     rows = result["rows"]
@@ -37,7 +47,7 @@ def test_reference_section_has_random_pruning_at_each_methods_schedule():
 
 
 @pytest.mark.slow
-def test_speed_compares_each_method_and_random_pruning_at_its_deit_schedule():
+def test_speed_compares_each_method_and_random_pruning_at_its_deit_schedule(table, args):
     a = args("--methods", "tome", "--flops", "0.55", "--speed-runs", "1", "--speed-batch", "1")
     speed = table.run_speed(a)
     assert set(speed["speedup"]) == {"uncompressed", ("tome", 0.55), ("random @ tome", 0.55)}
@@ -47,7 +57,7 @@ def test_speed_compares_each_method_and_random_pruning_at_its_deit_schedule():
     assert "batch 1" in speed["caption"] and "threads" in speed["caption"]
 
 
-def test_table_has_a_speedup_column_when_measured():
+def test_table_has_a_speedup_column_when_measured(table):
     row = {"macs": 0.7, "block_macs": 0.69, "tokens": [257, 240], "schedule": [17, 16], "photos_1-cos": 0.01,
            "method": "tome", "flops": 0.7}
     text = table.table([dict(row, speedup=1.3)], ["photos"], lambda r: r["method"])

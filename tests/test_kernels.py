@@ -695,7 +695,8 @@ def test_cpu_tensor_without_interpreter_fails_clearly(monkeypatch):
       for c in (("tome", {"r": 6}, {}), ("pitome", {"keep": 0.8}, {}), ("zero_tprune", {"keep": 0.8}, {}))),
     ("tome", {"r": 5, "trace_source": True}, {"reg_tokens": 3}),
     ("pitome", {"keep": 0.85, "trace_source": True}, {"class_token": False, "reg_tokens": 2, "global_pool": "avg"}),
-    ("zero_tprune", {"keep": 0.85, "order": "IS", "cls_init": "uniform"}, {"reg_tokens": 4})])
+    ("zero_tprune", {"keep": 0.85, "order": "IS", "cls_init": "uniform"}, {"reg_tokens": 4}),
+    ("tofu", {"r": 5, "trace_source": True}, {"reg_tokens": 2})])  # the fused apply, then MLERP's rescale
 def test_compressed_model_same_with_kernels_forced_on(method, budget, model_kw, monkeypatch):
     if method not in vitcompress.list_methods():
         pytest.skip(f"{method} is not registered")
