@@ -264,8 +264,9 @@ def test_quantize_onnx_lists_only_layers_with_a_constant_weight(tmp_path):
     int8 = str(tmp_path / "int8.onnx")
     scoring = sorted(set(names) - set(linear_nodes(proto, scoring=False)))
     assert len(scoring) == 1  # the qkv projection of the one (reducing) block
+    # and of that qkv, split, the queries and values (tome scores with the keys)
     assert quantize_onnx(fp32, int8, torch.randn(8, 3, 32, 32), float_reductions=0) == [
-        n for n in names if n not in scoring]
+        n for n in names if n not in scoring] + [f"{scoring[0]}/q", f"{scoring[0]}/v"]
     # an independent check of the file: int8 error is small next to the logits, at two batch sizes
     for batch in (1, 5):
         x = torch.randn(batch, 3, 32, 32)
