@@ -54,7 +54,7 @@ def _top1(model, images, labels):
 
 def test_tune_chooses_a_setting_within_max_drop_on_the_front(reference, speed_by_flops):
     model, images, labels = reference
-    result = vitcompress.tune(model, (images, labels), max_drop=1.0, methods=["tome"], budgets=[0.8, 0.6],
+    result = vitcompress.tune(model, (images, labels), max_drop=1.0, methods=["tome"], budgets=[0.9, 0.8, 0.6],
                               batch_size=150, runs=2, refine=1, refine_steps=1, progress=False)
     assert result.chosen is not None, result.message
     assert result.chosen in result.pareto and result.baseline["method"] == "none"
@@ -68,7 +68,7 @@ def test_tune_chooses_a_setting_within_max_drop_on_the_front(reference, speed_by
     assert drop <= 1.0 and drop == pytest.approx(result.chosen["drop"], abs=1e-6)
     # fastest among the settings within max_drop
     within = [r for r in result.rows[1:] if r["drop"] <= 1.0]
-    assert result.chosen["speedup"] == max(r["speedup"] for r in within)
+    assert len(within) >= 2 and result.chosen["speedup"] == max(r["speedup"] for r in within)
     assert result.compress_call.startswith(f"vitcompress.compress(model, {result.chosen['method']!r}, flops=")
     saved = json.loads(result.to_json())
     assert saved["rows"][saved["chosen"]]["on_pareto_front"] and saved["compress_call"] == result.compress_call
