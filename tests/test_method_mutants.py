@@ -193,7 +193,8 @@ def test_focus_detr_scorer_shape_checks_and_modulation_weights(tmp_path):
         focus_detr.FocusScorer(8, num_levels=0)
     torch.manual_seed(0)
     levels = focus_detr.FocusScorer(8, num_levels=64)
-    assert levels.alpha.shape == (63,) and -0.3 <= float(levels.alpha.min()) < 0 < float(levels.alpha.max()) <= 0.3
+    alpha = levels.alpha.detach()
+    assert alpha.shape == (63,) and -0.3 <= float(alpha.min()) < 0 < float(alpha.max()) <= 0.3
     two = focus_detr.FocusScorer(8, num_levels=2).eval()
     feats = [torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2)]
     path = str(tmp_path / "scorer.pt")
