@@ -177,3 +177,29 @@ def test_focus_detr_token_norm_and_scorer_mean_over_real_tokens():
             n = int(valid[b].sum())
             alone = scorer(x[b:b + 1, :n])  # the padded tokens change nothing of the real ones
             torch.testing.assert_close(got[b, :n], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_focus_detr_scorer_shape_checks_and_modulation_weights(tmp_path):
+    import pytest
+
+    scorer = focus_detr.FocusScorer(8)  # hidden defaults to dim, one level: no modulation weight
+    assert scorer.config == {"dim": 8, "hidden": 8, "num_levels": 1} and scorer.alpha.shape == (0,)
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    assert scorer(x).shape == (2, 5)  # one logit per token
+    for hidden in (0, 6, -4):
+        with pytest.raises(ValueError, match="positive multiple of 4"):
+            focus_detr.FocusScorer(8, hidden=hidden)
+    with pytest.raises(ValueError, match="at least 1"):
+        focus_detr.FocusScorer(8, num_levels=0)
+    torch.manual_seed(0)
+    levels = focus_detr.FocusScorer(8, num_levels=64)
+    alpha = levels.alpha.detach()
+    assert alpha.shape == (63,) and -0.3 <= float(alpha.min()) < 0 < float(alpha.max()) <= 0.3
+    two = focus_detr.FocusScorer(8, num_levels=2).eval()
+    feats = [torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2)]
+    path = str(tmp_path / "scorer.pt")
+    focus_detr.save_scorer(two, path)
+    with torch.no_grad():
+        for a, b in zip(focus_detr.foreground_logits(two, feats), focus_detr.foreground_logits(
+                focus_detr.load_scorer(path), feats)):
+            assert torch.equal(a, b)

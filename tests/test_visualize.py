@@ -520,8 +520,11 @@ def test_show_with_the_hub_unreachable_says_how_to_load_locally_in_one_line(argv
             raise RuntimeError(f"Failed to download weights for tag '{pretrained}': ...")
         return None
 
+    from transformers import AutoImageProcessor  # noqa: F401  (its first import logs torch warnings to stderr)
+
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", offline_hf)
     monkeypatch.setattr(open_clip, "create_model", offline_open_clip)
+    capsys.readouterr()
     out = tmp_path / "out.png"
     try:
         code = cli.main(["show", photos[0], *argv, "-o", str(out)])
