@@ -153,9 +153,16 @@ def test_unmerge_costs_the_final_norm_on_every_patch(method):
     final_tokens = vitcompress.stats(model)["planned_tokens_per_layer"][-1] - 6
     vitcompress.compress(model, method, r=6, unmerge=True)
     assert count_flops(model, X[:1]) - reduced == (65 - final_tokens) * 5 * 48
-    vitcompress.compress(model, method, flops=0.7, unmerge=True)
-    runtime = runtime_of(model)
-    assert runtime.cost(64).flops(runtime.schedule, runtime.method, runtime.options) == count_flops(model, X[:1])
+    def planned_minus_counted(**budget):
+        vitcompress.compress(model, method, **budget)
+        runtime = runtime_of(model)
+        return runtime.cost(64).flops(runtime.schedule, runtime.method, runtime.options) - count_flops(model, X[:1])
+
+    # one schedule without and with unmerge: unmerge's own cost is planned exactly (a method's scoring
+    # may be estimated, the same in both)
+    assert planned_minus_counted(r=6, unmerge=True) == planned_minus_counted(r=6)
+    if method in ("tome", "pitome", "zero_tprune"):  # their scoring's cost model is exact: flops= plans exactly
+        assert planned_minus_counted(flops=0.7, unmerge=True) == 0
 
 
 def test_transformers_hidden_states_and_backbone_feature_maps():
