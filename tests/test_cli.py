@@ -220,4 +220,4 @@ def test_one_cli_module():
     from vitcompress import export
 
     assert not hasattr(export, "run_cli") and not hasattr(export, "add_cli_arguments")
-    assert set(cli.build_parser().commands) == {"bench", "export", "show"}
+    assert set(cli.build_parser().commands) == {"bench", "export", "show", "tune"}

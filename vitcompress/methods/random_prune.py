@@ -6,18 +6,19 @@ subset depends on the seed, the block and the token count only, never on the ima
 draw per block, the same for every image of the batch, so the schedule is static and the plan a
 constant for export and CUDA graphs.
 """
-from typing import Dict, Tuple
+import random
+from typing import Dict, List, Tuple
 
 import torch
 
 from ..interfaces import Plan, Signals, ViTMethod
 
 
-def random_keep(tokens: int, remove: int, seed: int, layer: int) -> torch.Tensor:
-    """Indices ``[tokens - remove]`` (ascending) of a uniformly random subset of ``tokens``, drawn on
-    the CPU from a generator seeded by ``(seed, layer)``: the same draw on every machine."""
-    generator = torch.Generator().manual_seed(seed * 1000 + layer)
-    return torch.randperm(tokens, generator=generator)[: tokens - remove].sort().values
+def random_keep(tokens: int, remove: int, seed: int, layer: int) -> List[int]:
+    """The ascending indices of a uniformly random subset of ``tokens - remove`` of ``tokens``, drawn
+    by Python's generator seeded by ``(seed, layer)``: the same draw on every machine, and a constant
+    (not a random op) in an exported or compiled graph."""
+    return sorted(random.Random(seed * 1000 + layer).sample(range(tokens), tokens - remove))
 
 
 class RandomPrune(ViTMethod):
@@ -40,6 +41,8 @@ class RandomPrune(ViTMethod):
         Bsz, T = signals.metric.shape[:2]
         key = (int(options["seed"]), signals.layer, T, remove, signals.metric.device)
         keep = self._drawn.get(key)
-        if keep is None:  # drawn once per device: no host-to-device copy inside a captured graph
-            keep = self._drawn[key] = random_keep(T, remove, key[0], signals.layer).to(signals.metric.device)
+        if keep is None:  # kept per device: no host-to-device copy inside a captured CUDA graph
+            keep = torch.tensor(random_keep(T, remove, key[0], signals.layer), device=signals.metric.device)
+            if not torch.compiler.is_compiling():  # a tensor made while tracing is the trace's own
+                self._drawn[key] = keep
         return Plan(keep=keep.expand(Bsz, -1))
