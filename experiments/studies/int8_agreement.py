@@ -65,8 +65,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model, images, labels = reference_model.load()
     calibration = images[:args.calibration_images]
-    head = ("| method | fp32 top-1 | " + " | ".join(f"int8 fr={k}" for k in args.float_reductions) + " | "
-            + " | ".join(f"fp32, noise {s:g}" for s in args.noise) + " |")
+    head = "| " + " | ".join(["method", "fp32 top-1"] + [f"int8 fr={k}" for k in args.float_reductions]
+                             + [f"fp32, noise {s:g}" for s in args.noise]) + " |"
     rows = []
     with tempfile.TemporaryDirectory(prefix="int8_agreement_") as folder:
         for method in args.methods:
@@ -152,8 +152,9 @@ def realvit_table(args) -> int:
           f"{len(calibration)} other crops; mean / max "
           f"1 - cos of the int8 file's embedding vs fp32 PyTorch (number of int8 linear layers); library default "
           f"float_reductions={FLOAT_REDUCTIONS}; torch {torch.__version__}; {time.perf_counter() - start:.0f} s")
-    print("| method | fp32 compressed vs uncompressed | " + " | ".join(f"int8 fr={k}" for k in args.float_reductions)
-          + " | " + " | ".join(f"fp32, noise {s:g}" for s in args.noise) + " |")
+    print("| " + " | ".join(["method", "fp32 compressed vs uncompressed"]
+                            + [f"int8 fr={k}" for k in args.float_reductions]
+                            + [f"fp32, noise {s:g}" for s in args.noise]) + " |")
     print("|" + "---|" * (2 + len(args.float_reductions) + len(args.noise)))
     print("\n".join(rows))
     return 0
