@@ -430,7 +430,7 @@ def test_show_writes_a_png_of_the_expected_size(photos, tmp_path, capsys):
 @pytest.mark.parametrize("argv, fix", [
     (["/no/such/photo.png"], "does not exist; give the path of an image file"),
     (["{photo}", "--method", "tokencorr"], "content-dependent number of tokens"),
-    (["{photo}", "--method", "focus_detr"], "methods for ViT-like image encoders: evit, mctf, pitome, tome, zero_tprune"),
+    (["{photo}", "--method", "focus_detr"], "methods for ViT-like image encoders: " + ", ".join(vitcompress.list_methods("vit"))),
     (["{photo}", "--methods", ","], "e.g. --methods tome,pitome,zero_tprune"),
     (["{photo}", "--methods", "tome,nosuch"], "known methods:"),
     (["{photo}", "--blocks", "a,b"], "e.g. --blocks 3,6"),
