@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import EXPERIMENTS, load_script
+from vitcompress import list_methods
 from vitcompress.evaluation import distributed
 
 IMAGENET = ["--model", "reference", "--data-dir", "unread"]
@@ -64,12 +65,13 @@ def test_a_bad_argument_is_one_line_and_exit_2_before_anything_starts(monkeypatc
     one_error_line(err, script, says)
 
 
-#: what each script prints itself: a bad budget and an unknown method
+#: what each script prints itself: a bad budget and an unknown method (the choices: every ViT method)
+VIT_CHOICES = "(choose from " + ", ".join(repr(m) for m in list_methods("vit")) + ")"
 SCRIPT_RUNS = [
     ("eval_imagenet", IMAGENET, ["--method", "tome", "--flops", "1.5"], "e.g. flops=0.9"),
-    ("eval_imagenet", IMAGENET, ["--method", "tomee"], "(choose from 'pitome', 'tome', 'zero_tprune')"),
+    ("eval_imagenet", IMAGENET, ["--method", "tomee"], VIT_CHOICES),
     ("eval_clip", CLIP, ["--method", "tome", "--keep", "0"], "e.g. keep=0.9"),
-    ("eval_clip", CLIP, ["--method", "tomee"], "(choose from 'pitome', 'tome', 'zero_tprune')"),
+    ("eval_clip", CLIP, ["--method", "tomee"], VIT_CHOICES),
     ("eval_coco", COCO, ["--keep", "0"], "e.g. keep=0.9"),
     ("eval_coco", COCO, ["--method", "tome"], "(choose from 'focus_detr')"),
 ]
