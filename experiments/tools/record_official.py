@@ -26,21 +26,22 @@ and what the official functions returned for them:
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import subprocess
 import sys
 
 import torch
 
 from vitcompress.evaluation import reference_model
 
+import official_repos  # the folder of this script: experiments/tools/
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(os.path.dirname(_HERE))
 
 TOME_URL, TOME_COMMIT = "https://github.com/facebookresearch/ToMe", "af95e4b1befa172dadccd8c81e223b10090f9579"
 PITOME_URL, PITOME_COMMIT = "https://github.com/hchautran/PiToMe", "550b5deed94aadfeac28bfbe381d87e672044a40"
+REPOS = {"ToMe": (TOME_URL, TOME_COMMIT), "PiToMe": (PITOME_URL, PITOME_COMMIT)}
 DEFAULT_OUT = os.path.join(_ROOT, "tests", "data", "official_tome_pitome.pt")
 
 PARSE_R_CASES = [(6, (4, -0.5)), (12, (8, -1.0)), (12, (5, 0.3)), (7, (3, 0.5)), (12, (16, -0.25)),
@@ -55,15 +56,6 @@ MODEL_CASES = [("tome", 2), ("tome", 4), ("tome", 6), ("tome", (4, -0.5)), ("tom
                ("pitome", 0.9), ("pitome", 0.8), ("pitome", 0.7)]
 
 
-def fetch(dest: str, pin: bool = True) -> str:
-    """Clone both official repositories into ``dest`` (at the pinned commits unless ``pin=False``)."""
-    for name, url, commit in (("ToMe", TOME_URL, TOME_COMMIT), ("PiToMe", PITOME_URL, PITOME_COMMIT)):
-        repo = os.path.join(dest, name)
-        if not os.path.isdir(repo):
-            subprocess.run(["git", "clone", "--quiet", url, repo], check=True)
-        if pin:
-            subprocess.run(["git", "-C", repo, "checkout", "--quiet", commit], check=True)
-    return dest
 
 
 def _load_compare_official():
@@ -117,22 +109,14 @@ def record(official_dir: str, out: str, images: int) -> dict:
         with torch.no_grad():
             logits, counts = co.run(patched, x, len(x))
         data["models"].append(dict(method=method, budget=budget, logits=logits, tokens=counts))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save(data, out)
-    return data
+    return official_repos.save(data, out)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--official-dir", help="folder holding ToMe/ and PiToMe/ (already fetched)")
-    src.add_argument("--fetch", metavar="DIR", help="git clone both official repositories into DIR, then record")
-    ap.add_argument("--no-pin", action="store_true", help="with --fetch: keep the repositories' heads")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--images", type=int, default=32, help="reference images per model case (default 32)")
-    args = ap.parse_args(argv)
-    root = fetch(args.fetch, pin=not args.no_pin) if args.fetch else args.official_dir
+    parser = official_repos.arguments(__doc__, REPOS, DEFAULT_OUT, "reference images per model case (default 32)",
+                                      can_unpin=True)
+    args = parser.parse_args(argv)
+    root = official_repos.official_root(args, REPOS)
     data = record(root, args.out, args.images)
     print(f"recorded {len(data['parse_r'])} parse_r, {len(data['tome'])} ToMe, {len(data['pitome'])} PiToMe "
           f"function cases and {len(data['models'])} model cases from ToMe {data['commits']['ToMe'][:8]}, "

@@ -23,10 +23,8 @@ holds only the inputs generated here and what the official code returned for the
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
-import subprocess
 import sys
 import types
 
@@ -34,9 +32,12 @@ import torch
 
 from vitcompress.evaluation import reference_model
 
+import official_repos  # the folder of this script: experiments/tools/
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EVIT_URL, EVIT_COMMIT = "https://github.com/youweiliang/evit", "5ca95a7cf4a8637193284895c5bc0dd9dc365982"
 MCTF_URL, MCTF_COMMIT = "https://github.com/mlvlab/MCTF", "2004da0cad3231fa74cbd60b6042b0bd133aacde"
+REPOS = {"evit": (EVIT_URL, EVIT_COMMIT), "MCTF": (MCTF_URL, MCTF_COMMIT)}
 DEFAULT_OUT = os.path.join(_ROOT, "tests", "data", "official_evit_mctf.pt")
 
 # (keep rate, the blocks that reduce) on the 6-block reference ViT; (1, 3, 4) is evit's default there
@@ -53,14 +54,6 @@ MCTF_CASES = [
 ]
 
 
-def fetch(dest: str) -> str:
-    """Clone both official repositories into ``dest`` at the pinned commits."""
-    for name, url, commit in (("evit", EVIT_URL, EVIT_COMMIT), ("MCTF", MCTF_URL, MCTF_COMMIT)):
-        repo = os.path.join(dest, name)
-        if not os.path.isdir(repo):
-            subprocess.run(["git", "clone", "--quiet", url, repo], check=True)
-        subprocess.run(["git", "-C", repo, "checkout", "--quiet", commit], check=True)
-    return dest
 
 
 def load_official(root: str):
@@ -125,21 +118,13 @@ def record(official_dir: str, out: str, images: int) -> dict:
             out_x, _ = mctf.mctf(x_in, attn, info, "student_")
         data["mctf"].append(dict(case, x=x_in, attn=attn, size=size, out_x=out_x, out_size=info["student_size"],
                                  out_source=info["student_source"]))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save(data, out)
-    return data
+    return official_repos.save(data, out)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--official-dir", help="folder holding evit/ and MCTF/ (already fetched)")
-    src.add_argument("--fetch", metavar="DIR", help="git clone both official repositories into DIR, then record")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--images", type=int, default=32, help="reference images per EViT case (default 32)")
-    args = ap.parse_args(argv)
-    root = fetch(args.fetch) if args.fetch else args.official_dir
+    parser = official_repos.arguments(__doc__, REPOS, DEFAULT_OUT, "reference images per EViT case (default 32)")
+    args = parser.parse_args(argv)
+    root = official_repos.official_root(args, REPOS)
     data = record(root, args.out, args.images)
     print(f"recorded {len(data['evit'])} EViT model cases and {len(data['mctf'])} MCTF function cases from "
           f"evit {EVIT_COMMIT[:8]}, MCTF {MCTF_COMMIT[:8]} into {args.out} ({os.path.getsize(args.out)} bytes)")

@@ -34,7 +34,6 @@ no registers).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib
 import importlib.util
@@ -48,11 +47,14 @@ import torch
 
 from vitcompress.evaluation import reference_model
 
+import official_repos  # the folder of this script: experiments/tools/
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(os.path.dirname(_HERE))
 
 PPT_URL, PPT_COMMIT = "https://github.com/xjwu1024/PPT", "706bcdd475b5652ee84117a88add7a3a49c6045b"
 ATC_URL, ATC_COMMIT = "https://github.com/JoakimHaurum/ATC", "227c94b584df323b94dd79e8ddbb88b1587eeb8e"
+REPOS = {"PPT": (PPT_URL, PPT_COMMIT), "ATC": (ATC_URL, ATC_COMMIT)}
 DEFAULT_OUT = os.path.join(_ROOT, "tests", "data", "official_ppt_atc.pt")
 
 PPT_LAYERS = [1, 3, 4]  # vitcompress's default for 6 blocks (blocks 3, 6, 9 of 12 as quarters)
@@ -63,13 +65,6 @@ ATC_LABEL_CASES = [dict(T=17, clusters=10, seed=0), dict(T=33, clusters=24, seed
 ATC_R = 5  # the off-the-shelf patch's r (it removes r - 1 tokens per block with a class token)
 
 
-def fetch(dest: str) -> str:
-    for name, url, commit in (("PPT", PPT_URL, PPT_COMMIT), ("ATC", ATC_URL, ATC_COMMIT)):
-        repo = os.path.join(dest, name)
-        if not os.path.isdir(repo):
-            subprocess.run(["git", "clone", "--quiet", url, repo], check=True)
-        subprocess.run(["git", "-C", repo, "checkout", "--quiet", commit], check=True)
-    return dest
 
 
 def _commit(repo: str) -> str:
@@ -169,21 +164,13 @@ def record(root: str, out: str, images: int) -> dict:
         patched.r = ATC_R
         logits, counts = _run(patched, x)
         data["atc_models"].append(dict(linkage=linkage, r=ATC_R, logits=logits, tokens=counts))
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    torch.save(data, out)
-    return data
+    return official_repos.save(data, out)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--official-dir", help="folder holding PPT/ and ATC/ (already fetched)")
-    src.add_argument("--fetch", metavar="DIR", help="git clone both official repositories into DIR, then record")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--images", type=int, default=32, help="reference images per model case (default 32)")
-    args = ap.parse_args(argv)
-    root = fetch(args.fetch) if args.fetch else args.official_dir
+    parser = official_repos.arguments(__doc__, REPOS, DEFAULT_OUT, "reference images per model case (default 32)")
+    args = parser.parse_args(argv)
+    root = official_repos.official_root(args, REPOS)
     data = record(root, args.out, args.images)
     mixed = [float(c["pooled"].float().mean()) for c in data["ppt_models"]]
     print(f"recorded {len(data['ppt_scores'])} PPT score cases, {len(data['ppt_models'])} PPT model cases "
