@@ -18,6 +18,12 @@ SETTINGS = [  # tests/test_gpu_path.py compiles zero_tprune with the kernels (cu
     ("tome", dict(r=4)),
     pytest.param("zero_tprune", dict(keep=0.9), marks=pytest.mark.slow),
     pytest.param("pitome", dict(keep=0.9), marks=pytest.mark.slow),
+    pytest.param("evit", dict(), marks=pytest.mark.slow),
+    pytest.param("mctf", dict(r=4, layers=[0, 1]), marks=pytest.mark.slow),  # its default skips block 0
+    pytest.param("tofu", dict(r=4), marks=pytest.mark.slow),
+    pytest.param("ppt", dict(keep=0.8, threshold=1e-4, layers=[0, 1]), marks=pytest.mark.slow),
+    pytest.param("atc", dict(keep=0.9), marks=pytest.mark.slow),
+    pytest.param("random", dict(keep=0.9), marks=pytest.mark.slow),
 ]
 
 
