@@ -30,6 +30,7 @@ from typing import Tuple
 import torch
 
 from ..interfaces import Plan, Signals, ViTMethod
+from .block_options import check_layers, check_layers_fit
 
 LINKAGES = ("average", "complete", "single")
 
@@ -117,14 +118,12 @@ class ATC(ViTMethod):
         if options["linkage"] not in LINKAGES:
             raise ValueError(f"atc linkage={options['linkage']!r}: use 'average' (default), 'complete' or 'single'")
         layers = options["layers"]
-        if layers is not None and (not isinstance(layers, (list, tuple)) or
-                                   not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers)):
-            raise ValueError(f"atc layers={layers!r}: give None (every block) or a list of block indices")
+        check_layers("atc", layers, "every block")
 
     def reduces(self, layer, num_layers, options) -> bool:
         layers = options["layers"]
-        if layers is not None and any(v >= num_layers for v in layers):
-            raise ValueError(f"atc layers={list(layers)}: the model has blocks 0..{num_layers - 1}")
+        if layers is not None:
+            check_layers_fit("atc", layers, num_layers)
         return layers is None or layer in layers
 
     def max_remove(self, tokens, layer, num_layers, options) -> int:

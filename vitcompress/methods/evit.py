@@ -26,6 +26,8 @@ import torch
 
 from ..interfaces import Plan, Signals, ViTMethod
 from ..kernels import dispatch
+from .block_options import check_layers, check_layers_fit
+from .block_options import quarter_layers as default_layers
 
 
 def cls_attention(attn: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -47,13 +49,6 @@ def evit_plan(cls_attn: torch.Tensor, remove: int) -> Plan:
                 merge_weight=weight)
 
 
-def default_layers(num_layers: int):
-    """The blocks that reduce by default: ``L//4, L//2, 3L//4`` (the official 3, 6, 9 of 12)."""
-    return sorted({k * num_layers // 4 for k in (1, 2, 3)})
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class EViT(ViTMethod):
@@ -69,9 +64,7 @@ class EViT(ViTMethod):
 
     def validate(self, options) -> None:
         layers = options["layers"]
-        if layers is not None and (not isinstance(layers, (list, tuple)) or not layers
-                                   or not all(_is_int(v) and v >= 0 for v in layers)):
-            raise ValueError(f"evit layers={layers!r}: give None (blocks L//4, L//2, 3L//4) or a list of block indices")
+        check_layers("evit", layers, "blocks L//4, L//2, 3L//4", allow_empty=False)
 
     def check_model(self, num_prefix, cls_first) -> None:
         if num_prefix == 0 or not cls_first:
@@ -82,8 +75,7 @@ class EViT(ViTMethod):
         layers = options["layers"]
         if layers is None:
             return default_layers(num_layers)
-        if any(v >= num_layers for v in layers):
-            raise ValueError(f"evit layers={list(layers)}: the model has blocks 0..{num_layers - 1}")
+        check_layers_fit("evit", layers, num_layers)
         return layers
 
     def reduces(self, layer, num_layers, options) -> bool:

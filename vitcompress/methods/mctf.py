@@ -43,6 +43,7 @@ import torch
 
 from ..interfaces import Plan, Signals, ViTMethod
 from ..kernels import dispatch
+from .block_options import check_layers, check_layers_fit
 
 
 def received_attention(attn: torch.Tensor) -> torch.Tensor:
@@ -130,9 +131,6 @@ def mctf_plan(x: torch.Tensor, attn: torch.Tensor, size: torch.Tensor, r: int, n
     return Plan(keep=keep, merge_src=merge_src, merge_dst=merge_dst, merge_weight=weight / total.gather(1, group))
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
 
 def _is_tau(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
@@ -159,10 +157,7 @@ class MCTF(ViTMethod):
             if not _is_tau(options[name]):
                 raise ValueError(f"mctf {name}={options[name]!r} must be a number >= 0 (0 leaves the criterion out)")
         layers = options["layers"]
-        if layers is not None and (not isinstance(layers, (list, tuple))
-                                   or not all(_is_int(v) and v >= 0 for v in layers)):
-            raise ValueError(f"mctf layers={layers!r}: give None (every block but the first) or a list of "
-                             "block indices")
+        check_layers("mctf", layers, "every block but the first")
 
     def clamps(self, options) -> bool:
         return options["clamp"]
@@ -176,8 +171,8 @@ class MCTF(ViTMethod):
 
     def max_remove(self, tokens, layer, num_layers, options) -> int:
         layers = options["layers"]
-        if layers is not None and any(v >= num_layers for v in layers):
-            raise ValueError(f"mctf layers={list(layers)}: the model has blocks 0..{num_layers - 1}")
+        if layers is not None:
+            check_layers_fit("mctf", layers, num_layers)
         return max(min(tokens // 2, tokens - 9), 0)
 
     def overhead_flops(self, tokens, num_prefix, remove, num_heads, head_dim, layer, num_layers, options) -> int:

@@ -33,6 +33,8 @@ from typing import Sequence
 import torch
 
 from ..interfaces import Plan, Signals, ViTMethod
+from .block_options import check_layers, check_layers_fit
+from .block_options import quarter_layers as default_layers
 from .tome import tome_matching
 
 
@@ -66,10 +68,6 @@ def pruning_and_pooling(metric: torch.Tensor, scores: torch.Tensor, r: int, num_
     return Plan(keep=keep, merge_src=merge_src, merge_dst=merge_dst, merge_mask=pool.expand(B, r))
 
 
-def default_layers(num_layers: int) -> Sequence[int]:
-    """The official DeiT blocks 3, 6, 9 of 12 as quarters of any depth (a 2-block model: 0 and 1)."""
-    return sorted({num_layers * k // 4 for k in (1, 2, 3)})
-
 
 class PPT(ViTMethod):
     name = "ppt"
@@ -89,16 +87,13 @@ class PPT(ViTMethod):
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or math.isinf(t):
             raise ValueError(f"ppt threshold={t!r} must be a finite number >= 0 (default 7e-5)")
         layers = options["layers"]
-        if layers is not None and (not isinstance(layers, (list, tuple)) or
-                                   not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers)):
-            raise ValueError(f"ppt layers={layers!r}: give None (blocks 3, 6, 9 of 12) or a list of block indices")
+        check_layers("ppt", layers, "blocks 3, 6, 9 of 12")
 
     def _layers(self, num_layers, options) -> Sequence[int]:
         layers = options["layers"]
         if layers is None:
             return default_layers(num_layers)
-        if any(v >= num_layers for v in layers):
-            raise ValueError(f"ppt layers={list(layers)}: the model has blocks 0..{num_layers - 1}")
+        check_layers_fit("ppt", layers, num_layers)
         return layers
 
     def reduces(self, layer, num_layers, options) -> bool:

@@ -68,6 +68,7 @@ import torch
 from ..engine.tokens import gather_tokens
 from ..interfaces import Plan, Signals, ViTMethod
 from ..kernels import dispatch, reference
+from .block_options import check_layers, check_layers_fit, is_int
 
 Tensor = torch.Tensor
 
@@ -278,9 +279,6 @@ def _feasible(tokens: int, remove: int, s_ratio: float, order: str) -> bool:
     return r_s <= left // 2
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
 
 class ZeroTPrune(ViTMethod):
     name = "zero_tprune"
@@ -313,18 +311,18 @@ class ZeroTPrune(ViTMethod):
 
     def validate(self, options) -> None:
         iters = options["iters"]
-        if _is_int(iters):
+        if is_int(iters):
             ok = iters >= 1
         elif isinstance(iters, tuple):
-            ok = len(iters) == 3 and all(_is_int(v) and v >= 1 for v in iters)
+            ok = len(iters) == 3 and all(is_int(v) and v >= 1 for v in iters)
         elif isinstance(iters, list):
-            ok = all(_is_int(v) and v >= 1 for v in iters)
+            ok = all(is_int(v) and v >= 1 for v in iters)
         else:
             ok = False
         if not ok:
             raise ValueError(f"zero_tprune iters={iters!r}: give an int >= 1, a per-block list of them, or "
                              "(first three, middle, last three) blocks, default (30, 5, 1)")
-        if not _is_int(options["prerank_iters"]) or options["prerank_iters"] < 1:
+        if not is_int(options["prerank_iters"]) or options["prerank_iters"] < 1:
             raise ValueError(f"zero_tprune prerank_iters={options['prerank_iters']!r} must be an int >= 1 (default 1)")
         vmin, vmax = options["var_min"], options["var_max"]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (vmin, vmax)) or not 0 <= vmin <= vmax:
@@ -342,8 +340,7 @@ class ZeroTPrune(ViTMethod):
         if options["order"] not in ("ISI", "IS"):
             raise ValueError(f"zero_tprune order={options['order']!r}: use 'ISI' (I' -> S -> I, default) or 'IS'")
         layers = options["layers"]
-        if layers is not None and (not isinstance(layers, (list, tuple)) or not all(_is_int(v) and v >= 0 for v in layers)):
-            raise ValueError(f"zero_tprune layers={layers!r}: give None (every block) or a list of block indices")
+        check_layers("zero_tprune", layers, "every block")
 
     def reduces(self, layer, num_layers, options) -> bool:
         layers = options["layers"]
@@ -357,8 +354,8 @@ class ZeroTPrune(ViTMethod):
         if isinstance(iters, list) and len(iters) != num_layers:
             raise ValueError(f"zero_tprune iters has {len(iters)} entries but the model has {num_layers} blocks; "
                              "give one per block")
-        if layers is not None and any(v >= num_layers for v in layers):
-            raise ValueError(f"zero_tprune layers={list(layers)}: the model has blocks 0..{num_layers - 1}")
+        if layers is not None:
+            check_layers_fit("zero_tprune", layers, num_layers)
         s, order = options["s_ratio"], options["order"]
         r = max(tokens - 1, 0)
         while r > 0 and not _feasible(tokens, r, s, order):
