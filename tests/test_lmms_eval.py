@@ -1,0 +1,179 @@
+"""The lmms-eval model ``vitcompress`` on a tiny random LLaVA-1.5 saved with ``save_pretrained`` (processor and
+tokenizer built offline): requests built here, no hub, no dataset. The request handling
+(``vitcompress.evaluation.lmms``) runs without lmms-eval; the registration and lmms-eval's model class run where
+lmms-eval is installed (the ``lmms`` extra, not part of ``all``)."""
+import numpy as np
+import pytest
+import torch
+
+import vitcompress
+from vitcompress.evaluation.lmms import (CompressedVLM, budget_arguments, chat_prompt, cut_at_stop, generate_arguments,
+                                         load_vlm)
+from vitcompress.testing import LLAVA_IMAGE_TOKEN, LLAVA_PATCHES, tiny_llava_checkpoint
+
+TASK, SPLIT = "toy", "test"
+GEN_KWARGS = {"until": ["."], "max_new_tokens": 5}
+
+
+def picture(seed, height, width):
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
+
+
+#: documents as lmms-eval's task_dict holds them; one prompt carries the <image> placeholder a task may put in
+DOCS = [{"image": picture(0, 40, 50), "question": "what is shown ?", "answer": " a cat"},
+        {"image": picture(1, 32, 32), "question": "<image> what is in the picture ?", "answer": " red"},
+        {"image": picture(2, 48, 36), "question": "is the cat blue ?", "answer": " no"}]
+TASK_DICT = {TASK: {SPLIT: DOCS}}
+
+
+class Request:
+    """What the model reads of lmms-eval's ``Instance``: its ``args``."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+def doc_to_visual(doc):
+    return [doc["image"]]
+
+
+def doc_to_target(doc):
+    return doc["answer"]
+
+
+def generate_requests():
+    return [Request(doc["question"], dict(GEN_KWARGS), doc_to_visual, i, TASK, SPLIT) for i, doc in enumerate(DOCS)]
+
+
+def loglikelihood_requests():
+    """The answer as lmms-eval gives it for a multiple-choice task (a string) or a task's target (a function)."""
+    return ([Request(doc["question"], doc["answer"], doc_to_visual, i, TASK, SPLIT) for i, doc in enumerate(DOCS)]
+            + [Request(DOCS[0]["question"], doc_to_target, doc_to_visual, 2, TASK, SPLIT)])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return str(tiny_llava_checkpoint(tmp_path_factory.mktemp("tiny_llava")))
+
+
+def answer_all(checkpoint, method=None, batch_size=1, **budget):
+    """Answers, loglikelihoods and the visual-token tally of the checkpoint loaded and compressed as lmms-eval's
+    ``--model_args`` would."""
+    model, processor = load_vlm(checkpoint, dtype="float32")
+    vlm = CompressedVLM(model, processor, method, budget_arguments(**budget), device="cpu", batch_size=batch_size)
+    answers = vlm.generate_until(generate_requests(), TASK_DICT)
+    loglikelihoods = vlm.loglikelihoods(loglikelihood_requests(), TASK_DICT)
+    return answers, loglikelihoods, vlm.tally.summary(), vlm
+
+
+@pytest.fixture(scope="module")
+def uncompressed(checkpoint):
+    return answer_all(checkpoint)
+
+
+@pytest.mark.parametrize("method", ["pitome", "tome"])
+def test_keep_1_answers_as_the_uncompressed_model(checkpoint, uncompressed, method):
+    answers, loglikelihoods, tally, vlm = answer_all(checkpoint, method, keep=1)  # lmms-eval parses keep=1 as an int
+    base_answers, base_loglikelihoods, base_tally, _ = uncompressed
+    assert vitcompress.stats(vlm.model)["method"] == method
+    assert answers == base_answers and all(a.strip() for a in answers)
+    assert [g for _, g in loglikelihoods] == [g for _, g in base_loglikelihoods]
+    np.testing.assert_allclose([lp for lp, _ in loglikelihoods], [lp for lp, _ in base_loglikelihoods], rtol=0,
+                               atol=1e-5)
+    # every image keeps its 64 patches: 3 generate prefills + 4 loglikelihood prefills of one image each
+    assert tally == base_tally and tally["visual_tokens_before"] == tally["visual_tokens_after"] == 7 * LLAVA_PATCHES
+    assert tally["samples"] == 7 and tally["visual_tokens_kept"] == 1.0
+    # the greedy flag: the first word the model answers is its greedy continuation
+    first_word = " " + answers[0].split()[0]
+    assert vlm.loglikelihood(DOCS[0]["question"], first_word, [DOCS[0]["image"]])[1]
+
+
+def direct_loglikelihood(model, processor, doc):
+    """log p(answer | prompt) of ``model`` as compressed by the caller, from the processor's inputs (the same
+    chat template, written out here)."""
+    prompt = f"USER: <image>{doc['question'].replace('<image>', '').strip()} ASSISTANT:"
+    inputs = processor(text=[prompt + doc["answer"]], images=[doc["image"]], return_tensors="pt")
+    length = len(processor.tokenizer(doc["answer"]).input_ids)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -length - 1:-1]
+    target = inputs["input_ids"][0, -length:]
+    return float(torch.log_softmax(logits, -1)[torch.arange(length), target].sum()), vitcompress.stats(model)
+
+
+@pytest.mark.parametrize("method", ["pitome", "tome"])
+def test_keep_below_1_reports_fewer_tokens_and_the_methods_loglikelihoods(checkpoint, uncompressed, method):
+    _, loglikelihoods, tally, _ = answer_all(checkpoint, method, keep=0.7)
+    model, processor = load_vlm(checkpoint, dtype="float32")
+    vitcompress.compress(model, method, keep=0.7)
+    expected, stats = zip(*(direct_loglikelihood(model, processor, doc) for doc in DOCS))
+    np.testing.assert_allclose([lp for lp, _ in loglikelihoods[:3]], expected, rtol=0, atol=1e-5)
+    assert not np.allclose(expected, [lp for lp, _ in uncompressed[1][:3]], atol=1e-3)
+    # the tower's planned output (minus CLS) per image, as the directly compressed model reports it
+    per_image = stats[0]["visual_tokens_after"]
+    assert per_image == stats[0]["tower"]["planned_tokens_per_layer"][-1] - 1 < LLAVA_PATCHES
+    assert tally["visual_tokens_before"] == 7 * LLAVA_PATCHES and tally["visual_tokens_after"] == 7 * per_image
+    assert tally["visual_tokens_kept"] == per_image / LLAVA_PATCHES
+
+
+def test_batches_answer_as_single_requests(checkpoint):
+    """batch_size=2: prompts of different lengths left-padded in one generate; requests with other generation
+    kwargs go to their own batch; answers come back in request order."""
+    alone = answer_all(checkpoint, "pitome", keep=0.7)[0]
+    model, processor = load_vlm(checkpoint, dtype="float32")
+    vlm = CompressedVLM(model, processor, "pitome", {"keep": 0.7}, device="cpu", batch_size=2)
+    requests = generate_requests()
+    shorter = Request(DOCS[0]["question"], {"until": ["."], "max_new_tokens": 2}, doc_to_visual, 0, TASK, SPLIT)
+    requests.insert(1, shorter)
+    answers = vlm.generate_until(requests, TASK_DICT)
+    assert vlm.tally.prefills == 3 and vlm.tally.samples == 4
+    assert answers[:1] + answers[2:] == alone
+    assert answers[1] == vlm.generate_until([shorter], TASK_DICT)[0] == " ".join(alone[0].split()[:2])
+
+
+def test_request_helpers():
+    assert budget_arguments(keep=1) == {"keep": 1.0} and isinstance(budget_arguments(keep=1)["keep"], float)
+    assert budget_arguments(r=4, flops=1) == {"r": 4, "flops": 1.0}
+    assert cut_at_stop("a cat. and a dog\n\nUSER", [".", "\n\n"]) == "a cat"
+    assert generate_arguments({"until": ["."], "temperature": 0, "top_p": None, "num_beams": 1}, 16) == \
+        {"max_new_tokens": 16, "do_sample": False, "num_beams": 1}
+    assert generate_arguments({"temperature": 0.5, "max_new_tokens": 3}, 16) == \
+        {"max_new_tokens": 3, "do_sample": True, "temperature": 0.5}
+
+
+def test_prompt_puts_the_images_where_the_template_says(checkpoint):
+    _, processor = load_vlm(checkpoint)
+    assert chat_prompt(processor, "<image>\nwhat is shown ?", 2, 0) == "USER: <image><image>what is shown ? ASSISTANT:"
+    processor.chat_template = None
+    assert chat_prompt(processor, "what is shown ?", 1, 0) == "<image>\nwhat is shown ?"
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == LLAVA_IMAGE_TOKEN
+
+
+# ------------------------------------------------------------------ with lmms-eval installed (the lmms extra)
+
+
+def test_lmms_eval_finds_the_model_and_records_the_visual_tokens(checkpoint):
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.api.instance import Instance
+    from lmms_eval.models import get_model
+    from lmms_eval.models.model_utils.gen_metrics import reset_logged_metrics, summarize_logged_metrics
+
+    from vitcompress.evaluation.lmms_eval_model import VitCompress
+
+    cls = get_model("vitcompress")
+    assert cls is VitCompress
+    lmm = cls.create_from_arg_string(f"pretrained={checkpoint},method=pitome,keep=0.7,device=cpu,dtype=float32")
+    lmm.task_dict = TASK_DICT
+    meta = {"task": TASK, "doc_id": 0, "repeats": 1}
+    reset_logged_metrics()
+    answers = lmm.generate_until([Instance("generate_until", r.args, i, dict(meta, doc_id=r.args[3]))
+                                  for i, r in enumerate(generate_requests())])
+    loglikelihoods = lmm.loglikelihood([Instance("loglikelihood", r.args, i, dict(meta, doc_id=r.args[3]))
+                                        for i, r in enumerate(loglikelihood_requests())])
+    expected_answers, expected_loglikelihoods, tally, _ = answer_all(checkpoint, "pitome", keep=0.7)
+    assert answers == expected_answers and loglikelihoods == expected_loglikelihoods
+    summary = summarize_logged_metrics()  # what lmms-eval writes under "throughput" in its results file
+    assert summary["avg_visual_tokens_after"] == tally["visual_tokens_after"] / 2  # the mean of the two calls' sums
+    assert summary["avg_visual_tokens_kept"] == tally["visual_tokens_kept"] < 1
+    assert lmm.run_tally.summary() == tally
