@@ -155,7 +155,7 @@ def test_prompt_puts_the_images_where_the_template_says(checkpoint):
 
 def test_lmms_eval_finds_the_model_and_records_the_visual_tokens(checkpoint):
     pytest.importorskip("lmms_eval")
-    from lmms_eval.api.instance import Instance
+    from lmms_eval.api.instance import Instance, unwrap_generation_output
     from lmms_eval.models import get_model
     from lmms_eval.models.model_utils.gen_metrics import reset_logged_metrics, summarize_logged_metrics
 
@@ -172,8 +172,70 @@ def test_lmms_eval_finds_the_model_and_records_the_visual_tokens(checkpoint):
     loglikelihoods = lmm.loglikelihood([Instance("loglikelihood", r.args, i, dict(meta, doc_id=r.args[3]))
                                         for i, r in enumerate(loglikelihood_requests())])
     expected_answers, expected_loglikelihoods, tally, _ = answer_all(checkpoint, "pitome", keep=0.7)
-    assert answers == expected_answers and loglikelihoods == expected_loglikelihoods
+    # what lmms-eval's evaluator keeps of each answer
+    assert answers == expected_answers
+    assert [unwrap_generation_output(x)[0] for x in loglikelihoods] == expected_loglikelihoods
     summary = summarize_logged_metrics()  # what lmms-eval writes under "throughput" in its results file
-    assert summary["avg_visual_tokens_after"] == tally["visual_tokens_after"] / 2  # the mean of the two calls' sums
-    assert summary["avg_visual_tokens_kept"] == tally["visual_tokens_kept"] < 1
+    assert summary["avg_visual_tokens_before_per_sample"] == LLAVA_PATCHES
+    assert summary["avg_visual_tokens_after_per_sample"] == tally["visual_tokens_after"] / 7 < LLAVA_PATCHES
+    assert summary["avg_visual_tokens_kept"] == tally["visual_tokens_kept"]
     assert lmm.run_tally.summary() == tally
+
+
+TASK_YAML = """dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+task: {name}
+test_split: test
+output_type: {output_type}
+doc_to_visual: !function toy_utils.doc_to_visual
+doc_to_text: "{{{{question}}}}"
+{target}
+metric_list:
+  - metric: {metric}
+metadata:
+  - version: 0.0
+"""
+
+
+@pytest.mark.slow
+def test_the_lmms_eval_command_scores_a_local_task_and_reports_the_visual_tokens(checkpoint, tmp_path):
+    """``python -m lmms_eval --model vitcompress`` in a fresh process (the entry point) on two tasks of local files:
+    a generated answer (exact match) and a multiple choice (loglikelihoods); the results file has both scores and the
+    visual tokens kept."""
+    pytest.importorskip("lmms_eval")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    rows = []
+    for i, doc in enumerate(DOCS):
+        doc["image"].save(tmp_path / f"image{i}.png")
+        rows.append({"image": str(tmp_path / f"image{i}.png"), "question": doc["question"], "answer": doc["answer"],
+                     "choices": [doc["answer"], " dog"]})
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "toy_utils.py").write_text("from PIL import Image\n\n\ndef doc_to_visual(doc):\n"
+                                           "    return [Image.open(doc['image']).convert('RGB')]\n")
+    tasks = {"toy_gen": ("generate_until", 'doc_to_target: "answer"\ngeneration_kwargs:\n  max_new_tokens: 4',
+                         "exact_match"),
+             "toy_choice": ("multiple_choice", 'doc_to_choice: "{{choices}}"\ndoc_to_target: 0', "acc")}
+    for name, (output_type, target, metric) in tasks.items():
+        (tmp_path / f"{name}.yaml").write_text(TASK_YAML.format(data=tmp_path / "data.jsonl", name=name,
+                                                                output_type=output_type, target=target, metric=metric))
+    command = [sys.executable, "-m", "lmms_eval", "--model", "vitcompress", "--model_args",
+               f"pretrained={checkpoint},method=pitome,keep=0.7,device=cpu,dtype=float32", "--tasks",
+               "toy_gen,toy_choice", "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"),
+               "--batch_size", "2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    results = [p for p in (tmp_path / "out").rglob("*_results.json")]
+    assert len(results) == 1, (out.stdout + out.stderr)[-3000:]
+    report = json.loads(results[0].read_text())
+    assert set(report["results"]) == {"toy_gen", "toy_choice"}
+    assert "exact_match,none" in report["results"]["toy_gen"] and "acc,none" in report["results"]["toy_choice"]
+    _, _, tally, _ = answer_all(checkpoint, "pitome", keep=0.7)
+    assert report["throughput"]["avg_visual_tokens_before_per_sample"] == LLAVA_PATCHES
+    assert report["throughput"]["avg_visual_tokens_kept"] == tally["visual_tokens_kept"] < 1

@@ -127,7 +127,7 @@ def generate_arguments(gen_kwargs: Dict[str, Any], default_max_new_tokens: int) 
 
 def load_vlm(pretrained: str, dtype="auto", trust_remote_code: bool = False, attn_implementation=None):
     """``(model, processor)`` of a checkpoint (hub id or local directory) through transformers' auto classes;
-    the tokenizer pads on the left, as batched generation needs."""
+    the tokenizer pads on the left, as batched generation needs, with its end-of-sequence token if it has no pad."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if isinstance(dtype, str) and dtype != "auto":
@@ -138,6 +138,8 @@ def load_vlm(pretrained: str, dtype="auto", trust_remote_code: bool = False, att
     model = AutoModelForImageTextToText.from_pretrained(pretrained, **kwargs).eval()
     processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:  # batches need one (Llama tokenizers have none)
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return model, processor
 
 

@@ -14,12 +14,18 @@ import time
 from typing import List, Optional, Tuple
 
 import torch
+from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
 from lmms_eval.api.model import lmms
 from lmms_eval.models.model_utils.gen_metrics import log_metrics
 from lmms_eval.models.model_utils.load_video import read_video
 from loguru import logger
 
 from .lmms import CompressedVLM, VisualTokenTally, budget_arguments, load_vlm
+
+
+#: what each call records in lmms-eval's metric log; its summary (the results file's ``throughput``) gives their mean
+#: over calls as ``avg_<name>``
+PER_SAMPLE = ("visual_tokens_before_per_sample", "visual_tokens_after_per_sample", "visual_tokens_kept")
 
 
 class VitCompress(lmms):
@@ -30,7 +36,8 @@ class VitCompress(lmms):
     def __init__(self, pretrained: str, method: Optional[str] = None, keep=None, r=None, flops=None,
                  device: Optional[str] = None, dtype: str = "auto", batch_size: int = 1, max_new_tokens: int = 256,
                  max_frames_num: int = 8, chat_template: Optional[str] = None, attn_implementation=None,
-                 trust_remote_code: bool = False, **options):
+                 trust_remote_code: bool = False, max_batch_size=None, **options):
+        """``max_batch_size``: lmms-eval passes it to every model; batches here are ``batch_size``."""
         super().__init__()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, processor = load_vlm(pretrained, dtype, trust_remote_code, attn_implementation)
@@ -61,7 +68,12 @@ class VitCompress(lmms):
         return self._reported(lambda: self.vlm.generate_until(requests, self.task_dict), "generate_until")
 
     def loglikelihood(self, requests) -> List[Tuple[float, bool]]:
-        return self._reported(lambda: self.vlm.loglikelihoods(requests, self.task_dict), "loglikelihood")
+        out = self._reported(lambda: self.vlm.loglikelihoods(requests, self.task_dict), "loglikelihood")
+        if unwrap_generation_output((0.0, True))[0] == (0.0, True):
+            return out
+        # lmms-eval 0.7.3 turns every answer that is not a string into str(answer), a (logprob, greedy) pair
+        # included, and multiple-choice scoring then fails; it hands a GenerationResult's text on as it is
+        return [GenerationResult(text=pair) for pair in out]
 
     def generate_until_multi_round(self, requests) -> List[str]:
         raise NotImplementedError("vitcompress answers generate_until and loglikelihood requests; multi-round "
@@ -80,6 +92,5 @@ class VitCompress(lmms):
                     f"whole run: {self.run_tally.summary()}")
         log_metrics(total_elapsed_time=elapsed, total_gen_tokens=summary["generated_tokens"],
                     avg_speed=summary["generated_tokens"] / elapsed if elapsed > 0 else 0.0,
-                    additional_metrics=dict({k: v for k, v in summary.items() if k.startswith("visual_tokens")},
-                                            total_requests=summary["samples"]))
+                    additional_metrics=dict({k: summary[k] for k in PER_SAMPLE}, total_requests=summary["samples"]))
         return out
