@@ -132,6 +132,27 @@ def test_batches_answer_as_single_requests(checkpoint):
     assert answers[1] == vlm.generate_until([shorter], TASK_DICT)[0] == " ".join(alone[0].split()[:2])
 
 
+def test_quota_takes_its_scorer_from_the_command_line(checkpoint, tmp_path):
+    """``scorer=<module>:<name>`` imports a scorer, ``scorer=clip:<directory>`` loads a CLIP model and its tokenizer;
+    the wrapper hands QuoTA each request's question (it refuses a call without one)."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+    from vitcompress.testing import LLAVA_VISION
+
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(vision_config=dict(LLAVA_VISION), text_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+        max_position_embeddings=16), projection_dim=16)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(checkpoint).save_pretrained(tmp_path)
+    for scorer in ("vitcompress.testing:ramp_scorer", f"clip:{tmp_path}"):
+        model, processor = load_vlm(checkpoint, dtype="float32")
+        vlm = CompressedVLM(model, processor, "quota", {"keep": 0.5}, {"scorer": scorer}, device="cpu")
+        vlm.loglikelihoods(loglikelihood_requests()[:1], TASK_DICT)
+        stats = vitcompress.stats(model)
+        assert stats["method"] == "quota" and stats["options"]["scorer"] in ("function", "CLIPModel")
+        assert vlm.tally.after == stats["visual_tokens_after"] <= LLAVA_PATCHES // 2 < vlm.tally.before
+
+
 def test_request_helpers():
     assert budget_arguments(keep=1) == {"keep": 1.0} and isinstance(budget_arguments(keep=1)["keep"], float)
     assert budget_arguments(r=4, flops=1) == {"r": 4, "flops": 1.0}

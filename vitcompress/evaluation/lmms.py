@@ -13,6 +13,7 @@ the documents looked up in ``task_dict[task][split][doc_id]`` as lmms-eval's sim
 the visual tokens the language model received (:func:`vitcompress.stats`; for the uncompressed model, the
 placeholders of the prompt) are added to a :class:`VisualTokenTally`.
 """
+import importlib
 import json
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -72,6 +73,28 @@ def budget_arguments(keep=None, r=None, flops=None) -> Dict[str, Any]:
         out["flops"] = float(flops)
     if r is not None:
         out["r"] = r
+    return out
+
+
+def object_options(method: str, options: Dict[str, Any], device=None) -> Dict[str, Any]:
+    """``options`` with the text lmms-eval's ``--model_args`` can carry for an option that takes an object (one
+    whose default is None) made that object: ``clip:<hub id or directory>`` a transformers CLIP model (on
+    ``device``) and, where the method has a ``tokenizer`` option not given, its tokenizer (QuoTA's built-in scorer);
+    ``<module>:<name>`` the module's attribute (a QuoTA ``scorer(frames, question)``)."""
+    accepted = api.describe(method)["options"]
+    out = dict(options)
+    for name, value in options.items():
+        if not (isinstance(value, str) and ":" in value and name in accepted and accepted[name]["default"] is None):
+            continue
+        source, _, target = value.partition(":")
+        if source == "clip":
+            from transformers import AutoTokenizer, CLIPModel
+
+            out[name] = CLIPModel.from_pretrained(target).eval().to(device)
+            if "tokenizer" in accepted and "tokenizer" not in options:
+                out["tokenizer"] = AutoTokenizer.from_pretrained(target)
+        else:
+            out[name] = getattr(importlib.import_module(source), target)
     return out
 
 
@@ -162,7 +185,7 @@ class CompressedVLM:
         self.tally = VisualTokenTally()
         self.asks_question = False
         if method is not None:
-            api.compress(model, method, **(budget or {}), **(options or {}))
+            api.compress(model, method, **(budget or {}), **object_options(method, options or {}, self.device))
             # a VLM method is handed the question (QuoTA); a ViT method inside the tower takes none
             self.asks_question = api.describe(method)["target"] == "llava"
 
