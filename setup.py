@@ -24,8 +24,9 @@ EXTRAS = {
     # (its pymdown-extensions 13.1 includes CHANGELOG.md), mkdocstrings 1.0.8 + mkdocstrings-python 2.0.11
     "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.27,<2"],
     # the lmms-eval model `--model vitcompress` (tested with lmms-eval 0.7.3, which keeps torch 2.14 / transformers 5.25
-    # but brings ~85 packages: datasets, accelerate, wandb, openai, pandas, scikit-learn, ...)
-    "lmms": ["lmms-eval>=0.7.3,<0.8", "transformers>=5,<6"],
+    # but brings ~85 packages: datasets, accelerate, wandb, openai, pandas, scikit-learn, ...; its evaluator imports
+    # filelock._api, which filelock 4 no longer has)
+    "lmms": ["lmms-eval>=0.7.3,<0.8", "transformers>=5,<6", "filelock<4"],
 }
 # "all": what the default tests use; ExecuTorch is left to "edge" (it brings torchao, coremltools, ...), the
 # site's tools to "docs", lmms-eval to "lmms"

@@ -107,13 +107,18 @@ def split_visuals(visuals: Sequence[Any]) -> Tuple[List[Any], List[Any]]:
     return images, videos
 
 
+def plain_context(context: str) -> str:
+    """A task's context without the ``<image>`` / ``<video>`` placeholders some tasks write into it."""
+    for placeholder in VISUAL_PLACEHOLDERS:
+        context = context.replace(placeholder, "")
+    return context.strip()
+
+
 def chat_prompt(processor, context: str, images: int, videos: int, chat_template: Optional[str] = None) -> str:
     """The prompt of one request: the context's own ``<image>`` / ``<video>`` placeholders removed, the user turn
     of the processor's chat template (or ``chat_template``) with the visuals first, then the generation prompt.
     Without a template: the processor's placeholders, a newline and the context."""
-    for placeholder in VISUAL_PLACEHOLDERS:
-        context = context.replace(placeholder, "")
-    context = context.strip()
+    context = plain_context(context)
     template = chat_template or getattr(processor, "chat_template", None)
     if template is None:
         tokens = processor.image_token * images + getattr(processor, "video_token", "") * videos
@@ -221,7 +226,7 @@ class CompressedVLM:
         self.tally.add(before, after, len(input_ids), generated)
 
     def _question(self, contexts: List[str]) -> Dict[str, Any]:
-        return {"question": list(contexts)} if self.asks_question else {}
+        return {"question": [plain_context(c) for c in contexts]} if self.asks_question else {}
 
     # ---------------------------------------------------------------- the two request types
     @torch.no_grad()
