@@ -153,6 +153,44 @@ def test_quota_takes_its_scorer_from_the_command_line(checkpoint, tmp_path):
         assert vlm.tally.after == stats["visual_tokens_after"] <= LLAVA_PATCHES // 2 < vlm.tally.before
 
 
+def test_videos_read_from_their_path_reach_the_method(tmp_path):
+    """A NeXT-Video checkpoint: a video given by its path (as lmms-eval's video tasks give it) is read by
+    ``load_video`` and goes to the processor as a video; QuoTA reduces it, and the loglikelihood equals the model
+    compressed directly on the processor's inputs with the same question."""
+    from vitcompress.testing import ramp_scorer
+
+    checkpoint = str(tiny_llava_checkpoint(tmp_path, "next_video"))
+    frames = (np.random.RandomState(4).rand(4, 40, 40, 3) * 255).astype("uint8")
+    read = []
+
+    def load_video(path):
+        read.append(path)
+        return frames
+
+    results = {}
+    for method in (None, "quota"):
+        model, processor = load_vlm(checkpoint, dtype="float32")
+        options = {} if method is None else {"scorer": "vitcompress.testing:ramp_scorer"}
+        vlm = CompressedVLM(model, processor, method, {"keep": 0.5} if method else {}, options, device="cpu",
+                            load_video=load_video)
+        results[method] = vlm.loglikelihood("<video> what is shown ?", " a cat", ["clip.mp4"]), vlm.tally.summary()
+    assert read == ["clip.mp4"] * 2
+    (_, base), (loglikelihood, tally) = results[None], results["quota"]
+    per_video = (32 // 4 // 2) ** 2 * len(frames)  # the 8x8 patch grid pooled 2x2, per frame
+    assert base["visual_tokens_before"] == base["visual_tokens_after"] == tally["visual_tokens_before"] == per_video
+    assert tally["visual_tokens_after"] <= per_video // 2
+    model, processor = load_vlm(checkpoint, dtype="float32")
+    vitcompress.compress(model, "quota", keep=0.5, scorer=ramp_scorer)
+    inputs = processor(text=["USER: <video>what is shown ? ASSISTANT: a cat"], videos=[frames], return_tensors="pt")
+    length = len(processor.tokenizer(" a cat").input_ids)
+    with torch.no_grad():
+        logits = model(**inputs, question="what is shown ?").logits[0, -length - 1:-1]
+    target = inputs["input_ids"][0, -length:]
+    expected = float(torch.log_softmax(logits, -1)[torch.arange(length), target].sum())
+    assert loglikelihood[0] == pytest.approx(expected, abs=1e-5)
+    assert vitcompress.stats(model)["visual_tokens_after"] == tally["visual_tokens_after"]
+
+
 def test_request_helpers():
     assert budget_arguments(keep=1) == {"keep": 1.0} and isinstance(budget_arguments(keep=1)["keep"], float)
     assert budget_arguments(r=4, flops=1) == {"r": 4, "flops": 1.0}
