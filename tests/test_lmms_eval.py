@@ -195,10 +195,11 @@ def test_request_helpers():
     assert budget_arguments(keep=1) == {"keep": 1.0} and isinstance(budget_arguments(keep=1)["keep"], float)
     assert budget_arguments(r=4, flops=1) == {"r": 4, "flops": 1.0}
     assert cut_at_stop("a cat. and a dog\n\nUSER", [".", "\n\n"]) == "a cat"
-    assert generate_arguments({"until": ["."], "temperature": 0, "top_p": None, "num_beams": 1}, 16) == \
+    assert generate_arguments({"until": ["."], "temperature": 0, "top_p": 1.0, "num_beams": 1, "do_sample": True,
+                               "image_aspect_ratio": "original"}, 16) == \
         {"max_new_tokens": 16, "do_sample": False, "num_beams": 1}
-    assert generate_arguments({"temperature": 0.5, "max_new_tokens": 3}, 16) == \
-        {"max_new_tokens": 3, "do_sample": True, "temperature": 0.5}
+    assert generate_arguments({"temperature": 0.5, "top_p": 0.9, "max_new_tokens": 3}, 16) == \
+        {"max_new_tokens": 3, "do_sample": True, "temperature": 0.5, "top_p": 0.9}
 
 
 def test_prompt_puts_the_images_where_the_template_says(checkpoint):

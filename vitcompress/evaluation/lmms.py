@@ -23,8 +23,10 @@ from .. import api
 
 #: the placeholders lmms-eval's task prompts may carry; the images and videos go where the chat template puts them
 VISUAL_PLACEHOLDERS = ("<image>", "<video>")
-#: lmms-eval's generation kwargs that are not ``generate`` arguments
-_NOT_GENERATE_ARGUMENTS = ("until",)
+#: the generation kwargs of lmms-eval's tasks that are ``generate`` arguments (tasks also carry ``until``, which cuts the
+#: text, and model-specific ones such as ``image_aspect_ratio``)
+GENERATE_ARGUMENTS = ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "num_beams",
+                      "repetition_penalty", "length_penalty", "no_repeat_ngram_size")
 
 
 def manifest():
@@ -137,19 +139,17 @@ def cut_at_stop(text: str, until: Sequence[str]) -> str:
 
 
 def generate_arguments(gen_kwargs: Dict[str, Any], default_max_new_tokens: int) -> Dict[str, Any]:
-    """lmms-eval's generation kwargs -> ``generate``'s: greedy unless ``temperature`` > 0, ``max_new_tokens``
-    defaulted, ``until`` left out (the text is cut at it)."""
-    out = {k: v for k, v in gen_kwargs.items() if k not in _NOT_GENERATE_ARGUMENTS}
+    """lmms-eval's generation kwargs -> ``generate``'s (:data:`GENERATE_ARGUMENTS`): greedy unless ``temperature``
+    > 0 (as lmms-eval's models read ``do_sample``), ``max_new_tokens`` defaulted."""
+    out = {k: v for k, v in gen_kwargs.items() if k in GENERATE_ARGUMENTS and v is not None}
     out.setdefault("max_new_tokens", default_max_new_tokens)
-    temperature = out.pop("temperature", 0) or 0
-    out["do_sample"] = bool(out.get("do_sample", False) or temperature > 0)
+    temperature = out.pop("temperature", 0)
+    out["do_sample"] = temperature > 0
     if out["do_sample"]:
         out["temperature"] = temperature
     else:
         out.pop("top_p", None)
         out.pop("top_k", None)
-    if out.get("num_beams") is None:
-        out.pop("num_beams", None)
     return out
 
 
