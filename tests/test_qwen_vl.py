@@ -7,6 +7,7 @@ import torch
 
 import vitcompress
 from vitcompress.adapters.qwen_vl import token_sources
+from vitcompress.interfaces import runtime_of
 from vitcompress.methods import tokencorr
 from vitcompress.testing import (QWEN_IMAGE_TOKEN, QWEN_KINDS, QWEN_MERGE, QWEN_VIDEO_TOKEN, qwen_processors,
                                  qwen_vl_inputs, ramp_scorer, tiny_qwen_vl)
@@ -255,23 +256,36 @@ def tower_signals(model, inputs, layers):
 
 @pytest.mark.parametrize("kind", QWEN_KINDS)
 def test_tokencorr_keeps_what_its_stand_in_signals_choose(models, kind):
-    """tokencorr's kept tokens on a Qwen model = tokencorr's plan on the stand-in [CLS] attention and
-    keys recomputed here; the language model gets exactly those merger outputs."""
-    model = models[kind]
+    """The stand-in [CLS] attention and keys the adapter computes equal the ones recomputed here;
+    tokencorr's kept tokens on a Qwen model are tokencorr's plan on them, and the language model gets
+    exactly those merger outputs. (The tower's attention is sharpened, qkv x 8: a random tower's is
+    nearly uniform, and the seeded sampling would then draw the same tokens whatever the signals.)"""
+    model = copy.deepcopy(models[kind])
+    with torch.no_grad():
+        for block in model.model.visual.blocks:
+            block.attn.qkv.weight.mul_(8)
     inputs = qwen_vl_inputs(model, kind, video=False)
     spec = tokencorr.TokenCorr()
     options = dict(spec.defaults)
     layers = spec.tower_layers(options, len(model.model.visual.blocks))
-    (keys, _), (_, deep), (_, shallow) = tower_signals(model, inputs, layers)
+    expected = tower_signals(model, inputs, layers)
+    (keys, _), (_, deep), (_, shallow) = expected
     with torch.no_grad():
         features = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
     vitcompress.compress(model, "tokencorr")
     try:
+        runtime = runtime_of(model)
         with torch.no_grad(), BaseInputs(model) as seen:
+            _, signals = runtime.taps.run(lambda: runtime.adapter.encode("image", inputs))
             model(**inputs)
         stats = vitcompress.stats(model)
     finally:
         vitcompress.restore(model)
+    for got, (want_keys, want_attention) in zip(signals, expected):
+        for image, n in enumerate([24, 16]):
+            torch.testing.assert_close(got.keys[image, :n], want_keys[image], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got.attention[image, :n], want_attention[image], atol=1e-6, rtol=1e-5)
+            assert not got.attention[image, n:].any()  # the shorter image's padding
     for image in range(2):
         plan, budget = tokencorr.tokencorr_plan(keys[image], deep[image], shallow[image], tau=0.9, c=4, merge=False,
                                                 generator=spec.generator(options, "cpu"), min_tokens=1)
@@ -352,3 +366,26 @@ def test_other_methods_are_refused_naming_those_that_run(models):
     with pytest.raises(TypeError, match="the methods that run on Qwen-VL are tokencorr .* and quota"):
         QwenVLAdapter(model).make_runtime(spec, dict(spec.defaults), None, None)
     assert vitcompress.supported(model)["tokencorr"] is True and vitcompress.supported(model)["quota"] is True
+
+
+# --------------------------------------------------------------------------- the prompt rewrite with sources
+
+
+def test_rewrite_keeps_each_token_at_its_sources_column():
+    """A unit split by text (a Qwen3-VL video's frame groups) keeps its tokens in their own runs, each
+    with its source's position; tokens whose sources go back (an upsampled grid's second row) stay in
+    the method's order, after the ones before them."""
+    from vitcompress.runtimes.prompt import rewrite_prompt
+
+    P = 9
+    ids = torch.tensor([[1, P, P, 5, P, P, 6]])  # one unit of 4 tokens: 2, text 5, 2 more
+    positions = torch.arange(7)[None, None].repeat(3, 1, 1) * 10
+    counts = {P: ("video", [4], [3])}
+    out = rewrite_prompt(ids, None, None, None, counts, 0, sources={P: [torch.tensor([1, 2, 3])]},
+                         columns={"position_ids": (positions, 0)})
+    assert out["input_ids"].tolist() == [[1, P, 5, P, P, 6]]
+    assert out["position_ids"][0, 0].tolist() == [0, 20, 30, 40, 50, 60]
+    out = rewrite_prompt(ids, None, None, None, {P: ("video", [4], [4])}, 0,
+                         sources={P: [torch.tensor([0, 1, 0, 1])]}, columns={"position_ids": (positions, 0)})
+    assert out["input_ids"].tolist() == [[1, P, P, P, P, 5, 6]]
+    assert out["position_ids"][0, 0].tolist() == [0, 10, 20, 10, 20, 30, 60]

@@ -236,11 +236,12 @@ def qwen_processors():
 
 
 def qwen_images():
-    """Two images of different sizes (32 x 48 and 32 x 32 pixels), each half flat and half noise."""
+    """Two images of different sizes (32 x 48 and 32 x 32 pixels), each flat on the left and noise
+    on the right (Qwen2.5-VL's attention windows cut across the two)."""
     torch.manual_seed(3)
     images = [torch.full((3, 32, 48), 0.4), torch.full((3, 32, 32), 0.6)]
     for image in images:
-        image[:, 16:] = torch.rand(image[:, 16:].shape)
+        image[:, :, 24:] = torch.rand(image[:, :, 24:].shape)
     return images
 
 
