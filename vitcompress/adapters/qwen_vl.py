@@ -166,7 +166,7 @@ class QwenTowerTaps(TowerTaps):
 
 
 class QwenVLAdapter:
-    family = "transformers.Qwen2VL/Qwen2_5_VL/Qwen3VLForConditionalGeneration"
+    family = "transformers.Qwen2VL/Qwen2_5_VL/Qwen3VL"
     description = ("transformers Qwen-VL models (Qwen2VL-, Qwen2_5_VL-, Qwen3VLForConditionalGeneration): "
                    "visual tokens after the merger")
     targets = ("llava",)

@@ -31,7 +31,9 @@ Choices where the paper leaves room (no official code exists; each is an option 
 * [CLS] attention: LLaVA's default feature strategy drops CLS from the visual tokens, so the
   runtime captures the query and key projections of those tower layers during the same forward
   (forward hooks, no second pass) and :func:`cls_attention` computes ``softmax(q_cls kᵀ * scale)``,
-  averaged over heads; only the patch part of the row is used.
+  averaged over heads; only the patch part of the row is used. A tower without [CLS] (Qwen-VL) hands
+  :class:`~vitcompress.interfaces.TokenSignals` instead: its adapter's stand-in for that row (and the
+  keys), which :func:`tap_attention` / :func:`tap_keys` pass on.
 * Sampling is seeded (``seed=0``), per crop from the seed and the crop's index within its image:
   an image keeps the same tokens in every call whatever else is in the batch, so a ``forward``
   and a ``generate`` agree; ``seed=None`` draws from torch's global generator.
