@@ -389,3 +389,28 @@ def test_rewrite_keeps_each_token_at_its_sources_column():
                          sources={P: [torch.tensor([0, 1, 0, 1])]}, columns={"position_ids": (positions, 0)})
     assert out["input_ids"].tolist() == [[1, P, P, P, P, 5, 6]]
     assert out["position_ids"][0, 0].tolist() == [0, 10, 20, 10, 20, 30, 60]
+
+
+def test_beam_search_and_copies(models):
+    """generate() expands the reduced features, positions and token types per beam (keeping every
+    token: the uncompressed beams); deepcopy and torch.save of a compressed model compress alike."""
+    import io
+
+    model = models["qwen3"]
+    inputs = qwen_vl_inputs(model, "qwen3")
+    ref = model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False)
+    vitcompress.compress(model, "tokencorr", **KEEP_ALL["tokencorr"])
+    try:
+        assert torch.equal(model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False), ref)
+        vitcompress.compress(model, "tokencorr")
+        out = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+        assert out.shape == (4, inputs["input_ids"].shape[1] + 3)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        with torch.no_grad():
+            want = model(**inputs).logits
+            assert torch.equal(copy.deepcopy(model)(**inputs).logits, want)
+            assert torch.equal(torch.load(buffer, weights_only=False)(**inputs).logits, want)
+    finally:
+        vitcompress.restore(model)

@@ -233,7 +233,8 @@ class QwenVLAdapter:
             raise ValueError("pass either pixels or mm_encoder_outputs to a compressed Qwen-VL, not both")
         missing = [_PIXELS[m][1] for m in present if inputs.get(_PIXELS[m][1]) is None]
         if missing:
-            raise ValueError(f"a compressed Qwen-VL needs {', '.join(missing)} with its pixels (the processor's output)")
+            raise ValueError(f"a compressed Qwen-VL needs {', '.join(missing)} with its pixels (as the processor "
+                             "returns them)")
         return present
 
     def unit_modality(self, unit: str) -> Optional[str]:
