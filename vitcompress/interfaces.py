@@ -316,3 +316,15 @@ class Runtime(Protocol):
     patcher: Any
 
     def stats(self) -> Dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class TokenSignals:
+    """What one layer of a VLM's vision tower without a [CLS] token gives a crop method in place of
+    its q/k (an entry of :meth:`LlavaMethod.reduce_images`' ``taps``): per crop, the keys of its
+    visual tokens ``[crops, N, d]`` and the attention each receives ``[crops, N]``, which stands in
+    for the [CLS] row. The adapter that computes them says what they are (Qwen-VL:
+    :mod:`vitcompress.adapters.qwen_vl`)."""
+
+    keys: torch.Tensor
+    attention: torch.Tensor

@@ -233,3 +233,88 @@ def tiny_llava_checkpoint(directory, kind="llava"):
     tiny_llava(kind).save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+# --------------------------------------------------------------------------- Qwen-VL (transformers)
+
+QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, QWEN_VISION_START, QWEN_VISION_END = 99, 98, 97, 96
+QWEN_TEXT = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1]))
+QWEN_PATCH, QWEN_MERGE = 4, 2
+#: the vision tower of each version (patch 4, 2 x 2 merge, frames in pairs): Qwen2.5-VL's windows are
+#: 2 x 2 merged tokens with the last layer global; Qwen3-VL hands layers 0 and 1 to DeepStack
+QWEN_VISION = {
+    "qwen2": dict(depth=3, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=QWEN_PATCH),
+    "qwen2_5": dict(depth=3, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2,
+                    patch_size=QWEN_PATCH, window_size=16, fullatt_block_indexes=[2]),
+    "qwen3": dict(depth=3, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2,
+                  patch_size=QWEN_PATCH, num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
+}
+QWEN_KINDS = tuple(QWEN_VISION)
+
+
+def tiny_qwen_vl(kind):
+    """A random Qwen2-VL (``"qwen2"``), Qwen2.5-VL (``"qwen2_5"``) or Qwen3-VL (``"qwen3"``)."""
+    import transformers
+
+    torch.manual_seed(0)
+    name = {"qwen2": "Qwen2VL", "qwen2_5": "Qwen2_5_VL", "qwen3": "Qwen3VL"}[kind]
+    rope = dict(QWEN_TEXT["rope_parameters"], **(dict(mrope_interleaved=True) if kind == "qwen3" else {}))
+    text = dict(QWEN_TEXT, rope_parameters=rope)
+    config = getattr(transformers, f"{name}Config")(
+        vision_config=QWEN_VISION[kind], text_config=text, image_token_id=QWEN_IMAGE_TOKEN,
+        video_token_id=QWEN_VIDEO_TOKEN, vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END)
+    return getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
+
+
+def qwen_processors():
+    """transformers' Qwen2-VL image and video processors at the tiny models' patch and merge sizes."""
+    from transformers import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    sizes = dict(patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=2, min_pixels=16,
+                 max_pixels=64 * 64)
+    return Qwen2VLImageProcessor(**sizes), Qwen2VLVideoProcessor(**sizes, cap_pixels_per_frame=False)
+
+
+def qwen_images():
+    """Two images of different sizes (32 x 48 and 32 x 32 pixels), each flat on the left and noise
+    on the right (Qwen2.5-VL's attention windows cut across the two)."""
+    torch.manual_seed(3)
+    images = [torch.full((3, 32, 48), 0.4), torch.full((3, 32, 32), 0.6)]
+    for image in images:
+        image[:, :, 24:] = torch.rand(image[:, :, 24:].shape)
+    return images
+
+
+def qwen_vl_inputs(model, kind, images=True, video=True):
+    """A left-padded batch of two prompts, each with its own image (of different sizes) and, with
+    ``video``, a 4-frame video (2 frame groups); the placeholders as the processor writes them
+    (Qwen3-VL: each frame group in its own run after a timestamp token)."""
+    image_processor, video_processor = qwen_processors()
+    kw, rows = {}, [[1, 5], [1, 6]]
+    if images:
+        px = image_processor(qwen_images(), return_tensors="pt", do_rescale=False)
+        kw.update(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
+        for row, (t, h, w) in zip(rows, px["image_grid_thw"].tolist()):
+            row += [QWEN_VISION_START] + [QWEN_IMAGE_TOKEN] * (t * h * w // QWEN_MERGE ** 2) + [QWEN_VISION_END, 7]
+    if video:
+        torch.manual_seed(2)
+        clips = [torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 24)]
+        vx = video_processor(videos=clips, return_tensors="pt", do_rescale=False, do_sample_frames=False)
+        kw.update(pixel_values_videos=vx["pixel_values_videos"], video_grid_thw=vx["video_grid_thw"])
+        for row, (t, h, w) in zip(rows, vx["video_grid_thw"].tolist()):
+            frame = [QWEN_VIDEO_TOKEN] * (h * w // QWEN_MERGE ** 2)
+            if kind == "qwen3":
+                for group in range(t):
+                    row += [20 + group, QWEN_VISION_START] + frame + [QWEN_VISION_END]
+            else:
+                row += [QWEN_VISION_START] + frame * t + [QWEN_VISION_END]
+    rows[0] += [8, 9]
+    rows[1] += [10]
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    types = (ids == QWEN_IMAGE_TOKEN).int() + 2 * (ids == QWEN_VIDEO_TOKEN).int()
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **kw)

@@ -12,7 +12,8 @@ What a cell checks (``keep=0.8`` on ViT-like models, the method's own budget els
   token counts, and ``keep=1.0`` reproduces the uncompressed output (atol 1e-5; ViT-like models;
   for timm EVA and BEiT the pooled features, as timm starts their classifiers at 1e-3 of its scale).
   DETR: the detector's outputs keep their shapes and ``keep=1.0`` without dual attention reproduces
-  them. LLaVA: the language model gets fewer visual tokens than the uncompressed prompt has.
+  them. LLaVA and Qwen-VL: the language model gets fewer visual tokens than the uncompressed prompt has
+  (Qwen-VL: two prompts, each with an image of its own size and a video).
 * restore: ``vitcompress.restore`` gives bit-identical outputs, and no patched attribute is left.
 * torch.compile: ``torch.compile(fullgraph=True)`` (inductor) of the compressed model runs the planned
   token counts and gives the eager outputs (atol 1e-5) for every image whose tokens it chose alike;
@@ -41,7 +42,8 @@ import torch.nn as nn
 
 import vitcompress
 from vitcompress.interfaces import PART_ATTR, runtime_of
-from vitcompress.testing import LLAVA_IMAGE_TOKEN, random_images, ramp_scorer, tiny_detr, tiny_llava
+from vitcompress.testing import (LLAVA_IMAGE_TOKEN, qwen_vl_inputs, random_images, ramp_scorer, tiny_detr,
+                                 tiny_llava, tiny_qwen_vl)
 
 ASPECTS = ("forward", "restore", "compile", "onnx")
 VIT_METHODS = ("tome", "pitome", "zero_tprune", "evit", "mctf", "tofu", "ppt", "atc")
@@ -144,6 +146,7 @@ class Family:
     methods: Tuple[str, ...] = VIT_METHODS
     kind: str = "vit"  # "vit" | "detr" | "llava"
     budgets: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    prompt: Callable[[nn.Module], Dict[str, Any]] = None  # a VLM's call (None: the LLaVA-1.5 one)
 
     def budget(self, method: str) -> Dict[str, Any]:
         return self.budgets.get(method, VIT_BUDGETS.get(method, dict(keep=0.8)))
@@ -208,6 +211,18 @@ OTHER_FAMILIES: List[Family] = [
            _llava, methods=VIT_METHODS + ("tokencorr", "quota"), kind="llava",
            budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)}),
 ]
+
+
+def _qwen_vl(kind: str) -> Family:
+    version = {"qwen2": "Qwen2-VL", "qwen2_5": "Qwen2.5-VL", "qwen3": "Qwen3-VL"}[kind]
+    name = {"qwen2": "Qwen2VL", "qwen2_5": "Qwen2_5_VL", "qwen3": "Qwen3VL"}[kind]
+    return Family(f"transformers {version}", f"`{name}ForConditionalGeneration` (visual tokens after the merger)",
+                  lambda: tiny_qwen_vl(kind), methods=("tokencorr", "quota"), kind="llava",
+                  budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)},
+                  prompt=lambda model: qwen_vl_inputs(model, kind))
+
+
+OTHER_FAMILIES += [_qwen_vl(kind) for kind in ("qwen2", "qwen2_5", "qwen3")]
 ALL_FAMILIES = FAMILIES + OTHER_FAMILIES
 OTHER_METHODS = ("focus_detr", "tokencorr", "quota")
 ALL_METHODS = VIT_METHODS + OTHER_METHODS
@@ -272,7 +287,7 @@ def _run(fam: Family, model, x=None):
     with torch.no_grad():
         if fam.kind == "llava":
             question = {"question": "what is shown?"} if runtime_of(model) is not None else {}
-            return model(**_llava_inputs(), **question).logits
+            return model(**(fam.prompt(model) if fam.prompt else _llava_inputs()), **question).logits
         if fam.kind == "detr":
             return model(pixel_values=torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))).logits
         return fam.output(model, random_images() if x is None else x)

@@ -9,11 +9,12 @@ from .hf_clip import HFCLIPVisionAdapter
 from .hf_vit import HFViTAdapter
 from .llava import LlavaAdapter
 from .open_clip_vit import OpenCLIPVisionAdapter
+from .qwen_vl import QwenVLAdapter
 from .timm_rope_bias import TimmBeitAdapter, TimmEvaAdapter
 from .timm_vit import TimmViTAdapter
 
 ADAPTERS: List[type] = [TimmViTAdapter, TimmEvaAdapter, TimmBeitAdapter, DetrAdapter, OpenCLIPVisionAdapter,
-                        HFCLIPVisionAdapter, HFViTAdapter, LlavaAdapter]
+                        HFCLIPVisionAdapter, HFViTAdapter, LlavaAdapter, QwenVLAdapter]
 
 
 def _matching(model: nn.Module):

@@ -31,7 +31,9 @@ Choices where the paper leaves room (no official code exists; each is an option 
 * [CLS] attention: LLaVA's default feature strategy drops CLS from the visual tokens, so the
   runtime captures the query and key projections of those tower layers during the same forward
   (forward hooks, no second pass) and :func:`cls_attention` computes ``softmax(q_cls kᵀ * scale)``,
-  averaged over heads; only the patch part of the row is used.
+  averaged over heads; only the patch part of the row is used. A tower without [CLS] (Qwen-VL) hands
+  :class:`~vitcompress.interfaces.TokenSignals` instead: its adapter's stand-in for that row (and the
+  keys), which :func:`tap_attention` / :func:`tap_keys` pass on.
 * Sampling is seeded (``seed=0``), per crop from the seed and the crop's index within its image:
   an image keeps the same tokens in every call whatever else is in the batch, so a ``forward``
   and a ``generate`` agree; ``seed=None`` draws from torch's global generator.
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 
 from ..engine.attention import softmax_attention
 from ..engine.tokens import TokenState, apply_plan
-from ..interfaces import LlavaMethod, Plan
+from ..interfaces import LlavaMethod, Plan, TokenSignals
 
 Tensor = torch.Tensor
 
@@ -85,6 +87,22 @@ def cls_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
     kh = k.float().reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
     _, probs = softmax_attention(qh, kh, scale=scale)  # [B, H, 1, N]
     return probs.mean(dim=1)[:, 0, 1:]
+
+
+def tap_keys(tap) -> Tensor:
+    """One tapped layer's patch keys ``[crops, N, d]``: from the tower's k (CLS first), or as a
+    [CLS]-free tower's adapter gives them (:class:`~vitcompress.interfaces.TokenSignals`)."""
+    if isinstance(tap, TokenSignals):
+        return tap.keys
+    return patch_keys(tap.k, tap.num_heads)
+
+
+def tap_attention(tap) -> Tensor:
+    """One tapped layer's [CLS] attention over the patches ``[crops, N]``: the CLS row of the tower's
+    q/k, or the stand-in a [CLS]-free tower's adapter computed."""
+    if isinstance(tap, TokenSignals):
+        return tap.attention
+    return cls_attention(tap.q, tap.k, tap.num_heads, tap.scale)
 
 
 def iqr_outliers(scores: Tensor) -> Tensor:
@@ -243,9 +261,9 @@ class TokenCorr(LlavaMethod):
         all crops of the call together, so the signals are computed once per call."""
         key, deep, shallow = taps
         with torch.no_grad():
-            keys = patch_keys(key.k, key.num_heads)  # [crops, N, d]
-            deep_attention = cls_attention(deep.q, deep.k, deep.num_heads, deep.scale)
-            shallow_attention = cls_attention(shallow.q, shallow.k, shallow.num_heads, shallow.scale)
+            keys = tap_keys(key)  # [crops, N, d]
+            deep_attention = tap_attention(deep)
+            shallow_attention = tap_attention(shallow)
         generator_of = functools.partial(self.generator, options, keys.device)
         reduced, reports, first = [], [], 0
         for features, (layout, crops) in zip(images, layouts):

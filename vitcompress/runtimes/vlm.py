@@ -12,18 +12,24 @@ The adapter knows the model; what :class:`LlavaRuntime` asks of it:
   ``[L, D]`` per image / video, ``join_units(modality, units, expansion)`` back;
 * ``crop_layouts(inputs)``, ``video_units(modality, inputs, features)``,
   ``uncompressed_counts(modality, inputs, reduced)`` (a ViT method inside the tower);
-* ``with_features(inputs, encoded)``: the call's arguments with the pixels replaced by features.
+* ``with_features(inputs, encoded)``: the call's arguments with the pixels replaced by features;
+* optional, for positions that say where each token was (Qwen-VL's M-RoPE): ``prompt_columns(inputs,
+  units)`` -> the ``sources`` and ``columns`` of :func:`~vitcompress.runtimes.prompt.rewrite_prompt`
+  (``units``: the per-unit stats of the call), and ``prefilled(prepared)``, told the rewritten call.
+
+:func:`prefill_hook` and :func:`compressed_generate` are what an adapter patches onto the model.
 
 Configuration on the model, state per call: nothing is written on the runtime or the adapter
 during a call; what the last prefill did is kept per thread.
 """
 import functools
+import inspect
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from ..engine.patching import Patcher, PerThread
-from ..interfaces import Method
+from ..interfaces import Method, runtime_of
 from .prompt import rewrite_prompt, unit_rows
 
 Tensor = torch.Tensor
@@ -132,8 +138,12 @@ class LlavaRuntime:
             encoded[modality] = features
             counts[self.adapter.token_id(modality)] = (modality, old, new)
         prepared = self.adapter.with_features(inputs, encoded)
+        prompt_columns = getattr(self.adapter, "prompt_columns", None)
+        kept_columns = prompt_columns(inputs, units) if prompt_columns is not None else {}
         prepared.update(rewrite_prompt(input_ids, inputs.get("attention_mask"), inputs.get("labels"),
-                                       inputs.get("position_ids"), counts, self.adapter.pad_token_id))
+                                       inputs.get("position_ids"), counts, self.adapter.pad_token_id, **kept_columns))
+        if hasattr(self.adapter, "prefilled"):
+            self.adapter.prefilled(prepared)
         self._last_prefill.set(units)
         return prepared
 
@@ -208,3 +218,53 @@ class LlavaRuntime:
         if self.tower is not None:
             out["tower"] = self.tower.stats()
         return out
+
+
+# ---------------------------------------------------------------- what an adapter patches onto the model
+
+
+def _named_arguments(function, model, args, kwargs) -> Dict[str, Any]:
+    """The call ``function(model, *args, **kwargs)``'s arguments by name (``**kwargs`` flattened)."""
+    signature = inspect.signature(function)
+    arguments = dict(signature.bind(model, *args, **kwargs).arguments)
+    params = list(signature.parameters.values())
+    arguments.pop(params[0].name)  # self
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(p.name, {}))
+    return arguments
+
+
+def prefill_hook(model, args, kwargs):
+    """Forward pre-hook: the call's arguments with the visual tokens reduced at prefill
+    (:meth:`LlavaRuntime.prepare`). A hook rather than a new ``forward`` keeps the model's forward
+    signature, which ``generate`` validates its keyword arguments against."""
+    question = kwargs.pop("question", None)
+    return (), runtime_of(model).prepare(_named_arguments(type(model).forward, model, args, kwargs), question)
+
+
+def compressed_generate(model, *args, **kwargs):
+    """``generate`` on the rewritten prompt; returns the caller's prompt + the generated tokens."""
+    question = kwargs.pop("question", None)
+    kwargs = _named_arguments(type(model).generate, model, args, kwargs)  # positional ones too
+    inputs = kwargs.pop("inputs", None)
+    if inputs is not None:
+        if kwargs.get("input_ids") is not None:
+            raise ValueError("give the prompt either as the first argument or as input_ids=, not both")
+        kwargs["input_ids"] = inputs
+    original = kwargs.get("input_ids")
+    config = kwargs.get("generation_config") or model.generation_config
+    expansion = max(kwargs.get("num_beams") or config.num_beams or 1, 1) * max(
+        kwargs.get("num_return_sequences") or config.num_return_sequences or 1, 1)
+    prepared = runtime_of(model).prepare(kwargs, question, expansion)
+    out = type(model).generate(model, **prepared)
+    if prepared is kwargs or original is None:
+        return out
+    sequences = out if isinstance(out, Tensor) else out.sequences
+    start = prepared["input_ids"].shape[1]
+    prompt = original.repeat_interleave(sequences.shape[0] // original.shape[0], dim=0).to(sequences.device)
+    sequences = torch.cat([prompt, sequences[:, start:]], dim=1)
+    if isinstance(out, Tensor):
+        return sequences
+    out.sequences = sequences
+    return out
