@@ -190,3 +190,32 @@ def llava_inputs(model, kind, images=noise_and_flat):
     ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
     mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
     return dict(input_ids=ids, attention_mask=mask, **kw)
+
+
+# --------------------------------------------------------------------------- VisionZip / CDPruner on LLaVA
+
+LLAVA_CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                       max_position_embeddings=16, bos_token_id=98, eos_token_id=99, pad_token_id=0)
+
+
+def char_tokenizer(text, return_tensors="pt"):
+    """A stand-in CLIP tokenizer: BOS, one id per character, EOS (:data:`LLAVA_CLIP_TEXT`'s ids), unpadded."""
+    from transformers import BatchEncoding
+
+    ids = [[98] + [2 + ord(ch) % 90 for ch in t] + [99] for t in text]
+    return BatchEncoding({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), len(ids[0]),
+                                                                                         dtype=torch.long)})
+
+
+def tiny_llava_clip(model):
+    """A random CLIP model whose vision tower is ``model``'s (a tiny LLaVA's), as the tower's own
+    checkpoint would be: what CDPruner's ``clip=`` takes."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = model.config.vision_config
+    torch.manual_seed(5)
+    clip = CLIPModel(CLIPConfig(vision_config=vision.to_dict(), text_config=LLAVA_CLIP_TEXT,
+                                projection_dim=vision.projection_dim)).eval()
+    tower = model.model.vision_tower
+    clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
+    return clip

@@ -1,0 +1,155 @@
+"""VisionZip (CVPR 2025), training-free: a few dominant visual tokens plus a few contextual ones,
+chosen in the vision tower, before the language model.
+
+Per image crop, from one tower layer (``layer=-2``: official VisionZip reads the attention, keys and
+hidden states of CLIP's second-to-last layer, the layer LLaVA feeds to its language model):
+
+* **Dominant tokens**, :func:`dominant_patches`: the patches the [CLS] token attends to most (the
+  layer's softmax attention from [CLS], over the heads); ``dominant`` counts the [CLS] token itself,
+  which is kept too, as the official ``visionzip(model, dominant=54, contextual=10)`` does (53
+  patches + [CLS]).
+* **Contextual tokens**, :func:`contextual_tokens`: of the remaining patches (in index order), every
+  ``max(1, R // contextual)``-th one is a target (the first ``contextual`` of them); every other patch
+  joins the target whose key is most similar (cosine of the keys averaged over heads), and a target's
+  token is its own hidden state **plus the mean** of the hidden states that joined it (the official
+  formula; not an average including the target).
+* The tokens handed on, per crop: ``[CLS, dominant patches in index order, contextual tokens]``,
+  taken from the output of the model's feature layer and passed through the model's projector.
+  The paper's budgets on LLaVA-1.5's 576 patches: 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30.
+
+Towers without a class token: the official code supports CLIP towers (LLaVA-1.5 / NeXT) only and
+reads the [CLS] row of the attention; vitcompress's adapter refuses a tower without [CLS].
+LLaVA-NeXT's anyres crops are not supported here (the official code re-packs them its own way,
+without unpadding); this module reduces LLaVA-1.5 images.
+"""
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..interfaces import LlavaMethod
+from .tokencorr import cls_attention
+
+Tensor = torch.Tensor
+
+#: the paper's LLaVA-1.5 settings: total tokens -> (dominant with [CLS], contextual)
+PAPER_SPLITS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
+
+
+def dominant_patches(cls_attn: Tensor, num: int) -> Tensor:
+    """``cls_attn[B, N]`` -> the ``num`` most attended patches of each row, ascending ``[B, num]``."""
+    return cls_attn.topk(num, dim=-1).indices.sort(dim=-1).values
+
+
+def remaining_patches(dominant: Tensor, num_patches: int) -> Tensor:
+    """The patches not in ``dominant[B, n]``, ascending ``[B, N - n]``."""
+    rest = torch.ones(dominant.shape[0], num_patches, dtype=torch.bool, device=dominant.device)
+    rest.scatter_(1, dominant, False)
+    return rest.nonzero()[:, 1].reshape(dominant.shape[0], -1)
+
+
+def contextual_targets(remaining: int, num: int) -> Tensor:
+    """Positions (among the ``remaining`` patches) of the ``num`` targets: every ``max(1, R // num)``-th."""
+    return torch.arange(0, remaining, max(1, remaining // num))[:num]
+
+
+def contextual_tokens(keys: Tensor, hidden: Tensor, num: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``keys[B, R, d]`` and ``hidden[B, R, C]`` of the remaining patches -> (contextual tokens
+    ``[B, num, C]``, target positions ``[num]``, the target each other patch joined ``[B, R - num]``)."""
+    B, R, _ = keys.shape
+    targets = contextual_targets(R, num).to(keys.device)
+    others = torch.ones(R, dtype=torch.bool, device=keys.device)
+    others[targets] = False
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    joined = (unit[:, others] @ unit[:, targets].transpose(1, 2)).argmax(dim=-1)  # [B, R - num]
+    sums = hidden.new_zeros(B, targets.numel(), hidden.shape[-1])
+    sums.scatter_add_(1, joined[..., None].expand(-1, -1, hidden.shape[-1]), hidden[:, others])
+    counts = torch.zeros(B, targets.numel(), dtype=hidden.dtype, device=hidden.device)
+    counts.scatter_add_(1, joined, torch.ones_like(joined, dtype=hidden.dtype))
+    return hidden[:, targets] + sums / counts.clamp(min=1)[..., None], targets, joined
+
+
+def visionzip_tokens(cls_attn: Tensor, keys: Tensor, hidden: Tensor, dominant: int,
+                     contextual: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Crops ``[B]``: ``cls_attn[B, N]`` over the patches, patch ``keys[B, N, d]``, the layer's output
+    ``hidden[B, 1 + N, C]`` (CLS first) -> tokens ``[B, dominant + contextual, C]`` and the choice:
+    ``dominant`` patches ``[B, dominant - 1]``, ``contextual`` target patches and the target each
+    other remaining patch ``joined`` (patch indices 0..N-1)."""
+    B, N = cls_attn.shape
+    top = dominant_patches(cls_attn, dominant - 1)
+    rest = remaining_patches(top, N)
+    patches = hidden[:, 1:]
+    gather = torch.gather
+    rest_keys = gather(keys, 1, rest[..., None].expand(-1, -1, keys.shape[-1]))
+    rest_hidden = gather(patches, 1, rest[..., None].expand(-1, -1, patches.shape[-1]))
+    context, targets, joined = contextual_tokens(rest_keys, rest_hidden, contextual)
+    kept = gather(patches, 1, top[..., None].expand(-1, -1, patches.shape[-1]))
+    tokens = torch.cat([hidden[:, :1], kept, context], dim=1)
+    others = torch.ones(rest.shape[1], dtype=torch.bool, device=rest.device)
+    others[targets] = False
+    target_patches = rest[:, targets]
+    return tokens, {"dominant": top, "contextual": target_patches, "merged": rest[:, others],
+                    "joined": torch.gather(target_patches, 1, joined)}
+
+
+class VisionZip(LlavaMethod):
+    """Descriptor: reads the tower's q/k in one layer and the model's feature layer, and hands the
+    language model each crop's dominant and contextual tokens (:func:`visionzip_tokens`)."""
+
+    name = "visionzip"
+    kind = "merge"
+    dynamic = False
+    target = "llava"
+    unit = "crop"
+    reads_features = True
+    defaults = {"dominant": 54, "contextual": 10, "layer": -2}
+    option_help = {
+        "dominant": "tokens kept by [CLS] attention, the [CLS] token included (paper: 54 / 108 / 162)",
+        "contextual": "tokens the other patches are merged into by key similarity (paper: 10 / 20 / 30)",
+        "layer": "vision-tower layer whose [CLS] attention and keys are read (negative: from the end)",
+    }
+    default_budget = {"keep": None}  # set by dominant= and contextual=
+
+    def check_budget(self, budget) -> None:
+        if budget.value is not None:
+            raise ValueError(f"{self.name} keeps dominant + contextual tokens per image (the paper's 64 / 128 / 192: "
+                             f"dominant=54/108/162, contextual=10/20/30); it takes no keep=/r=/flops= "
+                             f"(got {budget.describe()})")
+
+    def validate(self, options) -> None:
+        for name, least in (("dominant", 1), ("contextual", 1)):
+            v = options[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{name}={v!r}: a number of tokens, an int >= {least}")
+        layer = options["layer"]
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer={layer!r}: an index into the vision tower's encoder layers (int; negative "
+                            "counts from the end)")
+
+    def tower_layers(self, options, depth: int) -> Tuple[int]:
+        layer = options["layer"]
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer={layer} is outside the vision tower's {depth} encoder layers "
+                             f"(use -{depth} .. {depth - 1})")
+        return (layer % depth,)
+
+    def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
+                      options: Dict[str, Any], project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        attention, features = taps
+        if any(crops != 1 for _, crops in layouts):
+            raise TypeError("visionzip reduces LLaVA-1.5 images (one crop each); LLaVA-NeXT anyres crops are not "
+                            "supported")
+        N = attention.k.shape[1] - 1
+        dominant, contextual = options["dominant"], options["contextual"]
+        if dominant - 1 + contextual > N:
+            raise ValueError(f"dominant={dominant} + contextual={contextual} tokens need more than the "
+                             f"{N} patches of a crop")
+        with torch.no_grad():
+            cls_attn = cls_attention(attention.q, attention.k, attention.num_heads, attention.scale)
+            keys = attention.k.reshape(*attention.k.shape[:2], attention.num_heads, -1).mean(dim=2)[:, 1:]
+            tokens, choice = visionzip_tokens(cls_attn, keys, features.hidden, dominant, contextual)
+            projected = project(tokens)
+        reports = [{"kept": choice["dominant"][i].tolist(), "contextual": choice["contextual"][i].tolist(),
+                    "merged": torch.stack([choice["merged"][i], choice["joined"][i]], dim=1).tolist(),
+                    "cls_tokens": 1} for i in range(len(images))]
+        return [projected[i].to(images[i].dtype) for i in range(len(images))], reports
