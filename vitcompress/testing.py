@@ -198,6 +198,19 @@ LLAVA_CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2
                        max_position_embeddings=16, bos_token_id=98, eos_token_id=99, pad_token_id=0)
 
 
+def tiny_llava_576():
+    """A random LLaVA-1.5 with its tower's shape (24 x 24 patches, 24 layers) and a language model
+    256 wide: CDPruner's kernel (the projected tokens' cosine similarity) then has rank 256, enough
+    for the paper's 64 / 128 / 192 tokens (a greedy DPP cannot pick more tokens than that rank)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(**dict(LLAVA_VISION, image_size=96, num_hidden_layers=24)),
+        text_config=LlamaConfig(**dict(LLAVA_TEXT, hidden_size=256, intermediate_size=256)),
+        image_token_index=LLAVA_IMAGE_TOKEN)).eval()
+
+
 def char_tokenizer(text, return_tensors="pt"):
     """A stand-in CLIP tokenizer: BOS, one id per character, EOS (:data:`LLAVA_CLIP_TEXT`'s ids), unpadded."""
     from transformers import BatchEncoding
@@ -219,3 +232,13 @@ def tiny_llava_clip(model):
     tower = model.model.vision_tower
     clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
     return clip
+
+
+def llava_prompts(model, pixel_values):
+    """LLaVA-1.5 prompts of different lengths, one image each, for ``pixel_values[B, 3, H, W]``."""
+    patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    rows = [[1] + [5 + b] * b + [LLAVA_IMAGE_TOKEN] * patches + [7, 8] for b in range(pixel_values.shape[0])]
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)

@@ -15,9 +15,9 @@ weights go across in a temporary file); nothing of the official code is stored. 
 
 * ``visionzip``: ``CLIPVisionTower_VisionZip.forward`` (``visionzip/clip_encoder.py``) with the official
   ``apply_info`` and the patched ``CLIPEncoderLayer`` / ``CLIPAttention`` forwards (``visionzip/utils.py``) on
-  the 24-layer tower of ``tiny_llava("llava", image_size=96)`` (576 patches, as LLaVA-1.5), for the paper's
-  three splits 54+10, 108+20, 162+30: the kept dominant patches and the tokens it returns (before the
-  projector). Shim: none; ``self`` is a namespace holding the tower, its device and dtype.
+  the 24-layer tower of ``tiny_llava_576()`` (576 patches, as LLaVA-1.5), for the paper's
+  three splits 54+10, 108+20, 162+30: the kept dominant patches, and for 54+10 the tokens it returns
+  (before the projector). Shim: none; ``self`` is a namespace holding the tower, its device and dtype.
 * ``cdpruner``: ``LlavaMetaForCausalLM.encode_images`` (``llava/model/llava_arch.py``) with the official
   ``CLIPVisionTower.forward`` (``llava/model/multimodal_encoder/clip_encoder.py``, feature layer -2, patches)
   on the same LLaVA-1.5 tower (64 / 128 / 192 tokens) and on the crops of ``tiny_llava("next")``'s two images
@@ -53,7 +53,6 @@ CD_TOKENS = [64, 128, 192]
 NEXT_TOKENS = 16
 QUESTIONS = ["What is the man holding in his left hand?", "Is there a red car parked next to the small house on the "
              "left side of the street?", "Count the birds.", "Which sign is larger?"]
-LLAVA_96 = dict(image_size=96, num_hidden_layers=24)  # 24 x 24 patches and 24 layers: LLaVA-1.5's tower shape
 
 
 def llava_images(count: int = 4) -> torch.Tensor:
@@ -91,7 +90,7 @@ def official_visionzip(root: str, blob: dict) -> list:
         utils.apply_info(tower, dominant_num=dominant - 1, contextual_num=contextual)  # as visionzip() does
         shim = types.SimpleNamespace(vision_tower=tower, device=torch.device("cpu"), dtype=torch.float32)
         tokens, indices = encoder.CLIPVisionTower_VisionZip.forward(shim, blob["vz_images"])
-        out.append(dict(dominant=dominant, contextual=contextual, tokens=tokens,
+        out.append(dict(dominant=dominant, contextual=contextual, tokens=tokens if not out else None,  # first split
                         kept=(indices[:, 1:] - 1).sort(dim=1).values))
     CLIPEncoderLayer.forward, CLIPAttention.forward = originals  # CDPruner runs the plain tower
     return out
@@ -180,9 +179,9 @@ def next_crops(model, inputs) -> list:
 
 
 def record(root: str, out: str, tf4_site: str) -> dict:
-    from vitcompress.testing import LLAVA_CLIP_TEXT, llava_inputs, tiny_llava
+    from vitcompress.testing import LLAVA_CLIP_TEXT, llava_inputs, tiny_llava, tiny_llava_576
 
-    llava, nxt = tiny_llava("llava", **LLAVA_96), tiny_llava("next")
+    llava, nxt = tiny_llava_576(), tiny_llava("next")
     crops = next_crops(nxt, llava_inputs(nxt, "next"))
     blob = dict(_tower_blob("vz", llava), **_tower_blob("next", nxt), vz_images=llava_images(),
                 next_crops=crops, text_config=dict(LLAVA_CLIP_TEXT, projection_dim=16))
