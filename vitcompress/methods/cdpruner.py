@@ -128,6 +128,7 @@ class CDPruner(LlavaMethod):
         "tokenizer": "the CLIP model's tokenizer, with clip=",
         "scorer": "callable(patch_features, question) -> cosine similarity per patch, instead of clip=",
     }
+    keep_means = "not used: the tokens kept are tokens= per crop"
     default_budget = {"keep": None}  # set by tokens=
 
     def check_budget(self, budget) -> None:

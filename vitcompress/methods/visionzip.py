@@ -108,6 +108,7 @@ class VisionZip(LlavaMethod):
         "contextual": "tokens the other patches are merged into by key similarity (paper: 10 / 20 / 30)",
         "layer": "vision-tower layer whose [CLS] attention and keys are read (negative: from the end)",
     }
+    keep_means = "not used: the tokens kept are dominant= + contextual= per image"
     default_budget = {"keep": None}  # set by dominant= and contextual=
 
     def check_budget(self, budget) -> None:

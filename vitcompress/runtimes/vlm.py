@@ -209,7 +209,8 @@ class LlavaRuntime:
         out = {
             "method": self.method.name,
             "family": self.adapter.family,
-            "budget": "content-dependent" if self.budget.value is None else self.budget.describe(),
+            "budget": self.budget.describe() if self.budget.value is not None else (
+                "content-dependent" if self.method.dynamic else "set by the method's options"),
             "options": {k: (v if v is None or isinstance(v, (int, float, str, bool, tuple, list))
                             else type(v).__name__) for k, v in self.options.items()},
         }
