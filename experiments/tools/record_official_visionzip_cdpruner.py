@@ -159,12 +159,13 @@ def _tower_blob(prefix: str, model) -> dict:
     tower = model.model.vision_tower
     clip = tiny_llava_clip(model)
     projector = model.model.multi_modal_projector
-    return {f"{prefix}_config": {k: v for k, v in model.config.vision_config.to_dict().items()
-                                 if k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                          "image_size", "patch_size", "projection_dim")},
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
+             "projection_dim")
+    text = ("text_model.", "text_projection")
+    return {f"{prefix}_config": {k: v for k, v in model.config.vision_config.to_dict().items() if k in shape},
             f"{prefix}_tower": getattr(tower, "vision_model", tower).state_dict(),
             f"{prefix}_visual_projection": clip.visual_projection.weight.detach().clone(),
-            f"{prefix}_text": {k: v for k, v in clip.state_dict().items() if k.startswith(("text_model.", "text_projection"))},
+            f"{prefix}_text": {k: v for k, v in clip.state_dict().items() if k.startswith(text)},
             f"{prefix}_projector": {"0.weight": projector.linear_1.weight, "0.bias": projector.linear_1.bias,
                                     "2.weight": projector.linear_2.weight, "2.bias": projector.linear_2.bias}}
 

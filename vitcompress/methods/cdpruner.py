@@ -32,7 +32,6 @@ relevance over the whole batch; here each image uses its own sample's question a
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..interfaces import LlavaMethod
 

@@ -25,7 +25,6 @@ without unpadding); this module reduces LLaVA-1.5 images.
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..interfaces import LlavaMethod
 from .tokencorr import cls_attention
@@ -79,11 +78,10 @@ def visionzip_tokens(cls_attn: Tensor, keys: Tensor, hidden: Tensor, dominant: i
     top = dominant_patches(cls_attn, dominant - 1)
     rest = remaining_patches(top, N)
     patches = hidden[:, 1:]
-    gather = torch.gather
-    rest_keys = gather(keys, 1, rest[..., None].expand(-1, -1, keys.shape[-1]))
-    rest_hidden = gather(patches, 1, rest[..., None].expand(-1, -1, patches.shape[-1]))
+    rest_keys = torch.gather(keys, 1, rest[..., None].expand(-1, -1, keys.shape[-1]))
+    rest_hidden = torch.gather(patches, 1, rest[..., None].expand(-1, -1, patches.shape[-1]))
     context, targets, joined = contextual_tokens(rest_keys, rest_hidden, contextual)
-    kept = gather(patches, 1, top[..., None].expand(-1, -1, patches.shape[-1]))
+    kept = torch.gather(patches, 1, top[..., None].expand(-1, -1, patches.shape[-1]))
     tokens = torch.cat([hidden[:, :1], kept, context], dim=1)
     others = torch.ones(rest.shape[1], dtype=torch.bool, device=rest.device)
     others[targets] = False

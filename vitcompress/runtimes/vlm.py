@@ -59,8 +59,8 @@ class TowerTaps:
         return sorted({layer for layer, _, _ in self.layers})
 
     def hook(self, layer: int, projection: str) -> Callable:
-        """The forward hook for ``layer``'s ``projection`` ("q", "k", or "hidden": the layer's output); a partial of a bound method,
-        so deepcopy and pickle of the model carry it to the copy's taps."""
+        """The forward hook for ``layer``'s ``projection`` ("q", "k", or "hidden": the layer's output); a
+        partial of a bound method, so deepcopy and pickle of the model carry it to the copy's taps."""
         return functools.partial(self._record, layer, projection)
 
     def _record(self, layer: int, projection: str, module, args, output) -> None:
