@@ -246,7 +246,7 @@ def test_visionzip_dominant_tokens_are_the_cls_attention_top():
 
 
 @pytest.mark.parametrize("kind,method,kwargs,error,match", [
-    ("next", "visionzip", {}, TypeError, "LLaVA-NeXT anyres"),
+    ("next", "visionzip", {}, TypeError, "LLaVA-NeXT anyres crops of a LlavaNext"),
     ("llava", "visionzip", dict(keep=0.5), ValueError, "dominant=54/108/162"),
     ("llava", "cdpruner", dict(tokens=8), ValueError, "exactly one of clip="),
     ("llava", "cdpruner", dict(tokens=8, scorer=lambda p, q: p.mean(-1), tokenizer=char_tokenizer), ValueError,

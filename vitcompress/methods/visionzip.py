@@ -100,6 +100,7 @@ class VisionZip(LlavaMethod):
     target = "llava"
     unit = "crop"
     reads_features = True
+    anyres = False  # the official anyres packing is not implemented
     defaults = {"dominant": 54, "contextual": 10, "layer": -2}
     option_help = {
         "dominant": "tokens kept by [CLS] attention, the [CLS] token included (paper: 54 / 108 / 162)",
@@ -135,9 +136,6 @@ class VisionZip(LlavaMethod):
     def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
                       options: Dict[str, Any], project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
         attention, features = taps
-        if any(crops != 1 for _, crops in layouts):
-            raise TypeError("visionzip reduces LLaVA-1.5 images (one crop each); LLaVA-NeXT anyres crops are not "
-                            "supported")
         N = attention.k.shape[1] - 1
         dominant, contextual = options["dominant"], options["contextual"]
         if dominant - 1 + contextual > N:
