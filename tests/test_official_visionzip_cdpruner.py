@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import vitcompress
-from vitcompress.testing import char_tokenizer, llava_inputs, llava_prompts, tiny_llava, tiny_llava_576, tiny_llava_clip
+from vitcompress.testing import (char_tokenizer, llava_inputs, llava_next_576_inputs, llava_prompts, tiny_llava,
+                                 tiny_llava_576, tiny_llava_clip, tiny_llava_next_576)
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "official_visionzip_cdpruner.pt")
 REC = torch.load(DATA, weights_only=False)
@@ -55,7 +56,8 @@ def default_first(cases):
     return [c if i == 0 else pytest.param(c, marks=pytest.mark.slow) for i, c in enumerate(cases)]
 
 
-@pytest.mark.parametrize("case", default_first(REC["visionzip"]), ids=lambda c: f"{c['dominant']}+{c['contextual']}")
+@pytest.mark.parametrize("case", default_first(REC["visionzip"]["llava"]),
+                         ids=lambda c: f"{c['dominant']}+{c['contextual']}")
 def test_visionzip_keeps_the_official_tokens(llava, case):
     """The paper's three budgets on 576 patches: the same dominant patches as the official code, and
     the same tokens (CLS, dominant, contextual; the official ones through the model's projector)."""
@@ -112,3 +114,22 @@ def test_cdpruner_on_next_crops_keeps_the_official_tokens():
         assert unit["kept"] == [m.nonzero().flatten().tolist() for m in masks]
     assert [len(m) for m in case["masks"]] == [5, 5]  # base + 4 crops each; sizes differ, so do the unpadded grids
     assert stats["image"][0]["tokens_before"] != stats["image"][1]["tokens_before"]
+
+
+@pytest.mark.slow
+def test_visionzip_on_next_crops_packs_as_the_official_code():
+    """LLaVA-NeXT (crops of 576 patches; images of a 1 x 2 and a 2 x 2 crop grid, different sizes):
+    per crop the official dominant patches, and the language model gets the official packing (base
+    crop, grid dominant tokens in raster order, every grid crop's [CLS], every contextual token)."""
+    model = tiny_llava_next_576()
+    inputs = llava_next_576_inputs(model)
+    vitcompress.compress(model, "visionzip")  # 54 + 10, the recording's
+    try:
+        features, stats = prefill(model, inputs)
+    finally:
+        vitcompress.restore(model)
+    for unit, tokens, case in zip(stats["image"], features, REC["visionzip"]["next"]):
+        assert [crop["kept"] for crop in unit["crops"]] == case["kept"].tolist()
+        assert unit["tokens_after"] == case["tokens"].shape[0] == len(case["kept"]) * 64
+        torch.testing.assert_close(tokens, case["tokens"], rtol=1e-4, atol=1e-5)
+    assert [c["grid"] for c in REC["visionzip"]["next"]] == [(1, 2), (2, 2)]

@@ -245,8 +245,6 @@ class LlavaMethod(Method):
     reads_features: bool = False
     #: a crop method given each image's question (``questions=``, from the call's ``question=``)
     needs_question: bool = False
-    #: a crop method that reduces LLaVA-NeXT's anyres crops too (False: single-crop images only)
-    anyres: bool = True
 
     def check_budget(self, budget: Any) -> None:
         """Refuse a budget (``schedule.Budget``) this method cannot take; by default only ``keep=``."""

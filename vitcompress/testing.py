@@ -211,6 +211,33 @@ def tiny_llava_576():
         image_token_index=LLAVA_IMAGE_TOKEN)).eval()
 
 
+LLAVA_NEXT_576_PINPOINTS = [[96, 192], [192, 96], [192, 192]]
+
+
+def tiny_llava_next_576():
+    """A random LLaVA-NeXT whose crops have LLaVA's tower shape (24 x 24 patches, 24 layers)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    return LlavaNextForConditionalGeneration(LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**dict(LLAVA_VISION, image_size=96, num_hidden_layers=24)),
+        text_config=LlamaConfig(**LLAVA_TEXT), image_token_index=LLAVA_IMAGE_TOKEN,
+        image_grid_pinpoints=LLAVA_NEXT_576_PINPOINTS)).eval()
+
+
+def llava_next_576_inputs(model):
+    """Two prompts with one image each, 90 x 190 (a 1 x 2 crop grid) and 192 x 192 (2 x 2)."""
+    pixels = torch.randn(2, 5, 3, 96, 96, generator=torch.Generator().manual_seed(13))
+    sizes = torch.tensor([[90, 190], [192, 192]])
+    with torch.no_grad():
+        counts = [f.shape[0] for f in model.model.get_image_features(pixels, sizes).pooler_output]
+    rows = [[1, 5] + [LLAVA_IMAGE_TOKEN] * counts[0] + [7, 8], [1, 6] + [LLAVA_IMAGE_TOKEN] * counts[1] + [9]]
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+
+
 def char_tokenizer(text, return_tensors="pt"):
     """A stand-in CLIP tokenizer: BOS, one id per character, EOS (:data:`LLAVA_CLIP_TEXT`'s ids), unpadded."""
     from transformers import BatchEncoding

@@ -18,6 +18,12 @@ weights go across in a temporary file); nothing of the official code is stored. 
   the 24-layer tower of ``tiny_llava_576()`` (576 patches, as LLaVA-1.5), for the paper's
   three splits 54+10, 108+20, 162+30: the kept dominant patches, and for 54+10 the tokens it returns
   (before the projector). Shim: none; ``self`` is a namespace holding the tower, its device and dtype.
+  ``visionzip.next``: on ``tiny_llava_next_576()`` (crops of 24 x 24 patches; images of 1 + 2 and 1 + 4
+  crops), the same forward per image, the projector, and the packing of its ``spatial_unpad`` branch
+  (base crop, then ``restore_image_features_sorted`` with the crop grid's shape, which the official code
+  takes from LLaVA's ``get_anyres_image_grid_shape`` and this script from transformers' equal one; its
+  ``import llava.mm_utils`` is served by CDPruner's copy of LLaVA): the tokens the language model gets
+  (54 + 10).
 * ``cdpruner``: ``LlavaMetaForCausalLM.encode_images`` (``llava/model/llava_arch.py``) with the official
   ``CLIPVisionTower.forward`` (``llava/model/multimodal_encoder/clip_encoder.py``, feature layer -2, patches)
   on the same LLaVA-1.5 tower (64 / 128 / 192 tokens) and on the crops of ``tiny_llava("next")``'s two images
@@ -84,23 +90,61 @@ def official_visionzip(root: str, blob: dict) -> list:
     originals = CLIPEncoderLayer.forward, CLIPAttention.forward
     CLIPEncoderLayer.forward = utils.CLIP_EncoderLayer_forward  # what visionzip.main.visionzip() patches
     CLIPAttention.forward = utils.CLIPAttention_forward
-    out = []
+    out = dict(llava=[])
     for dominant, contextual in VZ_SPLITS:
         tower = _clip_vision(blob["vz_config"], blob["vz_tower"])
         utils.apply_info(tower, dominant_num=dominant - 1, contextual_num=contextual)  # as visionzip() does
         shim = types.SimpleNamespace(vision_tower=tower, device=torch.device("cpu"), dtype=torch.float32)
         tokens, indices = encoder.CLIPVisionTower_VisionZip.forward(shim, blob["vz_images"])
-        out.append(dict(dominant=dominant, contextual=contextual, tokens=tokens if not out else None,  # first split
-                        kept=(indices[:, 1:] - 1).sort(dim=1).values))
+        out["llava"].append(dict(dominant=dominant, contextual=contextual, kept=(indices[:, 1:] - 1).sort(dim=1).values,
+                                 tokens=None if out["llava"] else tokens))  # tokens: the first split's
+    out["next"] = official_visionzip_next(root, blob, encoder, utils)
     CLIPEncoderLayer.forward, CLIPAttention.forward = originals  # CDPruner runs the plain tower
     return out
 
 
-def official_cdpruner(root: str, blob: dict) -> dict:
+def official_visionzip_next(root: str, blob: dict, encoder, utils) -> list:
+    """LLaVA-NeXT: each image's crops through the official tower forward and the projector, then its
+    ``prepare_inputs_labels_for_multimodal_visionzip`` branch for ``spatial_unpad`` (base crop, then
+    ``restore_image_features_sorted`` of the grid crops) -- the tokens the language model gets."""
+    _llava_package(root)
+    arch = importlib.import_module("visionzip.llava_arch")
+    dominant, contextual = VZ_SPLITS[0]
+    projector = _projector(blob["vznext_projector"])
+    out = []
+    for crops, (rows, columns) in zip(blob["vznext_crops"], blob["vznext_grids"]):
+        tower = _clip_vision(blob["vznext_config"], blob["vznext_tower"])
+        utils.apply_info(tower, dominant_num=dominant - 1, contextual_num=contextual)
+        shim = types.SimpleNamespace(vision_tower=tower, device=torch.device("cpu"), dtype=torch.float32)
+        features, keep = encoder.CLIPVisionTower_VisionZip.forward(shim, crops)
+        features = projector(features)
+        model = types.SimpleNamespace(model=types.SimpleNamespace(image_newline=torch.zeros(features.shape[-1])))
+        grid = arch.restore_image_features_sorted(model, features[1:], keep[1:], columns, rows)
+        out.append(dict(tokens=torch.cat([features[0], grid]), kept=(keep[:, 1:] - 1).sort(dim=1).values,
+                        grid=(rows, columns)))
+    return out
+
+
+def _llava_package(root: str) -> None:
+    """LLaVA's ``llava`` package as empty packages over CDPruner's copy of it (VisionZip imports
+    ``llava.constants`` and ``llava.mm_utils``; CDPruner is a LLaVA fork)."""
     repo = os.path.join(root, "CDPruner")
-    sys.path.insert(0, repo)
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
     for name in ("llava", "llava.model", "llava.model.multimodal_encoder", "llava.model.multimodal_projector"):
         _package(name, os.path.join(repo, *name.split(".")))
+
+
+def _projector(weights: dict):
+    """LLaVA's mlp2x_gelu projector with the given weights."""
+    projector = torch.nn.Sequential(torch.nn.Linear(*weights["0.weight"].shape[::-1]), torch.nn.GELU(),
+                                    torch.nn.Linear(*weights["2.weight"].shape[::-1]))
+    projector.load_state_dict(weights)
+    return projector
+
+
+def official_cdpruner(root: str, blob: dict) -> dict:
+    _llava_package(root)
     torch.cuda.Stream = lambda *a, **k: None  # the shim: CPU, one stream
     torch.cuda.stream = lambda stream: contextlib.nullcontext()
     torch.cuda.synchronize = lambda *a, **k: None
@@ -125,10 +169,7 @@ def official_cdpruner(root: str, blob: dict) -> dict:
         text.load_state_dict(blob[f"{kind}_text"])
         tower.text_tokenizer, tower.text_tower = tokenizer, text
         tower.max_position_embeddings = text.config.max_position_embeddings
-        weights = blob[f"{kind}_projector"]  # LLaVA's mlp2x_gelu projector
-        projector = torch.nn.Sequential(torch.nn.Linear(*weights["0.weight"].shape[::-1]), torch.nn.GELU(),
-                                        torch.nn.Linear(*weights["2.weight"].shape[::-1]))
-        projector.load_state_dict(weights)
+        projector = _projector(blob[f"{kind}_projector"])
         model = types.SimpleNamespace(get_vision_tower=lambda: tower, mm_projector=projector)
         return model
 
@@ -180,12 +221,19 @@ def next_crops(model, inputs) -> list:
 
 
 def record(root: str, out: str, tf4_site: str) -> dict:
-    from vitcompress.testing import LLAVA_CLIP_TEXT, llava_inputs, tiny_llava, tiny_llava_576
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-    llava, nxt = tiny_llava_576(), tiny_llava("next")
+    from vitcompress.testing import (LLAVA_CLIP_TEXT, LLAVA_NEXT_576_PINPOINTS, llava_inputs, llava_next_576_inputs,
+                                     tiny_llava, tiny_llava_576, tiny_llava_next_576)
+
+    llava, nxt, vznext = tiny_llava_576(), tiny_llava("next"), tiny_llava_next_576()
     crops = next_crops(nxt, llava_inputs(nxt, "next"))
-    blob = dict(_tower_blob("vz", llava), **_tower_blob("next", nxt), vz_images=llava_images(),
-                next_crops=crops, text_config=dict(LLAVA_CLIP_TEXT, projection_dim=16))
+    vznext_inputs = llava_next_576_inputs(vznext)
+    blob = dict(_tower_blob("vz", llava), **_tower_blob("next", nxt), **_tower_blob("vznext", vznext),
+                vz_images=llava_images(), next_crops=crops, text_config=dict(LLAVA_CLIP_TEXT, projection_dim=16),
+                vznext_crops=next_crops(vznext, vznext_inputs),
+                vznext_grids=[get_anyres_image_grid_shape(s.tolist(), LLAVA_NEXT_576_PINPOINTS, 96)
+                              for s in vznext_inputs["image_sizes"]])
     with tempfile.TemporaryDirectory() as tmp:
         blob_path, result_path = os.path.join(tmp, "in.pt"), os.path.join(tmp, "out.pt")
         torch.save(blob, blob_path)
@@ -209,7 +257,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tf4-site", default="/tmp/tf437_site", help="where transformers 4.37.2 is installed")
     args = parser.parse_args(argv)
     data = record(official_repos.official_root(args, REPOS), args.out, args.tf4_site)
-    print(f"recorded {len(data['visionzip'])} VisionZip and {len(data['cdpruner']['llava']) + 1} CDPruner cases from "
+    cases = len(data["visionzip"]["llava"]) + 1, len(data["cdpruner"]["llava"]) + 1
+    print(f"recorded {cases[0]} VisionZip and {cases[1]} CDPruner cases from "
           f"{ {k: v[:8] for k, v in data['commits'].items()} } into {args.out} ({os.path.getsize(args.out)} bytes)")
     return 0
 

@@ -180,9 +180,6 @@ class LlavaAdapter:
                             f"{type(self.tower).__name__} has no [CLS] token (supported: CLIP vision towers)")
         layers = spec.tower_layers(options, len(self.tower_layers))  # fails now for a layer the tower lacks
         strategy = self.config.vision_feature_select_strategy
-        if _FAMILIES[self.family_name]["anyres"] and not spec.anyres:
-            raise TypeError(f"{spec.name} reduces single-crop images (LlavaForConditionalGeneration); the "
-                            f"LLaVA-NeXT anyres crops of a {self.family_name} are not supported")
         if _FAMILIES[self.family_name]["anyres"] and strategy != "default":
             raise ValueError(f"{spec.name} on anyres crops needs vision_feature_select_strategy='default' "
                              f"(got {strategy!r})")

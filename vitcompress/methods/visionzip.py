@@ -19,9 +19,12 @@ hidden states of CLIP's second-to-last layer, the layer LLaVA feeds to its langu
 
 Towers without a class token: the official code supports CLIP towers (LLaVA-1.5 / NeXT) only and
 reads the [CLS] row of the attention; vitcompress's adapter refuses a tower without [CLS].
-LLaVA-NeXT's anyres crops are not supported here (the official code re-packs them its own way,
-without unpadding); this module reduces LLaVA-1.5 images.
+LLaVA-NeXT / NeXT-Video images (:func:`anyres_tokens`): every crop is reduced alike and the image is
+packed as the official code packs it -- the base crop's tokens, the grid crops' dominant tokens on the
+whole grid in raster order (no unpadding, no newlines), every grid crop's [CLS], every grid crop's
+contextual tokens; a one-crop image keeps its newline.
 """
+import math
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
@@ -90,6 +93,30 @@ def visionzip_tokens(cls_attn: Tensor, keys: Tensor, hidden: Tensor, dominant: i
                     "joined": torch.gather(target_patches, 1, joined)}
 
 
+def crop_columns(layout: Tensor, num_patches: int) -> int:
+    """Columns of an anyres image's crop grid, from its packed ``layout`` (``crop * N + patch``, -1 a
+    newline; crop 0 the base image): the most grid crops one packed row holds."""
+    newline = layout == -1
+    row = torch.cumsum(newline.long(), 0) - newline.long()
+    grid = layout >= num_patches
+    return max(len(set((layout[grid & (row == r)] // num_patches).tolist())) for r in row[grid].unique().tolist())
+
+
+def anyres_tokens(tokens: Tensor, dominant: Tensor, columns: int, num_patches: int) -> Tensor:
+    """One LLaVA-NeXT image's tokens as the official VisionZip packs them: ``tokens[crops, n, D]`` per
+    crop ``[CLS, dominant, contextual]`` (crop 0 the base image), ``dominant[crops, d]`` their patch
+    indices -> the base crop's tokens, then the grid crops' dominant tokens in the raster order of the
+    whole grid (not unpadded, no newlines), every grid crop's [CLS], every grid crop's contextual tokens."""
+    base, grid, kept = tokens[0], tokens[1:], dominant[1:]
+    side, d, width = math.isqrt(num_patches), kept.shape[1], grid.shape[-1]
+    crop = torch.arange(grid.shape[0], device=kept.device)[:, None]
+    row = (crop // columns) * side + kept // side
+    col = (crop % columns) * side + kept % side
+    order = (row * (columns * side) + col).flatten().argsort()
+    raster = grid[:, 1:1 + d].reshape(-1, width)[order]
+    return torch.cat([base, raster, grid[:, 0], grid[:, 1 + d:].reshape(-1, width)])
+
+
 class VisionZip(LlavaMethod):
     """Descriptor: reads the tower's q/k in one layer and the model's feature layer, and hands the
     language model each crop's dominant and contextual tokens (:func:`visionzip_tokens`)."""
@@ -100,7 +127,6 @@ class VisionZip(LlavaMethod):
     target = "llava"
     unit = "crop"
     reads_features = True
-    anyres = False  # the official anyres packing is not implemented
     defaults = {"dominant": 54, "contextual": 10, "layer": -2}
     option_help = {
         "dominant": "tokens kept by [CLS] attention, the [CLS] token included (paper: 54 / 108 / 162)",
@@ -146,7 +172,17 @@ class VisionZip(LlavaMethod):
             keys = attention.k.reshape(*attention.k.shape[:2], attention.num_heads, -1).mean(dim=2)[:, 1:]
             tokens, choice = visionzip_tokens(cls_attn, keys, features.hidden, dominant, contextual)
             projected = project(tokens)
-        reports = [{"kept": choice["dominant"][i].tolist(), "contextual": choice["contextual"][i].tolist(),
-                    "merged": torch.stack([choice["merged"][i], choice["joined"][i]], dim=1).tolist(),
-                    "cls_tokens": 1} for i in range(len(images))]
-        return [projected[i].to(images[i].dtype) for i in range(len(images))], reports
+        reduced, reports, first = [], [], 0
+        for image, (layout, crops) in zip(images, layouts):
+            span = slice(first, first + crops)
+            first += crops
+            if crops == 1:  # LLaVA-1.5; a one-crop LLaVA-NeXT image keeps its newline, as the official code
+                reduced.append(torch.cat([projected[span][0], image[layout == -1]]).to(image.dtype))
+            else:
+                reduced.append(anyres_tokens(projected[span], choice["dominant"][span], crop_columns(layout, N),
+                                             N).to(image.dtype))
+            report = [{"kept": choice["dominant"][c].tolist(), "contextual": choice["contextual"][c].tolist(),
+                       "merged": torch.stack([choice["merged"][c], choice["joined"][c]], dim=1).tolist()}
+                      for c in range(span.start, span.stop)]
+            reports.append(dict(report[0], cls_tokens=crops) if crops == 1 else {"crops": report, "cls_tokens": crops})
+        return reduced, reports
