@@ -89,13 +89,17 @@ def test_kept_tokens_compute_what_the_model_computes_when_the_dropped_are_masked
         torch.testing.assert_close(out[b][slot_valid[b]], ref[b][index[b][slot_valid[b]]], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llava", "next"])
+@pytest.mark.parametrize("kind,hole", [("llava", False), ("next", False), ("llava", True)])
 @pytest.mark.parametrize("method,options", CASES)
-def test_generate_with_the_cache_is_the_masked_model(models, kind, method, options):
+def test_generate_with_the_cache_is_the_masked_model(models, kind, hole, method, options):
     """Cached greedy decoding: the tokens and each step's logits of the masked uncompressed model
-    (decoded tokens at their uncompressed positions, each layer's cache columns sliced)."""
+    (decoded tokens at their uncompressed positions, each layer's cache columns sliced). ``hole``:
+    a prompt token after the image masked out by the caller's attention mask (a column the decoding
+    mask must find among each layer's kept columns)."""
     model = copy.deepcopy(models[kind])
     inputs = llava_inputs(model, kind)
+    if hole:
+        inputs["attention_mask"][0, -2] = 0
     vitcompress.compress(model, method, **options)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
