@@ -1,4 +1,4 @@
-"""Visual tokens dropped inside the language model (fastv, pyramiddrop) on tiny random LLaVA-1.5 and
+"""Visual tokens dropped inside the language model (fastv, pyramiddrop, dart) on tiny random LLaVA-1.5 and
 LLaVA-NeXT models with an 8-layer language model: what every layer and the KV cache see.
 
 The independent reference: dropping tokens before layer K with their original positions is the
@@ -16,7 +16,7 @@ from vitcompress.runtimes.language_model import kept_slots
 from vitcompress.testing import llava_inputs, tiny_llava_lm
 
 DEPTH = 8
-CASES = [("fastv", {}), ("pyramiddrop", {})]
+CASES = [("fastv", {}), ("pyramiddrop", {}), ("dart", dict(keep=0.5))]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_keep_all_is_the_uncompressed_model(models, method):
     assert torch.equal(logits, ref_logits)
 
 
-@pytest.mark.parametrize("method", ["fastv", "pyramiddrop"])
+@pytest.mark.parametrize("method", ["fastv", "pyramiddrop", "dart"])
 def test_every_layer_keeps_sdpa(models, method, monkeypatch):
     """Each language-model layer calls the fused SDPA kernel once per forward (an eager model, or
     a method that switched the model to eager attention, makes none); the config still says sdpa."""

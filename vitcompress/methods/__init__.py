@@ -3,6 +3,7 @@ from typing import Dict, List, Optional
 
 from ..interfaces import TARGETS, Method
 from .atc import ATC
+from .dart import DART
 from .evit import EViT
 from .fastv import FastV
 from .focus_detr import FocusDETR
@@ -19,7 +20,7 @@ from .zero_tprune import ZeroTPrune
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), EViT(), ToFu(), MCTF(), PPT(),
                                                    ATC(), RandomPrune(), FocusDETR(), TokenCorr(), QuoTA(),
-                                                   FastV(), PyramidDrop())}
+                                                   FastV(), PyramidDrop(), DART())}
 
 
 def get(name: str) -> Method:

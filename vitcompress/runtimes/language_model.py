@@ -1,4 +1,4 @@
-"""Visual tokens dropped inside a VLM's language model during prefill (FastV, PyramidDrop), for any
+"""Visual tokens dropped inside a VLM's language model during prefill (FastV, PyramidDrop, DART), for any
 decoder whose layers take ``hidden_states`` and the keyword arguments ``attention_mask``,
 ``position_embeddings`` and ``position_ids`` (transformers' Llama, Qwen2, Mistral, ... decoders).
 
@@ -198,7 +198,8 @@ class LanguageModelRuntime:
         embeds = kwargs.get("inputs_embeds")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         state = None
-        if visual is not None and embeds is not None and tuple(visual.shape) == tuple(embeds.shape[:2]) and visual.any():
+        announced = visual is not None and embeds is not None and tuple(visual.shape) == tuple(embeds.shape[:2])
+        if announced and visual.any():
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(f"{self.method.name} drops visual tokens during the prefill of an empty cache; this "
                                  "cache already holds tokens")
