@@ -89,8 +89,15 @@ def test_kept_tokens_compute_what_the_model_computes_when_the_dropped_are_masked
         torch.testing.assert_close(out[b][slot_valid[b]], ref[b][index[b][slot_valid[b]]], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind,hole", [("llava", False), ("next", False), ("llava", True)])
-@pytest.mark.parametrize("method,options", CASES)
+def _generate_cases():
+    """Every method on LLaVA-1.5; NeXT and the masked prompt token with fastv, the others marked slow."""
+    for method, options in CASES:
+        for kind, hole in (("llava", False), ("next", False), ("llava", True)):
+            marks = [pytest.mark.slow] if method != "fastv" and (kind == "next" or hole) else []
+            yield pytest.param(kind, hole, method, options, marks=marks, id=f"{method}-{kind}{'-hole' * hole}")
+
+
+@pytest.mark.parametrize("kind,hole,method,options", list(_generate_cases()))
 def test_generate_with_the_cache_is_the_masked_model(models, kind, hole, method, options):
     """Cached greedy decoding: the tokens and each step's logits of the masked uncompressed model
     (decoded tokens at their uncompressed positions, each layer's cache columns sliced). ``hole``:
@@ -119,9 +126,9 @@ def test_generate_with_the_cache_is_the_masked_model(models, kind, hole, method,
 
 @pytest.mark.parametrize("method", ["fastv", "pyramiddrop"])
 def test_keep_all_is_the_uncompressed_model(models, method):
-    """keep=1.0: the same generated tokens and the same logits (equal, not close)."""
-    model = copy.deepcopy(models["next"])
-    inputs = llava_inputs(model, "next")
+    """keep=1.0: the same generated tokens and the same logits (equal, not close), padded batch."""
+    model = copy.deepcopy(models["llava"])
+    inputs = llava_inputs(model, "llava")
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
