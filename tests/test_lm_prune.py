@@ -195,6 +195,16 @@ def test_a_language_model_call_without_a_prefill_is_untouched(models):
         assert torch.equal(lm(inputs_embeds=embeds).last_hidden_state, ref)
 
 
+def test_beam_search_runs_and_a_static_cache_is_refused(models):
+    model = copy.deepcopy(models["llava"])
+    inputs = llava_inputs(model, "llava")
+    vitcompress.compress(model, "fastv")
+    with torch.no_grad():
+        assert model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2).shape == (2, 71)
+        with pytest.raises(TypeError, match="dynamic cache"):
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")
+
+
 def test_options_are_checked(models):
     model = copy.deepcopy(models["llava"])
     with pytest.raises(ValueError, match="K must be smaller"):

@@ -18,8 +18,8 @@ which original position each of its columns holds per layer (``vitcompress_kept`
 steps slice the model's mask to the columns each layer kept; decoded tokens keep their uncompressed
 positions (the model derives them from the unpruned first layers' cache and the full 2-D mask).
 
-Limits: a dynamic (growing) cache, prefill on an empty cache, batch rows reordered by beam search
-keep the same kept tokens only when they share their prompt (beams of one sample do).
+Limits: the cache must be dynamic (a static cache is refused) and empty at prefill; rows that beam
+search reorders must share their prompt (beams of one sample do), as they share the kept columns.
 """
 import functools
 import sys
@@ -200,6 +200,9 @@ class LanguageModelRuntime:
         state = None
         announced = visual is not None and embeds is not None and tuple(visual.shape) == tuple(embeds.shape[:2])
         if announced and visual.any():
+            if cache is not None and getattr(cache, "is_compileable", False):
+                raise TypeError(f"{self.method.name} keeps fewer tokens in later layers' caches; a fixed-size cache "
+                                f"({type(cache).__name__}) cannot hold that: use the default dynamic cache")
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(f"{self.method.name} drops visual tokens during the prefill of an empty cache; this "
                                  "cache already holds tokens")
