@@ -144,7 +144,7 @@ class _Prefill:
         self.captured: Dict[int, Tuple[Tensor, Any]] = {}
         self.layers: Dict[int, Tuple[Tensor, Tensor]] = {}
         self.stages: List[Dict[str, Any]] = []
-        self.sliced: Optional[Tuple[Tensor, Dict[str, Any]]] = None
+        self.sliced: Optional[Tuple[Tuple[int, ...], Dict[str, Any]]] = None
 
 
 class LanguageModelRuntime:
@@ -280,10 +280,12 @@ class LanguageModelRuntime:
         return hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
 
     def _sliced(self, state: _Prefill, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        """The layer's keyword arguments at the tokens still present (computed once per drop)."""
+        """The layer's keyword arguments at the tokens still present (computed once per drop and per
+        set of arguments: layers of different attention types may get different masks)."""
         if state.index is None:
             return kwargs
-        if state.sliced is None:
+        key = tuple(id(kwargs.get(name)) for name in ("attention_mask", "position_embeddings", "position_ids"))
+        if state.sliced is None or state.sliced[0] != key:
             index, out = state.index, {}
             cos_sin = kwargs.get("position_embeddings")
             if cos_sin is not None:
@@ -291,8 +293,8 @@ class LanguageModelRuntime:
             if isinstance(kwargs.get("position_ids"), Tensor):
                 out["position_ids"] = gather_tokens(kwargs["position_ids"], index, -1)
             out["attention_mask"] = prefill_mask(kwargs.get("attention_mask"), index, state.slot_valid)
-            state.sliced = out
-        return dict(kwargs, **state.sliced)
+            state.sliced = (key, out)
+        return dict(kwargs, **state.sliced[1])
 
     # ---------------------------------------------------------------- reporting
     def stats(self) -> Dict[str, Any]:
