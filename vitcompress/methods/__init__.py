@@ -3,23 +3,26 @@ from typing import Dict, List, Optional
 
 from ..interfaces import TARGETS, Method
 from .atc import ATC
+from .cdpruner import CDPruner
+from .dart import DART
 from .evit import EViT
+from .fastv import FastV
 from .focus_detr import FocusDETR
 from .mctf import MCTF
 from .pitome import PiToMe
 from .ppt import PPT
+from .pyramiddrop import PyramidDrop
 from .quota import QuoTA
 from .random_prune import RandomPrune
 from .tofu import ToFu
 from .tokencorr import TokenCorr
 from .tome import ToMe
-from .zero_tprune import ZeroTPrune
 from .visionzip import VisionZip
-from .cdpruner import CDPruner
+from .zero_tprune import ZeroTPrune
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), EViT(), ToFu(), MCTF(), PPT(),
                                                    ATC(), RandomPrune(), FocusDETR(), TokenCorr(), QuoTA(),
-                                                   VisionZip(), CDPruner())}
+                                                   VisionZip(), CDPruner(), FastV(), PyramidDrop(), DART())}
 
 
 def get(name: str) -> Method:
