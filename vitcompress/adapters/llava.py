@@ -40,7 +40,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..interfaces import runtime_of
 from ..runtimes.language_model import LanguageModelParts, LanguageModelRuntime
 from ..runtimes.vit import ViTRuntime
 from ..runtimes.vlm import LlavaRuntime, TowerTaps, compressed_generate, prefill_hook
