@@ -7,13 +7,14 @@ import torch.nn as nn
 from .detr import DetrAdapter
 from .hf_clip import HFCLIPVisionAdapter
 from .hf_vit import HFViTAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .open_clip_vit import OpenCLIPVisionAdapter
 from .timm_rope_bias import TimmBeitAdapter, TimmEvaAdapter
 from .timm_vit import TimmViTAdapter
 
 ADAPTERS: List[type] = [TimmViTAdapter, TimmEvaAdapter, TimmBeitAdapter, DetrAdapter, OpenCLIPVisionAdapter,
-                        HFCLIPVisionAdapter, HFViTAdapter, LlavaAdapter]
+                        HFCLIPVisionAdapter, HFViTAdapter, LlavaAdapter, InternVLAdapter]
 
 
 def _matching(model: nn.Module):

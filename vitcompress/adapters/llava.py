@@ -40,9 +40,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..interfaces import runtime_of
 from ..runtimes.vit import ViTRuntime
-from ..runtimes.vlm import LlavaRuntime, TowerTaps
+from ..runtimes.vlm import LlavaRuntime, TowerTaps, compressed_generate, prefill_hook
 from .common import bind, family_class
 from .hf_clip import HFCLIPVisionAdapter  # the tower's adapter, for ViT methods inside it
 
@@ -80,53 +79,6 @@ def _tower_layers(tower):
     inner = getattr(tower, "vision_model", tower)  # transformers 4.x wraps CLIPVisionTransformer
     encoder = getattr(inner, "encoder", None)
     return inner, getattr(encoder, "layers", None)
-
-
-def _named_arguments(function, model, args, kwargs) -> Dict[str, Any]:
-    """The call ``function(model, *args, **kwargs)``'s arguments by name (``**kwargs`` flattened)."""
-    signature = inspect.signature(function)
-    arguments = dict(signature.bind(model, *args, **kwargs).arguments)
-    params = list(signature.parameters.values())
-    arguments.pop(params[0].name)  # self
-    for p in params:
-        if p.kind is inspect.Parameter.VAR_KEYWORD:
-            arguments.update(arguments.pop(p.name, {}))
-    return arguments
-
-
-def _prefill_hook(model, args, kwargs):
-    """Forward pre-hook: the call's arguments with the visual tokens reduced at prefill (see the
-    module docstring). A hook rather than a new ``forward`` keeps the model's forward signature,
-    which ``generate`` validates its keyword arguments against."""
-    question = kwargs.pop("question", None)
-    return (), runtime_of(model).prepare(_named_arguments(type(model).forward, model, args, kwargs), question)
-
-
-def _compressed_generate(model, *args, **kwargs):
-    """``generate`` on the rewritten prompt; returns the caller's prompt + the generated tokens."""
-    question = kwargs.pop("question", None)
-    kwargs = _named_arguments(type(model).generate, model, args, kwargs)  # positional ones too
-    inputs = kwargs.pop("inputs", None)
-    if inputs is not None:
-        if kwargs.get("input_ids") is not None:
-            raise ValueError("give the prompt either as the first argument or as input_ids=, not both")
-        kwargs["input_ids"] = inputs
-    original = kwargs.get("input_ids")
-    config = kwargs.get("generation_config") or model.generation_config
-    expansion = max(kwargs.get("num_beams") or config.num_beams or 1, 1) * max(
-        kwargs.get("num_return_sequences") or config.num_return_sequences or 1, 1)
-    prepared = runtime_of(model).prepare(kwargs, question, expansion)
-    out = type(model).generate(model, **prepared)
-    if prepared is kwargs or original is None:
-        return out
-    sequences = out if isinstance(out, Tensor) else out.sequences
-    start = prepared["input_ids"].shape[1]
-    prompt = original.repeat_interleave(sequences.shape[0] // original.shape[0], dim=0).to(sequences.device)
-    sequences = torch.cat([prompt, sequences[:, start:]], dim=1)
-    if isinstance(out, Tensor):
-        return sequences
-    out.sequences = sequences
-    return out
 
 
 class LlavaAdapter:
@@ -207,8 +159,8 @@ class LlavaAdapter:
         # a compressed model carry them to the copy, and restore removes exactly these, leaving every
         # hook the user registered. Prepended, the prefill hook sees the call as the caller made it.
         model = self.model
-        patcher.hook(model.register_forward_pre_hook(_prefill_hook, with_kwargs=True, prepend=True))
-        patcher.set(model, "generate", bind(_compressed_generate, model))
+        patcher.hook(model.register_forward_pre_hook(prefill_hook, with_kwargs=True, prepend=True))
+        patcher.set(model, "generate", bind(compressed_generate, model))
         if runtime.taps is not None:
             for i in runtime.taps.hooked_layers():
                 attn = self.tower_layers[i].self_attn

@@ -87,6 +87,17 @@ def cls_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
     return probs.mean(dim=1)[:, 0, 1:]
 
 
+def pool_to_cells(cells: Tensor, keys: Tensor, deep: Tensor, shallow: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Patch signals ``keys [B, N, d]``, ``deep``/``shallow [B, N]`` -> the signals of the ``M`` tokens a
+    model builds from groups of patches after the tower (``cells [M, G]``: each token's patches, in the
+    order the model concatenates them; InternVL's pixel shuffle, G = 4). A token's key is its patches'
+    keys concatenated, so two tokens are alike when they are alike patch by patch, as the projector sees
+    them; its [CLS] attention is the sum of its patches' (the attention its region receives)."""
+    cells = cells.to(keys.device)
+    return (keys[:, cells].reshape(keys.shape[0], cells.shape[0], -1), deep[:, cells].sum(dim=-1),
+            shallow[:, cells].sum(dim=-1))
+
+
 def iqr_outliers(scores: Tensor) -> Tensor:
     """bool mask of ``scores[N]`` above ``Q3 + 1.5 (Q3 - Q1)``."""
     q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
@@ -198,6 +209,7 @@ class TokenCorr(LlavaMethod):
         "min_tokens": "each crop keeps at least this many tokens (the formula gives 0 to a constant crop)",
     }
     default_budget = {"keep": None}  # content-dependent: ceil(rho * N) per crop
+    family_defaults = {"internvl": {"key_layer": -1, "deep_layer": -1}}  # InternVL feeds the LM the last layer
 
     def check_budget(self, budget) -> None:
         if budget.value is not None:
@@ -246,6 +258,9 @@ class TokenCorr(LlavaMethod):
             keys = patch_keys(key.k, key.num_heads)  # [crops, N, d]
             deep_attention = cls_attention(deep.q, deep.k, deep.num_heads, deep.scale)
             shallow_attention = cls_attention(shallow.q, shallow.k, shallow.num_heads, shallow.scale)
+            if key.cells is not None:  # the model merges patches into tokens after the tower
+                keys, deep_attention, shallow_attention = pool_to_cells(key.cells, keys, deep_attention,
+                                                                        shallow_attention)
         generator_of = functools.partial(self.generator, options, keys.device)
         reduced, reports, first = [], [], 0
         for features, (layout, crops) in zip(images, layouts):

@@ -18,12 +18,13 @@ Configuration on the model, state per call: nothing is written on the runtime or
 during a call; what the last prefill did is kept per thread.
 """
 import functools
+import inspect
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from ..engine.patching import Patcher, PerThread
-from ..interfaces import Method
+from ..interfaces import Method, runtime_of
 from .prompt import rewrite_prompt, unit_rows
 
 Tensor = torch.Tensor
@@ -31,12 +32,15 @@ Tensor = torch.Tensor
 
 class TappedAttention(NamedTuple):
     """The q and k projections ``[crops, 1 + N, H * d]`` (CLS first) one tower layer computed in
-    one call, with the layer's head count and softmax scale."""
+    one call, with the layer's head count and softmax scale. ``cells``: None when each of the N
+    patches becomes one visual token; else ``[M, G]``, the G patches each of a crop's M tokens is
+    built from after the tower (InternVL's pixel shuffle), in the order the model concatenates them."""
 
     q: Tensor
     k: Tensor
     num_heads: int
     scale: float
+    cells: Optional[Tensor] = None
 
 
 class TowerTaps:
@@ -48,9 +52,11 @@ class TowerTaps:
     is inside :meth:`run`. A forward of the tower anywhere else records nothing.
     """
 
-    def __init__(self, layers: Sequence[Tuple[int, int, float]]):
-        """``layers``: ``(layer, num_heads, scale)`` in the order the method asked for them."""
+    def __init__(self, layers: Sequence[Tuple[int, int, float]], cells: Optional[Tensor] = None):
+        """``layers``: ``(layer, num_heads, scale)`` in the order the method asked for them;
+        ``cells``: the patches of each visual token (:class:`TappedAttention`)."""
         self.layers = tuple(layers)
+        self.cells = cells
         self._captured = PerThread()
 
     def hooked_layers(self) -> List[int]:
@@ -77,7 +83,7 @@ class TowerTaps:
         missing = [layer for layer in self.hooked_layers() if not {(layer, "q"), (layer, "k")} <= captured.keys()]
         if missing:
             raise RuntimeError(f"the vision tower did not run its layers {missing} while encoding")
-        return result, [TappedAttention(captured[layer, "q"], captured[layer, "k"], heads, scale)
+        return result, [TappedAttention(captured[layer, "q"], captured[layer, "k"], heads, scale, self.cells)
                         for layer, heads, scale in self.layers]
 
 
@@ -208,3 +214,52 @@ class LlavaRuntime:
         if self.tower is not None:
             out["tower"] = self.tower.stats()
         return out
+
+
+# ---------------------------------------------------------------- the entry points an adapter patches in
+
+def named_arguments(function, model, args, kwargs) -> Dict[str, Any]:
+    """The call ``function(model, *args, **kwargs)``'s arguments by name (``**kwargs`` flattened)."""
+    signature = inspect.signature(function)
+    arguments = dict(signature.bind(model, *args, **kwargs).arguments)
+    params = list(signature.parameters.values())
+    arguments.pop(params[0].name)  # self
+    for p in params:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(p.name, {}))
+    return arguments
+
+
+def prefill_hook(model, args, kwargs):
+    """Forward pre-hook: the call's arguments with the visual tokens reduced at prefill
+    (:meth:`LlavaRuntime.prepare`). A hook rather than a new ``forward`` keeps the model's forward signature,
+    which ``generate`` validates its keyword arguments against."""
+    question = kwargs.pop("question", None)
+    return (), runtime_of(model).prepare(named_arguments(type(model).forward, model, args, kwargs), question)
+
+
+def compressed_generate(model, *args, **kwargs):
+    """``generate`` on the rewritten prompt; returns the caller's prompt + the generated tokens."""
+    question = kwargs.pop("question", None)
+    kwargs = named_arguments(type(model).generate, model, args, kwargs)  # positional ones too
+    inputs = kwargs.pop("inputs", None)
+    if inputs is not None:
+        if kwargs.get("input_ids") is not None:
+            raise ValueError("give the prompt either as the first argument or as input_ids=, not both")
+        kwargs["input_ids"] = inputs
+    original = kwargs.get("input_ids")
+    config = kwargs.get("generation_config") or model.generation_config
+    expansion = max(kwargs.get("num_beams") or config.num_beams or 1, 1) * max(
+        kwargs.get("num_return_sequences") or config.num_return_sequences or 1, 1)
+    prepared = runtime_of(model).prepare(kwargs, question, expansion)
+    out = type(model).generate(model, **prepared)
+    if prepared is kwargs or original is None:
+        return out
+    sequences = out if isinstance(out, Tensor) else out.sequences
+    start = prepared["input_ids"].shape[1]
+    prompt = original.repeat_interleave(sequences.shape[0] // original.shape[0], dim=0).to(sequences.device)
+    sequences = torch.cat([prompt, sequences[:, start:]], dim=1)
+    if isinstance(out, Tensor):
+        return sequences
+    out.sequences = sequences
+    return out
