@@ -33,8 +33,7 @@ What reduces where:
 * ViT methods inside InternViT are refused: the pixel shuffle needs the full patch grid.
 
 Requirements: transformers >= 5 (``forward(mm_encoder_outputs=...)``); the processor's layout
-(each image's tokens one run, its thumbnail last). With ``num_beams`` / ``num_return_sequences`` > 1
-every image must keep the same number of tokens (transformers expands one feature tensor).
+(each image's tokens one run, its thumbnail last).
 """
 import inspect
 from typing import Any, Dict, List, Optional, Tuple
@@ -163,15 +162,10 @@ class InternVLAdapter:
         return list(features)
 
     def join_units(self, modality: str, units: List[Tensor], expansion: int = 1) -> Tensor:
-        """One ``[L, D]`` per image -> the pooler_output the model scatters (it checks only the count)."""
-        if len({u.shape[0] for u in units}) == 1:
-            return torch.stack(units)
-        if expansion > 1:
-            # transformers would repeat the joined tensor as a whole (A B A B for rows A A B B)
-            raise ValueError("InternVL: the images of this batch kept different numbers of tokens, which generate() "
-                             "cannot expand for num_beams / num_return_sequences > 1; generate one image per call, or "
-                             "with num_beams=1 and num_return_sequences=1")
-        return torch.cat(units)[None]
+        """One ``[L, D]`` per image -> the pooler_output the model scatters: ``[tokens, 1, D]``, one
+        entry per token, so ``generate``'s expansion (num_beams / num_return_sequences), which repeats
+        the entries of each row as a group, finds every row's boundary whatever each image kept."""
+        return torch.cat(units)[:, None]
 
     def with_features(self, inputs: Dict[str, Any], encoded: Dict[str, Any]) -> Dict[str, Any]:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
