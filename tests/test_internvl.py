@@ -80,8 +80,8 @@ def test_keeping_every_token_is_the_uncompressed_model(model, method):
 
 
 def test_beam_search_expands_each_rows_features(model):
-    """num_beams=2: keeping every token gives the model's beams; reducing, each row of a batch
-    whose images kept different numbers of tokens gets the beams it gets alone."""
+    """num_beams=2: keeping every token gives the model's beams; reducing (the images keep different
+    numbers of tokens), each beam of a row gets that row's features and the row's beams alone."""
     inputs = internvl_inputs()
     beams = dict(max_new_tokens=3, do_sample=False, num_beams=2)
     with torch.no_grad():
@@ -90,11 +90,15 @@ def test_beam_search_expands_each_rows_features(model):
         try:
             got = model.generate(**inputs, **beams)
             vitcompress.compress(model, "tokencorr")
-            batch = model.generate(**inputs, **beams)
+            with LMInput(model) as seen:
+                model(**inputs)
+                batch = model.generate(**inputs, **beams)
             alone = [model.generate(**row_alone(inputs, 0, 0), **beams), model.generate(**row_alone(inputs, 1, 3), **beams)]
         finally:
             vitcompress.restore(model)
     assert torch.equal(got, want)
+    rows = seen.features[0].flatten(0, -2).split([sum(r) for r in image_runs(seen.ids[0])])
+    assert torch.equal(seen.features[1].flatten(0, -2), torch.cat([rows[0], rows[0], rows[1], rows[1]]))
     for b in range(2):
         assert torch.equal(batch[b, -3:], alone[b][0, -3:])
 
@@ -206,7 +210,9 @@ def shuffled_cells(side):
                          for i in range(side // 2) for j in range(side // 2)])
 
 
-def test_tokencorr_choice_equals_the_pooled_signals_computed_independently(model):
+def test_tokencorr_choice_equals_the_pooled_signals_computed_independently():
+    """With q/k norm (InternViT-6B's ``use_qk_norm``): the taps read what the attention multiplies."""
+    model = tiny_internvl(use_qk_norm=True)
     inputs = internvl_inputs()
     pixels = inputs["pixel_values"]
     depth, side = INTERNVL_VISION["num_hidden_layers"], INTERNVL_VISION["image_size"] // INTERNVL_VISION["patch_size"]
