@@ -12,7 +12,7 @@ What a cell checks (``keep=0.8`` on ViT-like models, the method's own budget els
   token counts, and ``keep=1.0`` reproduces the uncompressed output (atol 1e-5; ViT-like models;
   for timm EVA and BEiT the pooled features, as timm starts their classifiers at 1e-3 of its scale).
   DETR: the detector's outputs keep their shapes and ``keep=1.0`` without dual attention reproduces
-  them. LLaVA: the language model gets fewer visual tokens than the uncompressed prompt has.
+  them. LLaVA, InternVL: the language model gets fewer visual tokens than the uncompressed prompt has.
 * restore: ``vitcompress.restore`` gives bit-identical outputs, and no patched attribute is left.
 * torch.compile: ``torch.compile(fullgraph=True)`` (inductor) of the compressed model runs the planned
   token counts and gives the eager outputs (atol 1e-5) for every image whose tokens it chose alike;
@@ -34,14 +34,15 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 import vitcompress
 from vitcompress.interfaces import PART_ATTR, runtime_of
-from vitcompress.testing import LLAVA_IMAGE_TOKEN, random_images, ramp_scorer, tiny_detr, tiny_llava
+from vitcompress.testing import (LLAVA_IMAGE_TOKEN, internvl_inputs, random_images, ramp_scorer, tiny_detr, tiny_internvl,
+                                 tiny_llava)
 
 ASPECTS = ("forward", "restore", "compile", "onnx")
 VIT_METHODS = ("tome", "pitome", "zero_tprune")
@@ -139,6 +140,7 @@ class Family:
     methods: Tuple[str, ...] = VIT_METHODS
     kind: str = "vit"  # "vit" | "detr" | "llava"
     budgets: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    inputs: Optional[Callable[[], Dict[str, Any]]] = None  # a VLM's call (None: LLaVA-1.5's, :func:`_llava_inputs`)
 
     def budget(self, method: str) -> Dict[str, Any]:
         return self.budgets.get(method, dict(keep=0.8))
@@ -195,12 +197,20 @@ def _llava():
     return tiny_llava("llava", num_hidden_layers=2)
 
 
+def _internvl():
+    _need("transformers")
+    return tiny_internvl()
+
+
 OTHER_FAMILIES: List[Family] = [
     Family("transformers DETR", "`DetrForObjectDetection` (encoder tokens)", _detr, _logits, methods=("focus_detr",),
            kind="detr", budgets={"focus_detr": dict(keep=0.5)}),
     Family("transformers LLaVA-1.5", "`LlavaForConditionalGeneration` (visual tokens; ViT methods in its CLIP tower)",
            _llava, methods=VIT_METHODS + ("tokencorr", "quota"), kind="llava",
            budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)}),
+    Family("transformers InternVL", "`InternVLForConditionalGeneration` (visual tokens per tile after the pixel "
+           "shuffle; thumbnail kept)", _internvl, methods=("tokencorr", "quota"), kind="llava",
+           budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)}, inputs=internvl_inputs),
 ]
 ALL_FAMILIES = FAMILIES + OTHER_FAMILIES
 ALL_METHODS = VIT_METHODS + ("focus_detr", "tokencorr", "quota")
@@ -261,7 +271,7 @@ def _run(fam: Family, model, x=None):
     with torch.no_grad():
         if fam.kind == "llava":
             question = {"question": "what is shown?"} if runtime_of(model) is not None else {}
-            return model(**_llava_inputs(), **question).logits
+            return model(**(fam.inputs or _llava_inputs)(), **question).logits
         if fam.kind == "detr":
             return model(pixel_values=torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))).logits
         return fam.output(model, random_images() if x is None else x)
