@@ -259,7 +259,8 @@ class LlavaMethod(Method):
         within the image; -1 a row's newline; -2 CLS) and ``crops`` the image's number of crops;
         ``taps``: per layer of :meth:`tower_layers`, the tower's ``q``, ``k`` ``[crops, 1 + N, H * d]``
         (CLS first) of every crop of the call, image after image, with the layer's ``num_heads``
-        and softmax ``scale``.
+        and softmax ``scale``, and ``cells`` when the model builds each token from several patches
+        (InternVL's pixel shuffle): the patch signals are then pooled to those tokens.
         """
         raise NotImplementedError
 

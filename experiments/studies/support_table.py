@@ -41,8 +41,8 @@ import torch.nn as nn
 
 import vitcompress
 from vitcompress.interfaces import PART_ATTR, runtime_of
-from vitcompress.testing import (LLAVA_IMAGE_TOKEN, internvl_inputs, random_images, ramp_scorer, tiny_detr, tiny_internvl,
-                                 tiny_llava)
+from vitcompress.testing import (LLAVA_IMAGE_TOKEN, internvl_inputs, random_images, ramp_scorer, tiny_detr,
+                                 tiny_internvl, tiny_llava)
 
 ASPECTS = ("forward", "restore", "compile", "onnx")
 VIT_METHODS = ("tome", "pitome", "zero_tprune")

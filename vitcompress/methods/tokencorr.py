@@ -37,6 +37,10 @@ Choices where the paper leaves room (no official code exists; each is an option 
   and a ``generate`` agree; ``seed=None`` draws from torch's global generator.
 * The selection is applied to the projected visual tokens (the projector works token by token,
   so pruning before or after it is the same; merging averages projected tokens).
+* A model that folds several patches into one token after the tower (InternVL's 2x2 pixel
+  shuffle) gets its signals pooled to those tokens (:func:`pool_to_cells`: [CLS] attention
+  summed, keys concatenated); on InternVL ``key_layer`` and ``deep_layer`` default to -1, the
+  layer it feeds its language model.
 """
 import functools
 import math
