@@ -334,6 +334,15 @@ def test_methods_that_cannot_run_are_refused_naming_those_that_can(model):
     assert runtime_of(model) is None
 
 
+def test_visualize_refuses_internvl_with_a_message(model):
+    vitcompress.compress(model, "tokencorr")
+    try:
+        with pytest.raises(TypeError, match="do not draw a transformers.InternVLForConditionalGeneration"):
+            vitcompress.visualize.draw(model, internvl_inputs())
+    finally:
+        vitcompress.restore(model)
+
+
 def test_placeholders_that_do_not_match_the_tiles_are_refused(model):
     inputs = internvl_inputs()
     inputs["pixel_values"] = inputs["pixel_values"][:-1]

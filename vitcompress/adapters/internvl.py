@@ -55,6 +55,7 @@ class InternVLAdapter:
     description = "transformers InternVL models (InternVLForConditionalGeneration: InternVL2.5 / InternVL3 -hf)"
     targets = ("llava",)
     variant = "internvl"  # tokencorr reads the layer InternVL feeds the language model (the last)
+    drawable = False  # vitcompress.visualize draws LLaVA's crops and frames, not tiles
 
     @staticmethod
     def matches(model) -> bool:
