@@ -275,6 +275,25 @@ def test_quota_assigns_each_frame_its_share_of_a_video(model):
         assert sum(row_runs) <= budget
 
 
+def test_quota_scores_the_local_tiles_of_each_sample(model):
+    """The scorer sees each sample's local tiles, image after image, never a thumbnail."""
+    inputs = internvl_inputs()
+    seen = []
+
+    def scorer(frames, question):
+        seen.append(frames.clone())
+        return torch.linspace(0.1, 1.0, len(frames))
+
+    vitcompress.compress(model, "quota", keep=0.5, scorer=scorer)
+    try:
+        with torch.no_grad():
+            model(**inputs, question="q")
+    finally:
+        vitcompress.restore(model)
+    tiles = inputs["pixel_values"]  # row 0: tiles 0, 1 + thumbnail 2; row 1: tile 3, tiles 4-7 + thumbnail 8
+    assert torch.equal(seen[0], tiles[[0, 1]]) and torch.equal(seen[1], tiles[[3, 4, 5, 6, 7]])
+
+
 def test_bf16(model):
     """bf16 weights and pixels: keeping every token reproduces the bf16 model's logits and tokens;
     tokencorr's reduction runs through generate."""
