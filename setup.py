@@ -23,10 +23,15 @@ EXTRAS = {
     # the documentation site (mkdocs build --strict); tested with mkdocs 1.6.1, mkdocs-material 9.8.2
     # (its pymdown-extensions 13.1 includes CHANGELOG.md), mkdocstrings 1.0.8 + mkdocstrings-python 2.0.11
     "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.27,<2"],
+    # the lmms-eval model `--model vitcompress` (tested with lmms-eval 0.7.3, which keeps torch 2.14 / transformers 5.25
+    # but brings ~85 packages: datasets, accelerate, wandb, openai, pandas, scikit-learn, ...; its evaluator imports
+    # filelock._api, which filelock 4 no longer has)
+    "lmms": ["lmms-eval>=0.7.3,<0.8", "transformers>=5,<6", "filelock<4"],
 }
 # "all": what the default tests use; ExecuTorch is left to "edge" (it brings torchao, coremltools, ...), the
-# site's tools to "docs"
-EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name not in ("dev", "edge", "docs") for req in reqs})
+# site's tools to "docs", lmms-eval to "lmms"
+EXTRAS["all"] = sorted({req for name, reqs in EXTRAS.items() if name not in ("dev", "edge", "docs", "lmms")
+                        for req in reqs})
 
 setup(
     name="vitcompress",
@@ -42,5 +47,7 @@ setup(
     install_requires=["torch>=2.1,<2.15", "torchvision>=0.16,<0.30", "timm>=1.0,<2", "fvcore>=0.1.5",
                       "numpy", "tqdm", "matplotlib>=3.5"],
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["vitcompress=vitcompress.cli:main"]},
+    entry_points={"console_scripts": ["vitcompress=vitcompress.cli:main"],
+                  # lmms-eval's model registry: `python -m lmms_eval --model vitcompress`
+                  "lmms_eval.models": ["vitcompress=vitcompress.evaluation.lmms:manifest"]},
 )

@@ -58,11 +58,32 @@ def test_slow_cell(family, method, aspect):
 
 def test_the_table_names_every_family_and_method():
     results = {(f, m, a): (expected(f, m, a), "") for f, m in table.cases() for a in table.ASPECTS}
-    text = table.table(results, table.ASPECTS, list(table.ALL_METHODS))
-    lines = text.splitlines()
-    assert len(lines) == 2 + len(table.ALL_FAMILIES)
-    assert "| transformers DINOv2 + registers |" in text and "| timm SigLIP |" in text
-    assert all(line.count("|") == len(table.ALL_METHODS) + 3 for line in lines)
+    shown = set()
+    for methods, families in table.TABLES:
+        lines = table.table(results, table.ASPECTS, list(methods), families).splitlines()
+        assert len(lines) == 2 + len(families)
+        assert all(line.count("|") == len(methods) + 3 for line in lines)
+        shown |= {(f.name, m) for f in families for m in f.methods if m in methods}
+    assert shown == set(table.cases())  # every cell is in one of the two tables
+    assert set(table.ALL_METHODS) == {m for methods, _ in table.TABLES for m in methods}
+
+
+def test_the_class_token_free_list_matches_the_registry():
+    """The refusal of evit / ppt on a model without a class token names exactly the ViT methods that
+    run there (random, the baseline, aside)."""
+    from vitcompress.methods import get
+    from vitcompress.methods.block_options import CLASS_TOKEN_FREE
+
+    free = []
+    for name in vitcompress.list_methods("vit"):
+        try:
+            get(name).check_model(0, False)
+        except ValueError as err:
+            assert str(err).endswith("use a method that needs none: " + ", ".join(CLASS_TOKEN_FREE))
+        else:
+            free.append(name)
+    assert sorted(CLASS_TOKEN_FREE) == sorted(n for n in free if n != "random")
+    assert sorted(CLASS_TOKEN_FREE) == sorted(table.CLASS_TOKEN_FREE)
 
 
 # --------------------------------------------------------------------------- supported(model)
@@ -78,10 +99,13 @@ def test_supported_names_the_methods_that_fit_each_family(name):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fits = vitcompress.supported(model)
     assert sorted(fits) == vitcompress.list_methods()
-    # the table's methods (evit and mctf are not in it yet: tests/test_evit.py, tests/test_mctf.py)
     assert [m for m, ok in fits.items() if ok is True and m in table.ALL_METHODS] == sorted(fam.methods)
     for method, ok in fits.items():
-        if ok is not True and method in table.ALL_METHODS:  # another target's method: says what it reduces and what fits instead
+        if ok is True or method not in table.ALL_METHODS:
+            continue
+        if method in table.CLASS_TOKEN_METHODS and fam.kind == "vit":  # says why and what fits instead
+            assert "has no class token; use a method that needs none: tome" in ok
+        else:  # another target's method: says what it reduces and what fits instead
             assert f"{method} reduces " in ok and sorted(fam.methods)[0] in ok
     # nothing patched, nothing changed
     assert not any(PART_ATTR in m.__dict__ for m in model.modules()) and "_vitcompress" not in model.__dict__

@@ -192,6 +192,49 @@ def llava_inputs(model, kind, images=noise_and_flat):
     return dict(input_ids=ids, attention_mask=mask, **kw)
 
 
+# --------------------------------------------------------------------------- LLaVA checkpoint (lmms-eval)
+
+#: the words of :func:`tiny_llava_checkpoint`'s tokenizer; the other ids up to the LLaVA vocabulary are fillers
+LLAVA_WORDS = "USER ASSISTANT : what is shown in the picture ? a an cat dog red blue yes no .".split()
+LLAVA_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                       "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'video' %}<video>"
+                       "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+                       "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def tiny_llava_checkpoint(directory, kind="llava"):
+    """Save the random LLaVA-1.5 (``kind="llava"``) or NeXT-Video (``"next_video"``) of :func:`tiny_llava` with a
+    processor built offline (a word-level tokenizer whose ``<image>`` / ``<video>`` are :data:`LLAVA_IMAGE_TOKEN` /
+    :data:`LLAVA_VIDEO_TOKEN`, 32x32 image and video processors, a chat template) to ``directory``, as
+    ``save_pretrained`` does for a hub checkpoint; returns ``directory``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextVideoProcessor,
+                              LlavaNextVideoVideoProcessor, LlavaProcessor, PreTrainedTokenizerFast)
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({w: 4 + i for i, w in enumerate(LLAVA_WORDS)})
+    specials = {"<image>": LLAVA_IMAGE_TOKEN, "<video>": LLAVA_VIDEO_TOKEN}
+    vocab.update({f"w{i}": i for i in range(len(vocab), LLAVA_TEXT["vocab_size"]) if i not in specials.values()})
+    vocab.update(specials)
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>",
+                                        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+    size = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    common = dict(tokenizer=tokenizer, patch_size=LLAVA_VISION["patch_size"], vision_feature_select_strategy="default",
+                  num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+    if kind == "llava":
+        processor = LlavaProcessor(image_processor=CLIPImageProcessor(**size), **common)
+    else:
+        processor = LlavaNextVideoProcessor(image_processor=LlavaNextImageProcessor(image_grid_pinpoints=LLAVA_PINPOINTS,
+                                                                                    **size),
+                                            video_processor=LlavaNextVideoVideoProcessor(**size), **common)
+    tiny_llava(kind).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
 # --------------------------------------------------------------------------- InternVL (transformers)
 
 INTERNVL_IMAGE_TOKEN, INTERNVL_IMG_START, INTERNVL_IMG_END = 99, 97, 96

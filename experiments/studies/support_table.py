@@ -45,7 +45,12 @@ from vitcompress.testing import (LLAVA_IMAGE_TOKEN, internvl_inputs, random_imag
                                  tiny_internvl, tiny_llava)
 
 ASPECTS = ("forward", "restore", "compile", "onnx")
-VIT_METHODS = ("tome", "pitome", "zero_tprune")
+VIT_METHODS = ("tome", "pitome", "zero_tprune", "evit", "mctf", "tofu", "ppt", "atc")
+CLASS_TOKEN_METHODS = ("evit", "ppt")  # refused on a model without a class token (checked in tests/test_support.py)
+CLASS_TOKEN_FREE = tuple(m for m in VIT_METHODS if m not in CLASS_TOKEN_METHODS)
+# MCTF fuses in every block but the first by default: on these 2-block models, only after the last
+# block's attention, which no block's input count shows; fusing in both blocks checks the same path
+VIT_BUDGETS = {"mctf": dict(keep=0.8, layers=(0, 1))}
 ATOL = 1e-5
 ONNX_ATOL = 1e-4
 IMAGE = (3, 32, 32)
@@ -143,7 +148,7 @@ class Family:
     inputs: Optional[Callable[[], Dict[str, Any]]] = None  # a VLM's call (None: LLaVA-1.5's, :func:`_llava_inputs`)
 
     def budget(self, method: str) -> Dict[str, Any]:
-        return self.budgets.get(method, dict(keep=0.8))
+        return self.budgets.get(method, VIT_BUDGETS.get(method, dict(keep=0.8)))
 
     def model(self) -> nn.Module:
         torch.manual_seed(0)
@@ -161,7 +166,8 @@ def _logits(model, x):
 FAMILIES: List[Family] = [
     Family("timm ViT", "`VisionTransformer` (class token)", _timm_vit),
     Family("timm DeiT distilled", "`VisionTransformerDistilled` (class + distillation token)", _timm_deit_distilled),
-    Family("timm SigLIP", "`vit_*_siglip_*` (no class token, MAP pooling)", _timm_siglip),
+    Family("timm SigLIP", "`vit_*_siglip_*` (no class token, MAP pooling)", _timm_siglip,
+           methods=CLASS_TOKEN_FREE),
     Family("timm EVA-02", "`Eva` (`eva02_*`: rotary position embeddings, SwiGLU, avg pooling)", _timm_eva02,
            _pre_logits),
     Family("timm EVA + registers", "`Eva` (rotary, class token + registers, MAP pooling)", _timm_eva_registers,
@@ -183,7 +189,7 @@ FAMILIES: List[Family] = [
            lambda: _hf("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", **dict(HF, intermediate_size=None),
                        mlp_ratio=2, num_register_tokens=2), _pooled),
     Family("transformers SigLIP", "`SiglipVisionModel` (size-aware attention-pooling head)",
-           lambda: _hf("SiglipVisionModel", "SiglipVisionConfig", **HF), _pooled),
+           lambda: _hf("SiglipVisionModel", "SiglipVisionConfig", **HF), _pooled, methods=CLASS_TOKEN_FREE),
 ]
 
 
@@ -213,7 +219,12 @@ OTHER_FAMILIES: List[Family] = [
            budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)}, inputs=internvl_inputs),
 ]
 ALL_FAMILIES = FAMILIES + OTHER_FAMILIES
-ALL_METHODS = VIT_METHODS + ("focus_detr", "tokencorr", "quota")
+OTHER_METHODS = ("focus_detr", "tokencorr", "quota")
+ALL_METHODS = VIT_METHODS + OTHER_METHODS
+# the README / docs print two tables: the ViT methods on every family that takes them (LLaVA: in its
+# vision tower), and the detection and VLM methods on their families
+TABLES = ((VIT_METHODS, [f for f in ALL_FAMILIES if set(f.methods) & set(VIT_METHODS)]),
+          (OTHER_METHODS, OTHER_FAMILIES))
 
 
 def family(name: str) -> Family:
@@ -408,11 +419,12 @@ def cell(family_name: str, method: str, aspect: str) -> Tuple[str, str]:
 # --------------------------------------------------------------------------- the table
 
 
-def table(results: Dict[Tuple[str, str, str], Tuple[str, str]], aspects, methods) -> str:
-    """A markdown table: a row per family, a column per method, each cell the aspects in order."""
+def table(results: Dict[Tuple[str, str, str], Tuple[str, str]], aspects, methods, families=None) -> str:
+    """A markdown table: a row per family (of ``families``, default all) with a result, a column per
+    method, each cell the aspects in order."""
     header = "| family | models | " + " | ".join(methods) + " |"
     lines = [header, "|" + "---|" * (len(methods) + 2)]
-    for fam in ALL_FAMILIES:
+    for fam in ALL_FAMILIES if families is None else families:
         if not any((fam.name, m, a) in results for m in methods for a in aspects):
             continue
         cells = []
@@ -459,7 +471,10 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} checks in {time.time() - start:.0f} s; torch {torch.__version__}", file=sys.stderr)
     print(f"Cells: {' / '.join(args.aspects)} (✓ passed, ✗ failed, refused = refused as documented, "
           "· not checked, skip = dependency missing, — method does not apply)\n")
-    print(table(results, args.aspects, [m for m in methods if any(r["method"] == m for r in rows)]))
+    for table_methods, families in TABLES:
+        shown = [m for m in table_methods if m in methods and any(r["method"] == m for r in rows)]
+        if shown:
+            print(table(results, args.aspects, shown, families) + "\n")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=1, ensure_ascii=False)

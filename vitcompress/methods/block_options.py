@@ -1,4 +1,5 @@
-"""The ``layers`` option several ViT methods take (which blocks reduce), checked one way for all."""
+"""What several ViT methods check alike: the ``layers`` option (which blocks reduce) and the class
+token a method scores with."""
 from typing import List, Sequence
 
 
@@ -26,3 +27,14 @@ def check_layers_fit(method: str, layers: Sequence[int], num_layers: int) -> Non
     """Refuse block indices a model of ``num_layers`` blocks does not have."""
     if any(v >= num_layers for v in layers):
         raise ValueError(f"{method} layers={list(layers)}: the model has blocks 0..{num_layers - 1}")
+
+
+# the ViT methods that work without a class token (tests/test_support.py checks this against the registry)
+CLASS_TOKEN_FREE = ("tome", "pitome", "zero_tprune", "mctf", "tofu", "atc")
+
+
+def check_class_token(method: str, reads: str, num_prefix: int, cls_first: bool) -> None:
+    """Refuse, at compress time, a model without a class token for a method that ``reads`` it."""
+    if num_prefix == 0 or not cls_first:
+        raise ValueError(f"{method} {reads} and this model has no class token; use a method that needs none: "
+                         f"{', '.join(CLASS_TOKEN_FREE)}")

@@ -26,7 +26,7 @@ import torch
 
 from ..interfaces import Plan, Signals, ViTMethod
 from ..kernels import dispatch
-from .block_options import check_layers, check_layers_fit
+from .block_options import check_class_token, check_layers, check_layers_fit
 from .block_options import quarter_layers as default_layers
 
 
@@ -67,9 +67,7 @@ class EViT(ViTMethod):
         check_layers("evit", layers, "blocks L//4, L//2, 3L//4", allow_empty=False)
 
     def check_model(self, num_prefix, cls_first) -> None:
-        if num_prefix == 0 or not cls_first:
-            raise ValueError("evit scores tokens by the class token's attention and this model has no class token; "
-                             "use a method that needs none (tome, pitome or zero_tprune)")
+        check_class_token("evit", "scores tokens by the class token's attention", num_prefix, cls_first)
 
     def _layers(self, num_layers, options):
         layers = options["layers"]

@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from ..interfaces import Plan, Signals, ViTMethod
-from .block_options import check_layers, check_layers_fit
+from .block_options import check_class_token, check_layers, check_layers_fit
 from .block_options import quarter_layers as default_layers
 from .tome import tome_matching
 
@@ -106,9 +106,9 @@ class PPT(ViTMethod):
         t = tokens - num_prefix  # ToMe's similarity of the two sets; the scores are no matrix product
         return ((t + 1) // 2) * (t // 2) * head_dim
 
+    def check_model(self, num_prefix, cls_first) -> None:
+        check_class_token("ppt", "ranks tokens by the class token's attention", num_prefix, cls_first)
+
     def plan(self, signals: Signals, remove: int, options) -> Plan:
-        if not (signals.cls_first and signals.num_prefix > 0):
-            raise ValueError("ppt ranks tokens by the [CLS] token's attention and this model has no class token; "
-                             "use tome or atc")
         scores = importance_scores(signals.attn, signals.v, signals.num_prefix)
         return pruning_and_pooling(signals.metric, scores, remove, signals.num_prefix, options["threshold"])
