@@ -34,7 +34,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -145,7 +145,7 @@ class Family:
     methods: Tuple[str, ...] = VIT_METHODS
     kind: str = "vit"  # "vit" | "detr" | "llava"
     budgets: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    inputs: Optional[Callable[[], Dict[str, Any]]] = None  # a VLM's call (None: LLaVA-1.5's, :func:`_llava_inputs`)
+    prompt: Callable[[nn.Module], Dict[str, Any]] = None  # a VLM's call (None: the LLaVA-1.5 one)
 
     def budget(self, method: str) -> Dict[str, Any]:
         return self.budgets.get(method, VIT_BUDGETS.get(method, dict(keep=0.8)))
@@ -216,7 +216,8 @@ OTHER_FAMILIES: List[Family] = [
            budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)}),
     Family("transformers InternVL", "`InternVLForConditionalGeneration` (visual tokens per tile after the pixel "
            "shuffle; thumbnail kept)", _internvl, methods=("tokencorr", "quota"), kind="llava",
-           budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)}, inputs=internvl_inputs),
+           budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)},
+           prompt=lambda model: internvl_inputs()),
 ]
 ALL_FAMILIES = FAMILIES + OTHER_FAMILIES
 OTHER_METHODS = ("focus_detr", "tokencorr", "quota")
@@ -282,7 +283,7 @@ def _run(fam: Family, model, x=None):
     with torch.no_grad():
         if fam.kind == "llava":
             question = {"question": "what is shown?"} if runtime_of(model) is not None else {}
-            return model(**(fam.inputs or _llava_inputs)(), **question).logits
+            return model(**(fam.prompt(model) if fam.prompt else _llava_inputs()), **question).logits
         if fam.kind == "detr":
             return model(pixel_values=torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))).logits
         return fam.output(model, random_images() if x is None else x)

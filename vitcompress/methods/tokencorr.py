@@ -262,10 +262,10 @@ class TokenCorr(LlavaMethod):
             keys = patch_keys(key.k, key.num_heads)  # [crops, N, d]
             deep_attention = cls_attention(deep.q, deep.k, deep.num_heads, deep.scale)
             shallow_attention = cls_attention(shallow.q, shallow.k, shallow.num_heads, shallow.scale)
-            if key.cells is not None:  # the model merges patches into tokens after the tower
-                keys, deep_attention, shallow_attention = pool_to_cells(key.cells, keys, deep_attention,
-                                                                        shallow_attention)
         generator_of = functools.partial(self.generator, options, keys.device)
+        cells = getattr(key, "cells", None)
+        if cells is not None:  # the model folds groups of patches into one token after the tower
+            keys, deep_attention, shallow_attention = pool_to_cells(cells, keys, deep_attention, shallow_attention)
         reduced, reports, first = [], [], 0
         for features, (layout, crops) in zip(images, layouts):
             span = slice(first, first + crops)

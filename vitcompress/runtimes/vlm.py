@@ -216,9 +216,10 @@ class LlavaRuntime:
         return out
 
 
-# ---------------------------------------------------------------- the entry points an adapter patches in
+# ---------------------------------------------------------------- what an adapter patches onto the model
 
-def named_arguments(function, model, args, kwargs) -> Dict[str, Any]:
+
+def _named_arguments(function, model, args, kwargs) -> Dict[str, Any]:
     """The call ``function(model, *args, **kwargs)``'s arguments by name (``**kwargs`` flattened)."""
     signature = inspect.signature(function)
     arguments = dict(signature.bind(model, *args, **kwargs).arguments)
@@ -232,16 +233,16 @@ def named_arguments(function, model, args, kwargs) -> Dict[str, Any]:
 
 def prefill_hook(model, args, kwargs):
     """Forward pre-hook: the call's arguments with the visual tokens reduced at prefill
-    (:meth:`LlavaRuntime.prepare`). A hook rather than a new ``forward`` keeps the model's forward signature,
-    which ``generate`` validates its keyword arguments against."""
+    (:meth:`LlavaRuntime.prepare`). A hook rather than a new ``forward`` keeps the model's forward
+    signature, which ``generate`` validates its keyword arguments against."""
     question = kwargs.pop("question", None)
-    return (), runtime_of(model).prepare(named_arguments(type(model).forward, model, args, kwargs), question)
+    return (), runtime_of(model).prepare(_named_arguments(type(model).forward, model, args, kwargs), question)
 
 
 def compressed_generate(model, *args, **kwargs):
     """``generate`` on the rewritten prompt; returns the caller's prompt + the generated tokens."""
     question = kwargs.pop("question", None)
-    kwargs = named_arguments(type(model).generate, model, args, kwargs)  # positional ones too
+    kwargs = _named_arguments(type(model).generate, model, args, kwargs)  # positional ones too
     inputs = kwargs.pop("inputs", None)
     if inputs is not None:
         if kwargs.get("input_ids") is not None:
