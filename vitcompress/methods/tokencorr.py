@@ -91,17 +91,6 @@ def cls_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
     return probs.mean(dim=1)[:, 0, 1:]
 
 
-def pool_to_cells(cells: Tensor, keys: Tensor, deep: Tensor, shallow: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Patch signals ``keys [B, N, d]``, ``deep``/``shallow [B, N]`` -> the signals of the ``M`` tokens a
-    model builds from groups of patches after the tower (``cells [M, G]``: each token's patches, in the
-    order the model concatenates them; InternVL's pixel shuffle, G = 4). A token's key is its patches'
-    keys concatenated, so two tokens are alike when they are alike patch by patch, as the projector sees
-    them; its [CLS] attention is the sum of its patches' (the attention its region receives)."""
-    cells = cells.to(keys.device)
-    return (keys[:, cells].reshape(keys.shape[0], cells.shape[0], -1), deep[:, cells].sum(dim=-1),
-            shallow[:, cells].sum(dim=-1))
-
-
 def iqr_outliers(scores: Tensor) -> Tensor:
     """bool mask of ``scores[N]`` above ``Q3 + 1.5 (Q3 - Q1)``."""
     q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
@@ -137,6 +126,17 @@ def tokencorr_plan(keys: Tensor, deep: Tensor, shallow: Tensor, *, tau: float, c
     k = F.normalize(keys.float(), dim=-1)
     dst = (k[src] @ k[keep].T).argmax(dim=-1)
     return Plan(keep=keep[None], merge_src=src[None], merge_dst=dst[None]), budget
+
+
+def pool_to_cells(cells: Tensor, keys: Tensor, deep: Tensor, shallow: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Patch signals ``keys [B, N, d]``, ``deep``/``shallow [B, N]`` -> the signals of the ``M`` tokens a
+    model builds from groups of patches after the tower (``cells [M, G]``: each token's patches, in the
+    order the model concatenates them; InternVL's pixel shuffle, G = 4). A token's key is its patches'
+    keys concatenated, so two tokens are alike when they are alike patch by patch, as the projector sees
+    them; its [CLS] attention is the sum of its patches' (the attention its region receives)."""
+    cells = cells.to(keys.device)
+    return (keys[:, cells].reshape(keys.shape[0], cells.shape[0], -1), deep[:, cells].sum(dim=-1),
+            shallow[:, cells].sum(dim=-1))
 
 
 def compress_tokens(tokens: Tensor, plan: Plan, weights: Tensor, num_prefix: int = 0) -> Tensor:
