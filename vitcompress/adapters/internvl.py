@@ -104,9 +104,6 @@ class InternVLAdapter:
             raise TypeError(f"{spec.name} reads the [CLS] attention of the vision tower; this "
                             f"{type(self.tower).__name__} has no [CLS] token (supported: InternViT, "
                             "InternVLVisionModel); quota does not read the tower")
-        if not isinstance(self.config.vision_feature_layer, int):
-            raise ValueError(f"{spec.name} needs one vision_feature_layer (an int), got "
-                             f"{self.config.vision_feature_layer!r}")
         chosen = spec.tower_layers(options, len(layers))  # fails now for a layer the tower lacks
         attention = [layers[i].attention for i in chosen]
         return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(chosen, attention)], cells=self.cells)
