@@ -265,8 +265,10 @@ class LlavaMethod(Method):
         within the image; -1 a row's newline; -2 CLS) and ``crops`` the image's number of crops;
         ``taps``: per layer of :meth:`tower_layers`, the tower's ``q``, ``k`` ``[crops, 1 + N, H * d]``
         (CLS first) of every crop of the call, image after image, with the layer's ``num_heads``
-        and softmax ``scale`` (and its output ``hidden``). ``questions`` / ``project``: see
-        :attr:`needs_question` / :attr:`reads_features` (passed only to such methods).
+        and softmax ``scale`` (and its output ``hidden``), and ``cells`` when the model builds each token from
+        several patches (InternVL's pixel shuffle): the patch signals are then pooled to those tokens.
+        ``questions`` / ``project``: see :attr:`needs_question` / :attr:`reads_features` (passed only to
+        such methods).
         """
         raise NotImplementedError
 

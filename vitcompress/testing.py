@@ -417,3 +417,52 @@ def tiny_llava_lm(kind="llava", layers=8, kv_heads=2, attn="sdpa"):
         model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=LLAVA_PINPOINTS))
     model.set_attn_implementation(attn)
     return model.eval()
+
+
+# --------------------------------------------------------------------------- InternVL (transformers)
+
+INTERNVL_IMAGE_TOKEN, INTERNVL_IMG_START, INTERNVL_IMG_END = 99, 97, 96
+INTERNVL_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
+                       patch_size=4)
+INTERNVL_TILE_TOKENS = 16  # 8 x 8 patches per tile, 2 x 2 patches per token after the pixel shuffle
+
+
+def tiny_internvl(**vision):
+    """A random ``InternVLForConditionalGeneration`` (InternViT tower :data:`INTERNVL_VISION` updated by
+    ``vision``, a Qwen2 language model; the text of :data:`LLAVA_TEXT`)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    torch.manual_seed(0)
+    return InternVLForConditionalGeneration(InternVLConfig(
+        vision_config=InternVLVisionConfig(**dict(INTERNVL_VISION, **vision)), text_config=Qwen2Config(**LLAVA_TEXT),
+        image_token_id=INTERNVL_IMAGE_TOKEN, image_seq_length=INTERNVL_TILE_TOKENS)).eval()
+
+
+def internvl_tiles(tiles, seed):
+    """``tiles`` random 32 px tiles, each constant colour above a row that depends on the seed and noise
+    below it (partial tokencorr budgets that differ per tile)."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full((tiles, 3, 32, 32), 0.3)
+    for t in range(tiles):
+        start = 4 * int(torch.randint(1, 7, (1,), generator=g))
+        out[t, :, start:] = torch.randn(out[t, :, start:].shape, generator=g)
+    return out
+
+
+def internvl_inputs(images=((3,), (1, 5)), frames=False, seed=0):
+    """A left-padded batch laid out as InternVL's processor writes it: per row, its images' tile
+    counts (an image of more than one tile ends with its thumbnail); each image ``<img>`` +
+    ``16 * tiles`` image tokens + ``</img>``. ``frames``: each one-tile image is a video frame, with
+    ``Frame i:`` text (two tokens) before it."""
+    rows, pixels = [], []
+    for r, row_images in enumerate(images):
+        row = [1, 5 + r]
+        for i, tiles in enumerate(row_images):
+            row += ([11, 12 + i] if frames else []) + [INTERNVL_IMG_START] + [INTERNVL_IMAGE_TOKEN] * (
+                INTERNVL_TILE_TOKENS * tiles) + [INTERNVL_IMG_END]
+            pixels.append(internvl_tiles(tiles, seed + 10 * r + i))
+        rows.append(row + [7, 8 + r])
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixels))

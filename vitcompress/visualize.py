@@ -305,6 +305,9 @@ def trace_llava(model, inputs: Dict, question=None) -> LlavaTrace:
     if not isinstance(runtime, LlavaRuntime) or runtime.tower is not None:
         raise TypeError("trace_llava draws a LLaVA compressed with tokencorr or quota; use trace / draw for ViTs, "
                         "DETRs and a ViT method inside a LLaVA's vision tower")
+    if not getattr(runtime.adapter, "drawable", True):
+        raise TypeError(f"trace_llava / draw do not draw a {runtime.adapter.family} (its tiles are not LLaVA's crops "
+                        "and frames); vitcompress.stats(model) says what each tile kept")
     if not isinstance(inputs, dict) or "input_ids" not in inputs:
         raise TypeError("give the call's keyword arguments as a dict (input_ids, pixel_values, image_sizes, ...: "
                         "what the model's processor returns), as model(**inputs) takes them")

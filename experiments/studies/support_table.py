@@ -12,7 +12,7 @@ What a cell checks (``keep=0.8`` on ViT-like models, the method's own budget els
   token counts, and ``keep=1.0`` reproduces the uncompressed output (atol 1e-5; ViT-like models;
   for timm EVA and BEiT the pooled features, as timm starts their classifiers at 1e-3 of its scale).
   DETR: the detector's outputs keep their shapes and ``keep=1.0`` without dual attention reproduces
-  them. LLaVA and Qwen-VL: the language model gets fewer visual tokens than the uncompressed prompt has
+  them. LLaVA, Qwen-VL and InternVL: the language model gets fewer visual tokens than the uncompressed prompt has
   (Qwen-VL: two prompts, each with an image of its own size and a video).
 * restore: ``vitcompress.restore`` gives bit-identical outputs, and no patched attribute is left.
 * torch.compile: ``torch.compile(fullgraph=True)`` (inductor) of the compressed model runs the planned
@@ -42,8 +42,8 @@ import torch.nn as nn
 
 import vitcompress
 from vitcompress.interfaces import PART_ATTR, runtime_of
-from vitcompress.testing import (LLAVA_IMAGE_TOKEN, qwen_vl_inputs, random_images, ramp_scorer, tiny_detr,
-                                 tiny_llava, tiny_qwen_vl)
+from vitcompress.testing import (LLAVA_IMAGE_TOKEN, internvl_inputs, qwen_vl_inputs, random_images, ramp_scorer,
+                                 tiny_detr, tiny_internvl, tiny_llava, tiny_qwen_vl)
 
 ASPECTS = ("forward", "restore", "compile", "onnx")
 VIT_METHODS = ("tome", "pitome", "zero_tprune", "evit", "mctf", "tofu", "ppt", "atc")
@@ -204,12 +204,21 @@ def _llava():
     return tiny_llava("llava", num_hidden_layers=2)
 
 
+def _internvl():
+    _need("transformers")
+    return tiny_internvl()
+
+
 OTHER_FAMILIES: List[Family] = [
     Family("transformers DETR", "`DetrForObjectDetection` (encoder tokens)", _detr, _logits, methods=("focus_detr",),
            kind="detr", budgets={"focus_detr": dict(keep=0.5)}),
     Family("transformers LLaVA-1.5", "`LlavaForConditionalGeneration` (visual tokens; ViT methods in its CLIP tower)",
            _llava, methods=VIT_METHODS + ("tokencorr", "quota"), kind="llava",
            budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)}),
+    Family("transformers InternVL", "`InternVLForConditionalGeneration` (visual tokens per tile after the pixel "
+           "shuffle; thumbnail kept)", _internvl, methods=("tokencorr", "quota"), kind="llava",
+           budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)},
+           prompt=lambda model: internvl_inputs()),
 ]
 
 

@@ -7,6 +7,7 @@ import torch.nn as nn
 from .detr import DetrAdapter
 from .hf_clip import HFCLIPVisionAdapter
 from .hf_vit import HFViTAdapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .open_clip_vit import OpenCLIPVisionAdapter
 from .qwen_vl import QwenVLAdapter
@@ -14,7 +15,8 @@ from .timm_rope_bias import TimmBeitAdapter, TimmEvaAdapter
 from .timm_vit import TimmViTAdapter
 
 ADAPTERS: List[type] = [TimmViTAdapter, TimmEvaAdapter, TimmBeitAdapter, DetrAdapter, OpenCLIPVisionAdapter,
-                        HFCLIPVisionAdapter, HFViTAdapter, LlavaAdapter, QwenVLAdapter]
+                        HFCLIPVisionAdapter, HFViTAdapter, LlavaAdapter, QwenVLAdapter,
+                        InternVLAdapter]
 
 
 def _matching(model: nn.Module):

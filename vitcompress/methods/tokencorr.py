@@ -39,6 +39,10 @@ Choices where the paper leaves room (no official code exists; each is an option 
   and a ``generate`` agree; ``seed=None`` draws from torch's global generator.
 * The selection is applied to the projected visual tokens (the projector works token by token,
   so pruning before or after it is the same; merging averages projected tokens).
+* A model that folds several patches into one token after the tower (InternVL's 2x2 pixel
+  shuffle) gets its signals pooled to those tokens (:func:`pool_to_cells`: [CLS] attention
+  summed, keys concatenated); on InternVL ``key_layer`` and ``deep_layer`` default to -1, the
+  layer it feeds its language model.
 """
 import functools
 import math
@@ -142,6 +146,17 @@ def tokencorr_plan(keys: Tensor, deep: Tensor, shallow: Tensor, *, tau: float, c
     return Plan(keep=keep[None], merge_src=src[None], merge_dst=dst[None]), budget
 
 
+def pool_to_cells(cells: Tensor, keys: Tensor, deep: Tensor, shallow: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Patch signals ``keys [B, N, d]``, ``deep``/``shallow [B, N]`` -> the signals of the ``M`` tokens a
+    model builds from groups of patches after the tower (``cells [M, G]``: each token's patches, in the
+    order the model concatenates them; InternVL's pixel shuffle, G = 4). A token's key is its patches'
+    keys concatenated, so two tokens are alike when they are alike patch by patch, as the projector sees
+    them; its [CLS] attention is the sum of its patches' (the attention its region receives)."""
+    cells = cells.to(keys.device)
+    return (keys[:, cells].reshape(keys.shape[0], cells.shape[0], -1), deep[:, cells].sum(dim=-1),
+            shallow[:, cells].sum(dim=-1))
+
+
 def compress_tokens(tokens: Tensor, plan: Plan, weights: Tensor, num_prefix: int = 0) -> Tensor:
     """Apply a crop's plan to ``tokens[num_prefix + N, D]`` (prefix tokens such as CLS are kept);
     merged tokens are averaged with ``weights[N]`` (the patches' CLS attention)."""
@@ -216,6 +231,7 @@ class TokenCorr(LlavaMethod):
         "min_tokens": "each crop keeps at least this many tokens (the formula gives 0 to a constant crop)",
     }
     default_budget = {"keep": None}  # content-dependent: ceil(rho * N) per crop
+    family_defaults = {"internvl": {"key_layer": -1, "deep_layer": -1}}  # InternVL feeds the LM the last layer
 
     def check_budget(self, budget) -> None:
         if budget.value is not None:
@@ -265,6 +281,9 @@ class TokenCorr(LlavaMethod):
             deep_attention = tap_attention(deep)
             shallow_attention = tap_attention(shallow)
         generator_of = functools.partial(self.generator, options, keys.device)
+        cells = getattr(key, "cells", None)
+        if cells is not None:  # the model folds groups of patches into one token after the tower
+            keys, deep_attention, shallow_attention = pool_to_cells(cells, keys, deep_attention, shallow_attention)
         reduced, reports, first = [], [], 0
         for features, (layout, crops) in zip(images, layouts):
             span = slice(first, first + crops)

@@ -38,13 +38,16 @@ Tensor = torch.Tensor
 class TappedAttention(NamedTuple):
     """The q and k projections ``[crops, 1 + N, H * d]`` (CLS first) one tower layer computed in
     one call, with the layer's head count and softmax scale, and the layer's output ``hidden``
-    ``[crops, 1 + N, C]``."""
+    ``[crops, 1 + N, C]``. ``cells``: None when each of the N patches becomes one visual token; else
+    ``[M, G]``, the G patches each of a crop's M tokens is built from after the tower (InternVL's pixel
+    shuffle), in the order the model concatenates them."""
 
     q: Tensor
     k: Tensor
     num_heads: int
     scale: float
     hidden: Optional[Tensor] = None
+    cells: Optional[Tensor] = None
 
 
 class TowerTaps:
@@ -56,9 +59,11 @@ class TowerTaps:
     is inside :meth:`run`. A forward of the tower anywhere else records nothing.
     """
 
-    def __init__(self, layers: Sequence[Tuple[int, int, float]]):
-        """``layers``: ``(layer, num_heads, scale)`` in the order the method asked for them."""
+    def __init__(self, layers: Sequence[Tuple[int, int, float]], cells: Optional[Tensor] = None):
+        """``layers``: ``(layer, num_heads, scale)`` in the order the method asked for them;
+        ``cells``: the patches of each visual token (:class:`TappedAttention`)."""
         self.layers = tuple(layers)
+        self.cells = cells
         self._captured = PerThread()
 
     def hooked_layers(self) -> List[int]:
@@ -86,7 +91,7 @@ class TowerTaps:
         if missing:
             raise RuntimeError(f"the vision tower did not run its layers {missing} while encoding")
         return result, [TappedAttention(captured[layer, "q"], captured[layer, "k"], heads, scale,
-                                        captured.get((layer, "hidden")))
+                                        captured.get((layer, "hidden")), self.cells)
                         for layer, heads, scale in self.layers]
 
 

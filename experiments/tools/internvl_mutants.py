@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Re-apply the hand-written mutants of the InternVL adapter (issue 27) one at a time and say whether
+tests/test_internvl.py (slow tests included) kills each; the file is restored after every run.
+
+    python experiments/tools/internvl_mutants.py                 # all of them (~2 min on 2 CPU cores)
+    python experiments/tools/internvl_mutants.py "thumbnail"     # those whose name contains a word
+
+Each mutant: (name, file, line(s), replacement, the -k expression of the tests that should kill it).
+"""
+import os
+import subprocess
+import sys
+
+os.chdir(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+MUTANTS = [
+    ("keys pooled by mean", "vitcompress/methods/tokencorr.py",
+     "keys[:, cells].reshape(keys.shape[0], cells.shape[0], -1)", "keys[:, cells].mean(2)", "independently"),
+    ("cells = contiguous groups of 4", "vitcompress/adapters/internvl.py",
+     "self.cells = shuffled.reshape(-1, shuffled.shape[-1]).long()  # [T, G]",
+     "self.cells = torch.arange(shuffled.numel()).reshape(-1, shuffled.shape[-1])", "independently"),
+    ("thumbnail reduced (tokencorr)", "vitcompress/adapters/internvl.py",
+     "            local = tiles - (tiles > 1)\n            layout", "            local = tiles\n            layout",
+     "thumbnail or placeholders"),
+    ("thumbnail dropped (quota)", "vitcompress/adapters/internvl.py",
+     "f[:0], f[local * T:]))", "f[:0], f[:0]))", "placeholders"),
+    ("taps before q/k norm", "vitcompress/adapters/internvl.py",
+     "attn.q_norm.register_forward_hook", "attn.q_proj.register_forward_hook", "independently"),
+    ("features joined as one entry", "vitcompress/adapters/internvl.py",
+     "return torch.cat(units)[:, None]", "return torch.cat(units)[None]", "beam"),
+    ("frames offset by local tiles", "vitcompress/adapters/internvl.py",
+     "            first += tiles\n        return out", "            first += local\n        return out", "local_tiles"),
+    ("images' runs reversed", "vitcompress/adapters/internvl.py",
+     "        return [n // tokens_per_tile for n in runs]", "        return [n // tokens_per_tile for n in runs[::-1]]",
+     "placeholders"),
+    ("no InternVL layer default", "vitcompress/methods/tokencorr.py",
+     '    family_defaults = {"internvl"', '    family_default_ = {"internvl"', "independently"),
+]
+selected = sys.argv[1:]
+for name, path, old, new, tests in MUTANTS:
+    if selected and not any(word in name for word in selected):
+        continue
+    source = open(path).read()
+    assert source.count(old) == 1, (name, source.count(old))
+    open(path, "w").write(source.replace(old, new))
+    try:
+        run = subprocess.run([sys.executable, "-m", "pytest", "tests/test_internvl.py", "-q", "-x", "-m",
+                              "slow or not slow", "-k", tests], capture_output=True, text=True, timeout=600)
+    finally:
+        open(path, "w").write(source)
+    lines = run.stdout.strip().splitlines()
+    failed = [line for line in lines if line.startswith("FAILED")]
+    print(f"{'KILLED  ' if run.returncode else 'SURVIVED'} {name}: {failed[0] if failed else lines[-1]}", flush=True)

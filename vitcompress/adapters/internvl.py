@@ -1,0 +1,204 @@
+"""transformers InternVL: ``InternVLForConditionalGeneration`` (the InternVL2.5 / InternVL3 ``-hf``
+checkpoints), through the same VLM runtime as LLaVA (:class:`~vitcompress.runtimes.vlm.LlavaRuntime`:
+the prefill hook, the prompt rewrite and ``generate`` with the KV cache are LLaVA's).
+
+How InternVL lays out an image. The processor cuts an image into tiles of the tower's input size
+(the grid closest to its aspect ratio, row-major) and, when there is more than one, appends a
+**thumbnail** (the whole image resized to one tile) as the image's last tile; ``pixel_values``
+holds every tile of the call, ``[tiles, 3, H, W]``, image after image in prompt order. InternViT
+(a ViT with a [CLS] token) encodes each tile, the pixel shuffle folds each 2x2 patches into one
+token (``downsample_ratio=0.5``: 1024 patches -> ``T = 256`` tokens per 448 px tile) and the
+projector maps them; the prompt holds ``<img>`` + ``T * tiles`` image tokens + ``</img>`` per
+image. A video is a run of frames, each a one-tile image in its own ``<img>...</img>`` (the
+processor puts ``FrameN:`` before it): the model has no video input of its own.
+
+What reduces where:
+
+* After the projector, on the tokens the language model receives, tile by tile. An image is one
+  contiguous run of image tokens in ``input_ids``: its length / ``T`` is the image's tile count.
+* **The thumbnail is never reduced.** It is the model's only view of the whole image (the local
+  tiles each see a part), so every image keeps that global view whole, last, as the model was
+  trained to see it; the methods reduce the local tiles. A one-tile image has no thumbnail and
+  is reduced like a local tile; so is every video frame.
+* ``unit="crop"`` (tokencorr): each local tile is a crop. The tower's signals are per patch, the
+  tokens per 2x2 patches: they are pooled to the shuffled grid with the model's own pixel shuffle
+  run on patch indices (:func:`vitcompress.methods.tokencorr.pool_to_cells`: a token's [CLS]
+  attention is the sum of its four patches', its key their four keys concatenated in the
+  shuffle's channel order). q and k are tapped after InternViT's q/k norm (identity unless
+  ``use_qk_norm``), which is what its attention multiplies. The thumbnail's tokens are in the
+  layout as kept tokens (``-2``; tokencorr reports them as ``cls_tokens``).
+* ``unit="video"`` (quota): the images of one sample are the frames of one video, each local
+  tile a frame with its own token grid; a thumbnail stays whole after its image's tiles
+  (``extra_tokens`` in the stats).
+* ViT methods inside InternViT are refused: the pixel shuffle needs the full patch grid.
+
+Requirements: transformers >= 5 (``forward(mm_encoder_outputs=...)``); the processor's layout
+(each image's tokens one run, its thumbnail last).
+"""
+import inspect
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ..runtimes.vlm import LlavaRuntime, TowerTaps, compressed_generate, prefill_hook
+from .common import bind, family_class
+
+Tensor = torch.Tensor
+
+_CLASSES = {"transformers.models.internvl.modeling_internvl.InternVLForConditionalGeneration"}
+#: the image modality a method of each unit reduces here (crops: local tiles; frames: a sample's tiles)
+_UNITS = {"crop": "image", "video": "image"}
+
+
+class InternVLAdapter:
+    family = "transformers.InternVLForConditionalGeneration"
+    description = "transformers InternVL models (InternVLForConditionalGeneration: InternVL2.5 / InternVL3 -hf)"
+    targets = ("llava",)
+    variant = "internvl"  # tokencorr reads the layer InternVL feeds the language model (the last)
+    drawable = False  # vitcompress.visualize draws LLaVA's crops and frames, not tiles
+
+    @staticmethod
+    def matches(model) -> bool:
+        return family_class(model, _CLASSES) is not None
+
+    def __init__(self, model):
+        import transformers
+
+        if "mm_encoder_outputs" not in inspect.signature(type(model).forward).parameters:
+            raise TypeError(f"vitcompress's InternVL adapter needs transformers >= 5 (forward(mm_encoder_outputs=...) "
+                            f"takes pre-encoded visual tokens); found transformers {transformers.__version__}. "
+                            "Upgrade transformers.")
+        self.model = model
+        self.base = model.model
+        self.config = model.config
+        self.tower = self.base.vision_tower
+        text = self.config.text_config
+        pad = getattr(self.config, "pad_token_id", None)
+        self.pad_token_id = pad if pad is not None else (getattr(text, "pad_token_id", None) or 0)
+        vc = self.config.vision_config
+        self.tile_size = tuple(vc.image_size)
+        patches = [s // p for s, p in zip(vc.image_size, vc.patch_size)]
+        # Which patches each token of a tile is made of: the model's own pixel shuffle on patch indices.
+        index = torch.arange(patches[0] * patches[1], dtype=torch.float64).reshape(1, *patches, 1)
+        shuffled = self.base.pixel_shuffle(index, scale_factor=self.config.downsample_ratio)
+        self.grid = tuple(shuffled.shape[1:3])  # the tile's token grid
+        self.cells = shuffled.reshape(-1, shuffled.shape[-1]).long()  # [T, G]
+
+    # ---------------------------------------------------------------- compress() hooks
+    def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
+        if self.unit_modality(spec.unit) is None:
+            raise TypeError(f"{spec.name} cannot reduce an InternVLForConditionalGeneration: it reduces "
+                            f"{spec.unit or 'another unit'}s, and InternVL takes the methods that reduce image tiles "
+                            "(unit 'crop': tokencorr) or the frames of a video (unit 'video': quota); "
+                            "vitcompress.supported(model) lists every method that fits")
+        taps = self._tower_taps(spec, options) if spec.unit == "crop" else None
+        return LlavaRuntime(self, spec, options, budget, taps=taps)
+
+    def _layers(self):
+        return getattr(getattr(self.tower, "encoder", None), "layer", None)
+
+    def _tower_taps(self, spec, options) -> TowerTaps:
+        """The tower's q/k (after its q/k norm) in the layers a crop method reads; InternViT's [CLS] needed."""
+        layers = self._layers()
+        if layers is None or getattr(getattr(self.tower, "embeddings", None), "cls_token", None) is None:
+            raise TypeError(f"{spec.name} reads the [CLS] attention of the vision tower; this "
+                            f"{type(self.tower).__name__} has no [CLS] token (supported: InternViT, "
+                            "InternVLVisionModel); quota does not read the tower")
+        chosen = spec.tower_layers(options, len(layers))  # fails now for a layer the tower lacks
+        attention = [layers[i].attention for i in chosen]
+        return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(chosen, attention)], cells=self.cells)
+
+    def patch(self, runtime, patcher) -> None:
+        # As LLaVA's: public hook handles and module-level functions, so deepcopy / pickle carry them
+        # and restore removes exactly these.
+        model = self.model
+        patcher.hook(model.register_forward_pre_hook(prefill_hook, with_kwargs=True, prepend=True))
+        patcher.set(model, "generate", bind(compressed_generate, model))
+        if runtime.taps is not None:
+            layers = self._layers()
+            for i in runtime.taps.hooked_layers():
+                attn = layers[i].attention
+                patcher.hook(attn.q_norm.register_forward_hook(runtime.taps.hook(i, "q")))
+                patcher.hook(attn.k_norm.register_forward_hook(runtime.taps.hook(i, "k")))
+
+    # ---------------------------------------------------------------- model knowledge
+    def modalities_in(self, inputs: Dict[str, Any]) -> List[str]:
+        if inputs.get("pixel_values") is None:
+            return []
+        if inputs.get("mm_encoder_outputs"):
+            raise ValueError("pass either pixels or mm_encoder_outputs to a compressed InternVL, not both")
+        return ["image"]
+
+    def unit_modality(self, unit: str) -> Optional[str]:
+        return _UNITS.get(unit)
+
+    def token_id(self, modality: str) -> int:
+        return self.config.image_token_id
+
+    def tiles_per_image(self, inputs: Dict[str, Any], tokens_per_tile: int) -> List[int]:
+        """Each image's tile count, from its run of image tokens in ``input_ids`` (row after row)."""
+        runs = []
+        for row in inputs["input_ids"] == self.config.image_token_id:
+            edges = torch.cat([row.new_zeros(1), row, row.new_zeros(1)]).int().diff()
+            runs += ((edges == -1).nonzero() - (edges == 1).nonzero()).flatten().tolist()
+        tiles = inputs["pixel_values"].shape[0]
+        if any(n % tokens_per_tile for n in runs) or sum(runs) != tiles * tokens_per_tile:
+            raise ValueError(f"InternVL's image tokens in input_ids (runs of {runs}) do not match the {tiles} tiles of "
+                             f"pixel_values ({tokens_per_tile} tokens each): each image needs its own run of "
+                             "tokens_per_tile * tiles image tokens, as the processor writes them (<img>...</img>)")
+        return [n // tokens_per_tile for n in runs]
+
+    def encode(self, modality: str, inputs: Dict[str, Any]) -> List[Tensor]:
+        """The model's own features, one ``[tiles * T, D]`` tensor per image."""
+        fn = self.base.get_image_features
+        kwargs = {k: inputs[k] for k in inspect.signature(fn).parameters if k != "kwargs" and inputs.get(k) is not None}
+        features = fn(**kwargs, return_dict=True).pooler_output  # [tiles, T, D]
+        per_image = self.tiles_per_image(inputs, features.shape[1])
+        return [f.reshape(-1, f.shape[-1]) for f in features.split(per_image)]
+
+    def split_units(self, modality: str, features: List[Tensor]) -> List[Tensor]:
+        return list(features)
+
+    def join_units(self, modality: str, units: List[Tensor], expansion: int = 1) -> Tensor:
+        """One ``[L, D]`` per image -> the pooler_output the model scatters: ``[tokens, 1, D]``, one
+        entry per token, so ``generate``'s expansion (num_beams / num_return_sequences), which repeats
+        the entries of each row as a group, finds every row's boundary whatever each image kept."""
+        return torch.cat(units)[:, None]
+
+    def with_features(self, inputs: Dict[str, Any], encoded: Dict[str, Any]) -> Dict[str, Any]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        out = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=encoded["image"])}
+        return out
+
+    def _check_tile_size(self, pixels: Tensor) -> None:
+        if tuple(pixels.shape[-2:]) != self.tile_size:
+            raise ValueError(f"InternVL tiles of {tuple(pixels.shape[-2:])} px; the tower's patch grid (and the token "
+                             f"grid a method reads) is for its image_size {self.tile_size}")
+
+    def crop_layouts(self, inputs) -> List[Tuple[Tensor, int]]:
+        """Per image: each token's ``tile * T + token`` (``-2``: the thumbnail's, kept), and its tile count."""
+        pixels = inputs["pixel_values"]
+        self._check_tile_size(pixels)
+        T = self.cells.shape[0]
+        out = []
+        for tiles in self.tiles_per_image(inputs, T):
+            local = tiles - (tiles > 1)
+            layout = torch.cat([torch.arange(local * T, device=pixels.device),
+                                torch.full(((tiles - local) * T,), -2, dtype=torch.long, device=pixels.device)])
+            out.append((layout, tiles))
+        return out
+
+    def video_units(self, modality: str, inputs, features: List[Tensor]):
+        """Per image: its local tiles' pixels (the frames) and token grids, no head, and its thumbnail's tokens."""
+        pixels = inputs["pixel_values"]
+        self._check_tile_size(pixels)
+        T = self.cells.shape[0]
+        out, first = [], 0
+        for f, tiles in zip(features, self.tiles_per_image(inputs, T)):
+            local = tiles - (tiles > 1)
+            grids = list(f[:local * T].reshape(local, *self.grid, -1))
+            out.append((pixels[first:first + local], grids, f[:0], f[local * T:]))
+            first += tiles
+        return out
