@@ -30,7 +30,7 @@ def test_an_unsupported_model_names_the_families_in_one_line():
     with pytest.raises(TypeError) as err:
         vitcompress.compress(nn.Linear(2, 2), "tome")
     message = str(err.value)
-    assert "timm.VisionTransformer" in message and "\n" not in message and len(message) < 400
+    assert "timm.VisionTransformer" in message and "\n" not in message and len(message) < 450
 
 
 def test_restore_of_an_inner_module_names_the_outer_model():

@@ -35,6 +35,24 @@ def option_defaults(method) -> Dict[str, Any]:
     return defaults
 
 
+def fitting_methods(adapter) -> List[str]:
+    """The registered methods ``compress`` takes for the adapter's model with their default options
+    and budget (a family may refuse some methods of a target it accepts: InternVL and Qwen-VL take
+    no LLaVA method that reads the projected features)."""
+    out = []
+    for name in _methods.names():
+        spec = _methods.get(name)
+        if spec.target not in adapter.targets:
+            continue
+        own, common = split_options(spec, dict(option_defaults(spec), **spec.family_defaults.get(adapter.variant, {})))
+        try:
+            adapter.make_runtime(spec, own, parse_budget(spec), common)  # plans; patches nothing
+        except (TypeError, ValueError):
+            continue
+        out.append(name)
+    return out
+
+
 def split_options(method, options: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[CommonOptions]]:
     """Every option of ``method`` (as :func:`option_defaults` lists them) -> the method's own and the
     :class:`CommonOptions` its runtime reads (None for a method of another target: it takes none)."""
@@ -125,7 +143,7 @@ def compress(model: nn.Module, method: str, *, keep: Optional[float] = None, r=N
     adapter = find_adapter(model)
     accepted = adapter.targets
     if spec.target not in accepted:
-        usable = ", ".join(n for t in accepted for n in _methods.names(t))
+        usable = ", ".join(fitting_methods(adapter))
         raise TypeError(f"method {spec.name!r} reduces {spec.target} models; a {adapter.family} takes: {usable}")
     own, common = resolve_options(spec, options, adapter.variant)
     budget = parse_budget(spec, keep=keep, r=r, flops=flops)

@@ -43,7 +43,7 @@ import torch.nn as nn
 import vitcompress
 from vitcompress.interfaces import PART_ATTR, runtime_of
 from vitcompress.testing import (LLAVA_IMAGE_TOKEN, internvl_inputs, qwen_vl_inputs, random_images, ramp_scorer,
-                                 tiny_detr, tiny_internvl, tiny_llava, tiny_qwen_vl)
+                                 tiny_detr, tiny_internvl, tiny_llava_lm, tiny_qwen_vl)
 
 ASPECTS = ("forward", "restore", "compile", "onnx")
 VIT_METHODS = ("tome", "pitome", "zero_tprune", "evit", "mctf", "tofu", "ppt", "atc")
@@ -52,6 +52,8 @@ CLASS_TOKEN_FREE = tuple(m for m in VIT_METHODS if m not in CLASS_TOKEN_METHODS)
 # MCTF fuses in every block but the first by default: on these 2-block models, only after the last
 # block's attention, which no block's input count shows; fusing in both blocks checks the same path
 VIT_BUDGETS = {"mctf": dict(keep=0.8, layers=(0, 1))}
+# the VLM methods that read LLaVA's feature layer and projector or drop tokens inside its language model
+LLAVA_ONLY_METHODS = ("visionzip", "cdpruner", "fastv", "pyramiddrop", "dart")
 ATOL = 1e-5
 ONNX_ATOL = 1e-4
 IMAGE = (3, 32, 32)
@@ -194,6 +196,11 @@ FAMILIES: List[Family] = [
 ]
 
 
+def _relevance(patches, question):
+    """cdpruner's offline relevance: a fixed cosine per patch (the question does not matter here)."""
+    return torch.linspace(-1, 1, patches.shape[1]).expand(patches.shape[:2])
+
+
 def _detr():
     _need("transformers")
     return tiny_detr()
@@ -201,7 +208,7 @@ def _detr():
 
 def _llava():
     _need("transformers")
-    return tiny_llava("llava", num_hidden_layers=2)
+    return tiny_llava_lm("llava", layers=4)  # room for fastv / dart after layer 2
 
 
 def _internvl():
@@ -213,8 +220,10 @@ OTHER_FAMILIES: List[Family] = [
     Family("transformers DETR", "`DetrForObjectDetection` (encoder tokens)", _detr, _logits, methods=("focus_detr",),
            kind="detr", budgets={"focus_detr": dict(keep=0.5)}),
     Family("transformers LLaVA-1.5", "`LlavaForConditionalGeneration` (visual tokens; ViT methods in its CLIP tower)",
-           _llava, methods=VIT_METHODS + ("tokencorr", "quota"), kind="llava",
-           budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)}),
+           _llava, methods=VIT_METHODS + ("tokencorr", "quota") + LLAVA_ONLY_METHODS, kind="llava",
+           budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer),
+                    "visionzip": dict(dominant=12, contextual=4), "cdpruner": dict(tokens=16, scorer=_relevance),
+                    "fastv": {}, "pyramiddrop": {}, "dart": {}}),
     Family("transformers InternVL", "`InternVLForConditionalGeneration` (visual tokens per tile after the pixel "
            "shuffle; thumbnail kept)", _internvl, methods=("tokencorr", "quota"), kind="llava",
            budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)},
@@ -233,7 +242,7 @@ def _qwen_vl(kind: str) -> Family:
 
 OTHER_FAMILIES += [_qwen_vl(kind) for kind in ("qwen2", "qwen2_5", "qwen3")]
 ALL_FAMILIES = FAMILIES + OTHER_FAMILIES
-OTHER_METHODS = ("focus_detr", "tokencorr", "quota")
+OTHER_METHODS = ("focus_detr", "tokencorr", "quota") + LLAVA_ONLY_METHODS
 ALL_METHODS = VIT_METHODS + OTHER_METHODS
 # the README / docs print two tables: the ViT methods on every family that takes them (LLaVA: in its
 # vision tower), and the detection and VLM methods on their families

@@ -86,9 +86,12 @@ class InternVLAdapter:
 
     # ---------------------------------------------------------------- compress() hooks
     def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
-        if self.unit_modality(spec.unit) is None:
+        # a crop method reading the projected features (visionzip, cdpruner) needs the LLaVA tower's
+        # feature layer and projector, which this adapter does not provide
+        if self.unit_modality(spec.unit) is None or getattr(spec, "reads_features", False):
+            unit = "the projected features" if getattr(spec, "reads_features", False) else f"{spec.unit or 'another unit'}s"
             raise TypeError(f"{spec.name} cannot reduce an InternVLForConditionalGeneration: it reduces "
-                            f"{spec.unit or 'another unit'}s, and InternVL takes the methods that reduce image tiles "
+                            f"{unit}, and InternVL takes the methods that reduce image tiles "
                             "(unit 'crop': tokencorr) or the frames of a video (unit 'video': quota); "
                             "vitcompress.supported(model) lists every method that fits")
         taps = self._tower_taps(spec, options) if spec.unit == "crop" else None

@@ -199,7 +199,9 @@ class QwenVLAdapter:
 
     # ---------------------------------------------------------------- compress() hooks
     def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
-        if spec.target != "llava" or self.unit_modality(spec.unit) is None:
+        # a crop method reading the projected features (visionzip, cdpruner) needs the LLaVA tower's
+        # feature layer and projector, which this adapter does not provide
+        if spec.target != "llava" or self.unit_modality(spec.unit) is None or getattr(spec, "reads_features", False):
             raise TypeError(f"{spec.name} cannot reduce a {self.version}: the methods that run on Qwen-VL are "
                             f"{_CAN_RUN}")
         taps = None
