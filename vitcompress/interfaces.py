@@ -328,3 +328,54 @@ class TokenSignals:
 
     keys: torch.Tensor
     attention: torch.Tensor
+
+
+# --------------------------------------------------------------------------- methods inside a VLM's language model
+
+
+@dataclass
+class DropSignals:
+    """What a language-model method sees where visual tokens drop (before layer ``layer`` runs), for
+    the ``T`` tokens the batch still has there (a sample with fewer kept tokens is padded on the left
+    with invalid slots).
+
+    ``hidden[B, T, C]``: the hidden states entering the layer. ``visual[B, T]``: the visual tokens
+    still present. ``valid[B, T]``: real tokens (not padding, not an invalid slot).
+    ``visual_before[B]``: each sample's visual tokens at the input of the language model.
+    ``stage``: which of the method's drop layers this is (0 first). ``query_key(layer)``: ``q``,
+    ``k`` ``[B, H, T, d]`` (rotary applied, key heads repeated to the query heads) of ``layer``
+    on the hidden states that entered it in this forward, one of :meth:`LanguageModelMethod.signal_layers`;
+    computed on demand. ``final_norm(x)``: the language model's output norm.
+    """
+
+    hidden: Tensor
+    visual: Tensor
+    valid: Tensor
+    visual_before: Tensor
+    layer: int
+    stage: int
+    query_key: Callable[[int], Tuple[Tensor, Tensor]]
+    final_norm: Callable[[Tensor], Tensor]
+
+
+class LanguageModelMethod(LlavaMethod):
+    """A method that drops visual tokens inside a VLM's language model during prefill
+    (:class:`vitcompress.runtimes.language_model.LanguageModelRuntime` applies it): before each of
+    :meth:`drop_layers` it chooses the visual tokens that stay, from :class:`DropSignals`; every
+    later layer, its KV cache and the decoding steps see only those. ``keep`` is the budget's value."""
+
+    unit = "language_model"
+    kind = "prune"
+
+    def drop_layers(self, options: Dict[str, Any], depth: int) -> Tuple[int, ...]:
+        """The layers (0-based, increasing, at least 1) before which visual tokens drop, for a
+        language model of ``depth`` layers; refuse options that do not fit it."""
+        raise NotImplementedError
+
+    def signal_layers(self, options: Dict[str, Any], depth: int) -> Tuple[int, ...]:
+        """The layers whose inputs :meth:`select` reads through ``query_key``."""
+        return ()
+
+    def select(self, signals: DropSignals, keep: float, options: Dict[str, Any]) -> Tensor:
+        """``[B, T]`` bool: the visual tokens of ``signals`` that stay (only visual ones count)."""
+        raise NotImplementedError

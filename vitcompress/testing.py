@@ -318,3 +318,23 @@ def qwen_vl_inputs(model, kind, images=True, video=True):
     mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
     types = (ids == QWEN_IMAGE_TOKEN).int() + 2 * (ids == QWEN_VIDEO_TOKEN).int()
     return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **kw)
+
+
+# --------------------------------------------------------------------------- LLaVA, deeper language model (fastv, pyramiddrop)
+
+
+def tiny_llava_lm(kind="llava", layers=8, kv_heads=2, attn="sdpa"):
+    """:func:`tiny_llava` with a ``layers``-deep language model (``kv_heads`` key/value heads) and
+    the given attention implementation: room for drops after layer 2 and at quarter depths."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaNextConfig, LlavaNextForConditionalGeneration)
+
+    torch.manual_seed(0)
+    text = LlamaConfig(**dict(LLAVA_TEXT, num_hidden_layers=layers, num_key_value_heads=kv_heads))
+    common = dict(vision_config=CLIPVisionConfig(**LLAVA_VISION), text_config=text, image_token_index=LLAVA_IMAGE_TOKEN)
+    if kind == "llava":
+        model = LlavaForConditionalGeneration(LlavaConfig(**common))
+    else:
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=LLAVA_PINPOINTS))
+    model.set_attn_implementation(attn)
+    return model.eval()

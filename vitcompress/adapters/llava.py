@@ -40,6 +40,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..interfaces import runtime_of
+from ..runtimes.language_model import LanguageModelParts, LanguageModelRuntime
 from ..runtimes.vit import ViTRuntime
 from ..runtimes.vlm import LlavaRuntime, TowerTaps, compressed_generate, prefill_hook
 from .common import bind, family_class
@@ -116,6 +118,8 @@ class LlavaAdapter:
     def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
         if spec.target == "vit":
             return self._vit_runtime(spec, options, budget, common)
+        if spec.unit == "language_model":
+            return LanguageModelRuntime(self, spec, options, budget, self.language_model_parts())
         if self.unit_modality(spec.unit) is None:
             supported = [n for n, f in _FAMILIES.items() if f[spec.unit]]
             raise TypeError(f"{spec.name} cannot reduce a {self.family_name}: it reduces "
@@ -168,8 +172,16 @@ class LlavaAdapter:
                 patcher.hook(attn.k_proj.register_forward_hook(runtime.taps.hook(i, "k")))
         if runtime.tower is not None:
             runtime.tower.adapter.patch(runtime.tower, patcher)
+        if isinstance(runtime, LanguageModelRuntime):
+            runtime.hook_language_model(patcher)
 
     # ---------------------------------------------------------------- model knowledge
+    def language_model_parts(self) -> LanguageModelParts:
+        """The Llama-like decoder (its layers, output norm) and the placeholder ids of the visual tokens."""
+        lm = self.base.language_model
+        ids = tuple(self.token_id(m) for m in _FAMILIES[self.family_name]["modalities"])
+        return LanguageModelParts(module=lm, layers=lm.layers, final_norm=lm.norm, visual_token_ids=ids)
+
     def modalities_in(self, inputs: Dict[str, Any]) -> List[str]:
         """The modalities whose pixels this call carries."""
         present = [m for m in _FAMILIES[self.family_name]["modalities"] if inputs.get(_PIXELS[m]) is not None]

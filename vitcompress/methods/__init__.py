@@ -3,11 +3,14 @@ from typing import Dict, List, Optional
 
 from ..interfaces import TARGETS, Method
 from .atc import ATC
+from .dart import DART
 from .evit import EViT
+from .fastv import FastV
 from .focus_detr import FocusDETR
 from .mctf import MCTF
 from .pitome import PiToMe
 from .ppt import PPT
+from .pyramiddrop import PyramidDrop
 from .quota import QuoTA
 from .random_prune import RandomPrune
 from .tofu import ToFu
@@ -16,7 +19,8 @@ from .tome import ToMe
 from .zero_tprune import ZeroTPrune
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), EViT(), ToFu(), MCTF(), PPT(),
-                                                   ATC(), RandomPrune(), FocusDETR(), TokenCorr(), QuoTA())}
+                                                   ATC(), RandomPrune(), FocusDETR(), TokenCorr(), QuoTA(),
+                                                   FastV(), PyramidDrop(), DART())}
 
 
 def get(name: str) -> Method:
