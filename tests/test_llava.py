@@ -570,7 +570,8 @@ def test_call_errors_name_the_fix(models):
             model(**bad, question="q")
     finally:
         vitcompress.restore(model)
-    assert vitcompress.list_methods("llava") == ["dart", "fastv", "pyramiddrop", "quota", "tokencorr"]
+    assert vitcompress.list_methods("llava") == ["cdpruner", "dart", "fastv", "pyramiddrop", "quota", "tokencorr",
+                                                 "visionzip"]
 
 
 def test_transformers_without_pre_encoded_features_is_refused():

@@ -239,6 +239,12 @@ class LlavaMethod(Method):
 
     target = "llava"
     unit: str = ""  # "crop" | "video"
+    #: a crop method that also reads the features the model projects: the runtime then taps the output
+    #: of the model's feature layer as the last of :meth:`reduce_images`'s ``taps`` (``hidden``) and
+    #: passes ``project=``, the model's projector on such features
+    reads_features: bool = False
+    #: a crop method given each image's question (``questions=``, from the call's ``question=``)
+    needs_question: bool = False
 
     def check_budget(self, budget: Any) -> None:
         """Refuse a budget (``schedule.Budget``) this method cannot take; by default only ``keep=``."""
@@ -259,7 +265,8 @@ class LlavaMethod(Method):
         within the image; -1 a row's newline; -2 CLS) and ``crops`` the image's number of crops;
         ``taps``: per layer of :meth:`tower_layers`, the tower's ``q``, ``k`` ``[crops, 1 + N, H * d]``
         (CLS first) of every crop of the call, image after image, with the layer's ``num_heads``
-        and softmax ``scale``.
+        and softmax ``scale`` (and its output ``hidden``). ``questions`` / ``project``: see
+        :attr:`needs_question` / :attr:`reads_features` (passed only to such methods).
         """
         raise NotImplementedError
 

@@ -338,3 +338,82 @@ def tiny_llava_lm(kind="llava", layers=8, kv_heads=2, attn="sdpa"):
         model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=LLAVA_PINPOINTS))
     model.set_attn_implementation(attn)
     return model.eval()
+
+
+# --------------------------------------------------------------------------- VisionZip / CDPruner on LLaVA
+
+LLAVA_CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                       max_position_embeddings=16, bos_token_id=98, eos_token_id=99, pad_token_id=0)
+
+
+def tiny_llava_576():
+    """A random LLaVA-1.5 with its tower's shape (24 x 24 patches, 24 layers) and a language model
+    256 wide: CDPruner's kernel (the projected tokens' cosine similarity) then has rank 256, enough
+    for the paper's 64 / 128 / 192 tokens (a greedy DPP cannot pick more tokens than that rank)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(**dict(LLAVA_VISION, image_size=96, num_hidden_layers=24)),
+        text_config=LlamaConfig(**dict(LLAVA_TEXT, hidden_size=256, intermediate_size=256)),
+        image_token_index=LLAVA_IMAGE_TOKEN)).eval()
+
+
+LLAVA_NEXT_576_PINPOINTS = [[96, 192], [192, 96], [192, 192]]
+
+
+def tiny_llava_next_576():
+    """A random LLaVA-NeXT whose crops have LLaVA's tower shape (24 x 24 patches, 24 layers)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    return LlavaNextForConditionalGeneration(LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**dict(LLAVA_VISION, image_size=96, num_hidden_layers=24)),
+        text_config=LlamaConfig(**LLAVA_TEXT), image_token_index=LLAVA_IMAGE_TOKEN,
+        image_grid_pinpoints=LLAVA_NEXT_576_PINPOINTS)).eval()
+
+
+def llava_next_576_inputs(model):
+    """Two prompts with one image each, 90 x 190 (a 1 x 2 crop grid) and 192 x 192 (2 x 2)."""
+    pixels = torch.randn(2, 5, 3, 96, 96, generator=torch.Generator().manual_seed(13))
+    sizes = torch.tensor([[90, 190], [192, 192]])
+    with torch.no_grad():
+        counts = [f.shape[0] for f in model.model.get_image_features(pixels, sizes).pooler_output]
+    rows = [[1, 5] + [LLAVA_IMAGE_TOKEN] * counts[0] + [7, 8], [1, 6] + [LLAVA_IMAGE_TOKEN] * counts[1] + [9]]
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+
+
+def char_tokenizer(text, return_tensors="pt"):
+    """A stand-in CLIP tokenizer: BOS, one id per character, EOS (:data:`LLAVA_CLIP_TEXT`'s ids), unpadded."""
+    from transformers import BatchEncoding
+
+    ids = [[98] + [2 + ord(ch) % 90 for ch in t] + [99] for t in text]
+    return BatchEncoding({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), len(ids[0]),
+                                                                                         dtype=torch.long)})
+
+
+def tiny_llava_clip(model):
+    """A random CLIP model whose vision tower is ``model``'s (a tiny LLaVA's), as the tower's own
+    checkpoint would be: what CDPruner's ``clip=`` takes."""
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = model.config.vision_config
+    torch.manual_seed(5)
+    clip = CLIPModel(CLIPConfig(vision_config=vision.to_dict(), text_config=LLAVA_CLIP_TEXT,
+                                projection_dim=vision.projection_dim)).eval()
+    tower = model.model.vision_tower
+    clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())
+    return clip
+
+
+def llava_prompts(model, pixel_values):
+    """LLaVA-1.5 prompts of different lengths, one image each, for ``pixel_values[B, 3, H, W]``."""
+    patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    rows = [[1] + [5 + b] * b + [LLAVA_IMAGE_TOKEN] * patches + [7, 8] for b in range(pixel_values.shape[0])]
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)

@@ -139,8 +139,22 @@ class LlavaAdapter:
         if _FAMILIES[self.family_name]["anyres"] and strategy != "default":
             raise ValueError(f"{spec.name} on anyres crops needs vision_feature_select_strategy='default' "
                              f"(got {strategy!r})")
+        if spec.reads_features:
+            layers = tuple(layers) + (self._feature_layer(spec),)
         attention = [self.tower_layers[i].self_attn for i in layers]
         return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(layers, attention)])
+
+    def _feature_layer(self, spec) -> int:
+        """The encoder layer whose output the model projects (``vision_feature_layer`` indexes the
+        hidden states, the embeddings first)."""
+        selected = self.config.vision_feature_layer
+        if not isinstance(selected, int) or not 1 <= selected % (len(self.tower_layers) + 1):
+            raise ValueError(f"{spec.name} reads the features of one encoder layer: vision_feature_layer must be "
+                             f"an int naming a layer's output, got {selected!r}")
+        if self.config.vision_feature_select_strategy != "default":
+            raise ValueError(f"{spec.name} needs vision_feature_select_strategy='default' (patch tokens only), got "
+                             f"{self.config.vision_feature_select_strategy!r}")
+        return selected % (len(self.tower_layers) + 1) - 1
 
     def _vit_runtime(self, spec, options, budget, common):
         if common.unmerge:
@@ -170,6 +184,7 @@ class LlavaAdapter:
                 attn = self.tower_layers[i].self_attn
                 patcher.hook(attn.q_proj.register_forward_hook(runtime.taps.hook(i, "q")))
                 patcher.hook(attn.k_proj.register_forward_hook(runtime.taps.hook(i, "k")))
+                patcher.hook(self.tower_layers[i].register_forward_hook(runtime.taps.hook(i, "hidden")))
         if runtime.tower is not None:
             runtime.tower.adapter.patch(runtime.tower, patcher)
         if isinstance(runtime, LanguageModelRuntime):
@@ -203,6 +218,10 @@ class LlavaAdapter:
         params = inspect.signature(fn).parameters
         kwargs = {k: inputs[k] for k in params if k != "kwargs" and inputs.get(k) is not None}
         return fn(**kwargs, return_dict=True).pooler_output
+
+    def project(self, modality: str, hidden: Tensor) -> Tensor:
+        """The model's projector on tower features ``[..., C]`` (as ``get_{modality}_features`` applies it)."""
+        return self.base.multi_modal_projector(hidden)
 
     def with_features(self, inputs: Dict[str, Any], encoded: Dict[str, Any]) -> Dict[str, Any]:
         """The call's arguments with each modality's pixels replaced by its encoded features."""

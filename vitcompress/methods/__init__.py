@@ -17,10 +17,12 @@ from .tofu import ToFu
 from .tokencorr import TokenCorr
 from .tome import ToMe
 from .zero_tprune import ZeroTPrune
+from .visionzip import VisionZip
+from .cdpruner import CDPruner
 
 REGISTRY: Dict[str, Method] = {m.name: m for m in (ToMe(), PiToMe(), ZeroTPrune(), EViT(), ToFu(), MCTF(), PPT(),
                                                    ATC(), RandomPrune(), FocusDETR(), TokenCorr(), QuoTA(),
-                                                   FastV(), PyramidDrop(), DART())}
+                                                   FastV(), PyramidDrop(), DART(), VisionZip(), CDPruner())}
 
 
 def get(name: str) -> Method:

@@ -37,12 +37,14 @@ Tensor = torch.Tensor
 
 class TappedAttention(NamedTuple):
     """The q and k projections ``[crops, 1 + N, H * d]`` (CLS first) one tower layer computed in
-    one call, with the layer's head count and softmax scale."""
+    one call, with the layer's head count and softmax scale, and the layer's output ``hidden``
+    ``[crops, 1 + N, C]``."""
 
     q: Tensor
     k: Tensor
     num_heads: int
     scale: float
+    hidden: Optional[Tensor] = None
 
 
 class TowerTaps:
@@ -63,14 +65,14 @@ class TowerTaps:
         return sorted({layer for layer, _, _ in self.layers})
 
     def hook(self, layer: int, projection: str) -> Callable:
-        """The forward hook for ``layer``'s ``projection`` ("q" or "k"); a partial of a bound method,
-        so deepcopy and pickle of the model carry it to the copy's taps."""
+        """The forward hook for ``layer``'s ``projection`` ("q", "k", or "hidden": the layer's output); a
+        partial of a bound method, so deepcopy and pickle of the model carry it to the copy's taps."""
         return functools.partial(self._record, layer, projection)
 
     def _record(self, layer: int, projection: str, module, args, output) -> None:
         captured = self._captured.get()
         if captured is not None:
-            captured[layer, projection] = output.detach()
+            captured[layer, projection] = (output[0] if isinstance(output, tuple) else output).detach()
 
     def run(self, encode: Callable[[], Any]) -> Tuple[Any, List[TappedAttention]]:
         """``encode()``'s result and what it computed in the tapped layers, in the method's order."""
@@ -83,7 +85,8 @@ class TowerTaps:
         missing = [layer for layer in self.hooked_layers() if not {(layer, "q"), (layer, "k")} <= captured.keys()]
         if missing:
             raise RuntimeError(f"the vision tower did not run its layers {missing} while encoding")
-        return result, [TappedAttention(captured[layer, "q"], captured[layer, "k"], heads, scale)
+        return result, [TappedAttention(captured[layer, "q"], captured[layer, "k"], heads, scale,
+                                        captured.get((layer, "hidden")))
                         for layer, heads, scale in self.layers]
 
 
@@ -150,7 +153,7 @@ class LlavaRuntime:
     def _reduce(self, modality, inputs, question, expansion):
         """-> (features in the model's format, tokens per unit before and after, per-unit stats)."""
         if modality == self.reduced_modality and self.method.unit == "crop":
-            return self._reduce_crops(modality, inputs, expansion)
+            return self._reduce_crops(modality, inputs, expansion, question)
         features = self.adapter.encode(modality, inputs)
         if modality == self.reduced_modality:
             return self._reduce_videos(modality, inputs, features, question, expansion)
@@ -158,11 +161,19 @@ class LlavaRuntime:
         old = self.adapter.uncompressed_counts(modality, inputs, new) if self.tower is not None else new
         return features, old, new, [{"tokens_before": o, "tokens_after": n} for o, n in zip(old, new)]
 
-    def _reduce_crops(self, modality, inputs, expansion):
+    def _reduce_crops(self, modality, inputs, expansion, question=None):
         adapter = self.adapter
         features, taps = self.taps.run(lambda: adapter.encode(modality, inputs))
         images = adapter.split_units(modality, features)
-        reduced, reports = self.method.reduce_images(images, adapter.crop_layouts(inputs), taps, self.options)
+        context = {}
+        if self.method.needs_question:  # each image gets its sample's question
+            rows = unit_rows(inputs["input_ids"], adapter.token_id(modality), [f.shape[0] for f in images], modality)
+            questions = _questions(self.method.name, question, inputs["input_ids"].shape[0])
+            context["questions"] = [questions[row] for row in rows]
+        if self.method.reads_features:
+            context["project"] = functools.partial(adapter.project, modality)
+        reduced, reports = self.method.reduce_images(images, adapter.crop_layouts(inputs), taps, self.options,
+                                                     **context)
         old, new = [f.shape[0] for f in images], [r.shape[0] for r in reduced]
         stats = [dict(report, tokens_before=o, tokens_after=n) for report, o, n in zip(reports, old, new)]
         return adapter.join_units(modality, reduced, expansion), old, new, stats
@@ -208,7 +219,8 @@ class LlavaRuntime:
         out = {
             "method": self.method.name,
             "family": self.adapter.family,
-            "budget": "content-dependent" if self.budget.value is None else self.budget.describe(),
+            "budget": self.budget.describe() if self.budget.value is not None else (
+                "content-dependent" if self.method.dynamic else "set by the method's options"),
             "options": {k: (v if v is None or isinstance(v, (int, float, str, bool, tuple, list))
                             else type(v).__name__) for k, v in self.options.items()},
         }

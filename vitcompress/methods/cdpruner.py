@@ -1,0 +1,190 @@
+"""CDPruner (2025): conditional determinantal point process selection of visual tokens, before the
+language model.
+
+Per image (all its crops together), as the official LLaVA code does it:
+
+* **Similarity**: cosine similarity of the projected visual tokens (the features the language model
+  would see), per crop ``[N, N]``.
+* **Relevance to the instruction**, :func:`relevance`: the cosine similarity of each patch's CLIP image
+  embedding (the tower's post-layernorm and CLIP's visual projection on the patches of the feature
+  layer) to the CLIP text embedding of the question (split into segments of the text tower's
+  length; ``M`` segments), **negated** and averaged over the segments, then min-max normalised over the
+  image's patches: ``r = (s - min s + 1e-6) / (max s - min s)`` with ``s = -mean_m cos``. The negation
+  is the official code's (``relevance = (-relevance).mean(dim=-1)``).
+* **Kernel**, :func:`conditional_kernel`: ``L = diag(r) S diag(r)``.
+* **Selection**, :func:`greedy_map`: the fast greedy MAP inference of the DPP (incremental Cholesky,
+  Chen et al. 2018): ``tokens`` steps, each picking the token with the largest remaining marginal
+  gain; the kept tokens in index order.
+
+The instruction embedding: the official code loads ``CLIPTextModelWithProjection`` and the visual
+projection of the tower's own checkpoint (``openai/clip-vit-large-patch14-336`` for LLaVA-1.5) and
+embeds the question without the answer-format line. Here ``clip=`` takes that checkpoint as a
+``transformers.CLIPModel`` with ``tokenizer=`` (its tokenizer), or ``scorer=`` a
+``callable(patch_features [crops, N, C], question) -> cosine similarity [crops, N] or [crops, N, M]``
+(before the negation and normalisation above), e.g. a random-weight text encoder for offline tests.
+
+On LLaVA-NeXT each crop keeps ``tokens`` tokens (the official ``32 * 5 = 160``), chosen on its full
+patch grid; the model then unpads the grid, and every row's newline token stays (as in the official
+code). With a batch the official code embeds every sample's question together and normalises the
+relevance over the whole batch; here each image uses its own sample's question and its own crops
+(the same at batch size 1, the official evaluation's).
+"""
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..interfaces import LlavaMethod
+
+Tensor = torch.Tensor
+
+
+def relevance(similarity: Tensor) -> Tensor:
+    """Cosine similarity to the instruction ``[..., N, M]`` (or ``[..., N]``) -> relevance ``[..., N]``
+    in ``(0, 1]``: negated, averaged over the ``M`` text segments, min-max normalised over all of it."""
+    if similarity.dim() == 2:
+        similarity = similarity[..., None]
+    s = (-similarity).mean(dim=-1)
+    return (s - s.min() + 1e-6) / (s.max() - s.min())
+
+
+def conditional_kernel(features: Tensor, rel: Tensor) -> Tensor:
+    """``features[B, N, D]``, ``rel[B, N]`` -> the DPP kernel ``r_i cos(f_i, f_j) r_j`` ``[B, N, N]``."""
+    unit = features / features.norm(dim=-1, keepdim=True)
+    unit = unit.float()
+    return rel[:, :, None] * (unit @ unit.transpose(1, 2)) * rel[:, None, :]
+
+
+def greedy_map(kernel: Tensor, tokens: int) -> Tensor:
+    """Greedy MAP of the DPP with ``kernel[B, N, N]``: ``tokens`` indices per row, ascending ``[B, tokens]``.
+
+    Keeps the Cholesky rows ``c`` of the chosen set: the gain of token ``n`` is ``d2[n] = L[n, n] -
+    |c[:, n]|^2``; choosing ``j`` adds the row ``(L[j] - c[:, j]ᵀ c) / sqrt(d2[j])``."""
+    B, N, _ = kernel.shape
+    rows = torch.arange(B, device=kernel.device)
+    chol = kernel.new_zeros(tokens, B, N)
+    gain = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+    chosen = torch.empty(tokens, B, dtype=torch.long, device=kernel.device)
+    for step in range(tokens):
+        j = gain.argmax(dim=-1)
+        chosen[step] = j
+        row = kernel[rows, j] - torch.einsum("sb,sbn->bn", chol[:step, rows, j], chol[:step])
+        row = row / gain[rows, j].sqrt()[:, None]
+        chol[step] = row
+        gain = gain - row.square()
+        gain[rows, j] = -float("inf")
+    return chosen.t().sort(dim=-1).values
+
+
+def text_segments(tokenizer, question: str, length: int) -> Dict[str, Tensor]:
+    """The question tokenized, zero-padded to a multiple of ``length`` and cut into ``[M, length]``."""
+    encoded = tokenizer(text=[question], return_tensors="pt")
+    ids = encoded["input_ids"]
+    segments = (ids.shape[1] - 1) // length + 1
+    pad = length * segments - ids.shape[1]
+    return {k: torch.cat([v, v.new_zeros(v.shape[0], pad)], dim=1).reshape(-1, length) for k, v in encoded.items()
+            if k in ("input_ids", "attention_mask")}
+
+
+def _pooled(out) -> Tensor:
+    return out if isinstance(out, Tensor) else out.pooler_output
+
+
+@torch.no_grad()
+def clip_similarity(clip, tokenizer, patches: Tensor, question: str) -> Tensor:
+    """``patches[crops, N, C]`` (the tower's feature layer) -> cosine similarity to the question's
+    segments ``[crops, N, M]`` with a ``transformers.CLIPModel`` of the tower's checkpoint."""
+    param = next(clip.parameters())
+    text = {k: v.to(param.device) for k, v in
+            text_segments(tokenizer, question, clip.config.text_config.max_position_embeddings).items()}
+    text_embeds = _pooled(clip.get_text_features(**text))
+    image_embeds = clip.visual_projection(clip.vision_model.post_layernorm(patches.to(param.dtype)).float())
+    image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+    text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+    return image_embeds @ text_embeds.float().t()
+
+
+def select_tokens(features: Tensor, similarity: Tensor, tokens: int) -> Tensor:
+    """One image: its crops' projected tokens ``features[crops, N, D]`` and their similarity to the
+    instruction ``[crops, N(, M)]`` -> the kept patches of each crop, ascending ``[crops, tokens]``."""
+    return greedy_map(conditional_kernel(features, relevance(similarity.float())), min(tokens, features.shape[1]))
+
+
+class CDPruner(LlavaMethod):
+    """Descriptor: per image, the projected patch tokens of every crop and the question's relevance ->
+    :func:`select_tokens`."""
+
+    name = "cdpruner"
+    kind = "prune"
+    dynamic = False
+    target = "llava"
+    unit = "crop"
+    reads_features = True
+    needs_question = True
+    defaults = {"tokens": 64, "clip": None, "tokenizer": None, "scorer": None}
+    option_help = {
+        "tokens": "visual tokens kept per crop (paper on LLaVA-1.5: 64 / 128 / 192 of 576)",
+        "clip": "transformers CLIPModel of the tower's checkpoint: embeds the question (with tokenizer=)",
+        "tokenizer": "the CLIP model's tokenizer, with clip=",
+        "scorer": "callable(patch_features, question) -> cosine similarity per patch, instead of clip=",
+    }
+    keep_means = "not used: the tokens kept are tokens= per crop"
+    default_budget = {"keep": None}  # set by tokens=
+
+    def check_budget(self, budget) -> None:
+        if budget.value is not None:
+            raise ValueError(f"{self.name} keeps tokens= visual tokens per crop (the paper's 64 / 128 / 192); it "
+                             f"takes no keep=/r=/flops= (got {budget.describe()})")
+
+    def validate(self, options) -> None:
+        tokens = options["tokens"]
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise ValueError(f"tokens={tokens!r}: visual tokens kept per crop, an int >= 1")
+        clip, tokenizer, scorer = options["clip"], options["tokenizer"], options["scorer"]
+        if (clip is None) == (scorer is None):
+            raise ValueError("cdpruner needs the instruction's relevance from exactly one of clip= (a transformers "
+                             "CLIPModel of the vision tower's checkpoint, with tokenizer=) or scorer= (a "
+                             "callable(patch_features, question) -> cosine similarity per patch)")
+        if clip is not None:
+            if not all(hasattr(clip, a) for a in ("get_text_features", "visual_projection", "vision_model")):
+                raise TypeError(f"clip={type(clip).__name__}: a transformers CLIPModel (text tower, visual "
+                                "projection and post-layernorm of the vision tower's checkpoint)")
+            if tokenizer is None:
+                raise ValueError("clip= needs tokenizer= (the CLIP checkpoint's tokenizer) for the question")
+        elif not callable(scorer):
+            raise TypeError(f"scorer={type(scorer).__name__}: a callable(patch_features, question)")
+        elif tokenizer is not None:
+            raise ValueError("tokenizer= is only used with clip=; a scorer gets the question as text")
+
+    def tower_layers(self, options, depth: int) -> Tuple[int, ...]:
+        return ()  # only the feature layer, which the runtime adds
+
+    def similarity(self, options, patches: Tensor, question: str) -> Tensor:
+        if options["clip"] is not None:
+            return clip_similarity(options["clip"], options["tokenizer"], patches, question)
+        similarity = torch.as_tensor(options["scorer"](patches, question))
+        if similarity.shape[:2] != patches.shape[:2]:
+            raise ValueError(f"the cdpruner scorer returned {tuple(similarity.shape)} for {tuple(patches.shape[:2])} "
+                             "patches: one cosine similarity per patch ([crops, N] or [crops, N, M])")
+        return similarity.to(patches.device)
+
+    def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
+                      options: Dict[str, Any], questions: Optional[Sequence[str]] = None,
+                      project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        (features,) = taps
+        reduced, reports, first = [], [], 0
+        for tokens, (layout, crops), question in zip(images, layouts, questions):
+            if bool((layout == -2).any()):
+                raise ValueError("cdpruner needs vision_feature_select_strategy='default'")
+            with torch.no_grad():
+                patches = features.hidden[first:first + crops, 1:]
+                first += crops
+                projected = project(patches)
+                kept = select_tokens(projected, self.similarity(options, patches, question), options["tokens"])
+            N = patches.shape[1]
+            chosen = torch.zeros(crops * N + 1, dtype=torch.bool, device=layout.device)
+            chosen[(kept + torch.arange(crops, device=kept.device)[:, None] * N).flatten().to(layout.device)] = True
+            keep = chosen[layout.clamp(min=-1)] | (layout == -1)  # -1 -> the last slot (False); newlines stay
+            reduced.append(tokens[keep])
+            reports.append({"kept": [k.tolist() for k in kept] if crops > 1 else kept[0].tolist(),
+                            "newline_tokens": int((layout == -1).sum())})
+        return reduced, reports

@@ -1,0 +1,188 @@
+"""VisionZip (CVPR 2025), training-free: a few dominant visual tokens plus a few contextual ones,
+chosen in the vision tower, before the language model.
+
+Per image crop, from one tower layer (``layer=-2``: official VisionZip reads the attention, keys and
+hidden states of CLIP's second-to-last layer, the layer LLaVA feeds to its language model):
+
+* **Dominant tokens**, :func:`dominant_patches`: the patches the [CLS] token attends to most (the
+  layer's softmax attention from [CLS], over the heads); ``dominant`` counts the [CLS] token itself,
+  which is kept too, as the official ``visionzip(model, dominant=54, contextual=10)`` does (53
+  patches + [CLS]).
+* **Contextual tokens**, :func:`contextual_tokens`: of the remaining patches (in index order), every
+  ``max(1, R // contextual)``-th one is a target (the first ``contextual`` of them); every other patch
+  joins the target whose key is most similar (cosine of the keys averaged over heads), and a target's
+  token is its own hidden state **plus the mean** of the hidden states that joined it (the official
+  formula; not an average including the target).
+* The tokens handed on, per crop: ``[CLS, dominant patches in index order, contextual tokens]``,
+  taken from the output of the model's feature layer and passed through the model's projector.
+  The paper's budgets on LLaVA-1.5's 576 patches: 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30.
+
+Towers without a class token: the official code supports CLIP towers (LLaVA-1.5 / NeXT) only and
+reads the [CLS] row of the attention; vitcompress's adapter refuses a tower without [CLS].
+LLaVA-NeXT / NeXT-Video images (:func:`anyres_tokens`): every crop is reduced alike and the image is
+packed as the official code packs it -- the base crop's tokens, the grid crops' dominant tokens on the
+whole grid in raster order (no unpadding, no newlines), every grid crop's [CLS], every grid crop's
+contextual tokens; a one-crop image keeps its newline.
+"""
+import math
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+from ..interfaces import LlavaMethod
+from .tokencorr import cls_attention
+
+Tensor = torch.Tensor
+
+#: the paper's LLaVA-1.5 settings: total tokens -> (dominant with [CLS], contextual)
+PAPER_SPLITS = {64: (54, 10), 128: (108, 20), 192: (162, 30)}
+
+
+def dominant_patches(cls_attn: Tensor, num: int) -> Tensor:
+    """``cls_attn[B, N]`` -> the ``num`` most attended patches of each row, ascending ``[B, num]``."""
+    return cls_attn.topk(num, dim=-1).indices.sort(dim=-1).values
+
+
+def remaining_patches(dominant: Tensor, num_patches: int) -> Tensor:
+    """The patches not in ``dominant[B, n]``, ascending ``[B, N - n]``."""
+    rest = torch.ones(dominant.shape[0], num_patches, dtype=torch.bool, device=dominant.device)
+    rest.scatter_(1, dominant, False)
+    return rest.nonzero()[:, 1].reshape(dominant.shape[0], -1)
+
+
+def contextual_targets(remaining: int, num: int) -> Tensor:
+    """Positions (among the ``remaining`` patches) of the ``num`` targets: every ``max(1, R // num)``-th."""
+    return torch.arange(0, remaining, max(1, remaining // num))[:num]
+
+
+def contextual_tokens(keys: Tensor, hidden: Tensor, num: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """``keys[B, R, d]`` and ``hidden[B, R, C]`` of the remaining patches -> (contextual tokens
+    ``[B, num, C]``, target positions ``[num]``, the target each other patch joined ``[B, R - num]``)."""
+    B, R, _ = keys.shape
+    targets = contextual_targets(R, num).to(keys.device)
+    others = torch.ones(R, dtype=torch.bool, device=keys.device)
+    others[targets] = False
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    joined = (unit[:, others] @ unit[:, targets].transpose(1, 2)).argmax(dim=-1)  # [B, R - num]
+    sums = hidden.new_zeros(B, targets.numel(), hidden.shape[-1])
+    sums.scatter_add_(1, joined[..., None].expand(-1, -1, hidden.shape[-1]), hidden[:, others])
+    counts = torch.zeros(B, targets.numel(), dtype=hidden.dtype, device=hidden.device)
+    counts.scatter_add_(1, joined, torch.ones_like(joined, dtype=hidden.dtype))
+    return hidden[:, targets] + sums / counts.clamp(min=1)[..., None], targets, joined
+
+
+def visionzip_tokens(cls_attn: Tensor, keys: Tensor, hidden: Tensor, dominant: int,
+                     contextual: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Crops ``[B]``: ``cls_attn[B, N]`` over the patches, patch ``keys[B, N, d]``, the layer's output
+    ``hidden[B, 1 + N, C]`` (CLS first) -> tokens ``[B, dominant + contextual, C]`` and the choice:
+    ``dominant`` patches ``[B, dominant - 1]``, ``contextual`` target patches and the target each
+    other remaining patch ``joined`` (patch indices 0..N-1)."""
+    B, N = cls_attn.shape
+    top = dominant_patches(cls_attn, dominant - 1)
+    rest = remaining_patches(top, N)
+    patches = hidden[:, 1:]
+    rest_keys = torch.gather(keys, 1, rest[..., None].expand(-1, -1, keys.shape[-1]))
+    rest_hidden = torch.gather(patches, 1, rest[..., None].expand(-1, -1, patches.shape[-1]))
+    context, targets, joined = contextual_tokens(rest_keys, rest_hidden, contextual)
+    kept = torch.gather(patches, 1, top[..., None].expand(-1, -1, patches.shape[-1]))
+    tokens = torch.cat([hidden[:, :1], kept, context], dim=1)
+    others = torch.ones(rest.shape[1], dtype=torch.bool, device=rest.device)
+    others[targets] = False
+    target_patches = rest[:, targets]
+    return tokens, {"dominant": top, "contextual": target_patches, "merged": rest[:, others],
+                    "joined": torch.gather(target_patches, 1, joined)}
+
+
+def crop_columns(layout: Tensor, num_patches: int) -> int:
+    """Columns of an anyres image's crop grid, from its packed ``layout`` (``crop * N + patch``, -1 a
+    newline; crop 0 the base image): the most grid crops one packed row holds."""
+    newline = layout == -1
+    row = torch.cumsum(newline.long(), 0) - newline.long()
+    grid = layout >= num_patches
+    return max(len(set((layout[grid & (row == r)] // num_patches).tolist())) for r in row[grid].unique().tolist())
+
+
+def anyres_tokens(tokens: Tensor, dominant: Tensor, columns: int, num_patches: int) -> Tensor:
+    """One LLaVA-NeXT image's tokens as the official VisionZip packs them: ``tokens[crops, n, D]`` per
+    crop ``[CLS, dominant, contextual]`` (crop 0 the base image), ``dominant[crops, d]`` their patch
+    indices -> the base crop's tokens, then the grid crops' dominant tokens in the raster order of the
+    whole grid (not unpadded, no newlines), every grid crop's [CLS], every grid crop's contextual tokens."""
+    base, grid, kept = tokens[0], tokens[1:], dominant[1:]
+    side, d, width = math.isqrt(num_patches), kept.shape[1], grid.shape[-1]
+    crop = torch.arange(grid.shape[0], device=kept.device)[:, None]
+    row = (crop // columns) * side + kept // side
+    col = (crop % columns) * side + kept % side
+    order = (row * (columns * side) + col).flatten().argsort()
+    raster = grid[:, 1:1 + d].reshape(-1, width)[order]
+    return torch.cat([base, raster, grid[:, 0], grid[:, 1 + d:].reshape(-1, width)])
+
+
+class VisionZip(LlavaMethod):
+    """Descriptor: reads the tower's q/k in one layer and the model's feature layer, and hands the
+    language model each crop's dominant and contextual tokens (:func:`visionzip_tokens`)."""
+
+    name = "visionzip"
+    kind = "merge"
+    dynamic = False
+    target = "llava"
+    unit = "crop"
+    reads_features = True
+    defaults = {"dominant": 54, "contextual": 10, "layer": -2}
+    option_help = {
+        "dominant": "tokens kept by [CLS] attention, the [CLS] token included (paper: 54 / 108 / 162)",
+        "contextual": "tokens the other patches are merged into by key similarity (paper: 10 / 20 / 30)",
+        "layer": "vision-tower layer whose [CLS] attention and keys are read (negative: from the end)",
+    }
+    keep_means = "not used: the tokens kept are dominant= + contextual= per image"
+    default_budget = {"keep": None}  # set by dominant= and contextual=
+
+    def check_budget(self, budget) -> None:
+        if budget.value is not None:
+            raise ValueError(f"{self.name} keeps dominant + contextual tokens per image (the paper's 64 / 128 / 192: "
+                             f"dominant=54/108/162, contextual=10/20/30); it takes no keep=/r=/flops= "
+                             f"(got {budget.describe()})")
+
+    def validate(self, options) -> None:
+        for name, least in (("dominant", 1), ("contextual", 1)):
+            v = options[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{name}={v!r}: a number of tokens, an int >= {least}")
+        layer = options["layer"]
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layer={layer!r}: an index into the vision tower's encoder layers (int; negative "
+                            "counts from the end)")
+
+    def tower_layers(self, options, depth: int) -> Tuple[int]:
+        layer = options["layer"]
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer={layer} is outside the vision tower's {depth} encoder layers "
+                             f"(use -{depth} .. {depth - 1})")
+        return (layer % depth,)
+
+    def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
+                      options: Dict[str, Any], project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        attention, features = taps
+        N = attention.k.shape[1] - 1
+        dominant, contextual = options["dominant"], options["contextual"]
+        if dominant - 1 + contextual > N:
+            raise ValueError(f"dominant={dominant} + contextual={contextual} tokens need more than the "
+                             f"{N} patches of a crop")
+        with torch.no_grad():
+            cls_attn = cls_attention(attention.q, attention.k, attention.num_heads, attention.scale)
+            keys = attention.k.reshape(*attention.k.shape[:2], attention.num_heads, -1).mean(dim=2)[:, 1:]
+            tokens, choice = visionzip_tokens(cls_attn, keys, features.hidden, dominant, contextual)
+            projected = project(tokens)
+        reduced, reports, first = [], [], 0
+        for image, (layout, crops) in zip(images, layouts):
+            span = slice(first, first + crops)
+            first += crops
+            if crops == 1:  # LLaVA-1.5; a one-crop LLaVA-NeXT image keeps its newline, as the official code
+                reduced.append(torch.cat([projected[span][0], image[layout == -1]]).to(image.dtype))
+            else:
+                reduced.append(anyres_tokens(projected[span], choice["dominant"][span], crop_columns(layout, N),
+                                             N).to(image.dtype))
+            report = [{"kept": choice["dominant"][c].tolist(), "contextual": choice["contextual"][c].tolist(),
+                       "merged": torch.stack([choice["merged"][c], choice["joined"][c]], dim=1).tolist()}
+                      for c in range(span.start, span.stop)]
+            reports.append(dict(report[0], cls_tokens=crops) if crops == 1 else {"crops": report, "cls_tokens": crops})
+        return reduced, reports
