@@ -166,6 +166,13 @@ def ramp_scorer(frames, question):
     return torch.linspace(0.1, 1.0, frames.shape[0])
 
 
+def text_similarity(patches, question):
+    """CDPruner's relevance on a tower without a CLIP text tower: a stand-in (patches' cosine to a fixed
+    direction) whose cost, one product per patch, is counted; a real scorer embeds the question."""
+    direction = torch.ones(patches.shape[-1], dtype=patches.dtype, device=patches.device)
+    return torch.nn.functional.cosine_similarity(patches, direction, dim=-1)
+
+
 def build_llava(args):
     from transformers import CLIPConfig, CLIPModel, LlavaForConditionalGeneration
 
@@ -230,7 +237,7 @@ def build_qwen25(args):
     scenarios = {"image": (image, f"1 image {image_size} px, {tokens} visual + 37 text tokens"),
                  "video": (video, f"1 video of 4 frames {frame_size} px ({t} frame groups), {video_tokens} visual "
                                   f"+ 37 text tokens")}
-    return model, scenarios, describe, {"quota": dict(scorer=ramp_scorer)}, []
+    return model, scenarios, describe, {"quota": dict(scorer=ramp_scorer), "cdpruner": dict(scorer=text_similarity)}, []
 
 
 FAMILIES = {"llava": build_llava, "qwen2_5_vl": build_qwen25}
@@ -358,26 +365,29 @@ def run_family(family, args):
             skipped.append(f"{method}: not supported: {' '.join(str(support[method]).split())}")
             continue
         for options in PAPER_SETTINGS.get(method, [{}]):
-            name = setting_name(method, options)
             try:
                 m = vitcompress.compress(shared_copy(model), method, **options, **extras.get(method, {}))
-            except Exception as err:  # a method that says it fits and does not: reported, not raised
-                skipped.append(f"{name}: compress failed: {one_line(err)}")
-                continue
-            settings[name] = (m, QUESTION)  # the call's question, for the methods that read it
+            except Exception as err:  # a method that says it fits and does not: one line, not raised
+                skipped.append(f"{method}: compress failed: {one_line(err)}")
+                break
+            settings[setting_name(method, options)] = (m, QUESTION)  # the call's question, for the methods that read it
     for line in skipped:
         print(f"  {line}")
     rows, all_seconds = [], []
     for scenario, (inputs, what) in scenarios.items():
         print(f"  {scenario}: {what}")
-        runnable = {}
+        runnable, failed = {}, set()
         for name, (m, question) in settings.items():
+            method = name.split()[0]
+            if method in failed:
+                continue
             try:
                 with torch.no_grad():
                     prefill(m, inputs, question)
                 runnable[name] = (m, question)
-            except Exception as err:  # reported once, not run on the later scenarios
-                line = f"{name}: prefill failed on the {scenario}: {one_line(err)}"
+            except Exception as err:  # one line per method, not run on its other settings or scenarios
+                failed.add(method)
+                line = f"{method}: prefill failed on the {scenario}: {one_line(err)}"
                 skipped.append(line)
                 print(f"  {line}")
         settings = runnable
