@@ -175,7 +175,9 @@ def test_restore_is_bit_exact(models):
     hooks = [len(layer._forward_pre_hooks) for layer in model.model.language_model.layers]
     vitcompress.compress(model, "pyramiddrop")
     with torch.no_grad():
-        assert model(**inputs).logits.shape[1] < before.shape[1]
+        compressed = model(**inputs).logits
+        assert compressed.shape[1] < before.shape[1]
+        assert torch.equal(copy.deepcopy(model)(**inputs).logits, compressed)  # the copy carries its own hooks
     vitcompress.restore(model)
     assert [len(layer._forward_pre_hooks) for layer in model.model.language_model.layers] == hooks
     with torch.no_grad():
@@ -193,6 +195,16 @@ def test_a_language_model_call_without_a_prefill_is_untouched(models):
         assert torch.equal(lm(inputs_embeds=embeds).last_hidden_state, ref)
 
 
+def test_beam_search_runs_and_a_static_cache_is_refused(models):
+    model = copy.deepcopy(models["llava"])
+    inputs = llava_inputs(model, "llava")
+    vitcompress.compress(model, "fastv")
+    with torch.no_grad():
+        assert model.generate(**inputs, max_new_tokens=3, do_sample=False, num_beams=2).shape == (2, 71)
+        with pytest.raises(TypeError, match="dynamic cache"):
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, cache_implementation="static")
+
+
 def test_options_are_checked(models):
     model = copy.deepcopy(models["llava"])
     with pytest.raises(ValueError, match="K must be smaller"):
@@ -203,3 +215,26 @@ def test_options_are_checked(models):
         vitcompress.compress(model, "pyramiddrop", layers=[4, 2])
     with pytest.raises(ValueError, match="takes keep="):
         vitcompress.compress(model, "fastv", r=3)
+
+
+@pytest.mark.parametrize("kind", ["onevision", pytest.param("next_video", marks=pytest.mark.slow)])
+def test_video_families_drop_image_and_video_tokens(kind):
+    """NeXT-Video and OneVision (2-layer language model, K=1): image and video placeholders are the
+    visual tokens; keep=1.0 generates exactly what the uncompressed model does."""
+    from vitcompress.testing import LLAVA_VIDEO_TOKEN, tiny_llava
+
+    model = tiny_llava(kind)
+    inputs = llava_inputs(model, kind)
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    vitcompress.compress(model, "fastv", layer=1, keep=1.0)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref.sequences) and all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+    vitcompress.compress(model, "fastv", layer=1)
+    with torch.no_grad():
+        model(**inputs)
+    visual = torch.isin(inputs["input_ids"], torch.tensor([99, LLAVA_VIDEO_TOKEN])).sum(1).tolist()
+    assert vitcompress.stats(model)["stages"][0]["visual_tokens"] == [round(n * 0.5) for n in visual]

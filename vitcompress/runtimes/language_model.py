@@ -18,8 +18,8 @@ which original position each of its columns holds per layer (``vitcompress_kept`
 steps slice the model's mask to the columns each layer kept; decoded tokens keep their uncompressed
 positions (the model derives them from the unpruned first layers' cache and the full 2-D mask).
 
-Limits: a dynamic (growing) cache, prefill on an empty cache, batch rows reordered by beam search
-keep the same kept tokens only when they share their prompt (beams of one sample do).
+Limits: the cache must be dynamic (a static cache is refused) and empty at prefill; rows that beam
+search reorders must share their prompt (beams of one sample do), as they share the kept columns.
 """
 import functools
 import sys
@@ -144,7 +144,7 @@ class _Prefill:
         self.captured: Dict[int, Tuple[Tensor, Any]] = {}
         self.layers: Dict[int, Tuple[Tensor, Tensor]] = {}
         self.stages: List[Dict[str, Any]] = []
-        self.sliced: Optional[Tuple[Tensor, Dict[str, Any]]] = None
+        self.sliced: Optional[Tuple[Tuple[int, ...], Dict[str, Any]]] = None
 
 
 class LanguageModelRuntime:
@@ -200,6 +200,9 @@ class LanguageModelRuntime:
         state = None
         announced = visual is not None and embeds is not None and tuple(visual.shape) == tuple(embeds.shape[:2])
         if announced and visual.any():
+            if cache is not None and getattr(cache, "is_compileable", False):
+                raise TypeError(f"{self.method.name} keeps fewer tokens in later layers' caches; a fixed-size cache "
+                                f"({type(cache).__name__}) cannot hold that: use the default dynamic cache")
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError(f"{self.method.name} drops visual tokens during the prefill of an empty cache; this "
                                  "cache already holds tokens")
@@ -277,10 +280,12 @@ class LanguageModelRuntime:
         return hidden.gather(1, local[..., None].expand(-1, -1, hidden.shape[-1]))
 
     def _sliced(self, state: _Prefill, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        """The layer's keyword arguments at the tokens still present (computed once per drop)."""
+        """The layer's keyword arguments at the tokens still present (computed once per drop and per
+        set of arguments: layers of different attention types may get different masks)."""
         if state.index is None:
             return kwargs
-        if state.sliced is None:
+        key = tuple(id(kwargs.get(name)) for name in ("attention_mask", "position_embeddings", "position_ids"))
+        if state.sliced is None or state.sliced[0] != key:
             index, out = state.index, {}
             cos_sin = kwargs.get("position_embeddings")
             if cos_sin is not None:
@@ -288,8 +293,8 @@ class LanguageModelRuntime:
             if isinstance(kwargs.get("position_ids"), Tensor):
                 out["position_ids"] = gather_tokens(kwargs["position_ids"], index, -1)
             out["attention_mask"] = prefill_mask(kwargs.get("attention_mask"), index, state.slot_valid)
-            state.sliced = out
-        return dict(kwargs, **state.sliced)
+            state.sliced = (key, out)
+        return dict(kwargs, **state.sliced[1])
 
     # ---------------------------------------------------------------- reporting
     def stats(self) -> Dict[str, Any]:
