@@ -2,7 +2,7 @@
 import statistics
 import time
 import weakref
-from typing import Any, Dict, List, Mapping
+from typing import Any, Callable, Dict, Iterable, List, Mapping
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -89,9 +89,16 @@ def peak_memory(model, inputs) -> int:
     external = [inputs]
     if isinstance(model, torch.nn.Module):
         external += list(model.parameters()) + list(model.buffers())
+    return peak_tensor_memory(lambda: _run(model, inputs), external)
+
+
+def peak_tensor_memory(call: Callable[[], Any], external: Iterable[torch.Tensor] = ()) -> int:
+    """Peak bytes of the tensors ``call()`` allocates and holds at the same time, on any device
+    (:class:`_PeakTensorBytes`; ``external``: weights and inputs, never counted). For calls that
+    :func:`peak_memory` cannot make, e.g. a VLM's forward on a dict of inputs."""
     tracker = _PeakTensorBytes(external)
     with tracker:
-        _run(model, inputs)
+        call()
     return tracker.peak
 
 
