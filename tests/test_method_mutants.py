@@ -2,10 +2,12 @@
 noticed: each asserts the method's definition on a case where the mutant differs, computed here."""
 import math
 
+import pytest
 import torch
 
+import vitcompress
 from vitcompress.methods import focus_detr, quota, tokencorr
-from vitcompress.testing import ramp_scorer
+from vitcompress.testing import ramp_scorer, tiny_vit
 
 # ---------------------------------------------------------------- QuoTA
 
@@ -203,3 +205,13 @@ def test_focus_detr_scorer_shape_checks_and_modulation_weights(tmp_path):
         for a, b in zip(focus_detr.foreground_logits(two, feats), focus_detr.foreground_logits(
                 focus_detr.load_scorer(path), feats)):
             assert torch.equal(a, b)
+
+
+def test_every_method_documents_what_keep_means_in_its_range_error():
+    """``describe`` says what ``keep=`` means for each method, and an out-of-range ``keep`` names it."""
+    for method in vitcompress.list_methods("vit"):
+        keep_means = vitcompress.describe(method)["keep_means"]
+        assert isinstance(keep_means, str) and keep_means, method
+        with pytest.raises(ValueError) as err:
+            vitcompress.compress(tiny_vit(), method, keep=1.5)
+        assert keep_means in str(err.value), method

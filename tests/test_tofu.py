@@ -105,6 +105,7 @@ def test_early_blocks_drop_the_matched_tokens_late_blocks_merge_them_with_mlerp(
         assert plan.merge_norm == "max"
     average = tofu_plan(s.metric, 7, 1, class_token=True, prune=False, mlerp=False)
     assert average.merge_norm is None and torch.equal(average.merge_src, tome.merge_src)
+    assert tofu_plan(s.metric, 7, 1, class_token=True, prune=False).merge_norm == "max"  # MLERP unless told
 
 
 def record_plans(monkeypatch):
