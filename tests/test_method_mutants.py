@@ -215,3 +215,31 @@ def test_every_method_documents_what_keep_means_in_its_range_error():
         with pytest.raises(ValueError) as err:
             vitcompress.compress(tiny_vit(), method, keep=1.5)
         assert keep_means in str(err.value), method
+
+
+# ---------------------------------------------------------------- the layers option (methods/block_options.py)
+
+LAYERED = ("evit", "ppt", "mctf", "atc")
+
+
+def test_layers_must_be_non_negative_int_block_indices_of_the_model():
+    for method in LAYERED:
+        for bad in ([1.5], [True], [-1], ["1"], (1, None), 2):
+            with pytest.raises(ValueError, match=rf"{method} layers=.*: give None \("):
+                vitcompress.compress(tiny_vit(), method, layers=bad)
+        with pytest.raises(ValueError, match=rf"{method} layers=\[1, 4\]: the model has blocks 0..3"):
+            vitcompress.compress(tiny_vit(), method, r=[0, 4, 0, 0], layers=[1, 4])
+        model = vitcompress.compress(tiny_vit(), method, r=[0, 4, 0, 4], layers=(1, 3))  # a tuple is a list here
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+        assert vitcompress.stats(model)["tokens_per_layer"] == [65, 65, 61, 61], method
+
+
+def test_an_empty_layers_list_reduces_nowhere_except_for_evit_which_refuses_it():
+    for method in ("mctf", "atc"):
+        model = vitcompress.compress(tiny_vit(), method, layers=[])
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+        assert vitcompress.stats(model)["tokens_per_layer"] == [65] * 4, method
+    with pytest.raises(ValueError, match=r"evit layers=\[\]: give None"):
+        vitcompress.compress(tiny_vit(), "evit", layers=[])
