@@ -243,3 +243,38 @@ def test_an_empty_layers_list_reduces_nowhere_except_for_evit_which_refuses_it()
         assert vitcompress.stats(model)["tokens_per_layer"] == [65] * 4, method
     with pytest.raises(ValueError, match=r"evit layers=\[\]: give None"):
         vitcompress.compress(tiny_vit(), "evit", layers=[])
+
+
+# ---------------------------------------------------------------- random pruning
+
+
+def test_random_keep_is_a_sorted_uniform_subset_drawn_per_seed_and_block():
+    from vitcompress.methods.random_prune import random_keep
+    draws = {(seed, layer): random_keep(64, 24, seed, layer) for seed in range(3) for layer in range(12)}
+    for d in draws.values():
+        assert d == sorted(set(d)) and len(d) == 40 and d[0] >= 0 and d[-1] < 64
+    assert len({tuple(d) for d in draws.values()}) == len(draws)  # every (seed, block) has its own draw
+    assert random_keep(64, 24, 1, 5) == draws[(1, 5)]
+    counts = torch.zeros(64)
+    for seed in range(400):
+        counts[random_keep(64, 24, seed, 0)] += 1
+    assert ((counts / 400 - 40 / 64).abs() < 0.1).all()  # each token kept 40/64 of the time (4 sigma)
+
+
+def test_random_plan_is_the_draw_for_its_seed_block_and_counts_for_every_image():
+    from vitcompress.interfaces import Signals
+    from vitcompress.methods.random_prune import RandomPrune, random_keep
+    method = RandomPrune()  # one instance: its cache must tell the cases apart
+    for T, r, seed, layer in [(20, 7, 5, 2), (20, 6, 5, 2), (18, 7, 5, 2), (20, 7, 6, 2), (20, 7, 5, 3), (20, 7, 5, 2)]:
+        metric = torch.randn(3, T, 8)
+        s = Signals(metric=metric, x=metric, attn=None, num_prefix=1, layer=layer, num_layers=4)
+        plan = method.plan(s, r, {"seed": seed})
+        assert plan.keep.tolist() == [random_keep(T, r, seed, layer)] * 3 and plan.merge_src is None
+    with pytest.raises(ValueError, match="seed=-1 must be >= 0"):
+        vitcompress.compress(tiny_vit(), "random", r=4, seed=-1)
+    model = vitcompress.compress(tiny_vit(), "random", r=[63, 0, 0, 0])  # down to one patch token
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert vitcompress.stats(model)["tokens_per_layer"] == [65, 2, 2, 2]
+    with pytest.raises(ValueError, match="can remove at most 63"):
+        vitcompress.compress(tiny_vit(), "random", r=[64, 0, 0, 0])
