@@ -233,3 +233,21 @@ def test_flops_budget_is_met_as_counted_on_deit_small(deit_small):
     assert abs(counted / base - 0.7) <= 0.02 * 0.7
     assert counted == planned
     assert [i for i, r in enumerate(st["schedule"]) if r] == [3, 6, 9]
+
+
+@pytest.mark.parametrize("r", [0, 1])
+def test_a_pruning_image_keeps_its_top_tokens_in_score_order_for_any_r(r):
+    """The smallest removals too: with ``r = 1`` a peaked image prunes its least important token
+    (the rest in descending importance) while a flat one pools; ``r = 0`` changes nothing."""
+    metric = torch.randn(2, 12, 8, generator=torch.Generator().manual_seed(4))
+    scores = torch.tensor([[1.0] * 12, [3.0, 7, 1, 12, 5, 2, 9, 4, 11, 6, 8, 10]])
+    scores = scores / scores.sum(1, keepdim=True)
+    plan = pruning_and_pooling(metric, scores, r=r, num_prefix=1, threshold=1e-3)
+    by_score = sorted(range(12), key=lambda i: -float(scores[1, i]))
+    tome = tome_matching(metric, r, 1, class_token=True)
+    assert torch.equal(plan.keep[0], tome.keep[0])
+    if r == 0:
+        assert torch.equal(plan.keep, tome.keep) and torch.equal(tome.keep[0], torch.arange(12))
+    else:
+        assert plan.keep[1].tolist() == by_score[:12 - r] and plan.merge_src[1].tolist() == by_score[12 - r:]
+        assert plan.merge_mask.tolist() == [[True] * r, [False] * r]
