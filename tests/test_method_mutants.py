@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import vitcompress
+from vitcompress.interfaces import Signals
 from vitcompress.methods import focus_detr, quota, tokencorr
+from vitcompress.methods.random_prune import RandomPrune, random_keep
 from vitcompress.testing import ramp_scorer, tiny_vit
 
 # ---------------------------------------------------------------- QuoTA
@@ -249,7 +251,6 @@ def test_an_empty_layers_list_reduces_nowhere_except_for_evit_which_refuses_it()
 
 
 def test_random_keep_is_a_sorted_uniform_subset_drawn_per_seed_and_block():
-    from vitcompress.methods.random_prune import random_keep
     draws = {(seed, layer): random_keep(64, 24, seed, layer) for seed in range(3) for layer in range(12)}
     for d in draws.values():
         assert d == sorted(set(d)) and len(d) == 40 and d[0] >= 0 and d[-1] < 64
@@ -262,8 +263,6 @@ def test_random_keep_is_a_sorted_uniform_subset_drawn_per_seed_and_block():
 
 
 def test_random_plan_is_the_draw_for_its_seed_block_and_counts_for_every_image():
-    from vitcompress.interfaces import Signals
-    from vitcompress.methods.random_prune import RandomPrune, random_keep
     method = RandomPrune()  # one instance: its cache must tell the cases apart
     for T, r, seed, layer in [(20, 7, 5, 2), (20, 6, 5, 2), (18, 7, 5, 2), (20, 7, 6, 2), (20, 7, 5, 3), (20, 7, 5, 2)]:
         metric = torch.randn(3, T, 8)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import vitcompress
 import vitcompress.engine.blocks as blocks
 from vitcompress.engine.tokens import TokenState, apply_plan
-from vitcompress.methods.ppt import default_layers, importance_scores, pool_images, pruning_and_pooling
+from vitcompress.methods.ppt import PPT, default_layers, importance_scores, pool_images, pruning_and_pooling
 from vitcompress.methods.tome import tome_matching
 from vitcompress.testing import tiny_vit
 
@@ -251,3 +251,10 @@ def test_a_pruning_image_keeps_its_top_tokens_in_score_order_for_any_r(r):
     else:
         assert plan.keep[1].tolist() == by_score[:12 - r] and plan.merge_src[1].tolist() == by_score[12 - r:]
         assert plan.merge_mask.tolist() == [[True] * r, [False] * r]
+
+
+def test_validate_refuses_a_bool_threshold_itself():
+    """``compress`` refuses a bool before the method sees it; ``PPT.validate`` does too, for direct callers."""
+    for bad in (True, "1e-4"):
+        with pytest.raises(ValueError, match="ppt threshold="):
+            PPT().validate(dict(PPT.defaults, threshold=bad))
