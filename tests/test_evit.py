@@ -197,7 +197,7 @@ def official_counts(t, keep, blocks):
     counts = []
     for _ in range(blocks):
         kept = math.ceil(keep * t)
-        t = t if kept + 1 >= t else kept + 1
+        t = min(t, kept + 1)
         counts.append(t)
     return counts
 

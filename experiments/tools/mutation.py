@@ -21,12 +21,10 @@ interpreter (docs/contributing.md).
 Prints, per module, killed / total and each survivor (line, original, mutant).
 """
 import argparse
-import difflib
 import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 
