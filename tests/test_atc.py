@@ -178,3 +178,10 @@ def test_flops_budget_is_met_as_counted_on_deit_small(deit_small):
         vitcompress.restore(deit_small)
     assert abs(counted / base - 0.7) <= 0.02 * 0.7
     assert counted == planned  # the similarity product is planned exactly as counted
+
+
+def test_cosine_distances_are_one_minus_the_cosine_in_float64():
+    metric = torch.randn(2, 7, 5, generator=torch.Generator().manual_seed(7))
+    want = 1 - F.cosine_similarity(metric[:, :, None].double(), metric[:, None].double(), dim=-1)
+    got = cosine_distances(metric)
+    assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-6)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import vitcompress
 import vitcompress.engine.blocks as blocks
 from vitcompress.engine.tokens import TokenState, apply_plan
+from vitcompress.interfaces import Signals
 from vitcompress.methods.ppt import PPT, default_layers, importance_scores, pool_images, pruning_and_pooling
 from vitcompress.methods.tome import tome_matching
 from vitcompress.testing import tiny_vit
@@ -98,10 +99,18 @@ def test_tokens_per_layer_follow_the_schedule_and_special_tokens_survive(kwargs)
     assert torch.equal(source.sum((1, 2)), torch.full((6,), float(N0)) - (source.sum(1) == 0).sum(1))
 
 
-def test_a_model_without_a_class_token_is_refused():
-    model = vitcompress.compress(tiny_vit(class_token=False, global_pool="avg"), "ppt", keep=0.8)
+@pytest.mark.parametrize("kwargs", [dict(class_token=False, global_pool="avg"),
+                                    dict(class_token=False, reg_tokens=2, global_pool="avg")])
+def test_a_model_without_a_class_token_is_refused(kwargs):
+    model = vitcompress.compress(tiny_vit(**kwargs), "ppt", keep=0.8)
     with pytest.raises(ValueError, match="no class token"), torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
+    metric = torch.randn(1, 6, 4)  # no special token at all, even if the first token were called a class token
+    attn = torch.full((1, 1, 6, 6), 1 / 6)
+    signals = Signals(metric=metric, x=metric, attn=attn, num_prefix=0, layer=0, num_layers=1, cls_first=True,
+                      v=torch.ones(1, 1, 6, 4))
+    with pytest.raises(ValueError, match="no class token"):
+        PPT().plan(signals, 1, dict(PPT.defaults))
 
 
 def test_attention_is_materialised_only_in_reducing_blocks(monkeypatch):
