@@ -54,13 +54,15 @@ TESTS = {
     "engine/blocks.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
                         "tests/test_timm_adapter.py",
     "profile/flops.py": "tests/test_profile.py",
-    "methods/evit.py": "tests/test_evit.py tests/test_official_evit_mctf.py",
-    "methods/mctf.py": "tests/test_mctf.py tests/test_official_evit_mctf.py",
+    "methods/evit.py": "tests/test_evit.py tests/test_official_evit_mctf.py tests/test_method_mutants.py "
+                       "tests/test_errors.py -k 'evit or keep_means or layers or describe_lists'",
+    "methods/mctf.py": "tests/test_mctf.py tests/test_official_evit_mctf.py tests/test_method_mutants.py "
+                       "-k 'mctf or layers'",
     "methods/tofu.py": "tests/test_tofu.py",
-    "methods/ppt.py": "tests/test_ppt.py tests/test_official_ppt_atc.py",
-    "methods/atc.py": "tests/test_atc.py tests/test_official_ppt_atc.py",
+    "methods/ppt.py": "tests/test_ppt.py tests/test_official_ppt_atc.py tests/test_method_mutants.py -k 'ppt or layers'",
+    "methods/atc.py": "tests/test_atc.py tests/test_official_ppt_atc.py tests/test_method_mutants.py -k 'atc or layers'",
     "methods/random_prune.py": "tests/test_method_mutants.py tests/test_tune.py -k random",
-    "methods/block_options.py": "tests/test_evit.py tests/test_ppt.py -k layers",
+    "methods/block_options.py": "tests/test_method_mutants.py tests/test_evit.py tests/test_ppt.py -k layers",
 }
 
 
