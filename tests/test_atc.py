@@ -185,3 +185,18 @@ def test_cosine_distances_are_one_minus_the_cosine_in_float64():
     want = 1 - F.cosine_similarity(metric[:, :, None].double(), metric[:, None].double(), dim=-1)
     got = cosine_distances(metric)
     assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("r", [0, 1])
+def test_the_smallest_removals_join_the_closest_pair_or_nothing(r):
+    metric = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(8))
+    plan = token_clustering(metric, r)
+    assert plan.keep.shape == (2, 8 - r)
+    d = cosine_distances(metric)
+    for b in range(2):
+        keep = plan.keep[b].tolist()
+        groups = {frozenset([k]) for k in keep}
+        if r:
+            (src,), (dst,) = plan.merge_src[b].tolist(), plan.merge_dst[b].tolist()
+            groups = {g for g in groups if keep[dst] not in g} | {frozenset([keep[dst], src])}
+        assert groups == direct_clustering(d[b], 8 - r, "average")

@@ -277,3 +277,14 @@ def test_random_plan_is_the_draw_for_its_seed_block_and_counts_for_every_image()
     assert vitcompress.stats(model)["tokens_per_layer"] == [65, 2, 2, 2]
     with pytest.raises(ValueError, match="can remove at most 63"):
         vitcompress.compress(tiny_vit(), "random", r=[64, 0, 0, 0])
+
+
+def test_every_default_budget_is_one_a_user_could_give_and_plans_the_same():
+    """A method's default budget passes the checks an explicit one does (e.g. ``keep`` in (0, 1]) and
+    plans the same tokens per block as giving it explicitly."""
+    for method in vitcompress.list_methods("vit"):
+        (kind, value), = vitcompress.describe(method)["default_budget"].items()
+        default = vitcompress.stats(vitcompress.compress(tiny_vit(), method))
+        explicit = vitcompress.stats(vitcompress.compress(tiny_vit(), method, **{kind: value}))
+        assert default["planned_tokens_per_layer"] == explicit["planned_tokens_per_layer"], method
+        assert default["budget"] == explicit["budget"] == f"{kind}={value}", method

@@ -55,12 +55,15 @@ TESTS = {
                         "tests/test_timm_adapter.py",
     "profile/flops.py": "tests/test_profile.py",
     "methods/evit.py": "tests/test_evit.py tests/test_official_evit_mctf.py tests/test_method_mutants.py "
-                       "tests/test_errors.py -k 'evit or keep_means or layers or describe_lists'",
+                       "tests/test_errors.py -k 'evit or layers or describe_lists or default_budget_is_one or keep_means'",
     "methods/mctf.py": "tests/test_mctf.py tests/test_official_evit_mctf.py tests/test_method_mutants.py "
-                       "-k 'mctf or layers'",
-    "methods/tofu.py": "tests/test_tofu.py",
-    "methods/ppt.py": "tests/test_ppt.py tests/test_official_ppt_atc.py tests/test_method_mutants.py -k 'ppt or layers'",
-    "methods/atc.py": "tests/test_atc.py tests/test_official_ppt_atc.py tests/test_method_mutants.py -k 'atc or layers'",
+                       "tests/test_errors.py -k 'mctf or layers or describe_lists or default_budget_is_one or keep_means'",
+    "methods/tofu.py": "tests/test_tofu.py tests/test_method_mutants.py tests/test_errors.py "
+                       "-k 'tofu or describe_lists or default_budget_is_one or keep_means'",
+    "methods/ppt.py": "tests/test_ppt.py tests/test_official_ppt_atc.py tests/test_method_mutants.py "
+                      "tests/test_errors.py -k 'ppt or layers or describe_lists or default_budget_is_one or keep_means'",
+    "methods/atc.py": "tests/test_atc.py tests/test_official_ppt_atc.py tests/test_method_mutants.py "
+                      "tests/test_errors.py -k 'atc or layers or describe_lists or default_budget_is_one or keep_means'",
     "methods/random_prune.py": "tests/test_method_mutants.py tests/test_tune.py -k random",
     "methods/block_options.py": "tests/test_method_mutants.py tests/test_evit.py tests/test_ppt.py -k layers",
 }
