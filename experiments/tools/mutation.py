@@ -31,6 +31,9 @@ import time
 sys.dont_write_bytecode = True
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+#: the checks every method's descriptor takes part in (its option help, default budget, keep= meaning)
+_EVERY_METHOD = "describe_lists or default_budget_is_one or keep_means"
+
 #: module (under vitcompress/) -> the fast default-run tests that cover it, cheapest first (pytest
 #: arguments, split as a shell would: ``-k 'a or b'`` narrows a file to the tests of the module)
 TESTS = {
@@ -55,15 +58,15 @@ TESTS = {
                         "tests/test_timm_adapter.py",
     "profile/flops.py": "tests/test_profile.py",
     "methods/evit.py": "tests/test_evit.py tests/test_official_evit_mctf.py tests/test_method_mutants.py "
-                       "tests/test_errors.py -k 'evit or layers or describe_lists or default_budget_is_one or keep_means'",
+                       "tests/test_errors.py -k 'evit or layers or " + _EVERY_METHOD + "'",
     "methods/mctf.py": "tests/test_mctf.py tests/test_official_evit_mctf.py tests/test_method_mutants.py "
-                       "tests/test_errors.py -k 'mctf or layers or describe_lists or default_budget_is_one or keep_means'",
+                       "tests/test_errors.py -k 'mctf or layers or " + _EVERY_METHOD + "'",
     "methods/tofu.py": "tests/test_tofu.py tests/test_method_mutants.py tests/test_errors.py "
-                       "-k 'tofu or describe_lists or default_budget_is_one or keep_means'",
+                       "-k 'tofu or " + _EVERY_METHOD + "'",
     "methods/ppt.py": "tests/test_ppt.py tests/test_official_ppt_atc.py tests/test_method_mutants.py "
-                      "tests/test_errors.py -k 'ppt or layers or describe_lists or default_budget_is_one or keep_means'",
+                      "tests/test_errors.py -k 'ppt or layers or " + _EVERY_METHOD + "'",
     "methods/atc.py": "tests/test_atc.py tests/test_official_ppt_atc.py tests/test_method_mutants.py "
-                      "tests/test_errors.py -k 'atc or layers or describe_lists or default_budget_is_one or keep_means'",
+                      "tests/test_errors.py -k 'atc or layers or " + _EVERY_METHOD + "'",
     "methods/random_prune.py": "tests/test_method_mutants.py tests/test_tune.py -k random",
     "methods/block_options.py": "tests/test_method_mutants.py tests/test_evit.py tests/test_ppt.py -k layers",
 }
