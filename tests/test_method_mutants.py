@@ -209,9 +209,11 @@ def test_focus_detr_scorer_shape_checks_and_modulation_weights(tmp_path):
             assert torch.equal(a, b)
 
 
-def test_every_method_documents_what_keep_means_in_its_range_error():
-    """``describe`` says what ``keep=`` means for each method, and an out-of-range ``keep`` names it."""
+def test_every_method_documents_its_kind_and_what_keep_means_in_its_range_error():
+    """``describe`` says whether each method merges or prunes and what ``keep=`` means for it, and an
+    out-of-range ``keep`` names that meaning."""
     for method in vitcompress.list_methods("vit"):
+        assert vitcompress.describe(method)["kind"] in ("merge", "prune"), method
         keep_means = vitcompress.describe(method)["keep_means"]
         assert isinstance(keep_means, str) and keep_means, method
         with pytest.raises(ValueError) as err:

@@ -67,7 +67,8 @@ TESTS = {
                       "tests/test_errors.py -k 'ppt or layers or " + _EVERY_METHOD + "'",
     "methods/atc.py": "tests/test_atc.py tests/test_official_ppt_atc.py tests/test_method_mutants.py "
                       "tests/test_errors.py -k 'atc or layers or " + _EVERY_METHOD + "'",
-    "methods/random_prune.py": "tests/test_method_mutants.py tests/test_tune.py -k random",
+    "methods/random_prune.py": "tests/test_method_mutants.py tests/test_tune.py tests/test_errors.py "
+                               "-k 'random or " + _EVERY_METHOD + "'",
     "methods/block_options.py": "tests/test_method_mutants.py tests/test_evit.py tests/test_ppt.py -k layers",
 }
 
