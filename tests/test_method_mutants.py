@@ -266,11 +266,15 @@ def test_random_keep_is_a_sorted_uniform_subset_drawn_per_seed_and_block():
 
 def test_random_plan_is_the_draw_for_its_seed_block_and_counts_for_every_image():
     method = RandomPrune()  # one instance: its cache must tell the cases apart
+    first = {}
     for T, r, seed, layer in [(20, 7, 5, 2), (20, 6, 5, 2), (18, 7, 5, 2), (20, 7, 6, 2), (20, 7, 5, 3), (20, 7, 5, 2)]:
         metric = torch.randn(3, T, 8)
         s = Signals(metric=metric, x=metric, attn=None, num_prefix=1, layer=layer, num_layers=4)
         plan = method.plan(s, r, {"seed": seed})
         assert plan.keep.tolist() == [random_keep(T, r, seed, layer)] * 3 and plan.merge_src is None
+        # drawn once and kept: a repeated call reuses the tensor (no host-to-device copy in a CUDA graph)
+        assert first.setdefault((T, r, seed, layer), plan.keep.data_ptr()) == plan.keep.data_ptr()
+    assert len(first) == 5
     with pytest.raises(ValueError, match="seed=-1 must be >= 0"):
         vitcompress.compress(tiny_vit(), "random", r=4, seed=-1)
     model = vitcompress.compress(tiny_vit(), "random", r=[63, 0, 0, 0])  # down to one patch token
