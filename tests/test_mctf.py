@@ -2,12 +2,14 @@
 sources, restore, batch 1, bf16, the FLOPs budget (torch.compile: tests/test_compile.py). Parity with the official code:
 tests/test_official_evit_mctf.py."""
 
+import inspect
+
 import pytest
 import torch
 
 import vitcompress
 from vitcompress.kernels import reference
-from vitcompress.methods.mctf import mctf_plan, mctf_scores, received_attention
+from vitcompress.methods.mctf import MCTF, mctf_plan, mctf_scores, received_attention
 from vitcompress.profile.flops import count_flops
 from vitcompress.testing import random_images, tiny_vit
 
@@ -222,3 +224,10 @@ def test_scores_are_the_product_of_the_three_criteria(taus):
                 if tau_size:
                     want *= float(inv_size[b, a] * inv_size[b, c]) ** (1 / tau_size)
                 assert abs(float(got[b, i, j]) - want) < 1e-5, (b, i, j)
+
+
+def test_the_plan_functions_defaults_are_the_methods():
+    """``mctf_plan`` called without options is the method with its defaults (the official script's)."""
+    params = inspect.signature(mctf_plan).parameters
+    for name in ("tau_sim", "tau_info", "tau_size", "bidirection"):
+        assert params[name].default == MCTF.defaults[name], name
