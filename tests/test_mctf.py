@@ -231,3 +231,14 @@ def test_the_plan_functions_defaults_are_the_methods():
     params = inspect.signature(mctf_plan).parameters
     for name in ("tau_sim", "tau_info", "tau_size", "bidirection"):
         assert params[name].default == MCTF.defaults[name], name
+
+
+@pytest.mark.parametrize("bidirection", [True, False])
+def test_the_plan_is_made_on_the_tokens_device(bidirection):
+    """Every index the plan builds lives on the tokens' device (meta tensors here: a shape-only
+    forward; on a GPU an index made on the CPU would fail the same way)."""
+    x, attn, size = (torch.empty(2, 20, 6, device="meta"), torch.empty(2, 3, 21, 21, device="meta"),
+                     torch.empty(2, 20, device="meta"))
+    plan = mctf_plan(x, attn, size, 6, 1, bidirection=bidirection)
+    assert plan.keep.shape == (2, 14) and plan.merge_src.shape == plan.merge_dst.shape == (2, 6)
+    assert plan.keep.device.type == plan.merge_weight.device.type == "meta"
