@@ -295,3 +295,70 @@ def test_every_default_budget_is_one_a_user_could_give_and_plans_the_same():
         explicit = vitcompress.stats(vitcompress.compress(tiny_vit(), method, **{kind: value}))
         assert default["planned_tokens_per_layer"] == explicit["planned_tokens_per_layer"], method
         assert default["budget"] == explicit["budget"] == f"{kind}={value}", method
+
+
+# ---------------------------------------------------------------- the kernels' torch reference (plan execution)
+
+
+def loop_apply(x, size, keep, src, dst, p):
+    """A plan executed row by row: special rows, then each kept row with the rows merged into it,
+    size-weighted (plainly summed without sizes)."""
+    out, sizes = [], []
+    for b in range(x.shape[0]):
+        rows, ss = [x[b, i] for i in range(p)], [size[b, i] if size is not None else None for i in range(p)]
+        for j, k in enumerate(keep[b].tolist()):
+            members = [k] + ([s for s, d in zip(src[b].tolist(), dst[b].tolist()) if d == j] if src is not None else [])
+            w = [size[b, p + m] if size is not None else torch.ones(1) for m in members]
+            total = sum(w)
+            rows.append(sum(wi * x[b, p + m] for wi, m in zip(w, members)) / (total if size is not None else 1))
+            ss.append(total if size is not None else None)
+        out.append(torch.stack(rows))
+        sizes.append(torch.stack(ss) if size is not None else None)
+    return torch.stack(out), (torch.stack(sizes) if size is not None else None)
+
+
+def test_reference_apply_plan_is_the_row_by_row_execution():
+    from vitcompress.kernels import reference
+    g = torch.Generator().manual_seed(12)
+    B, p, T, C = 2, 1, 9, 4
+    x = torch.randn(B, p + T, C, generator=g)
+    size = torch.randint(1, 4, (B, p + T, 1), generator=g).float()
+    keep = torch.stack([torch.randperm(T, generator=g)[:6] for _ in range(B)])
+    rest = torch.stack([torch.tensor(sorted(set(range(T)) - set(k.tolist()))) for k in keep])
+    dst = torch.randint(0, 6, (B, 3), generator=g)
+    for s in (size, None):
+        for src, d in ((None, None), (rest[:, :0], dst[:, :0]), (rest, dst)):  # pruning, no merge, merges
+            want_x, want_size = loop_apply(x, s, keep, src, d, p)
+            got_x, got_size, log = reference.apply_plan(x, s, keep, src, d, p, log_size=True)
+            if src is None or src.shape[1] == 0:  # without merges it is a gather, bit for bit
+                gathered = x[:, p:].gather(1, keep[..., None].expand(-1, -1, C))
+                assert torch.equal(got_x, torch.cat([x[:, :p], gathered], 1))
+            assert torch.allclose(got_x, want_x, atol=1e-6)
+            assert (got_size is None) == (s is None) and (s is None or torch.equal(got_size, want_size))
+            assert (log is None) == (s is None) and (s is None or torch.allclose(log, want_size.log()))
+    got = reference.apply_plan(x[:, p:], size[:, p:], keep)  # no special rows, no log unless asked
+    assert torch.equal(got[0], x[:, p:].gather(1, keep[..., None].expand(-1, -1, C))) and got[2] is None
+    weight = torch.rand(B, T, generator=g)  # the weighted plan: plain sums of weight x row, no special rows
+    got_x, got_size, _ = reference.apply_weighted_plan(x[:, p:], size[:, p:], keep, rest, dst, weight)
+    want_x, _ = loop_apply(x[:, p:] * weight[..., None], None, keep, rest, dst, 0)
+    assert torch.allclose(got_x, want_x, atol=1e-6)
+    assert torch.equal(got_size, loop_apply(size[:, p:], None, keep, rest, dst, 0)[0])
+
+
+@pytest.mark.parametrize("b_first,sort_unmerged", [(True, False), (False, True), (False, False)])
+def test_reference_rank_plan_is_the_ranking_by_hand(b_first, sort_unmerged):
+    from vitcompress.kernels import reference
+    g = torch.Generator().manual_seed(13)
+    B, Na, Nb, r = 2, 7, 5, 3
+    score = torch.rand(B, Na, generator=g)
+    match = torch.randint(0, Nb, (B, Na), generator=g)
+    a_idx, b_idx = torch.randperm(12, generator=g)[:Na].expand(B, -1), torch.arange(20, 20 + Nb).expand(B, -1)
+    keep, src, dst = reference.rank_plan(score, match, r, a_idx, b_idx, sort_unmerged=sort_unmerged, b_first=b_first)
+    for b in range(B):
+        ranked = sorted(range(Na), key=lambda i: -float(score[b, i]))
+        unmerged = sorted(ranked[r:]) if sort_unmerged else ranked[r:]
+        kept_a = [int(a_idx[b, i]) for i in unmerged]
+        assert keep[b].tolist() == (b_idx[b].tolist() + kept_a if b_first else kept_a + b_idx[b].tolist())
+        assert src[b].tolist() == [int(a_idx[b, i]) for i in ranked[:r]]
+        assert dst[b].tolist() == [int(match[b, i]) + (0 if b_first else Na - r) for i in ranked[:r]]
+    assert reference.rank_plan(score, None, r, a_idx, b_idx, b_first=b_first)[2] is None  # no match: no dst
