@@ -43,8 +43,8 @@ TESTS = {
                          "tests/test_errors.py tests/test_profile.py",
     "engine/schedule.py": "tests/test_errors.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
                           "tests/test_support.py tests/test_profile.py",
-    "kernels/reference.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
-                            "tests/test_zero_tprune.py",
+    "kernels/reference.py": "tests/test_method_mutants.py tests/test_methods.py tests/test_algorithm_checks.py "
+                            "tests/test_official_recorded.py tests/test_zero_tprune.py",
     "methods/zero_tprune.py": "tests/test_zero_tprune.py tests/test_algorithm_checks.py "
                               "-k 'zero or tprune or pagerank'",
     "methods/focus_detr.py": "tests/test_method_mutants.py tests/test_algorithm_checks.py tests/test_detr.py "
