@@ -362,3 +362,20 @@ def test_reference_rank_plan_is_the_ranking_by_hand(b_first, sort_unmerged):
         assert src[b].tolist() == [int(a_idx[b, i]) for i in ranked[:r]]
         assert dst[b].tolist() == [int(match[b, i]) + (0 if b_first else Na - r) for i in ranked[:r]]
     assert reference.rank_plan(score, None, r, a_idx, b_idx, b_first=b_first)[2] is None  # no match: no dst
+
+
+def test_reference_merged_norms_without_special_rows_take_the_largest_member_norm():
+    from vitcompress.kernels import reference
+    g = torch.Generator().manual_seed(14)
+    x, size = torch.randn(2, 8, 4, generator=g), torch.ones(2, 8, 1)
+    keep, src = torch.tensor([[0, 2, 4, 6]] * 2), torch.tensor([[1, 3, 5]] * 2)
+    dst = torch.tensor([[0, 0, 2], [1, 3, 3]])
+    merged = reference.apply_plan(x, size, keep, src, dst)[0]
+    out = reference.merged_norms(x, merged, keep, src, dst)
+    for b in range(2):
+        for j, k in enumerate(keep[b].tolist()):
+            members = [k] + [s for s, d in zip(src[b].tolist(), dst[b].tolist()) if d == j]
+            if len(members) == 1:
+                assert torch.equal(out[b, j], merged[b, j])
+            else:
+                assert torch.allclose(out[b, j].norm(), max(x[b, m].norm() for m in members), atol=1e-5)
