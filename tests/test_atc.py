@@ -178,3 +178,25 @@ def test_flops_budget_is_met_as_counted_on_deit_small(deit_small):
         vitcompress.restore(deit_small)
     assert abs(counted / base - 0.7) <= 0.02 * 0.7
     assert counted == planned  # the similarity product is planned exactly as counted
+
+
+def test_cosine_distances_are_one_minus_the_cosine_in_float64():
+    metric = torch.randn(2, 7, 5, generator=torch.Generator().manual_seed(7))
+    want = 1 - F.cosine_similarity(metric[:, :, None].double(), metric[:, None].double(), dim=-1)
+    got = cosine_distances(metric)
+    assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("r", [0, 1])
+def test_the_smallest_removals_join_the_closest_pair_or_nothing(r):
+    metric = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(8))
+    plan = token_clustering(metric, r)
+    assert plan.keep.shape == (2, 8 - r)
+    d = cosine_distances(metric)
+    for b in range(2):
+        keep = plan.keep[b].tolist()
+        groups = {frozenset([k]) for k in keep}
+        if r:
+            (src,), (dst,) = plan.merge_src[b].tolist(), plan.merge_dst[b].tolist()
+            groups = {g for g in groups if keep[dst] not in g} | {frozenset([keep[dst], src])}
+        assert groups == direct_clustering(d[b], 8 - r, "average")

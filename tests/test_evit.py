@@ -186,3 +186,38 @@ def test_against_random_pruning_at_its_schedule_on_the_reference_model(monkeypat
         assert ours > max(rand), (ours, rand)
     else:
         assert ours >= min(rand) - 0.005, (ours, rand)
+
+
+# --------------------------------------------------------------------------- edges of the budget (mutation check)
+
+
+def official_counts(t, keep, blocks):
+    """Reducible tokens after each reducing block as the official code counts them: ``ceil(keep * t)``
+    kept plus the fused token, nothing done where that would not remove a token."""
+    counts = []
+    for _ in range(blocks):
+        kept = math.ceil(keep * t)
+        t = min(t, kept + 1)
+        counts.append(t)
+    return counts
+
+
+@pytest.mark.parametrize("keep", [0.99, 63 / 64, 62 / 64, 0.3])
+def test_keep_rates_near_one_remove_nothing_where_the_official_count_removes_nothing(keep):
+    st = vitcompress.stats(vitcompress.compress(tiny_vit(), "evit", keep=keep))
+    assert [t - 1 for t in st["planned_tokens_per_layer"]] == [64, 64] + official_counts(64, keep, 2)
+
+
+def test_the_largest_r_leaves_one_token_and_the_fused_one():
+    model = vitcompress.compress(tiny_vit(), "evit", r=[0, 62, 0, 0])
+    run(model)
+    assert vitcompress.stats(model)["tokens_per_layer"] == [65, 65, 3, 3]
+    with pytest.raises(ValueError, match="remove 63 of the 64 tokens left, but evit can remove at most 62"):
+        vitcompress.compress(tiny_vit(), "evit", r=[0, 63, 0, 0])
+    with pytest.raises(ValueError, match="remove 1 of the 2 tokens left, but evit can remove at most 0"):
+        vitcompress.compress(tiny_vit(), "evit", r=[0, 62, 1, 0])
+
+
+def test_an_empty_layers_list_is_refused():
+    with pytest.raises(ValueError, match=r"evit layers=\[\]: give None"):
+        vitcompress.compress(tiny_vit(), "evit", layers=[])

@@ -2,12 +2,14 @@
 sources, restore, batch 1, bf16, the FLOPs budget (torch.compile: tests/test_compile.py). Parity with the official code:
 tests/test_official_evit_mctf.py."""
 
+import inspect
+
 import pytest
 import torch
 
 import vitcompress
 from vitcompress.kernels import reference
-from vitcompress.methods.mctf import mctf_plan, received_attention
+from vitcompress.methods.mctf import MCTF, mctf_plan, mctf_scores, received_attention
 from vitcompress.profile.flops import count_flops
 from vitcompress.testing import random_images, tiny_vit
 
@@ -198,3 +200,45 @@ def test_beats_random_pruning_at_its_schedule_on_the_reference_model(monkeypatch
         rand.append(accuracy())
     print(f"mctf flops={flops} {ours:.4f}, random at its schedule {rand}")
     assert ours >= sum(rand) / len(rand) + 0.01 and ours > max(rand), (ours, rand)
+
+
+@pytest.mark.parametrize("taus", [(1.0, 20.0, 40.0), (2.0, 0, 0), (0, 1.0, 0), (0, 0, 3.0)])
+def test_scores_are_the_product_of_the_three_criteria(taus):
+    """Each A/B pair: ``((cos + 1) / 2) ** (1 / tau_sim) * (i_a i_b) ** (1 / tau_info) * (s_a s_b) ** (1 / tau_size)``,
+    a criterion left out where its ``tau`` is 0 -- the values themselves, not only their ranking."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 7, 5, generator=g)
+    inform, inv_size = torch.rand(2, 7, generator=g), torch.rand(2, 7, generator=g)
+    a_idx, b_idx = torch.arange(0, 7, 2), torch.arange(1, 7, 2)
+    got = mctf_scores(x, inform, inv_size, a_idx, b_idx, *taus)
+    tau_sim, tau_info, tau_size = taus
+    for b in range(2):
+        for i, a in enumerate(a_idx.tolist()):
+            for j, c in enumerate(b_idx.tolist()):
+                want = 1.0
+                if tau_sim:
+                    cos = float(torch.nn.functional.cosine_similarity(x[b, a], x[b, c], dim=0))
+                    want *= ((cos + 1) / 2) ** (1 / tau_sim)
+                if tau_info:
+                    want *= float(inform[b, a] * inform[b, c]) ** (1 / tau_info)
+                if tau_size:
+                    want *= float(inv_size[b, a] * inv_size[b, c]) ** (1 / tau_size)
+                assert abs(float(got[b, i, j]) - want) < 1e-5, (b, i, j)
+
+
+def test_the_plan_functions_defaults_are_the_methods():
+    """``mctf_plan`` called without options is the method with its defaults (the official script's)."""
+    params = inspect.signature(mctf_plan).parameters
+    for name in ("tau_sim", "tau_info", "tau_size", "bidirection"):
+        assert params[name].default == MCTF.defaults[name], name
+
+
+@pytest.mark.parametrize("bidirection", [True, False])
+def test_the_plan_is_made_on_the_tokens_device(bidirection):
+    """Every index the plan builds lives on the tokens' device (meta tensors here: a shape-only
+    forward; on a GPU an index made on the CPU would fail the same way)."""
+    x, attn, size = (torch.empty(2, 20, 6, device="meta"), torch.empty(2, 3, 21, 21, device="meta"),
+                     torch.empty(2, 20, device="meta"))
+    plan = mctf_plan(x, attn, size, 6, 1, bidirection=bidirection)
+    assert plan.keep.shape == (2, 14) and plan.merge_src.shape == plan.merge_dst.shape == (2, 6)
+    assert plan.keep.device.type == plan.merge_weight.device.type == "meta"

@@ -2,10 +2,14 @@
 noticed: each asserts the method's definition on a case where the mutant differs, computed here."""
 import math
 
+import pytest
 import torch
 
+import vitcompress
+from vitcompress.interfaces import Signals
 from vitcompress.methods import focus_detr, quota, tokencorr
-from vitcompress.testing import ramp_scorer
+from vitcompress.methods.random_prune import RandomPrune, random_keep
+from vitcompress.testing import ramp_scorer, tiny_vit
 
 # ---------------------------------------------------------------- QuoTA
 
@@ -203,3 +207,175 @@ def test_focus_detr_scorer_shape_checks_and_modulation_weights(tmp_path):
         for a, b in zip(focus_detr.foreground_logits(two, feats), focus_detr.foreground_logits(
                 focus_detr.load_scorer(path), feats)):
             assert torch.equal(a, b)
+
+
+def test_every_method_documents_its_kind_and_what_keep_means_in_its_range_error():
+    """``describe`` says whether each method merges or prunes and what ``keep=`` means for it, and an
+    out-of-range ``keep`` names that meaning."""
+    for method in vitcompress.list_methods("vit"):
+        assert vitcompress.describe(method)["kind"] in ("merge", "prune"), method
+        keep_means = vitcompress.describe(method)["keep_means"]
+        assert isinstance(keep_means, str) and keep_means, method
+        with pytest.raises(ValueError) as err:
+            vitcompress.compress(tiny_vit(), method, keep=1.5)
+        assert keep_means in str(err.value), method
+
+
+# ---------------------------------------------------------------- the layers option (methods/block_options.py)
+
+LAYERED = ("evit", "ppt", "mctf", "atc")
+
+
+def test_layers_must_be_non_negative_int_block_indices_of_the_model():
+    vit = tiny_vit()  # every refusal leaves it as it was
+    for method in LAYERED:
+        for bad in ([1.5], [True], [-1], ["1"], (1, None), 2):
+            with pytest.raises(ValueError, match=rf"{method} layers=.*: give None \("):
+                vitcompress.compress(vit, method, layers=bad)
+        with pytest.raises(ValueError, match=rf"{method} layers=\[1, 4\]: the model has blocks 0..3"):
+            vitcompress.compress(vit, method, r=[0, 4, 0, 0], layers=[1, 4])
+        model = vitcompress.compress(tiny_vit(), method, r=[0, 4, 0, 4], layers=(1, 3))  # a tuple is a list here
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+        assert vitcompress.stats(model)["tokens_per_layer"] == [65, 65, 61, 61], method
+
+
+def test_an_empty_layers_list_reduces_nowhere_except_for_evit_which_refuses_it():
+    for method in ("mctf", "atc"):
+        model = vitcompress.compress(tiny_vit(), method, layers=[])
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+        assert vitcompress.stats(model)["tokens_per_layer"] == [65] * 4, method
+    with pytest.raises(ValueError, match=r"evit layers=\[\]: give None"):
+        vitcompress.compress(tiny_vit(), "evit", layers=[])
+
+
+# ---------------------------------------------------------------- random pruning
+
+
+def test_random_keep_is_a_sorted_uniform_subset_drawn_per_seed_and_block():
+    draws = {(seed, layer): random_keep(64, 24, seed, layer) for seed in range(3) for layer in range(12)}
+    for d in draws.values():
+        assert d == sorted(set(d)) and len(d) == 40 and d[0] >= 0 and d[-1] < 64
+    assert len({tuple(d) for d in draws.values()}) == len(draws)  # every (seed, block) has its own draw
+    assert random_keep(64, 24, 1, 5) == draws[(1, 5)]
+    counts = torch.zeros(64)
+    for seed in range(400):
+        counts[random_keep(64, 24, seed, 0)] += 1
+    assert ((counts / 400 - 40 / 64).abs() < 0.1).all()  # each token kept 40/64 of the time (4 sigma)
+
+
+def test_random_plan_is_the_draw_for_its_seed_block_and_counts_for_every_image():
+    method = RandomPrune()  # one instance: its cache must tell the cases apart
+    first = {}
+    for T, r, seed, layer in [(20, 7, 5, 2), (20, 6, 5, 2), (18, 7, 5, 2), (20, 7, 6, 2), (20, 7, 5, 3), (20, 7, 5, 2)]:
+        metric = torch.randn(3, T, 8)
+        s = Signals(metric=metric, x=metric, attn=None, num_prefix=1, layer=layer, num_layers=4)
+        plan = method.plan(s, r, {"seed": seed})
+        assert plan.keep.tolist() == [random_keep(T, r, seed, layer)] * 3 and plan.merge_src is None
+        # drawn once and kept: a repeated call reuses the tensor (no host-to-device copy in a CUDA graph)
+        assert first.setdefault((T, r, seed, layer), plan.keep.data_ptr()) == plan.keep.data_ptr()
+    assert len(first) == 5
+    with pytest.raises(ValueError, match="seed=-1 must be >= 0"):
+        vitcompress.compress(tiny_vit(), "random", r=4, seed=-1)
+    model = vitcompress.compress(tiny_vit(), "random", r=[63, 0, 0, 0])  # down to one patch token
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert vitcompress.stats(model)["tokens_per_layer"] == [65, 2, 2, 2]
+    with pytest.raises(ValueError, match="can remove at most 63"):
+        vitcompress.compress(tiny_vit(), "random", r=[64, 0, 0, 0])
+
+
+def test_every_default_budget_is_one_a_user_could_give_and_plans_the_same():
+    """A method's default budget passes the checks an explicit one does (e.g. ``keep`` in (0, 1]) and
+    plans the same tokens per block as giving it explicitly."""
+    for method in vitcompress.list_methods("vit"):
+        (kind, value), = vitcompress.describe(method)["default_budget"].items()
+        default = vitcompress.stats(vitcompress.compress(tiny_vit(), method))
+        explicit = vitcompress.stats(vitcompress.compress(tiny_vit(), method, **{kind: value}))
+        assert default["planned_tokens_per_layer"] == explicit["planned_tokens_per_layer"], method
+        assert default["budget"] == explicit["budget"] == f"{kind}={value}", method
+
+
+# ---------------------------------------------------------------- the kernels' torch reference (plan execution)
+
+
+def loop_apply(x, size, keep, src, dst, p):
+    """A plan executed row by row: special rows, then each kept row with the rows merged into it,
+    size-weighted (plainly summed without sizes)."""
+    out, sizes = [], []
+    for b in range(x.shape[0]):
+        rows, ss = [x[b, i] for i in range(p)], [size[b, i] if size is not None else None for i in range(p)]
+        for j, k in enumerate(keep[b].tolist()):
+            members = [k] + ([s for s, d in zip(src[b].tolist(), dst[b].tolist()) if d == j] if src is not None else [])
+            w = [size[b, p + m] if size is not None else torch.ones(1) for m in members]
+            total = sum(w)
+            rows.append(sum(wi * x[b, p + m] for wi, m in zip(w, members)) / (total if size is not None else 1))
+            ss.append(total if size is not None else None)
+        out.append(torch.stack(rows))
+        sizes.append(torch.stack(ss) if size is not None else None)
+    return torch.stack(out), (torch.stack(sizes) if size is not None else None)
+
+
+def test_reference_apply_plan_is_the_row_by_row_execution():
+    from vitcompress.kernels import reference
+    g = torch.Generator().manual_seed(12)
+    B, p, T, C = 2, 1, 9, 4
+    x = torch.randn(B, p + T, C, generator=g)
+    size = torch.randint(1, 4, (B, p + T, 1), generator=g).float()
+    keep = torch.stack([torch.randperm(T, generator=g)[:6] for _ in range(B)])
+    rest = torch.stack([torch.tensor(sorted(set(range(T)) - set(k.tolist()))) for k in keep])
+    dst = torch.randint(0, 6, (B, 3), generator=g)
+    for s in (size, None):
+        for src, d in ((None, None), (rest[:, :0], dst[:, :0]), (rest, dst)):  # pruning, no merge, merges
+            want_x, want_size = loop_apply(x, s, keep, src, d, p)
+            got_x, got_size, log = reference.apply_plan(x, s, keep, src, d, p, log_size=True)
+            if src is None or src.shape[1] == 0:  # without merges it is a gather, bit for bit
+                gathered = x[:, p:].gather(1, keep[..., None].expand(-1, -1, C))
+                assert torch.equal(got_x, torch.cat([x[:, :p], gathered], 1))
+            assert torch.allclose(got_x, want_x, atol=1e-6)
+            assert (got_size is None) == (s is None) and (s is None or torch.equal(got_size, want_size))
+            assert (log is None) == (s is None) and (s is None or torch.allclose(log, want_size.log()))
+    got = reference.apply_plan(x[:, p:], size[:, p:], keep)  # no special rows, no log unless asked
+    assert torch.equal(got[0], x[:, p:].gather(1, keep[..., None].expand(-1, -1, C))) and got[2] is None
+    weight = torch.rand(B, T, generator=g)  # the weighted plan: plain sums of weight x row, no special rows
+    got_x, got_size, _ = reference.apply_weighted_plan(x[:, p:], size[:, p:], keep, rest, dst, weight)
+    want_x, _ = loop_apply(x[:, p:] * weight[..., None], None, keep, rest, dst, 0)
+    assert torch.allclose(got_x, want_x, atol=1e-6)
+    assert torch.equal(got_size, loop_apply(size[:, p:], None, keep, rest, dst, 0)[0])
+
+
+@pytest.mark.parametrize("b_first,sort_unmerged", [(True, False), (False, True), (False, False)])
+def test_reference_rank_plan_is_the_ranking_by_hand(b_first, sort_unmerged):
+    from vitcompress.kernels import reference
+    g = torch.Generator().manual_seed(13)
+    B, Na, Nb, r = 2, 7, 5, 3
+    score = torch.rand(B, Na, generator=g)
+    match = torch.randint(0, Nb, (B, Na), generator=g)
+    a_idx, b_idx = torch.randperm(12, generator=g)[:Na].expand(B, -1), torch.arange(20, 20 + Nb).expand(B, -1)
+    keep, src, dst = reference.rank_plan(score, match, r, a_idx, b_idx, sort_unmerged=sort_unmerged, b_first=b_first)
+    for b in range(B):
+        ranked = sorted(range(Na), key=lambda i: -float(score[b, i]))
+        unmerged = sorted(ranked[r:]) if sort_unmerged else ranked[r:]
+        kept_a = [int(a_idx[b, i]) for i in unmerged]
+        assert keep[b].tolist() == (b_idx[b].tolist() + kept_a if b_first else kept_a + b_idx[b].tolist())
+        assert src[b].tolist() == [int(a_idx[b, i]) for i in ranked[:r]]
+        assert dst[b].tolist() == [int(match[b, i]) + (0 if b_first else Na - r) for i in ranked[:r]]
+    assert reference.rank_plan(score, None, r, a_idx, b_idx, b_first=b_first)[2] is None  # no match: no dst
+
+
+def test_reference_merged_norms_without_special_rows_take_the_largest_member_norm():
+    from vitcompress.kernels import reference
+    g = torch.Generator().manual_seed(14)
+    x, size = torch.randn(2, 8, 4, generator=g), torch.ones(2, 8, 1)
+    keep, src = torch.tensor([[0, 2, 4, 6]] * 2), torch.tensor([[1, 3, 5]] * 2)
+    dst = torch.tensor([[0, 0, 2], [1, 3, 3]])
+    merged = reference.apply_plan(x, size, keep, src, dst)[0]
+    out = reference.merged_norms(x, merged, keep, src, dst)
+    for b in range(2):
+        for j, k in enumerate(keep[b].tolist()):
+            members = [k] + [s for s, d in zip(src[b].tolist(), dst[b].tolist()) if d == j]
+            if len(members) == 1:
+                assert torch.equal(out[b, j], merged[b, j])
+            else:
+                assert torch.allclose(out[b, j].norm(), max(x[b, m].norm() for m in members), atol=1e-5)

@@ -96,3 +96,14 @@ def test_atc_model_matches_official(ref, case):
     out, tokens = _run(compressed, x)
     assert tokens == case["tokens"][:-1]
     torch.testing.assert_close(out, case["logits"], rtol=1e-4, atol=1e-4)
+
+
+def test_ppt_default_threshold_is_the_official_deit_s_commands(ref):
+    """The first recording ran the official DeiT-S command's threshold (7e-5): ppt's default gives it."""
+    case = REC["ppt_models"][0]
+    assert case["threshold"] == pytest.approx(7e-5, rel=1e-12)
+    model, x = ref
+    r = [case["r"] if layer in case["layers"] else 0 for layer in range(len(model.blocks))]
+    out, tokens = _run(vitcompress.compress(copy.deepcopy(model), "ppt", r=r, layers=case["layers"]), x)
+    assert tokens == case["tokens"][:-1]
+    torch.testing.assert_close(out, case["logits"], rtol=1e-4, atol=1e-4)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import vitcompress
 import vitcompress.engine.blocks as blocks
 from vitcompress.engine.tokens import TokenState, apply_plan
-from vitcompress.methods.ppt import default_layers, importance_scores, pool_images, pruning_and_pooling
+from vitcompress.methods.ppt import PPT, default_layers, importance_scores, pool_images, pruning_and_pooling
 from vitcompress.methods.tome import tome_matching
 from vitcompress.testing import tiny_vit
 
@@ -98,11 +98,16 @@ def test_tokens_per_layer_follow_the_schedule_and_special_tokens_survive(kwargs)
     assert torch.equal(source.sum((1, 2)), torch.full((6,), float(N0)) - (source.sum(1) == 0).sum(1))
 
 
-def test_a_model_without_a_class_token_is_refused_at_compress_time():
-    model = tiny_vit(class_token=False, global_pool="avg")
+@pytest.mark.parametrize("kwargs", [dict(class_token=False, global_pool="avg"),
+                                    dict(class_token=False, reg_tokens=2, global_pool="avg")])
+def test_a_model_without_a_class_token_is_refused_at_compress_time(kwargs):
+    model = tiny_vit(**kwargs)
     with pytest.raises(ValueError, match="no class token; use a method that needs none: tome, pitome"):
         vitcompress.compress(model, "ppt", keep=0.8)
     assert "no class token" in vitcompress.supported(model)["ppt"]
+    with pytest.raises(ValueError, match="no class token"):  # no special token, even if the first were called one
+        PPT().check_model(0, True)
+    PPT().check_model(1, True)
 
 
 def test_attention_is_materialised_only_in_reducing_blocks(monkeypatch):
@@ -234,3 +239,28 @@ def test_flops_budget_is_met_as_counted_on_deit_small(deit_small):
     assert abs(counted / base - 0.7) <= 0.02 * 0.7
     assert counted == planned
     assert [i for i, r in enumerate(st["schedule"]) if r] == [3, 6, 9]
+
+
+@pytest.mark.parametrize("r", [0, 1])
+def test_a_pruning_image_keeps_its_top_tokens_in_score_order_for_any_r(r):
+    """The smallest removals too: with ``r = 1`` a peaked image prunes its least important token
+    (the rest in descending importance) while a flat one pools; ``r = 0`` changes nothing."""
+    metric = torch.randn(2, 12, 8, generator=torch.Generator().manual_seed(4))
+    scores = torch.tensor([[1.0] * 12, [3.0, 7, 1, 12, 5, 2, 9, 4, 11, 6, 8, 10]])
+    scores = scores / scores.sum(1, keepdim=True)
+    plan = pruning_and_pooling(metric, scores, r=r, num_prefix=1, threshold=1e-3)
+    by_score = sorted(range(12), key=lambda i: -float(scores[1, i]))
+    tome = tome_matching(metric, r, 1, class_token=True)
+    assert torch.equal(plan.keep[0], tome.keep[0])
+    if r == 0:
+        assert torch.equal(plan.keep, tome.keep) and torch.equal(tome.keep[0], torch.arange(12))
+    else:
+        assert plan.keep[1].tolist() == by_score[:12 - r] and plan.merge_src[1].tolist() == by_score[12 - r:]
+        assert plan.merge_mask.tolist() == [[True] * r, [False] * r]
+
+
+def test_validate_refuses_a_bool_threshold_itself():
+    """``compress`` refuses a bool before the method sees it; ``PPT.validate`` does too, for direct callers."""
+    for bad in (True, "1e-4"):
+        with pytest.raises(ValueError, match="ppt threshold="):
+            PPT().validate(dict(PPT.defaults, threshold=bad))

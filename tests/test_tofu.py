@@ -105,6 +105,7 @@ def test_early_blocks_drop_the_matched_tokens_late_blocks_merge_them_with_mlerp(
         assert plan.merge_norm == "max"
     average = tofu_plan(s.metric, 7, 1, class_token=True, prune=False, mlerp=False)
     assert average.merge_norm is None and torch.equal(average.merge_src, tome.merge_src)
+    assert tofu_plan(s.metric, 7, 1, class_token=True, prune=False).merge_norm == "max"  # MLERP unless told
 
 
 def record_plans(monkeypatch):
@@ -189,3 +190,33 @@ def test_flops_budget_is_met_as_counted_on_deit_small(deit_small):
 def test_bad_options_are_refused(options, error):
     with pytest.raises(error):
         vitcompress.compress(tiny_vit(), "tofu", **options)
+
+
+@pytest.mark.parametrize("fraction,merges", [(0.0, [True] * 4), (1.0, [False] * 4), (0.25, [False, True, True, True])])
+def test_prune_fraction_bounds_are_accepted_all_merge_or_all_prune(fraction, merges, monkeypatch):
+    """``prune_fraction`` is a number in [0, 1], both ends included: 0 merges in every block, 1 prunes in every one."""
+    plans = record_plans(monkeypatch)
+    model = vitcompress.compress(tiny_vit(depth=4), "tofu", r=4, prune_fraction=fraction)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3)))
+    assert [pl.merges for pl in plans] == merges
+
+
+def test_validate_refuses_a_bool_fraction_itself():
+    """``compress`` refuses a bool before the method sees it; ``ToFu.validate`` does too, for direct callers."""
+    with pytest.raises(ValueError, match="prune_fraction=True"):
+        ToFu().validate(dict(ToFu.defaults, prune_fraction=True))
+
+
+@pytest.mark.parametrize("num_prefix,cls_first", [(0, True), (0, False), (1, True), (2, False), (3, True)])
+def test_unmerged_tokens_keep_index_order_only_behind_a_class_token(num_prefix, cls_first):
+    """ToMe's rule (tests/test_algorithm_checks.py checks it against a loop): the unmerged A tokens keep
+    their index order when a class token comes first; otherwise (no prefix, registers only) score order."""
+    metric = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(10 + num_prefix))
+    s = Signals(metric=metric, x=metric, attn=None, num_prefix=num_prefix, layer=3, num_layers=4, cls_first=cls_first)
+    for layer in (0, 3):  # a pruning and a merging block
+        s.layer = layer
+        plan = ToFu().plan(s, 5, dict(ToFu.defaults))
+        behind_cls = cls_first and num_prefix > 0
+        assert torch.equal(plan.keep, tome_matching(metric, 5, num_prefix, class_token=behind_cls).keep)
+        assert not torch.equal(plan.keep, tome_matching(metric, 5, num_prefix, class_token=not behind_cls).keep)

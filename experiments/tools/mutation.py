@@ -21,17 +21,18 @@ interpreter (docs/contributing.md).
 Prints, per module, killed / total and each survivor (line, original, mutant).
 """
 import argparse
-import difflib
 import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 
 sys.dont_write_bytecode = True
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: the checks every method's descriptor takes part in (its option help, default budget, keep= meaning)
+_EVERY_METHOD = "describe_lists or default_budget_is_one or keep_means"
 
 #: module (under vitcompress/) -> the fast default-run tests that cover it, cheapest first (pytest
 #: arguments, split as a shell would: ``-k 'a or b'`` narrows a file to the tests of the module)
@@ -42,8 +43,8 @@ TESTS = {
                          "tests/test_errors.py tests/test_profile.py",
     "engine/schedule.py": "tests/test_errors.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
                           "tests/test_support.py tests/test_profile.py",
-    "kernels/reference.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
-                            "tests/test_zero_tprune.py",
+    "kernels/reference.py": "tests/test_method_mutants.py tests/test_methods.py tests/test_algorithm_checks.py "
+                            "tests/test_official_recorded.py tests/test_zero_tprune.py",
     "methods/zero_tprune.py": "tests/test_zero_tprune.py tests/test_algorithm_checks.py "
                               "-k 'zero or tprune or pagerank'",
     "methods/focus_detr.py": "tests/test_method_mutants.py tests/test_algorithm_checks.py tests/test_detr.py "
@@ -56,6 +57,19 @@ TESTS = {
     "engine/blocks.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
                         "tests/test_timm_adapter.py",
     "profile/flops.py": "tests/test_profile.py",
+    "methods/evit.py": "tests/test_evit.py tests/test_official_evit_mctf.py tests/test_method_mutants.py "
+                       "tests/test_errors.py -k 'evit or layers or " + _EVERY_METHOD + "'",
+    "methods/mctf.py": "tests/test_mctf.py tests/test_official_evit_mctf.py tests/test_method_mutants.py "
+                       "tests/test_errors.py -k 'mctf or layers or " + _EVERY_METHOD + "'",
+    "methods/tofu.py": "tests/test_tofu.py tests/test_method_mutants.py tests/test_errors.py "
+                       "-k 'tofu or " + _EVERY_METHOD + "'",
+    "methods/ppt.py": "tests/test_ppt.py tests/test_official_ppt_atc.py tests/test_method_mutants.py "
+                      "tests/test_errors.py -k 'ppt or layers or " + _EVERY_METHOD + "'",
+    "methods/atc.py": "tests/test_atc.py tests/test_official_ppt_atc.py tests/test_method_mutants.py "
+                      "tests/test_errors.py -k 'atc or layers or " + _EVERY_METHOD + "'",
+    "methods/random_prune.py": "tests/test_method_mutants.py tests/test_tune.py tests/test_errors.py "
+                               "-k 'random or " + _EVERY_METHOD + "'",
+    "methods/block_options.py": "tests/test_method_mutants.py tests/test_evit.py tests/test_ppt.py -k layers",
 }
 
 
