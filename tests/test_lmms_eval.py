@@ -43,14 +43,16 @@ def doc_to_target(doc):
     return doc["answer"]
 
 
-def generate_requests():
-    return [Request(doc["question"], dict(GEN_KWARGS), doc_to_visual, i, TASK, SPLIT) for i, doc in enumerate(DOCS)]
+def generate_requests(task=TASK):
+    docs = TASK_DICT[task][SPLIT]
+    return [Request(doc["question"], dict(GEN_KWARGS), doc_to_visual, i, task, SPLIT) for i, doc in enumerate(docs)]
 
 
-def loglikelihood_requests():
+def loglikelihood_requests(task=TASK):
     """The answer as lmms-eval gives it for a multiple-choice task (a string) or a task's target (a function)."""
-    return ([Request(doc["question"], doc["answer"], doc_to_visual, i, TASK, SPLIT) for i, doc in enumerate(DOCS)]
-            + [Request(DOCS[0]["question"], doc_to_target, doc_to_visual, 2, TASK, SPLIT)])
+    docs = TASK_DICT[task][SPLIT]
+    return ([Request(doc["question"], doc["answer"], doc_to_visual, i, task, SPLIT) for i, doc in enumerate(docs)]
+            + [Request(docs[0]["question"], doc_to_target, doc_to_visual, 2, task, SPLIT)])
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +301,67 @@ def test_the_lmms_eval_command_scores_a_local_task_and_reports_the_visual_tokens
     _, _, tally, _ = answer_all(checkpoint, "pitome", keep=0.7)
     assert report["throughput"]["avg_visual_tokens_before_per_sample"] == LLAVA_PATCHES
     assert report["throughput"]["avg_visual_tokens_kept"] == tally["visual_tokens_kept"] < 1
+
+
+# ------------------------------------------------------------------ Qwen2-VL and InternVL checkpoints (issue 27)
+
+FAMILIES = ("qwen2", "internvl")
+#: keeps every visual token (tokencorr's budget ceil(rho * N) times c, capped at N)
+KEEP_EVERY_TOKEN = {"c": 10 ** 6}
+HALF_FLAT = "half_flat"
+
+
+def half_flat(seed, height, width):
+    """A picture flat grey on the left and noise on the right: tokencorr's default budget drops some of its tokens."""
+    from PIL import Image
+
+    pixels = np.full((height, width, 3), 120, "uint8")
+    pixels[:, width // 2:] = (np.random.RandomState(seed).rand(height, width - width // 2, 3) * 255).astype("uint8")
+    return Image.fromarray(pixels)
+
+
+TASK_DICT[HALF_FLAT] = {SPLIT: [dict(doc, image=half_flat(i, *doc["image"].size[::-1])) for i, doc in enumerate(DOCS)]}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_checkpoint(request, tmp_path_factory):
+    from vitcompress.testing import tiny_vlm_checkpoint
+
+    return request.param, str(tiny_vlm_checkpoint(tmp_path_factory.mktemp(request.param), request.param))
+
+
+def family_answers(checkpoint, method=None, options=None):
+    model, processor = load_vlm(checkpoint, dtype="float32")
+    vlm = CompressedVLM(model, processor, method, {}, options, device="cpu")
+    answers = vlm.generate_until(generate_requests(HALF_FLAT), TASK_DICT)
+    loglikelihoods = vlm.loglikelihoods(loglikelihood_requests(HALF_FLAT), TASK_DICT)
+    return answers, loglikelihoods, vlm.tally.summary(), processor
+
+
+def placeholders_per_image(family, processor, image):
+    """The visual tokens the language model reads for one image, from the family's image processor alone: Qwen-VL's
+    patch grid merged 2 x 2; InternVL's tiles (thumbnail included) of 16 tokens each."""
+    pixels = processor.image_processor([image], return_tensors="pt")
+    if family == "internvl":
+        return int(pixels["num_patches"][0]) * 16
+    return int(pixels["image_grid_thw"].prod()) // 4
+
+
+def test_qwen_vl_and_internvl_answer_as_the_uncompressed_model_when_every_token_is_kept(family_checkpoint):
+    """tokencorr keeping every token: the same answers and loglikelihoods as the model loaded without compression,
+    and the same visual tokens (the processor's placeholders); the default budget keeps fewer and moves the
+    loglikelihoods."""
+    family, checkpoint = family_checkpoint
+    base_answers, base_loglikelihoods, base_tally, processor = family_answers(checkpoint)
+    answers, loglikelihoods, tally, _ = family_answers(checkpoint, "tokencorr", KEEP_EVERY_TOKEN)
+    assert answers == base_answers and all(a.strip() for a in answers)
+    assert [g for _, g in loglikelihoods] == [g for _, g in base_loglikelihoods]
+    np.testing.assert_allclose([lp for lp, _ in loglikelihoods], [lp for lp, _ in base_loglikelihoods], rtol=0,
+                               atol=1e-5)
+    # 3 generate prefills + 4 loglikelihood prefills, one image each (the last one document 2's)
+    images = [doc["image"] for doc in TASK_DICT[HALF_FLAT][SPLIT]]
+    expected = sum(placeholders_per_image(family, processor, images[i]) for i in (0, 1, 2, 0, 1, 2, 2))
+    assert base_tally == tally and tally["visual_tokens_before"] == tally["visual_tokens_after"] == expected
+    _, compressed, default, _ = family_answers(checkpoint, "tokencorr")
+    assert default["visual_tokens_before"] == expected and default["visual_tokens_after"] < expected
+    assert not np.allclose([lp for lp, _ in compressed], [lp for lp, _ in base_loglikelihoods], atol=1e-4)
