@@ -365,3 +365,39 @@ def test_qwen_vl_and_internvl_answer_as_the_uncompressed_model_when_every_token_
     _, compressed, default, _ = family_answers(checkpoint, "tokencorr")
     assert default["visual_tokens_before"] == expected and default["visual_tokens_after"] < expected
     assert not np.allclose([lp for lp, _ in compressed], [lp for lp, _ in base_loglikelihoods], atol=1e-4)
+
+
+#: a video's placeholders as each family's chat template writes them
+VIDEO_PLACEHOLDER = {"qwen2": "<|vision_start|><|video_pad|><|vision_end|>", "internvl": "<video>"}
+
+
+def test_qwen_vl_and_internvl_hand_quota_the_question_of_a_video_request(family_checkpoint):
+    """QuoTA on a video read from its path: the wrapper's loglikelihood equals the model compressed directly on the
+    processor's inputs with the same question, and the tally reports the placeholders before and fewer after."""
+    from vitcompress.testing import ramp_scorer
+
+    family, checkpoint = family_checkpoint
+    frames = (np.random.RandomState(4).rand(4, 32, 32, 3) * 255).astype("uint8")
+    results = {}
+    for method in (None, "quota"):
+        model, processor = load_vlm(checkpoint, dtype="float32")
+        options = {"scorer": "vitcompress.testing:ramp_scorer"} if method else {}
+        vlm = CompressedVLM(model, processor, method, {"keep": 0.5} if method else {}, options, device="cpu",
+                            load_video=lambda path: frames)
+        results[method] = vlm.loglikelihood("<video> what is shown ?", " a cat", ["clip.mp4"]), vlm.tally.summary()
+    (_, base), (loglikelihood, tally) = results[None], results["quota"]
+    model, processor = load_vlm(checkpoint, dtype="float32")
+    inputs = processor(text=[f"USER: {VIDEO_PLACEHOLDER[family]}what is shown ? ASSISTANT: a cat"], videos=[frames],
+                       return_tensors="pt")
+    placeholders = int((inputs["input_ids"] == processor.image_token_id).sum()
+                       + (inputs["input_ids"] == getattr(processor, "video_token_id", -1)).sum())
+    assert base["visual_tokens_before"] == base["visual_tokens_after"] == tally["visual_tokens_before"] == placeholders
+    assert 0 < tally["visual_tokens_after"] <= placeholders // 2
+    vitcompress.compress(model, "quota", keep=0.5, scorer=ramp_scorer)
+    length = len(processor.tokenizer(" a cat").input_ids)
+    with torch.no_grad():
+        logits = model(**inputs, question="what is shown ?").logits[0, -length - 1:-1]
+    target = inputs["input_ids"][0, -length:]
+    expected = float(torch.log_softmax(logits, -1)[torch.arange(length), target].sum())
+    assert loglikelihood[0] == pytest.approx(expected, abs=1e-5)
+    assert vitcompress.stats(model)["visual_tokens_after"] == tally["visual_tokens_after"]
