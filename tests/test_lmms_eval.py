@@ -303,9 +303,9 @@ def test_the_lmms_eval_command_scores_a_local_task_and_reports_the_visual_tokens
     assert report["throughput"]["avg_visual_tokens_kept"] == tally["visual_tokens_kept"] < 1
 
 
-# ------------------------------------------------------------------ Qwen2-VL and InternVL checkpoints (issue 27)
+# ------------------------------------------------------------------ Qwen2-VL, Qwen2.5-VL and InternVL (issue 27)
 
-FAMILIES = ("qwen2", "internvl")
+FAMILIES = ("qwen2", "qwen2_5", "internvl")
 #: keeps every visual token (tokencorr's budget ceil(rho * N) times c, capped at N)
 KEEP_EVERY_TOKEN = {"c": 10 ** 6}
 HALF_FLAT = "half_flat"
@@ -369,6 +369,7 @@ def test_qwen_vl_and_internvl_answer_as_the_uncompressed_model_when_every_token_
 
 #: a video's placeholders as each family's chat template writes them
 VIDEO_PLACEHOLDER = {"qwen2": "<|vision_start|><|video_pad|><|vision_end|>", "internvl": "<video>"}
+VIDEO_PLACEHOLDER["qwen2_5"] = VIDEO_PLACEHOLDER["qwen2"]
 
 
 def test_qwen_vl_and_internvl_hand_quota_the_question_of_a_video_request(family_checkpoint):

@@ -494,7 +494,8 @@ def tiny_vlm_checkpoint(directory, family="qwen2"):
         places = {"IMAGE": "<IMG_CONTEXT>", "VIDEO": "<video>"}  # as InternVL's hub chat templates write them
         vocab_size, model = LLAVA_TEXT["vocab_size"], tiny_internvl()
     else:
-        specials = {"image_token": ("<|image_pad|>", QWEN_IMAGE_TOKEN), "video_token": ("<|video_pad|>", QWEN_VIDEO_TOKEN),
+        specials = {"image_token": ("<|image_pad|>", QWEN_IMAGE_TOKEN),
+                    "video_token": ("<|video_pad|>", QWEN_VIDEO_TOKEN),
                     "vision_start_token": ("<|vision_start|>", QWEN_VISION_START),
                     "vision_end_token": ("<|vision_end|>", QWEN_VISION_END)}
         places = {"IMAGE": "<|vision_start|><|image_pad|><|vision_end|>",
@@ -508,7 +509,8 @@ def tiny_vlm_checkpoint(directory, family="qwen2"):
     words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        pad_token="<pad>", extra_special_tokens={k: t for k, (t, _) in specials.items()})
+                                        pad_token="<pad>",
+                                        extra_special_tokens={name: token for name, (token, _) in specials.items()})
     template = VLM_CHAT_TEMPLATE.replace("IMAGE", places["IMAGE"]).replace("VIDEO", places["VIDEO"])
     if family == "internvl":
         size = dict(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4)
