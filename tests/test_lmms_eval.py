@@ -1,7 +1,7 @@
 """The lmms-eval model ``vitcompress`` on a tiny random LLaVA-1.5 (and Qwen2-VL, Qwen2.5-VL, InternVL) saved with
 ``save_pretrained`` (processor and tokenizer built offline): requests built here, no hub, no dataset. The request
-handling (``vitcompress.evaluation.lmms``) runs without lmms-eval; the registration and lmms-eval's model class run where
-lmms-eval is installed (the ``lmms`` extra, not part of ``all``)."""
+handling (``vitcompress.evaluation.lmms``) runs without lmms-eval; the registration and lmms-eval's model class run
+where lmms-eval is installed (the ``lmms`` extra, not part of ``all``)."""
 import numpy as np
 import pytest
 import torch
