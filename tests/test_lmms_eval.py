@@ -1,7 +1,7 @@
-"""The lmms-eval model ``vitcompress`` on a tiny random LLaVA-1.5 saved with ``save_pretrained`` (processor and
-tokenizer built offline): requests built here, no hub, no dataset. The request handling
-(``vitcompress.evaluation.lmms``) runs without lmms-eval; the registration and lmms-eval's model class run where
-lmms-eval is installed (the ``lmms`` extra, not part of ``all``)."""
+"""The lmms-eval model ``vitcompress`` on a tiny random LLaVA-1.5 (and Qwen2-VL, Qwen2.5-VL, InternVL) saved with
+``save_pretrained`` (processor and tokenizer built offline): requests built here, no hub, no dataset. The request
+handling (``vitcompress.evaluation.lmms``) runs without lmms-eval; the registration and lmms-eval's model class run
+where lmms-eval is installed (the ``lmms`` extra, not part of ``all``)."""
 import numpy as np
 import pytest
 import torch
@@ -43,14 +43,16 @@ def doc_to_target(doc):
     return doc["answer"]
 
 
-def generate_requests():
-    return [Request(doc["question"], dict(GEN_KWARGS), doc_to_visual, i, TASK, SPLIT) for i, doc in enumerate(DOCS)]
+def generate_requests(task=TASK):
+    docs = TASK_DICT[task][SPLIT]
+    return [Request(doc["question"], dict(GEN_KWARGS), doc_to_visual, i, task, SPLIT) for i, doc in enumerate(docs)]
 
 
-def loglikelihood_requests():
+def loglikelihood_requests(task=TASK):
     """The answer as lmms-eval gives it for a multiple-choice task (a string) or a task's target (a function)."""
-    return ([Request(doc["question"], doc["answer"], doc_to_visual, i, TASK, SPLIT) for i, doc in enumerate(DOCS)]
-            + [Request(DOCS[0]["question"], doc_to_target, doc_to_visual, 2, TASK, SPLIT)])
+    docs = TASK_DICT[task][SPLIT]
+    return ([Request(doc["question"], doc["answer"], doc_to_visual, i, task, SPLIT) for i, doc in enumerate(docs)]
+            + [Request(docs[0]["question"], doc_to_target, doc_to_visual, 2, task, SPLIT)])
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +301,104 @@ def test_the_lmms_eval_command_scores_a_local_task_and_reports_the_visual_tokens
     _, _, tally, _ = answer_all(checkpoint, "pitome", keep=0.7)
     assert report["throughput"]["avg_visual_tokens_before_per_sample"] == LLAVA_PATCHES
     assert report["throughput"]["avg_visual_tokens_kept"] == tally["visual_tokens_kept"] < 1
+
+
+# ------------------------------------------------------------------ Qwen2-VL, Qwen2.5-VL and InternVL (issue 27)
+
+FAMILIES = ("qwen2", "qwen2_5", "internvl")
+#: keeps every visual token (tokencorr's budget ceil(rho * N) times c, capped at N)
+KEEP_EVERY_TOKEN = {"c": 10 ** 6}
+HALF_FLAT = "half_flat"
+
+
+def half_flat(seed, height, width):
+    """A picture flat grey on the left and noise on the right: tokencorr's default budget drops some of its tokens."""
+    from PIL import Image
+
+    pixels = np.full((height, width, 3), 120, "uint8")
+    pixels[:, width // 2:] = (np.random.RandomState(seed).rand(height, width - width // 2, 3) * 255).astype("uint8")
+    return Image.fromarray(pixels)
+
+
+TASK_DICT[HALF_FLAT] = {SPLIT: [dict(doc, image=half_flat(i, *doc["image"].size[::-1])) for i, doc in enumerate(DOCS)]}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_checkpoint(request, tmp_path_factory):
+    from vitcompress.testing import tiny_vlm_checkpoint
+
+    return request.param, str(tiny_vlm_checkpoint(tmp_path_factory.mktemp(request.param), request.param))
+
+
+def family_answers(checkpoint, method=None, options=None):
+    model, processor = load_vlm(checkpoint, dtype="float32")
+    vlm = CompressedVLM(model, processor, method, {}, options, device="cpu")
+    answers = vlm.generate_until(generate_requests(HALF_FLAT), TASK_DICT)
+    loglikelihoods = vlm.loglikelihoods(loglikelihood_requests(HALF_FLAT), TASK_DICT)
+    return answers, loglikelihoods, vlm.tally.summary(), processor
+
+
+def placeholders_per_image(family, processor, image):
+    """The visual tokens the language model reads for one image, from the family's image processor alone: Qwen-VL's
+    patch grid merged 2 x 2; InternVL's tiles (thumbnail included) of 16 tokens each."""
+    pixels = processor.image_processor([image], return_tensors="pt")
+    if family == "internvl":
+        return int(pixels["num_patches"][0]) * 16
+    return int(pixels["image_grid_thw"].prod()) // 4
+
+
+def test_qwen_vl_and_internvl_answer_as_the_uncompressed_model_when_every_token_is_kept(family_checkpoint):
+    """tokencorr keeping every token: the same answers and loglikelihoods as the model loaded without compression,
+    and the same visual tokens (the processor's placeholders); the default budget keeps fewer and moves the
+    loglikelihoods."""
+    family, checkpoint = family_checkpoint
+    base_answers, base_loglikelihoods, base_tally, processor = family_answers(checkpoint)
+    answers, loglikelihoods, tally, _ = family_answers(checkpoint, "tokencorr", KEEP_EVERY_TOKEN)
+    assert answers == base_answers and all(a.strip() for a in answers)
+    assert [g for _, g in loglikelihoods] == [g for _, g in base_loglikelihoods]
+    np.testing.assert_allclose([lp for lp, _ in loglikelihoods], [lp for lp, _ in base_loglikelihoods], rtol=0,
+                               atol=1e-5)
+    # 3 generate prefills + 4 loglikelihood prefills, one image each (the last one document 2's)
+    images = [doc["image"] for doc in TASK_DICT[HALF_FLAT][SPLIT]]
+    expected = sum(placeholders_per_image(family, processor, images[i]) for i in (0, 1, 2, 0, 1, 2, 2))
+    assert base_tally == tally and tally["visual_tokens_before"] == tally["visual_tokens_after"] == expected
+    _, compressed, default, _ = family_answers(checkpoint, "tokencorr")
+    assert default["visual_tokens_before"] == expected and default["visual_tokens_after"] < expected
+    assert not np.allclose([lp for lp, _ in compressed], [lp for lp, _ in base_loglikelihoods], atol=1e-4)
+
+
+#: a video's placeholders as each family's chat template writes them
+VIDEO_PLACEHOLDER = {"qwen2": "<|vision_start|><|video_pad|><|vision_end|>", "internvl": "<video>"}
+VIDEO_PLACEHOLDER["qwen2_5"] = VIDEO_PLACEHOLDER["qwen2"]
+
+
+def test_qwen_vl_and_internvl_hand_quota_the_question_of_a_video_request(family_checkpoint):
+    """QuoTA on a video read from its path: the wrapper's loglikelihood equals the model compressed directly on the
+    processor's inputs with the same question, and the tally reports the placeholders before and fewer after."""
+    from vitcompress.testing import ramp_scorer
+
+    family, checkpoint = family_checkpoint
+    frames = (np.random.RandomState(4).rand(4, 32, 32, 3) * 255).astype("uint8")
+    results = {}
+    for method in (None, "quota"):
+        model, processor = load_vlm(checkpoint, dtype="float32")
+        options = {"scorer": "vitcompress.testing:ramp_scorer"} if method else {}
+        vlm = CompressedVLM(model, processor, method, {"keep": 0.5} if method else {}, options, device="cpu",
+                            load_video=lambda path: frames)
+        results[method] = vlm.loglikelihood("<video> what is shown ?", " a cat", ["clip.mp4"]), vlm.tally.summary()
+    (_, base), (loglikelihood, tally) = results[None], results["quota"]
+    model, processor = load_vlm(checkpoint, dtype="float32")
+    inputs = processor(text=[f"USER: {VIDEO_PLACEHOLDER[family]}what is shown ? ASSISTANT: a cat"], videos=[frames],
+                       return_tensors="pt")
+    placeholders = int((inputs["input_ids"] == processor.image_token_id).sum()
+                       + (inputs["input_ids"] == getattr(processor, "video_token_id", -1)).sum())
+    assert base["visual_tokens_before"] == base["visual_tokens_after"] == tally["visual_tokens_before"] == placeholders
+    assert 0 < tally["visual_tokens_after"] <= placeholders // 2
+    vitcompress.compress(model, "quota", keep=0.5, scorer=ramp_scorer)
+    length = len(processor.tokenizer(" a cat").input_ids)
+    with torch.no_grad():
+        logits = model(**inputs, question="what is shown ?").logits[0, -length - 1:-1]
+    target = inputs["input_ids"][0, -length:]
+    expected = float(torch.log_softmax(logits, -1)[torch.arange(length), target].sum())
+    assert loglikelihood[0] == pytest.approx(expected, abs=1e-5)
+    assert vitcompress.stats(model)["visual_tokens_after"] == tally["visual_tokens_after"]

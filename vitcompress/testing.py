@@ -466,3 +466,63 @@ def internvl_inputs(images=((3,), (1, 5)), frames=False, seed=0):
     ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
     mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
     return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixels))
+
+
+# --------------------------------------------------------------------------- Qwen-VL / InternVL checkpoints (lmms-eval)
+
+#: the chat template of :func:`tiny_vlm_checkpoint`: each family's image and video placeholders, as its processor expands
+VLM_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                     "{% if c['type'] == 'image' %}IMAGE{% elif c['type'] == 'video' %}VIDEO"
+                     "{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+                     "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def tiny_vlm_checkpoint(directory, family="qwen2"):
+    """Save the random Qwen2-VL / Qwen2.5-VL (``family="qwen2"`` / ``"qwen2_5"``, :func:`tiny_qwen_vl`) or InternVL
+    (``"internvl"``, :func:`tiny_internvl`) with a processor built offline (a word-level tokenizer with the family's
+    special tokens at the tiny config's ids, the family's image and video processors at the tiny sizes, a chat
+    template) to ``directory``, as ``save_pretrained`` does for a hub checkpoint; returns ``directory``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if family == "internvl":
+        from transformers import GotOcr2ImageProcessor, InternVLProcessor, InternVLVideoProcessor
+
+        specials = {"context_image_token": ("<IMG_CONTEXT>", INTERNVL_IMAGE_TOKEN),
+                    "start_image_token": ("<img>", INTERNVL_IMG_START), "end_image_token": ("</img>", INTERNVL_IMG_END),
+                    "video_token": ("<video>", 98)}
+        places = {"IMAGE": "<IMG_CONTEXT>", "VIDEO": "<video>"}  # as InternVL's hub chat templates write them
+        vocab_size, model = LLAVA_TEXT["vocab_size"], tiny_internvl()
+    else:
+        specials = {"image_token": ("<|image_pad|>", QWEN_IMAGE_TOKEN),
+                    "video_token": ("<|video_pad|>", QWEN_VIDEO_TOKEN),
+                    "vision_start_token": ("<|vision_start|>", QWEN_VISION_START),
+                    "vision_end_token": ("<|vision_end|>", QWEN_VISION_END)}
+        places = {"IMAGE": "<|vision_start|><|image_pad|><|vision_end|>",
+                  "VIDEO": "<|vision_start|><|video_pad|><|vision_end|>"}
+        vocab_size, model = QWEN_TEXT["vocab_size"], tiny_qwen_vl(family)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({w: 4 + i for i, w in enumerate(LLAVA_WORDS)})
+    taken = {i for _, i in specials.values()}
+    vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size) if i not in taken})
+    vocab.update(dict(specials.values()))
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>",
+                                        extra_special_tokens={name: token for name, (token, _) in specials.items()})
+    template = VLM_CHAT_TEMPLATE.replace("IMAGE", places["IMAGE"]).replace("VIDEO", places["VIDEO"])
+    if family == "internvl":
+        size = dict(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1, max_patches=4)
+        processor = InternVLProcessor(image_processor=GotOcr2ImageProcessor(**size), tokenizer=tokenizer,
+                                      video_processor=InternVLVideoProcessor(size={"height": 32, "width": 32}),
+                                      image_seq_length=INTERNVL_TILE_TOKENS, chat_template=template)
+    else:
+        from transformers import Qwen2VLProcessor
+
+        image_processor, video_processor = qwen_processors()
+        processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                     video_processor=video_processor, chat_template=template)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
