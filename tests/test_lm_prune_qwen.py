@@ -141,9 +141,18 @@ def test_kept_tokens_and_decoding_are_the_masked_model(models, kind, method):
 
 
 def test_every_layer_keeps_sdpa_and_reads_fewer_tokens_after_the_drop(models, monkeypatch):
+    """One fused SDPA call per language-model layer, on fewer tokens after the drop; a later layer
+    gets the kept tokens' rotary embeddings and text positions (``position_ids [B, T']``, what a
+    flash-attention layer reads) as the first layer got them. The prefill of ``generate``: its 4-row
+    positions (text row first) give the layers the text row; a forward's 3-row ones give them None."""
     model = copy.deepcopy(models["qwen2_5"])
     inputs = qwen_vl_inputs(model, "qwen2_5")
     vitcompress.compress(model, "fastv")
+    seen = {}
+    layers = model.model.language_model.layers
+    for i in (0, DEPTH - 1):  # registered after compress's hooks: they see what the layer gets
+        layers[i].register_forward_pre_hook(lambda m, a, kw, i=i: seen.setdefault(i, kw) and None,
+                                           with_kwargs=True)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
@@ -153,12 +162,18 @@ def test_every_layer_keeps_sdpa_and_reads_fewer_tokens_after_the_drop(models, mo
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     with torch.no_grad():
-        model(**inputs)
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)  # the prefill only
     lm_tokens = [c[2] for c in calls if c[1] == LM_HEADS]
     length = inputs["input_ids"].shape[1]
     kept = vitcompress.stats(model)["stages"][0]["visual_tokens"]
     shorter = max(length - n + k for n, k in zip(_visual(inputs).sum(1).tolist(), kept))  # padded to the longest
     assert lm_tokens == [length] * 2 + [shorter] * (DEPTH - 2)
+    index = kept_slots(~_dropped(vitcompress.stats(model), _visual(inputs))[DEPTH - 1])[0]
+    first, last = seen[0], seen[DEPTH - 1]
+    assert first["position_ids"].shape == inputs["input_ids"].shape
+    assert torch.equal(last["position_ids"], first["position_ids"].gather(1, index))
+    for a, b in zip(last["position_embeddings"], first["position_embeddings"]):
+        assert torch.equal(a, b.gather(1, index[..., None].expand(-1, -1, b.shape[-1])))
     assert model.config.text_config._attn_implementation == "sdpa"
 
 
