@@ -254,14 +254,15 @@ QWEN_VISION = {
 QWEN_KINDS = tuple(QWEN_VISION)
 
 
-def tiny_qwen_vl(kind):
-    """A random Qwen2-VL (``"qwen2"``), Qwen2.5-VL (``"qwen2_5"``) or Qwen3-VL (``"qwen3"``)."""
+def tiny_qwen_vl(kind, layers=2):
+    """A random Qwen2-VL (``"qwen2"``), Qwen2.5-VL (``"qwen2_5"``) or Qwen3-VL (``"qwen3"``) with a
+    ``layers``-deep language model."""
     import transformers
 
     torch.manual_seed(0)
     name = {"qwen2": "Qwen2VL", "qwen2_5": "Qwen2_5_VL", "qwen3": "Qwen3VL"}[kind]
     rope = dict(QWEN_TEXT["rope_parameters"], **(dict(mrope_interleaved=True) if kind == "qwen3" else {}))
-    text = dict(QWEN_TEXT, rope_parameters=rope)
+    text = dict(QWEN_TEXT, rope_parameters=rope, num_hidden_layers=layers)
     config = getattr(transformers, f"{name}Config")(
         vision_config=QWEN_VISION[kind], text_config=text, image_token_id=QWEN_IMAGE_TOKEN,
         video_token_id=QWEN_VIDEO_TOKEN, vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END)

@@ -235,8 +235,10 @@ def _qwen_vl(kind: str) -> Family:
     version = {"qwen2": "Qwen2-VL", "qwen2_5": "Qwen2.5-VL", "qwen3": "Qwen3-VL"}[kind]
     name = {"qwen2": "Qwen2VL", "qwen2_5": "Qwen2_5_VL", "qwen3": "Qwen3VL"}[kind]
     return Family(f"transformers {version}", f"`{name}ForConditionalGeneration` (visual tokens after the merger)",
-                  lambda: tiny_qwen_vl(kind), methods=("tokencorr", "quota"), kind="llava",
-                  budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)},
+                  lambda: tiny_qwen_vl(kind, layers=8),  # room for fastv / dart after layer 2 and DeepStack's 2
+                  methods=("tokencorr", "quota", "fastv", "pyramiddrop", "dart"), kind="llava",
+                  budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer), "fastv": {},
+                           "pyramiddrop": {}, "dart": {}},
                   prompt=lambda model: qwen_vl_inputs(model, kind))
 
 

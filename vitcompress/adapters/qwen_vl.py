@@ -21,6 +21,12 @@ patches), ``t * h * w / merge**2`` per image (``image_grid_thw``) or video (``vi
   first frame, rebuilt from the processor's patches (normalised with CLIP's mean and std, as
   Qwen's processors do). A resized grid's token takes the position of the original token its
   centre falls in.
+* ``fastv``, ``pyramiddrop`` and ``dart`` drop image and video tokens inside the language model
+  (:mod:`~vitcompress.runtimes.language_model`): the prompt is not rewritten, each kept token keeps
+  its rotary position and the text row of its 3-D position, and the model's own prefill sets
+  ``rope_deltas``, so decoding continues at the uncompressed positions. Qwen3-VL: a drop layer must
+  come after the layers that receive DeepStack features (they are added at the full prompt's visual
+  positions).
 * Images pass unchanged under quota, videos under tokencorr; ViT methods inside the tower and
   any other method are refused with the methods that can run.
 
@@ -43,6 +49,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..interfaces import TokenSignals
+from ..runtimes.language_model import LanguageModelParts, LanguageModelRuntime
 from ..runtimes.vlm import LlavaRuntime, TowerTaps, compressed_generate, prefill_hook
 from .common import bind, family_class
 
@@ -58,7 +65,8 @@ _VERSIONS = {
 _CLASSES = {f"transformers.models.{v['package']}.modeling_{v['package']}.{name}": name for name, v in _VERSIONS.items()}
 #: the modality a method of each unit reduces on Qwen-VL, and the methods of that unit
 _UNITS = {"crop": "image", "video": "video"}
-_CAN_RUN = "tokencorr (each image, from the vision tower) and quota (the frame groups of each video)"
+_CAN_RUN = ("tokencorr (each image, from the vision tower), quota (the frame groups of each video) and fastv, "
+            "pyramiddrop, dart (image and video tokens, inside the language model)")
 _PIXELS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
 _QUERY_CHUNK = 1024  # queries per block of the attention a patch receives
 
@@ -199,6 +207,10 @@ class QwenVLAdapter:
 
     # ---------------------------------------------------------------- compress() hooks
     def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
+        if spec.unit == "language_model":
+            runtime = LanguageModelRuntime(self, spec, options, budget, self.language_model_parts())
+            self._check_deepstack(spec, runtime.drop_layers)
+            return runtime
         # a crop method reading the projected features (visionzip, cdpruner) needs the LLaVA tower's
         # feature layer and projector, which this adapter does not provide
         if spec.target != "llava" or self.unit_modality(spec.unit) is None or getattr(spec, "reads_features", False):
@@ -227,8 +239,29 @@ class QwenVLAdapter:
                 attn = self.visual.blocks[i].attn
                 patcher.hook(attn.qkv.register_forward_hook(taps.hook(i, "qkv")))
                 patcher.hook(attn.register_forward_pre_hook(taps.rope_hook(i), with_kwargs=True))
+        if isinstance(runtime, LanguageModelRuntime):
+            runtime.hook_language_model(patcher)
 
     # ---------------------------------------------------------------- model knowledge
+    def language_model_parts(self) -> LanguageModelParts:
+        """The Qwen2 / Qwen3 decoder (its layers, output norm) and the image and video placeholder ids.
+        Its layers get per-token rotary ``position_embeddings`` (M-RoPE's sections already combined)
+        and the text row of the 3-D positions as ``position_ids [B, T]``: both are sliced per token."""
+        lm = self.base.language_model
+        ids = tuple(self.token_id(m) for m in _PIXELS)
+        return LanguageModelParts(module=lm, layers=lm.layers, final_norm=lm.norm, visual_token_ids=ids)
+
+    def _check_deepstack(self, spec, drop_layers) -> None:
+        """Qwen3-VL adds DeepStack features to the visual positions of the full prompt after each of
+        its first layers: a drop before the last of them would leave those positions wrong."""
+        if not self.deepstack:
+            return
+        stacked = len(self.config.vision_config.deepstack_visual_indexes)
+        if drop_layers[0] < stacked:
+            raise ValueError(f"{spec.name} drops visual tokens before language-model layer {drop_layers[0]}, but "
+                             f"{self.version} adds DeepStack features to them after each of layers 0..{stacked - 1}: "
+                             f"drop at layer {stacked} or later")
+
     def modalities_in(self, inputs: Dict[str, Any]) -> List[str]:
         present = [m for m, (pixels, _) in _PIXELS.items() if inputs.get(pixels) is not None]
         if present and inputs.get("mm_encoder_outputs"):

@@ -1,0 +1,217 @@
+"""Visual tokens dropped inside the language model (fastv, pyramiddrop, dart) on tiny random Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL models with an 8-layer language model: a left-padded batch of two prompts,
+each with an image of its own size and a video (both modalities' placeholders are visual tokens).
+
+The independent reference, as in ``test_lm_prune.py``: the restored model in which, from each
+layer on, no query attends to the tokens dropped before it (a pre-hook that only blocks mask
+columns: no gathering, positions, M-RoPE and DeepStack all the model's own).
+"""
+import copy
+
+import pytest
+import torch
+
+import vitcompress
+from vitcompress.runtimes.language_model import kept_slots
+from vitcompress.testing import QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, qwen_vl_inputs, tiny_qwen_vl
+
+DEPTH = 8
+KINDS = ("qwen2", "qwen2_5", "qwen3")
+LM_HEADS = 4  # the tiny language model's query heads (the tower has 2)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {kind: tiny_qwen_vl(kind, layers=DEPTH) for kind in KINDS}
+
+
+def _visual(inputs):
+    return torch.isin(inputs["input_ids"], torch.tensor([QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN]))
+
+
+def _dropped(stats, visual):
+    """Per layer: [B, T] bool, the visual tokens no longer present in that layer."""
+    out, present = {}, visual.clone()
+    stages = {s["layer"]: s for s in stats["stages"]}
+    for layer in range(DEPTH):
+        if layer in stages:
+            present = torch.zeros_like(visual)
+            for b, kept in enumerate(stages[layer]["kept"]):
+                present[b, kept] = True
+        out[layer] = visual & ~present
+    return out
+
+
+def _blocking_hooks(model, dropped):
+    """Pre-hooks making each layer's queries ignore its dropped tokens (columns < the prompt length)."""
+    handles = []
+    for layer, block in enumerate(model.model.language_model.layers):
+        def hook(module, args, kwargs, drop=dropped[layer]):
+            if not drop.any():
+                return None
+            queries = args[0].shape[1]
+            mask = kwargs.get("attention_mask")
+            keys = mask.shape[-1] if mask is not None else kwargs["cache"].get_seq_length()
+            if mask is None:
+                mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
+            cols = torch.zeros(drop.shape[0], keys, dtype=torch.bool)
+            cols[:, :drop.shape[1]] = drop
+            kwargs["attention_mask"] = mask & ~cols[:, None, None, :]
+            return args, kwargs
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles
+
+
+def _generate(model, inputs, steps=5):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+
+
+def _cases(fast):
+    """Every method on every version; those not in ``fast`` marked slow."""
+    for method in ("fastv", "pyramiddrop", "dart"):
+        for kind in KINDS:
+            marks = [] if (method, kind) in fast else [pytest.mark.slow]
+            yield pytest.param(kind, method, marks=marks, id=f"{method}-{kind}")
+
+
+FASTV = {("fastv", kind) for kind in KINDS}
+
+
+@pytest.mark.parametrize("kind,method", list(_cases(FASTV | {("pyramiddrop", "qwen2_5"), ("dart", "qwen3")})))
+def test_keep_all_is_the_uncompressed_model(models, kind, method):
+    """keep=1.0: the same prefill logits and generated tokens / per-step logits (equal, not close)."""
+    model = copy.deepcopy(models[kind])
+    inputs = qwen_vl_inputs(model, kind)
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+    ref = _generate(model, inputs)
+    vitcompress.compress(model, method, keep=1.0)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    out = _generate(model, inputs)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits))
+
+
+@pytest.mark.parametrize("kind,method", list(_cases(FASTV | {("pyramiddrop", "qwen3"), ("dart", "qwen2")})))
+def test_kept_tokens_and_decoding_are_the_masked_model(models, kind, method):
+    """Default budget: each drop layer keeps the planned visual tokens of each sample; the kept
+    tokens' prefill logits, the generated tokens and each decoding step's logits are those of the
+    uncompressed model with the dropped tokens masked from their drop layer on."""
+    model = copy.deepcopy(models[kind])
+    inputs = qwen_vl_inputs(model, kind)
+    visual = _visual(inputs)
+    vitcompress.compress(model, method)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    out = _generate(model, inputs)
+    stats = vitcompress.stats(model)
+    vitcompress.restore(model)
+
+    counts = visual.sum(1).tolist()
+    assert stats["visual_tokens_before"] == sum(counts)
+    kept = [s["visual_tokens"] for s in stats["stages"]]
+    if method == "fastv":
+        assert stats["drop_layers"] == [2] and kept == [[round(n * 0.5) for n in counts]]
+    elif method == "pyramiddrop":
+        assert stats["drop_layers"] == [2, 4, 6]
+        assert kept == [[int(n * 0.5 ** (s + 1)) for n in counts] for s in range(3)]
+    else:
+        assert stats["drop_layers"] == [2] and all(0 < k < n for k, n in zip(kept[0], counts))
+    for stage in stats["stages"]:  # only visual tokens are dropped
+        assert all(bool(visual[b, idx].all()) for b, idx in enumerate(stage["kept"]))
+
+    dropped = _dropped(stats, visual)
+    handles = _blocking_hooks(model, dropped)
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+    ref = _generate(model, inputs)
+    for h in handles:
+        h.remove()
+    index, slot_valid = kept_slots(~dropped[DEPTH - 1])
+    assert not bool(slot_valid.all())  # the samples keep different numbers of tokens: padded slots
+    for b in range(index.shape[0]):
+        torch.testing.assert_close(logits[b][slot_valid[b]], ref_logits[b][index[b][slot_valid[b]]],
+                                   rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.sequences, ref.sequences)
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+
+
+def test_every_layer_keeps_sdpa_and_reads_fewer_tokens_after_the_drop(models, monkeypatch):
+    """One fused SDPA call per language-model layer, on fewer tokens after the drop; a later layer
+    gets the kept tokens' rotary embeddings and text positions (``position_ids [B, T']``, what a
+    flash-attention layer reads) as the first layer got them. The prefill of ``generate``: its 4-row
+    positions (text row first) give the layers the text row; a forward's 3-row ones give them None."""
+    model = copy.deepcopy(models["qwen2_5"])
+    inputs = qwen_vl_inputs(model, "qwen2_5")
+    vitcompress.compress(model, "fastv")
+    seen = {}
+    layers = model.model.language_model.layers
+    for i in (0, DEPTH - 1):  # registered after compress's hooks: they see what the layer gets
+        layers[i].register_forward_pre_hook(lambda m, a, kw, i=i: seen.setdefault(i, kw) and None,
+                                           with_kwargs=True)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape)
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)  # the prefill only
+    lm_tokens = [c[2] for c in calls if c[1] == LM_HEADS]
+    length = inputs["input_ids"].shape[1]
+    kept = vitcompress.stats(model)["stages"][0]["visual_tokens"]
+    shorter = max(length - n + k for n, k in zip(_visual(inputs).sum(1).tolist(), kept))  # padded to the longest
+    assert lm_tokens == [length] * 2 + [shorter] * (DEPTH - 2)
+    index = kept_slots(~_dropped(vitcompress.stats(model), _visual(inputs))[DEPTH - 1])[0]
+    first, last = seen[0], seen[DEPTH - 1]
+    assert first["position_ids"].shape == inputs["input_ids"].shape
+    assert torch.equal(last["position_ids"], first["position_ids"].gather(1, index))
+    for a, b in zip(last["position_embeddings"], first["position_embeddings"]):
+        assert torch.equal(a, b.gather(1, index[..., None].expand(-1, -1, b.shape[-1])))
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_restore_is_bit_exact(models):
+    model = copy.deepcopy(models["qwen3"])
+    inputs = qwen_vl_inputs(model, "qwen3")
+    with torch.no_grad():
+        before = model(**inputs).logits
+    hooks = [len(layer._forward_pre_hooks) for layer in model.model.language_model.layers]
+    vitcompress.compress(model, "fastv")
+    with torch.no_grad():
+        compressed = model(**inputs).logits
+        assert compressed.shape[1] < before.shape[1]
+        assert torch.equal(copy.deepcopy(model)(**inputs).logits, compressed)
+    vitcompress.restore(model)
+    assert [len(layer._forward_pre_hooks) for layer in model.model.language_model.layers] == hooks
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before)
+
+
+def test_qwen3_refuses_a_drop_before_the_last_deepstack_layer(models):
+    """The tiny Qwen3-VL adds DeepStack features after layers 0 and 1: a drop at layer 1 is refused."""
+    model = copy.deepcopy(models["qwen3"])
+    with pytest.raises(ValueError, match="DeepStack"):
+        vitcompress.compress(model, "fastv", layer=1)
+    with pytest.raises(ValueError, match="DeepStack"):
+        vitcompress.compress(model, "pyramiddrop", layers=[1, 4])
+    vitcompress.compress(model, "fastv", layer=1 + 1)  # right after the last DeepStack layer
+
+
+def test_images_only_and_other_methods_still_refused(models):
+    model = copy.deepcopy(models["qwen2"])
+    inputs = qwen_vl_inputs(model, "qwen2", video=False)
+    vitcompress.compress(model, "fastv")
+    with torch.no_grad():
+        model(**inputs)
+    counts = _visual(inputs).sum(1).tolist()
+    assert vitcompress.stats(model)["stages"][0]["visual_tokens"] == [round(n * 0.5) for n in counts]
+    with pytest.raises(TypeError, match="fastv, pyramiddrop, dart"):
+        vitcompress.compress(model, "visionzip")
