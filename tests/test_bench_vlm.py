@@ -8,7 +8,7 @@ import vitcompress
 from conftest import load_script
 
 bench = load_script("benchmarks/bench_vlm.py")
-METHODS = ["fastv", "quota", "tokencorr"]
+METHODS = ["fastv", "quota", "tokencorr", "visionzip"]  # visionzip: refused on Qwen2.5-VL
 
 
 def run(*argv):
@@ -82,9 +82,9 @@ def test_rows_are_self_consistent(quick):
         assert r["raises_memory"] == (r["peak_bytes"] > base["peak_bytes"]) and r["peak_bytes"] > 0
         if r["setting"] != "uncompressed":  # every timed setting reduces something
             assert r["flops"] < base["flops"] and r["lm_tokens"][-1] < base["lm_tokens"][-1]
-    # Qwen2.5-VL: tokencorr reduces the image, QuoTA the video's frame groups
-    assert set(rows_of(result, "qwen2_5_vl", "image")) == {"uncompressed", "tokencorr"}
-    assert set(rows_of(result, "qwen2_5_vl", "video")) == {"uncompressed", "quota keep=0.5"}
+    # Qwen2.5-VL: tokencorr reduces the image, QuoTA the video's frame groups, FastV both inside the language model
+    assert set(rows_of(result, "qwen2_5_vl", "image")) == {"uncompressed", "tokencorr", "fastv keep=0.5 layer=2"}
+    assert set(rows_of(result, "qwen2_5_vl", "video")) == {"uncompressed", "quota keep=0.5", "fastv keep=0.5 layer=2"}
 
 
 def test_every_method_is_measured_or_says_why_in_one_line(quick):
@@ -99,7 +99,7 @@ def test_every_method_is_measured_or_says_why_in_one_line(quick):
                 reason = " ".join(support[method].split())
                 assert lines == [f"{method}: not supported: {reason}"]
                 assert f"  {method}: not supported: {reason}\n" in out
-    assert result["skipped"]["qwen2_5_vl"][0].startswith("fastv: not supported: fastv cannot reduce a Qwen2_5_VL")
+    assert result["skipped"]["qwen2_5_vl"][0].startswith("visionzip: not supported: visionzip cannot reduce a Qwen2_5_VL")
     assert "quota keep=0.5: reduces no token of the image" in result["skipped"]["qwen2_5_vl"]
 
 
