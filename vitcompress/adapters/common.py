@@ -14,6 +14,7 @@ from torch.fx import Proxy
 
 from ..interfaces import PART_ATTR, PatchedPart, part_of, runtime_of
 from ..runtimes.vit import ViTRuntime
+from ..runtimes.vlm import compressed_generate, prefill_hook
 
 #: transformers' attention implementations that compute plain softmax attention (what the reducing
 #: block runs); a model loaded with another is refused.
@@ -136,6 +137,15 @@ class PatchedMethod(functools.partial):
 def bind(fn, module) -> PatchedMethod:
     """``fn`` bound to ``module`` (see :class:`PatchedMethod`)."""
     return PatchedMethod(fn, module)
+
+
+def patch_vlm_prefill(model: nn.Module, patcher) -> None:
+    """What every VLM adapter patches on the model: the prefill hook (prepended, so it sees the call
+    as the caller made it) and the compressed ``generate``. Public hook handles and module-level
+    functions (:func:`bind`): deepcopy / pickle of a compressed model carry them to the copy, and
+    restore removes exactly these, leaving every hook the user registered."""
+    patcher.hook(model.register_forward_pre_hook(prefill_hook, with_kwargs=True, prepend=True))
+    patcher.set(model, "generate", bind(compressed_generate, model))
 
 
 def refuse_grad_checkpointing(patcher, module: nn.Module, *switches: str) -> None:

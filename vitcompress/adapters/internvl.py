@@ -40,8 +40,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..runtimes.vlm import LlavaRuntime, TowerTaps, compressed_generate, prefill_hook
-from .common import bind, family_class
+from ..runtimes.vlm import LlavaRuntime, TowerTaps
+from .common import family_class, patch_vlm_prefill
 
 Tensor = torch.Tensor
 
@@ -88,8 +88,9 @@ class InternVLAdapter:
     def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
         # a crop method reading the projected features (visionzip, cdpruner) needs the LLaVA tower's
         # feature layer and projector, which this adapter does not provide
-        if self.unit_modality(spec.unit) is None or getattr(spec, "reads_features", False):
-            unit = "the projected features" if getattr(spec, "reads_features", False) else f"{spec.unit or 'another unit'}s"
+        reads_features = getattr(spec, "reads_features", False)
+        if self.unit_modality(spec.unit) is None or reads_features:
+            unit = "the projected features" if reads_features else f"{spec.unit or 'another unit'}s"
             raise TypeError(f"{spec.name} cannot reduce an InternVLForConditionalGeneration: it reduces "
                             f"{unit}, and InternVL takes the methods that reduce image tiles "
                             "(unit 'crop': tokencorr) or the frames of a video (unit 'video': quota); "
@@ -112,11 +113,7 @@ class InternVLAdapter:
         return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(chosen, attention)], cells=self.cells)
 
     def patch(self, runtime, patcher) -> None:
-        # As LLaVA's: public hook handles and module-level functions, so deepcopy / pickle carry them
-        # and restore removes exactly these.
-        model = self.model
-        patcher.hook(model.register_forward_pre_hook(prefill_hook, with_kwargs=True, prepend=True))
-        patcher.set(model, "generate", bind(compressed_generate, model))
+        patch_vlm_prefill(self.model, patcher)
         if runtime.taps is not None:
             layers = self._layers()
             for i in runtime.taps.hooked_layers():

@@ -42,8 +42,8 @@ import torch
 
 from ..runtimes.language_model import LanguageModelParts, LanguageModelRuntime
 from ..runtimes.vit import ViTRuntime
-from ..runtimes.vlm import LlavaRuntime, TowerTaps, compressed_generate, prefill_hook
-from .common import bind, family_class
+from ..runtimes.vlm import LlavaRuntime, TowerTaps
+from .common import family_class, patch_vlm_prefill
 from .hf_clip import HFCLIPVisionAdapter  # the tower's adapter, for ViT methods inside it
 
 Tensor = torch.Tensor
@@ -172,12 +172,7 @@ class LlavaAdapter:
         return LlavaRuntime(self, spec, options, budget, tower=tower)
 
     def patch(self, runtime, patcher) -> None:
-        # Public hook handles and module-level functions (a hook, common.bind): deepcopy / pickle of
-        # a compressed model carry them to the copy, and restore removes exactly these, leaving every
-        # hook the user registered. Prepended, the prefill hook sees the call as the caller made it.
-        model = self.model
-        patcher.hook(model.register_forward_pre_hook(prefill_hook, with_kwargs=True, prepend=True))
-        patcher.set(model, "generate", bind(compressed_generate, model))
+        patch_vlm_prefill(self.model, patcher)
         if runtime.taps is not None:
             for i in runtime.taps.hooked_layers():
                 attn = self.tower_layers[i].self_attn

@@ -50,8 +50,8 @@ import torch
 
 from ..interfaces import TokenSignals
 from ..runtimes.language_model import LanguageModelParts, LanguageModelRuntime
-from ..runtimes.vlm import LlavaRuntime, TowerTaps, compressed_generate, prefill_hook
-from .common import bind, family_class
+from ..runtimes.vlm import LlavaRuntime, TowerTaps
+from .common import family_class, patch_vlm_prefill
 
 Tensor = torch.Tensor
 
@@ -227,11 +227,7 @@ class QwenVLAdapter:
         return LlavaRuntime(self, spec, options, budget, taps=taps)
 
     def patch(self, runtime, patcher) -> None:
-        # As the LLaVA adapter: public hook handles and module-level functions, so deepcopy / pickle
-        # carry them and restore removes exactly these.
-        model = self.model
-        patcher.hook(model.register_forward_pre_hook(prefill_hook, with_kwargs=True, prepend=True))
-        patcher.set(model, "generate", bind(compressed_generate, model))
+        patch_vlm_prefill(self.model, patcher)
         taps = runtime.taps
         if taps is not None:
             patcher.hook(self.visual.register_forward_pre_hook(taps.grid_hook(), with_kwargs=True))
