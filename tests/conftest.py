@@ -74,3 +74,42 @@ def interpreted_process_runner(path: str, in_subprocess: bool):
         run_interpreted(request, path, selection)
 
     return skipped_here, test_in_an_interpreted_process
+
+
+# --------------------------------------------------------------------------- a VLM's language model with tokens masked
+
+
+def dropped_per_layer(stats, visual, depth: int):
+    """From a language-model method's ``stats`` (its ``stages``' kept positions) and the prompt's
+    ``visual[B, T]`` tokens: per layer, ``[B, T]`` bool, the visual tokens no longer present there."""
+    out, present = {}, visual.clone()
+    stages = {s["layer"]: s for s in stats["stages"]}
+    for layer in range(depth):
+        if layer in stages:
+            present = torch.zeros_like(visual)
+            for b, kept in enumerate(stages[layer]["kept"]):
+                present[b, kept] = True
+        out[layer] = visual & ~present
+    return out
+
+
+def masking_hooks(layers, dropped):
+    """The independent reference of dropping tokens inside a language model: pre-hooks on its decoder
+    ``layers`` making each layer's queries ignore that layer's ``dropped`` tokens (columns < the prompt
+    length), nothing gathered. Returns the handles."""
+    handles = []
+    for layer, block in enumerate(layers):
+        def hook(module, args, kwargs, drop=dropped[layer]):
+            if not drop.any():
+                return None
+            queries = args[0].shape[1]
+            mask = kwargs.get("attention_mask")
+            keys = mask.shape[-1] if mask is not None else kwargs["cache"].get_seq_length()
+            if mask is None:
+                mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
+            cols = torch.zeros(drop.shape[0], keys, dtype=torch.bool)
+            cols[:, :drop.shape[1]] = drop
+            kwargs["attention_mask"] = mask & ~cols[:, None, None, :]
+            return args, kwargs
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    return handles

@@ -3,7 +3,7 @@ LLaVA-NeXT models with an 8-layer language model: what every layer and the KV ca
 
 The independent reference: dropping tokens before layer K with their original positions is the
 uncompressed model in which, from layer K on, no query attends to the dropped tokens. The test
-runs the restored model with exactly that mask (a pre-hook here, no gathering) and compares the
+runs the restored model with exactly that mask (`conftest.masking_hooks`, no gathering) and compares the
 kept tokens' logits, the generated tokens and the per-step logits of cached decoding.
 """
 import copy
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vitcompress
+from conftest import dropped_per_layer, masking_hooks
 from vitcompress.runtimes.language_model import kept_slots
 from vitcompress.testing import llava_inputs, tiny_llava_lm
 
@@ -22,40 +23,6 @@ CASES = [("fastv", {}), ("pyramiddrop", {}), ("dart", dict(keep=0.5))]
 @pytest.fixture(scope="module")
 def models():
     return {kind: tiny_llava_lm(kind, layers=DEPTH) for kind in ("llava", "next")}
-
-
-def _dropped(stats, visual, length):
-    """Per layer: [B, length] bool, the visual tokens no longer present in that layer."""
-    out, present = {}, visual.clone()
-    stages = {s["layer"]: s for s in stats["stages"]}
-    for layer in range(DEPTH):
-        if layer in stages:
-            present = torch.zeros_like(visual)
-            for b, kept in enumerate(stages[layer]["kept"]):
-                present[b, kept] = True
-        out[layer] = visual & ~present
-    return out
-
-
-def _blocking_hooks(model, dropped):
-    """Pre-hooks making each layer's queries ignore its dropped tokens (columns < the prompt length)."""
-    handles = []
-    for layer, block in enumerate(model.model.language_model.layers):
-        def hook(module, args, kwargs, drop=dropped[layer]):
-            if not drop.any():
-                return None
-            hidden = args[0]
-            mask = kwargs.get("attention_mask")
-            queries = hidden.shape[1]
-            keys = mask.shape[-1] if mask is not None else kwargs["cache"].get_seq_length()
-            if mask is None:
-                mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
-            cols = torch.zeros(drop.shape[0], keys, dtype=torch.bool)
-            cols[:, :drop.shape[1]] = drop
-            kwargs["attention_mask"] = mask & ~cols[:, None, None, :]
-            return args, kwargs
-        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
-    return handles
 
 
 def _visual(inputs):
@@ -75,8 +42,8 @@ def test_kept_tokens_compute_what_the_model_computes_when_the_dropped_are_masked
         out = model(**inputs).logits
     stats = vitcompress.stats(model)
     vitcompress.restore(model)
-    dropped = _dropped(stats, _visual(inputs), inputs["input_ids"].shape[1])
-    handles = _blocking_hooks(model, dropped)
+    dropped = dropped_per_layer(stats, _visual(inputs), DEPTH)
+    handles = masking_hooks(model.model.language_model.layers, dropped)
     with torch.no_grad():
         ref = model(**inputs).logits
     for h in handles:
@@ -113,7 +80,7 @@ def test_generate_with_the_cache_is_the_masked_model(models, kind, hole, method,
                              return_dict_in_generate=True)
     stats = vitcompress.stats(model)
     vitcompress.restore(model)
-    handles = _blocking_hooks(model, _dropped(stats, _visual(inputs), inputs["input_ids"].shape[1]))
+    handles = masking_hooks(model.model.language_model.layers, dropped_per_layer(stats, _visual(inputs), DEPTH))
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)

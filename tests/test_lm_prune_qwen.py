@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vitcompress
+from conftest import dropped_per_layer, masking_hooks
 from vitcompress.runtimes.language_model import kept_slots
 from vitcompress.testing import QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, qwen_vl_inputs, tiny_qwen_vl
 
@@ -27,39 +28,6 @@ def models():
 
 def _visual(inputs):
     return torch.isin(inputs["input_ids"], torch.tensor([QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN]))
-
-
-def _dropped(stats, visual):
-    """Per layer: [B, T] bool, the visual tokens no longer present in that layer."""
-    out, present = {}, visual.clone()
-    stages = {s["layer"]: s for s in stats["stages"]}
-    for layer in range(DEPTH):
-        if layer in stages:
-            present = torch.zeros_like(visual)
-            for b, kept in enumerate(stages[layer]["kept"]):
-                present[b, kept] = True
-        out[layer] = visual & ~present
-    return out
-
-
-def _blocking_hooks(model, dropped):
-    """Pre-hooks making each layer's queries ignore its dropped tokens (columns < the prompt length)."""
-    handles = []
-    for layer, block in enumerate(model.model.language_model.layers):
-        def hook(module, args, kwargs, drop=dropped[layer]):
-            if not drop.any():
-                return None
-            queries = args[0].shape[1]
-            mask = kwargs.get("attention_mask")
-            keys = mask.shape[-1] if mask is not None else kwargs["cache"].get_seq_length()
-            if mask is None:
-                mask = torch.ones(queries, keys, dtype=torch.bool).tril(keys - queries)[None, None]
-            cols = torch.zeros(drop.shape[0], keys, dtype=torch.bool)
-            cols[:, :drop.shape[1]] = drop
-            kwargs["attention_mask"] = mask & ~cols[:, None, None, :]
-            return args, kwargs
-        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
-    return handles
 
 
 def _generate(model, inputs, steps=5):
@@ -124,8 +92,8 @@ def test_kept_tokens_and_decoding_are_the_masked_model(models, kind, method):
     for stage in stats["stages"]:  # only visual tokens are dropped
         assert all(bool(visual[b, idx].all()) for b, idx in enumerate(stage["kept"]))
 
-    dropped = _dropped(stats, visual)
-    handles = _blocking_hooks(model, dropped)
+    dropped = dropped_per_layer(stats, visual, DEPTH)
+    handles = masking_hooks(model.model.language_model.layers, dropped)
     with torch.no_grad():
         ref_logits = model(**inputs).logits
     ref = _generate(model, inputs)
@@ -169,7 +137,7 @@ def test_every_layer_keeps_sdpa_and_reads_fewer_tokens_after_the_drop(models, mo
     kept = vitcompress.stats(model)["stages"][0]["visual_tokens"]
     shorter = max(length - n + k for n, k in zip(_visual(inputs).sum(1).tolist(), kept))  # padded to the longest
     assert lm_tokens == [length] * 2 + [shorter] * (DEPTH - 2)
-    index = kept_slots(~_dropped(vitcompress.stats(model), _visual(inputs))[DEPTH - 1])[0]
+    index = kept_slots(~dropped_per_layer(vitcompress.stats(model), _visual(inputs), DEPTH)[DEPTH - 1])[0]
     first, last = seen[0], seen[DEPTH - 1]
     assert first["position_ids"].shape == inputs["input_ids"].shape
     assert torch.equal(last["position_ids"], first["position_ids"].gather(1, index))
