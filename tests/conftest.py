@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from typing import Any, Dict, NamedTuple
+
 import pytest
 import timm
 import torch
@@ -113,3 +115,35 @@ def masking_hooks(layers, dropped):
             return args, kwargs
         handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
+
+
+# --------------------------------------------------------------------------- a flops= budget as counted
+
+
+class CountedBudget(NamedTuple):
+    """A model compressed at a ``flops=`` budget, counted: fvcore's FLOPs uncompressed (``base``) and
+    compressed (``counted``), the FLOPs the runtime planned, its schedule and ``stats``."""
+
+    base: int
+    counted: int
+    planned: int
+    schedule: Any
+    stats: Dict[str, Any]
+
+
+def count_at_budget(model, method: str, x, flops: float = 0.7) -> CountedBudget:
+    """Compress ``model`` with ``method`` at ``flops``, count it on ``x`` as ``count_flops`` does, and
+    restore it (also when counting fails)."""
+    import vitcompress
+    from vitcompress.profile.flops import count_flops
+
+    base = count_flops(model, x)
+    vitcompress.compress(model, method, flops=flops)
+    try:
+        counted = count_flops(model, x)
+        runtime = model._vitcompress
+        planned = runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
+        schedule, stats = runtime.schedule, vitcompress.stats(model)
+    finally:
+        vitcompress.restore(model)
+    return CountedBudget(base, counted, planned, schedule, stats)

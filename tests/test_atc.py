@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import vitcompress
+from conftest import count_at_budget
 from vitcompress.engine.tokens import TokenState, apply_plan
 from vitcompress.methods.atc import agglomerative_clustering, clustering_plan, cosine_distances, token_clustering
 from vitcompress.testing import tiny_vit
@@ -154,30 +155,16 @@ def test_bad_options_raise_value_error(options):
 
 
 def test_flops_budget_is_met_as_counted_on_the_tiny_vit():
-    from vitcompress.profile.flops import count_flops
-    model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
-    base = count_flops(model, x)
-    vitcompress.compress(model, "atc", flops=0.7)
-    runtime = model._vitcompress
-    counted = count_flops(model, x)
-    assert abs(counted / base - 0.7) <= 0.02 * 0.7
-    assert counted == runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
+    c = count_at_budget(tiny_vit(), "atc", torch.randn(1, 3, 32, 32))
+    assert abs(c.counted / c.base - 0.7) <= 0.02 * 0.7
+    assert c.counted == c.planned
 
 
 @pytest.mark.slow
 def test_flops_budget_is_met_as_counted_on_deit_small(deit_small):
-    from vitcompress.profile.flops import count_flops
-    x = torch.randn(1, 3, 224, 224)
-    base = count_flops(deit_small, x)
-    vitcompress.compress(deit_small, "atc", flops=0.7)
-    try:
-        counted = count_flops(deit_small, x)
-        runtime = deit_small._vitcompress
-        planned = runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
-    finally:
-        vitcompress.restore(deit_small)
-    assert abs(counted / base - 0.7) <= 0.02 * 0.7
-    assert counted == planned  # the similarity product is planned exactly as counted
+    c = count_at_budget(deit_small, "atc", torch.randn(1, 3, 224, 224))
+    assert abs(c.counted / c.base - 0.7) <= 0.02 * 0.7
+    assert c.counted == c.planned  # the similarity product is planned exactly as counted
 
 
 def test_cosine_distances_are_one_minus_the_cosine_in_float64():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import vitcompress
+from conftest import count_at_budget
 from vitcompress.kernels import reference
 from vitcompress.methods.evit import cls_attention, default_layers, evit_plan
-from vitcompress.profile.flops import count_flops
 from vitcompress.testing import random_images, tiny_vit
 
 X = random_images(3)
@@ -142,15 +142,10 @@ def test_bfloat16_runs_the_planned_schedule():
 
 
 def test_flops_budget_is_met_as_counted():
-    model = tiny_vit()
-    base = count_flops(model, X[:1])
-    vitcompress.compress(model, "evit", flops=0.7)
-    counted = count_flops(model, X[:1])
-    assert abs(counted / base - 0.7) <= 0.02 * 0.7
-    runtime = model._vitcompress
-    planned = runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
+    c = count_at_budget(tiny_vit(), "evit", X[:1])
+    assert abs(c.counted / c.base - 0.7) <= 0.02 * 0.7
     # the fused token's size is not traced without proportional attention: fvcore drops that scatter-add
-    assert 0 <= planned - counted <= sum(runtime.schedule.remove)
+    assert 0 <= c.planned - c.counted <= sum(c.schedule.remove)
 
 
 @pytest.mark.slow

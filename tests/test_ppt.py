@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import vitcompress
+from conftest import count_at_budget
 import vitcompress.engine.blocks as blocks
 from vitcompress.engine.tokens import TokenState, apply_plan
 from vitcompress.methods.ppt import PPT, default_layers, importance_scores, pool_images, pruning_and_pooling
@@ -213,32 +214,17 @@ def test_layers_beyond_the_model_are_refused():
 
 
 def test_flops_budget_is_met_as_counted_on_the_tiny_vit():
-    from vitcompress.profile.flops import count_flops
-    model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
-    base = count_flops(model, x)
-    vitcompress.compress(model, "ppt", flops=0.7)
-    runtime = model._vitcompress
-    counted = count_flops(model, x)
-    assert abs(counted / base - 0.7) <= 0.02 * 0.7
-    assert counted == runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
+    c = count_at_budget(tiny_vit(), "ppt", torch.randn(1, 3, 32, 32))
+    assert abs(c.counted / c.base - 0.7) <= 0.02 * 0.7
+    assert c.counted == c.planned
 
 
 @pytest.mark.slow
 def test_flops_budget_is_met_as_counted_on_deit_small(deit_small):
-    from vitcompress.profile.flops import count_flops
-    x = torch.randn(1, 3, 224, 224)
-    base = count_flops(deit_small, x)
-    vitcompress.compress(deit_small, "ppt", flops=0.7)
-    try:
-        counted = count_flops(deit_small, x)
-        runtime = deit_small._vitcompress
-        planned = runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
-        st = vitcompress.stats(deit_small)
-    finally:
-        vitcompress.restore(deit_small)
-    assert abs(counted / base - 0.7) <= 0.02 * 0.7
-    assert counted == planned
-    assert [i for i, r in enumerate(st["schedule"]) if r] == [3, 6, 9]
+    c = count_at_budget(deit_small, "ppt", torch.randn(1, 3, 224, 224))
+    assert abs(c.counted / c.base - 0.7) <= 0.02 * 0.7
+    assert c.counted == c.planned
+    assert [i for i, r in enumerate(c.stats["schedule"]) if r] == [3, 6, 9]
 
 
 @pytest.mark.parametrize("r", [0, 1])

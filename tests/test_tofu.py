@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import vitcompress
+from conftest import count_at_budget
 import vitcompress.engine.blocks as blocks
 from vitcompress.engine.tokens import TokenState, apply_plan
 from vitcompress.interfaces import Plan, Signals
@@ -171,17 +172,9 @@ def test_bfloat16_model_runs_the_same_schedule():
 
 
 def test_flops_budget_is_met_as_counted_on_deit_small(deit_small):
-    from vitcompress.profile.flops import count_flops
-    x = torch.randn(1, 3, 224, 224)
-    base = count_flops(deit_small, x)
-    vitcompress.compress(deit_small, "tofu", flops=0.7)
-    try:
-        counted = count_flops(deit_small, x)
-        st = vitcompress.stats(deit_small)
-    finally:
-        vitcompress.restore(deit_small)
-    assert abs(counted / base - 0.7) <= 0.02 * 0.7, counted / base
-    assert st["budget"] == "flops=0.7" and sum(st["schedule"]) > 0
+    c = count_at_budget(deit_small, "tofu", torch.randn(1, 3, 224, 224))
+    assert abs(c.counted / c.base - 0.7) <= 0.02 * 0.7, c.counted / c.base
+    assert c.stats["budget"] == "flops=0.7" and sum(c.stats["schedule"]) > 0
 
 
 @pytest.mark.parametrize("options,error", [(dict(prune_fraction=1.5), ValueError),
