@@ -18,7 +18,8 @@ blocks (the official 3, 6, 9 for 12); special tokens besides the class token (di
 registers) are never scored, kept or fused (the official code would score a distillation token
 like a patch); the extra token's size is the sum of the sizes it fuses (for ``trace_source`` and
 size-aware pooling) and it takes the position of its most attentive member. A model without a
-class token is refused.
+class token is refused. Where ``ceil(keep * T) = T - 1`` the official block removes nothing but rescales
+its least attentive token to ``a_i x_i``; here that block is left unchanged (docs/methods/evit.md).
 """
 import math
 
