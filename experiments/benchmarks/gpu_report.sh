@@ -21,6 +21,7 @@
 #      half precision, launch counts, compile with the custom ops) on the GPU         ~1.5 min
 #   2. launches per block, DeiT-S and ViT-B, fp16, kernels (auto) and torch references ~0.5 min
 #   3. every ViT method, fp16 batch 256, DeiT-S and ViT-B: eager and CUDA graphs       ~2.5 min
+#   3b. the ViT baselines (evit, tofu, mctf, ppt, atc, tome) at flops=0.7, DeiT-S fp16   ~0.5 min
 #   4. official ToMe next to ours, eager and CUDA graphs (with VITCOMPRESS_OFFICIAL_DIR) ~0.5 min
 #   5. Zero-TPrune at fp16 batch 128 (the old 0.13x case), eager and CUDA graphs       ~0.5 min
 #   6. kernel benchmarks: every primitive, fp16 and fp32, against its torch reference  ~1 min
@@ -34,6 +35,7 @@ full="${FULL:-0}"
 dry="${DRY_RUN:-0}"
 budget="${BUDGET:-540}"
 aims="tome:r=13 pitome:flops=0.653 zero_tprune:flops=0.653"
+baselines="evit:flops=0.7 tofu:flops=0.7 mctf:flops=0.7 ppt:flops=0.7 atc:flops=0.7 tome:flops=0.7"
 settings="tome:r=13 tome:flops=0.653 pitome:keep=0.9 pitome:flops=0.653 zero_tprune:flops=0.653"
 if [ -z "${VITCOMPRESS_OFFICIAL_DIR:-}" ] && [ -d "$root/out/official/ToMe" ]; then
     export VITCOMPRESS_OFFICIAL_DIR="$root/out/official"
@@ -90,6 +92,10 @@ print(torch.cuda.get_device_name())'
                 --model "$model" $mode $which
         done
     done
+
+    # issue 26: the ViT baselines at one FLOPs target, ATC's sequential clustering among them, eager only
+    step 60 python experiments/benchmarks/bench_speed.py --device cuda --dtype float16 --batch-size 256 --runs 5 \
+        --model deit_small_patch16_224 $baselines
 
     if [ -n "${VITCOMPRESS_OFFICIAL_DIR:-}" ]; then
         step 120 python - official-tome-side-by-side <<'EOF'
