@@ -67,6 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads of every runtime")
     ap.add_argument("--out-dir", help="keep the exported files here (default: a temporary folder)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take the files already in --out-dir (exported by an earlier run with the same model and "
+                         "settings) instead of exporting again: export under load, time later on an idle machine")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 onnxruntime column")
     ap.add_argument("--float-reductions", type=int, default=FLOAT_REDUCTIONS, metavar="N",
                     help="int8: leading token reductions whose inputs stay in float (default: %(default)s)")
@@ -77,6 +80,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if min(args.batch_sizes) < 1:
         ap.error("--batch-sizes must be >= 1")
+    if args.reuse and not args.out_dir:
+        ap.error("--reuse takes the files of an earlier run: give its --out-dir")
 
     import onnxruntime as ort
     import timm
@@ -115,24 +120,30 @@ def main(argv=None) -> int:
             label = f"{method}:{describe(kwargs)}"
         stem = os.path.join(out_dir, f"{args.model}-{label.replace(':', '-').replace(',', '_')}")
         t0 = time.perf_counter()
-        with warnings.catch_warnings():  # a near-tie flip is reported on the line below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            report = export_onnx(model, stem + ".onnx", (top,) + image, check_batches=(1, top), verbose=False)
-        name = f"random, batch {top}"
-        print(f"exported {label}: {report.nodes} nodes, max abs diff vs PyTorch {report.max_abs_diff:.2g} "
-              f"({report.within(name)}/{top} images within {report.atol:g} at batch {top}; "
-              f"{time.perf_counter() - t0:.0f} s)", flush=True)
-        sessions = {"ORT fp32": ort_session(report.path)}
+        reuse = args.reuse and os.path.exists(stem + ".onnx")
+        if reuse:
+            check = verify_onnx(ort_session(stem + ".onnx"), model, inputs[top])
+            print(f"reused {stem}.onnx: max abs diff vs PyTorch {check['max_abs_diff']:.2g}", flush=True)
+        else:
+            with warnings.catch_warnings():  # a near-tie flip is reported on the line below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                report = export_onnx(model, stem + ".onnx", (top,) + image, check_batches=(1, top), verbose=False)
+            name = f"random, batch {top}"
+            print(f"exported {label}: {report.nodes} nodes, max abs diff vs PyTorch {report.max_abs_diff:.2g} "
+                  f"({report.within(name)}/{top} images within {report.atol:g} at batch {top}; "
+                  f"{time.perf_counter() - t0:.0f} s)", flush=True)
+        sessions = {"ORT fp32": ort_session(stem + ".onnx")}
         if "ORT int8" in runtimes:
-            quantize_onnx(report.path, stem + "-int8.onnx", calibration, batch_size=top,
-                          float_reductions=args.float_reductions)
+            if not (args.reuse and os.path.exists(stem + "-int8.onnx")):
+                quantize_onnx(stem + ".onnx", stem + "-int8.onnx", calibration, batch_size=top,
+                              float_reductions=args.float_reductions)
             sessions["ORT int8"] = ort_session(stem + "-int8.onnx")
             check = verify_onnx(sessions["ORT int8"], model, inputs[top])
             print(f"  int8: max abs diff vs fp32 PyTorch {check['max_abs_diff']:.3g} (median "
                   f"{check['median_abs_diff']:.3g}), top-1 agreement {100 * check['top1_agreement']:.0f}% "
                   f"on {top} random inputs", flush=True)
         if "OpenVINO" in runtimes:
-            sessions["OpenVINO"] = openvino_session(report.path, threads=args.threads)
+            sessions["OpenVINO"] = openvino_session(stem + ".onnx", threads=args.threads)
             check = verify_onnx(sessions["OpenVINO"], model, inputs[top])
             print(f"  OpenVINO: max abs diff vs PyTorch {check['max_abs_diff']:.2g}", flush=True)
         for runtime, session in sessions.items():
@@ -143,12 +154,17 @@ def main(argv=None) -> int:
             from vitcompress.export import export_executorch
 
             t0 = time.perf_counter()
-            et = export_executorch(model, stem + ".pte", (top,) + image, max_batch=max(2, top),
-                                   check_batches=(1, top) if top > 1 else (1, 2), verbose=False)
-            print(f"  ExecuTorch: max abs diff vs PyTorch {et.max_abs_diff:.2g}, {et.delegated} XNNPACK "
-                  f"subgraphs, {sum(et.portable_ops.values())} ops outside ({time.perf_counter() - t0:.0f} s)",
-                  flush=True)
-            forward = Runtime.get().load_program(et.path).load_method("forward")
+            reuse = args.reuse and os.path.exists(stem + ".pte")
+            if not reuse:
+                et = export_executorch(model, stem + ".pte", (top,) + image, max_batch=max(2, top),
+                                       check_batches=(1, top) if top > 1 else (1, 2), verbose=False)
+                print(f"  ExecuTorch: max abs diff vs PyTorch {et.max_abs_diff:.2g}, {et.delegated} XNNPACK "
+                      f"subgraphs, {sum(et.portable_ops.values())} ops outside ({time.perf_counter() - t0:.0f} s)",
+                      flush=True)
+            forward = Runtime.get().load_program(stem + ".pte").load_method("forward")
+            if reuse:  # a file of an earlier run: checked against this model before it is timed
+                diff = (forward.execute([inputs[top]])[0] - _no_grad(model, inputs[top])).abs().max().item()
+                print(f"  ExecuTorch: reused {stem}.pte, max abs diff vs PyTorch {diff:.2g}", flush=True)
             runners[label, "ExecuTorch"] = (lambda b, f=forward: f.execute([inputs[b]]))
         if args.torch:
             runners[label, "torch"] = (lambda b, m=model: _no_grad(m, inputs[b]))
