@@ -30,6 +30,12 @@ What reduces where:
 * ``unit="video"`` (quota): the images of one sample are the frames of one video, each local
   tile a frame with its own token grid; a thumbnail stays whole after its image's tiles
   (``extra_tokens`` in the stats).
+* ``fastv``, ``pyramiddrop`` and ``dart`` drop image tokens inside the language model (a Qwen2 /
+  Llama-like decoder with 1-D rotary positions; :mod:`~vitcompress.runtimes.language_model`): the
+  prompt is not rewritten and each kept token keeps its position. **Every image token is a
+  candidate, the thumbnails' included**, as the official FastV ranks every image token of the
+  prompt: the language model's own attention (or DART's duplication) decides, and the budget is
+  the paper's fraction of all of them.
 * ViT methods inside InternViT are refused: the pixel shuffle needs the full patch grid.
 
 Requirements: transformers >= 5 (``forward(mm_encoder_outputs=...)``); the processor's layout
@@ -40,6 +46,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..runtimes.language_model import LanguageModelParts, LanguageModelRuntime
 from ..runtimes.vlm import LlavaRuntime, TowerTaps
 from .common import family_class, patch_vlm_prefill
 
@@ -86,6 +93,8 @@ class InternVLAdapter:
 
     # ---------------------------------------------------------------- compress() hooks
     def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
+        if spec.unit == "language_model":
+            return LanguageModelRuntime(self, spec, options, budget, self.language_model_parts())
         # a crop method reading the projected features (visionzip, cdpruner) needs the LLaVA tower's
         # feature layer and projector, which this adapter does not provide
         reads_features = getattr(spec, "reads_features", False)
@@ -93,7 +102,8 @@ class InternVLAdapter:
             unit = "the projected features" if reads_features else f"{spec.unit or 'another unit'}s"
             raise TypeError(f"{spec.name} cannot reduce an InternVLForConditionalGeneration: it reduces "
                             f"{unit}, and InternVL takes the methods that reduce image tiles "
-                            "(unit 'crop': tokencorr) or the frames of a video (unit 'video': quota); "
+                            "(unit 'crop': tokencorr), the frames of a video (unit 'video': quota) or the "
+                            "visual tokens inside the language model (fastv, pyramiddrop, dart); "
                             "vitcompress.supported(model) lists every method that fits")
         taps = self._tower_taps(spec, options) if spec.unit == "crop" else None
         return LlavaRuntime(self, spec, options, budget, taps=taps)
@@ -120,8 +130,17 @@ class InternVLAdapter:
                 attn = layers[i].attention
                 patcher.hook(attn.q_norm.register_forward_hook(runtime.taps.hook(i, "q")))
                 patcher.hook(attn.k_norm.register_forward_hook(runtime.taps.hook(i, "k")))
+        if isinstance(runtime, LanguageModelRuntime):
+            runtime.hook_language_model(patcher)
 
     # ---------------------------------------------------------------- model knowledge
+    def language_model_parts(self) -> LanguageModelParts:
+        """The Qwen2 / Llama-like decoder (its layers, output norm; 1-D rotary positions) and the image
+        placeholder id: every image token of the prompt, the thumbnails' included, is a visual token."""
+        lm = self.base.language_model
+        return LanguageModelParts(module=lm, layers=lm.layers, final_norm=lm.norm,
+                                  visual_token_ids=(self.config.image_token_id,))
+
     def modalities_in(self, inputs: Dict[str, Any]) -> List[str]:
         if inputs.get("pixel_values") is None:
             return []
