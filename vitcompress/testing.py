@@ -529,7 +529,7 @@ def tiny_vlm_checkpoint(directory, family="qwen2"):
     return directory
 
 
-# --------------------------------------------------------------------------- InternVL, deeper language model (fastv, pyramiddrop)
+# --------------------------------------------------------------------------- InternVL, deeper language model (fastv)
 
 
 def tiny_internvl_lm(layers=8):

@@ -41,6 +41,7 @@ What reduces where:
 Requirements: transformers >= 5 (``forward(mm_encoder_outputs=...)``); the processor's layout
 (each image's tokens one run, its thumbnail last).
 """
+import functools
 import inspect
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -95,16 +96,16 @@ class InternVLAdapter:
     def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
         if spec.unit == "language_model":
             return LanguageModelRuntime(self, spec, options, budget, self.language_model_parts())
-        # a crop method reading the projected features (visionzip, cdpruner) needs the LLaVA tower's
-        # feature layer and projector, which this adapter does not provide
-        reads_features = getattr(spec, "reads_features", False)
-        if self.unit_modality(spec.unit) is None or reads_features:
-            unit = "the projected features" if reads_features else f"{spec.unit or 'another unit'}s"
+        if self.unit_modality(spec.unit) is None:
             raise TypeError(f"{spec.name} cannot reduce an InternVLForConditionalGeneration: it reduces "
-                            f"{unit}, and InternVL takes the methods that reduce image tiles "
-                            "(unit 'crop': tokencorr), the frames of a video (unit 'video': quota) or the "
-                            "visual tokens inside the language model (fastv, pyramiddrop, dart); "
+                            f"{spec.unit or 'another unit'}s, and InternVL takes the methods that reduce image tiles "
+                            "(unit 'crop': tokencorr, visionzip, cdpruner), the frames of a video (unit 'video': "
+                            "quota) or the visual tokens inside the language model (fastv, pyramiddrop, dart); "
                             "vitcompress.supported(model) lists every method that fits")
+        if getattr(spec, "reads_features", False) and options.get("clip") is not None:
+            raise ValueError(f"{spec.name} clip= embeds the question with the CLIP text tower of the vision tower's "
+                             "checkpoint; InternViT has none (no text tower shares its embedding space): pass "
+                             "scorer=, a callable(token_features, question) -> cosine similarity per token")
         taps = self._tower_taps(spec, options) if spec.unit == "crop" else None
         return LlavaRuntime(self, spec, options, budget, taps=taps)
 
@@ -119,8 +120,22 @@ class InternVLAdapter:
                             f"{type(self.tower).__name__} has no [CLS] token (supported: InternViT, "
                             "InternVLVisionModel); quota does not read the tower")
         chosen = spec.tower_layers(options, len(layers))  # fails now for a layer the tower lacks
+        if getattr(spec, "reads_features", False):
+            chosen = tuple(chosen) + (self._feature_layer(spec, len(layers)),)
         attention = [layers[i].attention for i in chosen]
         return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(chosen, attention)], cells=self.cells)
+
+    def _feature_layer(self, spec, depth: int) -> int:
+        """The encoder layer whose output InternVL shuffles and projects (``vision_feature_layer``: -1 the
+        last layer's output, else an index into the hidden states, the embeddings first)."""
+        selected = self.config.vision_feature_layer
+        if not isinstance(selected, int) or not (selected == -1 or 1 <= selected % (depth + 1)):
+            raise ValueError(f"{spec.name} reads the features of one encoder layer: vision_feature_layer must be "
+                             f"an int naming a layer's output, got {selected!r}")
+        if self.config.vision_feature_select_strategy != "default":
+            raise ValueError(f"{spec.name} needs vision_feature_select_strategy='default' (patch tokens only), got "
+                             f"{self.config.vision_feature_select_strategy!r}")
+        return depth - 1 if selected == -1 else selected % (depth + 1) - 1
 
     def patch(self, runtime, patcher) -> None:
         patch_vlm_prefill(self.model, patcher)
@@ -130,6 +145,10 @@ class InternVLAdapter:
                 attn = layers[i].attention
                 patcher.hook(attn.q_norm.register_forward_hook(runtime.taps.hook(i, "q")))
                 patcher.hook(attn.k_norm.register_forward_hook(runtime.taps.hook(i, "k")))
+            if getattr(runtime.method, "reads_features", False):  # the shuffled tokens the projector takes
+                feature_layer = runtime.taps.layers[-1][0]
+                hook = functools.partial(_record_input, runtime.taps.hook(feature_layer, "hidden"))
+                patcher.hook(self.base.multi_modal_projector.register_forward_pre_hook(hook))
         if isinstance(runtime, LanguageModelRuntime):
             runtime.hook_language_model(patcher)
 
@@ -184,6 +203,10 @@ class InternVLAdapter:
         the entries of each row as a group, finds every row's boundary whatever each image kept."""
         return torch.cat(units)[:, None]
 
+    def project(self, modality: str, hidden: Tensor) -> Tensor:
+        """The model's projector on pixel-shuffled tower features ``[..., 4 C]``."""
+        return self.base.multi_modal_projector(hidden)
+
     def with_features(self, inputs: Dict[str, Any], encoded: Dict[str, Any]) -> Dict[str, Any]:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -221,3 +244,8 @@ class InternVLAdapter:
             out.append((pixels[first:first + local], grids, f[:0], f[local * T:]))
             first += tiles
         return out
+
+
+def _record_input(record, module, args) -> None:
+    """A forward pre-hook handing a module's input to a tap's ``record(module, args, output)``."""
+    record(module, args, args[0])
