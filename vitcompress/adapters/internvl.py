@@ -16,10 +16,12 @@ What reduces where:
 
 * After the projector, on the tokens the language model receives, tile by tile. An image is one
   contiguous run of image tokens in ``input_ids``: its length / ``T`` is the image's tile count.
-* **The thumbnail is never reduced.** It is the model's only view of the whole image (the local
-  tiles each see a part), so every image keeps that global view whole, last, as the model was
-  trained to see it; the methods reduce the local tiles. A one-tile image has no thumbnail and
-  is reduced like a local tile; so is every video frame.
+* **tokencorr and quota never reduce the thumbnail.** It is the model's only view of the whole
+  image (the local tiles each see a part), so every image keeps that global view whole, last, as
+  the model was trained to see it; they reduce the local tiles. A one-tile image has no thumbnail
+  and is reduced like a local tile; so is every video frame. (visionzip, cdpruner and the
+  language-model methods treat the thumbnail like the other tiles, as their official code treats
+  LLaVA-NeXT's base image: see below.)
 * ``unit="crop"`` (tokencorr): each local tile is a crop. The tower's signals are per patch, the
   tokens per 2x2 patches: they are pooled to the shuffled grid with the model's own pixel shuffle
   run on patch indices (:func:`vitcompress.methods.tokencorr.pool_to_cells`: a token's [CLS]
@@ -27,6 +29,16 @@ What reduces where:
   shuffle's channel order). q and k are tapped after InternViT's q/k norm (identity unless
   ``use_qk_norm``), which is what its attention multiplies. The thumbnail's tokens are in the
   layout as kept tokens (``-2``; tokencorr reports them as ``cls_tokens``).
+* ``visionzip`` and ``cdpruner`` (crop methods that read the features the model projects): every
+  tile, the thumbnail included (the official code reduces LLaVA-NeXT's base image, its global
+  view, like the grid crops), keeps its budget of its ``T`` tokens, tile after tile. VisionZip's
+  [CLS] attention and keys are pooled to the tokens as for tokencorr (layer -1 by default, the
+  layer InternVL feeds its language model); the features it keeps and merges are the pixel-shuffled
+  tokens the projector takes (tapped at the projector's input; [CLS] is dropped before the
+  shuffle, so it is not among the tokens: ``dominant`` counts tokens only), projected after the
+  merge as the official code projects CLIP's. CDPruner's kernel is on the tile's projected tokens,
+  its relevance from ``scorer=`` on the tokens' features before the projector; ``clip=`` is refused
+  (InternViT has no CLIP text tower).
 * ``unit="video"`` (quota): the images of one sample are the frames of one video, each local
   tile a frame with its own token grid; a thumbnail stays whole after its image's tiles
   (``extra_tokens`` in the stats).
