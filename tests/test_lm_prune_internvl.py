@@ -130,6 +130,53 @@ def test_fastv_selection_is_the_models_own_attention(model):
     assert 0 < int(torch.isin(thumbnail, stage["kept"][1]).sum()) < INTERNVL_TILE_TOKENS  # ranked like the others
 
 
+def _mask_as(kind):
+    """A pre-hook turning an eager layer's additive mask into a bool one (``kind=bool``) or back."""
+    def hook(module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        if kind is bool:
+            return args, dict(kwargs, attention_mask=mask == 0)
+        blocked = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        return args, dict(kwargs, attention_mask=blocked)
+    return hook
+
+
+def eager_masking_hooks(layers, dropped):
+    """``conftest.masking_hooks`` on an eager model, whose masks are additive floats."""
+    handles = [layer.register_forward_pre_hook(_mask_as(bool), with_kwargs=True) for layer in layers]
+    handles += masking_hooks(layers, dropped)
+    return handles + [layer.register_forward_pre_hook(_mask_as(float), with_kwargs=True) for layer in layers]
+
+
+def test_pyramiddrop_stages_rank_by_the_masked_models_own_attention(model):
+    """At each stage boundary L (2, 4, 6) a row keeps the int(N * 0.5^(s+1)) image tokens still present
+    that the last token attends to most in layer L itself, as the eager model reports it with the tokens
+    of the earlier stages masked (``masking_hooks``), averaged over the heads."""
+    inputs = internvl_inputs()
+    visual = _visual(inputs)
+    compressed = copy.deepcopy(model)
+    vitcompress.compress(compressed, "pyramiddrop")
+    with torch.no_grad():
+        compressed(**inputs)
+    stats = vitcompress.stats(compressed)
+    dropped = dropped_per_layer(stats, visual, DEPTH)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    for s, stage in enumerate(stats["stages"]):
+        layer = stage["layer"]
+        before = {i: dropped[min(i, layer - 1)] for i in range(DEPTH)}  # only the earlier stages' drops
+        handles = eager_masking_hooks(eager.model.language_model.layers, before)
+        with torch.no_grad():
+            received = eager(**inputs, output_attentions=True).attentions[layer][:, :, -1].mean(1)
+        for h in handles:
+            h.remove()
+        for b in range(visual.shape[0]):
+            candidates = (visual[b] & ~before[layer][b]).nonzero()[:, 0]
+            count = int(int(visual[b].sum()) * 0.5 ** (s + 1))
+            top = candidates[received[b, candidates].topk(count).indices]
+            assert sorted(stage["kept"][b].tolist()) == sorted(top.tolist()), (layer, b)
+
+
 @pytest.mark.parametrize("method", ["fastv", "pyramiddrop", "dart"])
 def test_every_language_model_layer_keeps_sdpa(model, method, monkeypatch):
     """One fused SDPA call per language-model layer, the scoring one included, on fewer tokens from the
