@@ -15,6 +15,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vitcompress
 from conftest import dropped_per_layer, masking_hooks
@@ -175,6 +176,60 @@ def test_pyramiddrop_stages_rank_by_the_masked_models_own_attention(model):
             count = int(int(visual[b].sum()) * 0.5 ** (s + 1))
             top = candidates[received[b, candidates].topk(count).indices]
             assert sorted(stage["kept"][b].tolist()) == sorted(top.tolist()), (layer, b)
+
+
+def test_dart_keeps_what_its_rule_gives_on_the_models_own_states(model):
+    """DART at K = 2: per row the 4 image tokens and the (up to) 4 text tokens after the last image with
+    the largest L1 norm of their layer-1 keys (rotary applied, from the layer's own modules and the
+    rotary embeddings it receives), then, pivot after pivot in the official set order, the
+    floor(0.222 N / pivots) remaining image tokens least cosine-similar to it in the layer-1 output
+    through the model's output norm (its weight drawn here: at its initial ones the norm would not change
+    a cosine)."""
+    inputs = internvl_inputs()
+    visual = _visual(inputs)
+    model = copy.deepcopy(model)
+    lm = model.model.language_model
+    lm.norm.weight.data = torch.rand(lm.norm.weight.shape, generator=torch.Generator().manual_seed(1)) + 0.1
+    seen = {}
+
+    def grab(name):
+        def hook(module, args, kwargs):
+            seen[name] = (args[0] if args else kwargs["hidden_states"], kwargs.get("position_embeddings"))
+        return hook
+
+    handles = [lm.layers[1].register_forward_pre_hook(grab("in"), with_kwargs=True),
+               lm.layers[2].register_forward_pre_hook(grab("out"), with_kwargs=True)]
+    with torch.no_grad():
+        model(**inputs)
+        for h in handles:
+            h.remove()
+        hidden, (cos, sin) = seen["in"]
+        attn = lm.layers[1].self_attn
+        k = attn.k_proj(lm.layers[1].input_layernorm(hidden)).view(*hidden.shape[:2], -1, attn.head_dim)
+        half = k.shape[-1] // 2
+        k = k * cos[:, :, None] + torch.cat([-k[..., half:], k[..., :half]], dim=-1) * sin[:, :, None]
+        norms = k.flatten(2).abs().sum(-1)  # the key heads once: the same order as repeated to the query heads
+        states = F.normalize(lm.norm(seen["out"][0]), dim=-1)
+    compressed = copy.deepcopy(model)
+    vitcompress.compress(compressed, "dart")
+    with torch.no_grad():
+        compressed(**inputs)
+    (stage,) = vitcompress.stats(compressed)["stages"]
+    positions = torch.arange(visual.shape[1])
+    for b in range(visual.shape[0]):
+        image = positions[visual[b]]
+        text = positions[inputs["attention_mask"][b].bool() & ~visual[b] & (positions > image.max())]
+        image_pivots = image[norms[b, image].topk(4).indices].tolist()
+        text_pivots = text[norms[b, text].topk(min(4, len(text))).indices].tolist()
+        per_pivot = int(len(image) * 0.222 // (len(image_pivots) + len(text_pivots)))
+        first = int(inputs["attention_mask"][b].nonzero()[0, 0])
+        kept, left = list(image_pivots), [p for p in image.tolist() if p not in image_pivots]
+        for pivot in [first + p for p in set(p - first for p in image_pivots + text_pivots)]:
+            similarity = states[b, left] @ states[b, pivot]
+            take = [left[i] for i in similarity.argsort()[:per_pivot].tolist()]
+            kept += take
+            left = [p for p in left if p not in take]
+        assert sorted(stage["kept"][b].tolist()) == sorted(kept)
 
 
 @pytest.mark.parametrize("method", ["fastv", "pyramiddrop", "dart"])
