@@ -343,13 +343,15 @@ class PerTokenMethod(LlavaMethod):
 
 
 def test_methods_that_cannot_run_are_refused_naming_those_that_can(model):
-    with pytest.raises(TypeError, match="a transformers.InternVLForConditionalGeneration takes: quota, tokencorr"):
+    takes = "takes: cdpruner, quota, tokencorr, visionzip"
+    with pytest.raises(TypeError, match=f"a transformers.InternVLForConditionalGeneration {takes}"):
         vitcompress.compress(model, "tome", keep=0.8)
-    with pytest.raises(TypeError, match=r"per_token_stub cannot reduce an InternVL.*\(unit 'crop': tokencorr\).*"
+    with pytest.raises(TypeError, match=r"per_token_stub cannot reduce an InternVL.*"
+                                        r"\(unit 'crop': tokencorr, visionzip, cdpruner\).*"
                                         r"\(unit 'video': quota\)"):
         InternVLAdapter(model).make_runtime(PerTokenMethod(), {}, Budget("keep", 0.5), None)
     fits = vitcompress.supported(model)
-    assert fits["tokencorr"] is True and fits["quota"] is True and "takes: quota, tokencorr" in fits["tome"]
+    assert fits["tokencorr"] is True and fits["quota"] is True and takes in fits["tome"]
     assert runtime_of(model) is None
 
 

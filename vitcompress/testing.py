@@ -527,3 +527,20 @@ def tiny_vlm_checkpoint(directory, family="qwen2"):
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+# --------------------------------------------------------------------------- InternVL, deeper language model (fastv)
+
+
+def tiny_internvl_lm(layers=8):
+    """:func:`tiny_internvl` with a ``layers``-deep Qwen2 language model (SDPA): room for drops after
+    layer 2 and at quarter depths."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(InternVLConfig(
+        vision_config=InternVLVisionConfig(**INTERNVL_VISION),
+        text_config=Qwen2Config(**dict(LLAVA_TEXT, num_hidden_layers=layers)),
+        image_token_id=INTERNVL_IMAGE_TOKEN, image_seq_length=INTERNVL_TILE_TOKENS))
+    model.set_attn_implementation("sdpa")
+    return model.eval()

@@ -43,7 +43,7 @@ import torch.nn as nn
 import vitcompress
 from vitcompress.interfaces import PART_ATTR, runtime_of
 from vitcompress.testing import (LLAVA_IMAGE_TOKEN, internvl_inputs, qwen_vl_inputs, random_images, ramp_scorer,
-                                 tiny_detr, tiny_internvl, tiny_llava_lm, tiny_qwen_vl)
+                                 tiny_detr, tiny_internvl_lm, tiny_llava_lm, tiny_qwen_vl)
 
 ASPECTS = ("forward", "restore", "compile", "onnx")
 VIT_METHODS = ("tome", "pitome", "zero_tprune", "evit", "mctf", "tofu", "ppt", "atc")
@@ -213,7 +213,7 @@ def _llava():
 
 def _internvl():
     _need("transformers")
-    return tiny_internvl()
+    return tiny_internvl_lm(layers=4)  # room for fastv / dart after layer 2
 
 
 OTHER_FAMILIES: List[Family] = [
@@ -225,8 +225,11 @@ OTHER_FAMILIES: List[Family] = [
                     "visionzip": dict(dominant=12, contextual=4), "cdpruner": dict(tokens=16, scorer=_relevance),
                     "fastv": {}, "pyramiddrop": {}, "dart": {}}),
     Family("transformers InternVL", "`InternVLForConditionalGeneration` (visual tokens per tile after the pixel "
-           "shuffle; thumbnail kept)", _internvl, methods=("tokencorr", "quota"), kind="llava",
-           budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer)},
+           "shuffle; tokencorr and quota keep the thumbnail)", _internvl,
+           methods=("tokencorr", "quota") + LLAVA_ONLY_METHODS, kind="llava",
+           budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer),
+                    "visionzip": dict(dominant=5, contextual=3), "cdpruner": dict(tokens=4, scorer=_relevance),
+                    "fastv": {}, "pyramiddrop": {}, "dart": {}},
            prompt=lambda model: internvl_inputs()),
 ]
 

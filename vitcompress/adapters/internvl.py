@@ -16,10 +16,12 @@ What reduces where:
 
 * After the projector, on the tokens the language model receives, tile by tile. An image is one
   contiguous run of image tokens in ``input_ids``: its length / ``T`` is the image's tile count.
-* **The thumbnail is never reduced.** It is the model's only view of the whole image (the local
-  tiles each see a part), so every image keeps that global view whole, last, as the model was
-  trained to see it; the methods reduce the local tiles. A one-tile image has no thumbnail and
-  is reduced like a local tile; so is every video frame.
+* **tokencorr and quota never reduce the thumbnail.** It is the model's only view of the whole
+  image (the local tiles each see a part), so every image keeps that global view whole, last, as
+  the model was trained to see it; they reduce the local tiles. A one-tile image has no thumbnail
+  and is reduced like a local tile; so is every video frame. (visionzip, cdpruner and the
+  language-model methods treat the thumbnail like the other tiles, as their official code treats
+  LLaVA-NeXT's base image: see below.)
 * ``unit="crop"`` (tokencorr): each local tile is a crop. The tower's signals are per patch, the
   tokens per 2x2 patches: they are pooled to the shuffled grid with the model's own pixel shuffle
   run on patch indices (:func:`vitcompress.methods.tokencorr.pool_to_cells`: a token's [CLS]
@@ -27,19 +29,37 @@ What reduces where:
   shuffle's channel order). q and k are tapped after InternViT's q/k norm (identity unless
   ``use_qk_norm``), which is what its attention multiplies. The thumbnail's tokens are in the
   layout as kept tokens (``-2``; tokencorr reports them as ``cls_tokens``).
+* ``visionzip`` and ``cdpruner`` (crop methods that read the features the model projects): every
+  tile, the thumbnail included (the official code reduces LLaVA-NeXT's base image, its global
+  view, like the grid crops), keeps its budget of its ``T`` tokens, tile after tile. VisionZip's
+  [CLS] attention and keys are pooled to the tokens as for tokencorr (layer -1 by default, the
+  layer InternVL feeds its language model); the features it keeps and merges are the pixel-shuffled
+  tokens the projector takes (tapped at the projector's input; [CLS] is dropped before the
+  shuffle, so it is not among the tokens: ``dominant`` counts tokens only), projected after the
+  merge as the official code projects CLIP's. CDPruner's kernel is on the tile's projected tokens,
+  its relevance from ``scorer=`` on the tokens' features before the projector; ``clip=`` is refused
+  (InternViT has no CLIP text tower).
 * ``unit="video"`` (quota): the images of one sample are the frames of one video, each local
   tile a frame with its own token grid; a thumbnail stays whole after its image's tiles
   (``extra_tokens`` in the stats).
+* ``fastv``, ``pyramiddrop`` and ``dart`` drop image tokens inside the language model (a Qwen2 /
+  Llama-like decoder with 1-D rotary positions; :mod:`~vitcompress.runtimes.language_model`): the
+  prompt is not rewritten and each kept token keeps its position. **Every image token is a
+  candidate, the thumbnails' included**, as the official FastV ranks every image token of the
+  prompt: the language model's own attention (or DART's duplication) decides, and the budget is
+  the paper's fraction of all of them.
 * ViT methods inside InternViT are refused: the pixel shuffle needs the full patch grid.
 
 Requirements: transformers >= 5 (``forward(mm_encoder_outputs=...)``); the processor's layout
 (each image's tokens one run, its thumbnail last).
 """
+import functools
 import inspect
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..runtimes.language_model import LanguageModelParts, LanguageModelRuntime
 from ..runtimes.vlm import LlavaRuntime, TowerTaps
 from .common import family_class, patch_vlm_prefill
 
@@ -86,15 +106,18 @@ class InternVLAdapter:
 
     # ---------------------------------------------------------------- compress() hooks
     def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
-        # a crop method reading the projected features (visionzip, cdpruner) needs the LLaVA tower's
-        # feature layer and projector, which this adapter does not provide
-        reads_features = getattr(spec, "reads_features", False)
-        if self.unit_modality(spec.unit) is None or reads_features:
-            unit = "the projected features" if reads_features else f"{spec.unit or 'another unit'}s"
+        if spec.unit == "language_model":
+            return LanguageModelRuntime(self, spec, options, budget, self.language_model_parts())
+        if self.unit_modality(spec.unit) is None:
             raise TypeError(f"{spec.name} cannot reduce an InternVLForConditionalGeneration: it reduces "
-                            f"{unit}, and InternVL takes the methods that reduce image tiles "
-                            "(unit 'crop': tokencorr) or the frames of a video (unit 'video': quota); "
+                            f"{spec.unit or 'another unit'}s, and InternVL takes the methods that reduce image tiles "
+                            "(unit 'crop': tokencorr, visionzip, cdpruner), the frames of a video (unit 'video': "
+                            "quota) or the visual tokens inside the language model (fastv, pyramiddrop, dart); "
                             "vitcompress.supported(model) lists every method that fits")
+        if getattr(spec, "reads_features", False) and options.get("clip") is not None:
+            raise ValueError(f"{spec.name} clip= embeds the question with the CLIP text tower of the vision tower's "
+                             "checkpoint; InternViT has none (no text tower shares its embedding space): pass "
+                             "scorer=, a callable(token_features, question) -> cosine similarity per token")
         taps = self._tower_taps(spec, options) if spec.unit == "crop" else None
         return LlavaRuntime(self, spec, options, budget, taps=taps)
 
@@ -109,8 +132,22 @@ class InternVLAdapter:
                             f"{type(self.tower).__name__} has no [CLS] token (supported: InternViT, "
                             "InternVLVisionModel); quota does not read the tower")
         chosen = spec.tower_layers(options, len(layers))  # fails now for a layer the tower lacks
+        if getattr(spec, "reads_features", False):
+            chosen = tuple(chosen) + (self._feature_layer(spec, len(layers)),)
         attention = [layers[i].attention for i in chosen]
         return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(chosen, attention)], cells=self.cells)
+
+    def _feature_layer(self, spec, depth: int) -> int:
+        """The encoder layer whose output InternVL shuffles and projects (``vision_feature_layer``: -1 the
+        last layer's output, else an index into the hidden states, the embeddings first)."""
+        selected = self.config.vision_feature_layer
+        if not isinstance(selected, int) or not (selected == -1 or 1 <= selected % (depth + 1)):
+            raise ValueError(f"{spec.name} reads the features of one encoder layer: vision_feature_layer must be "
+                             f"an int naming a layer's output, got {selected!r}")
+        if self.config.vision_feature_select_strategy != "default":
+            raise ValueError(f"{spec.name} needs vision_feature_select_strategy='default' (patch tokens only), got "
+                             f"{self.config.vision_feature_select_strategy!r}")
+        return depth - 1 if selected == -1 else selected % (depth + 1) - 1
 
     def patch(self, runtime, patcher) -> None:
         patch_vlm_prefill(self.model, patcher)
@@ -120,8 +157,21 @@ class InternVLAdapter:
                 attn = layers[i].attention
                 patcher.hook(attn.q_norm.register_forward_hook(runtime.taps.hook(i, "q")))
                 patcher.hook(attn.k_norm.register_forward_hook(runtime.taps.hook(i, "k")))
+            if getattr(runtime.method, "reads_features", False):  # the shuffled tokens the projector takes
+                feature_layer = runtime.taps.layers[-1][0]
+                hook = functools.partial(_record_input, runtime.taps.hook(feature_layer, "hidden"))
+                patcher.hook(self.base.multi_modal_projector.register_forward_pre_hook(hook))
+        if isinstance(runtime, LanguageModelRuntime):
+            runtime.hook_language_model(patcher)
 
     # ---------------------------------------------------------------- model knowledge
+    def language_model_parts(self) -> LanguageModelParts:
+        """The Qwen2 / Llama-like decoder (its layers, output norm; 1-D rotary positions) and the image
+        placeholder id: every image token of the prompt, the thumbnails' included, is a visual token."""
+        lm = self.base.language_model
+        return LanguageModelParts(module=lm, layers=lm.layers, final_norm=lm.norm,
+                                  visual_token_ids=(self.config.image_token_id,))
+
     def modalities_in(self, inputs: Dict[str, Any]) -> List[str]:
         if inputs.get("pixel_values") is None:
             return []
@@ -165,6 +215,10 @@ class InternVLAdapter:
         the entries of each row as a group, finds every row's boundary whatever each image kept."""
         return torch.cat(units)[:, None]
 
+    def project(self, modality: str, hidden: Tensor) -> Tensor:
+        """The model's projector on pixel-shuffled tower features ``[..., 4 C]``."""
+        return self.base.multi_modal_projector(hidden)
+
     def with_features(self, inputs: Dict[str, Any], encoded: Dict[str, Any]) -> Dict[str, Any]:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -202,3 +256,8 @@ class InternVLAdapter:
             out.append((pixels[first:first + local], grids, f[:0], f[local * T:]))
             first += tiles
         return out
+
+
+def _record_input(record, module, args) -> None:
+    """A forward pre-hook handing a module's input to a tap's ``record(module, args, output)``."""
+    record(module, args, args[0])

@@ -171,6 +171,8 @@ class CDPruner(LlavaMethod):
                       options: Dict[str, Any], questions: Optional[Sequence[str]] = None,
                       project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
         (features,) = taps
+        if features.cells is not None:  # InternVL: tokens of 2 x 2 patches, no [CLS] token handed on
+            return reduce_cell_crops(self, images, layouts, features, options, questions)
         reduced, reports, first = [], [], 0
         for tokens, (layout, crops), question in zip(images, layouts, questions):
             if bool((layout == -2).any()):
@@ -188,3 +190,22 @@ class CDPruner(LlavaMethod):
             reports.append({"kept": [k.tolist() for k in kept] if crops > 1 else kept[0].tolist(),
                             "newline_tokens": int((layout == -1).sum())})
         return reduced, reports
+
+
+def reduce_cell_crops(method: CDPruner, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], features,
+                      options: Dict[str, Any], questions: Sequence[str]) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+    """:meth:`CDPruner.reduce_images` for a tower whose tokens are groups of patches (``features.cells``,
+    InternVL): every crop (every tile, the thumbnail included) keeps ``tokens`` of its M tokens, the DPP
+    kernel on its projected tokens (the image's own features) and the relevance from the scorer on the
+    tokens' features before the projector (``features.hidden[crops, M, C]``), normalised over the image."""
+    reduced, reports, first = [], [], 0
+    for tokens, (_, crops), question in zip(images, layouts, questions):
+        with torch.no_grad():
+            hidden = features.hidden[first:first + crops]
+            first += crops
+            projected = tokens.reshape(crops, hidden.shape[1], tokens.shape[-1])
+            kept = select_tokens(projected, method.similarity(options, hidden, question), options["tokens"])
+        rows = torch.arange(crops, device=kept.device)[:, None]
+        reduced.append(projected[rows, kept.to(projected.device)].reshape(-1, tokens.shape[-1]))
+        reports.append({"kept": [k.tolist() for k in kept]})
+    return reduced, reports

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 
 from ..interfaces import LlavaMethod
-from .tokencorr import cls_attention
+from .tokencorr import cls_attention, pool_to_cells
 
 Tensor = torch.Tensor
 
@@ -128,6 +128,7 @@ class VisionZip(LlavaMethod):
     unit = "crop"
     reads_features = True
     defaults = {"dominant": 54, "contextual": 10, "layer": -2}
+    family_defaults = {"internvl": {"layer": -1}}  # InternVL feeds the LM the last layer (LLaVA: the second-to-last)
     option_help = {
         "dominant": "tokens kept by [CLS] attention, the [CLS] token included (paper: 54 / 108 / 162)",
         "contextual": "tokens the other patches are merged into by key similarity (paper: 10 / 20 / 30)",
@@ -162,6 +163,8 @@ class VisionZip(LlavaMethod):
     def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
                       options: Dict[str, Any], project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
         attention, features = taps
+        if attention.cells is not None:  # InternVL: tokens of 2 x 2 patches, no [CLS] token handed on
+            return reduce_cell_crops(images, layouts, attention, features, options, project)
         N = attention.k.shape[1] - 1
         dominant, contextual = options["dominant"], options["contextual"]
         if dominant - 1 + contextual > N:
@@ -186,3 +189,56 @@ class VisionZip(LlavaMethod):
                       for c in range(span.start, span.stop)]
             reports.append(dict(report[0], cls_tokens=crops) if crops == 1 else {"crops": report, "cls_tokens": crops})
         return reduced, reports
+
+
+# --------------------------------------------------------------------------- towers whose tokens are groups of patches
+
+
+def visionzip_cell_tokens(cls_attn: Tensor, keys: Tensor, hidden: Tensor, cells: Tensor, dominant: int,
+                          contextual: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Crops ``[B]`` whose visual tokens are each built of G patches after the tower (``cells [M, G]``,
+    InternVL's pixel shuffle), no [CLS] token handed on: per patch ``cls_attn[B, N]`` and head-averaged
+    ``keys[B, N, d]``, per token its features before the projector ``hidden[B, M, C]`` -> tokens
+    ``[B, dominant + contextual, C]`` and the choice (token indices 0..M-1). A token's [CLS] attention is
+    its patches' sum, its key their keys concatenated (:func:`~vitcompress.methods.tokencorr.pool_to_cells`);
+    then dominant and contextual tokens are chosen among the M tokens as among CLIP's patches."""
+    token_keys, token_attn, _ = pool_to_cells(cells, keys, cls_attn, cls_attn)
+    top = dominant_patches(token_attn, dominant)
+    rest = remaining_patches(top, token_attn.shape[1])
+    rest_keys = torch.gather(token_keys, 1, rest[..., None].expand(-1, -1, token_keys.shape[-1]))
+    rest_hidden = torch.gather(hidden, 1, rest[..., None].expand(-1, -1, hidden.shape[-1]))
+    context, targets, joined = contextual_tokens(rest_keys, rest_hidden, contextual)
+    kept = torch.gather(hidden, 1, top[..., None].expand(-1, -1, hidden.shape[-1]))
+    others = torch.ones(rest.shape[1], dtype=torch.bool, device=rest.device)
+    others[targets] = False
+    target_tokens = rest[:, targets]
+    return torch.cat([kept, context], dim=1), {"dominant": top, "contextual": target_tokens, "merged": rest[:, others],
+                                               "joined": torch.gather(target_tokens, 1, joined)}
+
+
+def reduce_cell_crops(images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], attention, features,
+                      options: Dict[str, Any], project) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+    """:meth:`VisionZip.reduce_images` for a tower whose tokens are groups of patches (``attention.cells``):
+    every crop (InternVL: every tile of an image, its thumbnail included) keeps ``dominant`` tokens by
+    [CLS] attention then ``contextual`` merged ones, crop after crop; ``features.hidden[crops, M, C]``
+    are the tokens' features before the projector."""
+    M = attention.cells.shape[0]
+    dominant, contextual = options["dominant"], options["contextual"]
+    if dominant + contextual > M:
+        raise ValueError(f"dominant={dominant} + contextual={contextual} tokens need more than the {M} tokens of a "
+                         "tile (here [CLS] is not handed to the language model: dominant counts tokens only)")
+    with torch.no_grad():
+        cls_attn = cls_attention(attention.q, attention.k, attention.num_heads, attention.scale)
+        keys = attention.k.reshape(*attention.k.shape[:2], attention.num_heads, -1).mean(dim=2)[:, 1:]
+        tokens, choice = visionzip_cell_tokens(cls_attn, keys, features.hidden, attention.cells, dominant, contextual)
+        projected = project(tokens)
+    reduced, reports, first = [], [], 0
+    for image, (_, crops) in zip(images, layouts):
+        span = range(first, first + crops)
+        first += crops
+        reduced.append(projected[span.start:span.stop].reshape(-1, projected.shape[-1]).to(image.dtype))
+        reports.append({"crops": [{"kept": choice["dominant"][c].tolist(),
+                                   "contextual": choice["contextual"][c].tolist(),
+                                   "merged": torch.stack([choice["merged"][c], choice["joined"][c]], dim=1).tolist()}
+                                  for c in span]})
+    return reduced, reports
