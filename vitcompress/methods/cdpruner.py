@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..interfaces import LlavaMethod
+from .visionzip import crop_columns, onevision_tokens
 
 Tensor = torch.Tensor
 
@@ -119,6 +120,7 @@ class CDPruner(LlavaMethod):
     target = "llava"
     unit = "crop"
     reads_features = True
+    reads_towers_without_cls = True  # LLaVA-OneVision's SigLIP: reduce_images_without_cls
     needs_question = True
     defaults = {"tokens": 64, "clip": None, "tokenizer": None, "scorer": None}
     option_help = {
@@ -170,6 +172,8 @@ class CDPruner(LlavaMethod):
     def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
                       options: Dict[str, Any], questions: Optional[Sequence[str]] = None,
                       project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        if not taps[0].class_token:
+            return reduce_images_without_cls(self, images, layouts, taps, options, questions, project)
         (features,) = taps
         reduced, reports, first = [], [], 0
         for tokens, (layout, crops), question in zip(images, layouts, questions):
@@ -188,3 +192,26 @@ class CDPruner(LlavaMethod):
             reports.append({"kept": [k.tolist() for k in kept] if crops > 1 else kept[0].tolist(),
                             "newline_tokens": int((layout == -1).sum())})
         return reduced, reports
+
+
+def reduce_images_without_cls(method, images, layouts, taps, options, questions, project):
+    """:meth:`CDPruner.reduce_images` on a tower without [CLS] (LLaVA-OneVision's SigLIP): each crop keeps
+    ``tokens`` of its patches (:func:`select_tokens` on its full grid), packed as VisionZip packs
+    OneVision images (:func:`~vitcompress.methods.visionzip.onevision_tokens`: base crop, grid crops
+    in raster order, no unpadding / anyres_max downsampling / newlines; a one-crop image keeps its newline)."""
+    (features,) = taps
+    reduced, reports, first = [], [], 0
+    for image, (layout, crops), question in zip(images, layouts, questions):
+        with torch.no_grad():
+            patches = features.hidden[first:first + crops]
+            first += crops
+            projected = project(patches)
+            kept = select_tokens(projected, method.similarity(options, patches, question), options["tokens"])
+            tokens = torch.gather(projected, 1, kept[..., None].expand(-1, -1, projected.shape[-1]))
+        N = patches.shape[1]
+        columns = crop_columns(layout, N) if crops > 1 else 1  # a one-crop image: its layout is the model's
+        newline = image[layout == -1] if crops == 1 else None
+        reduced.append(onevision_tokens(tokens, kept, columns, N, newline).to(image.dtype))
+        reports.append({"kept": [k.tolist() for k in kept] if crops > 1 else kept[0].tolist(),
+                        "newline_tokens": int(crops == 1)})
+    return reduced, reports

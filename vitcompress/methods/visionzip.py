@@ -127,6 +127,7 @@ class VisionZip(LlavaMethod):
     target = "llava"
     unit = "crop"
     reads_features = True
+    reads_towers_without_cls = True  # LLaVA-OneVision's SigLIP: reduce_images_without_cls
     defaults = {"dominant": 54, "contextual": 10, "layer": -2}
     option_help = {
         "dominant": "tokens kept by [CLS] attention, the [CLS] token included (paper: 54 / 108 / 162)",
@@ -161,6 +162,8 @@ class VisionZip(LlavaMethod):
 
     def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
                       options: Dict[str, Any], project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        if not taps[0].class_token:
+            return reduce_images_without_cls(images, layouts, taps, options, project)
         attention, features = taps
         N = attention.k.shape[1] - 1
         dominant, contextual = options["dominant"], options["contextual"]
@@ -186,3 +189,78 @@ class VisionZip(LlavaMethod):
                       for c in range(span.start, span.stop)]
             reports.append(dict(report[0], cls_tokens=crops) if crops == 1 else {"crops": report, "cls_tokens": crops})
         return reduced, reports
+
+
+# ---------------------------------------------------------------- towers without [CLS] (LLaVA-OneVision's SigLIP)
+
+
+def received_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
+    """``q``, ``k`` ``[B, N, H * d]`` of a tower without [CLS] -> the softmax attention each token
+    receives, averaged over the heads, then over the N queries ``[B, N]``: the dominant-token score
+    where there is no [CLS] row to read."""
+    B, N, _ = q.shape
+    q, k = (x.reshape(B, N, num_heads, -1).transpose(1, 2) for x in (q, k))
+    attention = ((q @ k.transpose(-1, -2)) * scale).softmax(dim=-1, dtype=torch.float32)
+    return attention.mean(dim=1).mean(dim=1)
+
+
+def visionzip_tokens_without_cls(attention: Tensor, keys: Tensor, hidden: Tensor, dominant: int,
+                                 contextual: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """:func:`visionzip_tokens` without [CLS]: ``attention[B, N]`` received, ``keys[B, N, d]``,
+    ``hidden[B, N, C]`` -> tokens ``[B, dominant + contextual, C]`` (``dominant`` patches) and the choice."""
+    with_placeholder = torch.cat([hidden[:, :1], hidden], dim=1)  # a first row where [CLS] would be, dropped
+    tokens, choice = visionzip_tokens(attention, keys, with_placeholder, dominant + 1, contextual)
+    return tokens[:, 1:], choice
+
+
+def raster_order(patches: Tensor, columns: int, num_patches: int) -> Tensor:
+    """``patches[crops, d]``, patch indices of each crop of a grid ``columns`` crops wide -> the order
+    sorting the ``crops * d`` of them in the raster order of the whole grid."""
+    side = math.isqrt(num_patches)
+    crop = torch.arange(patches.shape[0], device=patches.device)[:, None]
+    row = (crop // columns) * side + patches // side
+    col = (crop % columns) * side + patches % side
+    return (row * (columns * side) + col).flatten().argsort()
+
+
+def onevision_tokens(tokens: Tensor, patches: Tensor, columns: int, num_patches: int, newline: Tensor) -> Tensor:
+    """One LLaVA-OneVision image packed as the official VisionZip packs a LLaVA-NeXT one, without [CLS]:
+    ``tokens[crops, n, D]`` per crop (crop 0 the base image), the first ``d`` of them at the patches
+    ``patches[crops, d]``, the others not on the grid (contextual) -> the base crop's tokens, the grid
+    crops' placed tokens in the raster order of the whole grid (not unpadded, not downsampled to
+    anyres_max, no newlines), then the grid crops' other tokens; a one-crop image: its tokens and
+    ``newline[1, D]`` (the model's)."""
+    if tokens.shape[0] == 1:
+        return torch.cat([tokens[0], newline])
+    grid, d, width = tokens[1:], patches.shape[1], tokens.shape[-1]
+    placed = grid[:, :d].reshape(-1, width)[raster_order(patches[1:], columns, num_patches)]
+    return torch.cat([tokens[0], placed, grid[:, d:].reshape(-1, width)])
+
+
+def reduce_images_without_cls(images, layouts, taps, options, project):
+    """:meth:`VisionZip.reduce_images` on a tower without [CLS]: ``dominant`` patches by
+    :func:`received_attention` (no [CLS] token kept), contextual tokens as with [CLS], packed by
+    :func:`onevision_tokens`."""
+    attention, features = taps
+    N = attention.k.shape[1]
+    dominant, contextual = options["dominant"], options["contextual"]
+    if dominant + contextual > N:
+        raise ValueError(f"dominant={dominant} + contextual={contextual} tokens need more than the {N} patches "
+                         "of a crop")
+    with torch.no_grad():
+        received = received_attention(attention.q, attention.k, attention.num_heads, attention.scale)
+        keys = attention.k.reshape(*attention.k.shape[:2], attention.num_heads, -1).mean(dim=2)
+        tokens, choice = visionzip_tokens_without_cls(received, keys, features.hidden, dominant, contextual)
+        projected = project(tokens)
+    reduced, reports, first = [], [], 0
+    for image, (layout, crops) in zip(images, layouts):
+        span = slice(first, first + crops)
+        first += crops
+        columns = crop_columns(layout, N) if crops > 1 else 1  # a one-crop image: its layout is the model's
+        newline = image[layout == -1] if crops == 1 else None
+        reduced.append(onevision_tokens(projected[span], choice["dominant"][span], columns, N, newline).to(image.dtype))
+        report = [{"kept": choice["dominant"][c].tolist(), "contextual": choice["contextual"][c].tolist(),
+                   "merged": torch.stack([choice["merged"][c], choice["joined"][c]], dim=1).tolist()}
+                  for c in range(span.start, span.stop)]
+        reports.append(dict(report[0], cls_tokens=0) if crops == 1 else {"crops": report, "cls_tokens": 0})
+    return reduced, reports
