@@ -54,7 +54,7 @@ def prefill(model, inputs, **kwargs):
 def test_budget_generate_fused_attention_and_exact_restore(model, inputs, method, monkeypatch):
     """Every crop keeps the budget (visionzip dominant + contextual, cdpruner tokens), the images of
     different sizes (2 x 2 and a 3 x 4 grid the model would downsample) pack to budget x crops tokens,
-    the video passes unchanged; SDPA kept in the tower and the language model; generate() with the KV
+    each video to budget x frames and its newline; SDPA kept in the tower and the language model; generate() with the KV
     cache equals it without; restore gives bit-identical outputs."""
     with torch.no_grad():
         video = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
@@ -85,8 +85,11 @@ def test_budget_generate_fused_attention_and_exact_restore(model, inputs, method
     else:
         assert all(len(k) == 12 for u in stats["image"] for k in u["kept"])
     assert [(row == LLAVA_IMAGE_TOKEN).sum().item() for row in seen["input_ids"]] == [per_crop * n for n in crops]
-    assert [(row == LLAVA_VIDEO_TOKEN).sum().item() for row in seen["input_ids"]] == [video.shape[1]] * 2
-    assert torch.equal(seen["video"], video)
+    frames = inputs["pixel_values_videos"].shape[1]  # each frame a crop of its own, then the video's newline
+    assert [u["tokens_after"] for u in stats["video"]] == [per_crop * frames + 1] * 2
+    assert [u["tokens_before"] for u in stats["video"]] == [video.shape[1]] * 2
+    assert [(row == LLAVA_VIDEO_TOKEN).sum().item() for row in seen["input_ids"]] == [per_crop * frames + 1] * 2
+    assert torch.equal(seen["video"][:, -1], video[:, -1])
     assert compressed_calls == plain_calls > 0
     assert torch.equal(out[:, :inputs["input_ids"].shape[1]], inputs["input_ids"])
     assert torch.equal(out[:, inputs["input_ids"].shape[1]], logits[:, -1].argmax(-1))
@@ -115,12 +118,39 @@ def raster(tokens_per_crop, patches_per_crop, columns):
     return torch.stack([t for _, t in sorted(placed, key=lambda x: x[0])])
 
 
+def expected_visionzip(model, pixels, dominant, contextual):
+    """Per crop of ``pixels``: the projected dominant tokens, the projected contextual tokens, the dominant
+    patches -- written here from the paper for a tower without [CLS] (see the test below)."""
+    layer = model.model.vision_tower.encoder.layers[-1]
+    project = model.model.multi_modal_projector
+    before, hidden, attention = siglip_layers(model, pixels)
+    with torch.no_grad():
+        keys = layer.self_attn.k_proj(layer.layer_norm1(before)).reshape(*before.shape[:2], 4, -1).mean(dim=2)
+    placed, others, picked = [], [], []
+    for crop in range(pixels.shape[0]):
+        top = attention[crop].mean(dim=0).mean(dim=0).topk(dominant).indices.sort().values
+        rest = [p for p in range(PATCHES) if p not in top.tolist()]
+        targets = rest[::len(rest) // contextual][:contextual]
+        joined = {t: [] for t in targets}
+        for p in rest:
+            if p not in targets:
+                cosine = [F.cosine_similarity(keys[crop, p], keys[crop, t], dim=0) for t in targets]
+                joined[targets[int(torch.stack(cosine).argmax())]].append(p)
+        merged = torch.stack([hidden[crop, t] + hidden[crop, joined[t]].mean(dim=0) for t in targets])
+        with torch.no_grad():
+            placed.append(project(hidden[crop, top]))
+            others.append(project(merged))
+        picked.append(top)
+    return placed, others, picked
+
+
 def test_visionzip_tokens_are_the_received_attention_top_plus_contextual_merges(model, inputs):
     """Written here from the paper for a tower without [CLS]: per crop the ``dominant`` patches that
     receive the most attention (the last layer's softmax over heads and all queries, from the eager
     model), every ``R // contextual``-th other patch a target that the rest join by key cosine (keys of the
-    last layer, mean over heads), target + mean of the joined; through the projector; packed base crop,
-    grid dominant tokens in raster order of the whole grid, grid contextual tokens."""
+    last layer, mean over heads), target + mean of the joined; through the projector. Images: base crop,
+    grid dominant tokens in raster order of the whole grid, grid contextual tokens; videos: per frame
+    (unpooled) dominant then contextual tokens, frame after frame, then the video's newline."""
     dominant, contextual = 10, 3
     vitcompress.compress(model, "visionzip", dominant=dominant, contextual=contextual, layer=-1)
     try:
@@ -128,37 +158,26 @@ def test_visionzip_tokens_are_the_received_attention_top_plus_contextual_merges(
         stats = vitcompress.stats(model)
     finally:
         vitcompress.restore(model)
-    layer = model.model.vision_tower.encoder.layers[-1]
-    project = model.model.multi_modal_projector
     for b, ((rows, columns), unit) in enumerate(zip(grids(inputs), stats["image"])):
-        pixels = inputs["pixel_values"][b, :rows * columns + 1]
-        before, hidden, attention = siglip_layers(model, pixels)
-        with torch.no_grad():
-            keys = layer.self_attn.k_proj(layer.layer_norm1(before)).reshape(*before.shape[:2], 4, -1).mean(dim=2)
-        placed, others, picked = [], [], []
-        for crop in range(pixels.shape[0]):
-            top = attention[crop].mean(dim=0).mean(dim=0).topk(dominant).indices.sort().values
-            rest = [p for p in range(PATCHES) if p not in top.tolist()]
-            targets = rest[::len(rest) // contextual][:contextual]
-            joined = {t: [] for t in targets}
-            for p in rest:
-                if p not in targets:
-                    cosine = [F.cosine_similarity(keys[crop, p], keys[crop, t], dim=0) for t in targets]
-                    joined[targets[int(torch.stack(cosine).argmax())]].append(p)
-            merged = torch.stack([hidden[crop, t] + hidden[crop, joined[t]].mean(dim=0) for t in targets])
-            with torch.no_grad():
-                placed.append(project(hidden[crop, top]))
-                others.append(project(merged))
-            picked.append(top)
+        placed, others, picked = expected_visionzip(model, inputs["pixel_values"][b, :rows * columns + 1], dominant,
+                                                    contextual)
         expected = torch.cat([placed[0], others[0], raster(placed[1:], picked[1:], columns), torch.cat(others[1:])])
         assert [c["kept"] for c in unit["crops"]] == [p.tolist() for p in picked]
         torch.testing.assert_close(seen["image"][b], expected, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        newline = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output[0, -1:]
+    for b, unit in enumerate(stats["video"]):
+        placed, others, picked = expected_visionzip(model, inputs["pixel_values_videos"][b], dominant, contextual)
+        expected = torch.cat([t for frame in zip(placed, others) for t in frame] + [newline])
+        assert [c["kept"] for c in unit["crops"]] == [p.tolist() for p in picked]
+        torch.testing.assert_close(seen["video"][b], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_cdpruner_tokens_are_the_kept_patches_packed_in_raster_order(model, inputs):
     """cdpruner's kept patches (per crop, ``tokens`` of them, the selection itself checked against the
     official code) reach the language model as the projected features of those patches, packed as
-    visionzip packs them: base crop, then the grid crops' tokens in the raster order of the whole grid."""
+    visionzip packs them: base crop, then the grid crops' tokens in the raster order of the whole grid;
+    a video's frames in turn."""
     vitcompress.compress(model, "cdpruner", **OPTIONS["cdpruner"])
     try:
         seen, _ = prefill(model, inputs, question=QUESTIONS)
@@ -174,6 +193,11 @@ def test_cdpruner_tokens_are_the_kept_patches_packed_in_raster_order(model, inpu
             tokens = [project(hidden[c, k]) for c, k in enumerate(kept)]
         torch.testing.assert_close(seen["image"][b], torch.cat([tokens[0], raster(tokens[1:], kept[1:], columns)]),
                                    rtol=1e-4, atol=1e-5)
+    for b, unit in enumerate(stats["video"]):  # each frame keeps 12 of its unpooled patches, then the newline
+        _, hidden, _ = siglip_layers(model, inputs["pixel_values_videos"][b])
+        with torch.no_grad():
+            tokens = [project(hidden[f, k]) for f, k in enumerate(unit["kept"])]
+        torch.testing.assert_close(seen["video"][b, :-1], torch.cat(tokens), rtol=1e-4, atol=1e-5)
 
 
 def row_alone(inputs, b):

@@ -112,6 +112,8 @@ class LlavaAdapter:
         pad = getattr(self.config, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else (getattr(text, "pad_token_id", None) or 0)
         self.variant = "clip" if type(self.tower).__name__.startswith("CLIP") else None
+        onevision = self.family_name == "LlavaOnevisionForConditionalGeneration"
+        self.frames_as_crops = ("video",) if onevision else ()  # a crop method reduces each frame as a crop
 
     # ---------------------------------------------------------------- compress() hooks
     def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
@@ -291,6 +293,14 @@ class LlavaAdapter:
             packed, _ = self.base.pack_image_features(index, sizes, vision_feature_select_strategy="default",
                                                       image_newline=newline)
         return [(p.reshape(-1).long(), n) for p, n in zip(packed, crops)]
+
+    def frame_layouts(self, inputs) -> List[Tuple[Tensor, int]]:
+        """OneVision videos for a crop method: per video, its frames as crops in sequence (``frame * N +
+        patch``, the full patch grid before the model's 2 x 2 pooling) and the video's one newline (-1)."""
+        pixels = inputs["pixel_values_videos"]
+        frames, num_patches = pixels.shape[1], self._patches_per_crop()
+        layout = torch.cat([torch.arange(frames * num_patches), torch.tensor([-1])]).to(pixels.device)
+        return [(layout, frames)] * pixels.shape[0]
 
     def video_units(self, modality: str, inputs, pooled):
         """Per image / video: its frames' pixels ``[F, 3, H, W]``, its frames' token grids

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..interfaces import LlavaMethod
-from .visionzip import crop_columns, onevision_tokens
+from .visionzip import onevision_tokens
 
 Tensor = torch.Tensor
 
@@ -196,9 +196,10 @@ class CDPruner(LlavaMethod):
 
 def reduce_images_without_cls(method, images, layouts, taps, options, questions, project):
     """:meth:`CDPruner.reduce_images` on a tower without [CLS] (LLaVA-OneVision's SigLIP): each crop keeps
-    ``tokens`` of its patches (:func:`select_tokens` on its full grid), packed as VisionZip packs
-    OneVision images (:func:`~vitcompress.methods.visionzip.onevision_tokens`: base crop, grid crops
-    in raster order, no unpadding / anyres_max downsampling / newlines; a one-crop image keeps its newline)."""
+    ``tokens`` of its patches (:func:`select_tokens` on its full grid; a video's frame is a crop), packed as
+    VisionZip packs OneVision (:func:`~vitcompress.methods.visionzip.onevision_tokens`: base crop, grid
+    crops in raster order, no unpadding / anyres_max downsampling / newlines; a one-crop image and a
+    video: crops in sequence and the newline)."""
     (features,) = taps
     reduced, reports, first = [], [], 0
     for image, (layout, crops), question in zip(images, layouts, questions):
@@ -209,9 +210,7 @@ def reduce_images_without_cls(method, images, layouts, taps, options, questions,
             kept = select_tokens(projected, method.similarity(options, patches, question), options["tokens"])
             tokens = torch.gather(projected, 1, kept[..., None].expand(-1, -1, projected.shape[-1]))
         N = patches.shape[1]
-        columns = crop_columns(layout, N) if crops > 1 else 1  # a one-crop image: its layout is the model's
-        newline = image[layout == -1] if crops == 1 else None
-        reduced.append(onevision_tokens(tokens, kept, columns, N, newline).to(image.dtype))
+        reduced.append(onevision_tokens(tokens, kept, layout, N, image[-1:]).to(image.dtype))  # [-1]: a newline
         reports.append({"kept": [k.tolist() for k in kept] if crops > 1 else kept[0].tolist(),
-                        "newline_tokens": int(crops == 1)})
+                        "newline_tokens": int(layout.numel() == crops * N + 1)})
     return reduced, reports

@@ -223,17 +223,19 @@ def raster_order(patches: Tensor, columns: int, num_patches: int) -> Tensor:
     return (row * (columns * side) + col).flatten().argsort()
 
 
-def onevision_tokens(tokens: Tensor, patches: Tensor, columns: int, num_patches: int, newline: Tensor) -> Tensor:
-    """One LLaVA-OneVision image packed as the official VisionZip packs a LLaVA-NeXT one, without [CLS]:
-    ``tokens[crops, n, D]`` per crop (crop 0 the base image), the first ``d`` of them at the patches
-    ``patches[crops, d]``, the others not on the grid (contextual) -> the base crop's tokens, the grid
-    crops' placed tokens in the raster order of the whole grid (not unpadded, not downsampled to
-    anyres_max, no newlines), then the grid crops' other tokens; a one-crop image: its tokens and
-    ``newline[1, D]`` (the model's)."""
-    if tokens.shape[0] == 1:
-        return torch.cat([tokens[0], newline])
-    grid, d, width = tokens[1:], patches.shape[1], tokens.shape[-1]
-    placed = grid[:, :d].reshape(-1, width)[raster_order(patches[1:], columns, num_patches)]
+def onevision_tokens(tokens: Tensor, patches: Tensor, layout: Tensor, num_patches: int, newline: Tensor) -> Tensor:
+    """One LLaVA-OneVision image or video from its crops' kept tokens ``tokens[crops, n, D]`` (crop 0 the
+    base image), the first ``d`` of each crop at the patches ``patches[crops, d]``, the others not on the
+    grid (contextual). An anyres image (``layout``: the unpadded crop grid) is packed as the official
+    VisionZip packs a LLaVA-NeXT one, without [CLS]: the base crop's tokens, the grid crops' placed tokens
+    in the raster order of the whole grid (not unpadded, not downsampled to anyres_max, no newlines),
+    then the grid crops' other tokens. Crops in sequence (``layout``: ``crops * N`` patches and one
+    newline: a video's frames, or a one-crop image): each crop's tokens in turn, then ``newline[1, D]``."""
+    width = tokens.shape[-1]
+    if layout.numel() == tokens.shape[0] * num_patches + 1:
+        return torch.cat([tokens.reshape(-1, width), newline])
+    grid, d = tokens[1:], patches.shape[1]
+    placed = grid[:, :d].reshape(-1, width)[raster_order(patches[1:], crop_columns(layout, num_patches), num_patches)]
     return torch.cat([tokens[0], placed, grid[:, d:].reshape(-1, width)])
 
 
@@ -256,9 +258,8 @@ def reduce_images_without_cls(images, layouts, taps, options, project):
     for image, (layout, crops) in zip(images, layouts):
         span = slice(first, first + crops)
         first += crops
-        columns = crop_columns(layout, N) if crops > 1 else 1  # a one-crop image: its layout is the model's
-        newline = image[layout == -1] if crops == 1 else None
-        reduced.append(onevision_tokens(projected[span], choice["dominant"][span], columns, N, newline).to(image.dtype))
+        reduced.append(onevision_tokens(projected[span], choice["dominant"][span], layout, N,
+                                        image[-1:]).to(image.dtype))  # the model's last token: a newline
         report = [{"kept": choice["dominant"][c].tolist(), "contextual": choice["contextual"][c].tolist(),
                    "merged": torch.stack([choice["merged"][c], choice["joined"][c]], dim=1).tolist()}
                   for c in range(span.start, span.stop)]

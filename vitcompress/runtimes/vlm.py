@@ -162,7 +162,8 @@ class LlavaRuntime:
 
     def _reduce(self, modality, inputs, question, expansion):
         """-> (features in the model's format, tokens per unit before and after, per-unit stats)."""
-        if modality == self.reduced_modality and self.method.unit == "crop":
+        frames_as_crops = getattr(self.adapter, "frames_as_crops", ())  # OneVision videos: each frame a crop
+        if self.method.unit == "crop" and (modality == self.reduced_modality or modality in frames_as_crops):
             return self._reduce_crops(modality, inputs, expansion, question)
         features = self.adapter.encode(modality, inputs)
         if modality == self.reduced_modality:
@@ -182,8 +183,8 @@ class LlavaRuntime:
             context["questions"] = [questions[row] for row in rows]
         if self.method.reads_features:
             context["project"] = functools.partial(adapter.project, modality)
-        reduced, reports = self.method.reduce_images(images, adapter.crop_layouts(inputs), taps, self.options,
-                                                     **context)
+        layouts = adapter.crop_layouts(inputs) if modality == self.reduced_modality else adapter.frame_layouts(inputs)
+        reduced, reports = self.method.reduce_images(images, layouts, taps, self.options, **context)
         old, new = [f.shape[0] for f in images], [r.shape[0] for r in reduced]
         stats = [dict(report, tokens_before=o, tokens_after=n) for report, o, n in zip(reports, old, new)]
         return adapter.join_units(modality, reduced, expansion), old, new, stats
