@@ -3,6 +3,7 @@ a grid the model downsamples to anyres_max_9, videos): token counts, generate() 
 restore, batches of different image sizes, one-crop images with their newline, the tokens against a
 computation written here (cdpruner's selection against the official code: test_official_visionzip_cdpruner)."""
 import copy
+import os
 
 import pytest
 import torch
@@ -267,3 +268,24 @@ def test_clear_errors(model):
     default.config.vision_feature_select_strategy = "default"
     with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
         vitcompress.compress(default, "cdpruner", tokens=4, scorer=projection_scorer)
+
+
+def test_cdpruner_keeps_the_official_tokens_on_every_crop_and_frame(model, inputs):
+    """CDPruner has no LLaVA-OneVision code; its LLaVA selection (``encode_images``, 9541616c, run by
+    experiments/tools/record_official_visionzip_cdpruner.py --onevision on this model's SigLIP features,
+    with the patch and question embeddings of ``projection_embeddings``) per image's crops and per video's
+    frames: each keeps exactly the official patches."""
+    record = torch.load(os.path.join(os.path.dirname(__file__), "data", "official_onevision_cdpruner.pt"),
+                        weights_only=False)
+    assert record["commits"] == {"CDPruner": "9541616c40fcd5625de1cdb8ea6c33c129eb7864"}
+    assert record["questions"] == QUESTIONS and record["tokens"] == OPTIONS["cdpruner"]["tokens"]
+    vitcompress.compress(model, "cdpruner", **OPTIONS["cdpruner"])
+    try:
+        prefill(model, inputs, question=QUESTIONS)
+        stats = vitcompress.stats(model)
+    finally:
+        vitcompress.restore(model)
+    for modality, recorded in (("image", record["images"]), ("video", record["videos"])):
+        official = [[m.nonzero().flatten().tolist() for m in masks] for masks in recorded]
+        assert [u["kept"] for u in stats[modality]] == official
+    assert [len(m) for m in record["images"]] == [5, 13] and [len(m) for m in record["videos"]] == [4, 4]

@@ -163,7 +163,8 @@ class LlavaRuntime:
     def _reduce(self, modality, inputs, question, expansion):
         """-> (features in the model's format, tokens per unit before and after, per-unit stats)."""
         frames_as_crops = getattr(self.adapter, "frames_as_crops", ())  # OneVision videos: each frame a crop
-        if self.method.unit == "crop" and (modality == self.reduced_modality or modality in frames_as_crops):
+        crop_method = self.tower is None and self.method.unit == "crop"  # a ViT method in the tower has no unit
+        if crop_method and (modality == self.reduced_modality or modality in frames_as_crops):
             return self._reduce_crops(modality, inputs, expansion, question)
         features = self.adapter.encode(modality, inputs)
         if modality == self.reduced_modality:
