@@ -1,7 +1,8 @@
 """visionzip and cdpruner on LLaVA-OneVision as released (a SigLIP tower without [CLS], anyres crops up to
 a grid the model downsamples to anyres_max_9, videos): token counts, generate() with the KV cache, exact
-restore, batches of different image sizes, one-crop images with their newline, the tokens against a
-computation written here (cdpruner's selection against the official code: test_official_visionzip_cdpruner)."""
+restore, batches of different image sizes, one-crop images with their newline, visionzip's tokens against a
+computation written here (no official code for towers without [CLS]), cdpruner's selection against the
+official code's recorded on this model (tests/data/official_onevision_cdpruner.pt)."""
 import copy
 import os
 
@@ -11,11 +12,12 @@ import torch.nn.functional as F
 from transformers.models.llava_onevision.modeling_llava_onevision import get_anyres_image_grid_shape
 
 import vitcompress
-from vitcompress.testing import (LLAVA_IMAGE_TOKEN, LLAVA_VIDEO_TOKEN, onevision_siglip_inputs, projection_scorer,
-                                 tiny_llava, tiny_llava_onevision_siglip)
+from vitcompress.testing import (LLAVA_IMAGE_TOKEN, LLAVA_VIDEO_TOKEN, ONEVISION_SIGLIP_PINPOINTS,
+                                 onevision_siglip_inputs, projection_scorer, tiny_llava, tiny_llava_onevision_siglip)
 
 QUESTIONS = ["what is shown?", "where is the red car?"]
-OPTIONS = {"visionzip": dict(dominant=10, contextual=3, layer=-1), "cdpruner": dict(tokens=12, scorer=projection_scorer)}
+OPTIONS = {"visionzip": dict(dominant=10, contextual=3, layer=-1),
+           "cdpruner": dict(tokens=12, scorer=projection_scorer)}
 SIDE, PATCHES = 9, 81  # 9 x 9 patches per crop
 
 
@@ -31,7 +33,7 @@ def inputs(model):
 
 def grids(inputs):
     """(rows, columns) of each image's crop grid, as the model computes it."""
-    return [tuple(get_anyres_image_grid_shape(s.tolist(), [[36, 72], [72, 36], [72, 72], [108, 144]], 36))
+    return [tuple(get_anyres_image_grid_shape(s.tolist(), ONEVISION_SIGLIP_PINPOINTS, 36))
             for s in inputs["image_sizes"]]
 
 

@@ -22,7 +22,9 @@ What reduces where:
   LLaVA-NeXT / NeXT-Video anyres crops (kept in the model's unpadded, newline-separated layout: a
   row's newline token stays when a token of its row does). Frame-assignment methods
   (``unit="video"``, QuoTA) reduce the frames of each video of NeXT-Video and OneVision, or the
-  images of one sample of LLaVA-1.5 taken as the frames of a video.
+  images of one sample of LLaVA-1.5 taken as the frames of a video. On OneVision (a SigLIP tower
+  without [CLS]) crop methods that read such towers (visionzip, cdpruner) reduce each image's crops
+  and each video's frames (``frames_as_crops``), on the full patch grid; the methods pack them.
 * ``target="vit"`` methods (tome, pitome, zero_tprune) run inside the CLIP vision tower through
   the HF CLIP adapter, on LLaVA-1.5 (whose features are the selected hidden state minus CLS, any
   length): the placeholders follow the shorter tower output. The anyres and video variants need
@@ -31,7 +33,7 @@ What reduces where:
 Requirements: transformers >= 5 (the ``mm_encoder_outputs`` argument of ``forward``); older
 versions, which merged features inside ``forward`` (``_merge_input_ids_with_image_features``) or
 had no way to hand pre-encoded features in, are refused with the version found. tokencorr needs a
-vision tower with a [CLS] token (CLIP).
+vision tower with a [CLS] token (CLIP); crop methods on OneVision need one without (SigLIP, as released).
 """
 import inspect
 import math

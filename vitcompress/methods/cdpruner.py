@@ -28,6 +28,10 @@ patch grid; the model then unpads the grid, and every row's newline token stays 
 code). With a batch the official code embeds every sample's question together and normalises the
 relevance over the whole batch; here each image uses its own sample's question and its own crops
 (the same at batch size 1, the official evaluation's).
+
+On LLaVA-OneVision (SigLIP, no [CLS]; no official code) each crop of an image and each frame of a video
+keeps ``tokens`` tokens by the same selection, packed as VisionZip packs OneVision
+(:func:`reduce_images_without_cls`); the relevance comes from ``scorer=``.
 """
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 

@@ -17,8 +17,9 @@ hidden states of CLIP's second-to-last layer, the layer LLaVA feeds to its langu
   taken from the output of the model's feature layer and passed through the model's projector.
   The paper's budgets on LLaVA-1.5's 576 patches: 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30.
 
-Towers without a class token: the official code supports CLIP towers (LLaVA-1.5 / NeXT) only and
-reads the [CLS] row of the attention; vitcompress's adapter refuses a tower without [CLS].
+Towers without a class token (LLaVA-OneVision's SigLIP; the official code has CLIP / LLaVA only):
+the dominant patches are those receiving the most attention (:func:`received_attention`, over heads
+and all queries), ``dominant`` of them; images and videos packed by :func:`onevision_tokens`.
 LLaVA-NeXT / NeXT-Video images (:func:`anyres_tokens`): every crop is reduced alike and the image is
 packed as the official code packs it -- the base crop's tokens, the grid crops' dominant tokens on the
 whole grid in raster order (no unpadding, no newlines), every grid crop's [CLS], every grid crop's
