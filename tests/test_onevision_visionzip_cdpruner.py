@@ -209,7 +209,7 @@ def row_alone(inputs, b):
     return dict(one, input_ids=inputs["input_ids"][b][keep][None])
 
 
-@pytest.mark.parametrize("method", ["visionzip", "cdpruner"])
+@pytest.mark.parametrize("method", ["visionzip", pytest.param("cdpruner", marks=pytest.mark.slow)])
 def test_batch_rows_match_rows_alone(model, method):
     """A padded batch of two images of different sizes (and crop counts) keeps, per image, what the image
     keeps alone, and generates the same tokens; each row gets its own question."""
@@ -231,7 +231,7 @@ def test_batch_rows_match_rows_alone(model, method):
         assert torch.equal(gen[b, -3:], out[0, -3:])
 
 
-@pytest.mark.parametrize("method", ["visionzip", "cdpruner"])
+@pytest.mark.parametrize("method", [pytest.param("visionzip", marks=pytest.mark.slow), "cdpruner"])
 def test_images_of_a_multi_image_sample_are_one_crop_each_and_keep_their_newline(model, method):
     """``batch_num_images``: the model encodes each image of a two-image sample as one crop followed by
     its newline token; each keeps the budget of one crop and the newline, as the model's own last token."""
