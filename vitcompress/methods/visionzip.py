@@ -197,12 +197,15 @@ class VisionZip(LlavaMethod):
 
 def received_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
     """``q``, ``k`` ``[B, N, H * d]`` of a tower without [CLS] -> the softmax attention each token
-    receives, averaged over the heads, then over the N queries ``[B, N]``: the dominant-token score
-    where there is no [CLS] row to read."""
+    receives, averaged over the N queries and the heads ``[B, N]``: the dominant-token score where
+    there is no [CLS] row to read. One head at a time: ``[B, N, N]`` in memory, not ``[B, H, N, N]``."""
     B, N, _ = q.shape
-    q, k = (x.reshape(B, N, num_heads, -1).transpose(1, 2) for x in (q, k))
-    attention = ((q @ k.transpose(-1, -2)) * scale).softmax(dim=-1, dtype=torch.float32)
-    return attention.mean(dim=1).mean(dim=1)
+    q, k = (x.reshape(B, N, num_heads, -1) for x in (q, k))
+    received = torch.zeros(B, N, dtype=torch.float32, device=q.device)
+    for head in range(num_heads):
+        scores = (q[:, :, head] @ k[:, :, head].transpose(1, 2)) * scale
+        received += scores.softmax(dim=-1, dtype=torch.float32).mean(dim=1)
+    return received / num_heads
 
 
 def visionzip_tokens_without_cls(attention: Tensor, keys: Tensor, hidden: Tensor, dominant: int,
