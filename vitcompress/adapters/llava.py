@@ -174,7 +174,8 @@ class LlavaAdapter:
         if not _FAMILIES[self.family_name]["vit"]:
             raise TypeError(f"ViT method {spec.name!r} inside the tower is supported on LlavaForConditionalGeneration "
                             f"only: {self.family_name} needs the full patch grid after the tower (anyres "
-                            "unpadding, video pooling); use tokencorr or quota on it")
+                            "unpadding, video pooling); use a method that reduces after the tower "
+                            "(vitcompress.supported(model) lists them)")
         if not isinstance(self.config.vision_feature_layer, int):
             raise ValueError("a ViT method inside the tower needs one vision_feature_layer (an int): hidden "
                              "states of different layers have different token counts once tokens are reduced")
