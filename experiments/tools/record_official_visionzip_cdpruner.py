@@ -7,6 +7,7 @@ checks in every run.
     pip install --target /tmp/tf437_site --no-deps transformers==4.37.2 tokenizers==0.15.1 huggingface_hub==0.20.3
     python experiments/tools/record_official_visionzip_cdpruner.py --fetch /tmp/official_vzcd
     python experiments/tools/record_official_visionzip_cdpruner.py --official-dir /tmp/official_vzcd
+    python experiments/tools/record_official_visionzip_cdpruner.py --official-dir /tmp/official_vzcd --onevision
 
 This process builds the tiny random-weight models of ``vitcompress.testing`` and their inputs with the
 project's transformers, then runs the official code in a second Python process on ``--tf4-site`` (the
@@ -31,6 +32,10 @@ weights go across in a temporary file); nothing of the official code is stored. 
   ``tiny_llava_clip``'s (loaded into ``CLIPTextModelWithProjection``), the tokenizer ``char_tokenizer``.
   Shim: ``torch.cuda.Stream`` / ``stream`` / ``synchronize`` are no-ops (the tower's forward runs its image
   and text encoders on two CUDA streams), and ``self`` is a namespace (``get_model()``, ``visual_token_num``).
+* ``--onevision`` (``tests/data/official_onevision_cdpruner.pt``): CDPruner has no LLaVA-OneVision code; its
+  ``encode_images`` on each image's crops and each video's frames of ``tiny_llava_onevision_siglip()`` (12
+  tokens per crop / frame), the tower a function returning the SigLIP feature layer with the patch and question
+  embeddings of ``projection_embeddings`` (``official_cdpruner_onevision``): the index masks.
 """
 from __future__ import annotations
 
