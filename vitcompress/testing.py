@@ -544,3 +544,61 @@ def tiny_internvl_lm(layers=8):
         image_token_id=INTERNVL_IMAGE_TOKEN, image_seq_length=INTERNVL_TILE_TOKENS))
     model.set_attn_implementation("sdpa")
     return model.eval()
+# ---------------------------------------------------------------- LLaVA-OneVision with SigLIP (visionzip, cdpruner)
+
+#: crops of 36 x 36 pixels, 9 x 9 patches (odd, as the released 27 x 27); grids up to 3 x 4 crops, more
+#: than anyres_max_9 keeps, so the model downsamples the largest image
+ONEVISION_SIGLIP_PINPOINTS = [[36, 72], [72, 36], [72, 72], [108, 144]]
+
+
+def tiny_llava_onevision_siglip():
+    """A random LLaVA-OneVision shaped as released: a SigLIP tower without [CLS] (4 layers, 9 x 9 patches
+    per crop), the output of its last layer as features, every token of it (``"full"``)."""
+    from transformers import (LlamaConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                              SiglipVisionConfig)
+
+    vision = dict(LLAVA_VISION, image_size=36)
+    vision.pop("projection_dim")
+    torch.manual_seed(0)
+    return LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**vision), text_config=LlamaConfig(**LLAVA_TEXT),
+        image_token_index=LLAVA_IMAGE_TOKEN, video_token_index=LLAVA_VIDEO_TOKEN,
+        image_grid_pinpoints=ONEVISION_SIGLIP_PINPOINTS, vision_feature_layer=-1,
+        vision_feature_select_strategy="full")).eval()
+
+
+def onevision_siglip_inputs(model, video=True):
+    """Two prompts: a 40 x 60 image (1 x 2 crop grid) and a 100 x 130 one (3 x 4, downsampled by the
+    model to anyres_max_9), and with ``video`` a 4-frame video each."""
+    pixels = torch.randn(2, 13, 3, 36, 36, generator=torch.Generator().manual_seed(17))
+    sizes = torch.tensor([[40, 60], [100, 130]])
+    kw = dict(pixel_values=pixels, image_sizes=sizes)
+    with torch.no_grad():
+        counts = [f.shape[0] for f in model.model.get_image_features(pixels, sizes).pooler_output]
+    rows = [[1, 5] + [LLAVA_IMAGE_TOKEN] * counts[0] + [7, 8], [1, 6] + [LLAVA_IMAGE_TOKEN] * counts[1] + [9]]
+    if video:
+        kw["pixel_values_videos"] = torch.randn(2, 4, 3, 36, 36, generator=torch.Generator().manual_seed(18))
+        with torch.no_grad():
+            per_video = model.model.get_video_features(kw["pixel_values_videos"]).pooler_output.shape[1]
+        rows = [r + [3] + [LLAVA_VIDEO_TOKEN] * per_video + [4] for r in rows]
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    return dict(input_ids=ids, attention_mask=mask, **kw)
+
+
+def projection_embeddings(patches, question):
+    """A stand-in for an image-text model without a CLIP text tower: patch embeddings ``patches @ W``
+    ``[crops, N, 16]`` and the question's embedding (the mean of a random table's rows for its
+    characters) ``[1, 16]``, both random but fixed."""
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(patches.shape[-1], 16, generator=generator)
+    table = torch.randn(128, 16, generator=generator)
+    return patches.float() @ weight, table[[ord(ch) % 128 for ch in question]].mean(dim=0, keepdim=True)
+
+
+def projection_scorer(patches, question):
+    """CDPruner's ``scorer=`` from :func:`projection_embeddings`: cosine similarity ``[crops, N, 1]``."""
+    image, text = projection_embeddings(patches, question)
+    image = image / image.norm(dim=-1, keepdim=True)
+    return image @ (text / text.norm(dim=-1, keepdim=True)).t()

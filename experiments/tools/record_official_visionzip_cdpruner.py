@@ -7,6 +7,7 @@ checks in every run.
     pip install --target /tmp/tf437_site --no-deps transformers==4.37.2 tokenizers==0.15.1 huggingface_hub==0.20.3
     python experiments/tools/record_official_visionzip_cdpruner.py --fetch /tmp/official_vzcd
     python experiments/tools/record_official_visionzip_cdpruner.py --official-dir /tmp/official_vzcd
+    python experiments/tools/record_official_visionzip_cdpruner.py --official-dir /tmp/official_vzcd --onevision
 
 This process builds the tiny random-weight models of ``vitcompress.testing`` and their inputs with the
 project's transformers, then runs the official code in a second Python process on ``--tf4-site`` (the
@@ -31,6 +32,10 @@ weights go across in a temporary file); nothing of the official code is stored. 
   ``tiny_llava_clip``'s (loaded into ``CLIPTextModelWithProjection``), the tokenizer ``char_tokenizer``.
   Shim: ``torch.cuda.Stream`` / ``stream`` / ``synchronize`` are no-ops (the tower's forward runs its image
   and text encoders on two CUDA streams), and ``self`` is a namespace (``get_model()``, ``visual_token_num``).
+* ``--onevision`` (``tests/data/official_onevision_cdpruner.pt``): CDPruner has no LLaVA-OneVision code; its
+  ``encode_images`` on each image's crops and each video's frames of ``tiny_llava_onevision_siglip()`` (12
+  tokens per crop / frame), the tower a function returning the SigLIP feature layer with the patch and question
+  embeddings of ``projection_embeddings`` (``official_cdpruner_onevision``): the index masks.
 """
 from __future__ import annotations
 
@@ -190,6 +195,9 @@ def official_cdpruner(root: str, blob: dict) -> dict:
 
 def official_step(root: str, blob_path: str, out_path: str) -> None:
     blob = torch.load(blob_path, weights_only=False)
+    if "onevision" in blob:
+        torch.save(official_cdpruner_onevision(root, blob["onevision"]), out_path)
+        return
     torch.save(dict(visionzip=official_visionzip(root, blob), cdpruner=official_cdpruner(root, blob)), out_path)
 
 
@@ -255,12 +263,89 @@ def main(argv=None) -> int:
         return 0
     parser = official_repos.arguments(__doc__, REPOS, DEFAULT_OUT, "unused (the inputs are fixed)")
     parser.add_argument("--tf4-site", default="/tmp/tf437_site", help="where transformers 4.37.2 is installed")
+    parser.add_argument("--onevision", action="store_true", help=f"record CDPruner on LLaVA-OneVision's crops and "
+                        f"frames instead (default --out {os.path.relpath(ONEVISION_OUT, _ROOT)})")
     args = parser.parse_args(argv)
+    if args.onevision:
+        out = ONEVISION_OUT if args.out == DEFAULT_OUT else args.out
+        data = record_onevision(official_repos.official_root(args, REPOS), out, args.tf4_site)
+        print(f"recorded CDPruner on {len(data['images'])} OneVision images and {len(data['videos'])} videos into "
+              f"{out} ({os.path.getsize(out)} bytes)")
+        return 0
     data = record(official_repos.official_root(args, REPOS), args.out, args.tf4_site)
     cases = len(data["visionzip"]["llava"]) + 1, len(data["cdpruner"]["llava"]) + 1
     print(f"recorded {cases[0]} VisionZip and {cases[1]} CDPruner cases from "
           f"{ {k: v[:8] for k, v in data['commits'].items()} } into {args.out} ({os.path.getsize(args.out)} bytes)")
     return 0
+
+
+# ------------------------------------------------------------------ LLaVA-OneVision (SigLIP, no [CLS]): CDPruner
+ONEVISION_OUT = os.path.join(_ROOT, "tests", "data", "official_onevision_cdpruner.pt")
+ONEVISION_TOKENS = 12
+ONEVISION_QUESTIONS = ["what is shown?", "where is the red car?"]
+
+
+def onevision_blob() -> dict:
+    """``tiny_llava_onevision_siglip()``: per image (its crops) and per video (its frames), the tower's
+    feature layer and, from ``projection_embeddings``, the patch and question embeddings of the
+    sample's question; the projector's weights."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    from vitcompress.testing import onevision_siglip_inputs, projection_embeddings, tiny_llava_onevision_siglip
+
+    model = tiny_llava_onevision_siglip()
+    inputs = onevision_siglip_inputs(model)
+    config, projector = model.config, model.model.multi_modal_projector
+
+    def case(pixels, question):
+        with torch.no_grad():
+            features = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
+        image_embeds, text_embeds = projection_embeddings(features, question)
+        return dict(features=features, image_embeds=image_embeds, text_embeds=text_embeds, question=question)
+
+    crops = [image_size_to_num_patches(image_size=s, grid_pinpoints=config.image_grid_pinpoints,
+                                       patch_size=config.vision_config.image_size) for s in inputs["image_sizes"]]
+    return dict(tokens=ONEVISION_TOKENS, questions=ONEVISION_QUESTIONS,
+                projector={"0.weight": projector.linear_1.weight, "0.bias": projector.linear_1.bias,
+                           "2.weight": projector.linear_2.weight, "2.bias": projector.linear_2.bias},
+                images=[case(px[:n], q) for px, n, q in zip(inputs["pixel_values"], crops, ONEVISION_QUESTIONS)],
+                videos=[case(px, q) for px, q in zip(inputs["pixel_values_videos"], ONEVISION_QUESTIONS)])
+
+
+def official_cdpruner_onevision(root: str, blob: dict) -> dict:
+    """CDPruner has no LLaVA-OneVision code: its LLaVA ``encode_images`` (the conditional DPP) on each
+    image's crops / video's frames, one call each. Shim: the vision tower is a function returning the
+    recorded SigLIP features with the patch and question embeddings (where the official CLIP tower
+    returns its own; its text tower has no SigLIP counterpart here), ``mm_projector`` OneVision's."""
+    _llava_package(root)
+    arch = importlib.import_module("llava.model.llava_arch")
+    projector = _projector(blob["projector"])
+    out = {}
+    for unit in ("images", "videos"):
+        out[unit] = []
+        for case in blob[unit]:
+            def tower(images, texts=None, case=case):
+                return case["features"], case["image_embeds"], case["text_embeds"]
+            model = types.SimpleNamespace(get_vision_tower=lambda tower=tower: tower, mm_projector=projector)
+            shim = types.SimpleNamespace(get_model=lambda model=model: model, visual_token_num=blob["tokens"])
+            _, masks = arch.LlavaMetaForCausalLM.encode_images(shim, case["features"], texts=case["question"])
+            out[unit].append(masks)
+    return out
+
+
+def record_onevision(root: str, out: str, tf4_site: str) -> dict:
+    blob = onevision_blob()
+    with tempfile.TemporaryDirectory() as tmp:
+        blob_path, result_path = os.path.join(tmp, "in.pt"), os.path.join(tmp, "out.pt")
+        torch.save(dict(onevision=blob), blob_path)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([tf4_site, _HERE]))
+        subprocess.run([sys.executable, __file__, "--official-step", root, blob_path, result_path], env=env,
+                       check=True)
+        result = torch.load(result_path, weights_only=False)
+    commit = subprocess.run(["git", "-C", os.path.join(root, "CDPruner"), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or CD_COMMIT
+    data = dict(commits={"CDPruner": commit}, tokens=blob["tokens"], questions=blob["questions"], **result)
+    return official_repos.save(data, out)
 
 
 if __name__ == "__main__":

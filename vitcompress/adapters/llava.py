@@ -22,7 +22,9 @@ What reduces where:
   LLaVA-NeXT / NeXT-Video anyres crops (kept in the model's unpadded, newline-separated layout: a
   row's newline token stays when a token of its row does). Frame-assignment methods
   (``unit="video"``, QuoTA) reduce the frames of each video of NeXT-Video and OneVision, or the
-  images of one sample of LLaVA-1.5 taken as the frames of a video.
+  images of one sample of LLaVA-1.5 taken as the frames of a video. On OneVision (a SigLIP tower
+  without [CLS]) crop methods that read such towers (visionzip, cdpruner) reduce each image's crops
+  and each video's frames (``frames_as_crops``), on the full patch grid; the methods pack them.
 * ``target="vit"`` methods (tome, pitome, zero_tprune) run inside the CLIP vision tower through
   the HF CLIP adapter, on LLaVA-1.5 (whose features are the selected hidden state minus CLS, any
   length): the placeholders follow the shorter tower output. The anyres and video variants need
@@ -31,7 +33,7 @@ What reduces where:
 Requirements: transformers >= 5 (the ``mm_encoder_outputs`` argument of ``forward``); older
 versions, which merged features inside ``forward`` (``_merge_input_ids_with_image_features``) or
 had no way to hand pre-encoded features in, are refused with the version found. tokencorr needs a
-vision tower with a [CLS] token (CLIP).
+vision tower with a [CLS] token (CLIP); crop methods on OneVision need one without (SigLIP, as released).
 """
 import inspect
 import math
@@ -59,7 +61,7 @@ _FAMILIES = {
     "LlavaNextVideoForConditionalGeneration": dict(anyres=True, modalities=("image", "video"), video_tensor=False,
                                                    vit=False, crop="image", video="video"),
     "LlavaOnevisionForConditionalGeneration": dict(anyres=True, modalities=("image", "video"), video_tensor=True,
-                                                   vit=False, crop=None, video="video"),
+                                                   vit=False, crop="image", video="video"),
 }
 _PIXELS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
@@ -112,6 +114,8 @@ class LlavaAdapter:
         pad = getattr(self.config, "pad_token_id", None)
         self.pad_token_id = pad if pad is not None else (getattr(text, "pad_token_id", None) or 0)
         self.variant = "clip" if type(self.tower).__name__.startswith("CLIP") else None
+        onevision = self.family_name == "LlavaOnevisionForConditionalGeneration"
+        self.frames_as_crops = ("video",) if onevision else ()  # a crop method reduces each frame as a crop
 
     # ---------------------------------------------------------------- compress() hooks
     def make_runtime(self, spec, options, budget, common) -> LlavaRuntime:
@@ -127,21 +131,28 @@ class LlavaAdapter:
         taps = self._tower_taps(spec, options) if spec.unit == "crop" else None
         return LlavaRuntime(self, spec, options, budget, taps=taps)
 
+    def _class_token(self) -> bool:
+        return hasattr(getattr(self.tower_inner, "embeddings", None), "class_embedding")
+
     def _tower_taps(self, spec, options) -> TowerTaps:
-        """The tower's q/k in the layers a crop method reads (it needs a tower with a [CLS] token)."""
-        inner = self.tower_inner
-        if self.tower_layers is None or not hasattr(getattr(inner, "embeddings", None), "class_embedding"):
+        """The tower's q/k in the layers a crop method reads: a tower with a [CLS] token, or one without
+        (OneVision's SigLIP) for a method that reads such towers (``reads_towers_without_cls``)."""
+        class_token = self._class_token()
+        if self.tower_layers is None or not (class_token or getattr(spec, "reads_towers_without_cls", False)):
             raise TypeError(f"{spec.name} reads the [CLS] attention of the vision tower; this "
                             f"{type(self.tower).__name__} has no [CLS] token (supported: CLIP vision towers)")
+        if self.family_name == "LlavaOnevisionForConditionalGeneration" and class_token:
+            raise TypeError(f"{spec.name} reduces the image crops of a LlavaOnevision with a vision tower without "
+                            f"[CLS] (SigLIP, as every released checkpoint); this one has a {type(self.tower).__name__}")
         layers = spec.tower_layers(options, len(self.tower_layers))  # fails now for a layer the tower lacks
         strategy = self.config.vision_feature_select_strategy
-        if _FAMILIES[self.family_name]["anyres"] and strategy != "default":
-            raise ValueError(f"{spec.name} on anyres crops needs vision_feature_select_strategy='default' "
-                             f"(got {strategy!r})")
+        if _FAMILIES[self.family_name]["anyres"] and strategy != ("default" if class_token else "full"):
+            raise ValueError(f"{spec.name} on anyres crops needs vision_feature_select_strategy="
+                             f"{'default' if class_token else 'full'!r} (got {strategy!r})")
         if spec.reads_features:
             layers = tuple(layers) + (self._feature_layer(spec),)
         attention = [self.tower_layers[i].self_attn for i in layers]
-        return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(layers, attention)])
+        return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(layers, attention)], class_token=class_token)
 
     def _feature_layer(self, spec) -> int:
         """The encoder layer whose output the model projects (``vision_feature_layer`` indexes the
@@ -150,9 +161,10 @@ class LlavaAdapter:
         if not isinstance(selected, int) or not 1 <= selected % (len(self.tower_layers) + 1):
             raise ValueError(f"{spec.name} reads the features of one encoder layer: vision_feature_layer must be "
                              f"an int naming a layer's output, got {selected!r}")
-        if self.config.vision_feature_select_strategy != "default":
-            raise ValueError(f"{spec.name} needs vision_feature_select_strategy='default' (patch tokens only), got "
-                             f"{self.config.vision_feature_select_strategy!r}")
+        patches_only = "default" if self._class_token() else "full"  # without [CLS] "default" would drop a patch
+        if self.config.vision_feature_select_strategy != patches_only:
+            raise ValueError(f"{spec.name} needs vision_feature_select_strategy={patches_only!r} (patch tokens only), "
+                             f"got {self.config.vision_feature_select_strategy!r}")
         return selected % (len(self.tower_layers) + 1) - 1
 
     def _vit_runtime(self, spec, options, budget, common):
@@ -162,7 +174,8 @@ class LlavaAdapter:
         if not _FAMILIES[self.family_name]["vit"]:
             raise TypeError(f"ViT method {spec.name!r} inside the tower is supported on LlavaForConditionalGeneration "
                             f"only: {self.family_name} needs the full patch grid after the tower (anyres "
-                            "unpadding, video pooling); use tokencorr or quota on it")
+                            "unpadding, video pooling); use a method that reduces after the tower "
+                            "(vitcompress.supported(model) lists them)")
         if not isinstance(self.config.vision_feature_layer, int):
             raise ValueError("a ViT method inside the tower needs one vision_feature_layer (an int): hidden "
                              "states of different layers have different token counts once tokens are reduced")
@@ -269,12 +282,28 @@ class LlavaAdapter:
         vc = self.config.vision_config
         crops = [self.num_crops(image_size=s, grid_pinpoints=self.config.image_grid_pinpoints, patch_size=vc.image_size)
                  for s in sizes]
+        onevision = self.family_name == "LlavaOnevisionForConditionalGeneration"
+        if onevision and inputs.get("batch_num_images") is not None:  # the model's rule: an image of a
+            per_image = [c for c in inputs["batch_num_images"].tolist() for _ in range(c)]  # multi-image sample
+            crops = [n if c == 1 else 1 for n, c in zip(crops, per_image)]  # is one crop
         index = [torch.arange(n * num_patches, dtype=torch.float64, device=device).reshape(n, num_patches, 1)
                  for n in crops]
         newline = torch.full((1,), -1.0, dtype=torch.float64, device=device)
-        packed, _ = self.base.pack_image_features(index, sizes, vision_feature_select_strategy="default",
-                                                  image_newline=newline)
+        if onevision:  # the unpadded layout before anyres_max's downsampling (the methods read its crop grid)
+            packed, _ = self.base.pack_image_features(index, sizes, image_newline=newline,
+                                                      vision_aspect_ratio=f"anyres_max_{10 ** 9}")
+        else:
+            packed, _ = self.base.pack_image_features(index, sizes, vision_feature_select_strategy="default",
+                                                      image_newline=newline)
         return [(p.reshape(-1).long(), n) for p, n in zip(packed, crops)]
+
+    def frame_layouts(self, inputs) -> List[Tuple[Tensor, int]]:
+        """OneVision videos for a crop method: per video, its frames as crops in sequence (``frame * N +
+        patch``, the full patch grid before the model's 2 x 2 pooling) and the video's one newline (-1)."""
+        pixels = inputs["pixel_values_videos"]
+        frames, num_patches = pixels.shape[1], self._patches_per_crop()
+        layout = torch.cat([torch.arange(frames * num_patches), torch.tensor([-1])]).to(pixels.device)
+        return [(layout, frames)] * pixels.shape[0]
 
     def video_units(self, modality: str, inputs, pooled):
         """Per image / video: its frames' pixels ``[F, 3, H, W]``, its frames' token grids

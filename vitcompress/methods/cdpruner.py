@@ -28,12 +28,17 @@ patch grid; the model then unpads the grid, and every row's newline token stays 
 code). With a batch the official code embeds every sample's question together and normalises the
 relevance over the whole batch; here each image uses its own sample's question and its own crops
 (the same at batch size 1, the official evaluation's).
+
+On LLaVA-OneVision (SigLIP, no [CLS]; no official code) each crop of an image and each frame of a video
+keeps ``tokens`` tokens by the same selection, packed as VisionZip packs OneVision
+(:func:`reduce_images_without_cls`); the relevance comes from ``scorer=``.
 """
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..interfaces import LlavaMethod
+from .visionzip import onevision_tokens
 
 Tensor = torch.Tensor
 
@@ -119,6 +124,7 @@ class CDPruner(LlavaMethod):
     target = "llava"
     unit = "crop"
     reads_features = True
+    reads_towers_without_cls = True  # LLaVA-OneVision's SigLIP: reduce_images_without_cls
     needs_question = True
     defaults = {"tokens": 64, "clip": None, "tokenizer": None, "scorer": None}
     option_help = {
@@ -170,6 +176,8 @@ class CDPruner(LlavaMethod):
     def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
                       options: Dict[str, Any], questions: Optional[Sequence[str]] = None,
                       project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        if not taps[0].class_token:
+            return reduce_images_without_cls(self, images, layouts, taps, options, questions, project)
         (features,) = taps
         if features.cells is not None:  # InternVL: tokens of 2 x 2 patches, no [CLS] token handed on
             return reduce_cell_crops(self, images, layouts, features, options, questions)
@@ -208,4 +216,23 @@ def reduce_cell_crops(method: CDPruner, images: Sequence[Tensor], layouts: Seque
         rows = torch.arange(crops, device=kept.device)[:, None]
         reduced.append(projected[rows, kept.to(projected.device)].reshape(-1, tokens.shape[-1]))
         reports.append({"kept": [k.tolist() for k in kept]})
+def reduce_images_without_cls(method, images, layouts, taps, options, questions, project):
+    """:meth:`CDPruner.reduce_images` on a tower without [CLS] (LLaVA-OneVision's SigLIP): each crop keeps
+    ``tokens`` of its patches (:func:`select_tokens` on its full grid; a video's frame is a crop), packed as
+    VisionZip packs OneVision (:func:`~vitcompress.methods.visionzip.onevision_tokens`: base crop, grid
+    crops in raster order, no unpadding / anyres_max downsampling / newlines; a one-crop image and a
+    video: crops in sequence and the newline)."""
+    (features,) = taps
+    reduced, reports, first = [], [], 0
+    for image, (layout, crops), question in zip(images, layouts, questions):
+        with torch.no_grad():
+            patches = features.hidden[first:first + crops]
+            first += crops
+            projected = project(patches)
+            kept = select_tokens(projected, method.similarity(options, patches, question), options["tokens"])
+            tokens = torch.gather(projected, 1, kept[..., None].expand(-1, -1, projected.shape[-1]))
+        N = patches.shape[1]
+        reduced.append(onevision_tokens(tokens, kept, layout, N, image[-1:]).to(image.dtype))  # [-1]: a newline
+        reports.append({"kept": [k.tolist() for k in kept] if crops > 1 else kept[0].tolist(),
+                        "newline_tokens": int(layout.numel() == crops * N + 1)})
     return reduced, reports

@@ -17,8 +17,9 @@ hidden states of CLIP's second-to-last layer, the layer LLaVA feeds to its langu
   taken from the output of the model's feature layer and passed through the model's projector.
   The paper's budgets on LLaVA-1.5's 576 patches: 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30.
 
-Towers without a class token: the official code supports CLIP towers (LLaVA-1.5 / NeXT) only and
-reads the [CLS] row of the attention; vitcompress's adapter refuses a tower without [CLS].
+Towers without a class token (LLaVA-OneVision's SigLIP; the official code has CLIP / LLaVA only):
+the dominant patches are those receiving the most attention (:func:`received_attention`, over heads
+and all queries), ``dominant`` of them; images and videos packed by :func:`onevision_tokens`.
 LLaVA-NeXT / NeXT-Video images (:func:`anyres_tokens`): every crop is reduced alike and the image is
 packed as the official code packs it -- the base crop's tokens, the grid crops' dominant tokens on the
 whole grid in raster order (no unpadding, no newlines), every grid crop's [CLS], every grid crop's
@@ -127,6 +128,7 @@ class VisionZip(LlavaMethod):
     target = "llava"
     unit = "crop"
     reads_features = True
+    reads_towers_without_cls = True  # LLaVA-OneVision's SigLIP: reduce_images_without_cls
     defaults = {"dominant": 54, "contextual": 10, "layer": -2}
     family_defaults = {"internvl": {"layer": -1}}  # InternVL feeds the LM the last layer (LLaVA: the second-to-last)
     option_help = {
@@ -162,6 +164,8 @@ class VisionZip(LlavaMethod):
 
     def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
                       options: Dict[str, Any], project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        if not taps[0].class_token:
+            return reduce_images_without_cls(images, layouts, taps, options, project)
         attention, features = taps
         if attention.cells is not None:  # InternVL: tokens of 2 x 2 patches, no [CLS] token handed on
             return reduce_cell_crops(images, layouts, attention, features, options, project)
@@ -241,4 +245,80 @@ def reduce_cell_crops(images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, 
                                    "contextual": choice["contextual"][c].tolist(),
                                    "merged": torch.stack([choice["merged"][c], choice["joined"][c]], dim=1).tolist()}
                                   for c in span]})
+# ---------------------------------------------------------------- towers without [CLS] (LLaVA-OneVision's SigLIP)
+
+
+def received_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:
+    """``q``, ``k`` ``[B, N, H * d]`` of a tower without [CLS] -> the softmax attention each token
+    receives, averaged over the N queries and the heads ``[B, N]``: the dominant-token score where
+    there is no [CLS] row to read. One head at a time: ``[B, N, N]`` in memory, not ``[B, H, N, N]``."""
+    B, N, _ = q.shape
+    q, k = (x.reshape(B, N, num_heads, -1) for x in (q, k))
+    received = torch.zeros(B, N, dtype=torch.float32, device=q.device)
+    for head in range(num_heads):
+        scores = (q[:, :, head] @ k[:, :, head].transpose(1, 2)) * scale
+        received += scores.softmax(dim=-1, dtype=torch.float32).mean(dim=1)
+    return received / num_heads
+
+
+def visionzip_tokens_without_cls(attention: Tensor, keys: Tensor, hidden: Tensor, dominant: int,
+                                 contextual: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """:func:`visionzip_tokens` without [CLS]: ``attention[B, N]`` received, ``keys[B, N, d]``,
+    ``hidden[B, N, C]`` -> tokens ``[B, dominant + contextual, C]`` (``dominant`` patches) and the choice."""
+    with_placeholder = torch.cat([hidden[:, :1], hidden], dim=1)  # a first row where [CLS] would be, dropped
+    tokens, choice = visionzip_tokens(attention, keys, with_placeholder, dominant + 1, contextual)
+    return tokens[:, 1:], choice
+
+
+def raster_order(patches: Tensor, columns: int, num_patches: int) -> Tensor:
+    """``patches[crops, d]``, patch indices of each crop of a grid ``columns`` crops wide -> the order
+    sorting the ``crops * d`` of them in the raster order of the whole grid."""
+    side = math.isqrt(num_patches)
+    crop = torch.arange(patches.shape[0], device=patches.device)[:, None]
+    row = (crop // columns) * side + patches // side
+    col = (crop % columns) * side + patches % side
+    return (row * (columns * side) + col).flatten().argsort()
+
+
+def onevision_tokens(tokens: Tensor, patches: Tensor, layout: Tensor, num_patches: int, newline: Tensor) -> Tensor:
+    """One LLaVA-OneVision image or video from its crops' kept tokens ``tokens[crops, n, D]`` (crop 0 the
+    base image), the first ``d`` of each crop at the patches ``patches[crops, d]``, the others not on the
+    grid (contextual). An anyres image (``layout``: the unpadded crop grid) is packed as the official
+    VisionZip packs a LLaVA-NeXT one, without [CLS]: the base crop's tokens, the grid crops' placed tokens
+    in the raster order of the whole grid (not unpadded, not downsampled to anyres_max, no newlines),
+    then the grid crops' other tokens. Crops in sequence (``layout``: ``crops * N`` patches and one
+    newline: a video's frames, or a one-crop image): each crop's tokens in turn, then ``newline[1, D]``."""
+    width = tokens.shape[-1]
+    if layout.numel() == tokens.shape[0] * num_patches + 1:
+        return torch.cat([tokens.reshape(-1, width), newline])
+    grid, d = tokens[1:], patches.shape[1]
+    placed = grid[:, :d].reshape(-1, width)[raster_order(patches[1:], crop_columns(layout, num_patches), num_patches)]
+    return torch.cat([tokens[0], placed, grid[:, d:].reshape(-1, width)])
+
+
+def reduce_images_without_cls(images, layouts, taps, options, project):
+    """:meth:`VisionZip.reduce_images` on a tower without [CLS]: ``dominant`` patches by
+    :func:`received_attention` (no [CLS] token kept), contextual tokens as with [CLS], packed by
+    :func:`onevision_tokens`."""
+    attention, features = taps
+    N = attention.k.shape[1]
+    dominant, contextual = options["dominant"], options["contextual"]
+    if dominant + contextual > N:
+        raise ValueError(f"dominant={dominant} + contextual={contextual} tokens need more than the {N} patches "
+                         "of a crop")
+    with torch.no_grad():
+        received = received_attention(attention.q, attention.k, attention.num_heads, attention.scale)
+        keys = attention.k.reshape(*attention.k.shape[:2], attention.num_heads, -1).mean(dim=2)
+        tokens, choice = visionzip_tokens_without_cls(received, keys, features.hidden, dominant, contextual)
+        projected = project(tokens)
+    reduced, reports, first = [], [], 0
+    for image, (layout, crops) in zip(images, layouts):
+        span = slice(first, first + crops)
+        first += crops
+        reduced.append(onevision_tokens(projected[span], choice["dominant"][span], layout, N,
+                                        image[-1:]).to(image.dtype))  # the model's last token: a newline
+        report = [{"kept": choice["dominant"][c].tolist(), "contextual": choice["contextual"][c].tolist(),
+                   "merged": torch.stack([choice["merged"][c], choice["joined"][c]], dim=1).tolist()}
+                  for c in range(span.start, span.stop)]
+        reports.append(dict(report[0], cls_tokens=0) if crops == 1 else {"crops": report, "cls_tokens": 0})
     return reduced, reports

@@ -40,7 +40,8 @@ class TappedAttention(NamedTuple):
     one call, with the layer's head count and softmax scale, and the layer's output ``hidden``
     ``[crops, 1 + N, C]``. ``cells``: None when each of the N patches becomes one visual token; else
     ``[M, G]``, the G patches each of a crop's M tokens is built from after the tower (InternVL's pixel
-    shuffle), in the order the model concatenates them."""
+    shuffle), in the order the model concatenates them. ``class_token``: False for a tower without
+    [CLS] (SigLIP): then the N patches are all the tokens, ``[crops, N, ...]``."""
 
     q: Tensor
     k: Tensor
@@ -48,6 +49,7 @@ class TappedAttention(NamedTuple):
     scale: float
     hidden: Optional[Tensor] = None
     cells: Optional[Tensor] = None
+    class_token: bool = True
 
 
 class TowerTaps:
@@ -59,11 +61,14 @@ class TowerTaps:
     is inside :meth:`run`. A forward of the tower anywhere else records nothing.
     """
 
-    def __init__(self, layers: Sequence[Tuple[int, int, float]], cells: Optional[Tensor] = None):
+    def __init__(self, layers: Sequence[Tuple[int, int, float]], cells: Optional[Tensor] = None,
+                 class_token: bool = True):
         """``layers``: ``(layer, num_heads, scale)`` in the order the method asked for them;
-        ``cells``: the patches of each visual token (:class:`TappedAttention`)."""
+        ``cells``: the patches of each visual token; ``class_token``: whether the tower has [CLS]
+        (:class:`TappedAttention`)."""
         self.layers = tuple(layers)
         self.cells = cells
+        self.class_token = class_token
         self._captured = PerThread()
 
     def hooked_layers(self) -> List[int]:
@@ -91,7 +96,7 @@ class TowerTaps:
         if missing:
             raise RuntimeError(f"the vision tower did not run its layers {missing} while encoding")
         return result, [TappedAttention(captured[layer, "q"], captured[layer, "k"], heads, scale,
-                                        captured.get((layer, "hidden")), self.cells)
+                                        captured.get((layer, "hidden")), self.cells, self.class_token)
                         for layer, heads, scale in self.layers]
 
 
@@ -157,7 +162,9 @@ class LlavaRuntime:
 
     def _reduce(self, modality, inputs, question, expansion):
         """-> (features in the model's format, tokens per unit before and after, per-unit stats)."""
-        if modality == self.reduced_modality and self.method.unit == "crop":
+        frames_as_crops = getattr(self.adapter, "frames_as_crops", ())  # OneVision videos: each frame a crop
+        crop_method = self.tower is None and self.method.unit == "crop"  # a ViT method in the tower has no unit
+        if crop_method and (modality == self.reduced_modality or modality in frames_as_crops):
             return self._reduce_crops(modality, inputs, expansion, question)
         features = self.adapter.encode(modality, inputs)
         if modality == self.reduced_modality:
@@ -177,8 +184,8 @@ class LlavaRuntime:
             context["questions"] = [questions[row] for row in rows]
         if self.method.reads_features:
             context["project"] = functools.partial(adapter.project, modality)
-        reduced, reports = self.method.reduce_images(images, adapter.crop_layouts(inputs), taps, self.options,
-                                                     **context)
+        layouts = adapter.crop_layouts(inputs) if modality == self.reduced_modality else adapter.frame_layouts(inputs)
+        reduced, reports = self.method.reduce_images(images, layouts, taps, self.options, **context)
         old, new = [f.shape[0] for f in images], [r.shape[0] for r in reduced]
         stats = [dict(report, tokens_before=o, tokens_after=n) for report, o, n in zip(reports, old, new)]
         return adapter.join_units(modality, reduced, expansion), old, new, stats
