@@ -216,6 +216,9 @@ def reduce_cell_crops(method: CDPruner, images: Sequence[Tensor], layouts: Seque
         rows = torch.arange(crops, device=kept.device)[:, None]
         reduced.append(projected[rows, kept.to(projected.device)].reshape(-1, tokens.shape[-1]))
         reports.append({"kept": [k.tolist() for k in kept]})
+    return reduced, reports
+
+
 def reduce_images_without_cls(method, images, layouts, taps, options, questions, project):
     """:meth:`CDPruner.reduce_images` on a tower without [CLS] (LLaVA-OneVision's SigLIP): each crop keeps
     ``tokens`` of its patches (:func:`select_tokens` on its full grid; a video's frame is a crop), packed as

@@ -245,6 +245,9 @@ def reduce_cell_crops(images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, 
                                    "contextual": choice["contextual"][c].tolist(),
                                    "merged": torch.stack([choice["merged"][c], choice["joined"][c]], dim=1).tolist()}
                                   for c in span]})
+    return reduced, reports
+
+
 # ---------------------------------------------------------------- towers without [CLS] (LLaVA-OneVision's SigLIP)
 
 
