@@ -527,3 +527,9 @@ def tiny_vlm_checkpoint(directory, family="qwen2"):
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
+
+
+def qwen_char_tokenizer(text):
+    """A stand-in tokenizer for the tiny Qwen-VL models' question (CDPruner's ``embedding_scorer``): one id per
+    character, below the image / video / vision ids."""
+    return {"input_ids": torch.tensor([[3 + ord(ch) % 90 for ch in t] for t in text])}
