@@ -6,7 +6,8 @@ official LLaVA functions (VisionZip 3151f6df ``CLIPVisionTower_VisionZip.forward
 with transformers' code (the attention each merged token receives in place of the [CLS] row, the keys, the
 merger's input and output, the question's embeddings). Re-record::
 
-    PYTHONPATH=$PWD python experiments/tools/record_official_qwen_visionzip_cdpruner.py --official-dir /tmp/official_vzcd
+    PYTHONPATH=$PWD python experiments/tools/record_official_qwen_visionzip_cdpruner.py \
+        --official-dir /tmp/official_vzcd
 """
 import os
 

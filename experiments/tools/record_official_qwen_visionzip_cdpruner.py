@@ -140,8 +140,9 @@ def image_signals(model, kind: str, pixel_values, grid, layer: int) -> list:
 
         window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
                                                   window_size=visual.window_size, patch_size=visual.patch_size)
+        in_windows = (window_index[:, None] * unit + torch.arange(unit)).flatten()  # tower slot -> patch
         tower_of_patch = torch.empty_like(tower_of_patch)
-        tower_of_patch[(window_index[:, None] * unit + torch.arange(unit)).flatten()] = torch.arange(len(tower_of_patch))
+        tower_of_patch[in_windows] = torch.arange(len(in_windows))
     heads, scale = block.attn.num_heads, block.attn.scaling
     qkv = seen["qkv"][tower_of_patch]
     cos, sin = (r[tower_of_patch][:, None] for r in seen["rope"])
@@ -183,8 +184,9 @@ def record(root: str, out: str, tf4_site: str) -> dict:
         result = torch.load(result_path, weights_only=False)
     commits = {name: subprocess.run(["git", "-C", os.path.join(root, name), "rev-parse", "HEAD"], capture_output=True,
                                     text=True).stdout.strip() or commit for name, (_, commit) in REPOS.items()}
+    signals = {key: {k: blob[key][k].clone() for k in ("attention", "keys")} for key in blob}
     data = dict(commits=commits, question=QUESTION, pixel_checksum=float(px["pixel_values"].double().sum()),
-                signals={key: {k: blob[key][k].clone() for k in ("attention", "keys")} for key in blob}, official=result)
+                signals=signals, official=result)
     return official_repos.save(data, out)
 
 
