@@ -13,8 +13,7 @@ from test_qwen_vl import BaseInputs, row_alone, unit_columns
 
 import vitcompress
 from vitcompress.methods import cdpruner
-from vitcompress.testing import (QWEN_IMAGE_TOKEN, QWEN_KINDS, qwen_char_tokenizer, qwen_vl_inputs,
-                                 tiny_qwen_vl)
+from vitcompress.testing import QWEN_IMAGE_TOKEN, QWEN_KINDS, qwen_char_tokenizer, qwen_vl_inputs, tiny_qwen_vl
 
 QUESTION = "what is on the left?"
 METHODS = ("visionzip", "cdpruner")
@@ -83,7 +82,8 @@ def test_budget_positions_generate_fused_attention_and_exact_restore(models, kin
     for unit, features, image in zip(stats["image"], call["features"]["image"], original):
         kept = len(unit["kept"])  # dominant tokens (visionzip) or all (cdpruner): the model's own tokens
         torch.testing.assert_close(features[:kept], image[unit["sources"][:kept]], atol=1e-5, rtol=1e-5)
-    # decoding continues at the uncompressed positions; generate: the caller's prompt, then tokens; the cache changes nothing
+    # decoding continues at the uncompressed positions; generate: the caller's prompt, then tokens; the cache
+    # changes nothing
     full_len, new_len = inputs["attention_mask"].sum(-1), call["attention_mask"].sum(-1)
     assert torch.equal(deltas[:, 0] + new_len, full_deltas[:, 0] + full_len)
     assert torch.equal(seen.calls[1]["input_ids"], call["input_ids"])
