@@ -16,6 +16,12 @@ patches), ``t * h * w / merge**2`` per image (``image_grid_thw``) or video (``vi
   the redundancy test) is its patches' keys (averaged over heads, before the rotary positions, so
   that equal content at two places counts as equal) concatenated in the merger's order, as the
   merger concatenates their features.
+* ``visionzip`` and ``cdpruner`` (no official Qwen-VL code: the official LLaVA rules on this tower's
+  pieces) reduce each image: VisionZip's dominant tokens by the received attention above (the layer
+  ``layer=``; ``-1`` is the one the merger reads), its keys above, and the merger's input as the
+  features it merges before the merger (:class:`~vitcompress.interfaces.TokenFeatures`, ``project`` =
+  the merger); CDPruner's similarity on the merger's output, its relevance from ``scorer=``. Each
+  token keeps its own M-RoPE position (a contextual token its target's: the report's ``sources``).
 * ``quota`` reduces each video: its frame groups (one per ``temporal_patch_size`` frames, a
   token grid ``h/merge x w/merge`` each) share the video's budget. The scorer sees each group's
   first frame, rebuilt from the processor's patches (normalised with CLIP's mean and std, as
@@ -27,7 +33,7 @@ patches), ``t * h * w / merge**2`` per image (``image_grid_thw``) or video (``vi
   ``rope_deltas``, so decoding continues at the uncompressed positions. Qwen3-VL: a drop layer must
   come after the layers that receive DeepStack features (they are added at the full prompt's visual
   positions).
-* Images pass unchanged under quota, videos under tokencorr; ViT methods inside the tower and
+* Images pass unchanged under quota, videos under tokencorr, visionzip and cdpruner; ViT methods inside the tower and
   any other method are refused with the methods that can run.
 
 Positions (M-RoPE). The 3-D ``position_ids`` of the full prompt are computed first, from the
