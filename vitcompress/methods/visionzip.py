@@ -18,7 +18,8 @@ hidden states of CLIP's second-to-last layer, the layer LLaVA feeds to its langu
   The paper's budgets on LLaVA-1.5's 576 patches: 64 = 54 + 10, 128 = 108 + 20, 192 = 162 + 30.
 
 Towers without a class token: the official code supports CLIP towers (LLaVA-1.5 / NeXT) only and
-reads the [CLS] row of the attention; vitcompress's adapter refuses a tower without [CLS].
+reads the [CLS] row of the attention; vitcompress's adapters refuse a tower without [CLS], except
+Qwen-VL's (:func:`merged_visionzip_tokens`: the attention each token receives in the [CLS] row's place).
 LLaVA-NeXT / NeXT-Video images (:func:`anyres_tokens`): every crop is reduced alike and the image is
 packed as the official code packs it -- the base crop's tokens, the grid crops' dominant tokens on the
 whole grid in raster order (no unpadding, no newlines), every grid crop's [CLS], every grid crop's
@@ -213,11 +214,11 @@ class VisionZip(LlavaMethod):
         return reduced, reports
 
 
-def merged_visionzip_tokens(attention: Tensor, keys: Tensor, hidden: Tensor, extra: Tensor, dominant: int,
+def merged_visionzip_tokens(attention: Tensor, keys: Tensor, hidden: Tensor, model_tokens: Tensor, dominant: int,
                             contextual: int, project) -> Tuple[Tensor, Dict[str, Tensor]]:
     """VisionZip on one image of a tower without [CLS] whose projector folds ``G`` patches into each
     token: ``attention[N]`` each token receives, token ``keys[N, d]``, the projector's input
-    ``hidden[N, G, C]``, the model's tokens ``extra[N, D (+ E)]`` -> tokens ``[dominant + contextual,
+    ``hidden[N, G, C]``, the model's tokens ``model_tokens[N, D (+ E)]`` -> tokens ``[dominant + contextual,
     D (+ E)]``: ``[dominant tokens in index order, contextual tokens]``, each ``project`` of its merged
     projector input (as the official code projects the merged feature-layer states), followed by its
     ``E`` channels past the projector's ``D`` (Qwen3-VL's DeepStack features) merged by the same rule.
@@ -225,12 +226,13 @@ def merged_visionzip_tokens(attention: Tensor, keys: Tensor, hidden: Tensor, ext
     N, G, C = hidden.shape
     top = dominant_patches(attention[None].float(), dominant)
     rest = remaining_patches(top, N)
-    both = torch.cat([hidden.reshape(N, G * C), extra.to(hidden.dtype)], dim=-1)  # merged alike
+    both = torch.cat([hidden.reshape(N, G * C), model_tokens.to(hidden.dtype)], dim=-1)  # merged alike
     rest_keys = keys[rest[0]][None].float()
     context, targets, joined = contextual_tokens(rest_keys, both[rest[0]][None], contextual)
     merged = torch.cat([both[top[0]], context[0]])
     projected = project(merged[:, :G * C].reshape(-1, G, C))
-    tokens = torch.cat([projected.to(extra.dtype), merged[:, G * C + projected.shape[-1]:].to(extra.dtype)], dim=-1)
+    past_projector = merged[:, G * C + projected.shape[-1]:]  # the channels after the model's own D
+    tokens = torch.cat([projected.to(model_tokens.dtype), past_projector.to(model_tokens.dtype)], dim=-1)
     others = torch.ones(rest.shape[1], dtype=torch.bool, device=rest.device)
     others[targets] = False
     target_patches = rest[0, targets]
