@@ -184,9 +184,8 @@ def record(root: str, out: str, tf4_site: str) -> dict:
         result = torch.load(result_path, weights_only=False)
     commits = {name: subprocess.run(["git", "-C", os.path.join(root, name), "rev-parse", "HEAD"], capture_output=True,
                                     text=True).stdout.strip() or commit for name, (_, commit) in REPOS.items()}
-    signals = {key: {k: blob[key][k].clone() for k in ("attention", "keys")} for key in blob}
     data = dict(commits=commits, question=QUESTION, pixel_checksum=float(px["pixel_values"].double().sum()),
-                signals=signals, official=result)
+                official=result)
     return official_repos.save(data, out)
 
 
