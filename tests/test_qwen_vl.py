@@ -363,7 +363,8 @@ def test_other_methods_are_refused_naming_those_that_run(models):
 
     spec = copy.copy(tokencorr.TokenCorr())
     spec.unit = "layer"  # a method of a unit Qwen-VL has no place for
-    with pytest.raises(TypeError, match="run on Qwen-VL are tokencorr .*, quota .* and fastv, pyramiddrop"):
+    with pytest.raises(TypeError,
+                       match="run on Qwen-VL are tokencorr, visionzip, cdpruner .*, quota .* and fastv, pyramiddrop"):
         QwenVLAdapter(model).make_runtime(spec, dict(spec.defaults), None, None)
     assert vitcompress.supported(model)["tokencorr"] is True and vitcompress.supported(model)["quota"] is True
     assert "K must be smaller" in vitcompress.supported(model)["fastv"]  # it runs on Qwen-VL, not on 2 layers

@@ -388,3 +388,14 @@ class LanguageModelMethod(LlavaMethod):
     def select(self, signals: DropSignals, keep: float, options: Dict[str, Any]) -> Tensor:
         """``[B, T]`` bool: the visual tokens of ``signals`` that stay (only visual ones count)."""
         raise NotImplementedError
+
+
+@dataclass
+class TokenFeatures:
+    """What a VLM's projector turns into each visual token, on a tower without a [CLS] token, for a
+    crop method that reads the features (:attr:`LlavaMethod.reads_features`; the last entry of
+    :meth:`LlavaMethod.reduce_images`' ``taps``): per image ``hidden[N, G, C]``, the ``G`` patch
+    features the projector folds into each of its ``N`` tokens, in the projector's order (Qwen-VL:
+    the 2 x 2 patches its merger concatenates). The ``project=`` of such a call takes ``[n, G, C]``."""
+
+    hidden: List[torch.Tensor]

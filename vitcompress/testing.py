@@ -602,3 +602,7 @@ def projection_scorer(patches, question):
     image, text = projection_embeddings(patches, question)
     image = image / image.norm(dim=-1, keepdim=True)
     return image @ (text / text.norm(dim=-1, keepdim=True)).t()
+def qwen_char_tokenizer(text):
+    """A stand-in tokenizer for the tiny Qwen-VL models' question (CDPruner's ``embedding_scorer``): one id per
+    character, below the image / video / vision ids."""
+    return {"input_ids": torch.tensor([[3 + ord(ch) % 90 for ch in t] for t in text])}

@@ -239,9 +239,11 @@ def _qwen_vl(kind: str) -> Family:
     name = {"qwen2": "Qwen2VL", "qwen2_5": "Qwen2_5_VL", "qwen3": "Qwen3VL"}[kind]
     return Family(f"transformers {version}", f"`{name}ForConditionalGeneration` (visual tokens after the merger)",
                   lambda: tiny_qwen_vl(kind, layers=8),  # room for fastv / dart after layer 2 and DeepStack's 2
-                  methods=("tokencorr", "quota", "fastv", "pyramiddrop", "dart"), kind="llava",
+                  methods=("tokencorr", "quota", "fastv", "pyramiddrop", "dart", "visionzip", "cdpruner"),
+                  kind="llava",
                   budgets={"tokencorr": {}, "quota": dict(keep=0.5, scorer=ramp_scorer), "fastv": {},
-                           "pyramiddrop": {}, "dart": {}},
+                           "pyramiddrop": {}, "dart": {}, "visionzip": dict(dominant=6, contextual=2, layer=-1),
+                           "cdpruner": dict(tokens=8, scorer=_relevance)},
                   prompt=lambda model: qwen_vl_inputs(model, kind))
 
 

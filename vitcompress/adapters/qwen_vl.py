@@ -16,6 +16,12 @@ patches), ``t * h * w / merge**2`` per image (``image_grid_thw``) or video (``vi
   the redundancy test) is its patches' keys (averaged over heads, before the rotary positions, so
   that equal content at two places counts as equal) concatenated in the merger's order, as the
   merger concatenates their features.
+* ``visionzip`` and ``cdpruner`` (no official Qwen-VL code: the official LLaVA rules on this tower's
+  pieces) reduce each image: VisionZip's dominant tokens by the received attention above (the layer
+  ``layer=``; ``-1`` is the one the merger reads), its keys above, and the merger's input as the
+  features it merges before the merger (:class:`~vitcompress.interfaces.TokenFeatures`, ``project`` =
+  the merger); CDPruner's similarity on the merger's output, its relevance from ``scorer=``. Each
+  token keeps its own M-RoPE position (a contextual token its target's: the report's ``sources``).
 * ``quota`` reduces each video: its frame groups (one per ``temporal_patch_size`` frames, a
   token grid ``h/merge x w/merge`` each) share the video's budget. The scorer sees each group's
   first frame, rebuilt from the processor's patches (normalised with CLIP's mean and std, as
@@ -27,7 +33,7 @@ patches), ``t * h * w / merge**2`` per image (``image_grid_thw``) or video (``vi
   ``rope_deltas``, so decoding continues at the uncompressed positions. Qwen3-VL: a drop layer must
   come after the layers that receive DeepStack features (they are added at the full prompt's visual
   positions).
-* Images pass unchanged under quota, videos under tokencorr; ViT methods inside the tower and
+* Images pass unchanged under quota, videos under tokencorr, visionzip and cdpruner; ViT methods inside the tower and
   any other method are refused with the methods that can run.
 
 Positions (M-RoPE). The 3-D ``position_ids`` of the full prompt are computed first, from the
@@ -48,7 +54,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..interfaces import TokenSignals
+from ..interfaces import TokenFeatures, TokenSignals
 from ..runtimes.language_model import LanguageModelParts, LanguageModelRuntime
 from ..runtimes.vlm import LlavaRuntime, TowerTaps
 from .common import family_class, patch_vlm_prefill
@@ -65,8 +71,8 @@ _VERSIONS = {
 _CLASSES = {f"transformers.models.{v['package']}.modeling_{v['package']}.{name}": name for name, v in _VERSIONS.items()}
 #: the modality a method of each unit reduces on Qwen-VL, and the methods of that unit
 _UNITS = {"crop": "image", "video": "video"}
-_CAN_RUN = ("tokencorr (each image, from the vision tower), quota (the frame groups of each video) and fastv, "
-            "pyramiddrop, dart (image and video tokens, inside the language model)")
+_CAN_RUN = ("tokencorr, visionzip, cdpruner (each image, from the vision tower), quota (the frame groups of each "
+            "video) and fastv, pyramiddrop, dart (image and video tokens, inside the language model)")
 _PIXELS = {"image": ("pixel_values", "image_grid_thw"), "video": ("pixel_values_videos", "video_grid_thw")}
 _QUERY_CHUNK = 1024  # queries per block of the attention a patch receives
 
@@ -116,10 +122,11 @@ class QwenTowerTaps(TowerTaps):
     per tapped layer its ``qkv`` output and rotary ``(cos, sin)``, and the tower's ``grid_thw``; turned
     into :class:`~vitcompress.interfaces.TokenSignals` per image (the module docstring says what)."""
 
-    def __init__(self, layers, merge: int, windows: Optional[Dict[str, int]] = None):
+    def __init__(self, layers, merge: int, windows: Optional[Dict[str, int]] = None, features: bool = False):
         super().__init__(layers)
         self.merge = merge
         self.windows = windows  # Qwen2.5-VL: window_size, patch_size (the tower's patch order)
+        self.features = features  # also the merger's input, as TokenFeatures after the signals
 
     def rope_hook(self, layer: int):
         return functools.partial(self._record_rope, layer)
@@ -137,6 +144,14 @@ class QwenTowerTaps(TowerTaps):
         if captured is not None:
             captured["grid"] = kwargs["grid_thw"] if "grid_thw" in kwargs else args[1]
 
+    def merger_hook(self):
+        return functools.partial(self._record_merger_input)
+
+    def _record_merger_input(self, module, args) -> None:
+        captured = self._captured.get()
+        if captured is not None:
+            captured["merger"] = args[0].detach()
+
     def run(self, encode):
         captured: Dict[Any, Any] = {}
         self._captured.set(captured)
@@ -145,7 +160,7 @@ class QwenTowerTaps(TowerTaps):
         finally:
             self._captured.set(None)
         missing = [layer for layer in self.hooked_layers() if (layer, "qkv") not in captured]
-        if missing or "grid" not in captured:
+        if missing or "grid" not in captured or (self.features and "merger" not in captured):
             raise RuntimeError(f"the vision tower did not run its layers {missing} while encoding")
         grid = captured["grid"]
         unit = self.merge ** 2
@@ -156,6 +171,9 @@ class QwenTowerTaps(TowerTaps):
             cos, sin = captured[layer, "rope"]
             signals.append(token_signals(captured[layer, "qkv"][order], cos[order], sin[order], heads, scale,
                                          patches, unit))
+        if self.features:
+            hidden = captured["merger"][order]
+            signals.append(TokenFeatures([h.reshape(-1, unit, h.shape[-1]) for h in hidden.split(patches)]))
         return result, signals
 
     def _image_order(self, grid: Tensor, unit: int) -> Tensor:
@@ -211,9 +229,7 @@ class QwenVLAdapter:
             runtime = LanguageModelRuntime(self, spec, options, budget, self.language_model_parts())
             self._check_deepstack(spec, runtime.drop_layers)
             return runtime
-        # a crop method reading the projected features (visionzip, cdpruner) needs the LLaVA tower's
-        # feature layer and projector, which this adapter does not provide
-        if spec.target != "llava" or self.unit_modality(spec.unit) is None or getattr(spec, "reads_features", False):
+        if spec.target != "llava" or self.unit_modality(spec.unit) is None:
             raise TypeError(f"{spec.name} cannot reduce a {self.version}: the methods that run on Qwen-VL are "
                             f"{_CAN_RUN}")
         taps = None
@@ -223,7 +239,8 @@ class QwenVLAdapter:
             windows = None
             if _VERSIONS[self.version]["windows"]:
                 windows = dict(window_size=self.config.vision_config.window_size, patch_size=self.patch_size)
-            taps = QwenTowerTaps([(i, a.num_heads, a.scaling) for i, a in zip(layers, attention)], self.merge, windows)
+            taps = QwenTowerTaps([(i, a.num_heads, a.scaling) for i, a in zip(layers, attention)], self.merge, windows,
+                                 features=getattr(spec, "reads_features", False))
         return LlavaRuntime(self, spec, options, budget, taps=taps)
 
     def patch(self, runtime, patcher) -> None:
@@ -235,6 +252,8 @@ class QwenVLAdapter:
                 attn = self.visual.blocks[i].attn
                 patcher.hook(attn.qkv.register_forward_hook(taps.hook(i, "qkv")))
                 patcher.hook(attn.register_forward_pre_hook(taps.rope_hook(i), with_kwargs=True))
+            if taps.features:
+                patcher.hook(self.visual.merger.register_forward_pre_hook(taps.merger_hook()))
         if isinstance(runtime, LanguageModelRuntime):
             runtime.hook_language_model(patcher)
 
@@ -282,6 +301,10 @@ class QwenVLAdapter:
         if not self.deepstack:
             return list(out.pooler_output)
         return [torch.cat(parts, dim=-1) for parts in zip(out.pooler_output, *out.deepstack_features)]
+
+    def project(self, modality: str, hidden: Tensor) -> Tensor:
+        """The merger on its input ``[n, merge**2, C]`` (each token's patches) -> ``[n, D]``, as the tower runs it."""
+        return self.visual.merger(hidden.reshape(-1, hidden.shape[-1]))
 
     def split_units(self, modality: str, features: List[Tensor]) -> List[Tensor]:
         return list(features)
@@ -374,6 +397,8 @@ def token_sources(stat: Dict[str, Any]) -> Tensor:
     """Which of a unit's original tokens each of its reduced tokens stands for, from the unit's stats:
     unchanged units all of theirs; tokencorr (``crops``) the patches it kept, in order; QuoTA
     (``grid``) for each resized frame grid, the original token each new token's centre falls in."""
+    if "sources" in stat:  # visionzip, cdpruner: each token's own (a contextual token's target's)
+        return torch.tensor(stat["sources"], dtype=torch.long)
     if "crops" in stat:
         (crop,) = stat["crops"]  # Qwen-VL images are one crop each
         return torch.tensor(sorted(crop["kept"]), dtype=torch.long)

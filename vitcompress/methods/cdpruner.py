@@ -33,11 +33,11 @@ On LLaVA-OneVision (SigLIP, no [CLS]; no official code) each crop of an image an
 keeps ``tokens`` tokens by the same selection, packed as VisionZip packs OneVision
 (:func:`reduce_images_without_cls`); the relevance comes from ``scorer=``.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..interfaces import LlavaMethod
+from ..interfaces import LlavaMethod, TokenFeatures
 from .visionzip import onevision_tokens
 
 Tensor = torch.Tensor
@@ -176,6 +176,8 @@ class CDPruner(LlavaMethod):
     def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
                       options: Dict[str, Any], questions: Optional[Sequence[str]] = None,
                       project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        if isinstance(taps[-1], TokenFeatures):  # a tower without [CLS] (Qwen-VL)
+            return self.reduce_merged_images(images, taps[-1], options, questions, project)
         if not taps[0].class_token:
             return reduce_images_without_cls(self, images, layouts, taps, options, questions, project)
         (features,) = taps
@@ -239,3 +241,38 @@ def reduce_images_without_cls(method, images, layouts, taps, options, questions,
         reports.append({"kept": [k.tolist() for k in kept] if crops > 1 else kept[0].tolist(),
                         "newline_tokens": int(layout.numel() == crops * N + 1)})
     return reduced, reports
+    def reduce_merged_images(self, images: Sequence[Tensor], features: TokenFeatures, options: Dict[str, Any],
+                             questions: Sequence[str], project) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        """A tower without [CLS] and without a CLIP text tower (Qwen-VL): per image, the similarity of
+        its projected tokens (``project`` of the projector's input, the tokens the language model gets)
+        and ``scorer(projected [1, N, D], question)`` as the relevance (:func:`embedding_scorer`
+        compares them to the language model's embeddings of the question) -> :func:`select_tokens`."""
+        if options["clip"] is not None:
+            raise ValueError("cdpruner's clip= embeds the question with the CLIP checkpoint of a CLIP vision tower; "
+                             "this model's tower has none: pass scorer=, e.g. cdpruner.embedding_scorer("
+                             "model.get_input_embeddings(), tokenizer)")
+        reduced, reports = [], []
+        for image, hidden, question in zip(images, features.hidden, questions):
+            with torch.no_grad():
+                projected = project(hidden)[None]
+                kept = select_tokens(projected, self.similarity(options, projected, question), options["tokens"])[0]
+            reduced.append(image[kept.to(image.device)])
+            reports.append({"kept": kept.tolist(), "sources": kept.tolist()})
+        return reduced, reports
+
+
+def embedding_scorer(embedding: torch.nn.Module, tokenizer) -> Callable[[Tensor, str], Tensor]:
+    """CDPruner's ``scorer=`` for a model without a CLIP text tower (Qwen-VL): the cosine similarity
+    ``[crops, N, M]`` of each projected visual token (what the language model gets) to the language
+    model's input embedding of each of the question's ``M`` tokens. ``embedding``: the model's
+    ``get_input_embeddings()``; ``tokenizer``: its tokenizer (``tokenizer(text=[question])["input_ids"]``)."""
+
+    @torch.no_grad()
+    def scorer(tokens: Tensor, question: str) -> Tensor:
+        ids = torch.as_tensor(tokenizer(text=[question])["input_ids"])[0].to(embedding.weight.device)
+        text = embedding(ids).float()
+        text = text / text.norm(dim=-1, keepdim=True)
+        visual = tokens.float() / tokens.float().norm(dim=-1, keepdim=True)
+        return visual @ text.t()
+
+    return scorer

@@ -20,6 +20,8 @@ hidden states of CLIP's second-to-last layer, the layer LLaVA feeds to its langu
 Towers without a class token (LLaVA-OneVision's SigLIP; the official code has CLIP / LLaVA only):
 the dominant patches are those receiving the most attention (:func:`received_attention`, over heads
 and all queries), ``dominant`` of them; images and videos packed by :func:`onevision_tokens`.
+Qwen-VL's merged tokens: :func:`merged_visionzip_tokens`, the attention each token receives in the [CLS]
+row's place.
 LLaVA-NeXT / NeXT-Video images (:func:`anyres_tokens`): every crop is reduced alike and the image is
 packed as the official code packs it -- the base crop's tokens, the grid crops' dominant tokens on the
 whole grid in raster order (no unpadding, no newlines), every grid crop's [CLS], every grid crop's
@@ -30,7 +32,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from ..interfaces import LlavaMethod
+from ..interfaces import LlavaMethod, TokenFeatures
 from .tokencorr import cls_attention, pool_to_cells
 
 Tensor = torch.Tensor
@@ -164,6 +166,8 @@ class VisionZip(LlavaMethod):
 
     def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],
                       options: Dict[str, Any], project=None) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        if isinstance(taps[-1], TokenFeatures):  # a tower without [CLS] (Qwen-VL)
+            return self.reduce_merged_images(images, taps, options, project)
         if not taps[0].class_token:
             return reduce_images_without_cls(images, layouts, taps, options, project)
         attention, features = taps
@@ -325,3 +329,51 @@ def reduce_images_without_cls(images, layouts, taps, options, project):
                   for c in range(span.start, span.stop)]
         reports.append(dict(report[0], cls_tokens=0) if crops == 1 else {"crops": report, "cls_tokens": 0})
     return reduced, reports
+    def reduce_merged_images(self, images: Sequence[Tensor], taps: Sequence[Any], options: Dict[str, Any],
+                             project) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        """A tower without [CLS] (Qwen-VL): ``taps`` = (the layer's
+        :class:`~vitcompress.interfaces.TokenSignals`, the :class:`~vitcompress.interfaces.TokenFeatures`),
+        one token per image crop of the model -> per image :func:`merged_visionzip_tokens`."""
+        signals, features = taps
+        dominant, contextual = options["dominant"], options["contextual"]
+        reduced, reports = [], []
+        for i, (image, hidden) in enumerate(zip(images, features.hidden)):
+            N = hidden.shape[0]
+            if dominant + contextual > N:
+                raise ValueError(f"dominant={dominant} + contextual={contextual} tokens need more than the {N} "
+                                 "visual tokens of an image")
+            with torch.no_grad():
+                tokens, choice = merged_visionzip_tokens(signals.attention[i, :N], signals.keys[i, :N], hidden, image,
+                                                         dominant, contextual, project)
+            reduced.append(tokens.to(image.dtype))
+            sources = torch.cat([choice["dominant"], choice["contextual"]])
+            reports.append({"kept": choice["dominant"].tolist(), "contextual": choice["contextual"].tolist(),
+                            "merged": torch.stack([choice["merged"], choice["joined"]], dim=1).tolist(),
+                            "sources": sources.tolist()})
+        return reduced, reports
+
+
+def merged_visionzip_tokens(attention: Tensor, keys: Tensor, hidden: Tensor, model_tokens: Tensor, dominant: int,
+                            contextual: int, project) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """VisionZip on one image of a tower without [CLS] whose projector folds ``G`` patches into each
+    token: ``attention[N]`` each token receives, token ``keys[N, d]``, the projector's input
+    ``hidden[N, G, C]``, the model's tokens ``model_tokens[N, D (+ E)]`` -> tokens ``[dominant + contextual,
+    D (+ E)]``: ``[dominant tokens in index order, contextual tokens]``, each ``project`` of its merged
+    projector input (as the official code projects the merged feature-layer states), followed by its
+    ``E`` channels past the projector's ``D`` (Qwen3-VL's DeepStack features) merged by the same rule.
+    ``dominant`` counts tokens only (no [CLS] to keep)."""
+    N, G, C = hidden.shape
+    top = dominant_patches(attention[None].float(), dominant)
+    rest = remaining_patches(top, N)
+    both = torch.cat([hidden.reshape(N, G * C), model_tokens.to(hidden.dtype)], dim=-1)  # merged alike
+    rest_keys = keys[rest[0]][None].float()
+    context, targets, joined = contextual_tokens(rest_keys, both[rest[0]][None], contextual)
+    merged = torch.cat([both[top[0]], context[0]])
+    projected = project(merged[:, :G * C].reshape(-1, G, C))
+    past_projector = merged[:, G * C + projected.shape[-1]:]  # the channels after the model's own D
+    tokens = torch.cat([projected.to(model_tokens.dtype), past_projector.to(model_tokens.dtype)], dim=-1)
+    others = torch.ones(rest.shape[1], dtype=torch.bool, device=rest.device)
+    others[targets] = False
+    target_patches = rest[0, targets]
+    return tokens, {"dominant": top[0], "contextual": target_patches, "merged": rest[0, others],
+                    "joined": target_patches[joined[0]]}
