@@ -201,6 +201,25 @@ class CDPruner(LlavaMethod):
                             "newline_tokens": int((layout == -1).sum())})
         return reduced, reports
 
+    def reduce_merged_images(self, images: Sequence[Tensor], features: TokenFeatures, options: Dict[str, Any],
+                             questions: Sequence[str], project) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        """A tower without [CLS] and without a CLIP text tower (Qwen-VL): per image, the similarity of
+        its projected tokens (``project`` of the projector's input, the tokens the language model gets)
+        and ``scorer(projected [1, N, D], question)`` as the relevance (:func:`embedding_scorer`
+        compares them to the language model's embeddings of the question) -> :func:`select_tokens`."""
+        if options["clip"] is not None:
+            raise ValueError("cdpruner's clip= embeds the question with the CLIP checkpoint of a CLIP vision tower; "
+                             "this model's tower has none: pass scorer=, e.g. cdpruner.embedding_scorer("
+                             "model.get_input_embeddings(), tokenizer)")
+        reduced, reports = [], []
+        for image, hidden, question in zip(images, features.hidden, questions):
+            with torch.no_grad():
+                projected = project(hidden)[None]
+                kept = select_tokens(projected, self.similarity(options, projected, question), options["tokens"])[0]
+            reduced.append(image[kept.to(image.device)])
+            reports.append({"kept": kept.tolist(), "sources": kept.tolist()})
+        return reduced, reports
+
 
 def reduce_cell_crops(method: CDPruner, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], features,
                       options: Dict[str, Any], questions: Sequence[str]) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
@@ -241,24 +260,6 @@ def reduce_images_without_cls(method, images, layouts, taps, options, questions,
         reports.append({"kept": [k.tolist() for k in kept] if crops > 1 else kept[0].tolist(),
                         "newline_tokens": int(layout.numel() == crops * N + 1)})
     return reduced, reports
-    def reduce_merged_images(self, images: Sequence[Tensor], features: TokenFeatures, options: Dict[str, Any],
-                             questions: Sequence[str], project) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
-        """A tower without [CLS] and without a CLIP text tower (Qwen-VL): per image, the similarity of
-        its projected tokens (``project`` of the projector's input, the tokens the language model gets)
-        and ``scorer(projected [1, N, D], question)`` as the relevance (:func:`embedding_scorer`
-        compares them to the language model's embeddings of the question) -> :func:`select_tokens`."""
-        if options["clip"] is not None:
-            raise ValueError("cdpruner's clip= embeds the question with the CLIP checkpoint of a CLIP vision tower; "
-                             "this model's tower has none: pass scorer=, e.g. cdpruner.embedding_scorer("
-                             "model.get_input_embeddings(), tokenizer)")
-        reduced, reports = [], []
-        for image, hidden, question in zip(images, features.hidden, questions):
-            with torch.no_grad():
-                projected = project(hidden)[None]
-                kept = select_tokens(projected, self.similarity(options, projected, question), options["tokens"])[0]
-            reduced.append(image[kept.to(image.device)])
-            reports.append({"kept": kept.tolist(), "sources": kept.tolist()})
-        return reduced, reports
 
 
 def embedding_scorer(embedding: torch.nn.Module, tokenizer) -> Callable[[Tensor, str], Tensor]:

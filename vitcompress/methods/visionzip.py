@@ -198,6 +198,29 @@ class VisionZip(LlavaMethod):
             reports.append(dict(report[0], cls_tokens=crops) if crops == 1 else {"crops": report, "cls_tokens": crops})
         return reduced, reports
 
+    def reduce_merged_images(self, images: Sequence[Tensor], taps: Sequence[Any], options: Dict[str, Any],
+                             project) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        """A tower without [CLS] (Qwen-VL): ``taps`` = (the layer's
+        :class:`~vitcompress.interfaces.TokenSignals`, the :class:`~vitcompress.interfaces.TokenFeatures`),
+        one token per image crop of the model -> per image :func:`merged_visionzip_tokens`."""
+        signals, features = taps
+        dominant, contextual = options["dominant"], options["contextual"]
+        reduced, reports = [], []
+        for i, (image, hidden) in enumerate(zip(images, features.hidden)):
+            N = hidden.shape[0]
+            if dominant + contextual > N:
+                raise ValueError(f"dominant={dominant} + contextual={contextual} tokens need more than the {N} "
+                                 "visual tokens of an image")
+            with torch.no_grad():
+                tokens, choice = merged_visionzip_tokens(signals.attention[i, :N], signals.keys[i, :N], hidden, image,
+                                                         dominant, contextual, project)
+            reduced.append(tokens.to(image.dtype))
+            sources = torch.cat([choice["dominant"], choice["contextual"]])
+            reports.append({"kept": choice["dominant"].tolist(), "contextual": choice["contextual"].tolist(),
+                            "merged": torch.stack([choice["merged"], choice["joined"]], dim=1).tolist(),
+                            "sources": sources.tolist()})
+        return reduced, reports
+
 
 # --------------------------------------------------------------------------- towers whose tokens are groups of patches
 
@@ -329,28 +352,6 @@ def reduce_images_without_cls(images, layouts, taps, options, project):
                   for c in range(span.start, span.stop)]
         reports.append(dict(report[0], cls_tokens=0) if crops == 1 else {"crops": report, "cls_tokens": 0})
     return reduced, reports
-    def reduce_merged_images(self, images: Sequence[Tensor], taps: Sequence[Any], options: Dict[str, Any],
-                             project) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
-        """A tower without [CLS] (Qwen-VL): ``taps`` = (the layer's
-        :class:`~vitcompress.interfaces.TokenSignals`, the :class:`~vitcompress.interfaces.TokenFeatures`),
-        one token per image crop of the model -> per image :func:`merged_visionzip_tokens`."""
-        signals, features = taps
-        dominant, contextual = options["dominant"], options["contextual"]
-        reduced, reports = [], []
-        for i, (image, hidden) in enumerate(zip(images, features.hidden)):
-            N = hidden.shape[0]
-            if dominant + contextual > N:
-                raise ValueError(f"dominant={dominant} + contextual={contextual} tokens need more than the {N} "
-                                 "visual tokens of an image")
-            with torch.no_grad():
-                tokens, choice = merged_visionzip_tokens(signals.attention[i, :N], signals.keys[i, :N], hidden, image,
-                                                         dominant, contextual, project)
-            reduced.append(tokens.to(image.dtype))
-            sources = torch.cat([choice["dominant"], choice["contextual"]])
-            reports.append({"kept": choice["dominant"].tolist(), "contextual": choice["contextual"].tolist(),
-                            "merged": torch.stack([choice["merged"], choice["joined"]], dim=1).tolist(),
-                            "sources": sources.tolist()})
-        return reduced, reports
 
 
 def merged_visionzip_tokens(attention: Tensor, keys: Tensor, hidden: Tensor, model_tokens: Tensor, dominant: int,
