@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import vitcompress
+from vitcompress import testing
 from vitcompress.interfaces import runtime_of
 from vitcompress.methods import cdpruner, visionzip
 from vitcompress.testing import LLAVA_IMAGE_TOKEN, char_tokenizer, llava_inputs, tiny_llava, tiny_llava_clip
@@ -283,3 +284,26 @@ def test_cdpruner_needs_the_question(models):
 def test_paper_splits_are_a_fixed_share():
     assert all(d + c == total and c == total * 5 // 32 for total, (d, c) in visionzip.PAPER_SPLITS.items())
     assert list(itertools.islice(visionzip.PAPER_SPLITS, 3)) == [64, 128, 192]
+
+
+@pytest.mark.parametrize("build, projected", [
+    (lambda: tiny_llava("llava"), "vision_feature_layer"),
+    (lambda: testing.tiny_llava_onevision_siglip(), "vision_feature_layer"),
+    (lambda: testing.tiny_internvl(), "vision_feature_layer"),
+    (lambda: testing.tiny_qwen_vl("qwen2_5"), None)], ids=["llava", "onevision", "internvl", "qwen2_5_vl"])
+def test_visionzip_reads_the_layer_the_model_projects_by_default(build, projected):
+    """``layer=None`` taps the layer whose output the model projects: LLaVA-1.5's ``vision_feature_layer``
+    (-2 here), OneVision's and InternVL's (-1), Qwen-VL's last block (its merger's input)."""
+    model = build()
+    vitcompress.compress(model, "visionzip", dominant=4, contextual=2)
+    try:
+        tapped = [layer for layer, _, _ in runtime_of(model).taps.layers]
+    finally:
+        vitcompress.restore(model)
+    config = model.config
+    if projected is None:
+        want = len(model.model.visual.blocks) - 1
+    else:
+        depth = config.vision_config.num_hidden_layers
+        want = getattr(config, projected) % (depth + 1) - 1
+    assert tapped[0] == want and tapped[-1] == want, (tapped, want)

@@ -251,9 +251,10 @@ class LlavaMethod(Method):
         if budget.kind != "keep":
             raise ValueError(f"{self.name} takes keep= ({self.keep_means}), not {budget.kind}=")
 
-    def tower_layers(self, options: Dict[str, Any], depth: int) -> Tuple[int, ...]:
+    def tower_layers(self, options: Dict[str, Any], depth: int, feature_layer: Optional[int] = None) -> Tuple[int, ...]:
         """The encoder layers (resolved for a tower of ``depth`` layers) whose q/k :meth:`reduce_images`
-        reads, in the order it takes them."""
+        reads, in the order it takes them. ``feature_layer``: the layer whose output the model hands its
+        projector (0-based), which a method may take as its default."""
         raise NotImplementedError
 
     def reduce_images(self, images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, int]], taps: Sequence[Any],

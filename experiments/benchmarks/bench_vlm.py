@@ -237,9 +237,7 @@ def build_qwen25(args):
     scenarios = {"image": (image, f"1 image {image_size} px, {tokens} visual + 37 text tokens"),
                  "video": (video, f"1 video of 4 frames {frame_size} px ({t} frame groups), {video_tokens} visual "
                                   f"+ 37 text tokens")}
-    # visionzip reads the layer the merger reads (the official code pairs the attention with the feature layer)
-    extras = {"quota": dict(scorer=ramp_scorer), "cdpruner": dict(scorer=text_similarity),
-              "visionzip": dict(layer=-1)}
+    extras = {"quota": dict(scorer=ramp_scorer), "cdpruner": dict(scorer=text_similarity)}
     return model, scenarios, describe, extras, []
 
 

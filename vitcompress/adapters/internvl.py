@@ -131,9 +131,10 @@ class InternVLAdapter:
             raise TypeError(f"{spec.name} reads the [CLS] attention of the vision tower; this "
                             f"{type(self.tower).__name__} has no [CLS] token (supported: InternViT, "
                             "InternVLVisionModel); quota does not read the tower")
-        chosen = spec.tower_layers(options, len(layers))  # fails now for a layer the tower lacks
-        if getattr(spec, "reads_features", False):
-            chosen = tuple(chosen) + (self._feature_layer(spec, len(layers)),)
+        feature = self._feature_layer(spec, len(layers)) if getattr(spec, "reads_features", False) else None
+        chosen = spec.tower_layers(options, len(layers), feature)  # fails now for a layer the tower lacks
+        if feature is not None:
+            chosen = tuple(chosen) + (feature,)
         attention = [layers[i].attention for i in chosen]
         return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(chosen, attention)], cells=self.cells)
 

@@ -144,13 +144,14 @@ class LlavaAdapter:
         if self.family_name == "LlavaOnevisionForConditionalGeneration" and class_token:
             raise TypeError(f"{spec.name} reduces the image crops of a LlavaOnevision with a vision tower without "
                             f"[CLS] (SigLIP, as every released checkpoint); this one has a {type(self.tower).__name__}")
-        layers = spec.tower_layers(options, len(self.tower_layers))  # fails now for a layer the tower lacks
         strategy = self.config.vision_feature_select_strategy
         if _FAMILIES[self.family_name]["anyres"] and strategy != ("default" if class_token else "full"):
             raise ValueError(f"{spec.name} on anyres crops needs vision_feature_select_strategy="
                              f"{'default' if class_token else 'full'!r} (got {strategy!r})")
+        feature = self._feature_layer(spec) if spec.reads_features else None
+        layers = spec.tower_layers(options, len(self.tower_layers), feature)  # fails now for a layer the tower lacks
         if spec.reads_features:
-            layers = tuple(layers) + (self._feature_layer(spec),)
+            layers = tuple(layers) + (feature,)
         attention = [self.tower_layers[i].self_attn for i in layers]
         return TowerTaps([(i, a.num_heads, a.scale) for i, a in zip(layers, attention)], class_token=class_token)
 
@@ -180,7 +181,8 @@ class LlavaAdapter:
             raise ValueError("a ViT method inside the tower needs one vision_feature_layer (an int): hidden "
                              "states of different layers have different token counts once tokens are reduced")
         if not HFCLIPVisionAdapter.matches(self.tower):
-            raise TypeError(f"ViT methods inside LLaVA's tower need a CLIP vision tower, got {type(self.tower).__name__}")
+            raise TypeError("ViT methods inside LLaVA's tower need a CLIP vision tower, got "
+                            f"{type(self.tower).__name__}")
         tower = ViTRuntime(HFCLIPVisionAdapter(self.tower), spec, options, budget, common)
         return LlavaRuntime(self, spec, options, budget, tower=tower)
 

@@ -234,7 +234,8 @@ class QwenVLAdapter:
                             f"{_CAN_RUN}")
         taps = None
         if spec.unit == "crop":
-            layers = spec.tower_layers(options, len(self.visual.blocks))  # fails now for a layer the tower lacks
+            depth = len(self.visual.blocks)  # the merger reads the last block's output
+            layers = spec.tower_layers(options, depth, depth - 1)  # fails now for a layer the tower lacks
             attention = [self.visual.blocks[i].attn for i in layers]
             windows = None
             if _VERSIONS[self.version]["windows"]:

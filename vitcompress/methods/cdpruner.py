@@ -161,7 +161,7 @@ class CDPruner(LlavaMethod):
         elif tokenizer is not None:
             raise ValueError("tokenizer= is only used with clip=; a scorer gets the question as text")
 
-    def tower_layers(self, options, depth: int) -> Tuple[int, ...]:
+    def tower_layers(self, options, depth: int, feature_layer=None) -> Tuple[int, ...]:
         return ()  # only the feature layer, which the runtime adds
 
     def similarity(self, options, patches: Tensor, question: str) -> Tensor:

@@ -259,7 +259,7 @@ class TokenCorr(LlavaMethod):
             raise ValueError(f"min_tokens={floor!r}: the fewest tokens a crop keeps, an int >= 0 (default 1; "
                              "0 is the paper's formula, which leaves a constant-colour crop no token)")
 
-    def tower_layers(self, options, depth: int) -> Tuple[int, int, int]:
+    def tower_layers(self, options, depth: int, feature_layer=None) -> Tuple[int, int, int]:
         """(key, deep, shallow) encoder-layer indices, resolved against a tower of ``depth`` layers."""
         shallow = depth // 4 if options["shallow_layer"] is None else options["shallow_layer"]
         resolved = []

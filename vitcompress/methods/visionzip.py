@@ -1,8 +1,9 @@
 """VisionZip (CVPR 2025), training-free: a few dominant visual tokens plus a few contextual ones,
 chosen in the vision tower, before the language model.
 
-Per image crop, from one tower layer (``layer=-2``: official VisionZip reads the attention, keys and
-hidden states of CLIP's second-to-last layer, the layer LLaVA feeds to its language model):
+Per image crop, from one tower layer (``layer=None``: the layer the model projects; official VisionZip
+reads the attention, keys and hidden states of CLIP's second-to-last layer, the layer LLaVA-1.5 feeds
+to its language model):
 
 * **Dominant tokens**, :func:`dominant_patches`: the patches the [CLS] token attends to most (the
   layer's softmax attention from [CLS], over the heads); ``dominant`` counts the [CLS] token itself,
@@ -131,12 +132,13 @@ class VisionZip(LlavaMethod):
     unit = "crop"
     reads_features = True
     reads_towers_without_cls = True  # LLaVA-OneVision's SigLIP: reduce_images_without_cls
-    defaults = {"dominant": 54, "contextual": 10, "layer": -2}
-    family_defaults = {"internvl": {"layer": -1}}  # InternVL feeds the LM the last layer (LLaVA: the second-to-last)
+    defaults = {"dominant": 54, "contextual": 10, "layer": None}
     option_help = {
         "dominant": "tokens kept by [CLS] attention, the [CLS] token included (paper: 54 / 108 / 162)",
         "contextual": "tokens the other patches are merged into by key similarity (paper: 10 / 20 / 30)",
-        "layer": "vision-tower layer whose [CLS] attention and keys are read (negative: from the end)",
+        "layer": "vision-tower layer whose attention and keys are read (None: the layer the model projects, "
+                 "as the official code: LLaVA-1.5's -2, OneVision's, Qwen-VL's and InternVL's -1; negative: from "
+                 "the end)",
     }
     keep_means = "not used: the tokens kept are dominant= + contextual= per image"
     default_budget = {"keep": None}  # set by dominant= and contextual=
@@ -153,12 +155,12 @@ class VisionZip(LlavaMethod):
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 raise ValueError(f"{name}={v!r}: a number of tokens, an int >= {least}")
         layer = options["layer"]
-        if isinstance(layer, bool) or not isinstance(layer, int):
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int)):
             raise TypeError(f"layer={layer!r}: an index into the vision tower's encoder layers (int; negative "
-                            "counts from the end)")
+                            "counts from the end), or None for the layer the model projects")
 
-    def tower_layers(self, options, depth: int) -> Tuple[int]:
-        layer = options["layer"]
+    def tower_layers(self, options, depth: int, feature_layer=None) -> Tuple[int]:
+        layer = feature_layer if options["layer"] is None else options["layer"]
         if not -depth <= layer < depth:
             raise ValueError(f"layer={layer} is outside the vision tower's {depth} encoder layers "
                              f"(use -{depth} .. {depth - 1})")
