@@ -203,6 +203,16 @@ def test_keep_rates_near_one_remove_nothing_where_the_official_count_removes_not
     assert [t - 1 for t in st["planned_tokens_per_layer"]] == [64, 64] + official_counts(64, keep, 2)
 
 
+def test_a_keep_rate_one_token_short_of_all_leaves_the_model_unchanged():
+    """ceil(keep * 64) = 63: the official block removes nothing but rescales its least attentive token
+    (a documented difference); here such blocks are left as they are, so the outputs are the model's."""
+    model = tiny_vit()
+    want = run(model)
+    assert math.ceil(0.98 * 64) == 63
+    got = run(vitcompress.compress(model, "evit", keep=0.98))
+    assert torch.equal(got, want)
+
+
 def test_the_largest_r_leaves_one_token_and_the_fused_one():
     model = vitcompress.compress(tiny_vit(), "evit", r=[0, 62, 0, 0])
     run(model)
