@@ -307,3 +307,14 @@ def test_visionzip_reads_the_layer_the_model_projects_by_default(build, projecte
         depth = config.vision_config.num_hidden_layers
         want = getattr(config, projected) % (depth + 1) - 1
     assert tapped[0] == want and tapped[-1] == want, (tapped, want)
+
+
+def test_cdpruner_refuses_more_tokens_than_the_kernel_rank():
+    """The kernel of N tokens D wide has rank <= D: past D tokens the greedy gains run out and a token
+    would repeat, so more than D is refused (D itself is chosen, every index once)."""
+    g = torch.Generator().manual_seed(0)
+    features, similarity = torch.randn(1, 12, 5, generator=g), torch.randn(1, 12, generator=g)
+    kept = cdpruner.select_tokens(features, similarity, 5)
+    assert kept.shape == (1, 5) and kept.unique().numel() == 5
+    with pytest.raises(ValueError, match="tokens=6: the DPP kernel of 5-wide projected tokens has rank at most 5"):
+        cdpruner.select_tokens(features, similarity, 6)

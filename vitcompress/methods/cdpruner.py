@@ -110,8 +110,15 @@ def clip_similarity(clip, tokenizer, patches: Tensor, question: str) -> Tensor:
 
 def select_tokens(features: Tensor, similarity: Tensor, tokens: int) -> Tensor:
     """One image: its crops' projected tokens ``features[crops, N, D]`` and their similarity to the
-    instruction ``[crops, N(, M)]`` -> the kept patches of each crop, ascending ``[crops, tokens]``."""
-    return greedy_map(conditional_kernel(features, relevance(similarity.float())), min(tokens, features.shape[1]))
+    instruction ``[crops, N(, M)]`` -> the kept patches of each crop, ascending ``[crops, tokens]``.
+    More tokens than the features' width (the kernel's rank) is refused: the greedy gains would run out
+    (NaN in the official code) and repeat tokens."""
+    tokens = min(tokens, features.shape[1])
+    if tokens > features.shape[-1]:
+        raise ValueError(f"cdpruner tokens={tokens}: the DPP kernel of {features.shape[-1]}-wide projected tokens has "
+                         f"rank at most {features.shape[-1]}, so at most that many distinct tokens can be chosen; "
+                         f"give tokens <= {features.shape[-1]}")
+    return greedy_map(conditional_kernel(features, relevance(similarity.float())), tokens)
 
 
 class CDPruner(LlavaMethod):
