@@ -237,3 +237,40 @@ def test_cdpruner_clip_similarity_is_the_cosine_of_the_clip_embeddings_per_segme
             texts.append(pooled if isinstance(pooled, torch.Tensor) else pooled.pooler_output)
         expected = torch.stack([F.cosine_similarity(image, t[0], dim=-1) for t in texts], dim=-1)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def _next_layout(rows, columns, side):
+    """A packed LLaVA-NeXT layout (``crop * N + patch``, -1 a row's newline): the base crop's patches,
+    then the whole grid of ``rows x columns`` crops of ``side x side`` patches in raster order."""
+    N = side * side
+    layout = list(range(N))
+    for r in range(rows * side):
+        for c in range(columns * side):
+            layout.append((1 + (r // side) * columns + c // side) * N + (r % side) * side + c % side)
+        layout.append(-1)
+    return torch.tensor(layout)
+
+
+@pytest.mark.parametrize("rows,columns", [(1, 2), (2, 1), (2, 3)])
+def test_visionzip_anyres_packing_is_the_official_raster_order(rows, columns):
+    """The grid crops' dominant tokens in the raster order of the whole grid (row of the grid, then
+    column), then every grid crop's [CLS], then every grid crop's contextual tokens; the columns read
+    back from the packed layout."""
+    from vitcompress.methods.visionzip import anyres_tokens, crop_columns
+    side, d, ctx = 3, 4, 2
+    N, crops = side * side, 1 + rows * columns
+    assert crop_columns(_next_layout(rows, columns, side), N) == columns
+    g = torch.Generator().manual_seed(rows * 10 + columns)
+    dominant = torch.stack([torch.randperm(N, generator=g)[:d].sort().values for _ in range(crops)])
+    tokens = torch.arange(crops * (1 + d + ctx), dtype=torch.float32).reshape(crops, 1 + d + ctx, 1)
+    out = anyres_tokens(tokens, dominant, columns, N)[:, 0].tolist()
+    placed = []
+    for c in range(1, crops):
+        for i, p in enumerate(dominant[c].tolist()):
+            row = ((c - 1) // columns) * side + p // side
+            col = ((c - 1) % columns) * side + p % side
+            placed.append((row, col, float(tokens[c, 1 + i, 0])))
+    expected = (tokens[0, :, 0].tolist() + [t for _, _, t in sorted(placed)]
+                + [float(tokens[c, 0, 0]) for c in range(1, crops)]
+                + [float(t) for c in range(1, crops) for t in tokens[c, 1 + d:, 0]])
+    assert out == expected
