@@ -274,3 +274,15 @@ def test_visionzip_anyres_packing_is_the_official_raster_order(rows, columns):
                 + [float(tokens[c, 0, 0]) for c in range(1, crops)]
                 + [float(t) for c in range(1, crops) for t in tokens[c, 1 + d:, 0]])
     assert out == expected
+
+
+def test_cdpruner_relevance_keeps_the_official_epsilon_so_the_least_relevant_patch_stays_positive():
+    """``(s - min s + 1e-6) / (max s - min s)``: the least relevant patch gets exactly 1e-6 / (max - min),
+    not zero or less (the official epsilon, in float64 here so that it is not lost to rounding)."""
+    from vitcompress.methods.cdpruner import relevance
+    similarity = torch.tensor([[1.0, -0.5, 0.0], [0.5, 0.0, -1.0]], dtype=torch.float64)  # s: 2 rows x 3 patches
+    s = -similarity
+    out = relevance(similarity)
+    assert out.dtype == torch.float64 and float(out.min()) > 0
+    assert torch.equal(out, (s - s.min() + 1e-6) / (s.max() - s.min()))
+    assert float(out.flatten()[0]) == 1e-6 / 2.0  # s = -1 there, the minimum; max - min = 2
