@@ -286,3 +286,14 @@ def test_cdpruner_relevance_keeps_the_official_epsilon_so_the_least_relevant_pat
     assert out.dtype == torch.float64 and float(out.min()) > 0
     assert torch.equal(out, (s - s.min() + 1e-6) / (s.max() - s.min()))
     assert float(out.flatten()[0]) == 1e-6 / 2.0  # s = -1 there, the minimum; max - min = 2
+
+
+def test_cdpruner_a_budget_above_the_crops_patches_keeps_each_patch_once():
+    """tokens= is capped at the crop's N patches (not at the features' width: here D = 16 > N = 8, as on
+    LLaVA, 4096 > 576): every patch kept once, in index order."""
+    from vitcompress.methods.cdpruner import select_tokens
+    g = torch.Generator().manual_seed(7)
+    features, similarity = torch.randn(2, 8, 16, generator=g), torch.rand(2, 8, generator=g)
+    for tokens in (8, 12, 20):
+        assert select_tokens(features, similarity, tokens).tolist() == [list(range(8))] * 2
+    assert select_tokens(features, similarity, 3).shape == (2, 3)
