@@ -297,3 +297,18 @@ def test_cdpruner_a_budget_above_the_crops_patches_keeps_each_patch_once():
     for tokens in (8, 12, 20):
         assert select_tokens(features, similarity, tokens).tolist() == [list(range(8))] * 2
     assert select_tokens(features, similarity, 3).shape == (2, 3)
+
+
+def test_registry_names_every_method_once_and_by_target():
+    """``methods.names()``: every registered method, sorted; ``names(target)`` those of that target,
+    which together are all of them; an unknown target is refused."""
+    from vitcompress.interfaces import TARGETS
+    from vitcompress.methods import REGISTRY, get, names
+    assert names() == sorted(REGISTRY) and {"tome", "fastv", "visionzip", "focus_detr"} <= set(names())
+    by_target = {t: names(t) for t in TARGETS}
+    assert sorted(n for ns in by_target.values() for n in ns) == names()
+    for target, ns in by_target.items():
+        assert ns == sorted(ns) and all(get(n).target == target for n in ns)
+    assert "tome" in by_target["vit"] and "fastv" in by_target["llava"] and "focus_detr" in by_target["detr"]
+    with pytest.raises(ValueError, match="unknown target"):
+        names("nope")

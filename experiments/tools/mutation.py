@@ -97,6 +97,8 @@ TESTS = {
                            "-k 'cdpruner_keeps or cdpruner_on_next or cdpruner] or cdpruner- or cdpruner_selection "
                            "or cdpruner_scorer or relevance or greedy_map or cdpruner_needs or describe_lists "
                            "or (vlm_method and cdpruner)'",
+    "methods/__init__.py": "tests/test_vlm_method_mutants.py tests/test_errors.py -k 'registry or unknown or "
+                           "describe_reports'",
 }
 
 
