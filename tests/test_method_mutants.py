@@ -379,3 +379,47 @@ def test_reference_merged_norms_without_special_rows_take_the_largest_member_nor
                 assert torch.equal(out[b, j], merged[b, j])
             else:
                 assert torch.allclose(out[b, j].norm(), max(x[b, m].norm() for m in members), atol=1e-5)
+
+
+# ---------------------------------------------------------------- QuoTA's CLIP scorer (fourth run)
+
+
+def test_quota_clip_probabilities_resize_frames_to_the_models_input_without_a_graph():
+    """Frames of another size are resized bilinearly (corners not aligned) to the CLIP input, then
+    ``softmax(logit_scale * cos)``, computed here; an object with only half of a CLIP interface is a plain scorer."""
+    transformers = pytest.importorskip("transformers")
+    import torch.nn.functional as F
+
+    from vitcompress.testing import LLAVA_VISION
+    torch.manual_seed(0)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(vision_config=dict(LLAVA_VISION), text_config={
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "vocab_size": 100, "max_position_embeddings": 16}, projection_dim=16)).eval()
+
+    def tokenizer(texts):
+        return torch.tensor([[2 + ord(ch) % 90 for ch in t[:7]] + [99] for t in texts])
+
+    def pooled(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    frames = torch.randn(3, 3, 40, 48, generator=torch.Generator().manual_seed(2))
+    probs = quota.clip_probabilities(clip, tokenizer, frames, "a red car")
+    assert not probs.requires_grad
+    with torch.no_grad():
+        image = pooled(clip.get_image_features(pixel_values=F.interpolate(frames, size=(32, 32), mode="bilinear",
+                                                                          align_corners=False)))
+        text = pooled(clip.get_text_features(input_ids=tokenizer(["a red car"])))
+        cos = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1)[0]
+    torch.testing.assert_close(probs, (clip.logit_scale.exp() * cos).softmax(0), rtol=1e-5, atol=1e-6)
+
+    class HalfClip:
+        def get_image_features(self, pixel_values):
+            raise AssertionError("not a CLIP model")
+
+        def encode_image(self, frames):
+            raise AssertionError("not a CLIP model")
+
+        def __call__(self, frames, question):
+            return [0.25] * frames.shape[0]
+
+    assert quota.frame_probabilities(HalfClip(), None, frames, "a red car") == [0.25] * 3
