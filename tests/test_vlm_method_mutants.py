@@ -100,11 +100,12 @@ def _image_stats(model, method, question="what is shown?", **options):
 
 
 def test_visionzip_defaults_are_the_papers_64_tokens_and_its_counts_are_set_by_the_options():
-    """The paper's LLaVA-1.5 setting of 64 tokens (54 dominant with [CLS] + 10 contextual) from CLIP's
-    second-to-last layer; a fixed count per image (not content-dependent), no keep=."""
+    """The paper's LLaVA-1.5 setting of 64 tokens (54 dominant with [CLS] + 10 contextual) from the layer
+    the model projects (layer=None: CLIP's second-to-last on LLaVA-1.5); a fixed count per image (not
+    content-dependent), no keep=."""
     info = vitcompress.describe("visionzip")
     assert {name: o["default"] for name, o in info["options"].items()} == {"dominant": 54, "contextual": 10,
-                                                                          "layer": -2}
+                                                                          "layer": None}
     assert visionzip_split(64) == (54, 10)
     assert info["dynamic"] is False and info["kind"] == "merge" and info["default_budget"] == {"keep": None}
     assert isinstance(info["keep_means"], str) and info["keep_means"]
