@@ -24,6 +24,7 @@ from vitcompress.interfaces import Plan, Signals
 from vitcompress.methods import get as get_method
 from vitcompress.methods.focus_detr import attention_received
 from vitcompress.methods.tome import bipartite_soft_matching, tome_matching
+from vitcompress.methods.zero_tprune import zero_tprune
 from vitcompress.testing import tiny_vit
 
 
@@ -591,3 +592,16 @@ def test_parse_budget_rules():
     for bad in (True, "0.9", [0.9]):
         with pytest.raises(TypeError):
             parse_budget(m, flops=bad)
+
+
+@pytest.mark.parametrize("order", ["ISI", "IS"])
+@pytest.mark.parametrize("r_s,r_i", [(1, 0), (0, 1), (1, 1), (2, 1), (1, 2)])
+def test_zero_tprune_single_removals_are_the_direct_computation(order, r_s, r_i):
+    """One token per stage (the variants above remove 8): a stage that removes one token runs."""
+    options = dict(get_method("zero_tprune").defaults, order=order)
+    attn, metric = _attn(4), torch.randn(2, 24, 8, generator=torch.Generator().manual_seed(5))
+    plan = zero_tprune(attn, metric, 1, r_s, r_i, 5, prerank_iters=1, order=order, var_min=0.01, var_max=0.7,
+                       head_filter=True, aggregate="rms", cls_init="sqrt")
+    for b in range(2):
+        assert plan.keep[b].tolist() == direct_zero_tprune(attn[b], metric[b], 1, r_s, r_i, 5, options)
+    assert plan.keep.shape == (2, 24 - r_s - r_i)
