@@ -667,7 +667,8 @@ def test_validate_takes_the_edges_of_each_range_and_refuses_what_is_outside():
     for bad in (dict(iters=0), dict(iters=(30, 0, 1)), dict(iters=(30, 2.5, 1)), dict(iters=[1, 0]),
                 dict(iters=[1, 2.5]), dict(iters=(30, True, 1)), dict(iters=[True]), dict(iters=2.0),
                 dict(var_min=False, var_max=True), dict(var_min="0.1"), dict(var_max="0.7"),
-                dict(var_min=0.5, var_max=0.4)):
+                dict(var_min=0.5, var_max=0.4), dict(s_ratio=True), dict(s_ratio=False), dict(s_ratio="0.5"),
+                dict(s_ratio=1.01), dict(s_ratio=-0.01)):
         with pytest.raises(ValueError, match="zero_tprune"):
             method.validate(dict(method.defaults, **bad))
 
@@ -690,3 +691,25 @@ def test_max_remove_is_the_largest_removal_the_stages_can_make(order, s_ratio):
             except ValueError:
                 pass
         assert method.max_remove(T, 1, 12, options) == largest, (T, order, s_ratio)
+    assert method.max_remove(0, 1, 12, options) == 0
+    # the refusal suggests a smaller s_ratio only where the S-stage's half is what limits
+    assert ("smaller s_ratio" in method.limit_hint(options)) == (s_ratio > 0.5)
+
+
+@pytest.mark.parametrize("options", [{}, dict(order="IS"), dict(s_ratio=0.5), dict(s_ratio=0.0),
+                                     dict(s_ratio=0.5, order="IS", prerank_iters=2), dict(iters=[1, 2, 3, 4])])
+def test_planned_flops_are_the_counted_flops_on_the_tiny_vit(options):
+    """``overhead_flops`` (PageRank's products per stage, the S-stage's similarity) against
+    ``count_flops`` of the compressed model, for each order and split of the removals."""
+    from vitcompress.profile.flops import count_flops
+    model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    vitcompress.compress(model, "zero_tprune", keep=0.7, **options)
+    try:
+        counted = count_flops(model, x)
+        runtime = model._vitcompress
+        planned = runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
+        schedule = list(runtime.schedule.remove)
+    finally:
+        vitcompress.restore(model)
+    assert counted == planned, (options, schedule)
+    assert sum(r > 0 for r in schedule) >= 3 and any(r % 2 for r in schedule), schedule
