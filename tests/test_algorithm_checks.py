@@ -605,3 +605,15 @@ def test_zero_tprune_single_removals_are_the_direct_computation(order, r_s, r_i)
     for b in range(2):
         assert plan.keep[b].tolist() == direct_zero_tprune(attn[b], metric[b], 1, r_s, r_i, 5, options)
     assert plan.keep.shape == (2, 24 - r_s - r_i)
+
+
+@pytest.mark.parametrize("alpha,ok", [(1e-3, True), (1.0, True), (0.0, False), (-0.5, False)])
+def test_pitome_alpha_must_be_positive(alpha, ok):
+    """alpha scales the energy's exponential: positive (0 would flatten every energy to the same value)."""
+    method = get_method("pitome")
+    options = dict(method.defaults, alpha=alpha)
+    if ok:
+        method.validate(options)
+    else:
+        with pytest.raises(ValueError, match="alpha"):
+            method.validate(options)
