@@ -617,3 +617,18 @@ def test_pitome_alpha_must_be_positive(alpha, ok):
     else:
         with pytest.raises(ValueError, match="alpha"):
             method.validate(options)
+
+
+def test_tome_planned_flops_are_counted_with_odd_token_counts():
+    """ToMe's matching costs ceil(t / 2) x floor(t / 2) dot products: r=3 leaves odd counts."""
+    from vitcompress.profile.flops import count_flops
+    model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    vitcompress.compress(model, "tome", r=3)
+    try:
+        counted = count_flops(model, x)
+        runtime = model._vitcompress
+        planned = runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
+        tokens = runtime.schedule.tokens
+    finally:
+        vitcompress.restore(model)
+    assert counted == planned and any(t % 2 for t in tokens), tokens
