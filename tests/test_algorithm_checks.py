@@ -24,6 +24,7 @@ from vitcompress.interfaces import Plan, Signals
 from vitcompress.methods import get as get_method
 from vitcompress.methods.focus_detr import attention_received
 from vitcompress.methods.tome import bipartite_soft_matching, tome_matching
+from vitcompress.methods.zero_tprune import zero_tprune
 from vitcompress.testing import tiny_vit
 
 
@@ -591,3 +592,43 @@ def test_parse_budget_rules():
     for bad in (True, "0.9", [0.9]):
         with pytest.raises(TypeError):
             parse_budget(m, flops=bad)
+
+
+@pytest.mark.parametrize("order", ["ISI", "IS"])
+@pytest.mark.parametrize("r_s,r_i", [(1, 0), (0, 1), (1, 1), (2, 1), (1, 2)])
+def test_zero_tprune_single_removals_are_the_direct_computation(order, r_s, r_i):
+    """One token per stage (the variants above remove 8): a stage that removes one token runs."""
+    options = dict(get_method("zero_tprune").defaults, order=order)
+    attn, metric = _attn(4), torch.randn(2, 24, 8, generator=torch.Generator().manual_seed(5))
+    plan = zero_tprune(attn, metric, 1, r_s, r_i, 5, prerank_iters=1, order=order, var_min=0.01, var_max=0.7,
+                       head_filter=True, aggregate="rms", cls_init="sqrt")
+    for b in range(2):
+        assert plan.keep[b].tolist() == direct_zero_tprune(attn[b], metric[b], 1, r_s, r_i, 5, options)
+    assert plan.keep.shape == (2, 24 - r_s - r_i)
+
+
+@pytest.mark.parametrize("alpha,ok", [(1e-3, True), (1.0, True), (0.0, False), (-0.5, False)])
+def test_pitome_alpha_must_be_positive(alpha, ok):
+    """alpha scales the energy's exponential: positive (0 would flatten every energy to the same value)."""
+    method = get_method("pitome")
+    options = dict(method.defaults, alpha=alpha)
+    if ok:
+        method.validate(options)
+    else:
+        with pytest.raises(ValueError, match="alpha"):
+            method.validate(options)
+
+
+def test_tome_planned_flops_are_counted_with_odd_token_counts():
+    """ToMe's matching costs ceil(t / 2) x floor(t / 2) dot products: r=3 leaves odd counts."""
+    from vitcompress.profile.flops import count_flops
+    model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    vitcompress.compress(model, "tome", r=3)
+    try:
+        counted = count_flops(model, x)
+        runtime = model._vitcompress
+        planned = runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
+        tokens = runtime.schedule.tokens
+    finally:
+        vitcompress.restore(model)
+    assert counted == planned and any(t % 2 for t in tokens), tokens

@@ -187,3 +187,13 @@ def test_the_smallest_removals_join_the_closest_pair_or_nothing(r):
             (src,), (dst,) = plan.merge_src[b].tolist(), plan.merge_dst[b].tolist()
             groups = {g for g in groups if keep[dst] not in g} | {frozenset([keep[dst], src])}
         assert groups == direct_clustering(d[b], 8 - r, "average")
+
+
+def test_atc_clusters_down_to_one_token_and_no_further():
+    """``max_remove`` is ``T - 1``: every token in one cluster is the most a block can do."""
+    from vitcompress.methods import REGISTRY
+    method = REGISTRY["atc"]
+    for T in (0, 1, 2, 9):
+        assert method.max_remove(T, 0, 4, method.defaults) == max(T - 1, 0)
+    plan = token_clustering(torch.randn(2, 9, 4, generator=torch.Generator().manual_seed(3)), 8)
+    assert plan.keep.shape == (2, 1) and plan.merge_src.shape == (2, 8)

@@ -237,3 +237,14 @@ def test_the_plan_is_made_on_the_tokens_device(bidirection):
     plan = mctf_plan(x, attn, size, 6, 1, bidirection=bidirection)
     assert plan.keep.shape == (2, 14) and plan.merge_src.shape == plan.merge_dst.shape == (2, 6)
     assert plan.keep.device.type == plan.merge_weight.device.type == "meta"
+
+
+def test_a_zero_temperature_is_accepted_and_leaves_its_criterion_out():
+    """Each temperature is a number >= 0; 0 (the documented way to leave a criterion out) is valid."""
+    method = MCTF()
+    for name in ("tau_sim", "tau_info", "tau_size"):
+        method.validate(dict(method.defaults, **{name: 0}))
+        method.validate(dict(method.defaults, **{name: 0.0}))
+        for bad in (-0.1, True, "1"):
+            with pytest.raises(ValueError, match=name):
+                method.validate(dict(method.defaults, **{name: bad}))

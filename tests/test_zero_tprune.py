@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import vitcompress
 import vitcompress.engine.blocks as blocks
+from vitcompress.kernels import reference
 from vitcompress.methods import REGISTRY
 from vitcompress.methods.zero_tprune import (aggregate_heads, edge_layers, head_mask, initial_scores, iters_at,
                                              similarity_prune, split_removals, token_importance,
@@ -571,3 +572,147 @@ def test_default_beats_random_pruning_at_its_schedule_on_the_real_vit_s14(monkey
     ours, rand, schedule = _ours_and_random_at_its_schedule(model, error, 0.7, monkeypatch, seeds=2)
     assert sum(schedule) > 100
     assert ours < min(rand) and ours < 0.9 * sum(rand) / len(rand), (ours, rand)  # measured 0.0171 vs 0.0211, 0.0243
+
+
+# --------------------------------------------------------------------------- the mutation check's survivors
+
+
+def _heads_with_variances(variances, N=5):
+    """Attention ``[1, H, N, N]`` whose every row in head ``h`` is the same distribution ``q_h``, with
+    ``var(N q_h) = variances[h]``: one PageRank step from any start gives ``q_h`` exactly."""
+    v = torch.tensor([4.0] + [-1.0] * (N - 1)) / 2  # mean 0, population variance 1 for N = 5
+    q = torch.stack([(1 + math.sqrt(var) * v) / N for var in variances])  # [H, N], positive, sums to 1
+    return q[None, :, None, :].expand(1, len(variances), N, N).contiguous(), q
+
+
+def test_the_head_filter_defaults_are_the_papers_range():
+    """``[var_min, var_max] = [0.01, 0.7]`` (the paper's, ZeroTPrune.defaults) in every entry point:
+    heads of variance 0.005 and 1.2 are left out, 0.3 and 0.5 kept; the RMS over those two."""
+    attn, q = _heads_with_variances([0.005, 0.3, 1.2, 0.5])
+    kept = torch.tensor([False, True, False, True])
+    assert torch.equal(head_mask(q[None]), kept[None])
+    assert torch.equal(head_mask(q[None], 0.01, 0.7), kept[None])
+    assert torch.equal(reference.head_mask(q[None]), kept[None])
+    assert torch.allclose(((5 * q - 1) ** 2).mean(-1), torch.tensor([0.005, 0.3, 1.2, 0.5]))  # as asked
+    want = ((q[1] ** 2 + q[3] ** 2) / 2).sqrt()
+    assert torch.allclose(token_importance(attn, 0, 1)[0], want, atol=1e-6)
+    assert torch.allclose(reference.pagerank_scores(attn, 1, 0)[0], want, atol=1e-6)
+    assert torch.allclose(token_importance(attn, 0, 1, alive=torch.ones(1, 5, dtype=torch.bool))[0], want, atol=1e-6)
+    defaults = REGISTRY["zero_tprune"].defaults
+    assert (defaults["var_min"], defaults["var_max"]) == (0.01, 0.7)
+
+
+def test_pagerank_iterations_must_be_a_non_negative_int():
+    attn = random_attention(1, 1, 4)
+    for iters in (True, False, 2.0, -1, "3"):
+        with pytest.raises(ValueError, match="non-negative int"):
+            weighted_pagerank(attn, iters)
+        with pytest.raises(ValueError, match="non-negative int"):
+            token_importance(attn, 0, iters)
+
+
+@pytest.mark.parametrize("order", ["ISI", "IS"])
+def test_each_stage_runs_only_when_it_removes_tokens(order, monkeypatch):
+    """PageRank and the similarity match run only for a stage that removes tokens (what
+    ``overhead_flops`` counts): per (r_s, r_i), the importance calls and S-stage calls made."""
+    import vitcompress.methods.zero_tprune as zt
+
+    calls = []
+    for name in ("token_importance", "similarity_prune"):
+        monkeypatch.setattr(zt, name, lambda *a, _f=getattr(zt, name), _n=name, **k: calls.append(_n) or _f(*a, **k))
+    attn, metric = random_attention(1, 2, 13, seed=3).float(), torch.randn(1, 12, 8)
+    want = {"ISI": {(0, 0): [], (0, 3): ["token_importance"], (3, 0): ["token_importance", "similarity_prune"],
+                    (3, 2): ["token_importance", "similarity_prune", "token_importance"]},
+            "IS": {(0, 0): [], (0, 3): ["token_importance"], (3, 0): ["token_importance", "similarity_prune"],
+                   (3, 2): ["token_importance", "similarity_prune"]}}[order]
+    for (r_s, r_i), expected in want.items():
+        calls.clear()
+        plan = zt.zero_tprune(attn, metric, 1, r_s, r_i, 3, order=order)
+        assert calls == expected and plan.keep.shape == (1, 12 - r_s - r_i), (r_s, r_i, calls)
+
+
+def test_the_s_stage_returns_set_b_first_in_importance_order():
+    """``similarity_prune``'s result: the more important half (set B) first, by importance, then the
+    A tokens it keeps (the order the I-stage sees the survivors in)."""
+    torch.manual_seed(4)
+    T, r = 11, 3
+    metric, scores = torch.randn(2, T, 8), torch.rand(2, T)
+    kept = similarity_prune(metric, scores, r)
+    for b in range(2):
+        order = sorted(range(T), key=lambda i: (-float(scores[b, i]), i))
+        b_set = order[: T - T // 2]
+        assert kept[b, : len(b_set)].tolist() == b_set
+        assert sorted(kept[b].tolist()) == loop_similarity_prune(metric[b], scores[b], r)
+
+
+def test_the_defaults_are_the_papers_deit_s_setting():
+    """The paper's ImageNet DeiT-S configuration (docs/methods/zero_tprune.md): 30 / 5 / 1 WPR
+    iterations in the first three / middle / last three blocks, one I' iteration, heads whose
+    variance lies in [0.01, 0.7] aggregated by RMS, the CLS start sqrt(N) times the others, every
+    removal by the S-stage first in the order I' -> S -> I."""
+    method = REGISTRY["zero_tprune"]
+    assert method.defaults == {"iters": (30, 5, 1), "prerank_iters": 1, "var_min": 0.01, "var_max": 0.7,
+                               "head_filter": True, "aggregate": "rms", "cls_init": "sqrt", "s_ratio": 1.0,
+                               "order": "ISI", "layers": None}
+    assert [iters_at(layer, 12, method.defaults["iters"]) for layer in range(12)] == [30] * 3 + [5] * 6 + [1] * 3
+    assert vitcompress.describe("zero_tprune")["kind"] == "prune"
+
+
+def test_validate_takes_the_edges_of_each_range_and_refuses_what_is_outside():
+    method = REGISTRY["zero_tprune"]
+    for good in (dict(iters=1), dict(iters=(1, 1, 1)), dict(iters=[1, 2]), dict(prerank_iters=1),
+                 dict(var_min=0.0), dict(var_min=0.0, var_max=0.0), dict(var_min=0.3, var_max=0.3),
+                 dict(var_min=0, var_max=1), dict(s_ratio=0), dict(s_ratio=1)):
+        method.validate(dict(method.defaults, **good))
+    for bad in (dict(iters=0), dict(iters=(30, 0, 1)), dict(iters=(30, 2.5, 1)), dict(iters=[1, 0]),
+                dict(iters=[1, 2.5]), dict(iters=(30, True, 1)), dict(iters=[True]), dict(iters=2.0),
+                dict(var_min=False, var_max=True), dict(var_min="0.1"), dict(var_max="0.7"),
+                dict(var_min=0.5, var_max=0.4), dict(s_ratio=True), dict(s_ratio=False), dict(s_ratio="0.5"),
+                dict(s_ratio=1.01), dict(s_ratio=-0.01)):
+        with pytest.raises(ValueError, match="zero_tprune"):
+            method.validate(dict(method.defaults, **bad))
+
+
+@pytest.mark.parametrize("order", ["ISI", "IS"])
+@pytest.mark.parametrize("s_ratio", [1.0, 0.75, 0.5, 0.0])
+def test_max_remove_is_the_largest_removal_the_stages_can_make(order, s_ratio):
+    """``max_remove`` against trying every ``r``: the largest for which ``zero_tprune`` plans
+    (the S-stage refuses more than the less important half of the tokens it partitions)."""
+    method = REGISTRY["zero_tprune"]
+    options = dict(method.defaults, s_ratio=s_ratio, order=order)
+    for T in (1, 2, 7, 12):
+        attn, metric = random_attention(1, 2, T + 1, seed=T).float(), torch.randn(1, T, 4)
+        largest = 0
+        for r in range(1, T):
+            r_s, r_i = split_removals(r, s_ratio)
+            try:
+                zero_tprune(attn, metric, 1, r_s, r_i, 2, order=order)
+                largest = r
+            except ValueError:
+                pass
+        assert method.max_remove(T, 1, 12, options) == largest, (T, order, s_ratio)
+    assert method.max_remove(0, 1, 12, options) == 0
+    # the refusal suggests a smaller s_ratio only where the S-stage's half is what limits
+    assert ("smaller s_ratio" in method.limit_hint(options)) == (s_ratio > 0.5)
+
+
+@pytest.mark.parametrize("options", [{}, dict(order="IS"), dict(s_ratio=0.5), dict(s_ratio=0.0),
+                                     dict(s_ratio=0.0, order="IS"), dict(s_ratio=0.5, order="IS", prerank_iters=2),
+                                     dict(iters=[1, 2, 3, 4]), dict(r=2, s_ratio=0.5), dict(r=2, s_ratio=0.5, order="IS")])
+def test_planned_flops_are_the_counted_flops_on_the_tiny_vit(options):
+    """``overhead_flops`` (PageRank's products per stage, the S-stage's similarity) against
+    ``count_flops`` of the compressed model, for each order and split of the removals."""
+    from vitcompress.profile.flops import count_flops
+    model, x = tiny_vit(), torch.randn(1, 3, 32, 32)
+    options = dict(options)
+    budget = {"r": options.pop("r")} if "r" in options else {"keep": 0.7}  # r=2: one token per stage
+    vitcompress.compress(model, "zero_tprune", **budget, **options)
+    try:
+        counted = count_flops(model, x)
+        runtime = model._vitcompress
+        planned = runtime.adapter.cost().flops(runtime.schedule, runtime.method, runtime.options)
+        schedule = list(runtime.schedule.remove)
+    finally:
+        vitcompress.restore(model)
+    assert counted == planned, (options, schedule)
+    assert sum(r > 0 for r in schedule) >= 3, schedule
