@@ -423,3 +423,90 @@ def test_quota_clip_probabilities_resize_frames_to_the_models_input_without_a_gr
             return [0.25] * frames.shape[0]
 
     assert quota.frame_probabilities(HalfClip(), None, frames, "a red car") == [0.25] * 3
+
+
+# --------------------------------------------------------------- Focus-DETR's learned scorer (fifth mutation run)
+
+
+def _bilinear_align_corners(image, H, W):
+    """``image[h, w]`` upsampled to ``[H, W]`` with corner pixels aligned, written out: output ``i`` reads
+    source row ``i (h - 1) / (H - 1)``, blended between its two neighbours."""
+    h, w = image.shape
+    out = torch.empty(H, W, dtype=image.dtype)
+    for i in range(H):
+        y = i * (h - 1) / (H - 1) if H > 1 else 0.0
+        y0 = min(int(math.floor(y)), h - 1)
+        y1, fy = min(y0 + 1, h - 1), y - y0
+        for j in range(W):
+            x = j * (w - 1) / (W - 1) if W > 1 else 0.0
+            x0 = min(int(math.floor(x)), w - 1)
+            x1, fx = min(x0 + 1, w - 1), x - x0
+            top = image[y0, x0] * (1 - fx) + image[y0, x1] * fx
+            bottom = image[y1, x0] * (1 - fx) + image[y1, x1] * fx
+            out[i, j] = top * (1 - fy) + bottom * fy
+    return out
+
+
+def _scorer_logits(scorer, tokens, valid=None):
+    """The head written out for one image ``tokens[T, dim]``: embed, half local and half replaced by its
+    mean over the real tokens (``valid[T]``), then the MLP."""
+    z = scorer.embed(tokens)
+    local, pooled = z.chunk(2, dim=-1)
+    real = pooled if valid is None else pooled[valid]
+    mean = real.mean(dim=0, keepdim=True).expand_as(pooled)
+    return scorer.mlp(torch.cat([local, mean], dim=-1)).squeeze(-1)
+
+
+def test_focus_scorer_top_down_modulation_is_the_papers_formula():
+    """Two levels: the coarse one scored as it is, the fine one as ``x + x * up(s_coarse) * alpha``,
+    ``up`` bilinear with aligned corners (written out here), with a non-zero alpha. The modulation scales
+    each token by ``1 + alpha up``, which the head's LayerNorm cancels up to its sign and the norm's eps
+    (as in the official head): the fine features are small (std 1e-4, eps 1e-5) so that the scale shows."""
+    torch.manual_seed(0)
+    scorer = focus_detr.FocusScorer(dim=8, hidden=8, num_levels=2).eval()
+    with torch.no_grad():
+        scorer.alpha.fill_(0.7)
+        scorer.mlp[-1].weight.mul_(100)  # coarse scores that vary, so the upsampling's grid shows
+        fine, coarse = 1e-4 * torch.randn(1, 8, 5, 7), torch.randn(1, 8, 3, 4)
+        got = focus_detr.foreground_logits(scorer, [fine, coarse])
+        s_coarse = _scorer_logits(scorer, coarse[0].flatten(1).t()).reshape(3, 4)
+        up = _bilinear_align_corners(s_coarse, 5, 7)
+        modulated = fine[0] + fine[0] * up * 0.7
+        s_fine = _scorer_logits(scorer, modulated.flatten(1).t()).reshape(5, 7)
+    torch.testing.assert_close(got[1][0], s_coarse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0][0], s_fine, rtol=1e-5, atol=1e-6)
+
+
+def test_focus_scorer_pools_over_the_real_tokens_of_each_level():
+    """With padding masks the pooled half is the mean over the real tokens only (one real token: its own
+    features), so the real tokens' logits equal the head run on the unpadded image."""
+    torch.manual_seed(1)
+    scorer = focus_detr.FocusScorer(dim=8, hidden=8, num_levels=1).eval()
+    x = torch.randn(2, 8, 3, 4)
+    mask = torch.zeros(2, 3, 4, dtype=torch.bool)
+    mask[0, :2, :3] = True  # 6 real tokens
+    mask[1, 0, 0] = True  # a single real token
+    with torch.no_grad():
+        (got,) = focus_detr.foreground_logits(scorer, [x], [mask])
+        for b in range(2):
+            valid = mask[b].flatten()
+            want = _scorer_logits(scorer, x[b].flatten(1).t(), valid)
+            torch.testing.assert_close(got[b].flatten()[valid], want[valid], rtol=1e-5, atol=1e-6)
+
+
+def test_focus_scorer_file_must_hold_config_and_weights_only(tmp_path):
+    """load_scorer refuses a dict missing 'config' and, loading with weights_only, a file holding any
+    pickled object beyond tensors and plain containers."""
+    scorer = focus_detr.FocusScorer(dim=8, hidden=8)
+    missing = tmp_path / "missing.pt"
+    torch.save({"state_dict": scorer.state_dict()}, missing)
+    with pytest.raises(ValueError, match="is not a Focus-DETR scorer file"):
+        focus_detr.load_scorer(str(missing))
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"config": dict(scorer.config), "state_dict": scorer.state_dict(), "meta": {"obj": _Pickled()}}, unsafe)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        focus_detr.load_scorer(str(unsafe))
+
+
+class _Pickled:
+    """An arbitrary object: a weights-only load refuses to unpickle it."""
