@@ -510,3 +510,66 @@ def test_focus_scorer_file_must_hold_config_and_weights_only(tmp_path):
 
 class _Pickled:
     """An arbitrary object: a weights-only load refuses to unpickle it."""
+
+
+# --------------------------------------------------------------- tokencorr's crops and cells (fifth mutation run)
+
+
+def test_tokencorr_pool_to_cells_concatenates_keys_and_sums_attention_per_token():
+    """InternVL's tokens of G patches: a token's key is its patches' keys concatenated in the cell's
+    order, its deep and shallow [CLS] attention their sums (M = 8 tokens of G = 2 patches, batch 2)."""
+    g = torch.Generator().manual_seed(0)
+    keys, deep, shallow = torch.randn(2, 16, 3, generator=g), torch.rand(2, 16, generator=g), torch.rand(2, 16, generator=g)
+    cells = torch.randperm(16, generator=g).reshape(8, 2)
+    got_keys, got_deep, got_shallow = tokencorr.pool_to_cells(cells, keys, deep, shallow)
+    assert got_keys.shape == (2, 8, 6) and got_deep.shape == got_shallow.shape == (2, 8)
+    for b in range(2):
+        for m, patches in enumerate(cells.tolist()):
+            assert torch.equal(got_keys[b, m], torch.cat([keys[b, p] for p in patches]))
+            assert torch.isclose(got_deep[b, m], deep[b, patches].sum())
+            assert torch.isclose(got_shallow[b, m], shallow[b, patches].sum())
+
+
+def test_tokencorr_reduce_crops_keeps_cls_and_every_patch_when_none_is_redundant():
+    """tau above every cosine: no patch is redundant, so each crop keeps all of its patches -- patch 0 of
+    crop 0 included -- and the [CLS] entry (-2) stays: the features come back unchanged."""
+    g = torch.Generator().manual_seed(1)
+    N = 9
+    layout = torch.cat([torch.tensor([-2]), torch.arange(2 * N)])
+    features = torch.randn(layout.numel(), 5, generator=g)
+    keys, deep, shallow = torch.randn(2, N, 4, generator=g), torch.rand(2, N, generator=g), torch.rand(2, N, generator=g)
+    out, report = tokencorr.reduce_crops(features, layout, keys, deep, shallow, tau=1.5, c=0, merge=True,
+                                         generator_of=lambda crop: torch.Generator().manual_seed(crop))
+    assert torch.equal(out, features)
+    assert report["cls_tokens"] == 1 and [sorted(c["kept"]) for c in report["crops"]] == [list(range(N))] * 2
+
+
+def test_tokencorr_merges_each_dropped_patch_into_its_most_similar_kept_one():
+    """Each dropped patch's destination is the kept patch of highest cosine similarity of the keys,
+    computed here patch by patch."""
+    g = torch.Generator().manual_seed(2)
+    keys = torch.randn(12, 6, generator=g)
+    keys[6:9] = keys[:3] + 0.05 * torch.randn(3, 6, generator=g)  # three near pairs: 6 redundant patches
+    keys = keys * torch.logspace(-1, 1, 12)[torch.randperm(12, generator=g), None]  # norms 0.1..10: cosine ignores them
+    deep, shallow = torch.rand(12, generator=g), torch.rand(12, generator=g)
+    plan, budget = tokencorr.tokencorr_plan(keys, deep, shallow, tau=0.9, c=0, merge=True,
+                                            generator=torch.Generator().manual_seed(0))
+    kept = plan.keep[0].tolist()
+    assert 0 < budget < 12 and plan.merges
+    cos = torch.nn.functional.cosine_similarity
+    for src, dst in zip(plan.merge_src[0].tolist(), plan.merge_dst[0].tolist()):
+        sims = [float(cos(keys[src], keys[k], dim=0)) for k in kept]
+        assert dst == max(range(len(kept)), key=lambda i: sims[i])
+
+
+def test_focus_detr_descriptor_states_its_defaults_help_and_keep():
+    """describe('focus_detr'): dual attention on 300 tokens per layer as the docs state, a help line for
+    every option, and what keep= means (rho); a path given with a non-learned scorer is named in the error."""
+    info = vitcompress.describe("focus_detr")
+    assert info["options"]["dual_k"]["default"] == 300 and info["options"]["scorer"]["default"] == "norm"
+    assert all(isinstance(o["help"], str) and o["help"] for o in info["options"].values())
+    assert isinstance(info["keep_means"], str) and "rho" in info["keep_means"]
+    spec = focus_detr.FocusDETR()
+    options = dict(spec.defaults, scorer_module=focus_detr.FocusScorer(dim=8, hidden=8))
+    with pytest.raises(ValueError, match="focus_detr got scorer_module= with scorer='norm'"):
+        spec.validate(options)
