@@ -117,6 +117,29 @@ def masking_hooks(layers, dropped):
     return handles
 
 
+def assert_equals_masked_model(model, inputs, stats, visual, depth: int, logits, out, generate):
+    """A compressed prefill's ``logits`` and ``out = generate(model, inputs)`` (its sequences and
+    per-step logits) equal the uncompressed ``model`` run with :func:`masking_hooks` for the tokens
+    ``stats`` says were dropped; the rows keep different numbers of tokens (padded slots)."""
+    from vitcompress.runtimes.language_model import kept_slots
+
+    dropped = dropped_per_layer(stats, visual, depth)
+    handles = masking_hooks(model.model.language_model.layers, dropped)
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+    ref = generate(model, inputs)
+    for h in handles:
+        h.remove()
+    index, slot_valid = kept_slots(~dropped[depth - 1])
+    assert not bool(slot_valid.all())  # the rows keep different numbers of tokens: padded slots
+    for b in range(index.shape[0]):
+        torch.testing.assert_close(logits[b][slot_valid[b]], ref_logits[b][index[b][slot_valid[b]]],
+                                   rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.sequences, ref.sequences)
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+
+
 # --------------------------------------------------------------------------- a flops= budget as counted
 
 

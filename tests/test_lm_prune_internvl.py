@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import vitcompress
-from conftest import dropped_per_layer, masking_hooks
-from vitcompress.runtimes.language_model import kept_slots
+from conftest import assert_equals_masked_model, dropped_per_layer, masking_hooks
 from vitcompress.testing import (INTERNVL_IMAGE_TOKEN, INTERNVL_TILE_TOKENS, internvl_inputs,
                                  tiny_internvl_lm)
 
@@ -90,21 +89,7 @@ def test_kept_tokens_and_decoding_are_the_masked_model(model, method):
     for stage in stats["stages"]:  # only visual tokens are dropped
         assert all(bool(visual[b, idx].all()) for b, idx in enumerate(stage["kept"]))
 
-    dropped = dropped_per_layer(stats, visual, DEPTH)
-    handles = masking_hooks(model.model.language_model.layers, dropped)
-    with torch.no_grad():
-        ref_logits = model(**inputs).logits
-    ref = _generate(model, inputs)
-    for h in handles:
-        h.remove()
-    index, slot_valid = kept_slots(~dropped[DEPTH - 1])
-    assert not bool(slot_valid.all())  # the rows keep different numbers of tokens: padded slots
-    for b in range(index.shape[0]):
-        torch.testing.assert_close(logits[b][slot_valid[b]], ref_logits[b][index[b][slot_valid[b]]],
-                                   rtol=1e-5, atol=1e-5)
-    assert torch.equal(out.sequences, ref.sequences)
-    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    assert_equals_masked_model(model, inputs, stats, visual, DEPTH, logits, out, _generate)
 
 
 def test_fastv_selection_is_the_models_own_attention(model):
