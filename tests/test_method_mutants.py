@@ -573,3 +573,29 @@ def test_focus_detr_descriptor_states_its_defaults_help_and_keep():
     options = dict(spec.defaults, scorer_module=focus_detr.FocusScorer(dim=8, hidden=8))
     with pytest.raises(ValueError, match="focus_detr got scorer_module= with scorer='norm'"):
         spec.validate(options)
+
+
+# --------------------------------------------------------------- MLERP with prefix tokens, mctf's bounds (sixth run)
+
+
+def test_mlerp_keeps_the_prefix_and_rescales_the_body_as_without_it():
+    """merged_norms with a class token: the prefix row is returned as it is and the body equals the
+    same plan applied without the prefix (the plan's indices count the reducible tokens only)."""
+    from vitcompress.kernels import reference
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1 + 6, 4, generator=g)
+    keep = torch.tensor([[0, 2, 4], [1, 3, 5]])
+    src, dst = torch.tensor([[1, 3, 5], [0, 2, 4]]), torch.tensor([[0, 1, 2], [2, 0, 1]])
+    merged = torch.randn(2, 1 + 3, 4, generator=g)
+    with_prefix = reference.merged_norms(x, merged, keep, src, dst, num_prefix=1)
+    without = reference.merged_norms(x[:, 1:], merged[:, 1:], keep, src, dst)
+    assert torch.equal(with_prefix[:, :1], merged[:, :1]) and torch.equal(with_prefix[:, 1:], without)
+
+
+def test_mctf_bounds_and_overhead_are_whole_token_counts():
+    """max_remove floors half of an odd count; without the similarity criterion (tau_sim=0) the
+    overhead is the fusion weights' scatter alone, one per removed token."""
+    spec = vitcompress.methods.get("mctf")
+    options = dict(spec.defaults)
+    assert spec.max_remove(101, 0, 12, options) == 50 and isinstance(spec.max_remove(101, 0, 12, options), int)
+    assert spec.overhead_flops(101, 1, 7, 6, 64, 0, 12, dict(options, tau_sim=0)) == 7
