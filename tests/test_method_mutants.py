@@ -599,3 +599,18 @@ def test_mctf_bounds_and_overhead_are_whole_token_counts():
     options = dict(spec.defaults)
     assert spec.max_remove(101, 0, 12, options) == 50 and isinstance(spec.max_remove(101, 0, 12, options), int)
     assert spec.overhead_flops(101, 1, 7, 6, 64, 0, 12, dict(options, tau_sim=0)) == 7
+
+
+def test_pagerank_initial_scores_weight_only_a_real_class_token_by_the_alive_count():
+    """Zero-TPrune's "sqrt" start: the class token (a prefix) starts at sqrt(n) times a patch, n the
+    alive tokens of its row; without a prefix every alive token starts equal; dead tokens start at 0."""
+    from vitcompress.kernels import reference
+    alive = torch.tensor([[1.0, 0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0, 0.0]])
+    s = reference.initial_scores(5, 1, "sqrt", alive=alive)
+    for row, a in zip(s, alive):
+        n = float(a.sum())
+        want = a.clone()
+        want[0] *= math.sqrt(n)
+        torch.testing.assert_close(row, want / want.sum())
+    plain = reference.initial_scores(5, 0, "sqrt", alive=alive)
+    torch.testing.assert_close(plain, alive / alive.sum(dim=-1, keepdim=True))
