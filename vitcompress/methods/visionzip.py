@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 
 from ..interfaces import LlavaMethod, TokenFeatures
-from .tokencorr import cls_attention, pool_to_cells
+from .tokencorr import cls_attention, patch_keys, pool_to_cells
 
 Tensor = torch.Tensor
 
@@ -182,7 +182,7 @@ class VisionZip(LlavaMethod):
                              f"{N} patches of a crop")
         with torch.no_grad():
             cls_attn = cls_attention(attention.q, attention.k, attention.num_heads, attention.scale)
-            keys = attention.k.reshape(*attention.k.shape[:2], attention.num_heads, -1).mean(dim=2)[:, 1:]
+            keys = patch_keys(attention.k, attention.num_heads)
             tokens, choice = visionzip_tokens(cls_attn, keys, features.hidden, dominant, contextual)
             projected = project(tokens)
         reduced, reports, first = [], [], 0
@@ -262,7 +262,7 @@ def reduce_cell_crops(images: Sequence[Tensor], layouts: Sequence[Tuple[Tensor, 
                          "tile (here [CLS] is not handed to the language model: dominant counts tokens only)")
     with torch.no_grad():
         cls_attn = cls_attention(attention.q, attention.k, attention.num_heads, attention.scale)
-        keys = attention.k.reshape(*attention.k.shape[:2], attention.num_heads, -1).mean(dim=2)[:, 1:]
+        keys = patch_keys(attention.k, attention.num_heads)
         tokens, choice = visionzip_cell_tokens(cls_attn, keys, features.hidden, attention.cells, dominant, contextual)
         projected = project(tokens)
     reduced, reports, first = [], [], 0
