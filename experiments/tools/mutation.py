@@ -71,14 +71,17 @@ TESTS = {
                                "-k 'random or " + _EVERY_METHOD + "'",
     "methods/block_options.py": "tests/test_method_mutants.py tests/test_evit.py tests/test_ppt.py -k layers",
     "methods/fastv.py": "tests/test_official_lm_recorded.py tests/test_fastv.py tests/test_lm_prune.py "
+                        "tests/test_lm_prune_qwen.py tests/test_lm_prune_internvl.py "
                         "tests/test_vlm_method_mutants.py tests/test_errors.py "
                         "-k 'fastv and not generate and not keep_all or options_are_checked or describe_lists'",
     "methods/pyramiddrop.py": "tests/test_official_lm_recorded.py tests/test_pyramiddrop.py tests/test_lm_prune.py "
+                              "tests/test_lm_prune_qwen.py tests/test_lm_prune_internvl.py "
                               "tests/test_vlm_method_mutants.py tests/test_errors.py "
                               "-k 'pyramiddrop and not generate and not keep_all and not (lambda and next) "
                               "or layers_must_fit or options_are_checked or describe_lists'",
     "methods/dart.py": "tests/test_dart.py::test_least_duplicates_takes_the_least_similar_remaining_tokens "
-                       "tests/test_official_lm_recorded.py tests/test_dart.py tests/test_lm_prune.py "
+                       "tests/test_official_lm_recorded.py tests/test_dart.py tests/test_lm_prune.py tests/test_lm_prune_qwen.py "
+                       "tests/test_lm_prune_internvl.py "
                        "tests/test_vlm_method_mutants.py tests/test_errors.py "
                        "-k 'dart and not generate and not keep_all or options_are_checked or describe_lists'",
     "methods/visionzip.py": "tests/test_visionzip_cdpruner.py::"
@@ -86,15 +89,20 @@ TESTS = {
                             "tests/test_visionzip_cdpruner.py::"
                             "test_visionzip_dominant_tokens_are_the_cls_attention_top "
                             "tests/test_official_visionzip_cdpruner.py tests/test_visionzip_cdpruner.py "
+                            "tests/test_official_qwen_visionzip_cdpruner.py tests/test_qwen_visionzip_cdpruner.py "
+                            "tests/test_onevision_visionzip_cdpruner.py tests/test_visionzip_cdpruner_internvl.py "
                             "tests/test_vlm_method_mutants.py tests/test_errors.py "
                             "-k 'visionzip_keeps or visionzip_contextual or visionzip_dominant or visionzip] "
-                            "or visionzip- or paper_splits or describe_lists or (vlm_method and visionzip)'",
+                            "or visionzip- or paper_splits or describe_lists or (vlm_method and visionzip) "
+                            "or (visionzip and (qwen or onevision or internvl))'",
     "methods/cdpruner.py": "tests/test_visionzip_cdpruner.py::"
                            "test_relevance_is_the_negated_mean_min_max_normalised "
                            "tests/test_visionzip_cdpruner.py::test_greedy_map_maximises_the_determinant_step_by_step "
                            "tests/test_official_visionzip_cdpruner.py tests/test_visionzip_cdpruner.py "
+                           "tests/test_official_qwen_visionzip_cdpruner.py tests/test_qwen_visionzip_cdpruner.py "
+                           "tests/test_onevision_visionzip_cdpruner.py tests/test_visionzip_cdpruner_internvl.py "
                            "tests/test_vlm_method_mutants.py tests/test_errors.py "
-                           "-k 'cdpruner_keeps or cdpruner_on_next or cdpruner] or cdpruner- or cdpruner_selection "
+                           "-k '(cdpruner and (qwen or onevision or internvl)) or cdpruner_keeps or cdpruner_on_next or cdpruner] or cdpruner- or cdpruner_selection "
                            "or cdpruner_scorer or relevance or greedy_map or cdpruner_needs or describe_lists "
                            "or (vlm_method and cdpruner)'",
     "methods/__init__.py": "tests/test_vlm_method_mutants.py tests/test_errors.py -k 'registry or unknown or "
