@@ -214,6 +214,38 @@ def test_int8_splits_each_scoring_qkv_and_keeps_float_only_what_selection_reads(
                 assert [s.op_type for s in sources] == ["DequantizeLinear", "DequantizeLinear"], part
 
 
+def _ort_op_types(path):
+    """Node name -> op type of the graph onnxruntime's CPU provider runs for the file at ``path``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = path + ".optimized.onnx"
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return {n.name: n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+
+
+@pytest.mark.parametrize("method", ["tome", "zero_tprune"])
+def test_int8_linear_layers_run_as_integer_matmuls_in_onnxruntime(tmp_path, method):
+    """Every quantized MatMul, the split queries and values included, runs as onnxruntime's
+    MatMulIntegerToFloat; the keys stay a float MatMul. With int8 activations the queries and
+    values, which share their input, stayed float MatMuls over dequantized weights."""
+    model = vitcompress.compress(tiny_vit(depth=2), method, r=8)
+    fp32, path = str(tmp_path / "fp32.onnx"), str(tmp_path / "int8.onnx")
+    export_onnx(model, fp32, (2, 3, 32, 32), verbose=False)
+    quantized = quantize_onnx(fp32, path, torch.randn(8, 3, 32, 32), float_reductions=0)
+    split = [n for n in quantized if n.endswith(("/q", "/v"))]
+    assert len(split) == (4 if method == "tome" else 2)  # both blocks' queries and values, or values only
+    ops = _ort_op_types(path)
+    fp32_ops = {n.name: n.op_type for n in onnx.load(fp32).graph.node}
+    matmuls = [n for n in quantized if fp32_ops.get(n, "MatMul") in ("MatMul", "Gemm")]
+    assert len(matmuls) == len(quantized) - 1  # all but the patch embedding's Conv
+    integer = {n: "QGemm" if fp32_ops.get(n) == "Gemm" else "MatMulIntegerToFloat" for n in matmuls}
+    assert {n: ops.get(n) for n in matmuls} == integer
+    keys = [n for n in ops if n.endswith("/k")]
+    assert len(keys) == 2 and {ops[n] for n in keys} == {"MatMul"}
+
+
 @pytest.mark.parametrize("r, expected", [
     # block 0 reduces: its selection sees the patch embedding and its own qkv; block 1's all of block 0
     ([8, 8, 8], {1: ["blocks.0.attn.qkv", "patch_embed.proj"],

@@ -191,7 +191,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 def quantize_onnx(source: str, path: str, calibration: torch.Tensor, batch_size: int = 8,
                   float_reductions: int = FLOAT_REDUCTIONS, calibration_method: str = "minmax") -> List[str]:
     """Write the int8 version of the fp32 ONNX file ``source`` to ``path``: onnxruntime static
-    quantization, QDQ format, per-channel symmetric int8 weights and int8 input activations whose
+    quantization, QDQ format, per-channel symmetric int8 weights and uint8 input activations whose
     ranges ``calibration_method`` takes from ``calibration`` (images ``[N, C, H, W]``, run in chunks
     of ``batch_size``): ``"minmax"`` (the min / max), ``"percentile"`` or ``"entropy"``. Only the linear
     layers that do not score tokens are quantized (:func:`linear_nodes` with ``scoring=False``), less
@@ -230,8 +230,12 @@ def quantize_onnx(source: str, path: str, calibration: torch.Tensor, batch_size:
         onnx.save(proto, split)
         try:
             quantize_static(split, str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                             calibrate_method=method,
+                            # uint8 activations: onnxruntime's CPU provider runs a quantized MatMul
+                            # as MatMulIntegerToFloat only with uint8 inputs. It converts an int8
+                            # activation read by one layer, not one that the split queries and
+                            # values share: those stayed float MatMuls over dequantized weights.
                             # float outputs (int8 in, float out): a per-tensor int8 rounding of the
                             # qkv output would blur the keys that score the tokens
                             extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Conv"]})
