@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitcompress
-from vitcompress.export.executorch_export import (_gather_rows, _integer_row_sums, _matmul_as_bmm, _mean_for_xnnpack,
+from vitcompress.export.executorch_export import (_elu_for_xnnpack, _gather_rows, _integer_row_sums, _matmul_as_bmm, _mean_for_xnnpack,
                                                   _scatter_add_rows, _sort_by_ranks, _vector_norm_for_xnnpack,
                                                   program_for_xnnpack)
 from vitcompress.testing import tiny_vit
@@ -68,6 +68,28 @@ def test_mean_norm_and_matmul_rewrites_are_torch(tokens):
     y = torch.randn(2, 3, 37, tokens)
     assert torch.allclose(_matmul_as_bmm(x, y), x @ y, atol=1e-4)
     assert _matmul_as_bmm(x, torch.randn(37, 5)) is NotImplemented
+
+
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_elu_rewrite_is_torch_elu_and_leaves_no_elu_in_the_program(tokens):
+    """PiToMe's energy ``mean ELU(sim - margin, alpha)``: the same values on both sides of 0 (and at
+    0), for alpha 1 and not 1, and the rewritten program holds no ``elu`` for the partitioner to leave out."""
+    torch.manual_seed(tokens)
+    sim = torch.rand(2, tokens, tokens) * 2 - 1
+    sim[0, 0, 0] = 0.75  # exactly at the margin
+    for alpha in (1.0, 0.5):
+        expected = torch.nn.functional.elu(sim - 0.75, alpha)
+        assert torch.allclose(_elu_for_xnnpack(sim - 0.75, alpha), expected, atol=1e-6)
+    assert _elu_for_xnnpack(sim, 1.0, 2.0) is NotImplemented  # selu's scale: left to torch
+
+    class Energy(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.elu(x - 0.75, 0.5).mean(-1)
+
+    program = program_for_xnnpack(torch.export.export(Energy(), (sim,), strict=False))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "aten.elu.default" not in targets and "aten.exp.default" in targets, targets
+    assert torch.allclose(program.module()(sim), Energy()(sim), atol=1e-6)
 
 
 def test_integer_row_sums_are_exact():

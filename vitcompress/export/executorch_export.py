@@ -1,6 +1,6 @@
 """ExecuTorch: the ``torch.export`` program lowered to a ``.pte`` with the XNNPACK backend, after
 rewriting the ops its runtime lacks (sort) or XNNPACK does not delegate (attention, layer norm,
-means, norms) and the token gathers and merges ExecuTorch would run element by element in its
+means, norms, ELU) and the token gathers and merges ExecuTorch would run element by element in its
 single-threaded portable kernels. The rewrites apply to the exported program only: the model's
 eager forward is untouched."""
 import time
@@ -168,6 +168,15 @@ def _vector_norm_for_xnnpack(x: torch.Tensor, ord=2, dim=None, keepdim: bool = F
     return torch.sqrt(_mean_for_xnnpack(x * x, dims[0], keepdim) * float(n))
 
 
+def _elu_for_xnnpack(x: torch.Tensor, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0):
+    """``aten.elu`` (PiToMe's energy over every ``[T, T]`` similarity) as ``relu(x) + alpha *
+    (exp(min(x, 0)) - 1)``: ops XNNPACK delegates, where ExecuTorch's partitioner leaves ``elu``
+    itself to a single-threaded portable kernel."""
+    if scale != 1.0 or input_scale != 1.0:
+        return NotImplemented
+    return torch.relu(x) + alpha * (torch.exp(torch.clamp(x, max=0.0)) - 1.0)
+
+
 def _drop_repeated_index_expands(program) -> None:
     """``select(expand(unsqueeze(idx, -1)), -1, 0)`` (through views that only add or drop sizes of
     1), what :func:`_flat_rows` reads of a repeated row index, replaced by ``idx``: the expanded
@@ -246,7 +255,8 @@ def program_for_xnnpack(program):
         torch.ops.aten.mean.dim: _mean_for_xnnpack,
         torch.ops.aten.expand.default: _same_shape_expand,
         torch.ops.aten.matmul.default: _matmul_as_bmm,
-        torch.ops.aten.linalg_vector_norm.default: _vector_norm_for_xnnpack})
+        torch.ops.aten.linalg_vector_norm.default: _vector_norm_for_xnnpack,
+        torch.ops.aten.elu.default: _elu_for_xnnpack})
     _drop_repeated_index_expands(program)
     _drop_broadcast_expands(program)
     _share_repeated_nodes(program)
