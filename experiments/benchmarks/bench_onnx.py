@@ -55,6 +55,17 @@ def interleaved(runners, warmup: int, runs: int):
     return times
 
 
+#: Largest difference from PyTorch a reused fp32 file may show: beyond it, the file is of another model.
+REUSE_ATOL = 1e-3
+
+
+def _refuse_stale(path: str, max_abs_diff: float) -> None:
+    """Stop before timing a reused file that does not compute this model (other weights, an older export)."""
+    if not max_abs_diff <= REUSE_ATOL:
+        raise SystemExit(f"{path} differs from this model by {max_abs_diff:.2g} (> {REUSE_ATOL:g}): it was exported "
+                         "from another model or version; delete it and run again to export it anew")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="deit_small_patch16_224", help="timm model (random weights)")
@@ -124,6 +135,7 @@ def main(argv=None) -> int:
         if reuse:
             check = verify_onnx(ort_session(stem + ".onnx"), model, inputs[top])
             print(f"reused {stem}.onnx: max abs diff vs PyTorch {check['max_abs_diff']:.2g}", flush=True)
+            _refuse_stale(stem + ".onnx", check["max_abs_diff"])
         else:
             with warnings.catch_warnings():  # a near-tie flip is reported on the line below
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -165,6 +177,7 @@ def main(argv=None) -> int:
             if reuse:  # a file of an earlier run: checked against this model before it is timed
                 diff = (forward.execute([inputs[top]])[0] - _no_grad(model, inputs[top])).abs().max().item()
                 print(f"  ExecuTorch: reused {stem}.pte, max abs diff vs PyTorch {diff:.2g}", flush=True)
+                _refuse_stale(stem + ".pte", diff)
             runners[label, "ExecuTorch"] = (lambda b, f=forward: f.execute([inputs[b]]))
         if args.torch:
             runners[label, "torch"] = (lambda b, m=model: _no_grad(m, inputs[b]))
