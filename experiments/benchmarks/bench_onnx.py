@@ -55,15 +55,19 @@ def interleaved(runners, warmup: int, runs: int):
     return times
 
 
-#: Largest difference from PyTorch a reused fp32 file may show: beyond it, the file is of another model.
+#: Largest difference from PyTorch of an image computed by a reused fp32 file of this model.
 REUSE_ATOL = 1e-3
 
 
-def _refuse_stale(path: str, max_abs_diff: float) -> None:
-    """Stop before timing a reused file that does not compute this model (other weights, an older export)."""
-    if not max_abs_diff <= REUSE_ATOL:
-        raise SystemExit(f"{path} differs from this model by {max_abs_diff:.2g} (> {REUSE_ATOL:g}): it was exported "
-                         "from another model or version; delete it and run again to export it anew")
+def _refuse_stale(path: str, per_image: torch.Tensor) -> None:
+    """Stop before timing a reused file that does not compute this model (other weights, an older
+    export): most of its images differ. A few may differ in a file of this very model, where a
+    near-tie in the token ranking went the other way (PiToMe's energies)."""
+    differ = int((per_image > REUSE_ATOL).sum())
+    if 2 * differ > len(per_image):
+        raise SystemExit(f"{path} differs from this model on {differ} of {len(per_image)} images (by more than "
+                         f"{REUSE_ATOL:g}): it was exported from another model or version; delete it and run "
+                         "again to export it anew")
 
 
 def main(argv=None) -> int:
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
         if reuse:
             check = verify_onnx(ort_session(stem + ".onnx"), model, inputs[top])
             print(f"reused {stem}.onnx: max abs diff vs PyTorch {check['max_abs_diff']:.2g}", flush=True)
-            _refuse_stale(stem + ".onnx", check["max_abs_diff"])
+            _refuse_stale(stem + ".onnx", check["per_image"])
         else:
             with warnings.catch_warnings():  # a near-tie flip is reported on the line below
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -175,9 +179,9 @@ def main(argv=None) -> int:
                       flush=True)
             forward = Runtime.get().load_program(stem + ".pte").load_method("forward")
             if reuse:  # a file of an earlier run: checked against this model before it is timed
-                diff = (forward.execute([inputs[top]])[0] - _no_grad(model, inputs[top])).abs().max().item()
-                print(f"  ExecuTorch: reused {stem}.pte, max abs diff vs PyTorch {diff:.2g}", flush=True)
-                _refuse_stale(stem + ".pte", diff)
+                per_image = (forward.execute([inputs[top]])[0] - _no_grad(model, inputs[top])).abs().flatten(1).amax(1)
+                print(f"  ExecuTorch: reused {stem}.pte, max abs diff vs PyTorch {per_image.max().item():.2g}", flush=True)
+                _refuse_stale(stem + ".pte", per_image)
             runners[label, "ExecuTorch"] = (lambda b, f=forward: f.execute([inputs[b]]))
         if args.torch:
             runners[label, "torch"] = (lambda b, m=model: _no_grad(m, inputs[b]))
