@@ -141,7 +141,7 @@ def test_program_for_xnnpack_has_no_expanded_index_and_same_outputs():
 @pytest.mark.parametrize("method, per_block", [("tome", 45), ("pitome", 45)])
 def test_executorch_leaves_a_bounded_number_of_ops_per_reducing_block(tmp_path, method, per_block):
     """The ops a compressed model runs outside XNNPACK beyond the uncompressed model's, per
-    reducing block: 40 (tome) and 38 (pitome) measured, almost all on [B, N] index tensors,
+    reducing block: 40 (tome) and 37 (pitome, its ELU rewritten) measured, almost all on [B, N] index tensors,
     against 88 before the rewrites (expanded gathers, scatter_add, the sort's compares)."""
     pytest.importorskip("executorch")
     from vitcompress.export import export_executorch
@@ -158,5 +158,5 @@ def test_executorch_leaves_a_bounded_number_of_ops_per_reducing_block(tmp_path, 
     added = sum(counts[method].values()) - sum(counts["none"].values())
     assert 0 < added <= 2 * per_block, counts[method]
     left = {op.split(".")[1] for op in counts[method]}
-    assert not left & {"scatter_add", "expand_copy", "lt", "gt", "eq", "bitwise_or", "mean", "pow", "sum"} - {
+    assert not left & {"scatter_add", "expand_copy", "lt", "gt", "eq", "bitwise_or", "mean", "pow", "sum", "elu"} - {
         op.split(".")[1] for op in counts["none"]}, left
