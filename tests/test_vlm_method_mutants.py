@@ -194,7 +194,7 @@ def test_cdpruner_scorer_similarities_per_text_segment_are_averaged_and_their_sh
     kept = [[u["kept"] for u in _image_stats(llava_tower, "cdpruner", tokens=16, scorer=s)["image"]]
             for s in (segments, mean)]
     assert kept[0] == kept[1]
-    with pytest.raises(ValueError, match=r"the cdpruner scorer returned \(1, 63\)"):
+    with pytest.raises(ValueError, match=r"the cdpruner scorer returned \(1, 63\) for \(1, 64\) patches"):
         _image_stats(llava_tower, "cdpruner", tokens=16, scorer=lambda p, q: p[:, 1:, 0])
 
 
@@ -313,3 +313,46 @@ def test_registry_names_every_method_once_and_by_target():
     assert "tome" in by_target["vit"] and "fastv" in by_target["llava"] and "focus_detr" in by_target["detr"]
     with pytest.raises(ValueError, match="unknown target"):
         names("nope")
+
+
+@pytest.mark.parametrize("method, options", [("visionzip", dict(dominant=12, contextual=4)),
+                                             ("cdpruner", dict(tokens=16, scorer=lambda p, q: p[..., 0]))])
+def test_the_third_image_of_a_batch_is_reduced_from_its_own_crop(llava_tower, method, options):
+    """Three images in one call each keep what they keep alone: the crops are taken in turn (with two
+    images, the second starts where the first ends whether the offset adds up or not)."""
+    from vitcompress.testing import LLAVA_IMAGE_TOKEN, LLAVA_PATCHES
+
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[1, 5] + [LLAVA_IMAGE_TOKEN] * LLAVA_PATCHES + [7]] * 3)
+    vitcompress.compress(llava_tower, method, **options)
+    try:
+        with torch.no_grad():
+            llava_tower(input_ids=ids, pixel_values=pixels, question=["what is shown?"] * 3)
+            batch = [u["kept"] for u in vitcompress.stats(llava_tower)["image"]]
+            alone = []
+            for b in range(3):
+                llava_tower(input_ids=ids[b:b + 1], pixel_values=pixels[b:b + 1], question="what is shown?")
+                alone.append(vitcompress.stats(llava_tower)["image"][0]["kept"])
+    finally:
+        vitcompress.restore(llava_tower)
+    assert len({str(k) for k in alone}) == 3  # three images, three choices
+    assert batch == alone
+
+
+@pytest.mark.parametrize("method, options", [("visionzip", {}),
+                                             ("cdpruner", dict(tokens=16, scorer=lambda p, q: p[..., 0]))])
+def test_a_llava_handing_on_its_cls_feature_is_refused(method, options):
+    """vision_feature_select_strategy='full' hands the tower's [CLS] to the language model: the crop
+    layouts would hold a token no method of the tower reduces, so both refuse it by name."""
+    from vitcompress.testing import tiny_llava
+
+    model = tiny_llava("llava")
+    model.config.vision_feature_select_strategy = "full"
+    try:
+        with pytest.raises(ValueError, match=f"{method} needs vision_feature_select_strategy='default'"):
+            vitcompress.compress(model, method, **options)
+            with torch.no_grad():
+                model(**llava_inputs(model, "llava"), question="what is shown?")
+    finally:
+        if vitcompress.interfaces.runtime_of(model) is not None:
+            vitcompress.restore(model)

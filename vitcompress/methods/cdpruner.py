@@ -192,8 +192,6 @@ class CDPruner(LlavaMethod):
             return reduce_cell_crops(self, images, layouts, features, options, questions)
         reduced, reports, first = [], [], 0
         for tokens, (layout, crops), question in zip(images, layouts, questions):
-            if bool((layout == -2).any()):
-                raise ValueError("cdpruner needs vision_feature_select_strategy='default'")
             with torch.no_grad():
                 patches = features.hidden[first:first + crops, 1:]
                 first += crops
