@@ -356,3 +356,26 @@ def test_a_llava_handing_on_its_cls_feature_is_refused(method, options):
     finally:
         if vitcompress.interfaces.runtime_of(model) is not None:
             vitcompress.restore(model)
+
+
+def test_cdpruner_reports_each_crop_of_a_two_crop_image_and_its_newlines():
+    """A LLaVA-NeXT image whose grid is one crop (a 1 x 1 pinpoint): the report lists both crops' kept
+    patches, and counts the newlines the uncompressed model hands on (each kept as in the official code)."""
+    from vitcompress.testing import LLAVA_IMAGE_TOKEN, tiny_llava
+
+    model = tiny_llava("next")
+    model.config.image_grid_pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    pixels = torch.randn(1, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sizes = torch.tensor([[32, 32]])
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels, sizes).pooler_output[0]
+    newlines = int((features == model.model.image_newline).all(-1).sum())
+    assert features.shape[0] == 2 * 64 + newlines and newlines == 8  # base crop, one grid crop, a newline per row
+    ids = torch.tensor([[1, 5] + [LLAVA_IMAGE_TOKEN] * features.shape[0] + [7]])
+    vitcompress.compress(model, "cdpruner", tokens=16, scorer=lambda p, q: p[..., 0])
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=pixels, image_sizes=sizes, question="what is shown?")
+    report = vitcompress.stats(model)["image"][0]
+    vitcompress.restore(model)
+    assert [len(k) for k in report["kept"]] == [16, 16]
+    assert report["newline_tokens"] == newlines and report["tokens_after"] == 2 * 16 + newlines
