@@ -614,3 +614,162 @@ def test_pagerank_initial_scores_weight_only_a_real_class_token_by_the_alive_cou
         torch.testing.assert_close(row, want / want.sum())
     plain = reference.initial_scores(5, 0, "sqrt", alive=alive)
     torch.testing.assert_close(plain, alive / alive.sum(dim=-1, keepdim=True))
+
+
+# ------------------------------------------- focus_detr options, QuoTA's CLIP inputs, tokencorr crops (eighth run)
+
+
+@pytest.mark.parametrize("cascade", [["0.5"], [1.0, True], [None]])
+def test_focus_detr_cascade_of_strings_bools_or_none_is_refused_by_type(cascade):
+    """A cascade entry that is no number (a string, None) or a bool is refused with the type error that names it."""
+    spec = focus_detr.FocusDETR()
+    with pytest.raises(TypeError, match="must be a sequence of numbers"):
+        spec.validate(dict(spec.defaults, cascade=cascade))
+
+
+@pytest.mark.parametrize("cascade", [[1.0, 0.0], [1.5, 1.0], [0.5, 1.0], [1.0, 0.5, 0.6], [1.0, 1.0, 0.5, 0.4, 0.45]])
+def test_focus_detr_cascade_outside_0_1_or_rising_anywhere_is_refused(cascade):
+    """Ratios must lie in (0, 1] (0.0 and 1.5 refused) and never rise, also between neighbours only:
+    [1.0, 0.5, 0.6] rises from 0.5 to 0.6 though 1.0 -> 0.6, two apart, does not; an in-range rise is refused."""
+    spec = focus_detr.FocusDETR()
+    with pytest.raises(ValueError, match=r"must be non-increasing ratios in \(0, 1\]"):
+        spec.validate(dict(spec.defaults, cascade=cascade))
+    spec.validate(dict(spec.defaults, cascade=[1.0, 1.0, 0.5, 0.5, 0.25]))
+
+
+def test_focus_detr_scorer_path_loads_that_head_and_scores_tokens_plus_position_embeddings(tmp_path):
+    """scorer_path= loads the saved head (its weights, not a default one), and the learned scores are that
+    head applied to ``x + pos`` (DETR's sine position embeddings, nonzero), written out here."""
+    pytest.importorskip("transformers")
+    from vitcompress.adapters.detr import encoder_inputs, encoder_position_embeddings
+    from vitcompress.interfaces import runtime_of
+    from vitcompress.testing import random_scorer_head, tiny_detr
+    head = random_scorer_head(seed=3)
+    path = tmp_path / "head.pt"
+    focus_detr.save_scorer(head, str(path))
+    model = tiny_detr()
+    vitcompress.compress(model, "focus_detr", scorer="learned", scorer_path=str(path))
+    rt = runtime_of(model)
+    assert all(torch.equal(p, q) for p, q in zip(rt.prepared.state_dict().values(), head.state_dict().values()))
+    inputs = encoder_inputs(model, torch.randn(2, 3, 64, 80, generator=torch.Generator().manual_seed(0)))
+    x, pos = inputs["inputs_embeds"], encoder_position_embeddings(inputs)
+    assert pos.abs().amax() > 0.5
+    valid = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        rank, foreground = rt.method.token_scores(rt.options, rt.prepared, x, pos, valid, None)
+        want = torch.stack([_scorer_logits(head, x[b] + pos[b]) for b in range(2)])
+    torch.testing.assert_close(rank, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(foreground, want.sigmoid(), rtol=1e-5, atol=1e-5)
+
+
+class _OpenClipStub(torch.nn.Module):
+    """An open_clip-like model in float64 (encode_image / encode_text, visual.image_size) that records its frames."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = torch.nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
+        self.words = torch.nn.Parameter(torch.randn(100, 4, generator=g, dtype=torch.float64))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0), dtype=torch.float64))
+        self.visual = type("Visual", (), {"image_size": (6, 5)})()
+        self.seen = []
+
+    def encode_image(self, frames):
+        self.seen.append(frames)
+        return frames.mean(dim=(-2, -1)) @ self.proj
+
+    def encode_text(self, ids):
+        return self.words[ids].mean(dim=1)
+
+
+def _char_ids(texts):
+    return torch.tensor([[2 + ord(ch) % 90 for ch in t[:7]] + [99] for t in texts])
+
+
+def _stub_probabilities(model, frames, question):
+    with torch.no_grad():
+        image = model.encode_image(frames)
+        text = model.encode_text(_char_ids([question]))
+        cos = torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1)[0]
+        return (model.logit_scale.exp() * cos).softmax(0)
+
+
+def test_quota_clip_probabilities_take_frames_of_the_input_size_as_they_are():
+    """Frames already at the model's input size reach it unresized and uncast beyond the model's dtype:
+    float64 frames stay float64 exactly (not rounded through float32 by a resize)."""
+    model = _OpenClipStub()
+    frames = torch.rand(3, 3, 6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) / 3
+    probs = quota.clip_probabilities(model, _char_ids, frames, "a red car")
+    assert torch.equal(model.seen[0], frames)
+    torch.testing.assert_close(probs, _stub_probabilities(_OpenClipStub(), frames, "a red car").float())
+
+
+def test_quota_clip_probabilities_with_a_plain_tokenizer_when_transformers_is_missing(monkeypatch):
+    """Without transformers importable, a tokenizer is called as open_clip's is (texts only, no HF padding or
+    truncation arguments), and the probabilities are still the formula."""
+    import sys
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    model = _OpenClipStub()
+    frames = torch.rand(2, 3, 6, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    probs = quota.clip_probabilities(model, _char_ids, frames, "a blue boat")
+    torch.testing.assert_close(probs, _stub_probabilities(_OpenClipStub(), frames, "a blue boat").float())
+
+
+def test_quota_clip_probabilities_truncate_a_question_longer_than_the_text_tower():
+    """A Hugging Face tokenizer truncates a 30-word question to its 16 tokens (the text tower's positions),
+    so scoring it does not fail; the probabilities are those of the first 16 tokens, computed here."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from vitcompress.testing import LLAVA_VISION
+    torch.manual_seed(0)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(vision_config=dict(LLAVA_VISION), text_config={
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "vocab_size": 100, "max_position_embeddings": 16}, projection_dim=16)).eval()
+    vocab = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 100)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>",
+                                                     model_max_length=16)
+    question = " ".join(f"w{2 + 3 * i}" for i in range(30))
+    frames = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    probs = quota.clip_probabilities(clip, tokenizer, frames, question)
+    ids = torch.tensor([[2 + 3 * i for i in range(16)]])
+
+    def pooled(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    with torch.no_grad():
+        image = pooled(clip.get_image_features(pixel_values=frames))
+        text = pooled(clip.get_text_features(input_ids=ids, attention_mask=torch.ones_like(ids)))
+        cos = torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1)[0]
+    torch.testing.assert_close(probs, (clip.logit_scale.exp() * cos).softmax(0), rtol=1e-5, atol=1e-6)
+
+
+def test_tokencorr_reduce_crops_skips_a_crop_without_patches_and_reduces_a_one_patch_crop():
+    """Crop 0 has no patch in the layout (skipped, not reported), crop 1 a single patch (reduced: kept), crop 2
+    four: the crops after the empty one are still reduced and every patch and the [CLS] entry stay."""
+    g = torch.Generator().manual_seed(4)
+    N = 4
+    layout = torch.tensor([-2, 1 * N + 2, 2 * N + 0, 2 * N + 1, 2 * N + 2, 2 * N + 3])
+    features = torch.randn(layout.numel(), 5, generator=g)
+    keys = torch.randn(3, N, 4, generator=g)
+    deep, shallow = torch.rand(3, N, generator=g), torch.rand(3, N, generator=g)
+    out, report = tokencorr.reduce_crops(features, layout, keys, deep, shallow, tau=1.5, c=0, merge=False,
+                                         generator_of=lambda crop: torch.Generator().manual_seed(crop))
+    assert torch.equal(out, features)
+    crops = [(c["crop"], c["patches"], sorted(c["kept"])) for c in report["crops"]]
+    assert crops == [(1, 1, [2]), (2, 4, [0, 1, 2, 3])]
+
+
+def test_focus_detr_learned_scorer_moves_its_head_to_the_tokens_device():
+    """The head is no submodule of the detector, so token_scores moves it to the tokens' device; shown on
+    CPU with tokens on the meta device (shapes only): the head follows them, the scores are [B, N] there."""
+    spec = focus_detr.FocusDETR()
+    head = focus_detr.FocusScorer(dim=8, hidden=8)
+    options = dict(spec.defaults, scorer="learned", scorer_module=head)
+    x, pos = torch.empty(2, 5, 8, device="meta"), torch.empty(2, 5, 8, device="meta")
+    valid = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    rank, foreground = spec.token_scores(options, head, x, pos, valid, None)
+    assert all(p.device.type == "meta" for p in head.parameters())
+    assert rank.device.type == foreground.device.type == "meta" and rank.shape == foreground.shape == (2, 5)
