@@ -773,3 +773,107 @@ def test_focus_detr_learned_scorer_moves_its_head_to_the_tokens_device():
     rank, foreground = spec.token_scores(options, head, x, pos, valid, None)
     assert all(p.device.type == "meta" for p in head.parameters())
     assert rank.device.type == foreground.device.type == "meta" and rank.shape == foreground.shape == (2, 5)
+
+
+# --------------------------------------------------------------- QuoTA's checks, tokencorr's newlines, descriptors (ninth run)
+
+
+def test_quota_frame_probabilities_accept_0_and_1_and_refuse_the_rest_naming_the_frame_count():
+    """A scorer's yes-probabilities must be one finite number in [0, 1] per frame: exactly 0 and 1 pass;
+    1.5, a negative value alone and a NaN alone are refused; a wrong count names the frames it was given."""
+    frames = torch.zeros(3, 3, 4, 4)
+    assert quota.frame_probabilities(lambda f, q: [0.0, 1.0, 0.5], None, frames, "q") == [0.0, 1.0, 0.5]
+    for bad in ([0.0, 1.5, 0.5], [0.0, -0.5, 0.5], [0.0, float("nan"), 0.5]):
+        with pytest.raises(ValueError, match="must lie in"):
+            quota.frame_probabilities(lambda f, q: bad, None, frames, "q")
+    with pytest.raises(ValueError, match="returned 2 values for 4 frames"):  # of 3 channels
+        quota.frame_probabilities(lambda f, q: [0.5, 0.5], None, torch.zeros(4, 3, 4, 4), "q")
+
+
+def test_quota_refuses_a_scorer_neither_callable_nor_clip_and_accepts_a_clip_model_as_is():
+    """validate: a non-callable, non-CLIP scorer is a TypeError; an object with the CLIP interface is a CLIP
+    scorer even when it is not callable itself (it then needs a tokenizer, and a plain callable must not get one)."""
+    spec = quota.QuoTA()
+    with pytest.raises(TypeError, match="scorer=int"):
+        spec.validate({"scorer": 3, "tokenizer": None})
+
+    class ClipInterface:  # not callable: scored through get_image_features / get_text_features
+        def get_image_features(self, pixel_values):
+            raise AssertionError("not called by validate")
+
+        def get_text_features(self, input_ids):
+            raise AssertionError("not called by validate")
+
+    spec.validate({"scorer": ClipInterface(), "tokenizer": _char_ids})
+    with pytest.raises(ValueError, match="needs tokenizer"):
+        spec.validate({"scorer": ClipInterface(), "tokenizer": None})
+
+
+@pytest.mark.parametrize("method", sorted(vitcompress.methods.REGISTRY))
+def test_describe_gives_the_kind_dynamic_and_option_help_each_method_page_states(method):
+    """Each method page says what ``vitcompress.describe`` lists: target, prune or merge, and (where it says so)
+    content-dependent or static token counts; every option has a help text, the one in the page's table."""
+    import os
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "docs", "methods", f"{method}.md"), encoding="utf-8").read()
+    stated = re.search(r"lists them \(target `(\w+)`, kind `(\w+)`(, (content-dependent|static) token counts)?;", text)
+    assert stated, method
+    described = vitcompress.describe(method)
+    assert (described["target"], described["kind"]) == stated.group(1, 2)
+    if stated.group(4):
+        assert described["dynamic"] is (stated.group(4) == "content-dependent")
+    for name, option in described["options"].items():
+        assert isinstance(option["help"], str) and option["help"], (method, name)
+
+
+def _newline_case(monkeypatch, layout, crops, N, kept):
+    """reduce_crops on ``layout`` with each crop's plan keeping the patches ``kept[crop]`` (tokencorr_plan
+    replaced: the newline rule alone is under test) -> (output, report, the newline rule computed here)."""
+    from vitcompress.interfaces import Plan
+
+    def plan_of(keys, deep, shallow, **_):  # keys[p] = (crop, patch)
+        crop, patches = int(keys[0, 0]), keys[:, 1].long().tolist()
+        keep = torch.tensor([i for i, p in enumerate(patches) if p in kept[crop]], dtype=torch.long)
+        return Plan(keep=keep[None]), keep.numel()
+
+    monkeypatch.setattr(tokencorr, "tokencorr_plan", plan_of)
+    keys = torch.stack([torch.stack([torch.full((N,), float(c)), torch.arange(N, dtype=torch.float)], dim=1)
+                        for c in range(crops)])
+    features = torch.randn(layout.numel(), 3, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(crops, N)
+    out, report = tokencorr.reduce_crops(features, layout, keys, ones, ones, tau=0.9, c=4, merge=False,
+                                         generator_of=lambda crop: None)
+    values = layout.tolist()
+    token_kept = [v == -2 or (v >= 0 and v % N in kept[v // N]) for v in values]
+    want, row_start = list(token_kept), 0
+    for i, v in enumerate(values):
+        if v == -1:  # the newline of the row values[row_start:i]: kept iff a grid-crop token of it is
+            want[i] = any(token_kept[j] and values[j] >= 0 and (crops == 1 or values[j] >= N)
+                          for j in range(row_start, i))
+            row_start = i + 1
+    return out, report, features[torch.tensor(want)], want
+
+
+@pytest.mark.parametrize("kept, newlines", [
+    ({0: {0, 1, 2, 3}, 1: {0}}, [True, False, False]),  # row 0: only the first grid patch (layout == N)
+    ({0: {0, 1, 2, 3}, 1: {2, 5}}, [False, True, True]),  # base crop kept, no grid token of row 0; one per row
+])
+def test_tokencorr_anyres_newline_stays_iff_a_grid_token_of_its_row_does(monkeypatch, kept, newlines):
+    """A LLaVA-NeXT image of a base crop (no newlines) and one grid crop of 3 rows of 2 patches, each row ended
+    by a newline (-1): a newline stays exactly when a grid token of its row is kept (one is enough)."""
+    N = 6
+    layout = torch.tensor([0, 1, 2, 3, N + 0, N + 1, -1, N + 2, N + 3, -1, N + 4, N + 5, -1])
+    out, report, want_out, want = _newline_case(monkeypatch, layout, 2, N, kept)
+    assert [w for w, v in zip(want, layout.tolist()) if v == -1] == newlines
+    assert report["newline_tokens"] == sum(newlines) and torch.equal(out, want_out)
+
+
+def test_tokencorr_one_crop_image_with_newlines_counts_its_own_tokens_for_its_rows(monkeypatch):
+    """A one-crop layout with newlines (crop 0 is then no base crop): row 0 keeps one token, so its newline
+    stays; row 1 keeps none, so its newline goes."""
+    N = 4
+    layout = torch.tensor([0, 1, -1, 2, 3, -1])
+    out, report, want_out, want = _newline_case(monkeypatch, layout, 1, N, {0: {1}})
+    assert want == [False, True, True, False, False, False]
+    assert report["newline_tokens"] == 1 and torch.equal(out, want_out)
