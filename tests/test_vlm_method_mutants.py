@@ -379,3 +379,58 @@ def test_cdpruner_reports_each_crop_of_a_two_crop_image_and_its_newlines():
     vitcompress.restore(model)
     assert [len(k) for k in report["kept"]] == [16, 16]
     assert report["newline_tokens"] == newlines and report["tokens_after"] == 2 * 16 + newlines
+
+
+# --------------------------------------------------------------- cdpruner on LLaVA-OneVision (ninth mutation run)
+
+
+def _onevision_report(model, inputs):
+    """cdpruner on the tiny OneVision: (report of each image, the visual tokens the language model gets)."""
+    from vitcompress.testing import projection_scorer
+
+    seen = {}
+
+    def grab(module, args, kw):
+        seen["image"] = kw["mm_encoder_outputs"]["image"].pooler_output
+
+    vitcompress.compress(model, "cdpruner", tokens=12, scorer=projection_scorer)
+    handle = model.model.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]), question="what is shown?")
+        return vitcompress.stats(model)["image"], seen["image"]
+    finally:
+        handle.remove()
+        vitcompress.restore(model)
+
+
+def test_cdpruner_onevision_reports_kept_per_crop_and_the_newlines_it_hands_on():
+    """A OneVision image of two crops (a 1 x 1 pinpoint grid) is reported crop by crop and hands on no newline
+    (the uncompressed model has one per grid row); the one-crop images of a multi-image sample report a flat
+    list and their one newline. The newlines are counted here in the tokens the language model gets."""
+    from vitcompress.testing import LLAVA_IMAGE_TOKEN, tiny_llava_onevision_siglip
+
+    model = tiny_llava_onevision_siglip()
+    newline = model.model.image_newline
+
+    def newlines(tokens):
+        return int((tokens == newline).all(-1).sum())
+
+    model.config.image_grid_pinpoints = [[36, 36]]
+    pixels = torch.randn(1, 2, 3, 36, 36, generator=torch.Generator().manual_seed(0))
+    sizes = torch.tensor([[36, 36]])
+    with torch.no_grad():
+        full = model.model.get_image_features(pixels, sizes).pooler_output[0]
+    assert full.shape[0] == 2 * 81 + 9 and newlines(full) == 9  # base crop, one grid crop, a newline per row
+    ids = torch.tensor([[1, 5] + [LLAVA_IMAGE_TOKEN] * full.shape[0] + [7]])  # placeholders as uncompressed
+    (report,), tokens = _onevision_report(model, dict(input_ids=ids, pixel_values=pixels, image_sizes=sizes))
+    assert [len(k) for k in report["kept"]] == [12, 12] and all(isinstance(k, list) for k in report["kept"])
+    assert report["newline_tokens"] == newlines(tokens[0]) == 0 and report["tokens_after"] == 24
+
+    pixels = torch.randn(2, 2, 3, 36, 36, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[1, 5] + [LLAVA_IMAGE_TOKEN] * 82 + [6] + [LLAVA_IMAGE_TOKEN] * 82 + [7]])
+    reports, tokens = _onevision_report(model, dict(input_ids=ids, pixel_values=pixels, image_sizes=sizes.repeat(2, 1),
+                                                    batch_num_images=torch.tensor([2])))
+    for report, image in zip(reports, tokens):
+        assert len(report["kept"]) == 12 and all(isinstance(k, int) for k in report["kept"])
+        assert report["newline_tokens"] == newlines(image) == 1 and report["tokens_after"] == 13
