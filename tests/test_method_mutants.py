@@ -785,7 +785,7 @@ def test_quota_frame_probabilities_accept_0_and_1_and_refuse_the_rest_naming_the
     assert quota.frame_probabilities(lambda f, q: [0.0, 1.0, 0.5], None, frames, "q") == [0.0, 1.0, 0.5]
     for bad in ([0.0, 1.5, 0.5], [0.0, -0.5, 0.5], [0.0, float("nan"), 0.5]):
         with pytest.raises(ValueError, match="must lie in"):
-            quota.frame_probabilities(lambda f, q: bad, None, frames, "q")
+            quota.frame_probabilities(lambda f, q, bad=bad: bad, None, frames, "q")
     with pytest.raises(ValueError, match="returned 2 values for 4 frames"):  # of 3 channels
         quota.frame_probabilities(lambda f, q: [0.5, 0.5], None, torch.zeros(4, 3, 4, 4), "q")
 
@@ -816,7 +816,8 @@ def test_describe_gives_the_kind_dynamic_and_option_help_each_method_page_states
     import os
     import re
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    text = open(os.path.join(root, "docs", "methods", f"{method}.md"), encoding="utf-8").read()
+    with open(os.path.join(root, "docs", "methods", f"{method}.md"), encoding="utf-8") as page:
+        text = page.read()
     stated = re.search(r"lists them \(target `(\w+)`, kind `(\w+)`(, (content-dependent|static) token counts)?;", text)
     assert stated, method
     described = vitcompress.describe(method)

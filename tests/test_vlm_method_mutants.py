@@ -423,14 +423,14 @@ def test_cdpruner_onevision_reports_kept_per_crop_and_the_newlines_it_hands_on()
         full = model.model.get_image_features(pixels, sizes).pooler_output[0]
     assert full.shape[0] == 2 * 81 + 9 and newlines(full) == 9  # base crop, one grid crop, a newline per row
     ids = torch.tensor([[1, 5] + [LLAVA_IMAGE_TOKEN] * full.shape[0] + [7]])  # placeholders as uncompressed
-    (report,), tokens = _onevision_report(model, dict(input_ids=ids, pixel_values=pixels, image_sizes=sizes))
+    (report,), tokens = _onevision_report(model, {"input_ids": ids, "pixel_values": pixels, "image_sizes": sizes})
     assert [len(k) for k in report["kept"]] == [12, 12] and all(isinstance(k, list) for k in report["kept"])
     assert report["newline_tokens"] == newlines(tokens[0]) == 0 and report["tokens_after"] == 24
 
     pixels = torch.randn(2, 2, 3, 36, 36, generator=torch.Generator().manual_seed(1))
     ids = torch.tensor([[1, 5] + [LLAVA_IMAGE_TOKEN] * 82 + [6] + [LLAVA_IMAGE_TOKEN] * 82 + [7]])
-    reports, tokens = _onevision_report(model, dict(input_ids=ids, pixel_values=pixels, image_sizes=sizes.repeat(2, 1),
-                                                    batch_num_images=torch.tensor([2])))
+    reports, tokens = _onevision_report(model, {"input_ids": ids, "pixel_values": pixels, "image_sizes": sizes.repeat(2, 1),
+                                                    "batch_num_images": torch.tensor([2])})
     for report, image in zip(reports, tokens):
         assert len(report["kept"]) == 12 and all(isinstance(k, int) for k in report["kept"])
         assert report["newline_tokens"] == newlines(image) == 1 and report["tokens_after"] == 13
