@@ -878,3 +878,72 @@ def test_tokencorr_one_crop_image_with_newlines_counts_its_own_tokens_for_its_ro
     out, report, want_out, want = _newline_case(monkeypatch, layout, 1, N, {0: {1}})
     assert want == [False, True, True, False, False, False]
     assert report["newline_tokens"] == 1 and torch.equal(out, want_out)
+
+
+# --------------------------------------------------------------- tokencorr's report, defaults and checks (tenth run)
+
+
+def test_tokencorr_merge_report_pairs_each_dropped_patch_with_the_kept_patch_it_folds_into():
+    """With merge=True each crop's report lists ``merged``: [dropped patch, kept patch] (grid indices, not packed
+    positions; the layout here is permuted), every dropped patch once, into its most similar kept one (cosine)."""
+    g = torch.Generator().manual_seed(2)
+    N = 12
+    keys = torch.randn(N, 6, generator=g)
+    keys[6:9] = keys[:3] + 0.05 * torch.randn(3, 6, generator=g)  # three near pairs: 6 redundant patches
+    deep, shallow = torch.rand(1, N, generator=g), torch.rand(1, N, generator=g)
+    layout = torch.cat([torch.tensor([-2]), torch.randperm(N, generator=g)])
+    features = torch.randn(layout.numel(), 5, generator=g)
+    _, report = tokencorr.reduce_crops(features, layout, keys[None], deep, shallow, tau=0.9, c=0, merge=True,
+                                       generator_of=lambda crop: torch.Generator().manual_seed(crop))
+    crop = report["crops"][0]
+    kept, merged = crop["kept"], crop["merged"]
+    assert 0 < len(kept) < N and isinstance(merged, list)
+    assert sorted(src for src, _ in merged) == sorted(set(range(N)) - set(kept))
+    unit = torch.nn.functional.normalize(keys, dim=-1)
+    for src, dst in merged:
+        assert dst == kept[int((unit[src] @ unit[kept].T).argmax())], (src, dst)
+
+
+def test_tokencorr_one_crop_newline_stays_when_only_patch_0_of_its_row_is_kept(monkeypatch):
+    """Patch 0 of a one-crop image with newlines is a grid token of row 0: kept alone, it keeps row 0's newline."""
+    layout = torch.tensor([0, 1, -1, 2, 3, -1])
+    out, report, want_out, want = _newline_case(monkeypatch, layout, 1, 4, {0: {0}})
+    assert want == [True, False, True, False, False, False]
+    assert report["newline_tokens"] == 1 and torch.equal(out, want_out)
+
+
+def test_tokencorr_defaults_are_the_documented_layers_no_merge_and_seed_0():
+    """docs/methods/tokencorr.md: keys and deep [CLS] attention from the tower's second-to-last layer (-2, the one
+    LLaVA feeds its LM) and from the last (-1) on InternVL; shallow a quarter of the depth; no merging; seed 0."""
+    from vitcompress.api import resolve_options
+    spec = tokencorr.TokenCorr()
+    assert spec.defaults == {"tau": 0.9, "c": 4, "key_layer": -2, "deep_layer": -2, "shallow_layer": None,
+                             "merge": False, "seed": 0, "min_tokens": 1}
+    for variant, layer in ((None, 22), ("next", 22), ("internvl", 23)):
+        own, _ = resolve_options(spec, {}, variant)
+        assert own["merge"] is False and own["seed"] == 0, variant
+        assert spec.tower_layers(own, 24) == (layer, layer, 6), variant  # CLIP ViT-L/14's 24 layers
+    assert torch.equal(torch.randint(99, (8,), generator=spec.generator(own, "cpu", 1)),
+                       torch.randint(99, (8,), generator=torch.Generator().manual_seed(1)))  # seed 0 + crop 1
+
+
+def test_tokencorr_validate_takes_the_bounds_inclusive_and_refuses_bools_and_wrong_types():
+    """tau in [-1, 1] (ends included), c an int >= 0, each layer an int or None, seed an int or None; a bool is
+    no number for any of them."""
+    spec = tokencorr.TokenCorr()
+
+    def check(**options):
+        spec.validate(dict(spec.defaults, **options))
+
+    for ok in ({"tau": -1.0}, {"tau": 1.0}, {"tau": 0}, {"c": 0}, {"seed": None}, {"seed": 7},
+               {"key_layer": None, "deep_layer": 3, "shallow_layer": -1}):
+        check(**ok)
+    for bad, error in [({"tau": -1.5}, ValueError), ({"tau": 1.5}, ValueError), ({"tau": True}, ValueError),
+                       ({"tau": "0.9"}, ValueError), ({"c": -1}, ValueError), ({"c": True}, ValueError),
+                       ({"c": 2.5}, ValueError), ({"seed": True}, TypeError), ({"seed": 1.5}, TypeError)]:
+        with pytest.raises(error, match=f"{next(iter(bad))}="):
+            check(**bad)
+    for name in ("key_layer", "deep_layer", "shallow_layer"):
+        for bad in (True, 1.5, "2"):
+            with pytest.raises(TypeError, match=f"{name}="):
+                check(**{name: bad})
