@@ -947,3 +947,16 @@ def test_tokencorr_validate_takes_the_bounds_inclusive_and_refuses_bools_and_wro
         for bad in (True, 1.5, "2"):
             with pytest.raises(TypeError, match=f"{name}="):
                 check(**{name: bad})
+
+
+def test_zero_tprune_head_filter_keeps_heads_on_either_bound_of_the_variance_range():
+    """The head filter keeps heads whose variance lies in the closed range [var_min, var_max]: a head
+    exactly on either bound stays (the bounds taken from the heads' own variances, so they are exact)."""
+    from vitcompress.kernels.reference import head_mask, head_variance
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.softmax(torch.randn(1, 3, 20, generator=g) * torch.tensor([0.5, 1.0, 2.0])[:, None], dim=-1)
+    var = head_variance(scores)[0]
+    assert var[0] < var[1] < var[2]
+    assert head_mask(scores, var[0].item(), var[1].item()).tolist() == [[True, True, False]]
+    assert head_mask(scores, var[1].item(), var[2].item()).tolist() == [[False, True, True]]

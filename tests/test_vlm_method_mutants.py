@@ -434,3 +434,14 @@ def test_cdpruner_onevision_reports_kept_per_crop_and_the_newlines_it_hands_on()
     for report, image in zip(reports, tokens):
         assert len(report["kept"]) == 12 and all(isinstance(k, int) for k in report["kept"])
         assert report["newline_tokens"] == newlines(image) == 1 and report["tokens_after"] == 13
+
+
+def test_cdpruner_embedding_scorer_builds_no_autograd_graph():
+    """``embedding_scorer`` is called as a plain function by users too: with a trainable embedding its
+    similarities carry no autograd graph (they only rank tokens)."""
+    from vitcompress.methods.cdpruner import embedding_scorer
+
+    embedding = torch.nn.Embedding(10, 8)
+    scorer = embedding_scorer(embedding, lambda text: {"input_ids": [[1, 2, 3]]})
+    similarity = scorer(torch.randn(1, 5, 8), "three word question")
+    assert similarity.shape == (1, 5, 3) and not similarity.requires_grad
