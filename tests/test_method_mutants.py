@@ -960,3 +960,15 @@ def test_zero_tprune_head_filter_keeps_heads_on_either_bound_of_the_variance_ran
     assert var[0] < var[1] < var[2]
     assert head_mask(scores, var[0].item(), var[1].item()).tolist() == [[True, True, False]]
     assert head_mask(scores, var[1].item(), var[2].item()).tolist() == [[False, True, True]]
+
+
+def test_pagerank_scores_start_from_the_class_token_sqrt_n_by_default():
+    """Zero-TPrune's importance starts, by default, with the class token ``sqrt(n)``-fold (``cls_sqrt=True``),
+    which changes the scores against a uniform start."""
+    from vitcompress.kernels.reference import pagerank_scores
+
+    g = torch.Generator().manual_seed(0)
+    attn = torch.softmax(torch.randn(2, 3, 9, 9, generator=g), dim=-1)
+    default = pagerank_scores(attn, 2, 1)
+    torch.testing.assert_close(default, pagerank_scores(attn, 2, 1, cls_sqrt=True), rtol=0, atol=0)
+    assert not torch.allclose(default, pagerank_scores(attn, 2, 1, cls_sqrt=False))

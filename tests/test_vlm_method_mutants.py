@@ -445,3 +445,17 @@ def test_cdpruner_embedding_scorer_builds_no_autograd_graph():
     scorer = embedding_scorer(embedding, lambda text: {"input_ids": [[1, 2, 3]]})
     similarity = scorer(torch.randn(1, 5, 8), "three word question")
     assert similarity.shape == (1, 5, 3) and not similarity.requires_grad
+
+
+def test_visionzip_received_attention_is_the_mean_over_queries_and_heads():
+    """OneVision's dominant-token score: the softmax attention each token receives, averaged over the
+    queries and the heads (so each image's scores sum to 1), against the full ``[B, H, N, N]`` attention."""
+    from vitcompress.methods.visionzip import received_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 7, 12, generator=g), torch.randn(2, 7, 12, generator=g)
+    heads = lambda x: x.reshape(2, 7, 3, 4).transpose(1, 2)  # noqa: E731
+    attention = (heads(q) @ heads(k).transpose(-1, -2) * 0.5).softmax(dim=-1)  # [B, H, N, N]
+    received = received_attention(q, k, 3, 0.5)
+    torch.testing.assert_close(received, attention.mean(dim=(1, 2)))
+    torch.testing.assert_close(received.sum(dim=-1), torch.ones(2))
