@@ -263,6 +263,43 @@ def test_images_of_a_multi_image_sample_are_one_crop_each_and_keep_their_newline
     if method == "cdpruner":
         for tokens, every, unit in zip(seen["image"], full, stats["image"]):
             torch.testing.assert_close(tokens[:-1], every[unit["kept"]], rtol=0, atol=0)
+    else:  # a one-crop image's report: its crop's choice, flat, and no [CLS] handed on
+        for unit in stats["image"]:
+            assert len(unit["kept"]) == OPTIONS["visionzip"]["dominant"] and unit["cls_tokens"] == 0
+
+
+def test_visionzip_reports_every_crop_of_a_many_crop_image_and_no_cls(model, inputs):
+    """Images of several crops report one choice per crop (dominant patches, contextual targets) and
+    no [CLS] token: SigLIP has none."""
+    vitcompress.compress(model, "visionzip", **OPTIONS["visionzip"])
+    try:
+        with torch.no_grad():
+            model(**onevision_siglip_inputs(model, video=False), question=QUESTIONS)
+        units = vitcompress.stats(model)["image"]
+    finally:
+        vitcompress.restore(model)
+    for unit, (rows, columns) in zip(units, grids(inputs)):
+        assert unit["cls_tokens"] == 0 and len(unit["crops"]) == 1 + rows * columns
+        assert {len(c["kept"]) for c in unit["crops"]} == {OPTIONS["visionzip"]["dominant"]}
+        assert {len(c["contextual"]) for c in unit["crops"]} == {OPTIONS["visionzip"]["contextual"]}
+
+
+def test_visionzip_takes_dominant_plus_contextual_up_to_every_patch_of_a_crop(model, inputs):
+    """dominant + contextual may use every one of a crop's patches, not one more."""
+    vitcompress.compress(model, "visionzip", dominant=PATCHES - 3, contextual=3, layer=-1)
+    try:
+        with torch.no_grad():
+            model(**onevision_siglip_inputs(model, video=False))
+        assert {len(c["kept"]) for c in vitcompress.stats(model)["image"][0]["crops"]} == {PATCHES - 3}
+    finally:
+        vitcompress.restore(model)
+    vitcompress.compress(model, "visionzip", dominant=PATCHES - 3, contextual=4, layer=-1)
+    try:
+        with pytest.raises(ValueError, match=f"contextual=4 tokens need more than the {PATCHES} patches"):
+            with torch.no_grad():
+                model(**onevision_siglip_inputs(model, video=False))
+    finally:
+        vitcompress.restore(model)
 
 
 def test_clear_errors(model):
