@@ -972,3 +972,46 @@ def test_pagerank_scores_start_from_the_class_token_sqrt_n_by_default():
     default = pagerank_scores(attn, 2, 1)
     torch.testing.assert_close(default, pagerank_scores(attn, 2, 1, cls_sqrt=True), rtol=0, atol=0)
     assert not torch.allclose(default, pagerank_scores(attn, 2, 1, cls_sqrt=False))
+
+
+def test_tokencorr_layers_take_every_index_of_the_tower_and_min_tokens_an_int():
+    """Layer options index a tower of ``depth`` layers from ``-depth`` to ``depth - 1`` (both ends
+    taken, the refusal names that range); ``min_tokens`` must be an int >= 0, not a bool or a float."""
+    from vitcompress.methods import get
+
+    spec = get("tokencorr")
+    options = dict(spec.defaults, key_layer=-24, deep_layer=23)
+    assert spec.tower_layers(options, 24) == (0, 23, 6)
+    with pytest.raises(ValueError, match=r"deep_layer=24 is outside the vision tower's 24 encoder layers "
+                                         r"\(use -24 \.\. 23\)"):
+        spec.tower_layers(dict(options, deep_layer=24), 24)
+    with pytest.raises(ValueError, match=r"key_layer=-25 .*\(use -24 \.\. 23\)"):
+        spec.tower_layers(dict(options, key_layer=-25), 24)
+    spec.validate(dict(spec.defaults, min_tokens=0))
+    for bad in (True, 1.5, -1):
+        with pytest.raises(ValueError, match="min_tokens="):
+            spec.validate(dict(spec.defaults, min_tokens=bad))
+
+
+def test_tokencorr_the_third_image_of_a_batch_is_reduced_from_its_own_crop():
+    """Three LLaVA-1.5 images in one call each keep what they keep alone (the crop offset adds up)."""
+    from vitcompress.testing import LLAVA_IMAGE_TOKEN, LLAVA_PATCHES, tiny_llava
+
+    model = tiny_llava("llava")
+    g = torch.Generator().manual_seed(4)
+    pixels = torch.full((3, 3, 32, 32), 0.4)  # flat above, noise below a different row in each: partial budgets
+    for b, row in enumerate((16, 24, 8)):
+        pixels[b, :, row:] = torch.randn(3, 32 - row, 32, generator=g)
+    ids = torch.tensor([[1, 5] + [LLAVA_IMAGE_TOKEN] * LLAVA_PATCHES + [7]] * 3)
+    vitcompress.compress(model, "tokencorr")
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=pixels)
+            batch = [u["crops"][0]["kept"] for u in vitcompress.stats(model)["image"]]
+            alone = []
+            for b in range(3):
+                model(input_ids=ids[b:b + 1], pixel_values=pixels[b:b + 1])
+                alone.append(vitcompress.stats(model)["image"][0]["crops"][0]["kept"])
+    finally:
+        vitcompress.restore(model)
+    assert len({str(k) for k in alone}) == 3 and batch == alone

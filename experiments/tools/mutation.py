@@ -50,8 +50,8 @@ TESTS = {
     "methods/focus_detr.py": "tests/test_method_mutants.py tests/test_algorithm_checks.py tests/test_detr.py "
                              "-k 'focus or cascade or padding or dual' "
                              "--deselect tests/test_detr.py::test_scorer_training_loss_falls_and_eval_coco_runs",
-    "methods/tokencorr.py": "tests/test_method_mutants.py tests/test_llava.py "
-                            "-k 'tokencorr or crop or sampling or merge'",
+    "methods/tokencorr.py": "tests/test_method_mutants.py tests/test_llava.py tests/test_internvl.py "
+                            "tests/test_qwen_vl.py -k 'tokencorr or crop or sampling or merge'",
     "methods/quota.py": "tests/test_method_mutants.py tests/test_llava.py -k 'quota or grid or frame'",
     "engine/tokens.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py",
     "engine/blocks.py": "tests/test_methods.py tests/test_algorithm_checks.py tests/test_official_recorded.py "
