@@ -1015,3 +1015,14 @@ def test_tokencorr_the_third_image_of_a_batch_is_reduced_from_its_own_crop():
     finally:
         vitcompress.restore(model)
     assert len({str(k) for k in alone}) == 3 and batch == alone
+
+
+def test_focus_detr_dual_k_must_be_an_int():
+    """dual_k counts tokens: an int >= 0 (0 turns dual attention off); a bool or a float is refused."""
+    from vitcompress.methods import get
+
+    spec = get("focus_detr")
+    spec.validate(dict(spec.defaults, dual_k=0))
+    for bad in (True, 1.5, -1):
+        with pytest.raises(ValueError, match="dual_k="):
+            spec.validate(dict(spec.defaults, dual_k=bad))
