@@ -167,6 +167,15 @@ def half_flat(shape):
     return images
 
 
+def left_padded(rows):
+    """Token-id rows -> ``(input_ids, attention_mask)`` padded on the left with id 0, as a batch of
+    prompts of different lengths is fed to a decoder."""
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    return ids, mask
+
+
 def llava_inputs(model, kind, images=noise_and_flat):
     """A batch of two prompts whose placeholder counts match what the uncompressed model produces."""
     if kind == "llava":
@@ -186,9 +195,7 @@ def llava_inputs(model, kind, images=noise_and_flat):
         with torch.no_grad():
             per_video = model.model.get_video_features(kw["pixel_values_videos"]).pooler_output.shape[1]
         rows = [r + [3] + [LLAVA_VIDEO_TOKEN] * per_video + [4] for r in rows]
-    longest = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    ids, mask = left_padded(rows)
     return dict(input_ids=ids, attention_mask=mask, **kw)
 
 
@@ -314,9 +321,7 @@ def qwen_vl_inputs(model, kind, images=True, video=True):
                 row += [QWEN_VISION_START] + frame * t + [QWEN_VISION_END]
     rows[0] += [8, 9]
     rows[1] += [10]
-    longest = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    ids, mask = left_padded(rows)
     types = (ids == QWEN_IMAGE_TOKEN).int() + 2 * (ids == QWEN_VIDEO_TOKEN).int()
     return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **kw)
 
@@ -361,9 +366,7 @@ def llava_next_576_inputs(model):
     with torch.no_grad():
         counts = [f.shape[0] for f in model.model.get_image_features(pixels, sizes).pooler_output]
     rows = [[1, 5] + [LLAVA_IMAGE_TOKEN] * counts[0] + [7, 8], [1, 6] + [LLAVA_IMAGE_TOKEN] * counts[1] + [9]]
-    longest = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    ids, mask = left_padded(rows)
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
 
 
@@ -394,9 +397,7 @@ def llava_prompts(model, pixel_values):
     """LLaVA-1.5 prompts of different lengths, one image each, for ``pixel_values[B, 3, H, W]``."""
     patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     rows = [[1] + [5 + b] * b + [LLAVA_IMAGE_TOKEN] * patches + [7, 8] for b in range(pixel_values.shape[0])]
-    longest = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    ids, mask = left_padded(rows)
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)
 
 
@@ -463,9 +464,7 @@ def internvl_inputs(images=((3,), (1, 5)), frames=False, seed=0):
                 INTERNVL_TILE_TOKENS * tiles) + [INTERNVL_IMG_END]
             pixels.append(internvl_tiles(tiles, seed + 10 * r + i))
         rows.append(row + [7, 8 + r])
-    longest = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    ids, mask = left_padded(rows)
     return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.cat(pixels))
 
 
@@ -581,9 +580,7 @@ def onevision_siglip_inputs(model, video=True):
         with torch.no_grad():
             per_video = model.model.get_video_features(kw["pixel_values_videos"]).pooler_output.shape[1]
         rows = [r + [3] + [LLAVA_VIDEO_TOKEN] * per_video + [4] for r in rows]
-    longest = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-    mask = (torch.arange(longest)[None] >= torch.tensor([longest - len(r) for r in rows])[:, None]).long()
+    ids, mask = left_padded(rows)
     return dict(input_ids=ids, attention_mask=mask, **kw)
 
 

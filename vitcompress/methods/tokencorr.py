@@ -78,9 +78,14 @@ def crop_budget(keys: Tensor, tau: float, c: int, min_tokens: int = 0) -> int:
     return min(max(budget, min_tokens), keys.shape[0])
 
 
+def head_mean_keys(k: Tensor, num_heads: int) -> Tensor:
+    """``k [B, N, H*d]`` -> ``[B, N, d]``: every token's key averaged over heads."""
+    return k.reshape(*k.shape[:2], num_heads, -1).mean(dim=2)
+
+
 def patch_keys(k: Tensor, num_heads: int) -> Tensor:
     """``k [B, N, H*d]`` (CLS first) -> ``[B, N - 1, d]``: the patches' keys averaged over heads."""
-    return k.reshape(*k.shape[:2], num_heads, -1).mean(dim=2)[:, 1:]
+    return head_mean_keys(k, num_heads)[:, 1:]
 
 
 def cls_attention(q: Tensor, k: Tensor, num_heads: int, scale: float) -> Tensor:

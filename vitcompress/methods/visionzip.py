@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 
 from ..interfaces import LlavaMethod, TokenFeatures
-from .tokencorr import cls_attention, patch_keys, pool_to_cells
+from .tokencorr import cls_attention, head_mean_keys, patch_keys, pool_to_cells
 
 Tensor = torch.Tensor
 
@@ -340,7 +340,7 @@ def reduce_images_without_cls(images, layouts, taps, options, project):
                          "of a crop")
     with torch.no_grad():
         received = received_attention(attention.q, attention.k, attention.num_heads, attention.scale)
-        keys = attention.k.reshape(*attention.k.shape[:2], attention.num_heads, -1).mean(dim=2)
+        keys = head_mean_keys(attention.k, attention.num_heads)
         tokens, choice = visionzip_tokens_without_cls(received, keys, features.hidden, dominant, contextual)
         projected = project(tokens)
     reduced, reports, first = [], [], 0
