@@ -42,8 +42,9 @@ def profile(path: str, batch_size: int, runs: int, threads: int):
         by_op[op] += e["dur"] / 1000 / runs
         inputs = e["args"].get("input_type_shape", [])
         if op == "MatMul" and len(inputs) == 1:  # the weight is a constant: not listed among the inputs
-            float_linear[e["name"][:-len("_kernel_time")]] += e["dur"] / 1000 / runs
-            shapes[e["name"][:-len("_kernel_time")]] = inputs
+            node = e["name"][:-len("_kernel_time")]
+            float_linear[node] += e["dur"] / 1000 / runs
+            shapes[node] = inputs
     return by_op, [(ms, name, shapes[name]) for name, ms in float_linear.most_common()]
 
 
