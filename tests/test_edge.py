@@ -8,6 +8,7 @@ import os
 import re
 from collections import defaultdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,14 +86,10 @@ def test_openvino_matches_pytorch_at_two_batch_sizes(tmp_path, method):
 
 
 def _layer_name(node, consumers):
-    """The module of a linear layer, from its bias: Conv holds it, MatMul's follows in an Add; a
-    part of a split qkv (``<name>/k``) is ``<module>/k``, from the Concat that joins the parts."""
+    """The module of a linear layer, from its bias: Conv holds it, MatMul's follows in an Add (a
+    part of a split qkv adds its part of the bias, ``<module>/k.bias``)."""
     if node.op_type == "Conv":
         return node.input[2].rsplit(".", 1)[0]
-    if "/" in node.name:
-        concat = consumers[node.output[0]][0]
-        assert concat.op_type == "Concat"
-        return _bias_of(concat, consumers).rsplit(".", 1)[0] + "/" + node.name.rsplit("/", 1)[1]
     return _bias_of(node, consumers).rsplit(".", 1)[0]
 
 
@@ -149,7 +146,8 @@ def test_int8_quantizes_the_blocks_linear_layers_and_leaves_token_selection_in_f
         block = _block_of(node, consumers)
         if node.op_type == "MatMul" and block is not None:
             per_block[block] += 1
-    assert dict(per_block) == ({0: 3, 1: 3} if float_reductions == 0 else {1: 3})
+    # int8 MatMuls per block: q, v, proj, fc1, fc2; with the default, block 1's proj, fc1, fc2
+    assert dict(per_block) == ({0: 5, 1: 5} if float_reductions == 0 else {1: 3})
 
     # token selection and the activation x activation MatMuls (attention, similarity) stay in float
     for node in proto.graph.node:
@@ -171,9 +169,10 @@ def test_int8_quantizes_the_blocks_linear_layers_and_leaves_token_selection_in_f
 
 @pytest.mark.parametrize("method, in_float", [("tome", "k"), ("zero_tprune", "qk")])
 def test_int8_splits_each_scoring_qkv_and_keeps_float_only_what_selection_reads(tmp_path, method, in_float):
-    """A reducing block's fused qkv becomes three MatMuls joined by a Concat (the same outputs); the
-    keys stay float (ToMe scores with keys), and the queries where the selection reads attention
-    (Zero-TPrune's PageRank); the rest is int8, and the float parts read the float input."""
+    """A reducing block's fused qkv becomes three MatMuls, each with its own bias, reshape to heads
+    and transpose (no Concat and no 5-D transpose: the same outputs); the keys stay float (ToMe
+    scores with keys), and the queries where the selection reads attention (Zero-TPrune's
+    PageRank); the rest is int8, and the float parts read the float input."""
     model = vitcompress.compress(_distinct_biases(tiny_vit(depth=2)), method, r=8)
     fp32 = str(tmp_path / "fp32.onnx")
     export_onnx(model, fp32, (2, 3, 32, 32), verbose=False)
@@ -186,6 +185,22 @@ def test_int8_splits_each_scoring_qkv_and_keeps_float_only_what_selection_reads(
     split = onnx.load(fp32)
     parts = split_scoring_qkv(split)
     assert parts == sorted(f"{name}/{p}" for name in scoring for p in "qkv" if p not in in_float)
+    consumers = defaultdict(list)
+    for node in split.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    for name in scoring:
+        for part in "qkv":
+            chain, out = [], f"{name}/{part}:out"
+            while len(consumers[out]) == 1 and len(chain) < 3:
+                chain.append(consumers[out][0])
+                out = chain[-1].output[0]
+            assert [n.op_type for n in chain] == ["Add", "Reshape", "Transpose"], (name, part)
+            assert [list(a.ints) for a in chain[2].attribute if a.name == "perm"] == [[0, 2, 1, 3]]
+    # both blocks' qkv are split: no Concat joins parts, no 5-D transpose cuts heads out of a fused qkv
+    assert not [n for n in split.graph.node if n.op_type == "Concat" and n.name.endswith("/concat")]
+    assert not [n for n in split.graph.node if n.op_type == "Transpose" and any(
+        a.name == "perm" and len(a.ints) == 5 for a in n.attribute)]
     onnx.save(split, str(tmp_path / "split.onnx"))
     x = torch.randn(3, 3, 32, 32).numpy()
     before = ort_session(fp32).run(None, {"images": x})[0]
@@ -212,6 +227,57 @@ def test_int8_splits_each_scoring_qkv_and_keeps_float_only_what_selection_reads(
             else:
                 assert f"{name}/{part}" in quantized
                 assert [s.op_type for s in sources] == ["DequantizeLinear", "DequantizeLinear"], part
+
+
+def test_split_scoring_qkv_joins_the_parts_with_a_concat_when_attention_reads_the_fused_output(tmp_path):
+    """A qkv whose output is not only cut into heads (here also summed into the scores) keeps one
+    output: its parts are joined by a Concat, and the file computes the same."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    tokens, width = 7, 6
+    weight = numpy_helper.from_array(rng.standard_normal((width, 3 * width)).astype(np.float32), "qkv.weight")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "qkv.weight"], ["qkv"], name="qkv"),
+         helper.make_node("ReduceMean", ["qkv"], ["score"], axes=[-1], keepdims=0),
+         helper.make_node("TopK", ["score", "k"], ["top", "top_index"], axis=-1),
+         helper.make_node("Identity", ["qkv"], ["fused"])],
+        "scoring", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, tokens, width])],
+        [helper.make_tensor_value_info("top_index", TensorProto.INT64, [2, 3]),
+         helper.make_tensor_value_info("fused", TensorProto.FLOAT, [2, tokens, 3 * width])],
+        [weight, numpy_helper.from_array(np.array([3], dtype=np.int64), "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((2, tokens, width)).astype(np.float32)
+    onnx.save(model, str(tmp_path / "fused.onnx"))
+    before = ort_session(str(tmp_path / "fused.onnx")).run(None, {"x": x})
+    assert split_scoring_qkv(model) == ["qkv/q", "qkv/v"]
+    assert [n.op_type for n in model.graph.node].count("Concat") == 1
+    onnx.save(model, str(tmp_path / "split.onnx"))
+    after = ort_session(str(tmp_path / "split.onnx")).run(None, {"x": x})
+    assert (before[0] == after[0]).all() and abs(before[1] - after[1]).max() <= 1e-5
+
+
+def test_onnx_gathers_token_rows_as_rows_without_an_expanded_index(tmp_path):
+    """The exported graph keeps and merges token rows with ``Gather``s of flattened rows
+    (``program_for_onnx``): no ``GatherElements`` over ``[B, K, C]`` and no index expanded to it
+    but the merge's own (its ``ScatterElements``) -- onnxruntime spent longer expanding that int64
+    index than gathering -- and the file computes the same."""
+    model = vitcompress.compress(tiny_vit(depth=2), "tome", r=8)
+    path = str(tmp_path / "tome.onnx")
+    assert export_onnx(model, path, (2, 3, 32, 32), verbose=False).ok
+    proto = onnx.shape_inference.infer_shapes(onnx.load(path))
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in proto.graph.value_info}
+    int64 = {v.name for v in proto.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.INT64}
+    consumers = defaultdict(list)
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers[name].append(node.op_type)
+    assert not [n.name for n in proto.graph.node if n.op_type == "GatherElements" and rank.get(n.output[0]) == 3]
+    expanded = [(n.name, consumers[n.output[0]]) for n in proto.graph.node if n.op_type == "Expand"
+                and n.output[0] in int64 and rank.get(n.output[0]) == 3]
+    assert expanded and all(users == ["ScatterElements"] for _, users in expanded), expanded
+    rows = [n for n in proto.graph.node if n.op_type == "Gather" and rank.get(n.output[0]) == 2]
+    assert len(rows) >= 8  # kept and merged rows of x and of the token sizes, in both reducing blocks
 
 
 def _ort_op_types(path):

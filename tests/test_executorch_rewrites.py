@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import vitcompress
-from vitcompress.export.executorch_export import (_elu_for_xnnpack, _gather_rows, _integer_row_sums, _matmul_as_bmm, _mean_for_xnnpack,
-                                                  _scatter_add_rows, _sort_by_ranks, _vector_norm_for_xnnpack,
+from vitcompress.export.executorch_export import (_elu_for_xnnpack, _integer_row_sums, _matmul_as_bmm,
+                                                  _mean_for_xnnpack, _sort_by_ranks, _vector_norm_for_xnnpack,
                                                   program_for_xnnpack)
+from vitcompress.export.passes import gather_rows, scatter_add_rows
 from vitcompress.testing import tiny_vit
 
 TOKENS = [1, 50, 197]
@@ -29,15 +30,15 @@ def test_gather_rows_is_torch_gather(tokens, channels):
     t = torch.randn(3, tokens, channels, generator=g)
     for picked in (1, tokens, 2 * tokens + 1):  # repeats included
         _, index = _row_index(3, tokens, picked, channels, g)
-        assert torch.equal(_gather_rows(t, 1, index), t.gather(1, index))
+        assert torch.equal(gather_rows(t, 1, index), t.gather(1, index))
 
 
 def test_gather_rows_leaves_other_gathers_to_torch():
     t = torch.randn(2, 9, 5)
     per_element = torch.randint(0, 9, (2, 4, 5))  # a different row in each channel
-    assert _gather_rows(t, 1, per_element) is NotImplemented
-    assert _gather_rows(t, 2, torch.zeros(2, 9, 5, dtype=torch.long)) is NotImplemented
-    assert _gather_rows(t[:, :, 0], 1, torch.zeros(2, 4, dtype=torch.long)) is NotImplemented
+    assert gather_rows(t, 1, per_element) is NotImplemented
+    assert gather_rows(t, 2, torch.zeros(2, 9, 5, dtype=torch.long)) is NotImplemented
+    assert gather_rows(t[:, :, 0], 1, torch.zeros(2, 4, dtype=torch.long)) is NotImplemented
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
@@ -50,9 +51,9 @@ def test_scatter_add_rows_is_torch_scatter_add(tokens, channels):
         src = torch.randn(2, sources, channels, generator=g)
         _, index = _row_index(2, tokens, sources, channels, g)
         expected = kept.scatter_add(1, index, src)
-        assert torch.allclose(_scatter_add_rows(kept, 1, index, src), expected, atol=1e-5)
+        assert torch.allclose(scatter_add_rows(kept, 1, index, src), expected, atol=1e-5)
     longer = torch.randn(2, 4, channels, generator=g)  # scatter_add reads only the index's part of src
-    assert _scatter_add_rows(kept, 1, torch.zeros(2, 3, channels, dtype=torch.long), longer) is NotImplemented
+    assert scatter_add_rows(kept, 1, torch.zeros(2, 3, channels, dtype=torch.long), longer) is NotImplemented
 
 
 @pytest.mark.parametrize("tokens", TOKENS)

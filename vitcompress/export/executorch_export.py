@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..interfaces import runtime_of
 from .checks import check_exportable, check_output_path, checked_input_shape
+from .passes import ROW_DECOMPOSITIONS, drop_broadcast_expands, drop_repeated_index_expands, share_repeated_nodes
 from .program import Inference, export_program
 
 
@@ -86,40 +87,6 @@ def _layer_norm_for_xnnpack(x, normalized_shape, weight=None, bias=None, eps: fl
     return out if bias is None else out + bias
 
 
-def _repeated_row_index(index: torch.Tensor, t: torch.Tensor, dim) -> bool:
-    """Whether a ``gather`` / ``scatter_add`` index on ``t[B, N, C]`` along the tokens picks whole
-    rows: ``idx[B, K].unsqueeze(-1).expand(..., C)``, one row index repeated along the channels
-    (stride 0 there, or a single channel)."""
-    return (t.dim() == 3 and index.dim() == 3 and dim in (1, -2) and index.shape[-1] == t.shape[-1]
-            and (index.shape[-1] == 1 or index.stride(-1) == 0))
-
-
-def _flat_rows(index: torch.Tensor, rows_per_batch) -> torch.Tensor:
-    """The rows ``index[B, K, 0]`` of each batch element as row numbers of the flattened
-    ``[B * rows_per_batch, C]`` tensor, ``[B * K]``."""
-    batch = torch.arange(index.shape[0], device=index.device).unsqueeze(1)
-    return (index[:, :, 0] + batch * rows_per_batch).reshape(-1)
-
-
-def _gather_rows(t: torch.Tensor, dim: int, index: torch.Tensor, sparse_grad: bool = False):
-    """``aten.gather`` of whole token rows as one ``index_select`` on the flattened rows: ExecuTorch's
-    portable gather reads an index per element, from an expanded ``[B, K, C]`` copy of it."""
-    if not _repeated_row_index(index, t, dim):
-        return NotImplemented
-    B, N, C = t.shape
-    return t.reshape(B * N, C).index_select(0, _flat_rows(index, N)).reshape(B, index.shape[1], C)
-
-
-def _scatter_add_rows(t: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor):
-    """``aten.scatter_add`` of whole rows ``src[B, M, C]`` into token rows of ``t[B, K, C]`` as one
-    accumulating ``index_put`` on the flattened rows (the merge's sum), no expanded index."""
-    if not _repeated_row_index(index, t, dim) or tuple(src.shape) != tuple(index.shape):
-        return NotImplemented
-    B, K, C = t.shape
-    flat = t.reshape(B * K, C).index_put((_flat_rows(index, K),), src.reshape(-1, C), accumulate=True)
-    return flat.reshape(B, K, C)
-
-
 def _mean_for_xnnpack(x: torch.Tensor, dim, keepdim: bool = False, dtype=None):
     """``aten.mean`` over one dimension as XNNPACK's global average pooling, the only mean it
     delegates (a 4-D tensor over its last two dimensions): the reduced dimension moved last and the
@@ -177,89 +144,23 @@ def _elu_for_xnnpack(x: torch.Tensor, alpha: float = 1.0, scale: float = 1.0, in
     return torch.relu(x) + alpha * (torch.exp(torch.clamp(x, max=0.0)) - 1.0)
 
 
-def _drop_repeated_index_expands(program) -> None:
-    """``select(expand(unsqueeze(idx, -1)), -1, 0)`` (through views that only add or drop sizes of
-    1), what :func:`_flat_rows` reads of a repeated row index, replaced by ``idx``: the expanded
-    copy of the index then has no reader left."""
-    aten = torch.ops.aten
-    graph = program.graph_module.graph
-
-    def squeezed(node):
-        return [n for n in node.meta["val"].shape if n != 1]
-
-    for node in list(graph.nodes):
-        if node.target is not aten.select.int or node.args[2] != 0 or node.args[1] not in (-1, 2):
-            continue
-        source = node.args[0]
-        while source.target in (aten.expand.default, aten.view.default, aten.unsqueeze.default):
-            inner = source.args[0]
-            if not isinstance(inner, torch.fx.Node) or squeezed(inner) != squeezed(source) and not (
-                    source.target is aten.expand.default and inner.meta["val"].shape[-1] == 1):
-                break
-            source = inner
-            if tuple(source.meta["val"].shape) == tuple(node.meta["val"].shape):
-                node.replace_all_uses_with(source)
-                break
-    graph.eliminate_dead_code()
-    program.graph_module.recompile()
-
-
-def _drop_broadcast_expands(program) -> None:
-    """An ``expand`` whose readers are all elementwise ``add`` / ``sub`` / ``mul`` / ``div`` with an
-    operand of the expanded shape is broadcasting those ops do themselves (and XNNPACK with them):
-    the readers take the unexpanded tensor."""
-    for node in list(program.graph_module.graph.nodes):
-        if node.target is torch.ops.aten.expand.default and node.users and all(
-                _broadcasts(user, node) for user in node.users):
-            node.replace_all_uses_with(node.args[0])
-    program.graph_module.graph.eliminate_dead_code()
-    program.graph_module.recompile()
-
-
-def _broadcasts(user, expanded) -> bool:
-    """Whether ``user`` is an elementwise binary op whose other operand has ``expanded``'s shape."""
-    aten = torch.ops.aten
-    others = [a for a in user.args[:2] if a is not expanded]
-    return (user.target in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor) and not user.kwargs
-            and len(others) == 1 and isinstance(others[0], torch.fx.Node)
-            and others[0].meta["val"].shape == expanded.meta["val"].shape)
-
-
-def _share_repeated_nodes(program) -> None:
-    """One node for each repeated pure computation (the batch offsets of every row gather, the
-    rank comparisons' position masks): ExecuTorch would run each copy."""
-    seen = {}
-    for node in list(program.graph_module.graph.nodes):
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
-            continue
-        key = (target, repr(node.args), repr(node.kwargs))
-        if key in seen:
-            node.replace_all_uses_with(seen[key])
-        else:
-            seen[key] = node
-    program.graph_module.graph.eliminate_dead_code()
-    program.graph_module.recompile()
-
-
 def program_for_xnnpack(program):
     """The rewrites above applied to a ``torch.export`` program, at export time only (the model's
     eager forward is untouched): what :func:`export_executorch` lowers."""
     program = program.run_decompositions({
+        **ROW_DECOMPOSITIONS,
         torch.ops.aten.sort.stable: _sort_by_ranks,
         torch.ops.aten.sort.default: lambda x, dim=-1, descending=False: _sort_by_ranks(x, True, dim, descending),
         torch.ops.aten.scaled_dot_product_attention.default: _attention_for_xnnpack,
         torch.ops.aten.layer_norm.default: _layer_norm_for_xnnpack,
-        torch.ops.aten.gather.default: _gather_rows,
-        torch.ops.aten.scatter_add.default: _scatter_add_rows,
         torch.ops.aten.mean.dim: _mean_for_xnnpack,
         torch.ops.aten.expand.default: _same_shape_expand,
         torch.ops.aten.matmul.default: _matmul_as_bmm,
         torch.ops.aten.linalg_vector_norm.default: _vector_norm_for_xnnpack,
         torch.ops.aten.elu.default: _elu_for_xnnpack})
-    _drop_repeated_index_expands(program)
-    _drop_broadcast_expands(program)
-    _share_repeated_nodes(program)
+    drop_repeated_index_expands(program)
+    drop_broadcast_expands(program)
+    share_repeated_nodes(program)
     return program
 
 

@@ -6,6 +6,7 @@ import tempfile
 import warnings
 from typing import Any, Dict, List, Tuple, Union
 
+import numpy
 import torch
 
 from .checks import require
@@ -83,13 +84,16 @@ def split_scoring_qkv(model, skip=()) -> List[str]:
     selection does not read, which int8 may quantize: the queries and values when it scores with
     keys only (ToMe, PiToMe), the values when it reads attention (Zero-TPrune). The keys stay float.
     Layers named in ``skip`` are left whole. The parts share their input: once quantized,
-    :func:`_restore_float_inputs` gives the float ones the unrounded input back."""
+    :func:`_restore_float_inputs` gives the float ones the unrounded input back. Where the qkv is
+    read the way attention splits it into heads (:func:`_head_split`), each part takes its own bias,
+    reshape and transpose instead: no Concat copies the parts together for the heads to be cut out
+    again."""
     from onnx import helper, numpy_helper
 
     scoring = set(linear_nodes(model)) - set(linear_nodes(model, scoring=False)) - set(skip)
     weights = {i.name: i for i in model.graph.initializer}
     consumers, linear = _consumers(model), set(linear_nodes(model))
-    nodes, parts, fused = list(model.graph.node), [], set()
+    nodes, parts, fused, replaced, unread = list(model.graph.node), [], set(), set(), set()
     for position, node in reversed(list(enumerate(nodes))):
         weight = weights.get(node.input[1]) if node.op_type == "MatMul" else None
         if node.name not in scoring or weight is None or len(weight.dims) != 2 or weight.dims[1] != 3 * weight.dims[0]:
@@ -107,15 +111,82 @@ def split_scoring_qkv(model, skip=()) -> List[str]:
                                           name=name))
             if part in in_int8:
                 parts.append(name)
-        split.append(helper.make_node("Concat", [n.output[0] for n in split], list(node.output),
-                                      name=f"{node.name}/concat", axis=-1))
+        heads = _head_split(node, consumers, model, 3 * width)
+        if heads is None:
+            split.append(helper.make_node("Concat", [n.output[0] for n in split], list(node.output),
+                                          name=f"{node.name}/concat", axis=-1))
+        else:
+            chain, bias, shape, outputs = heads
+            replaced.update(id(n) for n in chain)
+            unread.update(name for n in chain for name in n.input)
+            stem = bias.name[:-len(".bias")] if bias.name.endswith(".bias") else bias.name
+            bias_values = numpy_helper.to_array(bias)
+            model.graph.initializer.append(numpy_helper.from_array(
+                numpy.array([shape[0], shape[1], shape[3], shape[4]], dtype=numpy.int64), f"{node.name}/heads"))
+            for i, (part, out) in enumerate(zip("qkv", outputs)):
+                name, projected = f"{node.name}/{part}", split[i].output[0]
+                model.graph.initializer.append(numpy_helper.from_array(
+                    bias_values[i * width:(i + 1) * width], f"{stem}/{part}.bias"))
+                split += [helper.make_node("Add", [projected, f"{stem}/{part}.bias"], [f"{name}:biased"],
+                                           name=f"{name}/bias"),
+                          helper.make_node("Reshape", [f"{name}:biased", f"{node.name}/heads"], [f"{name}:heads"],
+                                           name=f"{name}/reshape"),
+                          helper.make_node("Transpose", [f"{name}:heads"], [out], name=f"{name}/transpose",
+                                           perm=[0, 2, 1, 3])]
         nodes[position:position + 1] = split
+    nodes = [n for n in nodes if id(n) not in replaced]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     read = {name for node in nodes for name in node.input}
-    for initializer in [i for i in model.graph.initializer if i.name in fused and i.name not in read]:
+    for initializer in [i for i in model.graph.initializer if i.name in fused | unread and i.name not in read]:
         model.graph.initializer.remove(initializer)
     return sorted(parts)
+
+
+def _head_split(node, consumers, model, width: int):
+    """How attention cuts the output of the fused qkv ``node`` (``width`` = 3C columns) into heads,
+    if it is ``Add(bias [3C])`` -> ``Reshape [B, N, 3, H, D]`` -> ``Transpose [2, 0, 3, 1, 4]`` ->
+    three ``Slice``s of axis 0 (q, k, v) -> ``Squeeze`` of axis 0, each read by nothing else:
+    ``(the nodes of the chain, the bias, the reshape's shape, the q, k, v outputs)``; else ``None``."""
+    from onnx import numpy_helper
+
+    constants = {i.name: i for i in model.graph.initializer}
+    values = {o: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value" for o in n.output}
+    values.update((name, numpy_helper.to_array(c)) for name, c in constants.items())
+    outputs = {o.name for o in model.graph.output}
+
+    def only_user(name, op_type):
+        users = consumers.get(name, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op_type and name not in outputs else None
+
+    def constant(name):
+        return values[name].tolist() if name in values else None
+
+    add = only_user(node.output[0], "Add")
+    bias = next((constants[i] for i in add.input if i in constants), None) if add else None
+    if bias is None or list(bias.dims) != [width]:
+        return None
+    reshape = only_user(add.output[0], "Reshape")
+    shape = constant(reshape.input[1]) if reshape else None
+    if shape is None or len(shape) != 5 or shape[2] != 3:
+        return None
+    transpose = only_user(reshape.output[0], "Transpose")
+    if transpose is None or [list(a.ints) for a in transpose.attribute if a.name == "perm"] != [[2, 0, 3, 1, 4]]:
+        return None
+    cuts, squeezed = consumers.get(transpose.output[0], []), {}
+    for cut in cuts:
+        starts, ends, axes, steps = ([constant(i) for i in cut.input[1:5]] + [None] * 4)[:4]
+        squeeze = only_user(cut.output[0], "Squeeze") if cut.op_type == "Slice" else None
+        if squeeze is None or len(squeeze.input) != 2 or constant(squeeze.input[1]) != [0]:
+            return None
+        if axes not in ([0], [-5]) or steps not in (None, [1]) or not starts or ends != [starts[0] + 1]:
+            return None
+        squeezed[starts[0]] = squeeze
+    if sorted(squeezed) != [0, 1, 2] or len(cuts) != 3 or transpose.output[0] in outputs:
+        return None
+    return [add, reshape, transpose] + cuts + list(squeezed.values()), bias, shape, [squeezed[i].output[0]
+                                                                                   for i in range(3)]
 
 
 def reduction_inputs(model, count: int) -> List[str]:

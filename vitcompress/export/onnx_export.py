@@ -15,6 +15,7 @@ from ..interfaces import runtime_of
 from .checks import check_exportable, check_output_path, checked_input_shape, require
 from .int8 import FLOAT_REDUCTIONS, calibration_images, check_float_reductions, linear_nodes, quantize_onnx
 from .onnx_graph import graph_nodes, load_graph, model_nodes, scatter_reductions
+from .passes import drop_broadcast_expands, drop_repeated_index_expands, gather_rows, share_repeated_nodes
 from .program import export_program, has_dynamic_batch
 from .report import ExportReport
 from .sessions import RUNTIMES, compare_with_pytorch, openvino_session, ort_session
@@ -103,6 +104,20 @@ def _check_arguments(path: str, shape: Tuple[int, ...], opset: int, dynamic_batc
                              "static batch size: give a multiple of it, or a dynamic batch")
 
 
+def program_for_onnx(program):
+    """``program`` (a ``torch.export.ExportedProgram``) as :func:`export_onnx` converts it: token
+    rows gathered as whole rows (:func:`~vitcompress.export.passes.gather_rows`: a ``Gather`` of the
+    flattened rows, not a ``GatherElements`` reading an index expanded over the channels), and no
+    copies of expanded or repeated tensors. The merge's sum stays ``scatter_add`` (ONNX
+    ``ScatterElements(add)``): as an ``index_put`` it would be a ``ScatterND`` with a reduction, which
+    TensorRT does not take, and onnxruntime runs both as fast."""
+    program = program.run_decompositions({torch.ops.aten.gather.default: gather_rows})
+    drop_repeated_index_expands(program)
+    drop_broadcast_expands(program)
+    share_repeated_nodes(program)
+    return program
+
+
 def _write(program, path: str, opset: int, optimize: bool) -> Tuple[Any, Counter]:
     """``program`` converted to ONNX opset ``opset`` at ``path``, then checked: ``onnx.checker``, the
     opset written, no scatter with a mean reduction. Returns the ``ModelProto`` and its scatter
@@ -175,9 +190,10 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
     few real images may differ).
 
     ``program``: an ``ExportedProgram`` of this model from :func:`export_program`, to skip the
-    capture (its batch dimension, dynamic or not, is the file's). ``optimize``: run onnxscript's
-    graph optimiser (constant folding, dead code) before saving. Works for any module taking one image tensor (timm today; open_clip image towers
-    through the same path once their adapter exists). Raises ``ValueError`` for a model compressed
+    capture (its batch dimension, dynamic or not, is the file's); it is converted as
+    :func:`program_for_onnx` rewrites it. ``optimize``: run onnxscript's graph optimiser (constant
+    folding, dead code) before saving. Works for any module taking one image tensor (timm today;
+    open_clip image towers through the same path once their adapter exists). Raises ``ValueError`` for a model compressed
     with a content-dependent (dynamic) method.
 
     ``runtime``: ``"onnxruntime"`` or ``"openvino"`` (:func:`openvino_session`), the runtime the
@@ -198,6 +214,7 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
     _check_arguments(path, shape, opset, dynamic_batch, inputs, runtime, quantize, calibration, float_reductions)
     if program is None:
         program = export_program(model, shape, dynamic_batch=dynamic_batch)
+    program = program_for_onnx(program)
     if quantize:
         proto, reductions, int8 = _write_int8(program, path, opset, optimize, calibration, shape, float_reductions)
     else:
