@@ -229,6 +229,24 @@ def test_int8_splits_each_scoring_qkv_and_keeps_float_only_what_selection_reads(
                 assert [s.op_type for s in sources] == ["DequantizeLinear", "DequantizeLinear"], part
 
 
+def test_split_scoring_qkv_cuts_the_heads_of_a_qkv_without_bias(tmp_path):
+    """``qkv_bias=False``: each part reshapes to heads and transposes, with no Add, and the file
+    computes the same."""
+    model = vitcompress.compress(tiny_vit(depth=2, qkv_bias=False), "tome", r=8)
+    fp32 = str(tmp_path / "fp32.onnx")
+    export_onnx(model, fp32, (2, 3, 32, 32), verbose=False)
+    split = onnx.load(fp32)
+    assert len(split_scoring_qkv(split)) == 4
+    producers = _producers(split)
+    cuts = [n for n in split.graph.node if n.name.endswith("/reshape")]
+    assert len(cuts) == 6 and all(producers[n.input[0]].op_type == "MatMul" for n in cuts)
+    assert not [n for n in split.graph.node if n.op_type == "Concat" and n.name.endswith("/concat")]
+    onnx.save(split, str(tmp_path / "split.onnx"))
+    x = torch.randn(3, 3, 32, 32).numpy()
+    before = ort_session(fp32).run(None, {"images": x})[0]
+    assert abs(ort_session(str(tmp_path / "split.onnx")).run(None, {"images": x})[0] - before).max() <= 1e-5
+
+
 def test_split_scoring_qkv_joins_the_parts_with_a_concat_when_attention_reads_the_fused_output(tmp_path):
     """A qkv whose output is not only cut into heads (here also summed into the scores) keeps one
     output: its parts are joined by a Concat, and the file computes the same."""

@@ -85,9 +85,9 @@ def split_scoring_qkv(model, skip=()) -> List[str]:
     keys only (ToMe, PiToMe), the values when it reads attention (Zero-TPrune). The keys stay float.
     Layers named in ``skip`` are left whole. The parts share their input: once quantized,
     :func:`_restore_float_inputs` gives the float ones the unrounded input back. Where the qkv is
-    read the way attention splits it into heads (:func:`_head_split`), each part takes its own bias,
-    reshape and transpose instead: no Concat copies the parts together for the heads to be cut out
-    again."""
+    read the way attention splits it into heads (:func:`_head_split`), each part takes its own bias
+    (if any), reshape and transpose instead: no Concat copies the parts together for the heads to
+    be cut out again."""
     from onnx import helper, numpy_helper
 
     scoring = set(linear_nodes(model)) - set(linear_nodes(model, scoring=False)) - set(skip)
@@ -119,17 +119,18 @@ def split_scoring_qkv(model, skip=()) -> List[str]:
             chain, bias, shape, outputs = heads
             replaced.update(id(n) for n in chain)
             unread.update(name for n in chain for name in n.input)
-            stem = bias.name[:-len(".bias")] if bias.name.endswith(".bias") else bias.name
-            bias_values = numpy_helper.to_array(bias)
             model.graph.initializer.append(numpy_helper.from_array(
                 numpy.array([shape[0], shape[1], shape[3], shape[4]], dtype=numpy.int64), f"{node.name}/heads"))
             for i, (part, out) in enumerate(zip("qkv", outputs)):
                 name, projected = f"{node.name}/{part}", split[i].output[0]
-                model.graph.initializer.append(numpy_helper.from_array(
-                    bias_values[i * width:(i + 1) * width], f"{stem}/{part}.bias"))
-                split += [helper.make_node("Add", [projected, f"{stem}/{part}.bias"], [f"{name}:biased"],
-                                           name=f"{name}/bias"),
-                          helper.make_node("Reshape", [f"{name}:biased", f"{node.name}/heads"], [f"{name}:heads"],
+                if bias is not None:
+                    stem = bias.name[:-len(".bias")] if bias.name.endswith(".bias") else bias.name
+                    model.graph.initializer.append(numpy_helper.from_array(
+                        numpy_helper.to_array(bias)[i * width:(i + 1) * width], f"{stem}/{part}.bias"))
+                    split.append(helper.make_node("Add", [projected, f"{stem}/{part}.bias"], [f"{name}:biased"],
+                                                  name=f"{name}/bias"))
+                    projected = f"{name}:biased"
+                split += [helper.make_node("Reshape", [projected, f"{node.name}/heads"], [f"{name}:heads"],
                                            name=f"{name}/reshape"),
                           helper.make_node("Transpose", [f"{name}:heads"], [out], name=f"{name}/transpose",
                                            perm=[0, 2, 1, 3])]
@@ -145,9 +146,10 @@ def split_scoring_qkv(model, skip=()) -> List[str]:
 
 def _head_split(node, consumers, model, width: int):
     """How attention cuts the output of the fused qkv ``node`` (``width`` = 3C columns) into heads,
-    if it is ``Add(bias [3C])`` -> ``Reshape [B, N, 3, H, D]`` -> ``Transpose [2, 0, 3, 1, 4]`` ->
-    three ``Slice``s of axis 0 (q, k, v) -> ``Squeeze`` of axis 0, each read by nothing else:
-    ``(the nodes of the chain, the bias, the reshape's shape, the q, k, v outputs)``; else ``None``."""
+    if it is ``Add(bias [3C])`` (or no bias) -> ``Reshape [B, N, 3, H, D]`` -> ``Transpose [2, 0, 3,
+    1, 4]`` -> three ``Slice``s of axis 0 (q, k, v) -> ``Squeeze`` of axis 0, each read by nothing
+    else: ``(the nodes of the chain, the bias or None, the reshape's shape, the q, k, v outputs)``;
+    else ``None``."""
     from onnx import numpy_helper
 
     constants = {i.name: i for i in model.graph.initializer}
@@ -165,9 +167,9 @@ def _head_split(node, consumers, model, width: int):
 
     add = only_user(node.output[0], "Add")
     bias = next((constants[i] for i in add.input if i in constants), None) if add else None
-    if bias is None or list(bias.dims) != [width]:
+    if add is not None and (bias is None or list(bias.dims) != [width]):
         return None
-    reshape = only_user(add.output[0], "Reshape")
+    reshape = only_user(add.output[0] if add else node.output[0], "Reshape")
     shape = constant(reshape.input[1]) if reshape else None
     if shape is None or len(shape) != 5 or shape[2] != 3:
         return None
@@ -185,8 +187,8 @@ def _head_split(node, consumers, model, width: int):
         squeezed[starts[0]] = squeeze
     if sorted(squeezed) != [0, 1, 2] or len(cuts) != 3 or transpose.output[0] in outputs:
         return None
-    return [add, reshape, transpose] + cuts + list(squeezed.values()), bias, shape, [squeezed[i].output[0]
-                                                                                   for i in range(3)]
+    chain = [add] * (add is not None) + [reshape, transpose] + cuts + list(squeezed.values())
+    return chain, bias, shape, [squeezed[i].output[0] for i in range(3)]
 
 
 def reduction_inputs(model, count: int) -> List[str]:
