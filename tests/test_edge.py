@@ -229,6 +229,27 @@ def test_int8_splits_each_scoring_qkv_and_keeps_float_only_what_selection_reads(
                 assert [s.op_type for s in sources] == ["DequantizeLinear", "DequantizeLinear"], part
 
 
+def test_split_scoring_qkv_gives_a_bias_shared_by_two_blocks_one_part_each(tmp_path):
+    """timm starts qkv biases at zero and the exporter keeps one initializer for equal constants:
+    both blocks' qkv read one bias, whose parts are written once (onnxruntime would warn of
+    duplicates and treat them as inputs)."""
+    model = vitcompress.compress(tiny_vit(depth=2), "tome", r=8)
+    fp32 = str(tmp_path / "fp32.onnx")
+    export_onnx(model, fp32, (2, 3, 32, 32), verbose=False)
+    split = onnx.load(fp32)
+    biases = {n.input[1] for n in split.graph.node if n.op_type == "Add" and n.input[1].endswith("qkv.bias")}
+    assert len(biases) == 1, "the exporter shares the equal biases"
+    split_scoring_qkv(split)
+    names = [i.name for i in split.graph.initializer]
+    assert len(names) == len(set(names))
+    assert sum(name.endswith(("/q.bias", "/k.bias", "/v.bias")) for name in names) == 3
+    onnx.checker.check_model(split)
+    onnx.save(split, str(tmp_path / "split.onnx"))
+    x = torch.randn(3, 3, 32, 32).numpy()
+    before = ort_session(fp32).run(None, {"images": x})[0]
+    assert abs(ort_session(str(tmp_path / "split.onnx")).run(None, {"images": x})[0] - before).max() <= 1e-5
+
+
 def test_split_scoring_qkv_cuts_the_heads_of_a_qkv_without_bias(tmp_path):
     """``qkv_bias=False``: each part reshapes to heads and transposes, with no Add, and the file
     computes the same."""

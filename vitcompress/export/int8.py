@@ -125,8 +125,9 @@ def split_scoring_qkv(model, skip=()) -> List[str]:
                 name, projected = f"{node.name}/{part}", split[i].output[0]
                 if bias is not None:
                     stem = bias.name[:-len(".bias")] if bias.name.endswith(".bias") else bias.name
-                    model.graph.initializer.append(numpy_helper.from_array(
-                        numpy_helper.to_array(bias)[i * width:(i + 1) * width], f"{stem}/{part}.bias"))
+                    if f"{stem}/{part}.bias" not in {t.name for t in model.graph.initializer}:  # a shared bias
+                        model.graph.initializer.append(numpy_helper.from_array(
+                            numpy_helper.to_array(bias)[i * width:(i + 1) * width], f"{stem}/{part}.bias"))
                     split.append(helper.make_node("Add", [projected, f"{stem}/{part}.bias"], [f"{name}:biased"],
                                                   name=f"{name}/bias"))
                     projected = f"{name}:biased"
