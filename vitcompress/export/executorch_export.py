@@ -207,7 +207,7 @@ def export_executorch(model: nn.Module, path: str, input_shape: Sequence[int] = 
     lowered with the XNNPACK partitioner: sorts become compares counted and applied by matmuls
     (:func:`_sort_by_ranks`, a stable sort; the runtime has no sort kernel), attention and layer
     norm ops XNNPACK delegates, the token gathers one ``index_select`` of whole rows and the merge's
-    sum one accumulating ``index_put`` (no expanded index), means global average poolings and
+    sum a one-hot batched matmul (no expanded index), means global average poolings and
     matmuls ``bmm`` without broadcasting copies. What stays outside XNNPACK is listed in
     ``portable_ops``: per reducing block mostly small operations on ``[B, N]`` index tensors. Then
     ExecuTorch's Python runtime runs the file on random inputs at ``check_batches`` (default 1 and

@@ -1,10 +1,10 @@
-"""Rewrites of an exported program that both the ONNX and the ExecuTorch export apply: the gathers
-of whole token rows and the merge's sum, which ``torch.gather`` / ``scatter_add`` write with an
-index expanded over the channels ``[B, K, C]``, as one ``index_select`` / accumulating
-``index_put`` of rows of the flattened ``[B * N, C]`` tensor (ExecuTorch's portable gather reads an
-index per element; onnxruntime spent longer expanding the int64 index than gathering), and graph
-passes that drop the copies a runtime would make of expanded or repeated tensors. Export time
-only: the model's eager forward is untouched."""
+"""Rewrites of an exported program that the ONNX and the ExecuTorch export apply: the gathers of
+whole token rows, which ``torch.gather`` writes with an index expanded over the channels
+``[B, K, C]``, as one ``index_select`` of rows of the flattened ``[B * N, C]`` tensor (ExecuTorch's
+portable gather reads an index per element; onnxruntime spent longer expanding the int64 index
+than gathering); the merge's ``scatter_add`` as a one-hot batched matmul (ExecuTorch only); and
+graph passes that drop the copies a runtime would make of expanded or repeated tensors. Export
+time only: the model's eager forward is untouched."""
 import torch
 
 
@@ -33,19 +33,25 @@ def gather_rows(t: torch.Tensor, dim: int, index: torch.Tensor, sparse_grad: boo
 
 
 def scatter_add_rows(t: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor):
-    """``aten.scatter_add`` of whole rows ``src[B, M, C]`` into token rows of ``t[B, K, C]`` as one
-    accumulating ``index_put`` on the flattened rows (the merge's sum), no expanded index."""
-    if not _repeated_row_index(index, t, dim) or tuple(src.shape) != tuple(index.shape):
+    """``aten.scatter_add`` of whole rows ``src[B, M, C]`` into token rows of ``t[B, K, C]`` (the
+    merge's sum) as ``t + P^T src``, ``P[b, m, k] = 1`` where ``index[b, m] = k``: a one-hot built by
+    ``relu(1 - |index - k|)`` and a batched matmul, ops XNNPACK runs (only the index's conversion to
+    float stays outside). ExecuTorch's accumulating ``index_put`` wrote a copy of all of ``t`` in a
+    portable kernel (9 ms of deit_small's 241 at batch 16), and its in-place one cannot accumulate.
+    ``M * K * C`` multiply-adds per image: little for a merge of a few tokens per block."""
+    if (not _repeated_row_index(index, t, dim) or tuple(src.shape) != tuple(index.shape)
+            or not t.is_floating_point()):
         return NotImplemented
-    B, K, C = t.shape
-    flat = t.reshape(B * K, C).index_put((_flat_rows(index, K),), src.reshape(-1, C), accumulate=True)
-    return flat.reshape(B, K, C)
+    rows = index.select(-1, 0).to(t.dtype)  # [B, M], exact below 2^24 tokens
+    positions = torch.arange(t.shape[1], device=t.device, dtype=t.dtype)
+    one_hot = torch.relu(1.0 - (rows.unsqueeze(-1) - positions).abs())  # [B, M, K]
+    return t + torch.bmm(one_hot.transpose(1, 2), src)
 
 
 def drop_repeated_index_expands(program) -> None:
     """``select(expand(unsqueeze(idx, -1)), -1, 0)`` (through views that only add or drop sizes of
-    1), what :func:`_flat_rows` reads of a repeated row index, replaced by ``idx``: the expanded
-    copy of the index then has no reader left."""
+    1), what :func:`gather_rows` and :func:`scatter_add_rows` read of a repeated row index,
+    replaced by ``idx``: the expanded copy of the index then has no reader left."""
     aten = torch.ops.aten
     graph = program.graph_module.graph
 
