@@ -124,6 +124,23 @@ class _RowsAndMerge(torch.nn.Module):
         return x.gather(1, rows(keep)).scatter_add(1, rows(dst), x.gather(1, rows(src))) * 2
 
 
+class _ArgsortAlive(torch.nn.Module):
+    def forward(self, alive):
+        return torch.argsort((~alive).to(torch.int8), dim=1, stable=True)
+
+
+def test_program_for_xnnpack_turns_a_stable_argsort_into_ranks():
+    """atc's stable argsort of its alive tokens (int8, many ties): no sort is left for ExecuTorch's
+    runtime, which has none, and the order is torch's."""
+    alive = torch.rand(3, 50, generator=torch.Generator().manual_seed(0)) > 0.5
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(_ArgsortAlive(), (alive,), dynamic_shapes=({0: batch},), strict=False)
+    rewritten = program_for_xnnpack(program)
+    targets = {str(node.target) for node in rewritten.graph.nodes if node.op == "call_function"}
+    assert not {t for t in targets if "sort" in t}, targets
+    assert torch.equal(rewritten.module()(alive), _ArgsortAlive()(alive))
+
+
 def test_program_for_xnnpack_has_no_expanded_index_and_same_outputs():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 50, 37, generator=g)

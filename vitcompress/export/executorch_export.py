@@ -151,6 +151,9 @@ def program_for_xnnpack(program):
         **ROW_DECOMPOSITIONS,
         torch.ops.aten.sort.stable: _sort_by_ranks,
         torch.ops.aten.sort.default: lambda x, dim=-1, descending=False: _sort_by_ranks(x, True, dim, descending),
+        # argsort decomposes to a sort after this table is read (atc's argsort of its alive tokens)
+        torch.ops.aten.argsort.stable: lambda x, *, stable, dim=-1, descending=False: _sort_by_ranks(
+            x, stable, dim, descending)[1],
         torch.ops.aten.scaled_dot_product_attention.default: _attention_for_xnnpack,
         torch.ops.aten.layer_norm.default: _layer_norm_for_xnnpack,
         torch.ops.aten.mean.dim: _mean_for_xnnpack,
