@@ -154,17 +154,17 @@ def _head_split(node, consumers, model, width: int):
     from onnx import numpy_helper
 
     constants = {i.name: i for i in model.graph.initializer}
-    values = {o: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
-              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value" for o in n.output}
-    values.update((name, numpy_helper.to_array(c)) for name, c in constants.items())
+    constant_nodes = {o: n.attribute[0].t for n in model.graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value" for o in n.output}
     outputs = {o.name for o in model.graph.output}
 
     def only_user(name, op_type):
         users = consumers.get(name, [])
         return users[0] if len(users) == 1 and users[0].op_type == op_type and name not in outputs else None
 
-    def constant(name):
-        return values[name].tolist() if name in values else None
+    def constant(name):  # the small constants of shapes and slices, as lists
+        tensor = constants[name] if name in constants else constant_nodes.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor).tolist()
 
     add = only_user(node.output[0], "Add")
     bias = next((constants[i] for i in add.input if i in constants), None) if add else None
