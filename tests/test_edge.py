@@ -600,3 +600,29 @@ def test_executorch_layer_norm_rewrite_matches_torch():
         assert torch.allclose(_layer_norm_for_xnnpack(x, (37,), w, b, 1e-6), expected, atol=1e-5)
     with pytest.raises(NotImplementedError, match="last dimension"):
         _layer_norm_for_xnnpack(x, (197, 37))
+
+
+class _StableArgsort(torch.nn.Module):
+    def __init__(self, descending):
+        super().__init__()
+        self.descending = descending
+
+    def forward(self, alive):
+        return torch.argsort((~alive).to(torch.int8), dim=1, stable=True, descending=self.descending)
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_stable_sort_of_tied_integer_keys_is_torchs_in_onnxruntime_and_openvino(tmp_path, descending):
+    """atc sorts its 0/1 alive flags (all ties) with a stable argsort: the ONNX graph makes the keys
+    unique first, so OpenVINO -- whose TopK orders ties otherwise -- returns torch's order too."""
+    from vitcompress.export.onnx_export import _translations
+
+    alive = torch.rand(3, 64, generator=torch.Generator().manual_seed(0)) > 0.3
+    module = _StableArgsort(descending)
+    program = torch.export.export(module, (alive,), strict=False)
+    path = str(tmp_path / "sort.onnx")
+    torch.onnx.export(program, dynamo=True, custom_translation_table=_translations(), verbose=False).save(path)
+    expected = module(alive).numpy()
+    assert (ort_session(path).run(None, {"alive": alive.numpy()})[0] == expected).all()
+    pytest.importorskip("openvino")
+    assert (np.asarray(openvino_session(path).run(None, {"alive": alive.numpy()})[0]) == expected).all()

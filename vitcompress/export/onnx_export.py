@@ -29,13 +29,28 @@ MIN_OPSET = 17
 
 def _sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
     """``aten.sort.stable`` as ONNX ``TopK`` over the whole axis. ``TopK`` breaks ties by the
-    lower index (ONNX spec), so ascending or descending it is a stable sort."""
+    lower index (ONNX spec), so ascending or descending it is a stable sort -- in onnxruntime;
+    OpenVINO orders ties otherwise. Small integer keys along the last axis (atc's 0/1 alive flags,
+    all ties) are therefore made unique first, ``key * N + position`` (``N - 1 - position``
+    descending), so that every runtime returns the stable order."""
+    import onnx_ir as ir
     from onnxscript import opset18 as op
 
     if dim == -1:
         length = op.Shape(self, start=-1)
     else:
         length = op.Shape(self, start=dim, end=dim + 1)
+    small_integers = (ir.DataType.BOOL, ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.UINT16,
+                      ir.DataType.INT32)
+    if getattr(self, "dtype", None) in small_integers and dim in (-1, len(self.shape or ()) - 1):
+        zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+        count = op.Squeeze(length)
+        positions = op.Range(zero, count, one)
+        if descending:
+            positions = op.Sub(op.Sub(count, one), positions)
+        unique = op.Add(op.Mul(op.Cast(self, to=ir.DataType.INT64), length), positions)
+        _, indices = op.TopK(unique, length, axis=-1, largest=1 if descending else 0, sorted=1)
+        return op.GatherElements(self, indices, axis=-1), indices
     values, indices = op.TopK(self, length, axis=dim, largest=1 if descending else 0, sorted=1)
     return values, indices
 
@@ -193,8 +208,8 @@ def export_onnx(model: nn.Module, path: str, input_shape: Sequence[int] = (1, 3,
     capture (its batch dimension, dynamic or not, is the file's); it is converted as
     :func:`program_for_onnx` rewrites it. ``optimize``: run onnxscript's graph optimiser (constant
     folding, dead code) before saving. Works for any module taking one image tensor (timm today;
-    open_clip image towers through the same path once their adapter exists). Raises ``ValueError`` for a model compressed
-    with a content-dependent (dynamic) method.
+    open_clip image towers through the same path once their adapter exists). Raises
+    ``ValueError`` for a model compressed with a content-dependent (dynamic) method.
 
     ``runtime``: ``"onnxruntime"`` or ``"openvino"`` (:func:`openvino_session`), the runtime the
     checks run in. ``quantize="int8"``: write the int8 file (:func:`quantize_onnx`) calibrated on
