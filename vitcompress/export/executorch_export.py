@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from ..interfaces import runtime_of
 from .checks import check_exportable, check_output_path, checked_input_shape
-from .passes import ROW_DECOMPOSITIONS, drop_broadcast_expands, drop_repeated_index_expands, share_repeated_nodes
+from .passes import ROW_DECOMPOSITIONS, drop_copies
 from .program import Inference, export_program
 
 
@@ -161,9 +161,7 @@ def program_for_xnnpack(program):
         torch.ops.aten.matmul.default: _matmul_as_bmm,
         torch.ops.aten.linalg_vector_norm.default: _vector_norm_for_xnnpack,
         torch.ops.aten.elu.default: _elu_for_xnnpack})
-    drop_repeated_index_expands(program)
-    drop_broadcast_expands(program)
-    share_repeated_nodes(program)
+    drop_copies(program)
     return program
 
 

@@ -15,7 +15,7 @@ from ..interfaces import runtime_of
 from .checks import check_exportable, check_output_path, checked_input_shape, require
 from .int8 import FLOAT_REDUCTIONS, calibration_images, check_float_reductions, linear_nodes, quantize_onnx
 from .onnx_graph import graph_nodes, load_graph, model_nodes, scatter_reductions
-from .passes import drop_broadcast_expands, drop_repeated_index_expands, gather_rows, share_repeated_nodes
+from .passes import drop_copies, gather_rows
 from .program import export_program, has_dynamic_batch
 from .report import ExportReport
 from .sessions import RUNTIMES, compare_with_pytorch, openvino_session, ort_session
@@ -127,9 +127,7 @@ def program_for_onnx(program):
     ``ScatterElements(add)``): as an ``index_put`` it would be a ``ScatterND`` with a reduction, which
     TensorRT does not take, and onnxruntime runs both as fast."""
     program = program.run_decompositions({torch.ops.aten.gather.default: gather_rows})
-    drop_repeated_index_expands(program)
-    drop_broadcast_expands(program)
-    share_repeated_nodes(program)
+    drop_copies(program)
     return program
 
 

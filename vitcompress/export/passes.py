@@ -24,8 +24,9 @@ def _flat_rows(index: torch.Tensor, rows_per_batch) -> torch.Tensor:
 
 
 def gather_rows(t: torch.Tensor, dim: int, index: torch.Tensor, sparse_grad: bool = False):
-    """``aten.gather`` of whole token rows as one ``index_select`` on the flattened rows: ExecuTorch's
-    portable gather reads an index per element, from an expanded ``[B, K, C]`` copy of it."""
+    """``aten.gather`` of whole token rows as one ``index_select`` on the flattened rows (ONNX
+    ``Gather``): ExecuTorch's portable gather reads an index per element, from an expanded
+    ``[B, K, C]`` copy of it, which onnxruntime took longer to expand than to gather."""
     if not _repeated_row_index(index, t, dim):
         return NotImplemented
     B, N, C = t.shape
@@ -77,7 +78,7 @@ def drop_repeated_index_expands(program) -> None:
 
 def share_repeated_nodes(program) -> None:
     """One node for each repeated pure computation (the batch offsets of every row gather, the
-    rank comparisons' position masks): ExecuTorch would run each copy."""
+    rank comparisons' position masks): a runtime would run each copy."""
     seen = {}
     for node in list(program.graph_module.graph.nodes):
         target = node.target
@@ -111,6 +112,14 @@ def _broadcasts(user, expanded) -> bool:
     return (user.target in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor) and not user.kwargs
             and len(others) == 1 and isinstance(others[0], torch.fx.Node)
             and others[0].meta["val"].shape == expanded.meta["val"].shape)
+
+
+def drop_copies(program) -> None:
+    """The graph passes above, in the order both exports run them after their decompositions:
+    expanded row indices, broadcasting expands, repeated computations."""
+    drop_repeated_index_expands(program)
+    drop_broadcast_expands(program)
+    share_repeated_nodes(program)
 
 
 #: The row rewrites of :func:`~vitcompress.export.executorch_export.program_for_xnnpack`.
